@@ -1,0 +1,1 @@
+//! Integration tests: one binary, real sockets on loopback.
