@@ -1,7 +1,29 @@
 //! The reactor: libevent's model in Rust over `mio`.
 //!
+//! | libevent | here |
+//! |---|---|
+//! | `event_base` | [`EventBase`] (+ [`Handle`] for other threads) |
+//! | `event` | [`Handler`] (a slab entry owning sources), [`event::Event`] (a callback) |
+//! | signal events | [`signal::SignalEvent`] |
+//! | `evbuffer` | [`Buffer`] (chunks from a per-thread [`pool`]) |
+//! | `bufferevent` / `bufferevent_filter` | [`BufferEvent`] with a [`Filter`] |
+//! | `evconnlistener` | [`listener::ConnListener`] |
+//!
 //! This module is a library. It never imports `crypto`, `proxy`, `metrics` or `config`.
 
+pub mod base;
 pub mod buffer;
+pub mod bufferevent;
+pub mod event;
+pub mod listener;
 pub mod pool;
+pub mod signal;
 pub mod timer;
+
+pub use base::{Context, EventBase, Handle, Handler, HandlerId, LoopStats, Ready};
+pub use buffer::Buffer;
+pub use bufferevent::{
+    BevEvents, BufferEvent, Filter, FilterStatus, NoFilter, Suspend, Timeouts, Watermarks,
+};
+pub use listener::{ConnListener, ListenerOptions};
+pub use timer::TimerKey;

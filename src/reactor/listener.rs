@@ -1,0 +1,290 @@
+//! `ConnListener`: a listening socket and its accept loop, libevent's `evconnlistener`.
+//!
+//! Invariants:
+//! - Accepting drains the kernel queue until `WouldBlock`, but at most `accept_batch`
+//!   connections per wakeup; the rest are taken on a deferred pass (fairness with the
+//!   connections already served by this loop).
+//! - Running out of descriptors or kernel memory (EMFILE, ENFILE, ENOBUFS, ENOMEM) pauses
+//!   accepting with an exponential backoff (10 ms .. 1 s) instead of spinning on a socket that
+//!   stays readable; the error is reported once per pause, not once per attempt.
+//! - `pause`/`resume` (connection limits, draining) keep the socket open, so the kernel keeps
+//!   queueing; resuming re-drives the accept loop, since no new edge will come for connections
+//!   that queued while paused.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use mio::Interest;
+use mio::net::{TcpListener, TcpStream};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::base::Context;
+use super::timer::TimerKey;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// `on_notify`/`on_timer` tags used by a listener are `source | KIND << 8`.
+const TAG_REDRIVE: u64 = 1 << 8;
+const TAG_BACKOFF: u64 = 2 << 8;
+
+/// How to open a listening socket.
+#[derive(Clone, Debug)]
+pub struct ListenerOptions {
+    pub backlog: i32,
+    /// SO_REUSEPORT: one listener per shard on the same address, the kernel spreads accepts.
+    pub reuse_port: bool,
+    /// TCP_NODELAY on accepted sockets.
+    pub nodelay: bool,
+    /// Most connections accepted per wakeup.
+    pub accept_batch: usize,
+    /// SO_INCOMING_CPU: prefer connections whose packets arrive on this CPU (Linux).
+    pub incoming_cpu: Option<usize>,
+}
+
+impl Default for ListenerOptions {
+    fn default() -> Self {
+        ListenerOptions {
+            backlog: 1024,
+            reuse_port: true,
+            nodelay: true,
+            accept_batch: 64,
+            incoming_cpu: None,
+        }
+    }
+}
+
+/// Opens a non-blocking listening socket with SO_REUSEADDR (and SO_REUSEPORT if asked).
+pub fn bind(addr: SocketAddr, opts: &ListenerOptions) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if opts.reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    if let Some(cpu) = opts.incoming_cpu {
+        // Best effort: older kernels lack it, and it is only a locality hint.
+        let _ = socket.set_cpu_affinity(cpu);
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(opts.backlog)?;
+    Ok(socket.into())
+}
+
+/// Is this accept error the kind that clears when descriptors or memory free up?
+pub fn is_resource_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// Errors `accept` returns for a connection that died in the queue: skip it, keep accepting.
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ECONNABORTED | libc::EPROTO | libc::EPERM | libc::EINTR)
+    )
+}
+
+/// What one accept pass did.
+#[derive(Debug, Default)]
+pub struct AcceptPass {
+    pub accepted: usize,
+    /// Set when accepting paused itself on resource exhaustion (report it; it is not repeated
+    /// until the next pause).
+    pub exhausted: Option<io::Error>,
+    /// Any other accept error (logged by the owner; accepting continues on the next edge).
+    pub error: Option<io::Error>,
+}
+
+/// A listening socket driven by an [`EventBase`](super::EventBase) handler.
+pub struct ConnListener {
+    listener: TcpListener,
+    source: u8,
+    opts: ListenerOptions,
+    /// Readiness cache: the kernel may have queued connections we have not accepted yet.
+    ready: bool,
+    paused: bool,
+    backoff: Option<Duration>,
+    backoff_timer: Option<TimerKey>,
+    redrive_queued: bool,
+}
+
+impl ConnListener {
+    /// Binds `addr` with `opts`.
+    pub fn bind(addr: SocketAddr, opts: ListenerOptions, source: u8) -> io::Result<Self> {
+        let l = bind(addr, &opts)?;
+        Ok(Self::from_std(l, opts, source))
+    }
+
+    /// Wraps an already-listening socket (inherited across an upgrade, for instance).
+    pub fn from_std(l: std::net::TcpListener, opts: ListenerOptions, source: u8) -> Self {
+        let _ = l.set_nonblocking(true);
+        ConnListener {
+            listener: TcpListener::from_std(l),
+            source,
+            opts,
+            ready: true,
+            paused: false,
+            backoff: None,
+            backoff_timer: None,
+            redrive_queued: false,
+        }
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn source(&self) -> u8 {
+        self.source
+    }
+
+    pub fn inner(&self) -> &TcpListener {
+        &self.listener
+    }
+
+    pub fn register<S>(&mut self, cx: &mut Context<'_, S>) -> io::Result<()> {
+        cx.register(&mut self.listener, self.source, Interest::READABLE)?;
+        // Connections may have queued before registration (an inherited socket).
+        self.queue_redrive(cx);
+        Ok(())
+    }
+
+    pub fn deregister<S>(&mut self, cx: &mut Context<'_, S>) {
+        let _ = cx.deregister(&mut self.listener);
+        if let Some(t) = self.backoff_timer.take() {
+            cx.cancel_timer(t);
+        }
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Stop accepting (connection limit, drain). Queued connections stay in the kernel.
+    pub fn pause(&mut self) {
+        self.paused = true;
+    }
+
+    /// Accept again; connections that queued meanwhile are taken on a deferred pass.
+    pub fn resume<S>(&mut self, cx: &mut Context<'_, S>) {
+        if self.paused {
+            self.paused = false;
+            self.ready = true;
+            self.queue_redrive(cx);
+        }
+    }
+
+    fn queue_redrive<S>(&mut self, cx: &mut Context<'_, S>) {
+        if !self.redrive_queued {
+            self.redrive_queued = true;
+            cx.defer(TAG_REDRIVE | self.source as u64);
+        }
+    }
+
+    /// Is this tag (from `on_notify` or `on_timer`) this listener's?
+    pub fn owns_tag(&self, tag: u64) -> bool {
+        tag & 0xff == self.source as u64 && matches!(tag & !0xff, TAG_REDRIVE | TAG_BACKOFF)
+    }
+
+    /// Feed readiness for this listener's source; accepts a batch.
+    pub fn on_ready<S>(
+        &mut self,
+        cx: &mut Context<'_, S>,
+        on_accept: impl FnMut(&mut Context<'_, S>, TcpStream, SocketAddr),
+    ) -> AcceptPass {
+        self.ready = true;
+        self.accept(cx, self.opts.accept_batch, on_accept)
+    }
+
+    /// Feed an `on_notify`/`on_timer` tag this listener owns.
+    pub fn on_tag<S>(
+        &mut self,
+        cx: &mut Context<'_, S>,
+        tag: u64,
+        on_accept: impl FnMut(&mut Context<'_, S>, TcpStream, SocketAddr),
+    ) -> AcceptPass {
+        match tag & !0xff {
+            TAG_REDRIVE => self.redrive_queued = false,
+            TAG_BACKOFF => {
+                self.backoff_timer = None;
+                self.ready = true;
+            }
+            _ => return AcceptPass::default(),
+        }
+        self.accept(cx, self.opts.accept_batch, on_accept)
+    }
+
+    /// Accepts everything queued now, ignoring the batch limit and the pause (used when
+    /// draining: what the kernel already queued is served, then the listener closes).
+    pub fn accept_all<S>(
+        &mut self,
+        cx: &mut Context<'_, S>,
+        on_accept: impl FnMut(&mut Context<'_, S>, TcpStream, SocketAddr),
+    ) -> AcceptPass {
+        let paused = self.paused;
+        self.paused = false;
+        self.ready = true;
+        let pass = self.accept(cx, usize::MAX, on_accept);
+        self.paused = paused;
+        pass
+    }
+
+    fn accept<S>(
+        &mut self,
+        cx: &mut Context<'_, S>,
+        batch: usize,
+        mut on_accept: impl FnMut(&mut Context<'_, S>, TcpStream, SocketAddr),
+    ) -> AcceptPass {
+        let mut pass = AcceptPass::default();
+        if self.paused || self.backoff_timer.is_some() || !self.ready {
+            return pass;
+        }
+        while pass.accepted < batch {
+            match self.listener.accept() {
+                Ok((stream, peer)) => {
+                    if self.opts.nodelay {
+                        let _ = stream.set_nodelay(true);
+                    }
+                    self.backoff = None;
+                    pass.accepted += 1;
+                    on_accept(cx, stream, peer);
+                    if self.paused {
+                        return pass;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.ready = false;
+                    return pass;
+                }
+                Err(e) if is_transient(&e) => continue,
+                Err(e) if is_resource_exhaustion(&e) => {
+                    let wait = self
+                        .backoff
+                        .map_or(BACKOFF_MIN, |b| (b * 2).min(BACKOFF_MAX));
+                    self.backoff = Some(wait);
+                    self.backoff_timer = Some(cx.timer(wait, TAG_BACKOFF | self.source as u64));
+                    pass.exhausted = Some(e);
+                    return pass;
+                }
+                Err(e) => {
+                    pass.error = Some(e);
+                    return pass;
+                }
+            }
+        }
+        // Batch full with more possibly queued: continue on a deferred pass.
+        self.queue_redrive(cx);
+        pass
+    }
+
+    /// The backoff currently in force after resource exhaustion, if any.
+    pub fn backoff(&self) -> Option<Duration> {
+        self.backoff_timer.and(self.backoff)
+    }
+}
