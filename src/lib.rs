@@ -10,5 +10,10 @@
 //! - [`config`], [`server`]: configuration, shards, the control thread.
 #![deny(unsafe_code)]
 
+pub mod config;
 pub mod crypto;
+pub mod metrics;
+pub mod proxy;
 pub mod reactor;
+pub mod server;
+pub mod sys;

@@ -1,1 +1,504 @@
-fn main() {}
+//! The `sealpipe` command line. Only argument parsing, logging setup and the demo's
+//! choreography live here; everything else is in the library.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, anyhow};
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::{EnvFilter, reload};
+
+use sealpipe::config::{
+    Balance, Config, ConfigFile, Limits, LogConfig, MetricsConfig, Mode, TunnelFile,
+};
+use sealpipe::server::{self, LogReload};
+
+#[derive(Parser)]
+#[command(
+    name = "sealpipe",
+    version,
+    about = "An encrypting TCP proxy for fleets.",
+    long_about = "\
+sealpipe carries plaintext TCP protocols (Redis, Postgres, HTTP, ...) across untrusted networks.
+Run it in pairs: `encrypt` accepts plaintext from local clients and sends sealed records to a
+`decrypt` side, which opens them and talks plaintext to the real backend. Both sides share a
+256-bit key file made by `sealpipe keygen`.
+
+Start with `sealpipe demo` to see a pair working on loopback."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Accept plaintext on --listen, send sealed records to decrypt-side --target(s).
+    Encrypt(TunnelArgs),
+    /// Accept sealed records on --listen, send plaintext to backend --target(s).
+    Decrypt(TunnelArgs),
+    /// Plaintext relay from --listen to --target(s), no crypto.
+    Forward(TunnelArgs),
+    /// Run every tunnel of a TOML config file in one process.
+    Run {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Validate a config file (and its key files) and exit 0, or 1 with the reason.
+    Check {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Write a new random 256-bit key (hex, mode 0600); refuses to overwrite.
+    Keygen {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Start an echo backend, a decrypt and an encrypt tunnel and a metrics endpoint on
+    /// loopback, drive a traffic check through the pair, then serve until Ctrl-C.
+    Demo {
+        /// Exit after this many seconds instead of waiting for Ctrl-C.
+        #[arg(long, value_name = "SECS")]
+        duration: Option<f64>,
+    },
+}
+
+#[derive(Args, Clone)]
+struct TunnelArgs {
+    /// Address to accept connections on, e.g. 127.0.0.1:7000.
+    #[arg(long, value_name = "ADDR")]
+    listen: String,
+    /// Where to connect: one address or several, comma-separated.
+    #[arg(
+        long,
+        value_name = "ADDR[,ADDR...]",
+        value_delimiter = ',',
+        required = true
+    )]
+    target: Vec<String>,
+    /// Key file (repeatable). The first is the primary, the others are also accepted.
+    #[arg(long, value_name = "FILE")]
+    key: Vec<PathBuf>,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[derive(Args, Clone)]
+struct CommonArgs {
+    /// Shards (event loops pinned to CPUs); default: the CPUs this process may use.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    threads: usize,
+    /// Serve /metrics, /healthz and /readyz on this address.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// Most connections open at once (per process, split across shards).
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    max_conns: usize,
+    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
+    connect_timeout: f64,
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    handshake_timeout: f64,
+    /// Close a connection with no traffic for this long.
+    #[arg(long, value_name = "SECS", default_value_t = 300.0)]
+    idle_timeout: f64,
+    /// Close a half-closed connection with no traffic for this long.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    half_closed_timeout: f64,
+    /// On SIGTERM, how long open connections may take to finish.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    drain_timeout: f64,
+    /// round-robin or least-conn.
+    #[arg(long, value_name = "POLICY", default_value = "round-robin")]
+    balance: Balance,
+    /// Skip the ephemeral X25519 exchange (cheaper setup, no forward secrecy).
+    #[arg(long)]
+    no_forward_secrecy: bool,
+    /// AEAD implementation: ring (fast) or rustcrypto (pure Rust).
+    #[arg(long, value_name = "IMPL", default_value = "ring")]
+    aead: String,
+    /// error, warn, info, debug, trace (or a tracing filter).
+    #[arg(
+        long,
+        value_name = "LEVEL",
+        default_value = "info",
+        env = "SEALPIPE_LOG"
+    )]
+    log_level: String,
+    /// text or json.
+    #[arg(long, value_name = "FORMAT", default_value = "text")]
+    log_format: String,
+}
+
+/// A usage or configuration error: exit status 2.
+struct UsageError(anyhow::Error);
+
+fn setup_logging(log: &LogConfig) -> Result<LogReload> {
+    let filter = EnvFilter::try_new(&log.level)
+        .map_err(|e| anyhow!("invalid log level {:?}: {e}", log.level))?;
+    let (filter, handle) = reload::Layer::new(filter);
+    use tracing_subscriber::prelude::*;
+    let registry = tracing_subscriber::registry().with(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    if log.format == "json" {
+        registry.with(fmt.json()).try_init().ok();
+    } else {
+        registry.with(fmt).try_init().ok();
+    }
+    Ok(Box::new(move |level: &str| {
+        let f =
+            EnvFilter::try_new(level).map_err(|e| format!("invalid log level {level:?}: {e}"))?;
+        handle.reload(f).map_err(|e| e.to_string())
+    }))
+}
+
+fn tunnel_config(mode: Mode, a: TunnelArgs) -> std::result::Result<Config, UsageError> {
+    let c = &a.common;
+    let file = ConfigFile {
+        log: LogConfig {
+            level: c.log_level.clone(),
+            format: c.log_format.clone(),
+        },
+        metrics: MetricsConfig {
+            listen: c.metrics.clone(),
+        },
+        limits: Limits {
+            threads: c.threads,
+            max_conns: c.max_conns,
+            connect_timeout: c.connect_timeout,
+            handshake_timeout: c.handshake_timeout,
+            idle_timeout: c.idle_timeout,
+            half_closed_timeout: c.half_closed_timeout,
+            drain_timeout: c.drain_timeout,
+        },
+        tunnel: vec![TunnelFile {
+            name: Some(mode.as_str().into()),
+            mode,
+            listen: a.listen.clone(),
+            targets: a.target.clone(),
+            keys: a.key.clone(),
+            balance: c.balance,
+            forward_secrecy: !c.no_forward_secrecy,
+            aead: Some(c.aead.clone()),
+            health_check_interval: 0.0,
+            connect_timeout: None,
+            handshake_timeout: None,
+            idle_timeout: None,
+            half_closed_timeout: None,
+        }],
+    };
+    let cfg = file.validate(None).map_err(|e| UsageError(e.into()))?;
+    cfg.load_keys().map_err(|e| UsageError(e.into()))?;
+    Ok(cfg)
+}
+
+fn serve(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
+    let reload = setup_logging(&cfg.log)?;
+    let running = server::start(cfg, Some(reload))?;
+    if let Some(m) = running.metrics_addr {
+        tracing::info!(metrics = %format!("http://{m}/metrics"), "metrics endpoint up");
+    }
+    running.wait(stop_after)?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result: std::result::Result<(), UsageError> = (|| match cli.cmd {
+        Cmd::Encrypt(a) => serve(tunnel_config(Mode::Encrypt, a)?, None).map_err(runtime),
+        Cmd::Decrypt(a) => serve(tunnel_config(Mode::Decrypt, a)?, None).map_err(runtime),
+        Cmd::Forward(a) => {
+            if !a.key.is_empty() {
+                return Err(UsageError(anyhow!(
+                    "forward carries plaintext and takes no --key"
+                )));
+            }
+            serve(tunnel_config(Mode::Forward, a)?, None).map_err(runtime)
+        }
+        Cmd::Run { config } => {
+            let cfg = Config::from_file(&config).map_err(|e| UsageError(e.into()))?;
+            serve(cfg, None).map_err(runtime)
+        }
+        Cmd::Check { config } => {
+            let cfg = Config::from_file(&config).map_err(|e| UsageError(e.into()))?;
+            println!(
+                "{}: ok ({} tunnel{}: {})",
+                config.display(),
+                cfg.tunnels.len(),
+                if cfg.tunnels.len() == 1 { "" } else { "s" },
+                cfg.tunnels
+                    .iter()
+                    .map(|t| format!(
+                        "{} {} {} -> {:?}",
+                        t.name,
+                        t.mode.as_str(),
+                        t.listen,
+                        t.targets
+                    ))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+            Ok(())
+        }
+        Cmd::Keygen { out } => {
+            let id = sealpipe::crypto::keys::generate_key_file(
+                &out,
+                &mut sealpipe::crypto::keys::OsRandom,
+            )
+            .map_err(|e| UsageError(e.into()))?;
+            println!("wrote {} (key id {id})", out.display());
+            Ok(())
+        }
+        Cmd::Demo { duration } => demo(duration.map(Duration::from_secs_f64)).map_err(runtime),
+    })();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(UsageError(e)) => {
+            let code = if e.downcast_ref::<Runtime>().is_some() {
+                1
+            } else {
+                2
+            };
+            eprintln!("sealpipe: error: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// Marks an error as a runtime failure (exit 1) rather than a usage error (exit 2).
+#[derive(Debug)]
+struct Runtime(anyhow::Error);
+
+impl std::fmt::Display for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+impl std::error::Error for Runtime {}
+
+fn runtime(e: anyhow::Error) -> UsageError {
+    // Startup failures caused by the configuration (a busy port, a bad key) are still usage
+    // errors; everything else is a runtime failure.
+    if e.downcast_ref::<server::ServerError>().is_some() {
+        return UsageError(e);
+    }
+    UsageError(anyhow::Error::new(Runtime(e)))
+}
+
+/// Binds `preferred`, or any free port on loopback if it is taken.
+fn pick_addr(preferred: u16) -> SocketAddr {
+    let want = SocketAddr::from(([127, 0, 0, 1], preferred));
+    match TcpListener::bind(want) {
+        Ok(_) => want,
+        Err(_) => SocketAddr::from(([127, 0, 0, 1], 0)),
+    }
+}
+
+fn demo(duration: Option<Duration>) -> Result<()> {
+    let reload = setup_logging(&LogConfig {
+        level: "warn".into(),
+        format: "text".into(),
+    })?;
+    let dir = std::env::temp_dir().join(format!("sealpipe-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let key = dir.join("demo.key");
+    let _ = std::fs::remove_file(&key);
+    sealpipe::crypto::keys::generate_key_file(&key, &mut sealpipe::crypto::keys::OsRandom)?;
+
+    // The backend: a plain echo server on its own thread.
+    let backend = TcpListener::bind("127.0.0.1:0")?;
+    let backend_addr = backend.local_addr()?;
+    std::thread::spawn(move || {
+        for s in backend.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut r = s;
+                let mut w = match r.try_clone() {
+                    Ok(w) => w,
+                    Err(_) => return,
+                };
+                let _ = std::io::copy(&mut r, &mut w);
+                let _ = w.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+
+    let entry = pick_addr(7000);
+    let metrics = pick_addr(9750);
+    let decrypt_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    // Start the decrypt side first: the encrypt side needs its address.
+    let mk =
+        |mode: Mode, name: &str, listen: SocketAddr, target: SocketAddr, keys: Vec<PathBuf>| {
+            TunnelFile {
+                name: Some(name.into()),
+                mode,
+                listen: listen.to_string(),
+                targets: vec![target.to_string()],
+                keys,
+                balance: Balance::RoundRobin,
+                forward_secrecy: true,
+                aead: None,
+                health_check_interval: 0.0,
+                connect_timeout: None,
+                handshake_timeout: None,
+                idle_timeout: None,
+                half_closed_timeout: None,
+            }
+        };
+    let threads = 1;
+    let dec_cfg = ConfigFile {
+        log: LogConfig::default(),
+        metrics: MetricsConfig {
+            listen: Some(metrics.to_string()),
+        },
+        limits: Limits {
+            threads,
+            drain_timeout: 2.0,
+            ..Limits::default()
+        },
+        tunnel: vec![mk(
+            Mode::Decrypt,
+            "demo-decrypt",
+            decrypt_listen,
+            backend_addr,
+            vec![key.clone()],
+        )],
+    }
+    .validate(None)?;
+    let dec = server::start(dec_cfg, None)?;
+    let dec_addr = dec.listen_addrs[0];
+    let metrics_addr = dec.metrics_addr;
+    let enc_cfg = ConfigFile {
+        log: LogConfig::default(),
+        metrics: MetricsConfig::default(),
+        limits: Limits {
+            threads,
+            drain_timeout: 2.0,
+            ..Limits::default()
+        },
+        tunnel: vec![mk(
+            Mode::Encrypt,
+            "demo-encrypt",
+            entry,
+            dec_addr,
+            vec![key.clone()],
+        )],
+    }
+    .validate(None)?;
+    let enc = server::start(enc_cfg, Some(reload))?;
+    let entry = enc.listen_addrs[0];
+
+    println!("sealpipe demo — everything on loopback, in this one process:");
+    println!("  echo backend       {backend_addr}");
+    println!(
+        "  decrypt tunnel     {dec_addr} -> {backend_addr}   (sealed records in, plaintext out)"
+    );
+    println!("  encrypt tunnel     {entry} -> {dec_addr}   (plaintext in, sealed records out)");
+    println!("  key file           {}", key.display());
+    if let Some(m) = metrics_addr {
+        println!("  metrics            http://{m}/metrics   (also /healthz, /readyz)");
+    }
+    println!(
+        "  try it:            echo hello | nc -q1 {} {}",
+        entry.ip(),
+        entry.port()
+    );
+    println!();
+
+    let report = traffic_check(entry).context("traffic check through the pair")?;
+    println!("traffic check through the pair (client -> encrypt -> decrypt -> echo and back):");
+    println!(
+        "  bulk   {:>8.1} MiB echoed, byte-exact, {:.2} Gbit/s each way",
+        report.mib, report.gbits
+    );
+    println!(
+        "  rr     {} requests of 64 bytes, p50 {:.0} us, p99 {:.0} us, max {:.0} us",
+        report.requests, report.p50_us, report.p99_us, report.max_us
+    );
+    println!();
+    match duration {
+        Some(d) => println!("serving for {:.0} s more (or Ctrl-C)", d.as_secs_f64()),
+        None => println!("serving until Ctrl-C"),
+    }
+    let stop = duration.unwrap_or(Duration::MAX / 4);
+    // The control thread drives the encrypt side; the decrypt side drains with it.
+    let dec_thread = std::thread::spawn(move || dec.wait(Some(stop)));
+    enc.wait(Some(stop))?;
+    let _ = dec_thread.join();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+struct Report {
+    mib: f64,
+    gbits: f64,
+    requests: usize,
+    p50_us: f64,
+    p99_us: f64,
+    max_us: f64,
+}
+
+fn traffic_check(entry: SocketAddr) -> Result<Report> {
+    // Bulk: 64 MiB of a deterministic pattern, echoed back and compared.
+    const BULK: usize = 64 << 20;
+    let s = TcpStream::connect(entry)?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let mut w = s.try_clone()?;
+    let started = Instant::now();
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut block = vec![0u8; 64 * 1024];
+        let mut off = 0usize;
+        while off < BULK {
+            for (i, b) in block.iter_mut().enumerate() {
+                *b = ((off + i) % 251) as u8;
+            }
+            w.write_all(&block)?;
+            off += block.len();
+        }
+        w.shutdown(std::net::Shutdown::Write)
+    });
+    let mut r = s;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0usize;
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        for (i, b) in buf[..n].iter().enumerate() {
+            if *b != ((got + i) % 251) as u8 {
+                return Err(anyhow!("byte {} differs after the round trip", got + i));
+            }
+        }
+        got += n;
+    }
+    writer.join().map_err(|_| anyhow!("writer panicked"))??;
+    let secs = started.elapsed().as_secs_f64();
+    if got != BULK {
+        return Err(anyhow!("echoed {got} bytes of {BULK}"));
+    }
+    // Request/response: 2,000 small round trips on one connection.
+    let mut s = TcpStream::connect(entry)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut lat = Vec::with_capacity(2000);
+    let req = [7u8; 64];
+    let mut resp = [0u8; 64];
+    for _ in 0..2000 {
+        let t = Instant::now();
+        s.write_all(&req)?;
+        s.read_exact(&mut resp)?;
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    Ok(Report {
+        mib: (BULK >> 20) as f64,
+        gbits: BULK as f64 * 8.0 / secs / 1e9,
+        requests: lat.len(),
+        p50_us: pct(0.5),
+        p99_us: pct(0.99),
+        max_us: lat[lat.len() - 1],
+    })
+}

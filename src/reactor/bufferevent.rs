@@ -212,6 +212,9 @@ pub struct BufferEvent<F: Filter = NoFilter> {
     passthrough: bool,
     readable: bool,
     writable: bool,
+    /// The kernel said the peer closed its write side (EPOLLRDHUP): read to EOF, never stop at
+    /// a short read, or the FIN would be stranded (no further edge will come for it).
+    peer_closed: bool,
     suspend: u8,
     eof: bool,
     /// The user asked to shut down writing once output drains.
@@ -264,6 +267,7 @@ impl<F: Filter> BufferEvent<F> {
             passthrough,
             readable: false,
             writable: false,
+            peer_closed: false,
             suspend: 0,
             eof: false,
             shutdown_requested: false,
@@ -532,6 +536,9 @@ impl<F: Filter> BufferEvent<F> {
         if ready.readable || ready.read_closed || ready.error {
             self.readable = true;
         }
+        if ready.read_closed || ready.error {
+            self.peer_closed = true;
+        }
         if ready.writable || ready.write_closed || ready.error {
             self.writable = true;
         }
@@ -668,7 +675,7 @@ impl<F: Filter> BufferEvent<F> {
                             break;
                         }
                     }
-                    if n < max.min(SHORT_READ) {
+                    if n < max.min(SHORT_READ) && !self.peer_closed {
                         self.readable = false;
                         break;
                     }

@@ -1,0 +1,493 @@
+//! Configuration: the TOML file format (`sealpipe run --config`) and its validation.
+//!
+//! The command line builds the same [`Config`] for a single tunnel, so both paths share one
+//! validation. Unknown keys are errors that name the line; every check names the tunnel and
+//! the field at fault. Nothing here opens sockets; key files are read by [`Config::load_keys`].
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::crypto::{AeadKind, KeyError, KeySet};
+
+/// Everything that can be wrong with a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("tunnel {tunnel:?}: {message}")]
+    Tunnel { tunnel: String, message: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("tunnel {tunnel:?}: {source}")]
+    Key { tunnel: String, source: KeyError },
+}
+
+/// What a tunnel does with the bytes it carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Plaintext in, sealed records out (towards a decrypt side).
+    Encrypt,
+    /// Sealed records in, plaintext out (towards the real backend).
+    Decrypt,
+    /// Plaintext relay, no crypto.
+    Forward,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Encrypt => "encrypt",
+            Mode::Decrypt => "decrypt",
+            Mode::Forward => "forward",
+        }
+    }
+}
+
+/// How a connection picks among several targets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    LeastConn,
+}
+
+impl std::str::FromStr for Balance {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "round-robin" => Ok(Balance::RoundRobin),
+            "least-conn" => Ok(Balance::LeastConn),
+            _ => Err(format!(
+                "unknown balance {s:?} (expected round-robin or least-conn)"
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    #[serde(default = "default_log_format")]
+    pub format: String,
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_log_format() -> String {
+    "text".into()
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: default_log_level(),
+            format: default_log_format(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the /metrics, /healthz, /readyz endpoint; none = no endpoint.
+    pub listen: Option<String>,
+}
+
+/// Process-wide limits and timeouts (seconds). Tunnels may override the timeouts.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Shards; 0 = one per CPU in the process's affinity mask.
+    #[serde(default)]
+    pub threads: usize,
+    /// Connections per process, split evenly across shards.
+    #[serde(default = "d_max_conns")]
+    pub max_conns: usize,
+    #[serde(default = "d_connect")]
+    pub connect_timeout: f64,
+    #[serde(default = "d_handshake")]
+    pub handshake_timeout: f64,
+    #[serde(default = "d_idle")]
+    pub idle_timeout: f64,
+    #[serde(default = "d_half")]
+    pub half_closed_timeout: f64,
+    #[serde(default = "d_drain")]
+    pub drain_timeout: f64,
+}
+
+fn d_max_conns() -> usize {
+    100_000
+}
+fn d_connect() -> f64 {
+    5.0
+}
+fn d_handshake() -> f64 {
+    10.0
+}
+fn d_idle() -> f64 {
+    300.0
+}
+fn d_half() -> f64 {
+    60.0
+}
+fn d_drain() -> f64 {
+    30.0
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            threads: 0,
+            max_conns: d_max_conns(),
+            connect_timeout: d_connect(),
+            handshake_timeout: d_handshake(),
+            idle_timeout: d_idle(),
+            half_closed_timeout: d_half(),
+            drain_timeout: d_drain(),
+        }
+    }
+}
+
+/// One `[[tunnel]]` table as written in the file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelFile {
+    pub name: Option<String>,
+    pub mode: Mode,
+    pub listen: String,
+    pub targets: Vec<String>,
+    #[serde(default)]
+    pub keys: Vec<PathBuf>,
+    #[serde(default)]
+    pub balance: Balance,
+    #[serde(default = "d_true")]
+    pub forward_secrecy: bool,
+    #[serde(default)]
+    pub aead: Option<String>,
+    /// Seconds between active TCP health checks; 0 = passive health only.
+    #[serde(default)]
+    pub health_check_interval: f64,
+    pub connect_timeout: Option<f64>,
+    pub handshake_timeout: Option<f64>,
+    pub idle_timeout: Option<f64>,
+    pub half_closed_timeout: Option<f64>,
+}
+
+fn d_true() -> bool {
+    true
+}
+
+/// The file as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub tunnel: Vec<TunnelFile>,
+}
+
+/// A validated tunnel, ready for shards.
+#[derive(Clone, Debug)]
+pub struct Tunnel {
+    pub name: String,
+    pub mode: Mode,
+    pub listen: SocketAddr,
+    pub targets: Vec<SocketAddr>,
+    pub key_files: Vec<PathBuf>,
+    pub balance: Balance,
+    pub forward_secrecy: bool,
+    pub aead: AeadKind,
+    pub health_check_interval: Option<Duration>,
+    pub connect_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub half_closed_timeout: Duration,
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub log: LogConfig,
+    pub metrics: Option<SocketAddr>,
+    pub threads: usize,
+    pub max_conns: usize,
+    pub drain_timeout: Duration,
+    pub tunnels: Vec<Tunnel>,
+    /// The file it came from (reloads read it again).
+    pub path: Option<PathBuf>,
+}
+
+fn seconds(tunnel: &str, field: &str, v: f64) -> Result<Duration, ConfigError> {
+    if !v.is_finite() || v < 0.0 || v > 86_400.0 * 365.0 {
+        return Err(ConfigError::Tunnel {
+            tunnel: tunnel.into(),
+            message: format!("{field} must be between 0 and one year of seconds, got {v}"),
+        });
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+/// Resolves `host:port` (one address; the first the resolver returns).
+pub fn resolve(what: &str, s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    match s.to_socket_addrs() {
+        Ok(mut it) => it
+            .next()
+            .ok_or_else(|| format!("{what} {s:?} resolves to no address")),
+        Err(e) => Err(format!("{what} {s:?} cannot be resolved: {e}")),
+    }
+}
+
+impl ConfigFile {
+    /// Parses TOML text; errors carry the line and column.
+    pub fn parse(path: &Path, text: &str) -> Result<ConfigFile, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let mut message = e.message().to_string();
+            if let Some(span) = e.span() {
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                message = format!("line {line}: {message}");
+            }
+            ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            }
+        })
+    }
+
+    pub fn validate(self, path: Option<PathBuf>) -> Result<Config, ConfigError> {
+        let l = &self.limits;
+        let g = "[limits]";
+        let connect = seconds(g, "connect_timeout", l.connect_timeout)?;
+        let handshake = seconds(g, "handshake_timeout", l.handshake_timeout)?;
+        let idle = seconds(g, "idle_timeout", l.idle_timeout)?;
+        let half = seconds(g, "half_closed_timeout", l.half_closed_timeout)?;
+        let drain = seconds(g, "drain_timeout", l.drain_timeout)?;
+        if l.max_conns == 0 {
+            return Err(ConfigError::Invalid(
+                "[limits] max_conns must be > 0".into(),
+            ));
+        }
+        if l.threads > 1024 {
+            return Err(ConfigError::Invalid(
+                "[limits] threads must be at most 1024".into(),
+            ));
+        }
+        match self.log.format.as_str() {
+            "text" | "json" => {}
+            f => {
+                return Err(ConfigError::Invalid(format!(
+                    "[log] format {f:?} is not text or json"
+                )));
+            }
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(ConfigError::Invalid(format!(
+                "[log] level {:?} is not a valid level or filter",
+                self.log.level
+            )));
+        }
+        let metrics = match &self.metrics.listen {
+            Some(s) => Some(resolve("[metrics] listen", s).map_err(ConfigError::Invalid)?),
+            None => None,
+        };
+        if self.tunnel.is_empty() {
+            return Err(ConfigError::Invalid(
+                "no [[tunnel]] defined: nothing to do".into(),
+            ));
+        }
+        let mut tunnels: Vec<Tunnel> = Vec::new();
+        for (i, t) in self.tunnel.into_iter().enumerate() {
+            let name = t.name.clone().unwrap_or_else(|| format!("tunnel{i}"));
+            let bad = |message: String| ConfigError::Tunnel {
+                tunnel: name.clone(),
+                message,
+            };
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(bad(
+                    "name must be non-empty ASCII letters, digits, '-', '_' or '.'".into(),
+                ));
+            }
+            if tunnels.iter().any(|o| o.name == name) {
+                return Err(bad("duplicate tunnel name".into()));
+            }
+            let listen = resolve("listen", &t.listen).map_err(bad)?;
+            if tunnels.iter().any(|o| o.listen == listen) {
+                return Err(bad(format!("listen address {listen} is used twice")));
+            }
+            if t.targets.is_empty() {
+                return Err(bad("targets is empty".into()));
+            }
+            let mut targets = Vec::new();
+            for s in &t.targets {
+                targets.push(resolve("target", s).map_err(bad)?);
+            }
+            match t.mode {
+                Mode::Forward if !t.keys.is_empty() => {
+                    return Err(bad(
+                        "forward mode carries plaintext and takes no keys".into()
+                    ));
+                }
+                Mode::Encrypt | Mode::Decrypt if t.keys.is_empty() => {
+                    return Err(bad(format!(
+                        "{} mode needs at least one key file (sealpipe keygen --out FILE)",
+                        t.mode.as_str()
+                    )));
+                }
+                _ => {}
+            }
+            let aead = match t.aead.as_deref() {
+                None => AeadKind::default(),
+                Some(s) => s
+                    .parse()
+                    .map_err(|_| bad(format!("aead {s:?} is not ring or rustcrypto")))?,
+            };
+            let hc = seconds(&name, "health_check_interval", t.health_check_interval)?;
+            tunnels.push(Tunnel {
+                mode: t.mode,
+                listen,
+                targets,
+                key_files: t.keys,
+                balance: t.balance,
+                forward_secrecy: t.forward_secrecy,
+                aead,
+                health_check_interval: (!hc.is_zero()).then_some(hc),
+                connect_timeout: t
+                    .connect_timeout
+                    .map_or(Ok(connect), |v| seconds(&name, "connect_timeout", v))?,
+                handshake_timeout: t
+                    .handshake_timeout
+                    .map_or(Ok(handshake), |v| seconds(&name, "handshake_timeout", v))?,
+                idle_timeout: t
+                    .idle_timeout
+                    .map_or(Ok(idle), |v| seconds(&name, "idle_timeout", v))?,
+                half_closed_timeout: t
+                    .half_closed_timeout
+                    .map_or(Ok(half), |v| seconds(&name, "half_closed_timeout", v))?,
+                name,
+            });
+        }
+        Ok(Config {
+            log: self.log,
+            metrics,
+            threads: self.limits.threads,
+            max_conns: self.limits.max_conns,
+            drain_timeout: drain,
+            tunnels,
+            path,
+        })
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file (keys are checked too).
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let cfg = ConfigFile::parse(path, &text)?.validate(Some(path.to_owned()))?;
+        cfg.load_keys()?;
+        Ok(cfg)
+    }
+
+    /// Loads every tunnel's key set (one per tunnel, in tunnel order; `None` for forward).
+    pub fn load_keys(&self) -> Result<Vec<Option<Arc<KeySet>>>, ConfigError> {
+        self.tunnels
+            .iter()
+            .map(|t| {
+                if t.mode == Mode::Forward {
+                    return Ok(None);
+                }
+                KeySet::load(&t.key_files)
+                    .map(|k| Some(Arc::new(k)))
+                    .map_err(|source| ConfigError::Key {
+                        tunnel: t.name.clone(),
+                        source,
+                    })
+            })
+            .collect()
+    }
+
+    /// Shards to run: `threads`, or the CPUs this process may run on.
+    pub fn shard_count(&self) -> usize {
+        if self.threads > 0 {
+            return self.threads;
+        }
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        ConfigFile::parse(Path::new("t.toml"), s)?.validate(None)
+    }
+
+    #[test]
+    fn unknown_key_names_the_line() {
+        let e = parse("[limits]\nthreads = 1\nbogus = 2\n").unwrap_err();
+        let m = e.to_string();
+        assert!(m.contains("line 3"), "{m}");
+        assert!(m.contains("bogus"), "{m}");
+    }
+
+    #[test]
+    fn minimal_forward_tunnel() {
+        let c = parse(
+            "[[tunnel]]\nmode = \"forward\"\nlisten = \"127.0.0.1:1\"\ntargets = [\"127.0.0.1:2\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.tunnels[0].name, "tunnel0");
+        assert_eq!(c.tunnels[0].idle_timeout, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn encrypt_needs_keys_and_forward_refuses_them() {
+        let e = parse(
+            "[[tunnel]]\nmode = \"encrypt\"\nlisten = \"127.0.0.1:1\"\ntargets = [\"127.0.0.1:2\"]\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("key"), "{e}");
+        let e = parse(
+            "[[tunnel]]\nmode = \"forward\"\nlisten = \"127.0.0.1:1\"\ntargets = [\"127.0.0.1:2\"]\nkeys = [\"k\"]\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("no keys"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = parse("[limits]\nidle_timeout = -1\n[[tunnel]]\nmode = \"forward\"\nlisten = \"127.0.0.1:1\"\ntargets = [\"127.0.0.1:2\"]\n").unwrap_err();
+        assert!(e.to_string().contains("idle_timeout"), "{e}");
+        let e =
+            parse("[[tunnel]]\nmode = \"sideways\"\nlisten = \"x\"\ntargets = []\n").unwrap_err();
+        assert!(e.to_string().contains("line 2"), "{e}");
+    }
+}

@@ -1,0 +1,170 @@
+//! The accept side of a tunnel on one shard: a [`ConnListener`] whose accepted sockets become
+//! [`Conn`] handlers of the tunnel's mode.
+//!
+//! At the shard's connection limit the listener pauses (the kernel keeps queueing) and resumes
+//! when a connection closes; each pause is counted as `rejected{reason="max_conns"}`. With no
+//! healthy upstream, a new client is closed at once and counted. When the shard drains, the
+//! listener first accepts everything already queued in the kernel, then closes.
+
+use std::net::SocketAddr;
+
+use mio::net::TcpStream;
+
+use crate::config::Mode;
+use crate::metrics::RejectReason;
+use crate::reactor::listener::{AcceptPass, ConnListener};
+use crate::reactor::{Context, Handler, NoFilter, Ready};
+
+use super::ShardState;
+use super::codec::SealFilter;
+use super::conn::Conn;
+
+/// Notify tags for a tunnel listener.
+pub const TAG_RESUME: u64 = 0x20 << 8;
+pub const TAG_DRAIN: u64 = 0x21 << 8;
+
+pub struct TunnelListener {
+    tunnel: usize,
+    listener: ConnListener,
+}
+
+impl TunnelListener {
+    pub fn new(tunnel: usize, listener: ConnListener) -> Self {
+        TunnelListener { tunnel, listener }
+    }
+
+    fn report(&self, cx: &mut Context<'_, ShardState>, pass: AcceptPass) {
+        let rt = &cx.state.tunnels[self.tunnel];
+        if let Some(e) = pass.exhausted {
+            rt.metrics.accept_exhausted.inc();
+            tracing::warn!(tunnel = %rt.cfg.name, error = %e, backoff = ?self.listener.backoff(), "accept paused: out of resources");
+        }
+        if let Some(e) = pass.error {
+            rt.metrics.accept_other.inc();
+            tracing::warn!(tunnel = %rt.cfg.name, error = %e, "accept failed");
+        }
+        if self.listener.is_paused() && !cx.state.tunnels[self.tunnel].listener_paused {
+            cx.state.tunnels[self.tunnel].listener_paused = true;
+        }
+    }
+}
+
+/// Builds the connection handler for the tunnel's mode and starts it.
+fn admit(cx: &mut Context<'_, ShardState>, tunnel: usize, stream: TcpStream, _peer: SocketAddr) {
+    let now = cx.now();
+    let rt = &cx.state.tunnels[tunnel];
+    if rt.upstreams.healthy(now) == 0 {
+        rt.metrics.rejected(RejectReason::NoHealthyUpstream);
+        if let Some(skipped) = cx.state.may_warn(now) {
+            let rt = &cx.state.tunnels[tunnel];
+            tracing::warn!(tunnel = %rt.cfg.name, skipped, "no healthy upstream: client closed");
+        }
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+        return;
+    }
+    match rt.cfg.mode {
+        Mode::Encrypt => {
+            cx.spawn(Box::new(Conn::<NoFilter, SealFilter>::new(rt, stream, now)));
+        }
+        Mode::Decrypt => {
+            cx.spawn(Box::new(Conn::<SealFilter, NoFilter>::new(rt, stream, now)));
+        }
+        Mode::Forward => {
+            cx.spawn(Box::new(Conn::<NoFilter, NoFilter>::new(rt, stream, now)));
+        }
+    }
+}
+
+impl TunnelListener {
+    fn accept(&mut self, cx: &mut Context<'_, ShardState>, tag: Option<u64>) {
+        let tunnel = self.tunnel;
+        let mut over_limit = false;
+        let on_accept = |cx: &mut Context<'_, ShardState>, s: TcpStream, p: SocketAddr| {
+            admit(cx, tunnel, s, p);
+            // `conns` counts started handlers; spawned ones start after this callback, so
+            // count what this pass admitted too.
+        };
+        let pass = match tag {
+            None => self.listener.on_ready(cx, on_accept),
+            Some(t) => self.listener.on_tag(cx, t, on_accept),
+        };
+        let pending = pass.accepted;
+        self.report(cx, pass);
+        if cx.state.conns + pending >= cx.state.conn_limit {
+            over_limit = true;
+        }
+        if over_limit && !self.listener.is_paused() {
+            self.listener.pause();
+            let rt = &mut cx.state.tunnels[tunnel];
+            rt.listener_paused = true;
+            rt.metrics.rejected(RejectReason::MaxConns);
+            let now = cx.now();
+            if let Some(skipped) = cx.state.may_warn(now) {
+                let rt = &cx.state.tunnels[tunnel];
+                tracing::warn!(tunnel = %rt.cfg.name, limit = cx.state.conn_limit, skipped, "connection limit reached: accepting paused");
+            }
+        }
+    }
+}
+
+impl Handler<ShardState> for TunnelListener {
+    fn on_start(&mut self, cx: &mut Context<'_, ShardState>) {
+        if let Err(e) = self.listener.register(cx) {
+            tracing::error!(error = %e, "cannot register listener");
+            cx.close();
+            return;
+        }
+        let id = cx.id();
+        cx.state.tunnels[self.tunnel].listener = id;
+        cx.state
+            .metrics
+            .health
+            .listeners_up
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn on_ready(&mut self, cx: &mut Context<'_, ShardState>, _source: u8, _ready: Ready) {
+        self.accept(cx, None);
+    }
+
+    fn on_timer(&mut self, cx: &mut Context<'_, ShardState>, tag: u64) {
+        if self.listener.owns_tag(tag) {
+            self.accept(cx, Some(tag));
+        }
+    }
+
+    fn on_notify(&mut self, cx: &mut Context<'_, ShardState>, tag: u64) {
+        match tag {
+            TAG_RESUME => {
+                if cx.state.conns < cx.state.conn_limit && !cx.state.draining {
+                    cx.state.tunnels[self.tunnel].listener_paused = false;
+                    self.listener.resume(cx);
+                }
+            }
+            TAG_DRAIN => {
+                let tunnel = self.tunnel;
+                let pass = self
+                    .listener
+                    .accept_all(cx, |cx, s, p| admit(cx, tunnel, s, p));
+                if pass.accepted > 0 {
+                    tracing::info!(tunnel = %cx.state.tunnels[tunnel].cfg.name, accepted = pass.accepted, "drain: served connections already queued");
+                }
+                self.report(cx, pass);
+                cx.close();
+            }
+            t if self.listener.owns_tag(t) => self.accept(cx, Some(t)),
+            _ => {}
+        }
+    }
+
+    fn on_close(&mut self, cx: &mut Context<'_, ShardState>) {
+        self.listener.deregister(cx);
+        let rt = &mut cx.state.tunnels[self.tunnel];
+        rt.listener = None;
+        cx.state
+            .metrics
+            .health
+            .listeners_up
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
