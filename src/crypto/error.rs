@@ -1,0 +1,80 @@
+//! Protocol errors: one variant per cause of a failed connection.
+//!
+//! Every variant maps to a fixed, bounded metric label through [`ProtocolError::reason`], so the
+//! pipeline can count failures without labels that grow with peers. The variants deliberately
+//! carry no data: the peer learns nothing beyond "the connection closed", and logs and metrics
+//! stay bounded whatever the input.
+
+/// Why a handshake or a record stream was rejected. Any of these ends the connection.
+#[derive(thiserror::Error, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProtocolError {
+    /// A MAC or AEAD tag did not verify: a wrong pre-shared key, a modified byte, or a dropped,
+    /// duplicated or reordered record (the nonce no longer matches).
+    #[error("authentication failed (bad MAC or AEAD tag)")]
+    BadMac,
+    /// Bytes that cannot be parsed: an unknown flag or record type, a non-empty END or
+    /// KEY_UPDATE record, a record after END, a low-order X25519 key, a forward-secrecy policy
+    /// mismatch, or a caller passing a buffer that does not fit the record.
+    #[error("malformed message")]
+    Malformed,
+    /// The initiator's hello names a key id that this side has not loaded.
+    #[error("hello names a key id that is not loaded")]
+    UnknownKey,
+    /// The initiator's Finished did not verify: a recorded session replayed into a new
+    /// connection (or a Finished that was modified in flight).
+    #[error("handshake replay detected (Finished did not verify)")]
+    Replay,
+    /// The stream ended before the authenticated END record, or a handshake message was cut.
+    #[error("stream truncated before END")]
+    Truncated,
+    /// A record longer than `MAX_PAYLOAD`, or a direction that has reached its per-key record
+    /// limit without a KEY_UPDATE.
+    #[error("record too large or per-key record limit reached")]
+    TooLarge,
+    /// The peer speaks a protocol version this side does not.
+    #[error("unsupported protocol version")]
+    Version,
+}
+
+impl ProtocolError {
+    /// The metric label for this error: short, fixed, `snake_case`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProtocolError::BadMac => "bad_mac",
+            ProtocolError::Malformed => "malformed",
+            ProtocolError::UnknownKey => "unknown_key",
+            ProtocolError::Replay => "replay",
+            ProtocolError::Truncated => "truncated",
+            ProtocolError::TooLarge => "too_large",
+            ProtocolError::Version => "version",
+        }
+    }
+
+    /// Every variant, in declaration order (for pre-registering metric labels).
+    pub const ALL: [ProtocolError; 7] = [
+        ProtocolError::BadMac,
+        ProtocolError::Malformed,
+        ProtocolError::UnknownKey,
+        ProtocolError::Replay,
+        ProtocolError::Truncated,
+        ProtocolError::TooLarge,
+        ProtocolError::Version,
+    ];
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_distinct_metric_labels() {
+        let mut seen: Vec<&str> = ProtocolError::ALL.iter().map(|e| e.reason()).collect();
+        assert!(
+            seen.iter()
+                .all(|r| r.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        );
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), ProtocolError::ALL.len());
+    }
+}

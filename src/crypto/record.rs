@@ -1,0 +1,580 @@
+//! Sealed records: the framing and AEAD of the data phase, in place and allocation-free.
+//!
+//! Wire layout of one record (see docs/PROTOCOL.md, "Records"):
+//!
+//! ```text
+//! offset 0      1            3                 3+len
+//!        | type | length BE16 | ciphertext (len) | tag (16) |
+//! ```
+//!
+//! The 3-byte header is the AEAD's associated data, so type and length are authenticated. The
+//! nonce is the direction's 12-byte IV XOR the 64-bit big-endian record counter (TLS 1.3 style);
+//! the counter starts at 0 for each traffic key and never wraps, because a direction refuses to
+//! seal or open more than [`RECORD_LIMIT`] records under one key.
+//!
+//! Invariants:
+//! - A nonce is never reused under a key: the counter only increases, and a KEY_UPDATE moves
+//!   to a fresh key (and resets the counter) in both peers at the same record.
+//! - `seal_in_place` / `open_in_place` do not allocate; lengths read from the wire are checked
+//!   before any slice is taken, and bad input returns an error, never panics.
+//! - After END, a direction accepts nothing more.
+
+use std::fmt;
+use std::ops::Range;
+
+use ring::hkdf;
+
+use super::aead::{AeadKey, AeadKind, NONCE_LEN};
+use super::error::ProtocolError;
+
+/// Bytes of a record header: type (1) and payload length (2, big-endian).
+pub const HEADER_LEN: usize = 3;
+/// Bytes of the AES-GCM tag that ends every record.
+pub const TAG_LEN: usize = super::aead::TAG_LEN;
+/// Most plaintext bytes in one record.
+pub const MAX_PAYLOAD: usize = 16384;
+/// Largest record on the wire.
+pub const MAX_RECORD_LEN: usize = HEADER_LEN + MAX_PAYLOAD + TAG_LEN;
+/// Most records one direction may seal or open under one traffic key (the KEY_UPDATE that ends
+/// a key counts). 2^24 full records keep AES-GCM's confidentiality and integrity advantage
+/// under 2^-57 (TLS 1.3, RFC 8446 §5.5); see docs/PROTOCOL.md.
+pub const RECORD_LIMIT: u64 = 1 << 24;
+/// Records a sealer seals under one key before it asks for a KEY_UPDATE: half the hard limit,
+/// so a peer that honours the request late still never reaches it.
+pub const DEFAULT_KEY_UPDATE_INTERVAL: u64 = 1 << 23;
+
+/// HKDF label: traffic secret -> AES-256-GCM key.
+pub const LABEL_KEY: &[u8] = b"sealpipe v1 key";
+/// HKDF label: traffic secret -> 12-byte IV.
+pub const LABEL_IV: &[u8] = b"sealpipe v1 iv";
+/// HKDF label: traffic secret -> next traffic secret (KEY_UPDATE).
+pub const LABEL_KEY_UPDATE: &[u8] = b"sealpipe v1 key update";
+
+/// The kind of a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RecordType {
+    /// Application bytes.
+    Data,
+    /// Authenticated end of this direction; empty.
+    End,
+    /// The sender moves this direction to the next traffic key after this record; empty.
+    KeyUpdate,
+}
+
+impl RecordType {
+    /// The type byte on the wire.
+    pub fn to_byte(self) -> u8 {
+        match self {
+            RecordType::Data => 0x01,
+            RecordType::End => 0x02,
+            RecordType::KeyUpdate => 0x03,
+        }
+    }
+
+    /// Parses a type byte.
+    pub fn from_byte(b: u8) -> Option<RecordType> {
+        match b {
+            0x01 => Some(RecordType::Data),
+            0x02 => Some(RecordType::End),
+            0x03 => Some(RecordType::KeyUpdate),
+            _ => None,
+        }
+    }
+}
+
+/// Total wire length of a record carrying `payload_len` bytes.
+pub const fn record_len_for(payload_len: usize) -> usize {
+    HEADER_LEN + payload_len + TAG_LEN
+}
+
+/// A 32-byte traffic secret; the key and IV are derived from it.
+pub(crate) type Secret = [u8; 32];
+
+struct OkmLen(usize);
+
+impl hkdf::KeyType for OkmLen {
+    fn len(&self) -> usize {
+        self.0
+    }
+}
+
+/// HKDF-Expand(prk, label || context, out.len()) with SHA-256.
+pub(crate) fn hkdf_expand(prk: &hkdf::Prk, label: &[u8], context: &[u8], out: &mut [u8]) {
+    // Output lengths here are 12 or 32 bytes, far below HKDF's 255*32 limit, so ring cannot
+    // fail; zeroing instead of panicking would only hide a bug, so the expect is the honest form.
+    prk.expand(&[label, context], OkmLen(out.len()))
+        .and_then(|okm| okm.fill(out))
+        .expect("HKDF output within 255 * 32 bytes");
+}
+
+/// One direction's keying state.
+struct Direction {
+    aead: AeadKey,
+    iv: [u8; NONCE_LEN],
+    secret: Secret,
+    /// Records processed under the current key; the next record's counter.
+    seq: u64,
+    ended: bool,
+}
+
+impl Direction {
+    fn new(kind: AeadKind, secret: Secret) -> Direction {
+        let (aead, iv) = derive_key_iv(kind, &secret);
+        Direction {
+            aead,
+            iv,
+            secret,
+            seq: 0,
+            ended: false,
+        }
+    }
+
+    fn nonce(&self) -> [u8; NONCE_LEN] {
+        let mut nonce = self.iv;
+        for (n, c) in nonce[NONCE_LEN - 8..]
+            .iter_mut()
+            .zip(self.seq.to_be_bytes())
+        {
+            *n ^= c;
+        }
+        nonce
+    }
+
+    /// KEY_UPDATE: next secret = HKDF-Expand(secret, "sealpipe v1 key update", 32).
+    fn update(&mut self) {
+        let prk = hkdf::Prk::new_less_safe(hkdf::HKDF_SHA256, &self.secret);
+        let mut next = [0u8; 32];
+        hkdf_expand(&prk, LABEL_KEY_UPDATE, &[], &mut next);
+        let (aead, iv) = derive_key_iv(self.aead.kind(), &next);
+        self.secret = next;
+        self.aead = aead;
+        self.iv = iv;
+        self.seq = 0;
+    }
+}
+
+fn derive_key_iv(kind: AeadKind, secret: &Secret) -> (AeadKey, [u8; NONCE_LEN]) {
+    let prk = hkdf::Prk::new_less_safe(hkdf::HKDF_SHA256, secret);
+    let mut key = [0u8; 32];
+    let mut iv = [0u8; NONCE_LEN];
+    hkdf_expand(&prk, LABEL_KEY, &[], &mut key);
+    hkdf_expand(&prk, LABEL_IV, &[], &mut iv);
+    (AeadKey::new(kind, &key), iv)
+}
+
+/// Seals the records this side sends.
+pub struct Sealer {
+    dir: Direction,
+    interval: u64,
+}
+
+impl Sealer {
+    /// A sealer for the direction whose traffic secret is `secret`.
+    pub(crate) fn new(kind: AeadKind, secret: Secret) -> Sealer {
+        Sealer {
+            dir: Direction::new(kind, secret),
+            interval: DEFAULT_KEY_UPDATE_INTERVAL,
+        }
+    }
+
+    /// Seals one record in place.
+    ///
+    /// `record[..HEADER_LEN]` is reserved for the header, `record[HEADER_LEN..][..payload_len]`
+    /// holds the plaintext, and the `TAG_LEN` bytes after it are reserved for the tag. Returns
+    /// the record's total length, `record_len_for(payload_len)`; bytes of `record` beyond that
+    /// are untouched.
+    ///
+    /// Errors: `TooLarge` if `payload_len > MAX_PAYLOAD`, or if [`Sealer::key_update_due`] and
+    /// `ty` is not `KeyUpdate` (the caller must seal the KEY_UPDATE first); `Malformed` if
+    /// `record` is too short, END or KEY_UPDATE carry a payload, or END was already sealed.
+    /// On error nothing is sealed and the counter does not move.
+    pub fn seal_in_place(
+        &mut self,
+        ty: RecordType,
+        record: &mut [u8],
+        payload_len: usize,
+    ) -> Result<usize, ProtocolError> {
+        if payload_len > MAX_PAYLOAD {
+            return Err(ProtocolError::TooLarge);
+        }
+        if self.dir.ended || (ty != RecordType::Data && payload_len != 0) {
+            return Err(ProtocolError::Malformed);
+        }
+        if (ty != RecordType::KeyUpdate && self.key_update_due()) || self.dir.seq >= RECORD_LIMIT {
+            return Err(ProtocolError::TooLarge);
+        }
+        let total = record_len_for(payload_len);
+        let record = record.get_mut(..total).ok_or(ProtocolError::Malformed)?;
+        let (header, rest) = record.split_at_mut(HEADER_LEN);
+        let (payload, tag_out) = rest.split_at_mut(payload_len);
+        header[0] = ty.to_byte();
+        // payload_len <= MAX_PAYLOAD < 2^16, checked above.
+        header[1..].copy_from_slice(&(payload_len as u16).to_be_bytes());
+        let tag = self
+            .dir
+            .aead
+            .seal_in_place_separate_tag(&self.dir.nonce(), header, payload);
+        tag_out.copy_from_slice(&tag);
+        self.dir.seq += 1;
+        match ty {
+            RecordType::Data => {}
+            RecordType::End => self.dir.ended = true,
+            RecordType::KeyUpdate => self.dir.update(),
+        }
+        Ok(total)
+    }
+
+    /// True when the next record must be a KEY_UPDATE: the caller seals an empty
+    /// `RecordType::KeyUpdate` record, which moves this direction to the next key.
+    pub fn key_update_due(&self) -> bool {
+        self.dir.seq >= self.interval
+    }
+
+    /// Records sealed under one key before [`Sealer::key_update_due`]; clamped to
+    /// `1..RECORD_LIMIT` so the KEY_UPDATE itself always fits under the hard limit.
+    pub fn set_key_update_interval(&mut self, records: u64) {
+        self.interval = records.clamp(1, RECORD_LIMIT - 1);
+    }
+
+    /// True once END has been sealed.
+    pub fn end_sent(&self) -> bool {
+        self.dir.ended
+    }
+
+    /// The backend in use.
+    pub fn aead_kind(&self) -> AeadKind {
+        self.dir.aead.kind()
+    }
+
+    /// Seals consecutive DATA records laid out back to back in `buf`: record `i` starts where
+    /// record `i - 1` ends and holds `payload_lens[i]` plaintext bytes after its reserved header
+    /// (see [`Sealer::seal_in_place`]). Stops early, without error, when a KEY_UPDATE is due, so
+    /// the caller can seal one and go on. Returns `(records sealed, bytes used)`.
+    pub fn seal_batch_in_place(
+        &mut self,
+        buf: &mut [u8],
+        payload_lens: &[usize],
+    ) -> Result<(usize, usize), ProtocolError> {
+        let mut used = 0;
+        for (i, &len) in payload_lens.iter().enumerate() {
+            if self.key_update_due() {
+                return Ok((i, used));
+            }
+            let rest = buf.get_mut(used..).ok_or(ProtocolError::Malformed)?;
+            used += self.seal_in_place(RecordType::Data, rest, len)?;
+        }
+        Ok((payload_lens.len(), used))
+    }
+}
+
+impl fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sealer")
+            .field("aead", &self.dir.aead.kind())
+            .field("seq", &self.dir.seq)
+            .field("ended", &self.dir.ended)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens the records this side receives.
+pub struct Opener {
+    dir: Direction,
+}
+
+impl Opener {
+    /// An opener for the direction whose traffic secret is `secret`.
+    pub(crate) fn new(kind: AeadKind, secret: Secret) -> Opener {
+        Opener {
+            dir: Direction::new(kind, secret),
+        }
+    }
+
+    /// From the first bytes of a record (possibly fewer than `HEADER_LEN`): `Ok(None)` when
+    /// more bytes are needed to know, `Ok(Some(total))` with the record's whole length.
+    ///
+    /// Errors: `TooLarge` for a length above `MAX_PAYLOAD`; `Malformed` for an unknown type or
+    /// any byte after END.
+    pub fn record_len(&self, header: &[u8]) -> Result<Option<usize>, ProtocolError> {
+        let Some(&ty) = header.first() else {
+            return Ok(None);
+        };
+        if self.dir.ended || RecordType::from_byte(ty).is_none() {
+            return Err(ProtocolError::Malformed);
+        }
+        let Some(&[hi, lo]) = header.get(1..HEADER_LEN) else {
+            return Ok(None);
+        };
+        let len = usize::from(u16::from_be_bytes([hi, lo]));
+        if len > MAX_PAYLOAD {
+            return Err(ProtocolError::TooLarge);
+        }
+        Ok(Some(record_len_for(len)))
+    }
+
+    /// Opens exactly one whole record in place and returns its type and the plaintext's range
+    /// inside `record`. A KEY_UPDATE moves this direction to the next key (the caller ignores
+    /// it); END marks the direction ended.
+    ///
+    /// Errors: `Malformed` if `record` is not exactly one record, is non-empty END/KEY_UPDATE,
+    /// or follows END; `TooLarge` as in [`Opener::record_len`] or when the peer exceeded
+    /// `RECORD_LIMIT` records under one key; `BadMac` when the tag does not verify (a modified,
+    /// dropped, duplicated or reordered record). After an error the connection must close.
+    pub fn open_in_place(
+        &mut self,
+        record: &mut [u8],
+    ) -> Result<(RecordType, Range<usize>), ProtocolError> {
+        let total = self.record_len(record)?.ok_or(ProtocolError::Malformed)?;
+        if record.len() != total {
+            return Err(ProtocolError::Malformed);
+        }
+        if self.dir.seq >= RECORD_LIMIT {
+            return Err(ProtocolError::TooLarge);
+        }
+        let payload_len = total - HEADER_LEN - TAG_LEN;
+        let (header, rest) = record.split_at_mut(HEADER_LEN);
+        let (payload, tag) = rest.split_at_mut(payload_len);
+        let ty = header
+            .first()
+            .copied()
+            .and_then(RecordType::from_byte)
+            .ok_or(ProtocolError::Malformed)?;
+        let tag: &[u8; TAG_LEN] = (&*tag).try_into().map_err(|_| ProtocolError::Malformed)?;
+        self.dir
+            .aead
+            .open_in_place(&self.dir.nonce(), header, payload, tag)
+            .map_err(|()| ProtocolError::BadMac)?;
+        self.dir.seq += 1;
+        match ty {
+            RecordType::Data => {}
+            // The tag verified, so the peer really sent a non-empty control record: that is a
+            // protocol violation, not tampering.
+            RecordType::End | RecordType::KeyUpdate if payload_len != 0 => {
+                return Err(ProtocolError::Malformed);
+            }
+            RecordType::End => self.dir.ended = true,
+            RecordType::KeyUpdate => self.dir.update(),
+        }
+        Ok((ty, HEADER_LEN..HEADER_LEN + payload_len))
+    }
+
+    /// True once an authenticated END has been opened.
+    pub fn end_received(&self) -> bool {
+        self.dir.ended
+    }
+
+    /// Call at the peer's EOF with the number of received bytes not yet opened: `Ok` only if
+    /// END was received and nothing follows it; `Truncated` if the stream stopped before END;
+    /// `Malformed` if bytes follow END.
+    pub fn eof(&self, unconsumed: usize) -> Result<(), ProtocolError> {
+        match (self.dir.ended, unconsumed) {
+            (false, _) => Err(ProtocolError::Truncated),
+            (true, 0) => Ok(()),
+            (true, _) => Err(ProtocolError::Malformed),
+        }
+    }
+
+    /// The backend in use.
+    pub fn aead_kind(&self) -> AeadKind {
+        self.dir.aead.kind()
+    }
+
+    /// Opens every complete record at the start of `buf`, in place, calling `on_record` with
+    /// each record's type and plaintext. Stops at an incomplete record or after END. Returns
+    /// the bytes consumed; the caller keeps `buf[consumed..]` for the next call.
+    pub fn open_batch_in_place(
+        &mut self,
+        buf: &mut [u8],
+        mut on_record: impl FnMut(RecordType, &[u8]),
+    ) -> Result<usize, ProtocolError> {
+        let mut used = 0;
+        while !self.dir.ended {
+            let Some(rest) = buf.get_mut(used..) else {
+                break;
+            };
+            let Some(total) = self.record_len(rest)? else {
+                break;
+            };
+            let Some(record) = rest.get_mut(..total) else {
+                break;
+            };
+            let (ty, range) = self.open_in_place(record)?;
+            on_record(ty, record.get(range).unwrap_or_default());
+            used += total;
+        }
+        Ok(used)
+    }
+}
+
+impl fmt::Debug for Opener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Opener")
+            .field("aead", &self.dir.aead.kind())
+            .field("seq", &self.dir.seq)
+            .field("ended", &self.dir.ended)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (Sealer, Opener) {
+        (
+            Sealer::new(AeadKind::Ring, [9; 32]),
+            Opener::new(AeadKind::Ring, [9; 32]),
+        )
+    }
+
+    fn seal(s: &mut Sealer, ty: RecordType, payload: &[u8]) -> Vec<u8> {
+        let mut buf = vec![0u8; record_len_for(payload.len())];
+        buf[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(payload);
+        let n = s.seal_in_place(ty, &mut buf, payload.len()).unwrap();
+        assert_eq!(n, buf.len());
+        buf
+    }
+
+    #[test]
+    fn round_trip_and_end() {
+        let (mut s, mut o) = pair();
+        let mut r = seal(&mut s, RecordType::Data, b"hello");
+        assert_eq!(o.record_len(&r[..2]).unwrap(), None);
+        assert_eq!(o.record_len(&r).unwrap(), Some(r.len()));
+        let (ty, range) = o.open_in_place(&mut r).unwrap();
+        assert_eq!((ty, &r[range]), (RecordType::Data, &b"hello"[..]));
+        assert_eq!(o.eof(0), Err(ProtocolError::Truncated));
+        let mut end = seal(&mut s, RecordType::End, b"");
+        assert_eq!(o.open_in_place(&mut end).unwrap().0, RecordType::End);
+        assert!(o.end_received());
+        assert_eq!(o.eof(0), Ok(()));
+        assert_eq!(o.eof(1), Err(ProtocolError::Malformed));
+        // Nothing after END, either way.
+        let mut buf = [0u8; 32];
+        assert_eq!(
+            s.seal_in_place(RecordType::Data, &mut buf, 1),
+            Err(ProtocolError::Malformed)
+        );
+        assert_eq!(o.record_len(&[1]), Err(ProtocolError::Malformed));
+    }
+
+    #[test]
+    fn rejects_bad_lengths_and_types() {
+        let (mut s, o) = pair();
+        assert_eq!(o.record_len(&[0x09]), Err(ProtocolError::Malformed));
+        assert_eq!(
+            o.record_len(&[0x01, 0x40, 0x01]),
+            Err(ProtocolError::TooLarge)
+        );
+        assert_eq!(o.record_len(&[0x01, 0x40, 0x00]), Ok(Some(MAX_RECORD_LEN)));
+        let mut big = vec![0u8; MAX_RECORD_LEN + 1];
+        assert_eq!(
+            s.seal_in_place(RecordType::Data, &mut big, MAX_PAYLOAD + 1),
+            Err(ProtocolError::TooLarge)
+        );
+        let mut small = [0u8; 10];
+        assert_eq!(
+            s.seal_in_place(RecordType::Data, &mut small, 5),
+            Err(ProtocolError::Malformed)
+        );
+        assert_eq!(
+            s.seal_in_place(RecordType::End, &mut big, 1),
+            Err(ProtocolError::Malformed)
+        );
+    }
+
+    #[test]
+    fn key_update_is_required_and_rotates() {
+        let (mut s, mut o) = pair();
+        s.set_key_update_interval(2);
+        for _ in 0..3 {
+            for _ in 0..2 {
+                let mut r = seal(&mut s, RecordType::Data, b"x");
+                o.open_in_place(&mut r).unwrap();
+            }
+            assert!(s.key_update_due());
+            let mut buf = [0u8; 32];
+            assert_eq!(
+                s.seal_in_place(RecordType::Data, &mut buf, 1),
+                Err(ProtocolError::TooLarge)
+            );
+            let mut ku = seal(&mut s, RecordType::KeyUpdate, b"");
+            assert!(!s.key_update_due());
+            assert_eq!(o.open_in_place(&mut ku).unwrap().0, RecordType::KeyUpdate);
+        }
+        // The new key really differs: a record sealed under it does not open under the old one.
+        let (_, mut stale) = pair();
+        let mut r = seal(&mut s, RecordType::Data, b"y");
+        assert_eq!(
+            stale.open_in_place(&mut r.clone()),
+            Err(ProtocolError::BadMac)
+        );
+        assert!(o.open_in_place(&mut r).is_ok());
+    }
+
+    #[test]
+    fn nonce_is_iv_xor_counter() {
+        let (mut s, _) = pair();
+        let iv = s.dir.iv;
+        assert_eq!(s.dir.nonce(), iv);
+        s.dir.seq = 0x0102;
+        let n = s.dir.nonce();
+        assert_eq!(n[..10], iv[..10]);
+        assert_eq!(n[10], iv[10] ^ 0x01);
+        assert_eq!(n[11], iv[11] ^ 0x02);
+    }
+
+    #[test]
+    fn hard_record_limit_stops_both_sides() {
+        let (mut s, mut o) = pair();
+        s.dir.seq = RECORD_LIMIT - 1;
+        s.interval = RECORD_LIMIT; // as if the caller ignored key_update_due
+        o.dir.seq = RECORD_LIMIT - 1;
+        let mut r = seal(&mut s, RecordType::KeyUpdate, b"");
+        assert!(o.open_in_place(&mut r).is_ok());
+        let (mut s, mut o) = pair();
+        s.dir.seq = RECORD_LIMIT;
+        s.interval = u64::MAX;
+        let mut buf = [0u8; 32];
+        assert_eq!(
+            s.seal_in_place(RecordType::KeyUpdate, &mut buf, 0),
+            Err(ProtocolError::TooLarge)
+        );
+        o.dir.seq = RECORD_LIMIT;
+        let mut r = [0x01u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(o.open_in_place(&mut r), Err(ProtocolError::TooLarge));
+    }
+
+    #[test]
+    fn batch_seals_and_opens() {
+        let (mut s, mut o) = pair();
+        s.set_key_update_interval(3);
+        let lens = [5usize, 0, 100, 7];
+        let mut buf = vec![0u8; lens.iter().map(|&l| record_len_for(l)).sum()];
+        let (n, used) = s.seal_batch_in_place(&mut buf, &lens).unwrap();
+        assert_eq!(n, 3);
+        let mut ku = [0u8; HEADER_LEN + TAG_LEN];
+        s.seal_in_place(RecordType::KeyUpdate, &mut ku, 0).unwrap();
+        let mut stream = buf[..used].to_vec();
+        stream.extend_from_slice(&ku);
+        let used = stream.len();
+        let mut last = vec![0u8; record_len_for(7)];
+        s.seal_in_place(RecordType::Data, &mut last, 7).unwrap();
+        // A partial record at the end stays for the next call.
+        stream.extend_from_slice(&last[..2]);
+        let mut got = Vec::new();
+        let consumed = o
+            .open_batch_in_place(&mut stream, |ty, p| got.push((ty, p.len())))
+            .unwrap();
+        assert_eq!(consumed, used);
+        assert_eq!(
+            got,
+            vec![
+                (RecordType::Data, 5),
+                (RecordType::Data, 0),
+                (RecordType::Data, 100),
+                (RecordType::KeyUpdate, 0)
+            ]
+        );
+    }
+}
