@@ -632,7 +632,8 @@ fn keygen_writes_0600_and_refuses_to_overwrite() {
 fn load_rejects_bad_key_files_naming_the_file() {
     let dir = TempDir::new("load");
     let good = "ab".repeat(32) + "\n";
-    let cases: [(&str, &[u8], u32, fn(&KeyError) -> bool); 5] = [
+    type Case<'a> = (&'a str, &'a [u8], u32, fn(&KeyError) -> bool);
+    let cases: [Case; 5] = [
         ("open.key", good.as_bytes(), 0o644, |e| {
             matches!(e, KeyError::Permissions { mode: 0o644, .. })
         }),
