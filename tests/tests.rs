@@ -1,1 +1,2 @@
 //! Integration tests: one binary, real sockets on loopback.
+mod crypto;

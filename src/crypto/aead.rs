@@ -71,9 +71,7 @@ pub struct AeadKey {
 
 enum Inner {
     Ring(LessSafeKey),
-    // Boxed: the expanded aes-gcm key is several times larger than ring's, and a key is built
-    // once per connection direction and key update, never per record.
-    RustCrypto(Box<Aes256Gcm>),
+    RustCrypto(Aes256Gcm),
 }
 
 impl AeadKey {
@@ -84,9 +82,9 @@ impl AeadKey {
                 Ok(k) => Inner::Ring(LessSafeKey::new(k)),
                 // ring only rejects a key of the wrong length, which the type rules out; fall
                 // back to the other backend rather than panic.
-                Err(_) => Inner::RustCrypto(Box::new(Aes256Gcm::new(key.into()))),
+                Err(_) => Inner::RustCrypto(Aes256Gcm::new(key.into())),
             },
-            AeadKind::RustCrypto => Inner::RustCrypto(Box::new(Aes256Gcm::new(key.into()))),
+            AeadKind::RustCrypto => Inner::RustCrypto(Aes256Gcm::new(key.into())),
         };
         AeadKey { inner }
     }

@@ -110,6 +110,9 @@ impl fmt::Debug for Session {
 }
 
 /// Progress of [`Handshake::advance`].
+// `Done` carries the session by value: it is returned once per connection and moved straight
+// into the connection's state, so boxing it would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Status {
     /// More bytes are needed; nothing was consumed (call again with the same input plus more).
