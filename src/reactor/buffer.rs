@@ -1,1 +1,1013 @@
-//! placeholder
+//! `Buffer`: libevent's evbuffer — a byte queue stored as a chain of pooled chunks.
+//!
+//! Data is appended at the tail and consumed from the front; socket I/O is vectored
+//! ([`Buffer::read_from`] / [`Buffer::write_to`]), and whole chunks move between buffers
+//! without copying ([`Buffer::move_all_to`]). [`Buffer::reserve`] / [`Buffer::commit`] let a
+//! caller build a record in place (e.g. seal it with room for its header and tag).
+//!
+//! Invariants:
+//! - `len` equals the sum of the chunks' data lengths;
+//! - every chunk except the last holds at least one byte; the last may be empty only as a
+//!   reservation (after [`reserve`](Buffer::reserve), before a [`commit`](Buffer::commit) or an
+//!   operation that empties the buffer);
+//! - writable tail room exists only in the last chunk;
+//! - a buffer drained to empty holds no chunks: they go straight back to this thread's pool, so
+//!   an idle connection costs the size of two `VecDeque` headers. `Buffer::new` allocates nothing.
+//! - moving a chunk into a buffer whose tail room can hold its bytes copies them and recycles
+//!   the chunk, so a stream of tiny moves never costs a chunk per move (bounded memory).
+//!
+//! A `Buffer` is `!Send` (its chunks belong to this thread's pool) and gives its chunks back to
+//! the pool when dropped.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+
+use super::pool::{self, CHUNK_SIZE, Chunk};
+
+/// Most iovecs one [`Buffer::read_from`] offers (current tail + fresh chunks).
+pub const READ_IOVECS: usize = 8;
+/// Most iovecs one [`Buffer::write_to`] offers.
+pub const WRITE_IOVECS: usize = 16;
+/// Data at most this long is moved to the front of its chunk by [`Buffer::reserve`] rather
+/// than starting a new chunk: a short memcpy is cheaper than holding a second 32 KiB chunk.
+const COMPACT_MAX: usize = 4 * 1024;
+
+/// A byte queue over a chain of pooled [`CHUNK_SIZE`] chunks.
+#[derive(Default)]
+pub struct Buffer {
+    chunks: VecDeque<Chunk>,
+    len: usize,
+}
+
+impl Buffer {
+    /// An empty buffer; allocates nothing.
+    pub fn new() -> Buffer {
+        Buffer {
+            chunks: VecDeque::new(),
+            len: 0,
+        }
+    }
+
+    /// Bytes of readable data.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there is no readable data.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Chunks held, including an outstanding reservation.
+    #[inline]
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// Writable contiguous bytes after the data, without taking a new chunk.
+    #[inline]
+    pub fn tail_room(&self) -> usize {
+        self.chunks.back().map_or(0, Chunk::room)
+    }
+
+    /// Copies `data` to the end: into the tail room first, then into new chunks.
+    pub fn append(&mut self, mut data: &[u8]) {
+        self.len += data.len();
+        while !data.is_empty() {
+            match self.chunks.back_mut() {
+                Some(last) if last.room() > 0 => {
+                    let n = last.push_slice(data);
+                    data = &data[n..];
+                }
+                _ => self.chunks.push_back(pool::take()),
+            }
+        }
+    }
+
+    /// Drops the first `n` bytes (clamped to `len()`); emptied chunks go back to the pool.
+    pub fn drain(&mut self, n: usize) {
+        let mut n = n.min(self.len);
+        self.len -= n;
+        while n > 0 {
+            let Some(front) = self.chunks.front_mut() else {
+                break;
+            };
+            let l = front.len();
+            if l <= n {
+                n -= l;
+                self.pop_front_give();
+            } else {
+                front.consume(n);
+                n = 0;
+            }
+        }
+        if self.len == 0 {
+            // Also returns an empty reservation: an empty buffer holds no chunks.
+            self.clear();
+        }
+    }
+
+    /// Drops all data and gives every chunk back to the pool.
+    pub fn clear(&mut self) {
+        for c in self.chunks.drain(..) {
+            pool::give(c);
+        }
+        self.len = 0;
+    }
+
+    /// The first contiguous readable slice (empty if the buffer is).
+    #[inline]
+    pub fn first_slice(&self) -> &[u8] {
+        self.chunks.front().map_or(&[], Chunk::data)
+    }
+
+    /// All readable slices, in order; never yields an empty slice.
+    pub fn slices(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.chunks
+            .iter()
+            .map(Chunk::data)
+            .filter(|s| !s.is_empty())
+    }
+
+    /// Copies up to `dst.len()` bytes from the front without draining; returns the count.
+    pub fn copy_out(&self, dst: &mut [u8]) -> usize {
+        let mut n = 0;
+        for s in self.slices() {
+            if n == dst.len() {
+                break;
+            }
+            let k = s.len().min(dst.len() - n);
+            dst[n..n + k].copy_from_slice(&s[..k]);
+            n += k;
+        }
+        n
+    }
+
+    /// Copies up to `dst.len()` bytes from the front and drains them; returns the count.
+    pub fn remove(&mut self, dst: &mut [u8]) -> usize {
+        let n = self.copy_out(dst);
+        self.drain(n);
+        n
+    }
+
+    /// Moves all data to the end of `dst`, leaving `self` empty and chunk-free.
+    ///
+    /// Whole chunks change hands without a byte copy, except that a chunk whose bytes fit in
+    /// `dst`'s tail room is copied there and recycled (see the module's bounded-memory rule).
+    pub fn move_all_to(&mut self, dst: &mut Buffer) {
+        while let Some(c) = self.chunks.pop_front() {
+            dst.push_chunk(c);
+        }
+        self.len = 0;
+    }
+
+    /// Moves the first `n` bytes (clamped to `len()`) to the end of `dst`.
+    ///
+    /// Whole chunks move as in [`move_all_to`](Buffer::move_all_to); only the boundary chunk
+    /// is split, by copying its first part.
+    pub fn move_to(&mut self, dst: &mut Buffer, n: usize) {
+        let mut n = n.min(self.len);
+        while n > 0 {
+            let Some(front) = self.chunks.front_mut() else {
+                break;
+            };
+            let l = front.len();
+            if l <= n {
+                n -= l;
+                self.len -= l;
+                if let Some(c) = self.chunks.pop_front() {
+                    dst.push_chunk(c);
+                }
+            } else {
+                dst.append(&front.data()[..n]);
+                front.consume(n);
+                self.len -= n;
+                n = 0;
+            }
+        }
+        if self.len == 0 {
+            self.clear();
+        }
+    }
+
+    /// Makes the first `n` bytes contiguous and returns them mutably; `None` if `len() < n`.
+    ///
+    /// Copies nothing when the first chunk already holds `n` bytes. Otherwise the first
+    /// chunk's data is moved to its front if needed (at most `n` bytes copied in all) and
+    /// topped up from the following chunks; no new chunk is taken.
+    ///
+    /// # Panics
+    /// If `n > CHUNK_SIZE`: no chunk can hold that many contiguous bytes. Check lengths read
+    /// from the wire against your record bound before calling.
+    pub fn pullup(&mut self, n: usize) -> Option<&mut [u8]> {
+        assert!(
+            n <= CHUNK_SIZE,
+            "Buffer::pullup({n}) exceeds CHUNK_SIZE ({CHUNK_SIZE})"
+        );
+        if self.len < n {
+            return None;
+        }
+        if n == 0 {
+            return Some(&mut []);
+        }
+        let first_len = self.chunks.front().map_or(0, Chunk::len);
+        if first_len < n {
+            let mut first = self.chunks.pop_front()?;
+            if first.len() + first.room() < n {
+                first.compact();
+            }
+            let mut need = n - first.len();
+            while need > 0 {
+                let Some(next) = self.chunks.front_mut() else {
+                    break;
+                };
+                let k = first.push_slice(&next.data()[..need.min(next.len())]);
+                next.consume(k);
+                need -= k;
+                if next.is_empty() {
+                    self.pop_front_give();
+                }
+            }
+            self.chunks.push_front(first);
+        }
+        self.chunks.front_mut().map(|c| &mut c.data_mut()[..n])
+    }
+
+    /// Returns contiguous writable tail space of at least `n` bytes — all of the tail room, so
+    /// the caller may write more — taking a new chunk if the tail has less than `n`.
+    /// [`commit`](Buffer::commit) then turns a prefix of it into data.
+    ///
+    /// If `n > CHUNK_SIZE` the returned slice is shorter than `n` (at most `CHUNK_SIZE`): no
+    /// chunk can offer more contiguous space.
+    pub fn reserve(&mut self, n: usize) -> &mut [u8] {
+        let n = n.min(CHUNK_SIZE);
+        let need_new = match self.chunks.back_mut() {
+            None => true,
+            Some(last) if last.room() >= n => false,
+            Some(last) if last.len() <= COMPACT_MAX && CHUNK_SIZE - last.len() >= n => {
+                last.compact();
+                false
+            }
+            Some(_) => true,
+        };
+        if need_new {
+            self.chunks.push_back(pool::take());
+        }
+        match self.chunks.back_mut() {
+            Some(last) => last.tail_mut(),
+            None => &mut [],
+        }
+    }
+
+    /// Turns the first `n` bytes of the tail room into data (after writing them through the
+    /// slice [`reserve`](Buffer::reserve) returned). `commit(0)` gives back a chunk that
+    /// `reserve` took and nothing was written to.
+    ///
+    /// # Panics
+    /// If `n > tail_room()`: committing bytes that were never reserved is API misuse.
+    pub fn commit(&mut self, n: usize) {
+        let room = self.tail_room();
+        assert!(
+            n <= room,
+            "Buffer::commit({n}) exceeds the reserved tail room ({room})"
+        );
+        if n == 0 {
+            if self.chunks.back().is_some_and(Chunk::is_empty) {
+                if let Some(c) = self.chunks.pop_back() {
+                    pool::give(c);
+                }
+            }
+            return;
+        }
+        if let Some(last) = self.chunks.back_mut() {
+            last.commit(n);
+            self.len += n;
+        }
+    }
+
+    /// Reads once from `r` with one `read_vectored` call, offering the current tail room plus
+    /// as many fresh chunks as it takes to offer `max` bytes (at most [`READ_IOVECS`] iovecs,
+    /// so one call offers at most `8 * CHUNK_SIZE` bytes). Returns the bytes read and appended.
+    ///
+    /// Fresh chunks that receive nothing go straight back to the pool, so a read that fails
+    /// (`WouldBlock` included) or hits EOF leaves the buffer exactly as it was. `EINTR` is
+    /// retried; every other error is returned unchanged. With `max > 0`, `Ok(0)` means EOF;
+    /// `max == 0` does no I/O and returns `Ok(0)`.
+    pub fn read_from<R: Read + ?Sized>(&mut self, r: &mut R, max: usize) -> io::Result<usize> {
+        if max == 0 {
+            return Ok(0);
+        }
+        // What each iovec offers: [0] is the current tail (0 if none), then the fresh chunks.
+        let mut offer = [0usize; READ_IOVECS];
+        let mut fresh: [Option<Chunk>; READ_IOVECS] = [const { None }; READ_IOVECS];
+        offer[0] = self.tail_room().min(max);
+        let mut offered = offer[0];
+        // Slot 0 holds the current tail when it has room; otherwise a fresh chunk uses it.
+        let first_fresh = usize::from(offer[0] > 0);
+        let mut nslots = first_fresh;
+        while offered < max && nslots < READ_IOVECS {
+            let o = (max - offered).min(CHUNK_SIZE);
+            fresh[nslots] = Some(pool::take());
+            offer[nslots] = o;
+            offered += o;
+            nslots += 1;
+        }
+
+        let result = loop {
+            let mut iov: [IoSliceMut<'_>; READ_IOVECS] =
+                std::array::from_fn(|_| IoSliceMut::new(&mut []));
+            let mut used = 0;
+            if first_fresh == 1 {
+                if let Some(last) = self.chunks.back_mut() {
+                    iov[0] = IoSliceMut::new(&mut last.tail_mut()[..offer[0]]);
+                    used = 1;
+                }
+            }
+            for (slot, c) in fresh.iter_mut().enumerate().take(nslots).skip(first_fresh) {
+                if let Some(c) = c {
+                    iov[used] = IoSliceMut::new(&mut c.tail_mut()[..offer[slot]]);
+                    used += 1;
+                }
+            }
+            match r.read_vectored(&mut iov[..used]) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => break other,
+            }
+        };
+
+        let n = match result {
+            Ok(n) => n.min(offered), // a misbehaving reader must not make us panic
+            Err(e) => {
+                for c in fresh.into_iter().flatten() {
+                    pool::give(c);
+                }
+                return Err(e);
+            }
+        };
+        let mut rest = n;
+        if first_fresh == 1 {
+            let m = rest.min(offer[0]);
+            if m > 0 {
+                if let Some(last) = self.chunks.back_mut() {
+                    last.commit(m);
+                }
+            }
+            rest -= m;
+        }
+        for (slot, c) in fresh.into_iter().enumerate() {
+            if let Some(mut c) = c {
+                let m = rest.min(offer[slot]);
+                rest -= m;
+                if m > 0 {
+                    c.commit(m);
+                    self.chunks.push_back(c);
+                } else {
+                    pool::give(c);
+                }
+            }
+        }
+        self.len += n;
+        Ok(n)
+    }
+
+    /// Writes once to `w` with one `write_vectored` call over up to [`WRITE_IOVECS`] slices
+    /// from the front, and drains what was written. Returns the bytes written.
+    ///
+    /// `EINTR` is retried; every other error (`WouldBlock` included) is returned unchanged and
+    /// the buffer is left as it was. An empty buffer does no I/O and returns `Ok(0)`.
+    pub fn write_to<W: Write + ?Sized>(&mut self, w: &mut W) -> io::Result<usize> {
+        if self.len == 0 {
+            return Ok(0);
+        }
+        let n = {
+            let mut iov = [IoSlice::new(&[]); WRITE_IOVECS];
+            let mut used = 0;
+            for (slot, s) in iov.iter_mut().zip(self.slices()) {
+                *slot = IoSlice::new(s);
+                used += 1;
+            }
+            loop {
+                match w.write_vectored(&iov[..used]) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    other => break other?,
+                }
+            }
+        };
+        // A misbehaving writer claiming more than offered must not make us panic.
+        let n = n.min(self.len);
+        self.drain(n);
+        Ok(n)
+    }
+
+    /// Appends a chunk taken from another buffer, applying the bounded-memory move rule.
+    fn push_chunk(&mut self, c: Chunk) {
+        let l = c.len();
+        if l == 0 {
+            pool::give(c);
+            return;
+        }
+        match self.chunks.back_mut() {
+            // An empty reservation always has room, so it is never left in the middle.
+            Some(last) if last.room() >= l => {
+                last.push_slice(c.data());
+                pool::give(c);
+            }
+            _ => {
+                // A small chunk drained from the front of its old buffer may have no room
+                // left; compacting it gives later small moves somewhere to be copied to.
+                let mut c = c;
+                if l <= COMPACT_MAX {
+                    c.compact();
+                }
+                self.chunks.push_back(c);
+            }
+        }
+        self.len += l;
+    }
+
+    fn pop_front_give(&mut self) {
+        if let Some(c) = self.chunks.pop_front() {
+            pool::give(c);
+        }
+    }
+
+    #[cfg(test)]
+    fn check_invariants(&self) {
+        let sum: usize = self.chunks.iter().map(Chunk::len).sum();
+        assert_eq!(sum, self.len, "len matches chunks");
+        let n = self.chunks.len();
+        for (i, c) in self.chunks.iter().enumerate() {
+            assert!(i + 1 == n || !c.is_empty(), "empty chunk {i} of {n}");
+        }
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+impl fmt::Debug for Buffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Buffer")
+            .field("len", &self.len)
+            .field("chunks", &self.chunks.len())
+            .finish()
+    }
+}
+
+/// Appending through `io::Write` never fails and never blocks.
+impl Write for Buffer {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.append(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::os::unix::net::UnixStream;
+
+    fn contents(b: &Buffer) -> Vec<u8> {
+        b.slices().flatten().copied().collect()
+    }
+
+    fn pattern(n: usize, seed: u8) -> Vec<u8> {
+        (0..n).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+    }
+
+    #[test]
+    fn new_and_empty_hold_no_chunks() {
+        let live0 = pool::stats().live_chunks;
+        let mut b = Buffer::new();
+        assert_eq!((b.len(), b.chunk_count(), b.tail_room()), (0, 0, 0));
+        assert!(b.first_slice().is_empty());
+        b.append(&pattern(CHUNK_SIZE * 2 + 5, 1));
+        assert_eq!(b.chunk_count(), 3);
+        assert_eq!(pool::stats().live_chunks, live0 + 3);
+        b.drain(CHUNK_SIZE);
+        assert_eq!(b.chunk_count(), 2);
+        b.drain(usize::MAX);
+        assert_eq!((b.len(), b.chunk_count()), (0, 0));
+        assert_eq!(pool::stats().live_chunks, live0);
+    }
+
+    #[test]
+    fn append_drain_roundtrip() {
+        let data = pattern(100_000, 7);
+        let mut b = Buffer::new();
+        b.append(&data[..10]);
+        b.append(&data[10..]);
+        assert_eq!(b.len(), data.len());
+        assert_eq!(contents(&b), data);
+        assert_eq!(b.first_slice(), &data[..CHUNK_SIZE]);
+        b.drain(99_990);
+        assert_eq!(contents(&b), &data[99_990..]);
+        let mut out = [0u8; 20];
+        assert_eq!(b.copy_out(&mut out), 10);
+        assert_eq!(b.len(), 10);
+        assert_eq!(b.remove(&mut out), 10);
+        assert_eq!(&out[..10], &data[99_990..]);
+        assert!(b.is_empty());
+        b.check_invariants();
+    }
+
+    #[test]
+    fn tiny_moves_stay_bounded() {
+        let mut src = Buffer::new();
+        let mut dst = Buffer::new();
+        for i in 0..10_000u32 {
+            src.append(&[i as u8]);
+            src.move_all_to(&mut dst);
+            assert_eq!(src.chunk_count(), 0);
+        }
+        assert_eq!(dst.len(), 10_000);
+        assert!(
+            dst.chunk_count() <= dst.len() / CHUNK_SIZE + 1,
+            "{} chunks",
+            dst.chunk_count()
+        );
+        let want: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        assert_eq!(contents(&dst), want);
+
+        // Same with move_to, one byte at a time out of a larger source.
+        let mut dst2 = Buffer::new();
+        dst.move_to(&mut dst2, 3);
+        for _ in 0..5000 {
+            dst.move_to(&mut dst2, 1);
+        }
+        assert!(dst2.chunk_count() <= 2, "{}", dst2.chunk_count());
+        assert_eq!(dst.len() + dst2.len(), 10_000);
+        dst.check_invariants();
+        dst2.check_invariants();
+    }
+
+    #[test]
+    fn drained_front_chunks_do_not_pile_up() {
+        // Each source chunk is full-then-drained: one byte, no tail room.
+        let mut dst = Buffer::new();
+        for i in 0..100u8 {
+            let mut src = Buffer::new();
+            src.append(&[i; CHUNK_SIZE]);
+            src.drain(CHUNK_SIZE - 1);
+            src.move_all_to(&mut dst);
+        }
+        assert_eq!(dst.len(), 100);
+        assert_eq!(dst.chunk_count(), 1);
+        assert_eq!(contents(&dst), (0..100u8).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn big_moves_do_not_copy_chunks() {
+        let data = pattern(CHUNK_SIZE * 3, 3);
+        let mut src = Buffer::new();
+        src.append(&data);
+        let mut dst = Buffer::new();
+        dst.append(b"x");
+        src.move_all_to(&mut dst);
+        // The first full chunk does not fit dst's tail room: it moves, as do the others.
+        assert_eq!(dst.chunk_count(), 4);
+        assert_eq!(dst.len(), data.len() + 1);
+        assert_eq!(src.chunk_count(), 0);
+        let mut want = b"x".to_vec();
+        want.extend_from_slice(&data);
+        assert_eq!(contents(&dst), want);
+
+        let mut third = Buffer::new();
+        dst.move_to(&mut third, CHUNK_SIZE + 100);
+        assert_eq!(contents(&third), &want[..CHUNK_SIZE + 100]);
+        assert_eq!(contents(&dst), &want[CHUNK_SIZE + 100..]);
+        third.check_invariants();
+        dst.check_invariants();
+    }
+
+    #[test]
+    fn pullup_across_chunks() {
+        let data = pattern(CHUNK_SIZE + 500, 9);
+        let mut b = Buffer::new();
+        b.append(&data);
+        b.drain(CHUNK_SIZE - 100);
+        assert_eq!(b.first_slice().len(), 100);
+        let got = b.pullup(300).expect("enough data");
+        assert_eq!(got, &data[CHUNK_SIZE - 100..CHUNK_SIZE + 200]);
+        got[0] = 0xAA;
+        assert_eq!(b.first_slice()[0], 0xAA);
+        assert_eq!(b.len(), 600);
+        b.check_invariants();
+        assert!(b.pullup(601).is_none());
+        assert_eq!(b.pullup(600).map(|s| s.len()), Some(600));
+        assert_eq!(b.chunk_count(), 1, "the drained second chunk went back");
+        assert_eq!(b.pullup(0).map(|s| s.len()), Some(0));
+        b.check_invariants();
+    }
+
+    #[test]
+    fn pullup_full_chunk_compacts() {
+        let data = pattern(CHUNK_SIZE * 2, 5);
+        let mut b = Buffer::new();
+        b.append(&data);
+        b.drain(10);
+        let got = b.pullup(CHUNK_SIZE).expect("enough data");
+        assert_eq!(got, &data[10..CHUNK_SIZE + 10]);
+        assert_eq!(contents(&b), &data[10..]);
+        b.check_invariants();
+    }
+
+    #[test]
+    #[should_panic(expected = "exceeds CHUNK_SIZE")]
+    fn pullup_too_large_panics() {
+        let mut b = Buffer::new();
+        let _ = b.pullup(CHUNK_SIZE + 1);
+    }
+
+    #[test]
+    fn reserve_commit() {
+        let live0 = pool::stats().live_chunks;
+        let mut b = Buffer::new();
+        let s = b.reserve(5);
+        assert_eq!(s.len(), CHUNK_SIZE);
+        s[..5].copy_from_slice(b"hello");
+        b.commit(5);
+        assert_eq!(contents(&b), b"hello");
+        assert_eq!(b.tail_room(), CHUNK_SIZE - 5);
+        // Enough room: no new chunk.
+        b.reserve(100)[..3].copy_from_slice(b"abc");
+        b.commit(3);
+        assert_eq!((b.chunk_count(), contents(&b)), (1, b"helloabc".to_vec()));
+        // Reserve without writing, then commit(0): the buffer is as before.
+        b.append(&vec![1u8; b.tail_room() - 10]);
+        assert_eq!(b.reserve(20).len(), CHUNK_SIZE);
+        assert_eq!(b.chunk_count(), 2);
+        b.commit(0);
+        assert_eq!(b.chunk_count(), 1);
+        b.check_invariants();
+        // Oversized reserve returns a whole chunk rather than panicking.
+        assert_eq!(b.reserve(CHUNK_SIZE * 4).len(), CHUNK_SIZE);
+        b.commit(0);
+        drop(b);
+        assert_eq!(pool::stats().live_chunks, live0);
+        // An uncommitted reservation on an empty buffer is released by drain/clear/drop.
+        let mut e = Buffer::new();
+        e.reserve(1);
+        assert_eq!(e.chunk_count(), 1);
+        e.drain(0);
+        assert_eq!(e.chunk_count(), 0);
+    }
+
+    #[test]
+    fn reserve_compacts_small_tail() {
+        let mut b = Buffer::new();
+        b.append(&pattern(CHUNK_SIZE, 2));
+        b.drain(CHUNK_SIZE - 10);
+        assert_eq!(b.tail_room(), 0);
+        let room = b.reserve(1000).len();
+        assert_eq!(room, CHUNK_SIZE - 10);
+        assert_eq!(b.chunk_count(), 1);
+        assert_eq!(contents(&b), &pattern(CHUNK_SIZE, 2)[CHUNK_SIZE - 10..]);
+    }
+
+    #[test]
+    #[should_panic(expected = "exceeds the reserved tail room")]
+    fn commit_without_reserve_panics() {
+        let mut b = Buffer::new();
+        b.commit(1);
+    }
+
+    /// A reader that hands out a fixed script of results.
+    struct Script {
+        data: Vec<u8>,
+        pos: usize,
+        steps: Vec<io::Result<usize>>,
+    }
+
+    impl Read for Script {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let step = if self.steps.is_empty() {
+                Ok(usize::MAX)
+            } else {
+                self.steps.remove(0)
+            };
+            let want = step?;
+            let n = want.min(buf.len()).min(self.data.len() - self.pos);
+            buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+
+        fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+            let step = if self.steps.is_empty() {
+                Ok(usize::MAX)
+            } else {
+                self.steps.remove(0)
+            };
+            let mut want = step?;
+            let mut total = 0;
+            for b in bufs {
+                let n = want.min(b.len()).min(self.data.len() - self.pos);
+                b[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+                self.pos += n;
+                want -= n;
+                total += n;
+            }
+            Ok(total)
+        }
+    }
+
+    #[test]
+    fn read_from_scripted() {
+        let data = pattern(600_000, 4);
+        let mut r = Script {
+            data: data.clone(),
+            pos: 0,
+            steps: vec![
+                Err(io::ErrorKind::Interrupted.into()),
+                Ok(10),
+                Err(io::ErrorKind::WouldBlock.into()),
+                Ok(CHUNK_SIZE * 2),
+                Ok(usize::MAX),
+                Ok(usize::MAX),
+            ],
+        };
+        let live0 = pool::stats().live_chunks;
+        let mut b = Buffer::new();
+        // EINTR is retried transparently.
+        assert_eq!(b.read_from(&mut r, 1 << 20).unwrap(), 10);
+        assert_eq!(b.chunk_count(), 1);
+        // WouldBlock: nothing taken, nothing kept.
+        let e = b.read_from(&mut r, 1 << 20).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        assert_eq!((b.len(), b.chunk_count()), (10, 1));
+        assert_eq!(pool::stats().live_chunks, live0 + 1);
+        // Fills the tail first, then fresh chunks; unused fresh chunks go back.
+        assert_eq!(b.read_from(&mut r, 1 << 20).unwrap(), CHUNK_SIZE * 2);
+        assert_eq!(b.chunk_count(), 3);
+        assert_eq!(pool::stats().live_chunks, live0 + 3);
+        // `max` bounds what is offered.
+        assert_eq!(b.read_from(&mut r, 1000).unwrap(), 1000);
+        // At most 8 iovecs: the tail + 7 fresh chunks.
+        let tail = b.tail_room();
+        assert!(tail > 0);
+        let got = b.read_from(&mut r, usize::MAX).unwrap();
+        assert_eq!(got, tail + 7 * CHUNK_SIZE);
+        let mut total = 10 + CHUNK_SIZE * 2 + 1000 + got;
+        assert_eq!(contents(&b), &data[..total]);
+        b.check_invariants();
+        // Read to EOF; EOF leaves the buffer unchanged.
+        loop {
+            let before = (b.len(), b.chunk_count());
+            match b.read_from(&mut r, usize::MAX).unwrap() {
+                0 => {
+                    assert_eq!((b.len(), b.chunk_count()), before);
+                    break;
+                }
+                n => total += n,
+            }
+        }
+        assert_eq!(total, data.len());
+        assert_eq!(contents(&b), data);
+        assert_eq!(b.read_from(&mut r, 0).unwrap(), 0);
+        drop(b);
+        assert_eq!(pool::stats().live_chunks, live0);
+    }
+
+    #[test]
+    fn read_from_empty_would_block_takes_nothing() {
+        let (mut a, _peer) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let live0 = pool::stats().live_chunks;
+        let mut b = Buffer::new();
+        let e = b.read_from(&mut a, 1 << 20).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(b.chunk_count(), 0);
+        assert_eq!(pool::stats().live_chunks, live0);
+    }
+
+    /// A writer that accepts at most `step` bytes per call, and WouldBlock every other call.
+    struct Trickle {
+        out: Vec<u8>,
+        step: usize,
+        block_next: bool,
+        calls: usize,
+    }
+
+    impl Write for Trickle {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.write_vectored(&[IoSlice::new(buf)])
+        }
+
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            self.calls += 1;
+            let block = self.block_next;
+            self.block_next = !block;
+            if block {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let mut left = self.step;
+            for b in bufs {
+                let n = left.min(b.len());
+                self.out.extend_from_slice(&b[..n]);
+                left -= n;
+            }
+            Ok(self.step - left)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn write_to_partial_and_would_block() {
+        let data = pattern(CHUNK_SIZE + 50, 8);
+        let mut b = Buffer::new();
+        b.append(&data);
+        let mut w = Trickle {
+            out: Vec::new(),
+            step: 7,
+            block_next: false,
+            calls: 0,
+        };
+        // Move the chunk boundary into the middle of a 7-byte write.
+        b.drain(3);
+        let mut written = 0;
+        loop {
+            match b.write_to(&mut w) {
+                Ok(0) => break,
+                Ok(n) => {
+                    assert!(n <= 7);
+                    written += n;
+                }
+                Err(e) => {
+                    assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+                }
+            }
+            b.check_invariants();
+        }
+        assert_eq!(written, data.len() - 3);
+        assert_eq!(w.out, &data[3..]);
+        assert_eq!(b.chunk_count(), 0);
+    }
+
+    #[test]
+    fn socket_roundtrip() {
+        let (mut a, mut z) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        z.set_nonblocking(true).unwrap();
+        let data = pattern(1 << 20, 6);
+        let mut out = Buffer::new();
+        out.append(&data);
+        let mut inb = Buffer::new();
+        let mut eof = false;
+        while !eof {
+            match out.write_to(&mut a) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("write: {e}"),
+            }
+            if out.is_empty() {
+                // Half-close so the reader sees EOF once it has everything.
+                a.shutdown(std::net::Shutdown::Write).unwrap();
+            }
+            loop {
+                match inb.read_from(&mut z, 1 << 20) {
+                    Ok(0) => {
+                        eof = true;
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("read: {e}"),
+                }
+            }
+        }
+        assert_eq!(inb.len(), data.len());
+        assert_eq!(contents(&inb), data);
+        inb.check_invariants();
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Append(usize),
+        Drain(usize),
+        MoveAllRoundTrip,
+        MoveTo(usize),
+        MoveBack(usize),
+        Pullup(usize),
+        ReserveCommit(usize, usize),
+        Remove(usize),
+        Clear,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let size = prop_oneof![0usize..64, 0usize..(CHUNK_SIZE * 3)];
+        prop_oneof![
+            4 => size.clone().prop_map(Op::Append),
+            3 => size.clone().prop_map(Op::Drain),
+            1 => Just(Op::MoveAllRoundTrip),
+            2 => size.clone().prop_map(Op::MoveTo),
+            2 => size.clone().prop_map(Op::MoveBack),
+            2 => (0usize..=CHUNK_SIZE).prop_map(Op::Pullup),
+            2 => (0usize..=CHUNK_SIZE, 0usize..=CHUNK_SIZE).prop_map(|(r, c)| Op::ReserveCommit(r, c)),
+            2 => size.prop_map(Op::Remove),
+            1 => Just(Op::Clear),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        #[test]
+        fn matches_vec_model(ops in proptest::collection::vec(op(), 1..40)) {
+            let live0 = pool::stats().live_chunks;
+            {
+                let mut a = Buffer::new();
+                let mut b = Buffer::new();
+                let mut ma: Vec<u8> = Vec::new();
+                let mut mb: Vec<u8> = Vec::new();
+                let mut seed = 0u8;
+                for op in ops {
+                    seed = seed.wrapping_add(1);
+                    match op {
+                        Op::Append(n) => {
+                            let d = pattern(n, seed);
+                            a.append(&d);
+                            ma.extend_from_slice(&d);
+                        }
+                        Op::Drain(n) => {
+                            a.drain(n);
+                            ma.drain(..n.min(ma.len()));
+                        }
+                        Op::MoveAllRoundTrip => {
+                            a.move_all_to(&mut b);
+                            mb.append(&mut ma);
+                            b.move_all_to(&mut a);
+                            ma.append(&mut mb);
+                        }
+                        Op::MoveTo(n) => {
+                            a.move_to(&mut b, n);
+                            let n = n.min(ma.len());
+                            mb.extend(ma.drain(..n));
+                        }
+                        Op::MoveBack(n) => {
+                            b.move_to(&mut a, n);
+                            let n = n.min(mb.len());
+                            ma.extend(mb.drain(..n));
+                        }
+                        Op::Pullup(n) => {
+                            match a.pullup(n) {
+                                Some(s) => {
+                                    prop_assert_eq!(&*s, &ma[..n]);
+                                    if n > 0 {
+                                        s[0] = s[0].wrapping_add(1);
+                                        ma[0] = ma[0].wrapping_add(1);
+                                    }
+                                }
+                                None => prop_assert!(ma.len() < n),
+                            }
+                        }
+                        Op::ReserveCommit(r, c) => {
+                            let s = a.reserve(r);
+                            prop_assert!(s.len() >= r);
+                            let c = c.min(s.len());
+                            let d = pattern(c, seed);
+                            s[..c].copy_from_slice(&d);
+                            a.commit(c);
+                            ma.extend_from_slice(&d);
+                        }
+                        Op::Remove(n) => {
+                            let mut out = vec![0u8; n];
+                            let got = a.remove(&mut out);
+                            prop_assert_eq!(got, n.min(ma.len()));
+                            prop_assert_eq!(&out[..got], &ma[..got]);
+                            ma.drain(..got);
+                        }
+                        Op::Clear => {
+                            a.clear();
+                            ma.clear();
+                        }
+                    }
+                    a.check_invariants();
+                    b.check_invariants();
+                    prop_assert_eq!(a.len(), ma.len());
+                    prop_assert_eq!(contents(&a), ma.clone());
+                    prop_assert_eq!(contents(&b), mb.clone());
+                    if a.is_empty() {
+                        prop_assert_eq!(a.chunk_count(), 0);
+                    }
+                }
+            }
+            let s = pool::stats();
+            prop_assert_eq!(s.live_chunks, live0);
+            prop_assert_eq!(s.allocated_total - s.freed_total, (s.live_chunks + s.cached_chunks) as u64);
+        }
+    }
+}
