@@ -12,11 +12,14 @@
 
 mod backend;
 mod bulk;
+mod churn;
+mod idle;
 mod metrics;
 mod net;
 mod pattern;
 mod procfs;
 mod report;
+mod rr;
 mod stats;
 mod sys;
 
@@ -36,6 +39,12 @@ enum Cmd {
     Backend(backend::BackendArgs),
     /// Throughput with every byte verified.
     Bulk(bulk::BulkArgs),
+    /// Request/response rate and latency percentiles (closed or open loop).
+    Rr(rr::RrArgs),
+    /// New connections per second, each with one small verified exchange.
+    Churn(churn::ChurnArgs),
+    /// Hold many idle connections, check they all still echo, report proxies' RSS.
+    Idle(idle::IdleArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +67,21 @@ fn run(cmd: Cmd) -> anyhow::Result<bool> {
         Cmd::Bulk(a) => {
             let rep = bulk::run(&a, &pattern)?;
             rep.emit(&bulk::rows(&rep), a.common.json.as_ref())?;
+            Ok(rep.ok)
+        }
+        Cmd::Rr(a) => {
+            let rep = rr::run(&a, &pattern)?;
+            rep.emit(&rr::rows(&rep), a.common.json.as_ref())?;
+            Ok(rep.ok)
+        }
+        Cmd::Churn(a) => {
+            let rep = churn::run(&a, &pattern)?;
+            rep.emit(&churn::rows(&rep), a.common.json.as_ref())?;
+            Ok(rep.ok)
+        }
+        Cmd::Idle(a) => {
+            let rep = idle::run(&a, &pattern)?;
+            rep.emit(&idle::rows(&rep), a.common.json.as_ref())?;
             Ok(rep.ok)
         }
     }
