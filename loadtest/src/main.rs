@@ -21,6 +21,7 @@ mod procfs;
 mod report;
 mod rr;
 mod stats;
+mod suite;
 mod sys;
 
 use clap::{Parser, Subcommand};
@@ -45,6 +46,8 @@ enum Cmd {
     Churn(churn::ChurnArgs),
     /// Hold many idle connections, check they all still echo, report proxies' RSS.
     Idle(idle::IdleArgs),
+    /// All scenarios direct, through sealpipe forward and through a sealpipe pair, with ratios.
+    Suite(suite::SuiteArgs),
 }
 
 fn main() -> ExitCode {
@@ -84,5 +87,6 @@ fn run(cmd: Cmd) -> anyhow::Result<bool> {
             rep.emit(&idle::rows(&rep), a.common.json.as_ref())?;
             Ok(rep.ok)
         }
+        Cmd::Suite(a) => suite::run(&a, &pattern),
     }
 }
