@@ -65,7 +65,11 @@ pub fn run(args: &BackendArgs) -> Result<()> {
     {
         // Announce the bound address on one flushed line: parents wait for it instead of sleeping.
         let mut out = io::stdout().lock();
-        writeln!(out, "loadtest backend listening on {local} mode {:?}", args.mode)?;
+        writeln!(
+            out,
+            "loadtest backend listening on {local} mode {:?}",
+            args.mode
+        )?;
         out.flush()?;
     }
     let deadline = args
@@ -335,7 +339,11 @@ fn read_header(conn: &mut Conn) -> io::Result<bool> {
 
 fn sink(conn: &mut Conn, scratch: &mut [u8], pattern: &Pattern) -> io::Result<Step> {
     if conn.closing {
-        return if flush(conn)? { finish(conn) } else { Ok(Step::Wait) };
+        return if flush(conn)? {
+            finish(conn)
+        } else {
+            Ok(Step::Wait)
+        };
     }
     if !read_header(conn)? {
         return Ok(if conn.eof { Step::Close } else { Step::Wait });
@@ -349,7 +357,11 @@ fn sink(conn: &mut Conn, scratch: &mut [u8], pattern: &Pattern) -> io::Result<St
                 conn.pending.extend_from_slice(&conn.offset.to_le_bytes());
                 conn.pending.extend_from_slice(&bad.to_le_bytes());
                 conn.closing = true;
-                return if flush(conn)? { finish(conn) } else { Ok(Step::Wait) };
+                return if flush(conn)? {
+                    finish(conn)
+                } else {
+                    Ok(Step::Wait)
+                };
             }
             Some(n) => {
                 if conn.first_bad.is_none() {

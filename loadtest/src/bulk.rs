@@ -225,7 +225,8 @@ fn worker(
             }
             Err(e) => {
                 live.add_error();
-                out.failures.add(classify(&e), format!("connect {addr}: {e}"));
+                out.failures
+                    .add(classify(&e), format!("connect {addr}: {e}"));
             }
         }
     }
@@ -271,7 +272,9 @@ fn worker(
         }
         for _ in 0..ready.len() {
             let Some(slot) = ready.pop_front() else { break };
-            let Some(c) = conns.get_mut(slot) else { continue };
+            let Some(c) = conns.get_mut(slot) else {
+                continue;
+            };
             if c.done {
                 continue;
             }
@@ -288,7 +291,8 @@ fn worker(
                     c.done = true;
                     remaining -= 1;
                     live.add_error();
-                    out.failures.add(f.kind, format!("conn {}: {}", c.key, f.msg));
+                    out.failures
+                        .add(f.kind, format!("conn {}: {}", c.key, f.msg));
                     let _ = poll.registry().deregister(&mut c.sock);
                 }
             }

@@ -130,7 +130,10 @@ pub fn rows(rep: &Report<ChurnArgs, ChurnResults>) -> Vec<(String, String)> {
             ),
         ),
         ("connect p50/p90/p99/p99.9/max".into(), r.connect.short()),
-        ("first byte p50/p90/p99/p99.9/max".into(), r.first_byte.short()),
+        (
+            "first byte p50/p90/p99/p99.9/max".into(),
+            r.first_byte.short(),
+        ),
         (
             "refused/reset/timeout/mismatch".into(),
             format!("{}/{}/{}/{}", r.refused, r.reset, r.timeout, r.mismatch),
@@ -209,7 +212,8 @@ fn worker(
         }
         if now >= give_up {
             for c in slots.iter().flatten() {
-                out.failures.add("timeout", format!("conn {} unfinished at the end", c.key));
+                out.failures
+                    .add("timeout", format!("conn {} unfinished at the end", c.key));
             }
             break;
         }

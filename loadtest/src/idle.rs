@@ -107,7 +107,10 @@ pub fn run(args: &IdleArgs, pattern: &Pattern) -> Result<Report<IdleArgs, IdleRe
     let mut launched = 0u64;
     while launched < args.conns || connecting > 0 {
         if t0.elapsed() > phase {
-            failures.add("timeout", format!("{connecting} connects unfinished after {phase:?}"));
+            failures.add(
+                "timeout",
+                format!("{connecting} connects unfinished after {phase:?}"),
+            );
             for c in conns.iter_mut().filter(|c| c.state == State::Connecting) {
                 c.state = State::Failed;
             }
@@ -227,7 +230,10 @@ pub fn run(args: &IdleArgs, pattern: &Pattern) -> Result<Report<IdleArgs, IdleRe
     let t1 = Instant::now();
     while checking > 0 {
         if t1.elapsed() > phase {
-            failures.add("timeout", format!("{checking} connections did not echo in {phase:?}"));
+            failures.add(
+                "timeout",
+                format!("{checking} connections did not echo in {phase:?}"),
+            );
             break;
         }
         poll_once(&mut poll, &mut events, Duration::from_millis(100))?;
@@ -304,14 +310,20 @@ pub fn rows(rep: &Report<IdleArgs, IdleResults>) -> Vec<(String, String)> {
     let mut rows = vec![
         (
             "target".into(),
-            format!("{} ({} conns, hold {}s, fd limit {})", a.target, a.conns, a.hold, r.nofile_limit),
+            format!(
+                "{} ({} conns, hold {}s, fd limit {})",
+                a.target, a.conns, a.hold, r.nofile_limit
+            ),
         ),
         (
             "established".into(),
             format!("{}/{} in {:.2}s", r.established, a.conns, r.connect_seconds),
         ),
         ("dropped while idle".into(), r.dropped.to_string()),
-        ("echo ok at the end".into(), format!("{}/{}", r.checked_ok, a.conns)),
+        (
+            "echo ok at the end".into(),
+            format!("{}/{}", r.checked_ok, a.conns),
+        ),
     ];
     for m in &r.rss {
         rows.push((

@@ -54,7 +54,10 @@ pub fn scrape(url: &str) -> Result<Samples> {
         .with_context(|| format!("connecting to metrics {url}"))?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\nAccept: text/plain\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {host}\r\nAccept: text/plain\r\n\r\n"
+    )?;
     let mut resp = Vec::new();
     s.take(MAX_BODY)
         .read_to_end(&mut resp)
@@ -221,8 +224,14 @@ mod tests {
             process_open_fds 12\n\
             garbage_without_value\n";
         let s = parse_text(body);
-        assert_eq!(s["sealpipe_bytes_total{direction=\"up\",shard=\"0\"}"], 1024.0);
-        assert_eq!(s["sealpipe_bytes_total{direction=\"down\",shard=\"0\"}"], 2500.0);
+        assert_eq!(
+            s["sealpipe_bytes_total{direction=\"up\",shard=\"0\"}"],
+            1024.0
+        );
+        assert_eq!(
+            s["sealpipe_bytes_total{direction=\"down\",shard=\"0\"}"],
+            2500.0
+        );
         assert_eq!(s["sealpipe_handshakes_total{result=\"a b}c\\\"\"}"], 3.0);
         assert_eq!(s["process_open_fds"], 12.0);
         assert_eq!(s.len(), 4);

@@ -153,12 +153,14 @@ pub fn run_workers<R: Send>(
             let dt = now.duration_since(last_t).as_secs_f64();
             if dt >= 0.2 {
                 let msg = match show {
-                    Show::Bytes => format!(
-                        "{:.2} Gbit/s",
-                        crate::stats::gbit_per_s(b - last_b, dt)
-                    ),
+                    Show::Bytes => {
+                        format!("{:.2} Gbit/s", crate::stats::gbit_per_s(b - last_b, dt))
+                    }
                     Show::Ops(unit) => {
-                        format!("{} {unit}", crate::stats::fmt_rate((o - last_o) as f64 / dt))
+                        format!(
+                            "{} {unit}",
+                            crate::stats::fmt_rate((o - last_o) as f64 / dt)
+                        )
                     }
                 };
                 let errs = live.errors.load(Ordering::Relaxed);
@@ -258,16 +260,18 @@ impl<P: Serialize, R: Serialize> Report<P, R> {
         }
         println!(
             "  {:<w$}  {:.2}s wall, {:.2}s CPU",
-            "client",
-            self.wall_seconds,
-            self.client_cpu_seconds
+            "client", self.wall_seconds, self.client_cpu_seconds
         );
         println!("  {:<w$}  {}", "failures", self.failures.summary());
         for s in &self.failures.samples {
             println!("    {s}");
         }
         metrics::print_reports(&self.metrics);
-        println!("  {:<w$}  {}", "result", if self.ok { "OK" } else { "FAILED" });
+        println!(
+            "  {:<w$}  {}",
+            "result",
+            if self.ok { "OK" } else { "FAILED" }
+        );
         if let Some(path) = json {
             write_json(path, self)?;
         }

@@ -197,7 +197,9 @@ fn worker(
                     out.failures.add("other", format!("register: {e}"));
                     continue;
                 }
-                let phase = interval.map_or(Duration::ZERO, |iv| iv.mul_f64(key as f64 / args.conns as f64));
+                let phase = interval.map_or(Duration::ZERO, |iv| {
+                    iv.mul_f64(key as f64 / args.conns as f64)
+                });
                 conns.push(Conn {
                     sock,
                     key,
@@ -214,7 +216,8 @@ fn worker(
             }
             Err(e) => {
                 live.add_error();
-                out.failures.add(classify(&e), format!("connect {addr}: {e}"));
+                out.failures
+                    .add(classify(&e), format!("connect {addr}: {e}"));
             }
         }
     }
@@ -240,8 +243,10 @@ fn worker(
         let now = Instant::now();
         if now >= give_up {
             for c in conns.iter().filter(|c| !c.done) {
-                out.failures
-                    .add("timeout", format!("conn {}: no answer {GRACE:?} after the end", c.key));
+                out.failures.add(
+                    "timeout",
+                    format!("conn {}: no answer {GRACE:?} after the end", c.key),
+                );
             }
             break;
         }
@@ -353,12 +358,22 @@ fn drive(c: &mut Conn) -> Result<bool, (&'static str, String)> {
     while c.got < c.resp.len() {
         match read_some(&mut c.sock, &mut c.resp[c.got..]).map_err(io)? {
             None => return Ok(false),
-            Some(0) => return Err(("reset", format!("EOF after {} of {} bytes", c.got, c.resp.len()))),
+            Some(0) => {
+                return Err((
+                    "reset",
+                    format!("EOF after {} of {} bytes", c.got, c.resp.len()),
+                ));
+            }
             Some(n) => c.got += n,
         }
     }
     if c.resp != c.req {
-        let at = c.resp.iter().zip(&c.req).position(|(a, b)| a != b).unwrap_or(0);
+        let at = c
+            .resp
+            .iter()
+            .zip(&c.req)
+            .position(|(a, b)| a != b)
+            .unwrap_or(0);
         return Err(("mismatch", format!("answer differs at byte {at}")));
     }
     Ok(true)

@@ -48,7 +48,12 @@ pub struct SuiteArgs {
     #[arg(long)]
     pub quick: bool,
     /// Which paths to run, comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "direct,forward,pair")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "direct,forward,pair"
+    )]
     pub paths: Vec<PathKind>,
     /// Client threads for every scenario.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=256))]
@@ -162,9 +167,7 @@ struct PathRun {
 }
 
 pub fn run(args: &SuiteArgs, pattern: &Pattern) -> Result<bool> {
-    let duration = args
-        .duration
-        .unwrap_or(if args.quick { 1.5 } else { 5.0 });
+    let duration = args.duration.unwrap_or(if args.quick { 1.5 } else { 5.0 });
     let idle_conns = args
         .idle_conns
         .unwrap_or(if args.quick { 2000 } else { 10_000 });
@@ -237,7 +240,12 @@ pub fn run(args: &SuiteArgs, pattern: &Pattern) -> Result<bool> {
                 )?;
                 let addr: SocketAddr = ([127, 0, 0, 1], p).into();
                 wait_listening(addr, &mut children, &dir)?;
-                plan.push((path, addr, vec![], children.pid("forward").into_iter().collect()));
+                plan.push((
+                    path,
+                    addr,
+                    vec![],
+                    children.pid("forward").into_iter().collect(),
+                ));
             }
             PathKind::Pair => {
                 let key = dir.join("k.key");
@@ -359,7 +367,8 @@ pub fn run(args: &SuiteArgs, pattern: &Pattern) -> Result<bool> {
             )?;
             r.emit(&rr::rows(&r), None)?;
             if conns == 1 {
-                (f.rr1_req_per_s, f.rr1_p99_us) = (r.results.requests_per_s, r.results.latency.p99_us);
+                (f.rr1_req_per_s, f.rr1_p99_us) =
+                    (r.results.requests_per_s, r.results.latency.p99_us);
             } else {
                 (f.rr50_req_per_s, f.rr50_p99_us) =
                     (r.results.requests_per_s, r.results.latency.p99_us);
@@ -452,16 +461,52 @@ pub fn run(args: &SuiteArgs, pattern: &Pattern) -> Result<bool> {
 fn markdown_table(results: &[PathRun], duration: f64, idle_conns: u64) -> String {
     type Get = fn(&Figures) -> Option<f64>;
     let rows: [(&str, Get, fn(f64) -> String); 10] = [
-        ("bulk Gbit/s each way (1 conn, echo)", |f| Some(f.bulk_gbit_per_s), |v| format!("{v:.2}")),
-        ("bulk proxy CPU s/GiB", |f| f.bulk_proxy_cpu_s_per_gib, |v| format!("{v:.2}")),
-        ("rr req/s (1 conn, 64 B)", |f| Some(f.rr1_req_per_s), fmt_rate),
-        ("rr p99 us (1 conn)", |f| Some(f.rr1_p99_us), |v| format!("{v:.1}")),
-        ("rr req/s (50 conns, 64 B)", |f| Some(f.rr50_req_per_s), fmt_rate),
-        ("rr p99 us (50 conns)", |f| Some(f.rr50_p99_us), |v| format!("{v:.1}")),
+        (
+            "bulk Gbit/s each way (1 conn, echo)",
+            |f| Some(f.bulk_gbit_per_s),
+            |v| format!("{v:.2}"),
+        ),
+        (
+            "bulk proxy CPU s/GiB",
+            |f| f.bulk_proxy_cpu_s_per_gib,
+            |v| format!("{v:.2}"),
+        ),
+        (
+            "rr req/s (1 conn, 64 B)",
+            |f| Some(f.rr1_req_per_s),
+            fmt_rate,
+        ),
+        (
+            "rr p99 us (1 conn)",
+            |f| Some(f.rr1_p99_us),
+            |v| format!("{v:.1}"),
+        ),
+        (
+            "rr req/s (50 conns, 64 B)",
+            |f| Some(f.rr50_req_per_s),
+            fmt_rate,
+        ),
+        (
+            "rr p99 us (50 conns)",
+            |f| Some(f.rr50_p99_us),
+            |v| format!("{v:.1}"),
+        ),
         ("churn conn/s", |f| Some(f.churn_conns_per_s), fmt_rate),
-        ("churn connect p99 us", |f| Some(f.churn_connect_p99_us), |v| format!("{v:.1}")),
-        ("idle conns still echoing", |f| Some(f.idle_ok as f64), |v| format!("{v:.0}")),
-        ("idle proxy KiB/conn (RSS)", |f| f.idle_kib_per_conn, |v| format!("{v:.1}")),
+        (
+            "churn connect p99 us",
+            |f| Some(f.churn_connect_p99_us),
+            |v| format!("{v:.1}"),
+        ),
+        (
+            "idle conns still echoing",
+            |f| Some(f.idle_ok as f64),
+            |v| format!("{v:.0}"),
+        ),
+        (
+            "idle proxy KiB/conn (RSS)",
+            |f| f.idle_kib_per_conn,
+            |v| format!("{v:.1}"),
+        ),
     ];
     let direct = results.iter().find(|r| r.path == PathKind::Direct);
     let mut s = format!(
