@@ -364,10 +364,10 @@ fn sink(conn: &mut Conn, scratch: &mut [u8], pattern: &Pattern) -> io::Result<St
                 };
             }
             Some(n) => {
-                if conn.first_bad.is_none() {
-                    if let Err(m) = stream.verify(conn.offset, &scratch[..n]) {
-                        conn.first_bad = Some(m.offset);
-                    }
+                if conn.first_bad.is_none()
+                    && let Err(m) = stream.verify(conn.offset, &scratch[..n])
+                {
+                    conn.first_bad = Some(m.offset);
                 }
                 conn.offset += n as u64;
             }
@@ -382,9 +382,8 @@ fn source(conn: &mut Conn, scratch: &mut [u8], pattern: &Pattern) -> io::Result<
     }
     // Anything the client sends after the key is ignored; its EOF or reset ends the stream.
     let mut discard = [0u8; 512];
-    match read_some(&mut conn.sock, &mut discard)? {
-        Some(0) => return Ok(Step::Close),
-        _ => {}
+    if let Some(0) = read_some(&mut conn.sock, &mut discard)? {
+        return Ok(Step::Close);
     }
     let stream = pattern.stream(u64::from_le_bytes(conn.header));
     for _ in 0..BUDGET {

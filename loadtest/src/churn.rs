@@ -60,7 +60,8 @@ pub struct ChurnResults {
 }
 
 pub fn run(args: &ChurnArgs, pattern: &Pattern) -> Result<Report<ChurnArgs, ChurnResults>> {
-    if !(args.rate > 0.0 && args.rate.is_finite()) || !(args.timeout > 0.0) {
+    let positive = |v: f64| v > 0.0 && v.is_finite();
+    if !positive(args.rate) || !positive(args.timeout) {
         bail!("--rate and --timeout must be positive");
     }
     let addr = net::resolve(&args.target)?;

@@ -99,7 +99,7 @@ impl Stream<'_> {
     pub fn fill(&self, offset: u64, buf: &mut [u8]) {
         let mut pos = 0;
         let mut off = offset;
-        while pos < buf.len() && off % 8 != 0 {
+        while pos < buf.len() && !off.is_multiple_of(8) {
             buf[pos] = self.byte(off);
             pos += 1;
             off += 1;

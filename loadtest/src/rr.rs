@@ -60,10 +60,10 @@ const GRACE: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn run(args: &RrArgs, pattern: &Pattern) -> Result<Report<RrArgs, RrResults>> {
-    if let Some(r) = args.rate {
-        if !(r > 0.0 && r.is_finite()) {
-            bail!("--rate must be a positive number");
-        }
+    if let Some(r) = args.rate
+        && !(r > 0.0 && r.is_finite())
+    {
+        bail!("--rate must be a positive number");
     }
     let addr = net::resolve(&args.target)?;
     let measure = Measure::start(&args.common.metrics);
@@ -314,13 +314,12 @@ fn worker(
                     last_done = now;
                     c.in_flight = false;
                     c.n += 1;
-                    if interval.is_none() {
-                        if now < stop_at {
-                            out.scheduled += 1;
-                            begin(c, pattern, now);
-                            ready.push_back(i);
-                        }
-                        // else: the open-loop scan above closes it.
+                    // Closed loop sends the next one now; past the window, or in open loop,
+                    // the scan at the top of the loop decides.
+                    if interval.is_none() && now < stop_at {
+                        out.scheduled += 1;
+                        begin(c, pattern, now);
+                        ready.push_back(i);
                     }
                 }
                 Err(f) => {

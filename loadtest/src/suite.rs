@@ -460,7 +460,8 @@ pub fn run(args: &SuiteArgs, pattern: &Pattern) -> Result<bool> {
 /// The people's table: one row per figure, one column per path, ratios to direct.
 fn markdown_table(results: &[PathRun], duration: f64, idle_conns: u64) -> String {
     type Get = fn(&Figures) -> Option<f64>;
-    let rows: [(&str, Get, fn(f64) -> String); 10] = [
+    type Row = (&'static str, Get, fn(f64) -> String);
+    let rows: [Row; 10] = [
         (
             "bulk Gbit/s each way (1 conn, echo)",
             |f| Some(f.bulk_gbit_per_s),
@@ -531,14 +532,14 @@ fn markdown_table(results: &[PathRun], duration: f64, idle_conns: u64) -> String
         for r in results {
             let v = get(&r.figures);
             s += &format!(" {} |", v.map_or("-".into(), fmt));
-            if r.path != PathKind::Direct {
-                if let Some(d) = direct {
-                    let ratio = match (v, get(&d.figures)) {
-                        (Some(v), Some(d)) if d > 0.0 => format!("{:.2}", v / d),
-                        _ => "-".into(),
-                    };
-                    s += &format!(" {ratio} |");
-                }
+            if r.path != PathKind::Direct
+                && let Some(d) = direct
+            {
+                let ratio = match (v, get(&d.figures)) {
+                    (Some(v), Some(d)) if d > 0.0 => format!("{:.2}", v / d),
+                    _ => "-".into(),
+                };
+                s += &format!(" {ratio} |");
             }
         }
         s += "\n";
