@@ -61,6 +61,7 @@ pub fn run(args: &BackendArgs) -> Result<()> {
     let std_listener =
         std::net::TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
     std_listener.set_nonblocking(true)?;
+    crate::sys::set_backlog(&std_listener, 4096)?;
     let local = std_listener.local_addr()?;
     {
         // Announce the bound address on one flushed line: parents wait for it instead of sleeping.

@@ -60,3 +60,16 @@ pub fn clock_ticks() -> f64 {
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if t > 0 { t as f64 } else { 100.0 }
 }
+
+/// Re-issues listen(2) with a deeper accept queue than std's fixed 128 (Linux updates the
+/// backlog of a listening socket in place; the kernel caps it at net.core.somaxconn). A backend
+/// descheduled for a moment on a busy 2-core box would otherwise overflow the queue during a
+/// connect burst, and each dropped SYN costs its client a one-second retransmit.
+pub fn set_backlog(listener: &std::net::TcpListener, backlog: i32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the fd is a valid listening socket owned by `listener` for the whole call.
+    if unsafe { libc::listen(listener.as_raw_fd(), backlog) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
