@@ -71,7 +71,6 @@ impl Session {
             bev.consumed(cx);
             if !more.is_empty() {
                 self.handle(cx, more);
-                return;
             }
         }
         if ev.contains(BevEvents::WRITE) && self.bev.output_pending() < OUTPUT_HIGH / 2 {

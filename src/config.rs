@@ -237,7 +237,7 @@ pub struct Config {
 }
 
 fn seconds(tunnel: &str, field: &str, v: f64) -> Result<Duration, ConfigError> {
-    if !v.is_finite() || v < 0.0 || v > 86_400.0 * 365.0 {
+    if !v.is_finite() || !(0.0..=86_400.0 * 365.0).contains(&v) {
         return Err(ConfigError::Tunnel {
             tunnel: tunnel.into(),
             message: format!("{field} must be between 0 and one year of seconds, got {v}"),

@@ -1,2 +1,6 @@
 //! Integration tests: one binary, real sockets on loopback.
+mod cli;
+mod common;
 mod crypto;
+mod proxy;
+mod reactor;

@@ -163,6 +163,10 @@ impl<C: Layer, U: Layer> Conn<C, U> {
     ) {
         let now = cx.now();
         if let Some(mut up) = self.upstream.take() {
+            // Client bytes already handed to this upstream go to the next one, in order.
+            let mut unsent = std::mem::take(&mut up.output);
+            self.client.input.move_all_to(&mut unsent);
+            self.client.input = unsent;
             up.close(cx);
         }
         let Some(i) = self.target.take() else {
@@ -181,7 +185,11 @@ impl<C: Layer, U: Layer> Conn<C, U> {
         let rt = self.rt(cx);
         rt.upstreams.targets[i].active -= 1;
         let addr = rt.upstreams.targets[i].addr;
-        let went_down = rt.upstreams.failed(i, now);
+        // Out of descriptors or memory is this process's trouble, not the upstream's.
+        let ours = err
+            .as_ref()
+            .is_some_and(crate::reactor::listener::is_resource_exhaustion);
+        let went_down = !ours && rt.upstreams.failed(i, now);
         if let Some(m) = rt.metrics.upstreams.get(i) {
             m.failures[reason].inc();
         }
@@ -231,8 +239,8 @@ impl<C: Layer, U: Layer> Conn<C, U> {
             now[down_u as usize] += ur;
         }
         let rt = &mut cx.state.tunnels[self.tunnel];
-        for i in 0..4 {
-            rt.bytes[i] += now[i] - self.counted[i];
+        for ((b, n), c) in rt.bytes.iter_mut().zip(now).zip(self.counted) {
+            *b += n - c;
         }
         self.counted = now;
     }
@@ -342,11 +350,12 @@ impl<C: Layer, U: Layer> Conn<C, U> {
             }
             u |= self.pump_up(cx);
         }
-        if ev.contains(BevEvents::FILTER) && U::SEALED {
-            if self.upstream.as_ref().is_some_and(|x| x.filter().is_open()) {
-                self.handshake_ok(cx);
-                u |= self.pump_up(cx);
-            }
+        if ev.contains(BevEvents::FILTER)
+            && U::SEALED
+            && self.upstream.as_ref().is_some_and(|x| x.filter().is_open())
+        {
+            self.handshake_ok(cx);
+            u |= self.pump_up(cx);
         }
         if ev.contains(BevEvents::READ) || ev.contains(BevEvents::EOF) {
             c |= self.pump_down(cx);

@@ -34,14 +34,20 @@ impl TunnelListener {
     }
 
     fn report(&self, cx: &mut Context<'_, ShardState>, pass: AcceptPass) {
-        let rt = &cx.state.tunnels[self.tunnel];
+        let now = cx.now();
         if let Some(e) = pass.exhausted {
-            rt.metrics.accept_exhausted.inc();
-            tracing::warn!(tunnel = %rt.cfg.name, error = %e, backoff = ?self.listener.backoff(), "accept paused: out of resources");
+            cx.state.tunnels[self.tunnel].metrics.accept_exhausted.inc();
+            if let Some(skipped) = cx.state.may_warn(now) {
+                let rt = &cx.state.tunnels[self.tunnel];
+                tracing::warn!(tunnel = %rt.cfg.name, error = %e, backoff = ?self.listener.backoff(), skipped, "accept paused: out of resources");
+            }
         }
         if let Some(e) = pass.error {
-            rt.metrics.accept_other.inc();
-            tracing::warn!(tunnel = %rt.cfg.name, error = %e, "accept failed");
+            cx.state.tunnels[self.tunnel].metrics.accept_other.inc();
+            if let Some(skipped) = cx.state.may_warn(now) {
+                let rt = &cx.state.tunnels[self.tunnel];
+                tracing::warn!(tunnel = %rt.cfg.name, error = %e, skipped, "accept failed");
+            }
         }
         if self.listener.is_paused() && !cx.state.tunnels[self.tunnel].listener_paused {
             cx.state.tunnels[self.tunnel].listener_paused = true;
@@ -135,11 +141,9 @@ impl Handler<ShardState> for TunnelListener {
 
     fn on_notify(&mut self, cx: &mut Context<'_, ShardState>, tag: u64) {
         match tag {
-            TAG_RESUME => {
-                if cx.state.conns < cx.state.conn_limit && !cx.state.draining {
-                    cx.state.tunnels[self.tunnel].listener_paused = false;
-                    self.listener.resume(cx);
-                }
+            TAG_RESUME if cx.state.conns < cx.state.conn_limit && !cx.state.draining => {
+                cx.state.tunnels[self.tunnel].listener_paused = false;
+                self.listener.resume(cx);
             }
             TAG_DRAIN => {
                 let tunnel = self.tunnel;

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, Sender};
 use mio::event::Source;
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 
@@ -499,14 +499,9 @@ impl<S: 'static> EventBase<S> {
 
         if wake {
             self.pending.store(false, Ordering::Release);
-            loop {
-                match self.rx.try_recv() {
-                    Ok(job) => {
-                        self.with_context(job);
-                        self.run_deferred(&mut mark);
-                    }
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-                }
+            while let Ok(job) = self.rx.try_recv() {
+                self.with_context(job);
+                self.run_deferred(&mut mark);
             }
         }
 

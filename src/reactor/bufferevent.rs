@@ -696,7 +696,7 @@ impl<F: Filter> BufferEvent<F> {
         if self.input.len() > before && self.input.len() >= self.watermarks.read_low {
             *ev |= BevEvents::READ;
         }
-        if !self.passthrough && self.raw_out.len() > 0 && self.writable {
+        if !self.passthrough && !self.raw_out.is_empty() && self.writable {
             // The filter answered on its own behalf (handshake).
             self.write_path(cx, ev);
         }

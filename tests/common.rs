@@ -1,0 +1,229 @@
+//! Helpers shared by the integration tests: key files, in-process tunnels, echo backends,
+//! man-in-the-middle relays. Everything on 127.0.0.1; every wait has a deadline.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use sealpipe::config::{
+    Balance, Config, ConfigFile, Limits, LogConfig, MetricsConfig, Mode, TunnelFile,
+};
+use sealpipe::server::{self, Running};
+
+pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A fresh directory under the system temp dir.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "sealpipe-test-{}-{}-{}",
+        std::process::id(),
+        tag,
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub fn keygen(tag: &str) -> PathBuf {
+    let p = temp_dir(tag).join("k.key");
+    sealpipe::crypto::keys::generate_key_file(&p, &mut sealpipe::crypto::keys::OsRandom).unwrap();
+    p
+}
+
+pub fn tunnel(mode: Mode, targets: &[SocketAddr], keys: &[PathBuf]) -> TunnelFile {
+    TunnelFile {
+        name: Some(mode.as_str().into()),
+        mode,
+        listen: "127.0.0.1:0".into(),
+        targets: targets.iter().map(|a| a.to_string()).collect(),
+        keys: keys.to_vec(),
+        balance: Balance::RoundRobin,
+        forward_secrecy: true,
+        aead: None,
+        health_check_interval: 0.0,
+        connect_timeout: None,
+        handshake_timeout: None,
+        idle_timeout: None,
+        half_closed_timeout: None,
+    }
+}
+
+pub fn config(t: TunnelFile, limits: Limits) -> Config {
+    ConfigFile {
+        log: LogConfig::default(),
+        metrics: MetricsConfig::default(),
+        limits,
+        tunnel: vec![t],
+    }
+    .validate(None)
+    .unwrap()
+}
+
+pub fn limits() -> Limits {
+    Limits {
+        threads: 1,
+        ..Limits::default()
+    }
+}
+
+/// Starts one tunnel in this process; returns its listen address and the server.
+pub fn start(t: TunnelFile, l: Limits) -> (SocketAddr, Running) {
+    let r = server::start(config(t, l), None).unwrap();
+    (r.listen_addrs[0], r)
+}
+
+/// A backend that echoes every connection; counts connections and bytes.
+pub struct Echo {
+    pub addr: SocketAddr,
+    pub conns: Arc<AtomicUsize>,
+    pub bytes: Arc<AtomicUsize>,
+}
+
+pub fn echo_backend() -> Echo {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let bytes = Arc::new(AtomicUsize::new(0));
+    let (c, b) = (conns.clone(), bytes.clone());
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            c.fetch_add(1, Ordering::SeqCst);
+            let b = b.clone();
+            std::thread::spawn(move || {
+                let mut w = s.try_clone().unwrap();
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            b.fetch_add(n, Ordering::SeqCst);
+                            if w.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                let _ = w.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    Echo { addr, conns, bytes }
+}
+
+/// An encrypt -> decrypt pair in front of `backend`; returns the plaintext entry address.
+pub fn pair(backend: SocketAddr) -> (SocketAddr, Running, Running) {
+    let key = keygen("pair");
+    let (dec, rd) = start(
+        tunnel(Mode::Decrypt, &[backend], std::slice::from_ref(&key)),
+        limits(),
+    );
+    let (enc, re) = start(tunnel(Mode::Encrypt, &[dec], &[key]), limits());
+    (enc, re, rd)
+}
+
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(TIMEOUT)).unwrap();
+    s
+}
+
+/// Deterministic bytes for offset `i` of stream `seed`.
+pub fn pattern(seed: u64, off: usize, buf: &mut [u8]) {
+    for (k, b) in buf.iter_mut().enumerate() {
+        let x = (off + k) as u64;
+        *b = (x.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed).rotate_left(17) as u8;
+    }
+}
+
+/// Writes `len` pattern bytes, half-closes, reads everything back and checks it is the same.
+pub fn round_trip(addr: SocketAddr, seed: u64, len: usize) {
+    let s = connect(addr);
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let mut off = 0;
+        let mut block = vec![0u8; 64 * 1024];
+        while off < len {
+            let n = block.len().min(len - off);
+            pattern(seed, off, &mut block[..n]);
+            w.write_all(&block[..n]).unwrap();
+            off += n;
+        }
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut r = s;
+    let mut got = 0;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut want = vec![0u8; 256 * 1024];
+    loop {
+        let n = r.read(&mut buf).expect("read echo");
+        if n == 0 {
+            break;
+        }
+        pattern(seed, got, &mut want[..n]);
+        assert!(buf[..n] == want[..n], "mismatch near offset {got}");
+        got += n;
+    }
+    writer.join().unwrap();
+    assert_eq!(got, len, "echoed byte count");
+}
+
+/// A relay between `from` clients and `to`, passing bytes through `mangle(direction, offset,
+/// bytes)` (direction 0 = client to server); returning false cuts the connection with a FIN.
+pub fn mitm<F>(to: SocketAddr, mangle: F) -> SocketAddr
+where
+    F: Fn(u8, usize, &mut [u8]) -> bool + Send + Sync + 'static,
+{
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let mangle = Arc::new(mangle);
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(c) = c else { return };
+            let Ok(u) = TcpStream::connect(to) else {
+                return;
+            };
+            for (dir, (mut a, mut b)) in [
+                (0u8, (c.try_clone().unwrap(), u.try_clone().unwrap())),
+                (1u8, (u.try_clone().unwrap(), c.try_clone().unwrap())),
+            ] {
+                let m = mangle.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    let mut off = 0;
+                    loop {
+                        let n = match a.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let keep = m(dir, off, &mut buf[..n]);
+                        off += n;
+                        if !keep || b.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = b.shutdown(Shutdown::Write);
+                });
+            }
+        }
+    });
+    addr
+}
+
+/// Reads until EOF or error; returns (bytes, the error kind if it ended in one).
+pub fn read_to_end(s: &mut TcpStream) -> (Vec<u8>, Option<std::io::ErrorKind>) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (out, None),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) => return (out, Some(e.kind())),
+        }
+    }
+}

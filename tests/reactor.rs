@@ -1,0 +1,312 @@
+//! The reactor over real sockets: the echo example at scale, connect outcomes as events,
+//! timers, signals, cross-thread posts, stale tokens, and EMFILE recovery.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sealpipe::reactor::{BevEvents, BufferEvent, Context, EventBase, Handler, Ready, Timeouts};
+
+use crate::common::*;
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn example(name: &str) -> PathBuf {
+    // Integration tests live in target/<profile>/deps; cargo builds examples beside them.
+    let exe = std::env::current_exe().unwrap();
+    exe.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name)
+}
+
+/// Starts the echo example on a free port and waits for its banner.
+fn echo_example() -> (SocketAddr, Kill) {
+    let mut child = Command::new(example("echo"))
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the echo example is built by cargo test");
+    let mut out = child.stdout.take().unwrap();
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while out.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
+        line.push(b[0]);
+    }
+    let line = String::from_utf8(line).unwrap();
+    let addr = line.rsplit(' ').next().unwrap().parse().unwrap();
+    (addr, Kill(child))
+}
+
+#[test]
+fn echo_example_100_mib_from_one_client() {
+    let (addr, _k) = echo_example();
+    round_trip(addr, 11, 100 << 20);
+}
+
+#[test]
+fn echo_example_serves_1000_concurrent_clients() {
+    let (addr, _k) = echo_example();
+    let mut conns: Vec<TcpStream> = (0..1000).map(|_| connect(addr)).collect();
+    for (i, c) in conns.iter_mut().enumerate() {
+        let mut msg = [0u8; 300];
+        pattern(i as u64, 0, &mut msg);
+        c.write_all(&msg).unwrap();
+    }
+    for (i, c) in conns.iter_mut().enumerate() {
+        let mut msg = [0u8; 300];
+        let mut want = [0u8; 300];
+        pattern(i as u64, 0, &mut want);
+        c.read_exact(&mut msg).unwrap();
+        assert_eq!(msg, want);
+        c.shutdown(Shutdown::Write).unwrap();
+        let (rest, err) = read_to_end(c);
+        assert!(rest.is_empty() && err.is_none());
+    }
+}
+
+#[test]
+fn echo_backpressure_bounds_what_a_non_reader_can_push() {
+    let (addr, _k) = echo_example();
+    let mut c = connect(addr);
+    c.set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let block = vec![1u8; 64 * 1024];
+    let mut sent = 0usize;
+    while sent < 1 << 30 {
+        match c.write(&block) {
+            Ok(n) => sent += n,
+            Err(_) => break, // the server stopped reading: writes stall
+        }
+    }
+    assert!(
+        sent < 64 << 20,
+        "pushed {sent} bytes into a server whose client never reads"
+    );
+    // Reading resumes the flow: everything sent comes back.
+    c.set_write_timeout(Some(TIMEOUT)).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let (got, err) = read_to_end(&mut c);
+    assert_eq!(err, None);
+    assert_eq!(got.len(), sent);
+}
+
+/// A handler that connects and records the events it gets.
+struct Connector {
+    addr: SocketAddr,
+    timeout: Option<Duration>,
+    bev: Option<BufferEvent>,
+}
+
+#[derive(Default)]
+struct Seen {
+    events: Vec<BevEvents>,
+    error: Option<std::io::ErrorKind>,
+}
+
+impl Connector {
+    fn handle(&mut self, cx: &mut Context<'_, Seen>, ev: BevEvents) {
+        if ev.is_empty() {
+            return;
+        }
+        cx.state.events.push(ev);
+        if let Some(e) = self.bev.as_mut().and_then(|b| b.take_error()) {
+            cx.state.error = Some(e.kind());
+        }
+        cx.loop_break();
+    }
+}
+
+impl Handler<Seen> for Connector {
+    fn on_start(&mut self, cx: &mut Context<'_, Seen>) {
+        let t = Timeouts {
+            connect: self.timeout,
+            ..Timeouts::default()
+        };
+        let mut b =
+            BufferEvent::connect_filtered(cx, self.addr, 0, sealpipe::reactor::NoFilter, true, t);
+        b.register(cx).unwrap();
+        self.bev = Some(b);
+    }
+    fn on_ready(&mut self, cx: &mut Context<'_, Seen>, _s: u8, r: Ready) {
+        let ev = self.bev.as_mut().unwrap().on_ready(cx, r);
+        self.handle(cx, ev);
+    }
+    fn on_timer(&mut self, cx: &mut Context<'_, Seen>, tag: u64) {
+        let ev = self.bev.as_mut().unwrap().on_timer(cx, tag);
+        self.handle(cx, ev);
+    }
+    fn on_notify(&mut self, cx: &mut Context<'_, Seen>, tag: u64) {
+        let ev = self.bev.as_mut().unwrap().on_notify(cx, tag);
+        self.handle(cx, ev);
+    }
+}
+
+fn run_connector(addr: SocketAddr, timeout: Option<Duration>) -> Seen {
+    let mut base = EventBase::new(Seen::default()).unwrap();
+    base.spawn(Box::new(Connector {
+        addr,
+        timeout,
+        bev: None,
+    }));
+    base.loop_exit(TIMEOUT);
+    base.run().unwrap();
+    std::mem::take(base.state_mut())
+}
+
+#[test]
+fn connect_refused_arrives_as_an_event() {
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let seen = run_connector(dead, None);
+    assert_eq!(seen.events, vec![BevEvents::ERROR]);
+    assert_eq!(seen.error, Some(std::io::ErrorKind::ConnectionRefused));
+}
+
+#[test]
+fn connect_success_arrives_as_an_event() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let seen = run_connector(l.local_addr().unwrap(), Some(Duration::from_secs(5)));
+    assert!(seen.events[0].contains(BevEvents::CONNECTED));
+}
+
+#[test]
+fn connect_timeout_arrives_as_an_event() {
+    // A listener with a full accept queue drops further SYNs, so a connect hangs.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    sock.listen(0).unwrap();
+    let addr = sock.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_nonblocking(true).unwrap();
+        let _ = s.connect(&addr.into());
+        fillers.push(s);
+    }
+    let started = Instant::now();
+    let seen = run_connector(addr, Some(Duration::from_millis(300)));
+    assert!(
+        seen.events == vec![BevEvents::CONNECT_TIMEOUT]
+            || seen.events[0].contains(BevEvents::CONNECTED),
+        "{:?}",
+        seen.events
+    );
+    if seen.events == vec![BevEvents::CONNECT_TIMEOUT] {
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert_eq!(seen.error, Some(std::io::ErrorKind::TimedOut));
+    }
+}
+
+/// Counts notifications; used to check stale ids and cross-thread posts.
+struct Counter;
+impl Handler<Vec<u64>> for Counter {
+    fn on_ready(&mut self, _: &mut Context<'_, Vec<u64>>, _: u8, _: Ready) {}
+    fn on_notify(&mut self, cx: &mut Context<'_, Vec<u64>>, tag: u64) {
+        cx.state.push(tag);
+    }
+}
+
+#[test]
+fn stale_id_never_reaches_the_slot_reused_by_another_handler() {
+    let mut base = EventBase::new(Vec::new()).unwrap();
+    let old = base.spawn(Box::new(Counter));
+    base.loop_once(Some(Duration::ZERO)).unwrap();
+    base.with_context(|cx| cx.close_handler(old));
+    base.loop_once(Some(Duration::ZERO)).unwrap();
+    let new = base.spawn(Box::new(Counter));
+    base.loop_once(Some(Duration::ZERO)).unwrap();
+    assert_ne!(old, new);
+    base.with_context(|cx| {
+        assert!(!cx.is_live(old));
+        cx.notify(old, 1);
+        cx.notify(new, 2);
+    });
+    base.loop_once(Some(Duration::ZERO)).unwrap();
+    assert_eq!(base.state(), &vec![2]);
+}
+
+#[test]
+fn posts_from_another_thread_run_on_the_loop() {
+    let mut base = EventBase::new(Vec::new()).unwrap();
+    let h = base.handle();
+    let loop_thread = std::thread::current().id();
+    let t = std::thread::spawn(move || {
+        for i in 0..100u64 {
+            h.post(move |cx| cx.state.push(i)).unwrap();
+        }
+        h.post(move |cx| {
+            assert_eq!(std::thread::current().id(), loop_thread);
+            cx.loop_break()
+        })
+        .unwrap();
+    });
+    base.loop_exit(TIMEOUT);
+    base.run().unwrap();
+    t.join().unwrap();
+    assert_eq!(base.state(), &(0..100).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_signal_is_delivered_as_a_loop_event() {
+    let mut base = EventBase::new(Vec::<u64>::new()).unwrap();
+    let loop_thread = std::thread::current().id();
+    let ev = sealpipe::reactor::signal::SignalEvent::new(
+        &[libc::SIGUSR2],
+        move |cx: &mut Context<'_, Vec<u64>>, sig: i32| {
+            assert_eq!(std::thread::current().id(), loop_thread);
+            cx.state.push(sig as u64);
+            cx.loop_break();
+        },
+    )
+    .unwrap();
+    base.spawn(Box::new(ev));
+    base.loop_once(Some(Duration::ZERO)).unwrap();
+    signal_hook::low_level::raise(libc::SIGUSR2).unwrap();
+    base.loop_exit(TIMEOUT);
+    base.run().unwrap();
+    assert_eq!(base.state(), &vec![libc::SIGUSR2 as u64]);
+}
+
+/// A timer event fires after its delay, never before.
+#[test]
+fn timers_fire_in_order_and_not_early() {
+    use sealpipe::reactor::event::{Event, Next};
+    let mut base = EventBase::new(Vec::<(u64, Duration)>::new()).unwrap();
+    let start = Instant::now();
+    for (i, ms) in [(0u64, 30u64), (1, 10), (2, 20)] {
+        base.spawn(Box::new(Event::timer(
+            Duration::from_millis(ms),
+            false,
+            move |cx: &mut Context<'_, Vec<(u64, Duration)>>,
+                  _: Option<&mut mio::net::TcpStream>,
+                  _| {
+                cx.state.push((i, start.elapsed()));
+                Next::Stop
+            },
+        )));
+    }
+    let deadline = Instant::now() + TIMEOUT;
+    while base.state().len() < 3 && Instant::now() < deadline {
+        base.loop_once(None).unwrap();
+    }
+    let order: Vec<u64> = base.state().iter().map(|x| x.0).collect();
+    assert_eq!(order, vec![1, 2, 0]);
+    for (i, at) in base.state() {
+        let want = Duration::from_millis([30, 10, 20][*i as usize]);
+        assert!(*at >= want, "timer {i} fired at {at:?}, before {want:?}");
+    }
+}
