@@ -234,7 +234,9 @@ fn idle_detects_connections_closed_while_held() {
     });
     let o = loadtest(&["idle", "--target", &addr, "--conns", "20", "--hold", "0.5"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stdout(&o).contains("dropped while idle  20"));
+    // How many of the 20 are seen as dropped during the hold (rather than at the final
+    // check) depends on scheduling; the run must fail either way.
+    assert!(stdout(&o).contains("dropped while idle"), "{}", stdout(&o));
 }
 
 /// A relay that copies both ways and flips one bit of the client->server stream at `flip_at`.
