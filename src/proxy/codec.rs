@@ -15,8 +15,8 @@ use std::sync::Arc;
 
 use crate::crypto::keys::OsRandom;
 use crate::crypto::{
-    HEADER_LEN, Handshake, HandshakeConfig, KeyId, MAX_PAYLOAD, ProtocolError, RecordType, Session,
-    Status, TAG_LEN,
+    HEADER_LEN, Handshake, HandshakeConfig, KeyId, MAX_PAYLOAD, ProtocolError, RecordType, Sealer,
+    Session, Status, TAG_LEN,
 };
 use crate::reactor::{Buffer, Filter, FilterStatus};
 
@@ -167,6 +167,16 @@ impl SealFilter {
     }
 }
 
+/// Seals a record with no payload (END, KEY_UPDATE) at the tail of `raw_out`.
+fn seal_empty(sealer: &mut Sealer, raw_out: &mut Buffer, ty: RecordType) -> io::Result<()> {
+    let rec = raw_out.reserve(HEADER_LEN + TAG_LEN);
+    let n = sealer
+        .seal_in_place(ty, &mut rec[..HEADER_LEN + TAG_LEN], 0)
+        .map_err(fail)?;
+    raw_out.commit(n);
+    Ok(())
+}
+
 impl Filter for SealFilter {
     fn decode(
         &mut self,
@@ -230,11 +240,7 @@ impl Filter for SealFilter {
         let sealer = &mut session.sealer;
         while !output.is_empty() {
             if sealer.key_update_due() {
-                let rec = raw_out.reserve(HEADER_LEN + TAG_LEN);
-                let n = sealer
-                    .seal_in_place(RecordType::KeyUpdate, &mut rec[..HEADER_LEN + TAG_LEN], 0)
-                    .map_err(fail)?;
-                raw_out.commit(n);
+                seal_empty(sealer, raw_out, RecordType::KeyUpdate)?;
             }
             let mut n = output.len().min(MAX_PAYLOAD);
             // Fill the tail chunk's room with a smaller record rather than leave it empty,
@@ -253,11 +259,10 @@ impl Filter for SealFilter {
             output.drain(n);
         }
         if finish && !self.end_sent {
-            let rec = raw_out.reserve(HEADER_LEN + TAG_LEN);
-            let n = sealer
-                .seal_in_place(RecordType::End, &mut rec[..HEADER_LEN + TAG_LEN], 0)
-                .map_err(fail)?;
-            raw_out.commit(n);
+            if sealer.key_update_due() {
+                seal_empty(sealer, raw_out, RecordType::KeyUpdate)?;
+            }
+            seal_empty(sealer, raw_out, RecordType::End)?;
             self.end_sent = true;
         }
         Ok(())

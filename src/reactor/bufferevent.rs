@@ -298,7 +298,12 @@ impl<F: Filter> BufferEvent<F> {
         // An immediate failure is delivered as an event on the next deferred pass, like every
         // other connect outcome.
         let (stream, err) = match TcpStream::connect(addr) {
-            Ok(s) => (Some(s), None),
+            Ok(s) => {
+                // Small writes go out at once; coalescing is done in user space (one vectored
+                // write per turn), so Nagle would only add latency.
+                let _ = s.set_nodelay(true);
+                (Some(s), None)
+            }
             Err(e) => (None, Some(e)),
         };
         let mut bev = Self::build(stream, source, filter, passthrough);
