@@ -1,4 +1,5 @@
 //! Integration tests: one binary, real sockets on loopback.
+mod alloc;
 mod cli;
 mod common;
 mod crypto;
