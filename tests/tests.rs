@@ -2,5 +2,6 @@
 mod cli;
 mod common;
 mod crypto;
+mod lifecycle;
 mod proxy;
 mod reactor;
