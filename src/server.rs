@@ -12,6 +12,12 @@
 //! - SIGHUP: reload the config file (or, from the command line, the key files); a bad file is
 //!   rejected whole and the old configuration stays.
 //! - A shard that panics takes the process down (status 70) — never a half-alive process.
+//! - Handoff (`--handoff PATH`, [`start_with`]): a new process takes the listening sockets of
+//!   the one listening on PATH over SCM_RIGHTS; the old one lets go only after the new one's
+//!   shards accept on them, then drains. The protocol is described above `take_listeners`
+//!   and in docs/OPERATIONS.md.
+//! - Each pinned shard's listener carries SO_INCOMING_CPU = its CPU; `max_conns` is split as
+//!   `ceil(max_conns / shards)` per shard.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
