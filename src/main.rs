@@ -46,6 +46,8 @@ enum Cmd {
     Run {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+        #[command(flatten)]
+        handoff: HandoffArgs,
     },
     /// Validate a config file (and its key files) and exit 0, or 1 with the reason.
     Check {
@@ -87,7 +89,17 @@ struct TunnelArgs {
 }
 
 #[derive(Args, Clone)]
+struct HandoffArgs {
+    /// Zero-downtime upgrades: take the listening sockets of the sealpipe listening on this
+    /// Unix socket (if any), then listen on it to hand them to the next one.
+    #[arg(long, value_name = "PATH")]
+    handoff: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
 struct CommonArgs {
+    #[command(flatten)]
+    handoff: HandoffArgs,
     /// Shards (event loops pinned to CPUs); default: the CPUs this process may use.
     #[arg(long, value_name = "N", default_value_t = 0)]
     threads: usize,
@@ -194,32 +206,39 @@ fn tunnel_config(mode: Mode, a: TunnelArgs) -> std::result::Result<Config, Usage
     Ok(cfg)
 }
 
-fn serve(cfg: Config, stop_after: Option<Duration>) -> Result<()> {
+fn serve(cfg: Config, handoff: Option<PathBuf>) -> Result<()> {
     let reload = setup_logging(&cfg.log)?;
-    let running = server::start(cfg, Some(reload))?;
+    let running = server::start_with(cfg, Some(reload), handoff.as_deref())?;
     if let Some(m) = running.metrics_addr {
         tracing::info!(metrics = %format!("http://{m}/metrics"), "metrics endpoint up");
     }
-    running.wait(stop_after)?;
+    running.wait(None)?;
     Ok(())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: std::result::Result<(), UsageError> = (|| match cli.cmd {
-        Cmd::Encrypt(a) => serve(tunnel_config(Mode::Encrypt, a)?, None).map_err(runtime),
-        Cmd::Decrypt(a) => serve(tunnel_config(Mode::Decrypt, a)?, None).map_err(runtime),
+        Cmd::Encrypt(a) => {
+            let h = a.common.handoff.handoff.clone();
+            serve(tunnel_config(Mode::Encrypt, a)?, h).map_err(runtime)
+        }
+        Cmd::Decrypt(a) => {
+            let h = a.common.handoff.handoff.clone();
+            serve(tunnel_config(Mode::Decrypt, a)?, h).map_err(runtime)
+        }
         Cmd::Forward(a) => {
             if !a.key.is_empty() {
                 return Err(UsageError(anyhow!(
                     "forward carries plaintext and takes no --key"
                 )));
             }
-            serve(tunnel_config(Mode::Forward, a)?, None).map_err(runtime)
+            let h = a.common.handoff.handoff.clone();
+            serve(tunnel_config(Mode::Forward, a)?, h).map_err(runtime)
         }
-        Cmd::Run { config } => {
+        Cmd::Run { config, handoff } => {
             let cfg = Config::from_file(&config).map_err(|e| UsageError(e.into()))?;
-            serve(cfg, None).map_err(runtime)
+            serve(cfg, handoff.handoff).map_err(runtime)
         }
         Cmd::Check { config } => {
             let cfg = Config::from_file(&config).map_err(|e| UsageError(e.into()))?;

@@ -12,8 +12,18 @@
 //! - SIGHUP: reload the config file (or, from the command line, the key files); a bad file is
 //!   rejected whole and the old configuration stays.
 //! - A shard that panics takes the process down (status 70) — never a half-alive process.
+//! - Handoff (`--handoff PATH`, [`start_with`]): a new process takes the listening sockets of
+//!   the one listening on PATH over SCM_RIGHTS; the old one lets go only after the new one's
+//!   shards accept on them, then drains. The protocol is described above `take_listeners`
+//!   and in docs/OPERATIONS.md.
+//! - Each pinned shard's listener carries SO_INCOMING_CPU = its CPU; `max_conns` is split as
+//!   `ceil(max_conns / shards)` per shard.
 
+use std::io::{Read, Write};
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
@@ -56,6 +66,8 @@ pub enum ServerError {
     },
     #[error("control loop failed: {0}")]
     Control(std::io::Error),
+    #[error("handoff over {path}: {message}")]
+    Handoff { path: PathBuf, message: String },
 }
 
 /// A callback the control thread runs on SIGHUP to change the log filter.
@@ -76,20 +88,35 @@ pub struct Running {
     pub metrics_addr: Option<SocketAddr>,
     running: Arc<AtomicUsize>,
     log_reload: Option<LogReload>,
+    /// Present while this process can hand its listeners to a successor.
+    handoff: Option<HandoffServer>,
 }
 
 /// Binds one listener per shard for `addr` (SO_REUSEPORT); a port of 0 is resolved by the
 /// first bind and reused by the others.
+/// `cpus[i]` is shard i's CPU when shards are pinned: its listener asks for SO_INCOMING_CPU.
+/// `inherited` listeners (from a handoff) take the first shards; the rest are bound anew.
 fn bind_all(
     tunnel: &str,
     addr: SocketAddr,
     shards: usize,
+    cpus: &[Option<usize>],
+    inherited: Vec<std::net::TcpListener>,
 ) -> Result<(SocketAddr, Vec<std::net::TcpListener>), ServerError> {
     let mut out = Vec::with_capacity(shards);
     let mut addr = addr;
-    for i in 0..shards {
+    if let Some(first) = inherited.first() {
+        addr = first.local_addr().map_err(|source| ServerError::Listen {
+            tunnel: tunnel.into(),
+            addr,
+            source,
+        })?;
+    }
+    let start = inherited.len();
+    out.extend(inherited);
+    for i in start..shards {
         let opts = ListenerOptions {
-            incoming_cpu: None,
+            incoming_cpu: cpus.get(i).copied().flatten(),
             ..ListenerOptions::default()
         };
         let l =
@@ -129,6 +156,17 @@ fn publish_keys(metrics: &Metrics, cfg: &Config, keys: &[Option<Arc<KeySet>>]) {
 /// Starts shards and the metrics endpoint. Errors (a busy port, a bad key file) are reported
 /// before anything runs.
 pub fn start(cfg: Config, log_reload: Option<LogReload>) -> Result<Running, ServerError> {
+    start_with(cfg, log_reload, None)
+}
+
+/// [`start`], with a handoff socket: if a running sealpipe listens on `handoff`, its
+/// listening sockets are taken over instead of bound (see [`take_listeners`]); either way
+/// this process then listens on `handoff` for its own successor.
+pub fn start_with(
+    cfg: Config,
+    log_reload: Option<LogReload>,
+    handoff: Option<&Path>,
+) -> Result<Running, ServerError> {
     match crate::sys::raise_nofile_limit() {
         Ok((old, new)) if old != new => {
             tracing::info!(from = old, to = new, "raised RLIMIT_NOFILE")
@@ -138,27 +176,74 @@ pub fn start(cfg: Config, log_reload: Option<LogReload>) -> Result<Running, Serv
     }
     let nshards = cfg.shard_count();
     let keys = cfg.load_keys()?;
+
+    let mut inherited = match handoff {
+        Some(path) => take_listeners(path, &cfg)?,
+        None => None,
+    };
+    // A predecessor with more shards hands over more listeners per tunnel than we would bind:
+    // run that many shards, since closing a SO_REUSEPORT listener drops its queued clients.
+    let nshards = match &inherited {
+        Some(h) if h.shards > nshards => {
+            tracing::warn!(
+                configured = nshards,
+                inherited = h.shards,
+                "the previous process ran more shards; running as many, so that no queued connection is lost"
+            );
+            h.shards
+        }
+        _ => nshards,
+    };
     let metrics = Metrics::new(nshards, cfg.tunnels.len());
     publish_keys(&metrics, &cfg, &keys);
 
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let cpus: Vec<Option<usize>> = (0..nshards)
+        .map(|i| (!cores.is_empty()).then(|| cores[i % cores.len()].id))
+        .collect();
     let mut listen_addrs = Vec::new();
     let mut per_shard: Vec<Vec<std::net::TcpListener>> = (0..nshards).map(|_| Vec::new()).collect();
-    for t in &cfg.tunnels {
-        let (addr, ls) = bind_all(&t.name, t.listen, nshards)?;
+    let mut dups: Vec<Vec<OwnedFd>> = Vec::new();
+    for (ti, t) in cfg.tunnels.iter().enumerate() {
+        let got = inherited
+            .as_mut()
+            .map(|h| std::mem::take(&mut h.tunnels[ti]))
+            .unwrap_or_default();
+        let (addr, ls) = bind_all(&t.name, t.listen, nshards, &cpus, got)?;
         listen_addrs.push(addr);
+        let mut d = Vec::with_capacity(ls.len());
         for (i, l) in ls.into_iter().enumerate() {
+            if handoff.is_some() {
+                d.push(dup(&l).map_err(|source| ServerError::Listen {
+                    tunnel: t.name.clone(),
+                    addr,
+                    source,
+                })?);
+            }
             per_shard[i].push(l);
         }
+        dups.push(d);
     }
+    let mut metrics_fd = None;
     let metrics_addr = match cfg.metrics {
-        Some(addr) => Some(
-            crate::metrics::http::spawn(addr, metrics.clone())
-                .map_err(|source| ServerError::Metrics { addr, source })?,
-        ),
+        Some(addr) => {
+            let l = match inherited.as_mut().and_then(|h| h.metrics.take()) {
+                Some(l) => l,
+                None => crate::metrics::http::bind(addr)
+                    .map_err(|source| ServerError::Metrics { addr, source })?,
+            };
+            let fd = match handoff {
+                Some(_) => Some(dup(&l).map_err(|source| ServerError::Metrics { addr, source })?),
+                None => None,
+            };
+            let local = crate::metrics::http::serve_on(l, metrics.clone())
+                .map_err(|source| ServerError::Metrics { addr, source })?;
+            metrics_fd = fd.map(|fd| (local, fd));
+            Some(local)
+        }
         None => None,
     };
 
-    let cores = core_affinity::get_core_ids().unwrap_or_default();
     let conn_limit = cfg.max_conns.div_ceil(nshards).max(1);
     let running = Arc::new(AtomicUsize::new(nshards));
     let mut shards = Vec::with_capacity(nshards);
@@ -170,11 +255,7 @@ pub fn start(cfg: Config, log_reload: Option<LogReload>) -> Result<Running, Serv
             .map(|(ti, t)| TunnelRt::new(ti, Arc::new(t.clone()), keys[ti].clone(), &metrics, i))
             .collect();
         let state = ShardState::new(i, tunnels, metrics.clone(), conn_limit);
-        let core = if cores.is_empty() {
-            None
-        } else {
-            Some(cores[i % cores.len()])
-        };
+        let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
         let running = running.clone();
         // The loop is built on its own thread (handlers are !Send); it hands back its Handle.
         let (tx, rx) = crossbeam_channel::bounded(1);
@@ -211,6 +292,19 @@ pub fn start(cfg: Config, log_reload: Option<LogReload>) -> Result<Running, Serv
     for (t, a) in cfg.tunnels.iter().zip(&listen_addrs) {
         tracing::info!(tunnel = %t.name, mode = t.mode.as_str(), listen = %a, targets = ?t.targets, shards = nshards, "tunnel up");
     }
+    if let Some(h) = inherited {
+        // Our shards accept on the inherited sockets now: the predecessor may let go.
+        h.confirm(handoff.unwrap_or(Path::new("")));
+    }
+    let handoff = handoff.and_then(|path| {
+        match HandoffServer::listen(path, &cfg, &listen_addrs, dups, metrics_fd, nshards) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "cannot listen for a handoff; the next upgrade will have to bind anew");
+                None
+            }
+        }
+    });
     Ok(Running {
         cfg,
         metrics,
@@ -219,6 +313,7 @@ pub fn start(cfg: Config, log_reload: Option<LogReload>) -> Result<Running, Serv
         metrics_addr,
         running,
         log_reload,
+        handoff,
     })
 }
 
@@ -425,7 +520,22 @@ impl Running {
                 }
             }
             let timed_out = stop_after.is_some_and(|d| started.elapsed() >= d);
-            if !draining && (base.state().drain_started.is_some() || timed_out) {
+            let handed_off = !draining && self.handoff.as_mut().is_some_and(|h| h.poll());
+            if handed_off {
+                // The metrics endpoint stops accepting after one more request; the successor
+                // holds the other copy of its socket.
+                self.metrics
+                    .health
+                    .handed_off
+                    .store(true, Ordering::Release);
+                if let Some(a) = self.metrics_addr {
+                    let _ = std::net::TcpStream::connect_timeout(&a, Duration::from_millis(100));
+                }
+            }
+            if !draining && (base.state().drain_started.is_some() || timed_out || handed_off) {
+                // Our copies of the listening sockets go now: after a handoff the successor
+                // holds them; after a stop, nobody must keep a socket open that no one accepts on.
+                self.handoff = None;
                 draining = true;
                 let t = self.cfg.drain_timeout;
                 tracing::info!(timeout = ?t, "draining: no new connections, waiting for open ones");
@@ -442,5 +552,319 @@ impl Running {
         }
         tracing::info!("all shards drained; exiting");
         Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handoff: passing listening sockets to a successor process (docs/OPERATIONS.md).
+//
+// Protocol over the Unix stream socket at PATH (mode 0600), one exchange per connection:
+//   successor -> holder:  "sealpipe-handoff 1 take pid=N\n"
+//   holder -> successor:  one sendmsg: the header below + SCM_RIGHTS descriptors
+//       sealpipe-handoff 1
+//       shards K
+//       tunnel ADDR NAME        (one line per tunnel, in config order)
+//       metrics ADDR            (if the holder serves metrics)
+//       end
+//     descriptors: per tunnel, K listeners (shard order), then the metrics listener.
+//   successor -> holder:  "OK\n" once its shards accept on them (or "NO reason\n").
+// On OK the holder closes its copies (the kernel accept queues live on in the successor's)
+// and drains. Without OK (EOF, timeout, NO) the holder keeps serving as if nothing happened.
+// ---------------------------------------------------------------------------------------------
+
+const HANDOFF_MAGIC: &str = "sealpipe-handoff 1";
+/// Bound on every read and write of a handoff exchange.
+const HANDOFF_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on a header or a reply line.
+const HANDOFF_MAX_HEADER: usize = 64 * 1024;
+
+/// A close-on-exec duplicate of a socket, kept to be sent in a handoff.
+fn dup(l: &impl AsFd) -> std::io::Result<OwnedFd> {
+    l.as_fd().try_clone_to_owned()
+}
+
+fn handoff_err(path: &Path, message: impl std::fmt::Display) -> ServerError {
+    ServerError::Handoff {
+        path: path.to_owned(),
+        message: message.to_string(),
+    }
+}
+
+/// Reads one `\n`-terminated line (bounded), without reading past it.
+fn read_line(s: &mut UnixStream) -> std::io::Result<String> {
+    let mut out = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match s.read(&mut b)? {
+            0 => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "peer closed the handoff socket",
+                ));
+            }
+            _ if b[0] == b'\n' => break,
+            _ if out.len() >= 512 => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "handoff line too long",
+                ));
+            }
+            _ => out.push(b[0]),
+        }
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Listening sockets received from a predecessor, not yet confirmed.
+struct Inherited {
+    shards: usize,
+    /// Per tunnel of our config: the predecessor's listeners, shard order.
+    tunnels: Vec<Vec<std::net::TcpListener>>,
+    metrics: Option<std::net::TcpListener>,
+    conn: UnixStream,
+}
+
+impl Inherited {
+    /// Tells the predecessor our shards accept on its sockets: it closes its copies and drains.
+    fn confirm(mut self, path: &Path) {
+        match self.conn.write_all(b"OK\n") {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "handoff complete: the previous process drains")
+            }
+            // Both processes accept on the same sockets then; the old one keeps serving.
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "handoff: could not confirm; the previous process keeps serving too")
+            }
+        }
+    }
+}
+
+fn addr_matches(configured: SocketAddr, got: SocketAddr) -> bool {
+    configured == got || (configured.port() == 0 && configured.ip() == got.ip())
+}
+
+/// Asks the process listening on `path` for its listening sockets. `Ok(None)`: nobody
+/// listens there (first start): bind as usual. An error (the predecessor's tunnels differ from
+/// ours, a protocol failure) leaves the predecessor serving and stops this start.
+fn take_listeners(path: &Path, cfg: &Config) -> Result<Option<Inherited>, ServerError> {
+    let mut conn = match UnixStream::connect(path) {
+        Ok(c) => c,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            tracing::info!(path = %path.display(), "no process to take listeners from; binding");
+            return Ok(None);
+        }
+        Err(e) => return Err(handoff_err(path, e)),
+    };
+    let io = |e: std::io::Error| handoff_err(path, e);
+    conn.set_read_timeout(Some(HANDOFF_TIMEOUT)).map_err(io)?;
+    conn.set_write_timeout(Some(HANDOFF_TIMEOUT)).map_err(io)?;
+    conn.write_all(format!("{HANDOFF_MAGIC} take pid={}\n", std::process::id()).as_bytes())
+        .map_err(io)?;
+    let mut buf = vec![0u8; HANDOFF_MAX_HEADER];
+    let (mut n, fds) = crate::sys::recv_fds(&conn, &mut buf).map_err(io)?;
+    // A stream may split the header; the descriptors came with its first byte.
+    while !buf[..n].ends_with(b"end\n") {
+        if n == buf.len() {
+            return Err(handoff_err(path, "header too long"));
+        }
+        match conn.read(&mut buf[n..]).map_err(io)? {
+            0 => return Err(handoff_err(path, "the other process closed the connection")),
+            k => n += k,
+        }
+    }
+    let header = String::from_utf8_lossy(&buf[..n]).into_owned();
+    match parse_and_match(&header, fds, cfg) {
+        Ok((shards, tunnels, metrics)) => {
+            tracing::info!(path = %path.display(), shards, "took listening sockets from the running process");
+            Ok(Some(Inherited {
+                shards,
+                tunnels,
+                metrics,
+                conn,
+            }))
+        }
+        Err(why) => {
+            let _ = conn.write_all(format!("NO {why}\n").as_bytes());
+            Err(handoff_err(path, why))
+        }
+    }
+}
+
+type Taken = (
+    usize,
+    Vec<Vec<std::net::TcpListener>>,
+    Option<std::net::TcpListener>,
+);
+
+fn parse_and_match(header: &str, fds: Vec<OwnedFd>, cfg: &Config) -> Result<Taken, String> {
+    let mut lines = header.lines();
+    if lines.next() != Some(HANDOFF_MAGIC) {
+        return Err("not a sealpipe handoff (or another version)".into());
+    }
+    let mut shards = 0usize;
+    let mut tunnels: Vec<(SocketAddr, String)> = Vec::new();
+    let mut metrics: Option<SocketAddr> = None;
+    for line in lines {
+        let (key, rest) = line.split_once(' ').unwrap_or((line, ""));
+        match key {
+            "shards" => shards = rest.parse().map_err(|_| format!("bad line {line:?}"))?,
+            "tunnel" => {
+                let (addr, name) = rest
+                    .split_once(' ')
+                    .ok_or_else(|| format!("bad line {line:?}"))?;
+                let addr = addr.parse().map_err(|_| format!("bad line {line:?}"))?;
+                tunnels.push((addr, name.to_string()));
+            }
+            "metrics" => metrics = Some(rest.parse().map_err(|_| format!("bad line {line:?}"))?),
+            "end" => break,
+            _ => return Err(format!("unknown header line {line:?}")),
+        }
+    }
+    let want = tunnels.len() * shards + usize::from(metrics.is_some());
+    if shards == 0 || fds.len() != want {
+        return Err(format!(
+            "got {} descriptors for {} tunnels x {shards} shards",
+            fds.len(),
+            tunnels.len()
+        ));
+    }
+    let ours: Vec<(SocketAddr, &str)> = cfg
+        .tunnels
+        .iter()
+        .map(|t| (t.listen, t.name.as_str()))
+        .collect();
+    let same = ours.len() == tunnels.len()
+        && ours
+            .iter()
+            .zip(&tunnels)
+            .all(|((la, ln), (ra, rn))| ln == rn && addr_matches(*la, *ra));
+    if !same {
+        return Err(format!(
+            "the running process serves tunnels {:?}, this config {:?}; hand over only between the same tunnels (same names and listen addresses), or stop the old process first",
+            tunnels, ours
+        ));
+    }
+    let mut fds = fds.into_iter();
+    let mut out = Vec::with_capacity(tunnels.len());
+    for _ in &tunnels {
+        let ls: Vec<std::net::TcpListener> = fds
+            .by_ref()
+            .take(shards)
+            .map(std::net::TcpListener::from)
+            .collect();
+        out.push(ls);
+    }
+    let m = fds.next().map(std::net::TcpListener::from);
+    // The metrics socket is reused only if we serve metrics on the same address.
+    let m = match (m, metrics, cfg.metrics) {
+        (Some(l), Some(theirs), Some(mine)) if addr_matches(mine, theirs) => Some(l),
+        _ => None,
+    };
+    Ok((shards, out, m))
+}
+
+/// The running side: listens on the handoff path and answers a successor.
+struct HandoffServer {
+    path: PathBuf,
+    listener: UnixListener,
+    header: String,
+    /// Duplicates of every listening socket (tunnel-major, shard order, then metrics): what
+    /// is sent. Dropped when this process hands over or drains, so that a drained process
+    /// does not keep a listening socket open that nobody accepts on.
+    fds: Vec<OwnedFd>,
+}
+
+impl HandoffServer {
+    fn listen(
+        path: &Path,
+        cfg: &Config,
+        addrs: &[SocketAddr],
+        dups: Vec<Vec<OwnedFd>>,
+        metrics: Option<(SocketAddr, OwnedFd)>,
+        shards: usize,
+    ) -> std::io::Result<HandoffServer> {
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        // A stale socket from a process that is gone (the connect in `take_listeners`
+        // failed, or it handed over to us) is replaced; anything else at the path is not.
+        if let Ok(m) = std::fs::symlink_metadata(path) {
+            if !m.file_type().is_socket() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "path exists and is not a socket",
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        let listener = UnixListener::bind(path)?;
+        // Whoever connects takes our listeners: only our own user may.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        listener.set_nonblocking(true)?;
+        let mut header = format!("{HANDOFF_MAGIC}\nshards {shards}\n");
+        for (t, a) in cfg.tunnels.iter().zip(addrs) {
+            header.push_str(&format!("tunnel {a} {}\n", t.name));
+        }
+        let mut fds: Vec<OwnedFd> = dups.into_iter().flatten().collect();
+        if let Some((a, fd)) = metrics {
+            header.push_str(&format!("metrics {a}\n"));
+            fds.push(fd);
+        }
+        header.push_str("end\n");
+        tracing::info!(path = %path.display(), "listening for a handoff");
+        Ok(HandoffServer {
+            path: path.to_owned(),
+            listener,
+            header,
+            fds,
+        })
+    }
+
+    /// Answers a successor if one connected. True when it took the listeners.
+    fn poll(&mut self) -> bool {
+        let mut conn = match self.listener.accept() {
+            Ok((c, _)) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "handoff: accept failed");
+                return false;
+            }
+        };
+        match self.answer(&mut conn) {
+            Ok(who) => {
+                tracing::info!(path = %self.path.display(), successor = %who, "listening sockets handed over; draining");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "handoff failed; still serving");
+                false
+            }
+        }
+    }
+
+    fn answer(&self, conn: &mut UnixStream) -> std::io::Result<String> {
+        conn.set_nonblocking(false)?;
+        conn.set_read_timeout(Some(HANDOFF_TIMEOUT))?;
+        conn.set_write_timeout(Some(HANDOFF_TIMEOUT))?;
+        let hello = read_line(conn)?;
+        let Some(who) = hello.strip_prefix(HANDOFF_MAGIC) else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("unexpected request {hello:?}"),
+            ));
+        };
+        let raw: Vec<_> = self.fds.iter().map(|f| f.as_raw_fd()).collect();
+        crate::sys::send_fds(conn, self.header.as_bytes(), &raw)?;
+        let reply = read_line(conn)?;
+        if reply == "OK" {
+            Ok(who.trim().to_string())
+        } else {
+            Err(std::io::Error::other(format!(
+                "the successor declined: {reply}"
+            )))
+        }
     }
 }

@@ -3,5 +3,6 @@ mod alloc;
 mod cli;
 mod common;
 mod crypto;
+mod lifecycle;
 mod proxy;
 mod reactor;

@@ -19,7 +19,21 @@ pub const STALL_SECONDS: f64 = 5.0;
 
 /// Binds `addr` now (so a busy port is reported at startup) and serves on a new thread.
 pub fn spawn(addr: SocketAddr, metrics: Arc<Metrics>) -> io::Result<SocketAddr> {
-    let std_listener = std::net::TcpListener::bind(addr)?;
+    serve_on(bind(addr)?, metrics)
+}
+
+/// Binds the endpoint's listening socket.
+pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    std::net::TcpListener::bind(addr)
+}
+
+/// Serves on an already-listening socket (bound by [`bind`], or inherited in a handoff) on a
+/// new thread. After `health.handed_off` is set, the endpoint serves at most one more request
+/// and closes its copy of the socket (the successor holds the other).
+pub fn serve_on(
+    std_listener: std::net::TcpListener,
+    metrics: Arc<Metrics>,
+) -> io::Result<SocketAddr> {
     std_listener.set_nonblocking(true)?;
     let local = std_listener.local_addr()?;
     std::thread::Builder::new()
@@ -57,6 +71,10 @@ async fn serve(l: std::net::TcpListener, metrics: Arc<Metrics>) {
             }
         };
         let m = metrics.clone();
+        let last = metrics
+            .health
+            .handed_off
+            .load(std::sync::atomic::Ordering::Acquire);
         tokio::task::spawn(async move {
             let io = hyper_util::rt::TokioIo::new(stream);
             let svc = hyper::service::service_fn(move |req| {
@@ -67,7 +85,13 @@ async fn serve(l: std::net::TcpListener, metrics: Arc<Metrics>) {
                 .serve_connection(io, svc)
                 .await;
         });
+        if last {
+            break;
+        }
     }
+    // Handed over: stop accepting; connections already open are served until the process exits.
+    drop(listener);
+    std::future::pending::<()>().await
 }
 
 fn reply(status: StatusCode, ctype: &str, body: Vec<u8>) -> Response<Full<Bytes>> {

@@ -474,6 +474,9 @@ pub struct Health {
     pub listeners_up: AtomicUsize,
     pub listeners_expected: AtomicUsize,
     pub draining: AtomicBool,
+    /// Set once this process handed its listeners (metrics included) to a successor: the
+    /// endpoint stops accepting so that scrapes reach the new process.
+    pub handed_off: AtomicBool,
 }
 
 impl Health {
@@ -488,6 +491,7 @@ impl Health {
             listeners_up: AtomicUsize::new(0),
             listeners_expected: AtomicUsize::new(shards * tunnels),
             draining: AtomicBool::new(false),
+            handed_off: AtomicBool::new(false),
         }
     }
 

@@ -194,6 +194,17 @@ impl<C: Layer, U: Layer> Conn<C, U> {
             m.failures[reason].inc();
         }
         let tunnel = rt.cfg.name.clone();
+        if ours {
+            // Every other target would fail the same way: end this client, and make the
+            // listener back off so the freed fd does not just admit the next one to fail.
+            if let Some(l) = rt.listener {
+                cx.notify(l, super::listener::TAG_EXHAUSTED);
+            }
+            if let Some(skipped) = warn {
+                tracing::debug!(%tunnel, upstream = %addr, error = ?err, skipped, "upstream connect: out of resources");
+            }
+            return self.finish(cx, CloseReason::UpstreamFailed);
+        }
         if went_down {
             tracing::warn!(%tunnel, upstream = %addr, error = ?err, timed_out, "upstream marked down");
         } else if let Some(skipped) = warn {

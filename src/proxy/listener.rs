@@ -4,7 +4,10 @@
 //! At the shard's connection limit the listener pauses (the kernel keeps queueing) and resumes
 //! when a connection closes; each pause is counted as `rejected{reason="max_conns"}`. With no
 //! healthy upstream, a new client is closed at once and counted. When the shard drains, the
-//! listener first accepts everything already queued in the kernel, then closes.
+//! listener first accepts everything already queued in the kernel, then closes. When a
+//! connection runs out of descriptors after its accept (its upstream connect fails with
+//! EMFILE), it notifies the listener ([`TAG_EXHAUSTED`]), which pauses with the same backoff
+//! as an exhausted accept — never an accept/close cycle while clients queue.
 
 use std::net::SocketAddr;
 
@@ -22,6 +25,9 @@ use super::conn::Conn;
 /// Notify tags for a tunnel listener.
 pub const TAG_RESUME: u64 = 0x20 << 8;
 pub const TAG_DRAIN: u64 = 0x21 << 8;
+/// A connection of this shard met resource exhaustion after its accept (an upstream connect
+/// failed with EMFILE, say): pause accepting with the exhaustion backoff.
+pub const TAG_EXHAUSTED: u64 = 0x22 << 8;
 
 pub struct TunnelListener {
     tunnel: usize,
@@ -144,6 +150,16 @@ impl Handler<ShardState> for TunnelListener {
             TAG_RESUME if cx.state.conns < cx.state.conn_limit && !cx.state.draining => {
                 cx.state.tunnels[self.tunnel].listener_paused = false;
                 self.listener.resume(cx);
+            }
+            TAG_EXHAUSTED => {
+                if let Some(wait) = self.listener.pause_for_backoff(cx) {
+                    let now = cx.now();
+                    cx.state.tunnels[self.tunnel].metrics.accept_exhausted.inc();
+                    if let Some(skipped) = cx.state.may_warn(now) {
+                        let rt = &cx.state.tunnels[self.tunnel];
+                        tracing::warn!(tunnel = %rt.cfg.name, backoff = ?wait, skipped, "accept paused: out of resources for upstream connections");
+                    }
+                }
             }
             TAG_DRAIN => {
                 let tunnel = self.tunnel;

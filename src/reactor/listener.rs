@@ -111,6 +111,8 @@ pub struct ConnListener {
     paused: bool,
     backoff: Option<Duration>,
     backoff_timer: Option<TimerKey>,
+    /// When the last backoff pause ends: exhaustion that recurs soon after grows the backoff.
+    backoff_ends: Option<std::time::Instant>,
     redrive_queued: bool,
 }
 
@@ -132,6 +134,7 @@ impl ConnListener {
             paused: false,
             backoff: None,
             backoff_timer: None,
+            backoff_ends: None,
             redrive_queued: false,
         }
     }
@@ -251,7 +254,6 @@ impl ConnListener {
                     if self.opts.nodelay {
                         let _ = stream.set_nodelay(true);
                     }
-                    self.backoff = None;
                     pass.accepted += 1;
                     on_accept(cx, stream, peer);
                     if self.paused {
@@ -264,10 +266,7 @@ impl ConnListener {
                 }
                 Err(e) if is_transient(&e) => continue,
                 Err(e) if is_resource_exhaustion(&e) => {
-                    let wait = self
-                        .backoff
-                        .map_or(BACKOFF_MIN, |b| (b * 2).min(BACKOFF_MAX));
-                    self.backoff = Some(wait);
+                    let wait = self.next_backoff(cx.now());
                     self.backoff_timer = Some(cx.timer(wait, TAG_BACKOFF | self.source as u64));
                     pass.exhausted = Some(e);
                     return pass;
@@ -281,6 +280,34 @@ impl ConnListener {
         // Batch full with more possibly queued: continue on a deferred pass.
         self.queue_redrive(cx);
         pass
+    }
+
+    /// The next pause after resource exhaustion: it doubles (up to 1 s) when the exhaustion
+    /// recurs within twice the last pause after that pause ended, and starts again at 10 ms
+    /// otherwise. Successful accepts in between do not reset it: with one fd free, accept
+    /// succeeds and the next step (another accept, an upstream connect) fails, so "an accept
+    /// worked" says nothing about recovery; only time without exhaustion does.
+    fn next_backoff(&mut self, now: std::time::Instant) -> Duration {
+        let wait = match (self.backoff, self.backoff_ends) {
+            (Some(b), Some(end)) if now <= end + b * 2 => (b * 2).min(BACKOFF_MAX),
+            _ => BACKOFF_MIN,
+        };
+        self.backoff = Some(wait);
+        self.backoff_ends = Some(now + wait);
+        wait
+    }
+
+    /// Pauses accepting with the resource-exhaustion backoff, for exhaustion the owner met
+    /// after an accept succeeded (an upstream `connect` failing with EMFILE, say): without it,
+    /// each accepted client would be closed at once, freeing the fd that lets the next queued
+    /// client in — a busy accept/close cycle. Returns the pause chosen, or `None` if a backoff was already in force.
+    pub fn pause_for_backoff<S>(&mut self, cx: &mut Context<'_, S>) -> Option<Duration> {
+        if self.backoff_timer.is_some() {
+            return None;
+        }
+        let wait = self.next_backoff(cx.now());
+        self.backoff_timer = Some(cx.timer(wait, TAG_BACKOFF | self.source as u64));
+        Some(wait)
     }
 
     /// The backoff currently in force after resource exhaustion, if any.
