@@ -21,9 +21,18 @@ fn pair_carries_64_mib_each_way_byte_exact() {
 #[test]
 fn small_exchange_and_clean_close() {
     let echo = echo_backend();
-    let (entry, _e, _d) = pair(echo.addr);
+    let (entry, e, d) = pair(echo.addr);
     for i in 0..20 {
         round_trip(entry, i, 100);
+    }
+    // Both sides count the 20 sessions under the one key they share.
+    for side in [&e, &d] {
+        let text = String::from_utf8(side.metrics().render()).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("sealpipe_key_sessions_total{"))
+            .unwrap_or_else(|| panic!("no key_sessions_total in {text}"));
+        assert!(line.ends_with(" 20"), "{line}");
     }
 }
 

@@ -126,6 +126,7 @@ pub struct Metrics {
     pub loop_stall: IntCounterVec,
     pub heartbeat_age: GaugeVec,
     pub keys_loaded: IntGaugeVec,
+    key_sessions: IntCounterVec,
     pub reloads: IntCounterVec,
     pub draining: IntGauge,
     pub accept_errors: IntCounterVec,
@@ -324,6 +325,16 @@ impl Metrics {
                     &["shard"]
                 )
             ),
+            key_sessions: reg!(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "key_sessions_total",
+                        "Handshakes completed, by the pre-shared key they used (shows which keys are in use during a rotation)."
+                    ),
+                    &["tunnel", "key_id"]
+                )
+            ),
             keys_loaded: reg!(
                 r,
                 IntGaugeVec::new(
@@ -413,6 +424,11 @@ impl Metrics {
             accept_exhausted: self.accept_errors.with_label_values(&[tunnel, "exhausted"]),
             accept_other: self.accept_errors.with_label_values(&[tunnel, "other"]),
         }
+    }
+
+    /// The per-key session counter of one tunnel's key (label values bounded by loaded keys).
+    pub fn key_sessions(&self, tunnel: &str, key_id: &str) -> IntCounter {
+        self.key_sessions.with_label_values(&[tunnel, key_id])
     }
 
     /// The text exposition of every family.

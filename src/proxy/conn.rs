@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 
-use crate::crypto::ProtocolError;
+use crate::crypto::{KeyId, ProtocolError};
 use crate::metrics::{Bytes, CloseReason};
 use crate::reactor::{
     BevEvents, BufferEvent, Context, Filter, Handler, NoFilter, Ready, Suspend, Timeouts, TimerKey,
@@ -41,6 +41,10 @@ pub trait Layer: Filter + Sized + 'static {
     fn make(role: Role, t: &TunnelRt) -> Self;
     /// Handshake complete (always true for plain).
     fn is_open(&self) -> bool;
+    /// The pre-shared key the session uses (none for plain).
+    fn key_id(&self) -> Option<KeyId> {
+        None
+    }
 }
 
 impl Layer for NoFilter {
@@ -68,6 +72,9 @@ impl Layer for SealFilter {
     }
     fn is_open(&self) -> bool {
         SealFilter::is_open(self)
+    }
+    fn key_id(&self) -> Option<KeyId> {
+        SealFilter::key_id(self)
     }
 }
 
@@ -437,7 +444,14 @@ impl<C: Layer, U: Layer> Conn<C, U> {
             cx.cancel_timer(k);
         }
         let took = cx.now() - self.started;
-        let m = &cx.state.tunnels[self.tunnel].metrics;
+        let key = self
+            .client
+            .filter()
+            .key_id()
+            .or_else(|| self.upstream.as_ref().and_then(|u| u.filter().key_id()));
+        let rt = &cx.state.tunnels[self.tunnel];
+        rt.count_session(key);
+        let m = &rt.metrics;
         m.handshake("ok");
         m.handshake_duration.observe(took.as_secs_f64());
     }

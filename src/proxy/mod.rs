@@ -22,9 +22,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::{Mode, Tunnel};
-use crate::crypto::{HandshakeConfig, KeySet};
+use crate::crypto::{HandshakeConfig, KeyId, KeySet};
 use crate::metrics::{Bytes, Metrics, TunnelMetrics};
 use crate::reactor::HandlerId;
+use prometheus::IntCounter;
 
 use upstream::Upstreams;
 
@@ -49,6 +50,8 @@ pub struct TunnelRt {
     pub active: usize,
     pub listener: Option<HandlerId>,
     pub listener_paused: bool,
+    /// Sessions counted per pre-shared key (resolved when keys load, not per handshake).
+    pub key_sessions: Vec<(KeyId, IntCounter)>,
     /// Tests shrink the rekey interval to exercise key updates.
     pub key_update_interval: Option<u64>,
 }
@@ -64,6 +67,7 @@ impl TunnelRt {
         let names: Vec<String> = cfg.targets.iter().map(|a| a.to_string()).collect();
         TunnelRt {
             index,
+            key_sessions: Self::key_sessions(&cfg, keys.as_deref(), metrics),
             handshake: Self::handshake_config(&cfg, keys),
             upstreams: Upstreams::new(&cfg.targets, cfg.balance),
             metrics: metrics.tunnel(&cfg.name, shard, &names),
@@ -73,6 +77,22 @@ impl TunnelRt {
             listener_paused: false,
             key_update_interval: None,
             cfg,
+        }
+    }
+
+    fn key_sessions(cfg: &Tunnel, keys: Option<&KeySet>, m: &Metrics) -> Vec<(KeyId, IntCounter)> {
+        keys.map(|k| {
+            k.ids()
+                .map(|id| (id, m.key_sessions(&cfg.name, &id.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
+    }
+
+    /// Counts a completed handshake under the key it used.
+    pub fn count_session(&self, id: Option<KeyId>) {
+        if let Some((_, c)) = id.and_then(|id| self.key_sessions.iter().find(|(k, _)| *k == id)) {
+            c.inc();
         }
     }
 
@@ -98,6 +118,7 @@ impl TunnelRt {
         let names: Vec<String> = cfg.targets.iter().map(|a| a.to_string()).collect();
         self.metrics = metrics.tunnel(&cfg.name, shard, &names);
         self.upstreams.replace(&cfg.targets, cfg.balance);
+        self.key_sessions = Self::key_sessions(&cfg, keys.as_deref(), metrics);
         self.handshake = Self::handshake_config(&cfg, keys);
         self.cfg = cfg;
     }
