@@ -376,6 +376,9 @@ fn shard_loop(i: usize, base: &mut EventBase<ShardState>) -> std::io::Result<()>
         let p = pool::stats();
         cached.set((p.cached_chunks * pool::CHUNK_SIZE) as i64);
         live.set((p.live_chunks * pool::CHUNK_SIZE) as i64);
+        if !base.state().draining {
+            base.with_context(|cx| crate::proxy::health::run_due(cx, now));
+        }
         let st = base.state_mut();
         st.flush(now);
         if let Some(deadline) = st.drain_deadline {

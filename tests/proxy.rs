@@ -337,3 +337,39 @@ fn idle_timeout_closes_the_pair() {
     assert!(err.is_none() || err == Some(ErrorKind::ConnectionReset));
     assert!(t.elapsed() < Duration::from_secs(10));
 }
+
+/// Polls the server's metrics until `line` (a full sample line) appears.
+fn wait_metric(r: &sealpipe::server::Running, line: &str) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let text = String::from_utf8(r.metrics().render()).unwrap();
+        if text.lines().any(|l| l == line) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never saw {line:?} in\n{text}");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn active_health_checks_mark_targets_down_and_up_without_clients() {
+    let echo = echo_backend();
+    let dead = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut t = tunnel(Mode::Forward, &[dead, echo.addr], &[]);
+    t.health_check_interval = 0.1;
+    let (fwd, r) = start(t, limits());
+    let up = |addr: std::net::SocketAddr, v: u8| {
+        format!("sealpipe_upstream_up{{tunnel=\"forward\",upstream=\"{addr}\"}} {v}")
+    };
+    // Gauges start at 0; the live target at 1 proves a flush happened, and the dead one then
+    // goes to 0 without any client having been sent there.
+    wait_metric(&r, &up(echo.addr, 1));
+    wait_metric(&r, &up(dead, 0));
+    // No client has been sent to the dead target: every connection works first time.
+    for i in 0..10 {
+        round_trip(fwd, i, 100);
+    }
+    // The target comes to life: the next probe marks it up again.
+    let _l = TcpListener::bind(dead).unwrap();
+    wait_metric(&r, &up(dead, 1));
+}

@@ -14,6 +14,7 @@
 
 pub mod codec;
 pub mod conn;
+pub mod health;
 pub mod listener;
 pub mod upstream;
 
@@ -52,6 +53,8 @@ pub struct TunnelRt {
     pub listener_paused: bool,
     /// Sessions counted per pre-shared key (resolved when keys load, not per handshake).
     pub key_sessions: Vec<(KeyId, IntCounter)>,
+    /// When this shard next probes the targets (active health checks).
+    pub next_probe: Option<Instant>,
     /// Tests shrink the rekey interval to exercise key updates.
     pub key_update_interval: Option<u64>,
 }
@@ -76,6 +79,7 @@ impl TunnelRt {
             listener: None,
             listener_paused: false,
             key_update_interval: None,
+            next_probe: None,
             cfg,
         }
     }
