@@ -41,6 +41,8 @@ use crate::reactor::{EventBase, Handle, HandlerId, pool};
 
 /// How often a shard flushes counters and publishes its heartbeat.
 const HOUSEKEEPING: Duration = Duration::from_millis(250);
+/// Chunks freed (beyond the pool's cache) since the last heap trim that justify another.
+const TRIM_AFTER_CHUNKS: u64 = 64;
 /// A loop turn whose callbacks ran longer than this counts as a stall.
 const STALL: Duration = Duration::from_millis(100);
 
@@ -357,6 +359,8 @@ fn shard_loop(i: usize, base: &mut EventBase<ShardState>) -> std::io::Result<()>
     let live = m.pool_bytes.with_label_values(&[&label, "live"]);
     let mut last = base.stats();
     let mut next_flush = Instant::now();
+    let mut next_trim = Instant::now();
+    let mut trimmed_at = 0u64;
     loop {
         base.loop_once(Some(HOUSEKEEPING))?;
         let now = Instant::now();
@@ -374,6 +378,13 @@ fn shard_loop(i: usize, base: &mut EventBase<ShardState>) -> std::io::Result<()>
         }
         last = s;
         let p = pool::stats();
+        // After a burst, freed chunks stay resident in the heap: give them back to the
+        // kernel, at most once a second, only when a good number were freed since last time.
+        if p.freed_total >= trimmed_at + TRIM_AFTER_CHUNKS && now >= next_trim {
+            crate::sys::trim_heap();
+            trimmed_at = p.freed_total;
+            next_trim = now + Duration::from_secs(1);
+        }
         cached.set((p.cached_chunks * pool::CHUNK_SIZE) as i64);
         live.set((p.live_chunks * pool::CHUNK_SIZE) as i64);
         if !base.state().draining {

@@ -150,3 +150,18 @@ pub fn recv_fds(sock: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<Own
     }
     Ok((n, fds))
 }
+
+/// Returns freed heap memory to the kernel (glibc keeps freed pages of its heap resident;
+/// after a burst of connections that is most of the process's RSS). Cheap when there is
+/// little to trim; callers rate-limit it anyway.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn trim_heap() {
+    // SAFETY: malloc_trim takes a plain integer and only touches the allocator's own state,
+    // which is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn trim_heap() {}

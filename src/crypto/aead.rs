@@ -69,9 +69,11 @@ pub struct AeadKey {
     inner: Inner,
 }
 
+/// The pure-Rust key schedule is much larger than ring's; boxing it keeps the common (ring)
+/// case small, which is most of what an idle connection costs.
 enum Inner {
     Ring(LessSafeKey),
-    RustCrypto(Aes256Gcm),
+    RustCrypto(Box<Aes256Gcm>),
 }
 
 impl AeadKey {
@@ -82,9 +84,9 @@ impl AeadKey {
                 Ok(k) => Inner::Ring(LessSafeKey::new(k)),
                 // ring only rejects a key of the wrong length, which the type rules out; fall
                 // back to the other backend rather than panic.
-                Err(_) => Inner::RustCrypto(Aes256Gcm::new(key.into())),
+                Err(_) => Inner::RustCrypto(Box::new(Aes256Gcm::new(key.into()))),
             },
-            AeadKind::RustCrypto => Inner::RustCrypto(Aes256Gcm::new(key.into())),
+            AeadKind::RustCrypto => Inner::RustCrypto(Box::new(Aes256Gcm::new(key.into()))),
         };
         AeadKey { inner }
     }

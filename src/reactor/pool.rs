@@ -27,8 +27,8 @@ use std::marker::PhantomData;
 /// for a socket read to move a useful amount per `readv` iovec.
 pub const CHUNK_SIZE: usize = 32 * 1024;
 
-/// Default cap of a thread's free list: 256 chunks = 8 MiB.
-pub const DEFAULT_MAX_CACHED: usize = 256;
+/// Default cap of a thread's free list: 64 chunks = 2 MiB (cached chunks stay resident).
+pub const DEFAULT_MAX_CACHED: usize = 64;
 
 /// A [`CHUNK_SIZE`]-byte block with the offsets of its valid data (`start..end`).
 ///
