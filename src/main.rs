@@ -280,7 +280,16 @@ fn main() -> ExitCode {
             } else {
                 2
             };
-            eprintln!("sealpipe: error: {e:#}");
+            // The chain, without repeating a cause the message above it already quotes.
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                let c = cause.to_string();
+                if !msg.contains(&c) {
+                    msg.push_str(": ");
+                    msg.push_str(&c);
+                }
+            }
+            eprintln!("sealpipe: error: {msg}");
             ExitCode::from(code)
         }
     }

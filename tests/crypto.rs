@@ -637,7 +637,7 @@ fn load_rejects_bad_key_files_naming_the_file() {
         ("open.key", good.as_bytes(), 0o644, |e| {
             matches!(e, KeyError::Permissions { mode: 0o644, .. })
         }),
-        ("group.key", good.as_bytes(), 0o640, |e| {
+        ("groupw.key", good.as_bytes(), 0o660, |e| {
             matches!(e, KeyError::Permissions { .. })
         }),
         ("short.key", b"abcdef\n", 0o600, |e| {
@@ -660,6 +660,10 @@ fn load_rejects_bad_key_files_naming_the_file() {
             "{name}: message does not name the file: {err}"
         );
     }
+    // Readable by a key group (0640) is fine: the group is how a service user gets the key.
+    let shared = dir.0.join("shared.key");
+    write_mode(&shared, good.as_bytes(), 0o640);
+    assert!(load_key_file(&shared).is_ok());
     let missing = dir.0.join("missing.key");
     let err = load_key_file(&missing).unwrap_err();
     assert!(matches!(err, KeyError::Unreadable { .. }));

@@ -354,7 +354,10 @@ fn wait_metric(r: &sealpipe::server::Running, line: &str) {
 #[test]
 fn active_health_checks_mark_targets_down_and_up_without_clients() {
     let echo = echo_backend();
-    let dead = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let mut t = tunnel(Mode::Forward, &[dead, echo.addr], &[]);
     t.health_check_interval = 0.1;
     let (fwd, r) = start(t, limits());

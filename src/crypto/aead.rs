@@ -71,6 +71,7 @@ pub struct AeadKey {
 
 /// The pure-Rust key schedule is much larger than ring's; boxing it keeps the common (ring)
 /// case small, which is most of what an idle connection costs.
+#[allow(clippy::large_enum_variant)] // deliberate: the large variant is the common one
 enum Inner {
     Ring(LessSafeKey),
     RustCrypto(Box<Aes256Gcm>),

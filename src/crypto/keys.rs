@@ -194,8 +194,9 @@ pub enum KeyError {
         /// The file.
         path: PathBuf,
     },
-    /// Group or others may read or write the file; a secret must be mode 0600 or tighter.
-    #[error("key file {}: mode {mode:04o} is accessible to group or others (chmod 600 it)", path.display())]
+    /// Others may access the file, or its group may write it; a secret must be 0600 (or 0640
+    /// for a key group).
+    #[error("key file {}: mode {mode:04o} is writable by its group or accessible to others (chmod 600, or 640 for a key group)", path.display())]
     Permissions {
         /// The file.
         path: PathBuf,
@@ -265,7 +266,9 @@ pub fn load_key_file(path: &Path) -> Result<Key, KeyError> {
     let file = File::open(path).map_err(unreadable)?;
     // fstat the open file, not the path, so the checked file is the one read.
     let mode = file.metadata().map_err(unreadable)?.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
+    // Group read is allowed (a key group shared with a service's dynamic user, mode 0640);
+    // anything for others, and group write, is refused.
+    if mode & 0o037 != 0 {
         return Err(KeyError::Permissions {
             path: path.to_owned(),
             mode,
