@@ -2,5 +2,6 @@
 mod cli;
 mod common;
 mod crypto;
+mod faults;
 mod proxy;
 mod reactor;
