@@ -383,6 +383,43 @@ fn client_reads_nothing_backend_stalls_and_memory_stays_bounded() {
 // Hostile peers at the decrypt listener
 
 #[test]
+fn oversized_record_length_after_handshake_is_rejected() {
+    let echo = echo_backend();
+    let key = keygen("os");
+    let (dec, d) = start(
+        tunnel(Mode::Decrypt, &[echo.addr], std::slice::from_ref(&key)),
+        limits(),
+    );
+    // HelloI (106 bytes with forward secrecy) + Finished (32): the first record's header
+    // starts at offset 138; its length field is bytes 139..141. Claim 65535 (> 16384).
+    let relay = mitm(dec, |dir, off, buf| {
+        for at in [139usize, 140] {
+            if dir == 0 && off <= at && at < off + buf.len() {
+                buf[at - off] = 0xff;
+            }
+        }
+        true
+    });
+    let (enc, _e) = start(tunnel(Mode::Encrypt, &[relay], &[key]), limits());
+    let mut c = connect(enc);
+    let _ = c.write_all(&[1u8; 5000]);
+    let (got, err) = read_to_end(&mut c);
+    assert!(got.is_empty());
+    assert_eq!(err, Some(ErrorKind::ConnectionReset));
+    assert_eq!(
+        echo.bytes.load(Ordering::SeqCst),
+        0,
+        "bytes reached the backend"
+    );
+    // The handshake itself verified: the failure is the record's, not the handshake's.
+    wait_until("counted as tampered", || closed(&d, "tampered") >= 1.0);
+    let hs = |r| metric(&d, "sealpipe_handshakes_total", &[("result", r)]);
+    assert_eq!(hs("ok"), 1.0);
+    assert_eq!(hs("too_large"), 0.0);
+    assert_eq!(closed(&d, "handshake_failed"), 0.0);
+}
+
+#[test]
 fn bit_flips_in_the_handshake_never_reach_the_backend() {
     let echo = echo_backend();
     let key = keygen("bf");

@@ -277,6 +277,11 @@ impl<C: Layer, U: Layer> Conn<C, U> {
             return (c, u);
         }
         if ev.contains(BevEvents::ERROR) {
+            // The read that completed the handshake may also carry a bad record: the handshake
+            // still succeeded, and the failure is the record's (tampered), not the handshake's.
+            if C::SEALED && self.client.filter().is_open() {
+                self.handshake_ok(cx);
+            }
             let err = self.client.take_error();
             self.side_failed(cx, CLIENT, err);
             return (c, u);
@@ -327,6 +332,10 @@ impl<C: Layer, U: Layer> Conn<C, U> {
             return (c, u);
         }
         if ev.contains(BevEvents::ERROR) {
+            // As on the client side: a handshake completed in the failing read still counts.
+            if U::SEALED && self.upstream.as_ref().is_some_and(|x| x.filter().is_open()) {
+                self.handshake_ok(cx);
+            }
             let err = self.upstream.as_mut().and_then(|x| x.take_error());
             self.side_failed(cx, UPSTREAM, err);
             return (c, u);
