@@ -70,6 +70,30 @@ fn read_until_end(s: &mut TcpStream) -> Option<ErrorKind> {
     read_to_end(s).1
 }
 
+/// A thread writing 64 KiB blocks of `byte` to `s` until `stop` is set. Writes time out every
+/// 100 ms so the thread notices `stop` even while backpressure holds; a write error ends it.
+///
+/// Tests stop and join it before they look at how the stream ended: a socket reports a reset
+/// once, to whichever call comes first, and a concurrent writer would take it from the reader.
+fn stoppable_writer(s: &TcpStream, byte: u8) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+    let mut w = s.try_clone().unwrap();
+    w.set_write_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let h = std::thread::spawn(move || {
+        let block = vec![byte; 64 * 1024];
+        while !stop2.load(Ordering::Relaxed) {
+            match w.write(&block) {
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => break,
+            }
+        }
+    });
+    (stop, h)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Backend faults
 
@@ -606,39 +630,28 @@ fn sigkill_of_the_decrypt_process_resets_the_client_promptly() {
     );
     let (enc, e) = start(tunnel(Mode::Encrypt, &[dec], &[key]), limits());
     let c = connect(enc);
-    let mut w = c.try_clone().unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let writer = std::thread::spawn(move || {
-        let block = vec![9u8; 64 * 1024];
-        let mut n = 0usize;
-        while !stop2.load(Ordering::Relaxed) && n < 1 << 30 {
-            match w.write(&block) {
-                Ok(k) => n += k,
-                Err(_) => break,
-            }
-        }
-    });
+    let (stop, writer) = stoppable_writer(&c, 9);
     let mut r = c;
     let mut buf = vec![0u8; 64 * 1024];
     let mut got = 0usize;
     while got < 1 << 20 {
         got += r.read(&mut buf).unwrap();
     }
-    // Mid-transfer: the decrypt process dies without a word.
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    // Mid-transfer (bytes in flight both ways, no end in sight): the decrypt process dies
+    // without a word.
     let mut dproc = dproc;
     dproc.0.kill().unwrap();
     let killed_at = Instant::now();
     let (_rest, err) = read_to_end(&mut r);
     let took = killed_at.elapsed();
-    stop.store(true, Ordering::Relaxed);
     assert_eq!(
         err,
         Some(ErrorKind::ConnectionReset),
         "the client must see a reset, not {err:?}"
     );
     assert!(took < Duration::from_secs(5), "reset took {took:?}");
-    writer.join().unwrap();
     wait_until("encrypt side closed it", || active(&e) == 0.0);
     let cut = closed(&e, "truncated") + closed(&e, "peer_reset");
     assert!(cut >= 1.0, "counted as truncated or reset");
@@ -822,4 +835,227 @@ fn trace_logs_never_contain_key_material() {
             );
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The network between the pair: two network namespaces joined by a veth pair
+//
+//   [ns A: client, encrypt on 127.0.0.1:7000] --veth 10.213.x.1 <-> 10.213.x.2-- [ns B: decrypt
+//   on 10.213.x.2:7001, echo backend on 127.0.0.1]
+//
+// Addresses exist only inside the namespaces this test creates; nothing is routed out of them.
+// The test's own threads join a namespace with setns(2) to open their sockets there.
+
+/// Namespaces and processes of one run; deleted and killed on drop, even on failure.
+struct Netns {
+    names: [String; 2],
+    procs: Vec<Proc>,
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        self.procs.clear(); // kill our sealpipe children first
+        for n in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Moves the calling thread (only) into network namespace `name`.
+#[allow(unsafe_code)]
+fn enter_netns(name: &str) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(format!("/run/netns/{name}")).unwrap();
+    // SAFETY: `f` is an open namespace file for the duration of the call, and CLONE_NEWNET
+    // only changes the network namespace of this thread; no memory is shared with the kernel.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
+/// Runs `f` on a thread inside namespace `ns` and returns its result.
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let ns = ns.to_string();
+    std::thread::spawn(move || {
+        enter_netns(&ns);
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Creates the two namespaces and the veth between them; Err when this host cannot.
+fn netns_setup() -> Result<(Netns, String, String, String), String> {
+    let id = std::process::id();
+    let (a, b) = (format!("sp-faults-{id}-a"), format!("sp-faults-{id}-b"));
+    ip(&["netns", "add", &a])?;
+    let mut ns = Netns {
+        names: [a.clone(), String::new()],
+        procs: Vec::new(),
+    };
+    ip(&["netns", "add", &b])?;
+    ns.names[1] = b.clone();
+    let (va, vb) = (
+        format!("spa{}", id % 100_000),
+        format!("spb{}", id % 100_000),
+    );
+    let net = format!("10.213.{}", id % 250);
+    ip(&[
+        "-n", &a, "link", "add", &va, "type", "veth", "peer", "name", &vb, "netns", &b,
+    ])?;
+    for (n, v, host) in [(&a, &va, 1), (&b, &vb, 2)] {
+        ip(&["-n", n, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n",
+            n,
+            "addr",
+            "add",
+            &format!("{net}.{host}/30"),
+            "dev",
+            v,
+        ])?;
+        ip(&["-n", n, "link", "set", v, "up"])?;
+    }
+    Ok((ns, va, vb, net))
+}
+
+/// Adds 50 ms delay, 1% loss and reordering on both veth ends; Err with the reason if netem
+/// is not available on this kernel.
+fn netem(ns: &Netns, va: &str, vb: &str) -> Result<(), String> {
+    for (n, v) in [(&ns.names[0], va), (&ns.names[1], vb)] {
+        let out = Command::new("ip")
+            .args(["netns", "exec", n, "tc", "qdisc", "add", "dev", v, "root"])
+            .args([
+                "netem", "delay", "50ms", "loss", "1%", "reorder", "25%", "50%",
+            ])
+            .output()
+            .map_err(|e| format!("tc: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn network_between_the_pair_delay_loss_then_link_cut() {
+    let (mut ns, va, vb, net) = match netns_setup() {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("SKIPPED: cannot create network namespaces here ({e}); needs root");
+            return;
+        }
+    };
+    let impaired = match netem(&ns, &va, &vb) {
+        Ok(()) => {
+            eprintln!("netem: delay 50ms, loss 1%, reorder 25% on both veth ends");
+            true
+        }
+        Err(e) => {
+            eprintln!("NETEM UNAVAILABLE ({e}): running over an unimpaired veth link");
+            false
+        }
+    };
+    let (a, b) = (ns.names[0].clone(), ns.names[1].clone());
+    let key = keygen("netns");
+    // The echo backend lives in B; its threads inherit B's namespace.
+    let backend: SocketAddr = in_netns(&b, || {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { return };
+                std::thread::spawn(move || {
+                    let mut w = s.try_clone().unwrap();
+                    let _ = std::io::copy(&mut s, &mut w);
+                    let _ = w.shutdown(Shutdown::Write);
+                });
+            }
+        });
+        addr
+    });
+    let dec: SocketAddr = format!("{net}.2:7001").parse().unwrap();
+    let enc: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+    let timeouts = ["--idle-timeout", "2", "--half-closed-timeout", "2"];
+    for (n, mode, listen, target) in [(&b, "decrypt", dec, backend), (&a, "encrypt", enc, dec)] {
+        let child = Command::new("ip")
+            .args(["netns", "exec", n, env!("CARGO_BIN_EXE_sealpipe"), mode])
+            .args([
+                "--listen",
+                &listen.to_string(),
+                "--target",
+                &target.to_string(),
+            ])
+            .args(["--threads", "1", "--log-level", "error", "--key"])
+            .arg(&key)
+            .args(timeouts)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        ns.procs.push(Proc(child));
+        // The decrypt side must listen before the encrypt side's first connect, or that
+        // connect is refused and the target marked down.
+        in_netns(n, move || wait_listening(listen));
+    }
+    // Byte-exact through the (impaired) link.
+    let len = if impaired { 1 << 20 } else { 8 << 20 };
+    let took = in_netns(&a, move || {
+        let t = Instant::now();
+        round_trip(enc, 31, len);
+        t.elapsed()
+    });
+    eprintln!(
+        "{} MiB each way byte-exact in {took:?} ({:.1} MiB/s){}",
+        len >> 20,
+        (2 * len) as f64 / (1 << 20) as f64 / took.as_secs_f64(),
+        if impaired { " under netem" } else { "" }
+    );
+    // Link cut mid-transfer: noticed by the idle timeout (2 s), not a hang.
+    let (cut_tx, cut_rx) = mpsc::channel::<()>();
+    let (a2, va2) = (a.clone(), va.clone());
+    let client = std::thread::spawn(move || {
+        enter_netns(&a2);
+        let c = connect(enc);
+        let (stop, writer) = stoppable_writer(&c, 7);
+        let mut r = c;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut got = 0;
+        while got < 256 * 1024 {
+            got += r.read(&mut buf).unwrap();
+        }
+        ip(&["-n", &a2, "link", "set", &va2, "down"]).unwrap();
+        let _ = cut_tx.send(());
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap();
+        let t = Instant::now();
+        let err = read_to_end(&mut r).1;
+        (err, t.elapsed())
+    });
+    cut_rx.recv_timeout(TIMEOUT).expect("link never cut");
+    let (err, took) = client.join().unwrap();
+    assert_eq!(
+        err,
+        Some(ErrorKind::ConnectionReset),
+        "after the link cut the client must be reset by the idle timeout (took {took:?})"
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "noticed the cut only after {took:?}"
+    );
+    eprintln!("link cut noticed after {took:?} (idle timeout 2 s)");
 }
