@@ -70,6 +70,12 @@ fn read_until_end(s: &mut TcpStream) -> Option<ErrorKind> {
     read_to_end(s).1
 }
 
+/// As [`read_until_end`], also returning the bytes.
+fn read_until_end_bytes(s: &mut TcpStream) -> (Vec<u8>, Option<ErrorKind>) {
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    read_to_end(s)
+}
+
 /// A thread writing 64 KiB blocks of `byte` to `s` until `stop` is set. Writes time out every
 /// 100 ms so the thread notices `stop` even while backpressure holds; a write error ends it.
 ///
@@ -224,7 +230,13 @@ fn backend_never_reads_client_writes_stall_and_memory_stays_bounded() {
         metric(&e, "sealpipe_flow_control_paused_total", &[]) >= 1.0,
         "encrypt side never paused reading"
     );
-    drop(hold_rx);
+    // Nothing was lost while reading was paused: the backend now reads every byte.
+    let mut b = hold_rx.recv_timeout(TIMEOUT).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let (got, err) = read_until_end_bytes(&mut b);
+    assert_eq!(err, None);
+    assert_eq!(got.len(), total, "bytes lost under backpressure");
+    assert!(got.iter().all(|&x| x == 0x5a));
 }
 
 #[test]
@@ -376,6 +388,7 @@ fn client_reads_nothing_backend_stalls_and_memory_stays_bounded() {
     let backend = backend(move |mut s| {
         let r = write_until_stall(&mut s, 256 << 20, &[]);
         let _ = tx.send((r.0, r.1));
+        let _ = s.shutdown(Shutdown::Write);
         let _ = s.set_read_timeout(Some(TIMEOUT));
         let _ = s.read(&mut [0u8; 1]); // hold until the client side goes away
     });
@@ -400,7 +413,12 @@ fn client_reads_nothing_backend_stalls_and_memory_stays_bounded() {
         "live pool bytes reached {max_live}"
     );
     assert!(max_live > 0.0);
-    drop(c);
+    // Nothing was lost while reading was paused: the client now reads every byte.
+    let mut c = c;
+    let (got, err) = read_until_end_bytes(&mut c);
+    assert_eq!(err, None);
+    assert_eq!(got.len(), total, "bytes lost under backpressure");
+    assert!(got.iter().all(|&x| x == 0x5a));
 }
 
 // ---------------------------------------------------------------------------------------------
