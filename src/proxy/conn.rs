@@ -282,6 +282,8 @@ impl<C: Layer, U: Layer> Conn<C, U> {
             if C::SEALED && self.client.filter().is_open() {
                 self.handshake_ok(cx);
             }
+            // Bytes that arrived before the error (a reply, then a reset) still go on.
+            let _ = self.pump_up(cx);
             let err = self.client.take_error();
             self.side_failed(cx, CLIENT, err);
             return (c, u);
@@ -336,6 +338,7 @@ impl<C: Layer, U: Layer> Conn<C, U> {
             if U::SEALED && self.upstream.as_ref().is_some_and(|x| x.filter().is_open()) {
                 self.handshake_ok(cx);
             }
+            let _ = self.pump_down(cx);
             let err = self.upstream.as_mut().and_then(|x| x.take_error());
             self.side_failed(cx, UPSTREAM, err);
             return (c, u);
