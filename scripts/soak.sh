@@ -9,14 +9,15 @@
 # Prints a table and exits 0 only if every check passed.
 #
 #   scripts/soak.sh                               # 10,000 connections, 120 s
-#   scripts/soak.sh --conns 500 --duration 10     # the CI form
+#   scripts/soak.sh --debug --conns 500 --duration 10   # the CI form
 #
 # Options: --conns N (10000), --duration S (120), --interval S (5), --churn-rate R (200/s),
-# --rr-conns N (16), --no-build, --keep (leave the work directory).
+# --rr-conns N (16), --debug (debug binaries: CI has them built already), --no-build,
+# --keep (leave the work directory).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CONNS=10000 DURATION=120 INTERVAL=5 CHURN_RATE=200 RR_CONNS=16 BUILD=1 KEEP=0
+CONNS=10000 DURATION=120 INTERVAL=5 CHURN_RATE=200 RR_CONNS=16 BUILD=1 KEEP=0 PROFILE=release
 while [ $# -gt 0 ]; do
   case "$1" in
     --conns) CONNS=$2; shift 2 ;;
@@ -24,6 +25,7 @@ while [ $# -gt 0 ]; do
     --interval) INTERVAL=$2; shift 2 ;;
     --churn-rate) CHURN_RATE=$2; shift 2 ;;
     --rr-conns) RR_CONNS=$2; shift 2 ;;
+    --debug) PROFILE=debug; shift ;;
     --no-build) BUILD=0; shift ;;
     --keep) KEEP=1; shift ;;
     -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
@@ -31,8 +33,10 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-# Each sealpipe process holds two fds per connection; the clients one.
-NEED=$((2 * CONNS + 4096))
+# Each sealpipe process holds two fds per connection (idle, rr, and churn connections in
+# flight, more of them while the idle holder's connects queue up), plus a few dozen of its own.
+# Short of that, accept pauses on EMFILE and the run fails on turned-away connections.
+NEED=$((2 * (CONNS + RR_CONNS + 512) + 256))
 if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt "$NEED" ]; then
   ulimit -n "$NEED" 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 fi
@@ -42,10 +46,14 @@ if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt "$NEED" ]; then
 fi
 
 if [ "$BUILD" = 1 ]; then
-  cargo build --release --locked -p sealpipe -p loadtest >&2
+  if [ "$PROFILE" = release ]; then
+    cargo build --release --locked -p sealpipe -p loadtest >&2
+  else
+    cargo build --locked -p sealpipe -p loadtest >&2
+  fi
 fi
-SP=target/release/sealpipe
-LT=target/release/loadtest
+SP=target/$PROFILE/sealpipe
+LT=target/$PROFILE/loadtest
 
 WORK=$(mktemp -d /tmp/sealpipe-soak.XXXXXX)
 PIDS=()
@@ -107,12 +115,23 @@ sample() { # $1 = phase label
 T0=$(date +%s)
 : >"$WORK/samples.tsv"
 sample baseline
+curl -fs "http://127.0.0.1:$MD/metrics" >"$WORK/decrypt.baseline.prom"
+curl -fs "http://127.0.0.1:$ME/metrics" >"$WORK/encrypt.baseline.prom"
 
 # The idle holder connects first; churn and rr run for the same bounded time beside it.
 "$LT" idle --target "127.0.0.1:$PE" --conns "$CONNS" --hold "$DURATION" --concurrency 256 \
   --phase-timeout 120 --pid "$ENC" --pid "$DEC" --quiet --json "$WORK/idle.json" \
   >"$WORK/idle.out" 2>&1 &
 IDLE=$!; PIDS+=("$IDLE")
+# Churn and rr start once the idle connections are in: the holder's connects complete at kernel
+# speed, so while they pour in, a loop descheduled for a moment (2 shared cores) lets the 1024
+# accept backlog fill and a churn SYN is dropped (a 1 s retry, past churn's 2 s budget).
+for _ in $(seq 1 1200); do
+  n=$(curl -fs "http://127.0.0.1:$ME/metrics" | awk '/^sealpipe_connections_active/ {s+=$2} END {print s+0}')
+  [ "$n" -ge "$CONNS" ] && break
+  kill -0 "$IDLE" 2>/dev/null || break
+  sleep 0.1
+done
 "$LT" churn --target "127.0.0.1:$PE" --rate "$CHURN_RATE" --duration "$DURATION" --quiet \
   --json "$WORK/churn.json" >"$WORK/churn.out" 2>&1 &
 CHURN=$!; PIDS+=("$CHURN")
@@ -146,9 +165,19 @@ for _ in $(seq 1 300); do
   sleep 0.1
 done
 
-python3 - "$WORK" "$DURATION" "$CONNS" <<'EOF' || status=1
-import json, sys, statistics
-work, duration, conns = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+curl -fs "http://127.0.0.1:$MD/metrics" >"$WORK/decrypt.final.prom"
+curl -fs "http://127.0.0.1:$ME/metrics" >"$WORK/encrypt.final.prom"
+
+python3 - "$WORK" "$DURATION" "$CONNS" "$ERRS" <<'EOF' || status=1
+import json, re, sys, statistics
+work, duration, conns, errs = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), re.compile(sys.argv[4])
+def counters(path):
+    out = {}
+    for line in open(path):
+        if errs.match(line):
+            k, v = line.rsplit(" ", 1)
+            out[k] = float(v)
+    return out
 rows = [l.rstrip("\n").split("\t") for l in open(f"{work}/samples.tsv") if l.strip()]
 def num(x):
     try: return float(x)
@@ -184,6 +213,10 @@ for side in ("decrypt", "encrypt"):
     check(p2 <= p1 * 1.25 + 4 * 2**20, f"{side}: live pool flat after warm-up ({p1/2**20:.2f} -> {p2/2**20:.2f} MiB, allowed +25% +4 MiB)")
     check(num(after[-1][4]) <= num(base[4]), f"{side}: open fds back to baseline ({num(after[-1][4]):.0f} <= {num(base[4]):.0f})")
     check(err_d == 0, f"{side}: no error counter moved (delta {err_d:.0f})")
+    b, f = counters(f"{work}/{side}.baseline.prom"), counters(f"{work}/{side}.final.prom")
+    for k in sorted(f):
+        if f[k] != b.get(k, 0.0):
+            print(f"        {k} +{f[k] - b.get(k, 0.0):.0f}")
 print()
 for n in ("idle", "churn", "rr"):
     st = open(f"{work}/{n}.status").read().strip()
