@@ -227,3 +227,81 @@ pub fn read_to_end(s: &mut TcpStream) -> (Vec<u8>, Option<std::io::ErrorKind>) {
         }
     }
 }
+
+/// An encrypt -> decrypt pair in front of `backend`, both with limits `l`.
+pub fn pair_with(backend: SocketAddr, l: Limits) -> (SocketAddr, Running, Running) {
+    let key = keygen("pairw");
+    let (dec, rd) = start(
+        tunnel(Mode::Decrypt, &[backend], std::slice::from_ref(&key)),
+        l.clone(),
+    );
+    let (enc, re) = start(tunnel(Mode::Encrypt, &[dec], &[key]), l);
+    (enc, re, rd)
+}
+
+/// A loopback address with nothing listening on it (bound, noted, released).
+pub fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// The sum of the samples of metric `name` whose labels include every pair of `labels`, as
+/// `r`'s registry renders them now.
+pub fn metric(r: &Running, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = String::from_utf8(r.metrics().render()).unwrap();
+    metric_in(&text, name, labels)
+}
+
+/// As [`metric`], over Prometheus text already rendered.
+pub fn metric_in(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut sum = 0.0;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (labelset, value) = match rest.strip_prefix('{') {
+            Some(r) => match r.split_once("} ") {
+                Some(x) => x,
+                None => continue,
+            },
+            None => match rest.strip_prefix(' ') {
+                Some(v) => ("", v),
+                None => continue, // a longer name with this prefix
+            },
+        };
+        if labels
+            .iter()
+            .all(|(k, v)| labelset.contains(&format!("{k}=\"{v}\"")))
+        {
+            sum += value.trim().parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    sum
+}
+
+/// Polls `cond` (every few milliseconds) until it holds; panics with `what` after [`TIMEOUT`].
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Closes `s` with a TCP reset instead of a FIN (SO_LINGER 0).
+pub fn reset_close(s: TcpStream) {
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(s);
+}
+
+/// Live bytes in the buffer pools of `r`'s shards (the gauge is refreshed every 250 ms).
+pub fn pool_live(r: &Running) -> f64 {
+    metric(r, "sealpipe_buffer_pool_bytes", &[("state", "live")])
+}

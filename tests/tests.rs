@@ -3,6 +3,7 @@ mod alloc;
 mod cli;
 mod common;
 mod crypto;
+mod faults;
 mod lifecycle;
 mod proxy;
 mod reactor;

@@ -295,6 +295,13 @@ impl<C: Layer, U: Layer> Conn<C, U> {
             return (c, u);
         }
         if ev.contains(BevEvents::ERROR) {
+            // The read that completed the handshake may also carry a bad record: the handshake
+            // still succeeded, and the failure is the record's (tampered), not the handshake's.
+            if C::SEALED && self.client.filter().is_open() {
+                self.handshake_ok(cx);
+            }
+            // Bytes that arrived before the error (a reply, then a reset) still go on.
+            let _ = self.pump_up(cx);
             let err = self.client.take_error();
             self.side_failed(cx, CLIENT, err);
             return (c, u);
@@ -345,6 +352,11 @@ impl<C: Layer, U: Layer> Conn<C, U> {
             return (c, u);
         }
         if ev.contains(BevEvents::ERROR) {
+            // As on the client side: a handshake completed in the failing read still counts.
+            if U::SEALED && self.upstream.as_ref().is_some_and(|x| x.filter().is_open()) {
+                self.handshake_ok(cx);
+            }
+            let _ = self.pump_down(cx);
             let err = self.upstream.as_mut().and_then(|x| x.take_error());
             self.side_failed(cx, UPSTREAM, err);
             return (c, u);
