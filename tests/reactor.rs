@@ -310,3 +310,95 @@ fn timers_fire_in_order_and_not_early() {
         assert!(*at >= want, "timer {i} fired at {at:?}, before {want:?}");
     }
 }
+
+/// Connects, then (optionally) queues a large write, and records timeout events.
+struct Quiet {
+    addr: SocketAddr,
+    timeouts: Timeouts,
+    write: usize,
+    bev: Option<BufferEvent>,
+}
+
+impl Quiet {
+    fn handle(&mut self, cx: &mut Context<'_, Seen>, ev: BevEvents) {
+        let bev = self.bev.as_mut().unwrap();
+        if ev.contains(BevEvents::CONNECTED) && self.write > 0 {
+            bev.output.append(&vec![9u8; self.write]);
+            let more = bev.flush(cx);
+            if !more.is_empty() {
+                cx.state.events.push(more);
+            }
+        }
+        for t in [BevEvents::READ_TIMEOUT, BevEvents::WRITE_TIMEOUT] {
+            if ev.contains(t) {
+                cx.state.events.push(t);
+                cx.loop_break();
+            }
+        }
+    }
+}
+
+impl Handler<Seen> for Quiet {
+    fn on_start(&mut self, cx: &mut Context<'_, Seen>) {
+        let mut b = BufferEvent::connect_filtered(
+            cx,
+            self.addr,
+            0,
+            sealpipe::reactor::NoFilter,
+            true,
+            self.timeouts,
+        );
+        b.register(cx).unwrap();
+        self.bev = Some(b);
+    }
+    fn on_ready(&mut self, cx: &mut Context<'_, Seen>, _s: u8, r: Ready) {
+        let ev = self.bev.as_mut().unwrap().on_ready(cx, r);
+        self.handle(cx, ev);
+    }
+    fn on_timer(&mut self, cx: &mut Context<'_, Seen>, tag: u64) {
+        let ev = self.bev.as_mut().unwrap().on_timer(cx, tag);
+        self.handle(cx, ev);
+    }
+}
+
+fn run_quiet(timeouts: Timeouts, write: usize) -> (Seen, Duration) {
+    // A peer that accepts, never sends and never reads.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let held = std::thread::spawn(move || l.accept().map(|(s, _)| s));
+    let mut base = EventBase::new(Seen::default()).unwrap();
+    base.spawn(Box::new(Quiet {
+        addr,
+        timeouts,
+        write,
+        bev: None,
+    }));
+    let t = Instant::now();
+    base.loop_exit(TIMEOUT);
+    base.run().unwrap();
+    let _peer = held.join().unwrap();
+    (std::mem::take(base.state_mut()), t.elapsed())
+}
+
+#[test]
+fn read_timeout_fires_when_the_peer_stays_silent() {
+    let t = Timeouts {
+        read: Some(Duration::from_millis(150)),
+        ..Timeouts::default()
+    };
+    let (seen, took) = run_quiet(t, 0);
+    assert_eq!(seen.events, vec![BevEvents::READ_TIMEOUT]);
+    assert!(took >= Duration::from_millis(150), "fired early: {took:?}");
+}
+
+#[test]
+fn write_timeout_fires_when_the_peer_stops_reading() {
+    // 64 MiB cannot fit in loopback socket buffers, so output stays pending.
+    let t = Timeouts {
+        write: Some(Duration::from_millis(200)),
+        ..Timeouts::default()
+    };
+    let (seen, took) = run_quiet(t, 64 << 20);
+    assert_eq!(seen.events, vec![BevEvents::WRITE_TIMEOUT]);
+    assert!(took >= Duration::from_millis(200), "fired early: {took:?}");
+}
