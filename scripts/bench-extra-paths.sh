@@ -1,0 +1,19 @@
+# Extra paths for ../shared/bench/peers.sh (EXTRA_PATHS=scripts/bench-extra-paths.sh):
+#   sealmet   the sealpipe pair with --metrics on both sides (the cost of metrics)
+#   sealnofs  the sealpipe pair with --no-forward-secrecy (cheaper connection setup)
+#   seal1     the sealpipe pair with --threads 1 on both sides
+#   sealfwd1  sealpipe forward --threads 1 (one shard; compare with sealfwd = all CPUs)
+start_sealmet() {
+  local mid; mid=$(mid_port "$1")
+  sealpipe_key || return 1
+  "$SEALPIPE_BIN" decrypt --listen "127.0.0.1:$mid" --target "$2:$3" --key "$CONF/sealpipe.key" \
+      --metrics "127.0.0.1:$((mid + 5))" $SEALPIPE_ARGS >>"$RUN/sealpipe.log" 2>&1 &
+  track $!
+  "$SEALPIPE_BIN" encrypt --listen "127.0.0.1:$1" --target "127.0.0.1:$mid" --key "$CONF/sealpipe.key" \
+      --metrics "127.0.0.1:$((mid + 6))" $SEALPIPE_ARGS >>"$RUN/sealpipe.log" 2>&1 &
+  track $!
+  need_listen "$mid" && need_listen "$1"
+}
+start_sealnofs() { SEALPIPE_ARGS="$SEALPIPE_ARGS --no-forward-secrecy" start_sealpipe "$@"; }
+start_seal1() { SEALPIPE_ARGS="$SEALPIPE_ARGS --threads 1" start_sealpipe "$@"; }
+start_sealfwd1() { SEALPIPE_ARGS="$SEALPIPE_ARGS --threads 1" start_sealfwd "$@"; }
