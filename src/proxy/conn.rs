@@ -220,14 +220,20 @@ impl<C: Layer, U: Layer> Conn<C, U> {
         self.connect_upstream(cx);
     }
 
-    fn arm_idle(&mut self, cx: &mut Context<'_, ShardState>) {
-        let rt = &cx.state.tunnels[self.tunnel];
-        let half = self.client_eof || self.upstream_eof;
-        let t = if half {
-            rt.cfg.half_closed_timeout.min(rt.cfg.idle_timeout)
+    /// The idle limit now: the half-closed one once a direction has ended.
+    fn idle_limit(&self, cx: &Context<'_, ShardState>) -> Duration {
+        let cfg = &cx.state.tunnels[self.tunnel].cfg;
+        if self.client_eof || self.upstream_eof {
+            cfg.half_closed_timeout.min(cfg.idle_timeout)
         } else {
-            rt.cfg.idle_timeout
-        };
+            cfg.idle_timeout
+        }
+    }
+
+    /// Arms the idle timer for `last_active + limit`. Activity only stores `last_active`; the
+    /// timer re-arms itself when it finds the connection was busy (no wheel work per read).
+    fn arm_idle(&mut self, cx: &mut Context<'_, ShardState>) {
+        let t = self.idle_limit(cx);
         if let Some(k) = self.idle_timer.take() {
             cx.cancel_timer(k);
         }
@@ -578,14 +584,7 @@ impl<C: Layer, U: Layer> Handler<ShardState> for Conn<C, U> {
         match tag {
             TAG_IDLE => {
                 self.idle_timer = None;
-                let rt = &cx.state.tunnels[self.tunnel];
-                let half = self.client_eof || self.upstream_eof;
-                let t = if half {
-                    rt.cfg.half_closed_timeout.min(rt.cfg.idle_timeout)
-                } else {
-                    rt.cfg.idle_timeout
-                };
-                if cx.now() >= self.last_active + t {
+                if cx.now() >= self.last_active + self.idle_limit(cx) {
                     self.finish(cx, CloseReason::IdleTimeout);
                 } else {
                     self.arm_idle(cx);
