@@ -11,7 +11,6 @@
 //! with [`protocol_error`] without the reactor knowing about crypto.
 
 use std::io;
-use std::sync::Arc;
 
 use crate::crypto::keys::OsRandom;
 use crate::crypto::{
@@ -72,19 +71,6 @@ impl SealFilter {
             hello,
             end_sent: false,
             key_update_interval: None,
-        }
-    }
-
-    /// Convenience for tests and tools: a config from a key set.
-    pub fn config(
-        keys: Arc<crate::crypto::KeySet>,
-        fs: bool,
-        aead: crate::crypto::AeadKind,
-    ) -> HandshakeConfig {
-        HandshakeConfig {
-            keys,
-            forward_secrecy: fs,
-            aead,
         }
     }
 

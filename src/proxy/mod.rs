@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use crate::config::{Mode, Tunnel};
 use crate::crypto::{HandshakeConfig, KeyId, KeySet};
-use crate::metrics::{Bytes, Metrics, TunnelMetrics};
+use crate::metrics::{Metrics, TunnelMetrics};
 use crate::reactor::HandlerId;
 use prometheus::IntCounter;
 
@@ -125,10 +125,6 @@ impl TunnelRt {
         self.key_sessions = Self::key_sessions(&cfg, keys.as_deref(), metrics);
         self.handshake = Self::handshake_config(&cfg, keys);
         self.cfg = cfg;
-    }
-
-    pub fn count_bytes(&mut self, which: Bytes, n: u64) {
-        self.bytes[which as usize] += n;
     }
 
     /// Moves shard-local byte counts into the Prometheus counters.
