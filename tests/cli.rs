@@ -8,10 +8,6 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 
-fn sealpipe() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_sealpipe"))
-}
-
 #[test]
 fn keygen_writes_0600_and_refuses_to_overwrite() {
     let p = temp_dir("kg").join("new.key");
@@ -125,14 +121,6 @@ fn address_in_use_is_one_clear_error() {
         err.contains(&addr) && err.to_lowercase().contains("in use"),
         "{err}"
     );
-}
-
-fn wait_listening(addr: SocketAddr) {
-    let deadline = Instant::now() + TIMEOUT;
-    while TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "{addr} never came up");
-        std::thread::yield_now();
-    }
 }
 
 #[test]

@@ -305,3 +305,54 @@ pub fn reset_close(s: TcpStream) {
 pub fn pool_live(r: &Running) -> f64 {
     metric(r, "sealpipe_buffer_pool_bytes", &[("state", "live")])
 }
+
+/// The sealpipe binary built for this test run.
+pub fn sealpipe() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_sealpipe"))
+}
+
+/// A child process of ours, killed and reaped when dropped so a failing test leaves nothing.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+impl Proc {
+    /// Sends a signal by name ("TERM", "HUP", "KILL") to this child.
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &self.0.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig}");
+    }
+
+    /// Waits for the child to exit, at most `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(s) = self.0.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "process did not exit in {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// Waits until something accepts on `addr`.
+pub fn wait_listening(addr: SocketAddr) {
+    wait_until(&format!("{addr} listening"), || {
+        TcpStream::connect(addr).is_ok()
+    });
+}

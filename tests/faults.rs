@@ -8,7 +8,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
@@ -21,10 +21,6 @@ use crate::common::*;
 /// Per process, for a handful of connections: the documented per-connection worst case
 /// (proxy/mod.rs: 1.5 MiB) rounded up to whole 32 KiB chunks, plus one chunk of slack per side.
 const ONE_CONN_BOUND: f64 = (1536 + 2 * 32) as f64 * 1024.0;
-
-fn sealpipe() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_sealpipe"))
-}
 
 fn closed(r: &Running, reason: &str) -> f64 {
     metric(
@@ -572,47 +568,6 @@ fn two_thousand_half_open_handshakes_are_bounded_and_time_out() {
 // ---------------------------------------------------------------------------------------------
 // Process faults (real processes, real signals, only our own children)
 
-/// A child process killed (and reaped) when dropped, so a failing test leaves nothing behind.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proc {
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.0.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig} failed");
-    }
-
-    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(s) = self.0.try_wait().unwrap() {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "process did not exit in {within:?}"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-fn wait_listening(addr: SocketAddr) {
-    wait_until(&format!("{addr} listening"), || {
-        TcpStream::connect(addr).is_ok()
-    });
-}
-
 /// Spawns `sealpipe <mode> --listen <listen> --target <target> --key <key> ...extra`.
 fn spawn_side(
     mode: &str,
@@ -733,7 +688,7 @@ fn sigterm_under_request_load_answers_everything_and_exits_zero() {
     wait_until("every client mid-way", || {
         done_before.load(Ordering::SeqCst) == CLIENTS
     });
-    eproc.signal("-TERM");
+    eproc.signal("TERM");
     let t = Instant::now();
     wait_until("listener closed after SIGTERM", || {
         TcpStream::connect(enc).is_err()
@@ -824,7 +779,7 @@ fn trace_logs_never_contain_key_material() {
             .contains("unknown_key")
     });
     for p in [&mut eproc, &mut dproc] {
-        p.signal("-TERM");
+        p.signal("TERM");
         assert_eq!(p.wait_exit(TIMEOUT).code(), Some(0));
     }
     let std_alpha: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";

@@ -3,61 +3,15 @@
 //! Every wait polls a condition (a metric, a connect, a child's exit) with a deadline.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-
-fn sealpipe() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_sealpipe"))
-}
-
-/// A free loopback address (the port is released; the child binds it next).
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-/// Kills the child (our own) when a test fails midway.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.0.try_wait().ok().flatten().is_none() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-impl Proc {
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &self.0.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{sig}");
-    }
-
-    fn wait_exit(&mut self, within: Duration) -> i32 {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(s) = self.0.try_wait().unwrap() {
-                return s.code().unwrap_or(-1);
-            }
-            assert!(Instant::now() < deadline, "process did not exit");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
 
 /// Children's logs go nowhere, or to files under `$SEALPIPE_TEST_LOGS` when debugging.
 fn spawn(cmd: &mut Command) -> Proc {
@@ -112,14 +66,6 @@ fn wait_metrics(addr: SocketAddr, what: &str, f: impl Fn(&str) -> bool) -> Strin
         }
         assert!(Instant::now() < deadline, "metrics never showed {what}");
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn wait_listening(addr: SocketAddr) {
-    let deadline = Instant::now() + TIMEOUT;
-    while TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "{addr} never came up");
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -581,7 +527,7 @@ fn emfile_does_not_spin_and_recovers() {
         }
     }
     p.signal("TERM");
-    assert_eq!(p.wait_exit(TIMEOUT), 0);
+    assert_eq!(p.wait_exit(TIMEOUT).code(), Some(0));
 }
 
 #[test]
@@ -657,7 +603,7 @@ fn handoff_under_churn_loses_no_connection() {
         spawn(&mut c)
     };
     // The old process hands over, drains and exits 0; the new one serves meanwhile.
-    assert_eq!(old.wait_exit(Duration::from_secs(30)), 0);
+    assert_eq!(old.wait_exit(Duration::from_secs(30)).code(), Some(0));
     let at_exit = ok.load(Ordering::Relaxed);
     wait_ok((at_exit + 500).max(2000));
     stop.store(true, Ordering::Relaxed);
@@ -679,5 +625,5 @@ fn handoff_under_churn_loses_no_connection() {
         metric(t, "sealpipe_connections_accepted_total", &[]) > 0.0
     });
     new.signal("TERM");
-    assert_eq!(new.wait_exit(TIMEOUT), 0);
+    assert_eq!(new.wait_exit(TIMEOUT).code(), Some(0));
 }
