@@ -3,8 +3,8 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
 use crate::common::*;
 
@@ -123,113 +123,70 @@ fn address_in_use_is_one_clear_error() {
     );
 }
 
-#[test]
-fn sigterm_drains_in_flight_transfer_then_exits_zero() {
-    let echo = echo_backend();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut child = sealpipe()
+/// Starts `sealpipe forward` on a free port in front of `target`.
+fn forward(target: SocketAddr, threads: &str, drain: &str) -> (SocketAddr, Proc) {
+    let listen = free_addr();
+    let child = sealpipe()
         .args([
             "forward",
             "--listen",
             &listen.to_string(),
             "--target",
-            &echo.addr.to_string(),
+            &target.to_string(),
+        ])
+        .args([
             "--threads",
-            "2",
+            threads,
             "--drain-timeout",
-            "20",
+            drain,
             "--log-level",
-            "warn",
+            "error",
         ])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     wait_listening(listen);
+    (listen, Proc(child))
+}
+
+/// Waits until `addr` refuses connections (its listeners closed).
+fn wait_refusing(addr: SocketAddr) {
+    wait_until(&format!("{addr} refusing"), || {
+        TcpStream::connect(addr).is_err()
+    });
+}
+
+#[test]
+fn sigterm_drains_in_flight_transfer_then_exits_zero() {
+    let echo = echo_backend();
+    let (listen, mut p) = forward(echo.addr, "2", "20");
     // An in-flight exchange: half of the request now, the rest after SIGTERM.
     let mut c = connect(listen);
     c.write_all(&[5u8; 100_000]).unwrap();
     let mut first = vec![0u8; 100_000];
     c.read_exact(&mut first).unwrap();
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    p.signal("TERM");
     // New connections are refused once the listeners closed.
-    let deadline = Instant::now() + TIMEOUT;
-    while TcpStream::connect(listen).is_ok() {
-        assert!(Instant::now() < deadline, "still accepting after SIGTERM");
-        std::thread::yield_now();
-    }
+    wait_refusing(listen);
     c.write_all(&[6u8; 100_000]).unwrap();
     c.shutdown(Shutdown::Write).unwrap();
     let (rest, err) = read_to_end(&mut c);
     assert_eq!(err, None);
     assert_eq!(rest.len(), 100_000);
     assert!(rest.iter().all(|b| *b == 6));
-    let deadline = Instant::now() + TIMEOUT;
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "did not exit after draining");
-        std::thread::yield_now();
-    };
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(p.wait_exit(TIMEOUT).code(), Some(0));
 }
 
 #[test]
 fn second_sigterm_exits_at_once() {
     let echo = echo_backend();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut child = sealpipe()
-        .args([
-            "forward",
-            "--listen",
-            &listen.to_string(),
-            "--target",
-            &echo.addr.to_string(),
-            "--threads",
-            "1",
-            "--drain-timeout",
-            "60",
-            "--log-level",
-            "error",
-        ])
-        .spawn()
-        .unwrap();
-    wait_listening(listen);
+    let (listen, mut p) = forward(echo.addr, "1", "60");
     let mut c = connect(listen); // held open: the drain would wait 60 s for it
     c.write_all(b"x").unwrap();
     let mut b = [0u8; 1];
     c.read_exact(&mut b).unwrap();
-    let pid = child.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let deadline = Instant::now() + TIMEOUT;
-    while TcpStream::connect(listen).is_ok() {
-        assert!(Instant::now() < deadline);
-        std::thread::yield_now();
-    }
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "second SIGTERM did not end the process"
-        );
-        std::thread::yield_now();
-    };
-    assert_eq!(status.code(), Some(1));
+    p.signal("TERM");
+    wait_refusing(listen);
+    p.signal("TERM");
+    assert_eq!(p.wait_exit(Duration::from_secs(10)).code(), Some(1));
 }
