@@ -49,7 +49,7 @@ enum Cmd {
         #[command(flatten)]
         handoff: HandoffArgs,
     },
-    /// Validate a config file (and its key files) and exit 0, or 1 with the reason.
+    /// Validate a config file (and its key files): exit 0, or 2 with the reason.
     Check {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
@@ -109,8 +109,10 @@ struct CommonArgs {
     /// Most connections open at once (per process, split across shards).
     #[arg(long, value_name = "N", default_value_t = 100_000)]
     max_conns: usize,
+    /// Give up on an upstream connect after this long and try the next target.
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
     connect_timeout: f64,
+    /// Close a connection whose tunnel handshake has not completed after this long.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     handshake_timeout: f64,
     /// Close a connection with no traffic for this long.
