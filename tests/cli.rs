@@ -190,3 +190,43 @@ fn second_sigterm_exits_at_once() {
     p.signal("TERM");
     assert_eq!(p.wait_exit(Duration::from_secs(10)).code(), Some(1));
 }
+
+#[test]
+fn bad_target_and_missing_key_are_one_clear_line_each() {
+    let out = sealpipe()
+        .args([
+            "forward",
+            "--listen",
+            "127.0.0.1:0",
+            "--target",
+            "127.0.0.1:notaport",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("127.0.0.1:notaport") && err.lines().count() == 1,
+        "{err}"
+    );
+
+    let missing = temp_dir("mk").join("nope.key");
+    let out = sealpipe()
+        .args([
+            "decrypt",
+            "--listen",
+            "127.0.0.1:0",
+            "--target",
+            "127.0.0.1:9",
+            "--key",
+        ])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&*missing.to_string_lossy()) && err.lines().count() == 1,
+        "{err}"
+    );
+}
