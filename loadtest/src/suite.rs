@@ -168,17 +168,27 @@ struct PathRun {
 
 pub fn run(args: &SuiteArgs, pattern: &Pattern) -> Result<bool> {
     let duration = args.duration.unwrap_or(if args.quick { 1.5 } else { 5.0 });
-    let idle_conns = args
+    let wanted = args
         .idle_conns
         .unwrap_or(if args.quick { 2000 } else { 10_000 });
     let hold = if args.quick { 1.0 } else { 3.0 };
     // A proxy holds two fds per connection; children inherit the limit raised here.
-    let limit = crate::sys::raise_nofile(idle_conns * 2 + 1024)?;
-    if limit < idle_conns * 2 + 256 {
+    let limit = crate::sys::raise_nofile(wanted * 2 + 1024)?;
+    let fits = limit.saturating_sub(1024) / 2;
+    let idle_conns = if args.idle_conns.is_none() && wanted > fits {
+        // The default must pass on the machine it runs on: size it to the fds we may have.
         eprintln!(
-            "loadtest suite: warning: fd limit {limit} is low for {idle_conns} idle connections through a proxy"
+            "loadtest suite: fd limit {limit} fits {fits} idle connections through a proxy, not {wanted}; using {fits} (raise the hard limit, or pass --idle-conns)"
         );
-    }
+        fits
+    } else {
+        if limit < wanted * 2 + 256 {
+            eprintln!(
+                "loadtest suite: warning: fd limit {limit} is low for {wanted} idle connections through a proxy"
+            );
+        }
+        wanted
+    };
     let needs_sealpipe = args.paths.iter().any(|p| *p != PathKind::Direct);
     if needs_sealpipe && !args.sealpipe.is_file() {
         bail!(
