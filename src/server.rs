@@ -43,6 +43,48 @@ use crate::reactor::{EventBase, Handle, HandlerId, pool};
 const HOUSEKEEPING: Duration = Duration::from_millis(250);
 /// Chunks freed (beyond the pool's cache) since the last heap trim that justify another.
 const TRIM_AFTER_CHUNKS: u64 = 64;
+/// A shard whose buffers hold at most this many chunks is quiet...
+const QUIET_LIVE_CHUNKS: usize = 16;
+/// ...and after this many quiet housekeeping ticks (2 s) its chunk cache shrinks to...
+const QUIET_TICKS: u32 = 8;
+/// ...this many chunks (cached chunks are resident memory an idle proxy does not need).
+const QUIET_CACHED_CHUNKS: usize = 8;
+
+/// Gives memory back after bursts: freed heap pages to the kernel, and the chunk cache of a
+/// shard that has gone quiet. A busy shard keeps its cache (no allocation per chunk).
+#[derive(Default)]
+struct MemoryKeeper {
+    next_trim: Option<Instant>,
+    trimmed_at: u64,
+    quiet_ticks: u32,
+}
+
+impl MemoryKeeper {
+    fn tick(&mut self, now: Instant) -> pool::PoolStats {
+        let p = pool::stats();
+        if p.live_chunks <= QUIET_LIVE_CHUNKS && p.cached_chunks > QUIET_CACHED_CHUNKS {
+            self.quiet_ticks += 1;
+        } else {
+            self.quiet_ticks = 0;
+        }
+        if self.quiet_ticks >= QUIET_TICKS {
+            self.quiet_ticks = 0;
+            pool::set_max_cached(QUIET_CACHED_CHUNKS);
+            pool::set_max_cached(pool::DEFAULT_MAX_CACHED);
+        }
+        let p = pool::stats();
+        // Freed chunks stay resident in the heap: hand them back to the kernel, at most once
+        // a second, and only when a good number were freed since the last time.
+        if p.freed_total >= self.trimmed_at + TRIM_AFTER_CHUNKS
+            && self.next_trim.is_none_or(|t| now >= t)
+        {
+            crate::sys::trim_heap();
+            self.trimmed_at = p.freed_total;
+            self.next_trim = Some(now + Duration::from_secs(1));
+        }
+        p
+    }
+}
 /// A loop turn whose callbacks ran longer than this counts as a stall.
 const STALL: Duration = Duration::from_millis(100);
 
@@ -359,8 +401,7 @@ fn shard_loop(i: usize, base: &mut EventBase<ShardState>) -> std::io::Result<()>
     let live = m.pool_bytes.with_label_values(&[&label, "live"]);
     let mut last = base.stats();
     let mut next_flush = Instant::now();
-    let mut next_trim = Instant::now();
-    let mut trimmed_at = 0u64;
+    let mut keeper = MemoryKeeper::default();
     loop {
         base.loop_once(Some(HOUSEKEEPING))?;
         let now = Instant::now();
@@ -377,14 +418,7 @@ fn shard_loop(i: usize, base: &mut EventBase<ShardState>) -> std::io::Result<()>
             tracing::warn!(shard = i, took = ?s.longest_callback, "loop stalled in a callback");
         }
         last = s;
-        let p = pool::stats();
-        // After a burst, freed chunks stay resident in the heap: give them back to the
-        // kernel, at most once a second, only when a good number were freed since last time.
-        if p.freed_total >= trimmed_at + TRIM_AFTER_CHUNKS && now >= next_trim {
-            crate::sys::trim_heap();
-            trimmed_at = p.freed_total;
-            next_trim = now + Duration::from_secs(1);
-        }
+        let p = keeper.tick(now);
         cached.set((p.cached_chunks * pool::CHUNK_SIZE) as i64);
         live.set((p.live_chunks * pool::CHUNK_SIZE) as i64);
         if !base.state().draining {
