@@ -191,6 +191,28 @@ fn d_true() -> bool {
     true
 }
 
+impl TunnelFile {
+    /// A tunnel with every optional field at its default, as if written with only the
+    /// required keys (the command line and the demo start from this).
+    pub fn new(mode: Mode, listen: String, targets: Vec<String>, keys: Vec<PathBuf>) -> Self {
+        TunnelFile {
+            name: Some(mode.as_str().into()),
+            mode,
+            listen,
+            targets,
+            keys,
+            balance: Balance::default(),
+            forward_secrecy: true,
+            aead: None,
+            health_check_interval: 0.0,
+            connect_timeout: None,
+            handshake_timeout: None,
+            idle_timeout: None,
+            half_closed_timeout: None,
+        }
+    }
+}
+
 /// The file as written.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

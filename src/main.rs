@@ -188,19 +188,10 @@ fn tunnel_config(mode: Mode, a: TunnelArgs) -> std::result::Result<Config, Usage
             drain_timeout: c.drain_timeout,
         },
         tunnel: vec![TunnelFile {
-            name: Some(mode.as_str().into()),
-            mode,
-            listen: a.listen.clone(),
-            targets: a.target.clone(),
-            keys: a.key.clone(),
             balance: c.balance,
             forward_secrecy: !c.no_forward_secrecy,
             aead: Some(c.aead.clone()),
-            health_check_interval: 0.0,
-            connect_timeout: None,
-            handshake_timeout: None,
-            idle_timeout: None,
-            half_closed_timeout: None,
+            ..TunnelFile::new(mode, a.listen.clone(), a.target.clone(), a.key.clone())
         }],
     };
     let cfg = file.validate(None).map_err(|e| UsageError(e.into()))?;
@@ -362,18 +353,7 @@ fn demo(duration: Option<Duration>) -> Result<()> {
         |mode: Mode, name: &str, listen: SocketAddr, target: SocketAddr, keys: Vec<PathBuf>| {
             TunnelFile {
                 name: Some(name.into()),
-                mode,
-                listen: listen.to_string(),
-                targets: vec![target.to_string()],
-                keys,
-                balance: Balance::RoundRobin,
-                forward_secrecy: true,
-                aead: None,
-                health_check_interval: 0.0,
-                connect_timeout: None,
-                handshake_timeout: None,
-                idle_timeout: None,
-                half_closed_timeout: None,
+                ..TunnelFile::new(mode, listen.to_string(), vec![target.to_string()], keys)
             }
         };
     let threads = 1;

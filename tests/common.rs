@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use sealpipe::config::{
-    Balance, Config, ConfigFile, Limits, LogConfig, MetricsConfig, Mode, TunnelFile,
-};
+use sealpipe::config::{Config, ConfigFile, Limits, LogConfig, MetricsConfig, Mode, TunnelFile};
 use sealpipe::server::{self, Running};
 
 pub const TIMEOUT: Duration = Duration::from_secs(20);
@@ -35,21 +33,12 @@ pub fn keygen(tag: &str) -> PathBuf {
 }
 
 pub fn tunnel(mode: Mode, targets: &[SocketAddr], keys: &[PathBuf]) -> TunnelFile {
-    TunnelFile {
-        name: Some(mode.as_str().into()),
+    TunnelFile::new(
         mode,
-        listen: "127.0.0.1:0".into(),
-        targets: targets.iter().map(|a| a.to_string()).collect(),
-        keys: keys.to_vec(),
-        balance: Balance::RoundRobin,
-        forward_secrecy: true,
-        aead: None,
-        health_check_interval: 0.0,
-        connect_timeout: None,
-        handshake_timeout: None,
-        idle_timeout: None,
-        half_closed_timeout: None,
-    }
+        "127.0.0.1:0".into(),
+        targets.iter().map(|a| a.to_string()).collect(),
+        keys.to_vec(),
+    )
 }
 
 pub fn config(t: TunnelFile, limits: Limits) -> Config {
