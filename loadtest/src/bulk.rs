@@ -15,7 +15,7 @@
 use crate::backend::{REPORT_LEN, read_some, write_some};
 use crate::net::{self, classify, interrupted, token, untoken};
 use crate::pattern::Pattern;
-use crate::report::{Common, Failures, Live, Measure, Report, Show, run_workers, share};
+use crate::report::{Common, Failures, Live, Measure, Report, Show, run_workers, slice};
 use crate::stats::{fmt_rate, gbit_per_s};
 use anyhow::Result;
 use mio::net::TcpStream;
@@ -87,8 +87,7 @@ pub fn run(args: &BulkArgs, pattern: &Pattern) -> Result<Report<BulkArgs, BulkRe
         &live,
         Show::Bytes,
         |i| {
-            let first = (0..i as u64).map(|j| share(args.conns, threads, j)).sum();
-            let n = share(args.conns, threads, i as u64);
+            let (first, n) = slice(args.conns, threads, i as u64);
             worker(args, addr, pattern, &live, start, first, n)
         },
     );

@@ -10,7 +10,9 @@
 use crate::backend::{read_some, write_some};
 use crate::net::{self, classify, interrupted, token, untoken};
 use crate::pattern::Pattern;
-use crate::report::{Common, Failures, Live, Measure, Report, Show, run_workers, share};
+use crate::report::{
+    Common, Failures, Live, Measure, Report, Show, per_second, run_workers, share,
+};
 use crate::stats::{LatencySummary, fmt_rate, new_histogram, record};
 use anyhow::{Result, bail};
 use hdrhistogram::Histogram;
@@ -95,11 +97,7 @@ pub fn run(args: &ChurnArgs, pattern: &Pattern) -> Result<Report<ChurnArgs, Chur
     }
     r.connect = LatencySummary::from_histogram(&connect);
     r.first_byte = LatencySummary::from_histogram(&first);
-    r.conns_per_s = if r.seconds > 0.0 {
-        r.completed as f64 / r.seconds
-    } else {
-        0.0
-    };
+    r.conns_per_s = per_second(r.completed, r.seconds);
     r.refused = failures.count("refused");
     r.reset = failures.count("reset");
     r.timeout = failures.count("timeout");

@@ -289,6 +289,17 @@ pub fn share(total: u64, parts: u64, i: u64) -> u64 {
     total / parts + u64::from(i < total % parts)
 }
 
+/// Worker `i` of `parts`: the index of its first connection and how many it runs.
+pub fn slice(total: u64, parts: u64, i: u64) -> (u64, u64) {
+    let first = (0..i).map(|j| share(total, parts, j)).sum();
+    (first, share(total, parts, i))
+}
+
+/// `n` events over `secs` seconds, or 0 for an empty interval.
+pub fn per_second(n: u64, secs: f64) -> f64 {
+    if secs > 0.0 { n as f64 / secs } else { 0.0 }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,9 @@
 use crate::backend::{read_some, write_some};
 use crate::net::{self, classify, interrupted, token, untoken};
 use crate::pattern::Pattern;
-use crate::report::{Common, Failures, Live, Measure, Report, Show, run_workers, share};
+use crate::report::{
+    Common, Failures, Live, Measure, Report, Show, per_second, run_workers, slice,
+};
 use crate::stats::{LatencySummary, fmt_rate, new_histogram, record};
 use anyhow::{Result, bail};
 use hdrhistogram::Histogram;
@@ -78,8 +80,7 @@ pub fn run(args: &RrArgs, pattern: &Pattern) -> Result<Report<RrArgs, RrResults>
         &live,
         Show::Ops("req/s"),
         |i| {
-            let first = (0..i as u64).map(|j| share(args.conns, threads, j)).sum();
-            let n = share(args.conns, threads, i as u64);
+            let (first, n) = slice(args.conns, threads, i as u64);
             worker(args, addr, pattern, &live, start, first, n)
         },
     );
@@ -95,11 +96,7 @@ pub fn run(args: &RrArgs, pattern: &Pattern) -> Result<Report<RrArgs, RrResults>
         failures.merge(o.failures);
     }
     r.latency = LatencySummary::from_histogram(&hist);
-    r.requests_per_s = if r.seconds > 0.0 {
-        r.requests as f64 / r.seconds
-    } else {
-        0.0
-    };
+    r.requests_per_s = per_second(r.requests, r.seconds);
     r.mismatches = failures.count("mismatch");
     Ok(measure.finish("rr", args.clone(), r, failures))
 }
