@@ -313,6 +313,7 @@ pub fn start_with(
                         return;
                     }
                 };
+                base.set_idle(ShardState::wants_idle_work, ShardState::idle_step);
                 for (ti, l) in listeners.into_iter().enumerate() {
                     let cl = ConnListener::from_std(l, ListenerOptions::default(), 0);
                     base.spawn(Box::new(TunnelListener::new(ti, cl)));

@@ -402,3 +402,60 @@ fn write_timeout_fires_when_the_peer_stops_reading() {
     assert_eq!(seen.events, vec![BevEvents::WRITE_TIMEOUT]);
     assert!(took >= Duration::from_millis(200), "fired early: {took:?}");
 }
+
+/// State for the idle-work test: steps done, steps wanted, and jobs seen (with the step count
+/// at the time each ran).
+#[derive(Default)]
+struct Spare {
+    steps: u32,
+    want: u32,
+    jobs: Vec<u32>,
+}
+
+#[test]
+fn idle_work_runs_only_in_turns_with_nothing_ready() {
+    let mut base = EventBase::new(Spare {
+        want: 3,
+        ..Spare::default()
+    })
+    .unwrap();
+    base.set_idle(|s| s.steps < s.want, |s| s.steps += 1);
+
+    // A posted job is ready: the turn runs it, not a step.
+    let h = base.handle();
+    h.post(|cx| {
+        let steps = cx.state.steps;
+        cx.state.jobs.push(steps)
+    })
+    .unwrap();
+    base.loop_once(Some(TIMEOUT)).unwrap();
+    assert_eq!(base.state().jobs, [0]);
+    assert_eq!(base.state().steps, 0);
+
+    // Nothing ready: each turn peeks and does one step (none of these turns may block for
+    // TIMEOUT, or the test would take minutes), until the work is done.
+    for n in 1..=3 {
+        base.loop_once(Some(TIMEOUT)).unwrap();
+        assert_eq!(base.state().steps, n);
+    }
+
+    // Done: the loop blocks again, and a job wakes it without a step.
+    let t = std::thread::spawn(move || {
+        h.post(|cx| {
+            let steps = cx.state.steps;
+            cx.state.jobs.push(steps)
+        })
+        .unwrap()
+    });
+    base.loop_once(Some(TIMEOUT)).unwrap();
+    t.join().unwrap();
+    assert_eq!(base.state().jobs, [0, 3]);
+
+    // New work becomes visible after a dispatched turn.
+    base.state_mut().want = 4;
+    let h = base.handle();
+    h.post(|_| {}).unwrap();
+    base.loop_once(Some(TIMEOUT)).unwrap();
+    base.loop_once(Some(TIMEOUT)).unwrap();
+    assert_eq!(base.state().steps, 4);
+}

@@ -138,6 +138,7 @@ enum State {
         keys: Arc<KeySet>,
         require_fs: bool,
         aead: AeadKind,
+        eph: Option<Box<EphemeralKey>>,
     },
     ResponderWaitFinished(Box<ResponderWait>),
     Done,
@@ -168,6 +169,17 @@ impl Handshake {
         rng: &mut dyn RandomSource,
         out: &mut Vec<u8>,
     ) -> Handshake {
+        Self::initiator_with(cfg, rng, None, out)
+    }
+
+    /// [`Handshake::initiator`] with an ephemeral key made ahead of time (see [`EphemeralPool`]);
+    /// without one, or if forward secrecy is off, it behaves exactly like `initiator`.
+    pub fn initiator_with(
+        cfg: &HandshakeConfig,
+        rng: &mut dyn RandomSource,
+        eph: Option<Box<EphemeralKey>>,
+        out: &mut Vec<u8>,
+    ) -> Handshake {
         let key = cfg.keys.primary().clone();
         let fs = cfg.forward_secrecy;
         let flags = if fs { FLAG_FORWARD_SECRECY } else { 0 };
@@ -179,9 +191,9 @@ impl Handshake {
         w.put(key.id().as_bytes());
         w.put(&nonce_i);
         let eph = fs.then(|| {
-            let (eph, public) = ephemeral(rng);
-            w.put(&public);
-            eph
+            let eph = eph.unwrap_or_else(|| Box::new(EphemeralKey::generate(rng)));
+            w.put(&eph.public);
+            eph.private
         });
         let body = w.len();
         let tag = mac(key.mac_key(), &[LABEL_HELLO_I, &hello_i[..body]]);
@@ -202,12 +214,19 @@ impl Handshake {
 
     /// Starts the responder (decrypt side); it speaks only after a valid initiator hello.
     pub fn responder(cfg: &HandshakeConfig) -> Handshake {
+        Self::responder_with(cfg, None)
+    }
+
+    /// [`Handshake::responder`] holding an ephemeral key made ahead of time for the initiator's
+    /// hello (see [`EphemeralPool`]). It is used for this handshake only, or dropped unused.
+    pub fn responder_with(cfg: &HandshakeConfig, eph: Option<Box<EphemeralKey>>) -> Handshake {
         Handshake {
             key_id: None,
             state: State::ResponderWaitHello {
                 keys: Arc::clone(&cfg.keys),
                 require_fs: cfg.forward_secrecy,
                 aead: cfg.aead,
+                eph,
             },
         }
     }
@@ -265,12 +284,14 @@ impl Handshake {
                 keys,
                 require_fs,
                 aead,
+                eph,
             } => {
                 let Some(hello) = parse_hello_i(input)? else {
                     return Ok(Status::NeedMore);
                 };
                 self.key_id = Some(hello.key_id);
-                let wait = responder_on_hello(keys, *require_fs, *aead, &hello, rng, out)?;
+                let eph = eph.take();
+                let wait = responder_on_hello(keys, *require_fs, *aead, &hello, eph, rng, out)?;
                 self.state = State::ResponderWaitFinished(wait);
                 // Finished cannot have arrived yet (the initiator needs our hello first), but
                 // checking costs nothing and keeps the contract simple.
@@ -375,6 +396,7 @@ fn responder_on_hello(
     require_fs: bool,
     aead: AeadKind,
     hello: &HelloI<'_>,
+    eph: Option<Box<EphemeralKey>>,
     rng: &mut dyn RandomSource,
     out: &mut Vec<u8>,
 ) -> Result<Box<ResponderWait>, ProtocolError> {
@@ -395,9 +417,9 @@ fn responder_on_hello(
     w.put(&nonce_r);
     let mut shared = None;
     if let Some(eph_i) = &hello.eph_i {
-        let (eph, public) = ephemeral(rng);
-        w.put(&public);
-        shared = Some(agree(eph, eph_i)?);
+        let eph = eph.unwrap_or_else(|| Box::new(EphemeralKey::generate(rng)));
+        w.put(&eph.public);
+        shared = Some(agree(eph.private, eph_i)?);
     }
     let body_r = w.len();
     let tag = mac(
@@ -519,24 +541,108 @@ fn transcript_hash(hello_i: &[u8], hello_r: &[u8]) -> [u8; 32] {
     th
 }
 
-/// A fresh X25519 key pair whose private scalar comes from `rng`.
-fn ephemeral(rng: &mut dyn RandomSource) -> (EphemeralPrivateKey, [u8; PUBLIC_KEY_LEN]) {
-    let mut seed = [0u8; 32];
-    rng.fill(&mut seed);
-    // ring draws ephemeral keys only from its own sealed `SecureRandom`; its fixed-slice
-    // implementation lets our `RandomSource` (and so the known-answer tests) supply the scalar.
-    // It is marked as an internal API, hence the allow; it is stable across ring 0.17.
-    #[allow(deprecated)]
-    let fixed = ring::test::rand::FixedSliceRandom { bytes: &seed };
-    let eph = EphemeralPrivateKey::generate(&X25519, &fixed)
-        .expect("X25519 key generation from a 32-byte seed cannot fail");
-    let mut public = [0u8; PUBLIC_KEY_LEN];
-    public.copy_from_slice(
-        eph.compute_public_key()
-            .expect("X25519 public key from a valid scalar")
-            .as_ref(),
-    );
-    (eph, public)
+/// An X25519 key pair for one handshake. Made on demand, or ahead of time by an
+/// [`EphemeralPool`]; either way it is consumed by the handshake that takes it.
+pub struct EphemeralKey {
+    private: EphemeralPrivateKey,
+    public: [u8; PUBLIC_KEY_LEN],
+}
+
+impl EphemeralKey {
+    /// A fresh key pair whose private scalar comes from `rng`.
+    pub fn generate(rng: &mut dyn RandomSource) -> EphemeralKey {
+        let mut seed = [0u8; 32];
+        rng.fill(&mut seed);
+        // ring draws ephemeral keys only from its own sealed `SecureRandom`; its fixed-slice
+        // implementation lets our `RandomSource` (and so the known-answer tests) supply the
+        // scalar. It is marked as an internal API, hence the allow; it is stable across 0.17.
+        #[allow(deprecated)]
+        let fixed = ring::test::rand::FixedSliceRandom { bytes: &seed };
+        let private = EphemeralPrivateKey::generate(&X25519, &fixed)
+            .expect("X25519 key generation from a 32-byte seed cannot fail");
+        seed.fill(0);
+        let mut public = [0u8; PUBLIC_KEY_LEN];
+        public.copy_from_slice(
+            private
+                .compute_public_key()
+                .expect("X25519 public key from a valid scalar")
+                .as_ref(),
+        );
+        EphemeralKey { private, public }
+    }
+}
+
+impl fmt::Debug for EphemeralKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EphemeralKey").finish_non_exhaustive()
+    }
+}
+
+/// Ephemeral key pairs generated before they are needed.
+///
+/// A key pair costs a fixed-base scalar multiplication (about half of a side's X25519 work).
+/// A shard refills its pool while it has nothing else to do, so a handshake in the critical
+/// path of a new connection only pays for the key agreement. Every key is handed out once and
+/// then belongs to one handshake: forward secrecy is unchanged (a key waits in the pool for at
+/// most as long as the shard is busy, and is never reused). An empty pool generates on demand.
+pub struct EphemeralPool {
+    // Boxed: a handshake holds the key it takes as a `Box`, so taking one never allocates.
+    #[allow(clippy::vec_box)]
+    keys: Vec<Box<EphemeralKey>>,
+    target: usize,
+    /// Keys handed out that had to be generated on demand (the pool was empty).
+    pub misses: u64,
+}
+
+impl EphemeralPool {
+    /// A pool that refills up to `target` keys (0 disables pre-generation).
+    pub fn new(target: usize) -> EphemeralPool {
+        EphemeralPool {
+            keys: Vec::with_capacity(target),
+            target,
+            misses: 0,
+        }
+    }
+
+    /// A key pair, from the pool if it has one.
+    pub fn take(&mut self, rng: &mut dyn RandomSource) -> Box<EphemeralKey> {
+        self.keys.pop().unwrap_or_else(|| {
+            self.misses += 1;
+            Box::new(EphemeralKey::generate(rng))
+        })
+    }
+
+    /// Whether the pool is below its target.
+    pub fn wants_refill(&self) -> bool {
+        self.keys.len() < self.target
+    }
+
+    /// Generates one key if the pool is below its target; returns whether it still is.
+    pub fn refill_one(&mut self, rng: &mut dyn RandomSource) -> bool {
+        if self.wants_refill() {
+            self.keys.push(Box::new(EphemeralKey::generate(rng)));
+        }
+        self.wants_refill()
+    }
+
+    /// Keys ready to hand out.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+impl fmt::Debug for EphemeralPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EphemeralPool")
+            .field("ready", &self.keys.len())
+            .field("target", &self.target)
+            .field("misses", &self.misses)
+            .finish()
+    }
 }
 
 /// X25519; ring rejects an all-zero shared secret (a low-order peer point), which is Malformed.
@@ -849,5 +955,61 @@ mod tests {
         assert_eq!(Handshake::max_message_len(), 138);
         assert_eq!(hello_i_len(true), 106);
         assert_eq!(hello_r_len(false), 66);
+    }
+
+    #[test]
+    fn keys_made_ahead_give_the_same_handshake_and_are_used_once() {
+        let c = cfg(&[[1; 32]], true);
+        let mut pool = EphemeralPool::new(3);
+        assert!(pool.is_empty() && pool.wants_refill());
+        let mut os = crate::crypto::OsRandom;
+        assert!(pool.refill_one(&mut os));
+        assert!(pool.refill_one(&mut os));
+        assert!(!pool.refill_one(&mut os), "the pool stops at its target");
+        assert!(!pool.refill_one(&mut os));
+        assert_eq!(pool.len(), 3);
+
+        // A pooled key is exactly what the handshake would have drawn itself: with the same
+        // random stream (nonce, then the key's seed), the hello is byte for byte the same.
+        let mut plain = Vec::new();
+        Handshake::initiator(&c, &mut TestRng(3), &mut plain);
+        let mut ahead = Vec::new();
+        let mut rng = TestRng(3);
+        let mut nonce = [0u8; NONCE_LEN];
+        rng.fill(&mut nonce);
+        let key = Box::new(EphemeralKey::generate(&mut rng));
+        Handshake::initiator_with(&c, &mut TestRng(3), Some(key), &mut ahead);
+        assert_eq!(plain, ahead);
+
+        // Both sides on pooled keys complete and agree; every key is handed out once.
+        let mut publics = std::collections::HashSet::new();
+        for _ in 0..4 {
+            let ik = pool.take(&mut os);
+            let rk = pool.take(&mut os);
+            assert!(publics.insert(ik.public) && publics.insert(rk.public));
+            let mut to_r = Vec::new();
+            let mut i = Handshake::initiator_with(&c, &mut TestRng(4), Some(ik), &mut to_r);
+            let mut r = Handshake::responder_with(&c, Some(rk));
+            let mut to_i = Vec::new();
+            r.advance(&to_r, &mut TestRng(5), &mut to_i).unwrap();
+            let Status::Done {
+                session: mut si, ..
+            } = i.advance(&to_i, &mut TestRng(6), &mut to_r).unwrap()
+            else {
+                panic!("initiator not done");
+            };
+            let Status::Done {
+                session: mut sr, ..
+            } = r.advance(&to_r, &mut TestRng(7), &mut to_i).unwrap()
+            else {
+                panic!("responder not done");
+            };
+            assert!(si.forward_secrecy && sr.forward_secrecy);
+            exchange(&mut si, &mut sr);
+            exchange(&mut sr, &mut si);
+        }
+        // 3 came from the pool; the other 5 were made on demand.
+        assert_eq!(pool.misses, 5);
+        assert!(pool.is_empty());
     }
 }

@@ -15,7 +15,7 @@ pub mod record;
 
 pub use aead::{AeadKey, AeadKind};
 pub use error::ProtocolError;
-pub use handshake::{Handshake, HandshakeConfig, Session, Status};
+pub use handshake::{EphemeralKey, EphemeralPool, Handshake, HandshakeConfig, Session, Status};
 pub use keys::{
     Key, KeyError, KeyId, KeySet, OsRandom, RandomSource, generate_key_file, load_key_file,
 };

@@ -14,8 +14,8 @@ use std::io;
 
 use crate::crypto::keys::OsRandom;
 use crate::crypto::{
-    HEADER_LEN, Handshake, HandshakeConfig, KeyId, MAX_PAYLOAD, ProtocolError, RecordType, Sealer,
-    Session, Status, TAG_LEN,
+    EphemeralPool, HEADER_LEN, Handshake, HandshakeConfig, KeyId, MAX_PAYLOAD, ProtocolError,
+    RecordType, Sealer, Session, Status, TAG_LEN,
 };
 use crate::reactor::{Buffer, Filter, FilterStatus};
 
@@ -59,10 +59,24 @@ fn fail(e: ProtocolError) -> io::Error {
 
 impl SealFilter {
     pub fn new(role: Role, cfg: &HandshakeConfig) -> SealFilter {
+        Self::with_pool(role, cfg, None)
+    }
+
+    /// [`SealFilter::new`] taking its ephemeral key from a shard's pool of keys made ahead of
+    /// time, when the configuration asks for forward secrecy.
+    pub fn with_pool(
+        role: Role,
+        cfg: &HandshakeConfig,
+        pool: Option<&mut EphemeralPool>,
+    ) -> SealFilter {
+        let eph = match pool {
+            Some(pool) if cfg.forward_secrecy => Some(pool.take(&mut OsRandom)),
+            _ => None,
+        };
         let mut hello = Vec::new();
         let hs = match role {
-            Role::Initiator => Handshake::initiator(cfg, &mut OsRandom, &mut hello),
-            Role::Responder => Handshake::responder(cfg),
+            Role::Initiator => Handshake::initiator_with(cfg, &mut OsRandom, eph, &mut hello),
+            Role::Responder => Handshake::responder_with(cfg, eph),
         };
         SealFilter {
             key_id: hs.key_id(),

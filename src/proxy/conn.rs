@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 
-use crate::crypto::{KeyId, ProtocolError};
+use crate::crypto::{EphemeralPool, KeyId, ProtocolError};
 use crate::metrics::{Bytes, CloseReason};
 use crate::reactor::{
     BevEvents, BufferEvent, Context, Filter, Handler, NoFilter, Ready, Suspend, Timeouts, TimerKey,
@@ -38,7 +38,8 @@ pub const TAG_ABORT: u64 = 0x12 << 8;
 /// A side's layer: plain or sealed.
 pub trait Layer: Filter + Sized + 'static {
     const SEALED: bool;
-    fn make(role: Role, t: &TunnelRt) -> Self;
+    /// The layer for a new connection; sealed layers take an ephemeral key from `keys`.
+    fn make(role: Role, t: &TunnelRt, keys: &mut EphemeralPool) -> Self;
     /// Handshake complete (always true for plain).
     fn is_open(&self) -> bool;
     /// The pre-shared key the session uses (none for plain).
@@ -49,7 +50,7 @@ pub trait Layer: Filter + Sized + 'static {
 
 impl Layer for NoFilter {
     const SEALED: bool = false;
-    fn make(_: Role, _: &TunnelRt) -> Self {
+    fn make(_: Role, _: &TunnelRt, _: &mut EphemeralPool) -> Self {
         NoFilter
     }
     fn is_open(&self) -> bool {
@@ -59,12 +60,12 @@ impl Layer for NoFilter {
 
 impl Layer for SealFilter {
     const SEALED: bool = true;
-    fn make(role: Role, t: &TunnelRt) -> Self {
+    fn make(role: Role, t: &TunnelRt, keys: &mut EphemeralPool) -> Self {
         let cfg = t
             .handshake
             .as_ref()
             .expect("sealed tunnels always carry a handshake config");
-        let mut f = SealFilter::new(role, cfg);
+        let mut f = SealFilter::with_pool(role, cfg, Some(keys));
         if let Some(n) = t.key_update_interval {
             f.set_key_update_interval(n);
         }
@@ -100,9 +101,9 @@ pub struct Conn<C: Layer, U: Layer> {
 
 impl<C: Layer, U: Layer> Conn<C, U> {
     /// Builds the handler for an accepted client socket.
-    pub fn new(t: &TunnelRt, stream: TcpStream, now: Instant) -> Self {
-        let mut client =
-            BufferEvent::with_filter(stream, CLIENT, C::make(Role::Responder, t), !C::SEALED);
+    pub fn new(t: &TunnelRt, keys: &mut EphemeralPool, stream: TcpStream, now: Instant) -> Self {
+        let filter = C::make(Role::Responder, t, keys);
+        let mut client = BufferEvent::with_filter(stream, CLIENT, filter, !C::SEALED);
         client.set_watermarks(Watermarks {
             read_low: 0,
             read_high: READ_HIGH,
@@ -134,7 +135,8 @@ impl<C: Layer, U: Layer> Conn<C, U> {
     /// Connects to the next healthy target; closes the connection when none is left.
     fn connect_upstream(&mut self, cx: &mut Context<'_, ShardState>) {
         let now = cx.now();
-        let rt = &mut cx.state.tunnels[self.tunnel];
+        let state = &mut *cx.state;
+        let rt = &mut state.tunnels[self.tunnel];
         let Some(i) = rt.upstreams.pick(now, self.tried) else {
             return self.finish(cx, CloseReason::UpstreamFailed);
         };
@@ -146,7 +148,7 @@ impl<C: Layer, U: Layer> Conn<C, U> {
             connect: Some(rt.cfg.connect_timeout),
             ..Timeouts::default()
         };
-        let filter = U::make(Role::Initiator, rt);
+        let filter = U::make(Role::Initiator, rt, &mut state.ephemeral_keys);
         self.connect_started = now;
         let mut up =
             BufferEvent::connect_filtered(cx, addr, UPSTREAM, filter, !U::SEALED, timeouts);

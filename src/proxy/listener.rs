@@ -74,17 +74,14 @@ fn admit(cx: &mut Context<'_, ShardState>, tunnel: usize, stream: TcpStream, _pe
         let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
         return;
     }
-    match rt.cfg.mode {
-        Mode::Encrypt => {
-            cx.spawn(Box::new(Conn::<NoFilter, SealFilter>::new(rt, stream, now)));
-        }
-        Mode::Decrypt => {
-            cx.spawn(Box::new(Conn::<SealFilter, NoFilter>::new(rt, stream, now)));
-        }
-        Mode::Forward => {
-            cx.spawn(Box::new(Conn::<NoFilter, NoFilter>::new(rt, stream, now)));
-        }
-    }
+    let state = &mut *cx.state;
+    let (rt, keys) = (&state.tunnels[tunnel], &mut state.ephemeral_keys);
+    let conn: Box<dyn Handler<ShardState>> = match rt.cfg.mode {
+        Mode::Encrypt => Box::new(Conn::<NoFilter, SealFilter>::new(rt, keys, stream, now)),
+        Mode::Decrypt => Box::new(Conn::<SealFilter, NoFilter>::new(rt, keys, stream, now)),
+        Mode::Forward => Box::new(Conn::<NoFilter, NoFilter>::new(rt, keys, stream, now)),
+    };
+    cx.spawn(conn);
 }
 
 impl TunnelListener {

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::{Mode, Tunnel};
-use crate::crypto::{HandshakeConfig, KeyId, KeySet};
+use crate::crypto::{EphemeralPool, HandshakeConfig, KeyId, KeySet, OsRandom};
 use crate::metrics::{Metrics, TunnelMetrics};
 use crate::reactor::HandlerId;
 use prometheus::IntCounter;
@@ -36,6 +36,9 @@ pub const READ_HIGH: usize = 256 * 1024;
 pub const OUTPUT_HIGH: usize = 256 * 1024;
 /// ...and resumes when it drains to this.
 pub const OUTPUT_LOW: usize = 64 * 1024;
+/// Ephemeral key pairs a shard keeps ready (each ~0.1 KiB). Enough for a burst of new
+/// connections between two idle moments; beyond it, handshakes generate their own.
+pub const EPHEMERAL_KEYS_READY: usize = 16;
 
 /// One tunnel as one shard runs it.
 pub struct TunnelRt {
@@ -155,6 +158,8 @@ pub struct ShardState {
     /// Rate limit for warnings about bad peers: next instant a warning may be logged.
     pub next_warn: Instant,
     pub suppressed_warnings: u64,
+    /// X25519 key pairs made in the loop's spare time for this shard's handshakes.
+    pub ephemeral_keys: EphemeralPool,
 }
 
 impl ShardState {
@@ -175,7 +180,23 @@ impl ShardState {
             live_conns: HashSet::new(),
             next_warn: Instant::now(),
             suppressed_warnings: 0,
+            ephemeral_keys: EphemeralPool::new(EPHEMERAL_KEYS_READY),
         }
+    }
+
+    /// Whether the shard has spare-time work (see `EventBase::set_idle`): ephemeral key pairs
+    /// to make, if any tunnel uses forward secrecy and the pool is below its target.
+    pub fn wants_idle_work(&self) -> bool {
+        self.ephemeral_keys.wants_refill()
+            && self
+                .tunnels
+                .iter()
+                .any(|t| t.handshake.as_ref().is_some_and(|h| h.forward_secrecy))
+    }
+
+    /// One step of spare-time work: one ephemeral key pair (~40 µs).
+    pub fn idle_step(&mut self) {
+        self.ephemeral_keys.refill_one(&mut OsRandom);
     }
 
     /// True if a warning may be logged now (at most 10 per second per shard); counts the

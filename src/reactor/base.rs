@@ -343,6 +343,9 @@ impl<S> Handle<S> {
 }
 
 /// One event loop. `S` is the owner's state, reachable from every callback as `cx.state`.
+/// Spare-time work: (whether there is some, one step of it). See [`EventBase::set_idle`].
+type IdleWork<S> = (fn(&S) -> bool, fn(&mut S));
+
 pub struct EventBase<S> {
     poll: Poll,
     events: Events,
@@ -355,6 +358,8 @@ pub struct EventBase<S> {
     pending: Arc<AtomicBool>,
     ready: Vec<(Token, Ready)>,
     expired: Vec<(TimerKey, TimerEntry)>,
+    idle: Option<IdleWork<S>>,
+    idle_pending: bool,
 }
 
 impl<S: 'static> EventBase<S> {
@@ -390,6 +395,8 @@ impl<S: 'static> EventBase<S> {
             pending: Arc::new(AtomicBool::new(false)),
             ready: Vec::with_capacity(events),
             expired: Vec::new(),
+            idle: None,
+            idle_pending: false,
         })
     }
 
@@ -425,6 +432,16 @@ impl<S: 'static> EventBase<S> {
 
     pub fn spawn(&mut self, handler: Box<dyn Handler<S>>) -> HandlerId {
         self.core.spawn(handler)
+    }
+
+    /// Work for the loop's spare time (libev's idle watcher). While `wants` says there is
+    /// some, the loop only peeks for readiness (a zero timeout) instead of blocking, and a turn
+    /// that finds nothing ready runs one `step`; so no event waits longer than one step, and
+    /// steps should be small (tens of microseconds). `wants` is asked again after each step and
+    /// after each turn that dispatched something, so it must be cheap.
+    pub fn set_idle(&mut self, wants: fn(&S) -> bool, step: fn(&mut S)) {
+        self.idle = Some((wants, step));
+        self.idle_pending = wants(&self.state);
     }
 
     /// Runs `f` with a handler-less context, as a posted job would.
@@ -466,7 +483,11 @@ impl<S: 'static> EventBase<S> {
     pub fn loop_once(&mut self, max_wait: Option<Duration>) -> io::Result<()> {
         let before = Instant::now();
         self.core.now = before;
-        let timeout = self.poll_timeout(max_wait);
+        let mut timeout = self.poll_timeout(max_wait);
+        let idle_turn = self.idle_pending && timeout != Some(Duration::ZERO);
+        if idle_turn {
+            timeout = Some(Duration::ZERO);
+        }
         match self.poll.poll(&mut self.events, timeout) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -487,6 +508,12 @@ impl<S: 'static> EventBase<S> {
             }
         }
         self.stats.events += self.ready.len() as u64;
+        if idle_turn && self.events.is_empty() {
+            if let Some((wants, step)) = self.idle {
+                step(&mut self.state);
+                self.idle_pending = wants(&self.state);
+            }
+        }
 
         let mut mark = woke;
         let ready = std::mem::take(&mut self.ready);
@@ -512,6 +539,11 @@ impl<S: 'static> EventBase<S> {
         for &(_, entry) in &expired {
             self.dispatch(entry.id, &mut mark, |h, cx| h.on_timer(cx, entry.tag));
             self.run_deferred(&mut mark);
+        }
+        if let Some((wants, _)) = self.idle {
+            if !self.ready.is_empty() || wake || !expired.is_empty() {
+                self.idle_pending = wants(&self.state);
+            }
         }
         self.expired = expired;
         self.run_deferred(&mut mark);
