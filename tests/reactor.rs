@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use sealpipe::reactor::listener::{ConnListener, ListenerOptions};
 use sealpipe::reactor::{BevEvents, BufferEvent, Context, EventBase, Handler, Ready, Timeouts};
 
 use crate::common::*;
@@ -458,4 +459,40 @@ fn idle_work_runs_only_in_turns_with_nothing_ready() {
     base.loop_once(Some(TIMEOUT)).unwrap();
     base.loop_once(Some(TIMEOUT)).unwrap();
     assert_eq!(base.state().steps, 4);
+}
+
+/// Accepts and records each accepted socket's TCP_NODELAY.
+struct NodelayProbe(ConnListener);
+
+impl Handler<Vec<bool>> for NodelayProbe {
+    fn on_start(&mut self, cx: &mut Context<'_, Vec<bool>>) {
+        self.0.register(cx).unwrap();
+    }
+    fn on_ready(&mut self, cx: &mut Context<'_, Vec<bool>>, _: u8, _: Ready) {
+        self.0
+            .on_ready(cx, |cx, s, _| cx.state.push(s.nodelay().unwrap()));
+    }
+}
+
+#[test]
+fn accepted_sockets_have_nodelay_without_a_call_per_socket() {
+    let mut base = EventBase::new(Vec::new()).unwrap();
+    let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    for nodelay in [true, false] {
+        let opts = ListenerOptions {
+            nodelay,
+            ..ListenerOptions::default()
+        };
+        let l = ConnListener::bind(addr, opts, 0).unwrap();
+        let at = l.local_addr().unwrap();
+        base.spawn(Box::new(NodelayProbe(l)));
+        let clients: Vec<_> = (0..3).map(|_| TcpStream::connect(at).unwrap()).collect();
+        let deadline = Instant::now() + TIMEOUT;
+        while base.state().len() < 3 && Instant::now() < deadline {
+            base.loop_once(Some(Duration::from_millis(50))).unwrap();
+        }
+        assert_eq!(base.state(), &vec![nodelay; 3]);
+        base.state_mut().clear();
+        drop(clients);
+    }
 }

@@ -114,6 +114,9 @@ pub struct ConnListener {
     /// When the last backoff pause ends: exhaustion that recurs soon after grows the backoff.
     backoff_ends: Option<std::time::Instant>,
     redrive_queued: bool,
+    /// TCP_NODELAY is set on the listening socket, and Linux copies it to every accepted one,
+    /// which saves a setsockopt per connection.
+    nodelay_inherited: bool,
 }
 
 impl ConnListener {
@@ -126,7 +129,11 @@ impl ConnListener {
     /// Wraps an already-listening socket (inherited across an upgrade, for instance).
     pub fn from_std(l: std::net::TcpListener, opts: ListenerOptions, source: u8) -> Self {
         let _ = l.set_nonblocking(true);
+        let nodelay_inherited = cfg!(target_os = "linux")
+            && opts.nodelay
+            && socket2::SockRef::from(&l).set_tcp_nodelay(true).is_ok();
         ConnListener {
+            nodelay_inherited,
             listener: TcpListener::from_std(l),
             source,
             opts,
@@ -251,7 +258,7 @@ impl ConnListener {
         while pass.accepted < batch {
             match self.listener.accept() {
                 Ok((stream, peer)) => {
-                    if self.opts.nodelay {
+                    if self.opts.nodelay && !self.nodelay_inherited {
                         let _ = stream.set_nodelay(true);
                     }
                     pass.accepted += 1;
