@@ -43,6 +43,10 @@ use crate::reactor::{EventBase, Handle, HandlerId, pool};
 const HOUSEKEEPING: Duration = Duration::from_millis(250);
 /// Chunks freed (beyond the pool's cache) since the last heap trim that justify another.
 const TRIM_AFTER_CHUNKS: u64 = 64;
+/// Connections hibernated since the last heap trim that justify another, once no more are
+/// hibernating: each freed 1-2 KiB of keys and buffer lists, holes that new connections reuse
+/// while connections keep arriving, and that only a trim returns after the burst.
+const TRIM_AFTER_HIBERNATIONS: u64 = 256;
 /// A shard whose buffers hold at most this many chunks is quiet...
 const QUIET_LIVE_CHUNKS: usize = 16;
 /// ...and after this many quiet housekeeping ticks (2 s) its chunk cache shrinks to...
@@ -56,11 +60,15 @@ const QUIET_CACHED_CHUNKS: usize = 8;
 struct MemoryKeeper {
     next_trim: Option<Instant>,
     trimmed_at: u64,
+    /// The shard's hibernation count at the last trim, and at the last tick.
+    trimmed_hibernations: u64,
+    seen_hibernations: u64,
     quiet_ticks: u32,
 }
 
 impl MemoryKeeper {
-    fn tick(&mut self, now: Instant) -> pool::PoolStats {
+    /// `hibernations`: connections this shard has hibernated so far.
+    fn tick(&mut self, now: Instant, hibernations: u64) -> pool::PoolStats {
         let p = pool::stats();
         if p.live_chunks <= QUIET_LIVE_CHUNKS && p.cached_chunks > QUIET_CACHED_CHUNKS {
             self.quiet_ticks += 1;
@@ -73,13 +81,17 @@ impl MemoryKeeper {
             pool::set_max_cached(pool::DEFAULT_MAX_CACHED);
         }
         let p = pool::stats();
-        // Freed chunks stay resident in the heap: hand them back to the kernel, at most once
-        // a second, and only when a good number were freed since the last time.
-        if p.freed_total >= self.trimmed_at + TRIM_AFTER_CHUNKS
-            && self.next_trim.is_none_or(|t| now >= t)
-        {
+        // Freed chunks and hibernated connections' keys stay resident in the heap: hand them
+        // back to the kernel, at most once a second, and only when a good number were freed
+        // since the last time.
+        let settled = hibernations == self.seen_hibernations;
+        self.seen_hibernations = hibernations;
+        let freed = p.freed_total >= self.trimmed_at + TRIM_AFTER_CHUNKS
+            || (settled && hibernations >= self.trimmed_hibernations + TRIM_AFTER_HIBERNATIONS);
+        if freed && self.next_trim.is_none_or(|t| now >= t) {
             crate::sys::trim_heap();
             self.trimmed_at = p.freed_total;
+            self.trimmed_hibernations = hibernations;
             self.next_trim = Some(now + Duration::from_secs(1));
         }
         p
@@ -419,7 +431,7 @@ fn shard_loop(i: usize, base: &mut EventBase<ShardState>) -> std::io::Result<()>
             tracing::warn!(shard = i, took = ?s.longest_callback, "loop stalled in a callback");
         }
         last = s;
-        let p = keeper.tick(now);
+        let p = keeper.tick(now, base.state().hibernations);
         cached.set((p.cached_chunks * pool::CHUNK_SIZE) as i64);
         live.set((p.live_chunks * pool::CHUNK_SIZE) as i64);
         if !base.state().draining {

@@ -98,6 +98,16 @@ pub struct Session {
     pub forward_secrecy: bool,
 }
 
+impl Session {
+    /// Drops both directions' expanded AEAD keys until the next record needs them (see
+    /// [`Sealer::hibernate`]); what stays is the traffic secrets, IVs and counters, a few
+    /// dozen bytes per direction. Returns true if any key was dropped.
+    pub fn hibernate(&mut self) -> bool {
+        // Both, not short-circuited.
+        self.sealer.hibernate() | self.opener.hibernate()
+    }
+}
+
 impl fmt::Debug for Session {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Session")
@@ -839,6 +849,26 @@ mod tests {
             exchange(&mut i, &mut r);
             exchange(&mut r, &mut i);
         }
+    }
+
+    #[test]
+    fn sessions_hibernate_both_directions_and_keep_talking() {
+        let (mut i, mut r) = run(&cfg(&[[1; 32]], true), &cfg(&[[1; 32]], true)).unwrap();
+        exchange(&mut i, &mut r);
+        for _ in 0..2 {
+            assert!(i.hibernate());
+            assert!(i.sealer.is_hibernating() && i.opener.is_hibernating());
+            assert!(!i.hibernate(), "nothing left to drop");
+            assert!(r.hibernate());
+            exchange(&mut i, &mut r);
+            exchange(&mut r, &mut i);
+            assert!(!i.sealer.is_hibernating() && !i.opener.is_hibernating());
+        }
+        // One direction used since: only its keys come back, and only they are dropped again.
+        assert!(i.hibernate() && r.hibernate());
+        exchange(&mut i, &mut r);
+        assert!(!i.sealer.is_hibernating() && i.opener.is_hibernating());
+        assert!(i.hibernate());
     }
 
     #[test]

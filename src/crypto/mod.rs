@@ -5,7 +5,8 @@
 //! [`keys`], which loads key files at configuration time (never on the data path).
 //!
 //! Invariants: bad input of any kind yields a [`ProtocolError`] and never a panic; key material
-//! never appears in `Debug` output; sealing and opening a record never allocate.
+//! never appears in `Debug` output; sealing and opening a record never allocate, except to
+//! expand a fresh key (after a KEY_UPDATE, or the first record after a hibernation).
 
 pub mod aead;
 pub mod error;

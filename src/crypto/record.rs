@@ -15,9 +15,14 @@
 //! Invariants:
 //! - A nonce is never reused under a key: the counter only increases, and a KEY_UPDATE moves
 //!   to a fresh key (and resets the counter) in both peers at the same record.
-//! - `seal_in_place` / `open_in_place` do not allocate; lengths read from the wire are checked
-//!   before any slice is taken, and bad input returns an error, never panics.
+//! - `seal_in_place` / `open_in_place` do not allocate, except to expand a new key (the record
+//!   after a KEY_UPDATE or after a hibernation); lengths read from the wire are checked before
+//!   any slice is taken, and bad input returns an error, never panics.
 //! - After END, a direction accepts nothing more.
+//! - Hibernation ([`Sealer::hibernate`], [`Opener::hibernate`]) drops only the expanded AEAD
+//!   key, which is a pure function of the direction's traffic secret; the secret, IV and
+//!   counter stay, so the next record re-expands the same key and uses the next nonce as if
+//!   nothing had happened. The wire cannot tell whether a side hibernated.
 
 use std::fmt;
 use std::ops::Range;
@@ -109,8 +114,12 @@ pub(crate) fn hkdf_expand(prk: &hkdf::Prk, label: &[u8], context: &[u8], out: &m
 
 /// One direction's keying state.
 struct Direction {
-    aead: AeadKey,
+    /// The expanded key for `secret`; `None` while hibernating (see [`Direction::key`]).
+    aead: Option<AeadKey>,
+    kind: AeadKind,
     iv: [u8; NONCE_LEN],
+    /// The current traffic secret: the next secret (KEY_UPDATE) and, after a hibernation, the
+    /// key are derived from it.
     secret: Secret,
     /// Records processed under the current key; the next record's counter.
     seq: u64,
@@ -121,12 +130,27 @@ impl Direction {
     fn new(kind: AeadKind, secret: Secret) -> Direction {
         let (aead, iv) = derive_key_iv(kind, &secret);
         Direction {
-            aead,
+            aead: Some(aead),
+            kind,
             iv,
             secret,
             seq: 0,
             ended: false,
         }
+    }
+
+    /// The expanded key, re-derived from the secret first if the direction was hibernating.
+    /// Awake, this is a branch and no allocation; the first record after a hibernation pays
+    /// one HKDF and one key expansion (a microsecond or two) and one allocation.
+    #[inline]
+    fn key(&mut self) -> &AeadKey {
+        let (kind, secret) = (self.kind, &self.secret);
+        self.aead.get_or_insert_with(|| rederive_key(kind, secret))
+    }
+
+    /// Drops the expanded key; true if there was one to drop.
+    fn hibernate(&mut self) -> bool {
+        self.aead.take().is_some()
     }
 
     fn nonce(&self) -> [u8; NONCE_LEN] {
@@ -145,12 +169,20 @@ impl Direction {
         let prk = hkdf::Prk::new_less_safe(hkdf::HKDF_SHA256, &self.secret);
         let mut next = [0u8; 32];
         hkdf_expand(&prk, LABEL_KEY_UPDATE, &[], &mut next);
-        let (aead, iv) = derive_key_iv(self.aead.kind(), &next);
+        let (aead, iv) = derive_key_iv(self.kind, &next);
         self.secret = next;
-        self.aead = aead;
+        self.aead = Some(aead);
         self.iv = iv;
         self.seq = 0;
     }
+}
+
+/// The key of `secret` again, after a hibernation: exactly [`derive_key_iv`]'s key (the IV it
+/// derives is the one the direction kept).
+#[cold]
+#[inline(never)]
+fn rederive_key(kind: AeadKind, secret: &Secret) -> AeadKey {
+    derive_key_iv(kind, secret).0
 }
 
 fn derive_key_iv(kind: AeadKind, secret: &Secret) -> (AeadKey, [u8; NONCE_LEN]) {
@@ -210,10 +242,11 @@ impl Sealer {
         header[0] = ty.to_byte();
         // payload_len <= MAX_PAYLOAD < 2^16, checked above.
         header[1..].copy_from_slice(&(payload_len as u16).to_be_bytes());
+        let nonce = self.dir.nonce();
         let tag = self
             .dir
-            .aead
-            .seal_in_place_separate_tag(&self.dir.nonce(), header, payload);
+            .key()
+            .seal_in_place_separate_tag(&nonce, header, payload);
         tag_out.copy_from_slice(&tag);
         self.dir.seq += 1;
         match ty {
@@ -241,9 +274,22 @@ impl Sealer {
         self.dir.ended
     }
 
+    /// Drops the expanded AEAD key (about 540 bytes of heap with ring) until the next record
+    /// needs it; the next seal re-derives it from the traffic secret. Nothing else changes:
+    /// counter, IV, key-update schedule and the wire are as if this was never called. Returns
+    /// true if a key was dropped (false if already hibernating).
+    pub fn hibernate(&mut self) -> bool {
+        self.dir.hibernate()
+    }
+
+    /// True while hibernating: the key is dropped and the next record re-derives it.
+    pub fn is_hibernating(&self) -> bool {
+        self.dir.aead.is_none()
+    }
+
     /// The backend in use.
     pub fn aead_kind(&self) -> AeadKind {
-        self.dir.aead.kind()
+        self.dir.kind
     }
 
     /// Seals consecutive DATA records laid out back to back in `buf`: record `i` starts where
@@ -270,7 +316,8 @@ impl Sealer {
 impl fmt::Debug for Sealer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Sealer")
-            .field("aead", &self.dir.aead.kind())
+            .field("aead", &self.dir.kind)
+            .field("hibernating", &self.dir.aead.is_none())
             .field("seq", &self.dir.seq)
             .field("ended", &self.dir.ended)
             .finish_non_exhaustive()
@@ -340,9 +387,10 @@ impl Opener {
             .and_then(RecordType::from_byte)
             .ok_or(ProtocolError::Malformed)?;
         let tag: &[u8; TAG_LEN] = (&*tag).try_into().map_err(|_| ProtocolError::Malformed)?;
+        let nonce = self.dir.nonce();
         self.dir
-            .aead
-            .open_in_place(&self.dir.nonce(), header, payload, tag)
+            .key()
+            .open_in_place(&nonce, header, payload, tag)
             .map_err(|()| ProtocolError::BadMac)?;
         self.dir.seq += 1;
         match ty {
@@ -363,6 +411,16 @@ impl Opener {
         self.dir.ended
     }
 
+    /// As [`Sealer::hibernate`]: drops the expanded key until the next record is opened.
+    pub fn hibernate(&mut self) -> bool {
+        self.dir.hibernate()
+    }
+
+    /// True while hibernating: the key is dropped and the next record re-derives it.
+    pub fn is_hibernating(&self) -> bool {
+        self.dir.aead.is_none()
+    }
+
     /// Call at the peer's EOF with the number of received bytes not yet opened: `Ok` only if
     /// END was received and nothing follows it; `Truncated` if the stream stopped before END;
     /// `Malformed` if bytes follow END.
@@ -376,7 +434,7 @@ impl Opener {
 
     /// The backend in use.
     pub fn aead_kind(&self) -> AeadKind {
-        self.dir.aead.kind()
+        self.dir.kind
     }
 
     /// Opens every complete record at the start of `buf`, in place, calling `on_record` with
@@ -409,7 +467,8 @@ impl Opener {
 impl fmt::Debug for Opener {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Opener")
-            .field("aead", &self.dir.aead.kind())
+            .field("aead", &self.dir.kind)
+            .field("hibernating", &self.dir.aead.is_none())
             .field("seq", &self.dir.seq)
             .field("ended", &self.dir.ended)
             .finish_non_exhaustive()
@@ -543,6 +602,115 @@ mod tests {
         o.dir.seq = RECORD_LIMIT;
         let mut r = [0x01u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         assert_eq!(o.open_in_place(&mut r), Err(ProtocolError::TooLarge));
+    }
+
+    fn pair_of(kind: AeadKind) -> (Sealer, Opener) {
+        (Sealer::new(kind, [9; 32]), Opener::new(kind, [9; 32]))
+    }
+
+    #[test]
+    fn hibernation_at_any_point_changes_nothing_on_the_wire() {
+        for kind in [AeadKind::Ring, AeadKind::RustCrypto] {
+            // Every pattern of "hibernate the sealer / the opener before record i" over 4
+            // records: the records are byte for byte those of a sealer that never hibernated,
+            // and they open.
+            for pattern in 0u32..1 << 8 {
+                let (mut reference, _) = pair_of(kind);
+                let (mut s, mut o) = pair_of(kind);
+                for i in 0..4 {
+                    if pattern & (1 << (2 * i)) != 0 {
+                        assert!(s.hibernate());
+                        assert!(s.is_hibernating());
+                        assert!(!s.hibernate(), "a second hibernate has nothing to drop");
+                    }
+                    if pattern & (1 << (2 * i + 1)) != 0 {
+                        assert!(o.hibernate());
+                        assert!(o.is_hibernating());
+                    }
+                    let payload = [i as u8; 5];
+                    let want = seal(&mut reference, RecordType::Data, &payload);
+                    let mut got = seal(&mut s, RecordType::Data, &payload);
+                    assert!(!s.is_hibernating());
+                    assert_eq!(got, want, "{kind:?} pattern {pattern:#x} record {i}");
+                    let (ty, range) = o.open_in_place(&mut got).unwrap();
+                    assert_eq!((ty, &got[range]), (RecordType::Data, &payload[..]));
+                    assert!(!o.is_hibernating());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn hibernation_keeps_the_same_key_and_iv() {
+        for kind in [AeadKind::Ring, AeadKind::RustCrypto] {
+            let (mut s, _) = pair_of(kind);
+            let iv = s.dir.iv;
+            s.hibernate();
+            assert_eq!(s.aead_kind(), kind);
+            let _ = s.dir.key();
+            assert_eq!(s.aead_kind(), kind);
+            assert_eq!(s.dir.key().kind(), kind);
+            assert_eq!(derive_key_iv(kind, &s.dir.secret).1, iv);
+            assert_eq!(s.dir.iv, iv);
+            // Debug output says so, and still shows no key material.
+            s.hibernate();
+            let d = format!("{s:?}");
+            assert!(d.contains("hibernating: true"), "{d}");
+        }
+    }
+
+    #[test]
+    fn key_update_across_hibernation() {
+        for kind in [AeadKind::Ring, AeadKind::RustCrypto] {
+            let (mut reference, _) = pair_of(kind);
+            let (mut s, mut o) = pair_of(kind);
+            reference.set_key_update_interval(2);
+            s.set_key_update_interval(2);
+            // Hibernate both sides at every step: before data, right before the KEY_UPDATE,
+            // and right after it (the new key is then dropped before its first use).
+            for round in 0..4 {
+                for _ in 0..2 {
+                    s.hibernate();
+                    o.hibernate();
+                    let want = seal(&mut reference, RecordType::Data, b"abc");
+                    let mut r = seal(&mut s, RecordType::Data, b"abc");
+                    assert_eq!(r, want, "{kind:?} round {round}");
+                    o.open_in_place(&mut r).unwrap();
+                }
+                assert!(s.key_update_due());
+                s.hibernate();
+                o.hibernate();
+                let want = seal(&mut reference, RecordType::KeyUpdate, b"");
+                let mut ku = seal(&mut s, RecordType::KeyUpdate, b"");
+                assert_eq!(ku, want);
+                assert_eq!(o.open_in_place(&mut ku).unwrap().0, RecordType::KeyUpdate);
+                assert!(s.hibernate() && o.hibernate(), "the new key was expanded");
+            }
+            // Under the updated key, a stale opener fails: the update really happened.
+            let (_, mut stale) = pair_of(kind);
+            let mut r = seal(&mut s, RecordType::Data, b"z");
+            assert_eq!(
+                stale.open_in_place(&mut r.clone()),
+                Err(ProtocolError::BadMac)
+            );
+            o.hibernate();
+            assert!(o.open_in_place(&mut r).is_ok());
+            // END after a hibernation, then nothing.
+            s.hibernate();
+            o.hibernate();
+            let mut end = seal(&mut s, RecordType::End, b"");
+            assert_eq!(o.open_in_place(&mut end).unwrap().0, RecordType::End);
+            assert_eq!(o.eof(0), Ok(()));
+        }
+    }
+
+    #[test]
+    fn tampering_is_still_caught_after_hibernation() {
+        let (mut s, mut o) = pair();
+        let mut r = seal(&mut s, RecordType::Data, b"hello");
+        r[4] ^= 1;
+        o.hibernate();
+        assert_eq!(o.open_in_place(&mut r), Err(ProtocolError::BadMac));
     }
 
     #[test]

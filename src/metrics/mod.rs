@@ -110,6 +110,7 @@ pub struct Metrics {
     pub registry: Registry,
     accepted: IntCounterVec,
     active: IntGaugeVec,
+    hibernating: IntGaugeVec,
     rejected: IntCounterVec,
     closed: IntCounterVec,
     duration: HistogramVec,
@@ -120,6 +121,7 @@ pub struct Metrics {
     upstream_failures: IntCounterVec,
     upstream_connect: HistogramVec,
     flow_paused: IntCounterVec,
+    key_hibernations: IntCounterVec,
     pub pool_bytes: IntGaugeVec,
     pub loop_busy: CounterVec,
     pub loop_idle: CounterVec,
@@ -175,6 +177,16 @@ impl Metrics {
                 r,
                 IntGaugeVec::new(
                     opts("connections_active", "Connections open now."),
+                    &["tunnel", "shard"]
+                )
+            ),
+            hibernating: reg!(
+                r,
+                IntGaugeVec::new(
+                    opts(
+                        "connections_hibernating",
+                        "Open connections quiet long enough to have dropped their session keys and spare buffer lists."
+                    ),
                     &["tunnel", "shard"]
                 )
             ),
@@ -273,6 +285,16 @@ impl Metrics {
                         "Times reading paused because the far side's output reached its high watermark."
                     ),
                     &["tunnel", "direction"]
+                )
+            ),
+            key_hibernations: reg!(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "key_hibernations_total",
+                        "Times a quiet connection dropped its expanded session keys (re-derived from the traffic secrets on its next record)."
+                    ),
+                    &["tunnel"]
                 )
             ),
             pool_bytes: reg!(
@@ -397,6 +419,7 @@ impl Metrics {
         TunnelMetrics {
             accepted: self.accepted.with_label_values(&[tunnel, &s]),
             active: self.active.with_label_values(&[tunnel, &s]),
+            hibernating: self.hibernating.with_label_values(&[tunnel, &s]),
             rejected: RejectReason::ALL
                 .map(|r| self.rejected.with_label_values(&[tunnel, r.as_str()])),
             closed: CloseReason::ALL.map(|r| self.closed.with_label_values(&[tunnel, r.as_str()])),
@@ -412,6 +435,7 @@ impl Metrics {
             .map(|(d, l)| self.bytes.with_label_values(&[tunnel, d, l])),
             flow_paused: ["upstream", "downstream"]
                 .map(|d| self.flow_paused.with_label_values(&[tunnel, d])),
+            key_hibernations: self.key_hibernations.with_label_values(&[tunnel]),
             upstreams: upstreams
                 .iter()
                 .map(|u| UpstreamMetrics {
@@ -452,6 +476,7 @@ pub struct UpstreamMetrics {
 pub struct TunnelMetrics {
     pub accepted: IntCounter,
     pub active: IntGauge,
+    pub hibernating: IntGauge,
     pub rejected: [IntCounter; 3],
     pub closed: [IntCounter; 8],
     pub duration: Histogram,
@@ -459,6 +484,7 @@ pub struct TunnelMetrics {
     pub handshake_duration: Histogram,
     pub bytes: [IntCounter; 4],
     pub flow_paused: [IntCounter; 2],
+    pub key_hibernations: IntCounter,
     pub upstreams: Vec<UpstreamMetrics>,
     pub accept_exhausted: IntCounter,
     pub accept_other: IntCounter,

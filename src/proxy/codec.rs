@@ -117,6 +117,16 @@ impl SealFilter {
         }
     }
 
+    /// Drops the open session's expanded AEAD keys until the next record needs them (see
+    /// `Session::hibernate`); true if keys were dropped. Nothing to drop before the handshake
+    /// completes.
+    pub fn hibernate(&mut self) -> bool {
+        match &mut self.phase {
+            Phase::Open(s) => s.hibernate(),
+            _ => false,
+        }
+    }
+
     fn handshake(
         &mut self,
         raw_in: &mut Buffer,

@@ -11,6 +11,12 @@
 //! sealed side) becomes a shutdown of the far side's write half after its output drains, and
 //! the other direction keeps going. A FIN on a sealed side without END is a truncation: the
 //! plaintext side is reset, not closed cleanly. A tampered record resets both sides.
+//!
+//! Quiet connections hibernate: after [`HIBERNATE_AFTER`] without activity the sealed side
+//! drops its expanded AEAD keys (the next record re-derives them from the traffic secrets) and
+//! both sides' empty buffers give back their chunk lists, so an idle connection costs little
+//! more than this handler. The idle timer carries both deadlines (one timer, lazily re-armed),
+//! so neither costs anything per read.
 
 use std::io;
 use std::time::{Duration, Instant};
@@ -35,6 +41,14 @@ const TAG_HANDSHAKE: u64 = 0x11 << 8;
 /// Notify tag: the shard's drain deadline passed.
 pub const TAG_ABORT: u64 = 0x12 << 8;
 
+/// A connection with no activity for this long hibernates (see the module doc): about 1.1 KiB
+/// of keys per sealed session and the buffers' chunk lists go back to the allocator. Long
+/// against a request/response exchange, so traffic with shorter pauses never pays for it and
+/// a chatty connection re-expands its keys (a microsecond or two) at most once per pause this
+/// long; short against the seconds to hours that pooled and keep-alive connections sit idle,
+/// which is where the memory of many connections is.
+pub const HIBERNATE_AFTER: Duration = Duration::from_millis(250);
+
 /// A side's layer: plain or sealed.
 pub trait Layer: Filter + Sized + 'static {
     const SEALED: bool;
@@ -45,6 +59,10 @@ pub trait Layer: Filter + Sized + 'static {
     /// The pre-shared key the session uses (none for plain).
     fn key_id(&self) -> Option<KeyId> {
         None
+    }
+    /// Drops what the layer can rebuild on its next use; true if it dropped keys.
+    fn hibernate(&mut self) -> bool {
+        false
     }
 }
 
@@ -77,6 +95,9 @@ impl Layer for SealFilter {
     fn key_id(&self) -> Option<KeyId> {
         SealFilter::key_id(self)
     }
+    fn hibernate(&mut self) -> bool {
+        SealFilter::hibernate(self)
+    }
 }
 
 /// A proxied connection.
@@ -93,6 +114,8 @@ pub struct Conn<C: Layer, U: Layer> {
     idle_timer: Option<TimerKey>,
     handshake_timer: Option<TimerKey>,
     handshake_done: bool,
+    /// Hibernating: quiet since `last_active + HIBERNATE_AFTER`; cleared by any activity.
+    asleep: bool,
     client_eof: bool,
     upstream_eof: bool,
     counted: [u64; 4],
@@ -121,6 +144,7 @@ impl<C: Layer, U: Layer> Conn<C, U> {
             idle_timer: None,
             handshake_timer: None,
             handshake_done: !C::SEALED && !U::SEALED,
+            asleep: false,
             client_eof: false,
             upstream_eof: false,
             counted: [0; 4],
@@ -232,15 +256,37 @@ impl<C: Layer, U: Layer> Conn<C, U> {
         }
     }
 
-    /// Arms the idle timer for `last_active + limit`. Activity only stores `last_active`; the
+    /// Arms the idle timer for `last_active + limit`, where the limit is [`HIBERNATE_AFTER`]
+    /// while awake (if shorter than the idle limit). Activity only stores `last_active`; the
     /// timer re-arms itself when it finds the connection was busy (no wheel work per read).
     fn arm_idle(&mut self, cx: &mut Context<'_, ShardState>) {
-        let t = self.idle_limit(cx);
+        let mut t = self.idle_limit(cx);
+        if !self.asleep {
+            t = t.min(HIBERNATE_AFTER);
+        }
         if let Some(k) = self.idle_timer.take() {
             cx.cancel_timer(k);
         }
         self.idle_timer =
             Some(cx.timer_at(self.last_active + t.max(Duration::from_millis(1)), TAG_IDLE));
+    }
+
+    /// The connection went quiet: drop the sealed side's keys and the buffers' spare lists.
+    /// Everything dropped comes back on its next use, so this is safe at any point.
+    fn hibernate(&mut self, cx: &mut Context<'_, ShardState>) {
+        self.asleep = true;
+        let mut dropped = self.client.filter_mut().hibernate();
+        self.client.shrink_to_fit();
+        if let Some(up) = self.upstream.as_mut() {
+            dropped |= up.filter_mut().hibernate();
+            up.shrink_to_fit();
+        }
+        cx.state.hibernations += 1;
+        let m = &cx.state.tunnels[self.tunnel].metrics;
+        m.hibernating.inc();
+        if dropped {
+            m.key_hibernations.inc();
+        }
     }
 
     /// Moves shard-local byte deltas for this connection into the tunnel's counters.
@@ -558,6 +604,12 @@ impl<C: Layer, U: Layer> Handler<ShardState> for Conn<C, U> {
 
     fn on_ready(&mut self, cx: &mut Context<'_, ShardState>, source: u8, ready: Ready) {
         self.last_active = cx.now();
+        if self.asleep {
+            // Awake again: watch for the next quiet spell (one timer move per wake-up).
+            self.asleep = false;
+            cx.state.tunnels[self.tunnel].metrics.hibernating.dec();
+            self.arm_idle(cx);
+        }
         if source == CLIENT {
             let ev = self.client.on_ready(cx, ready);
             self.process(cx, ev, BevEvents::empty());
@@ -586,9 +638,13 @@ impl<C: Layer, U: Layer> Handler<ShardState> for Conn<C, U> {
         match tag {
             TAG_IDLE => {
                 self.idle_timer = None;
-                if cx.now() >= self.last_active + self.idle_limit(cx) {
+                let now = cx.now();
+                if now >= self.last_active + self.idle_limit(cx) {
                     self.finish(cx, CloseReason::IdleTimeout);
                 } else {
+                    if !self.asleep && now >= self.last_active + HIBERNATE_AFTER {
+                        self.hibernate(cx);
+                    }
                     self.arm_idle(cx);
                 }
             }
@@ -640,6 +696,9 @@ impl<C: Layer, U: Layer> Handler<ShardState> for Conn<C, U> {
         }
         rt.active -= 1;
         rt.metrics.active.dec();
+        if self.asleep {
+            rt.metrics.hibernating.dec();
+        }
         rt.metrics.closed(reason);
         rt.metrics
             .duration

@@ -155,6 +155,8 @@ pub struct ShardState {
     pub drain_deadline: Option<Instant>,
     /// Open connections, so a drain deadline can close them (and count them).
     pub live_conns: HashSet<HandlerId>,
+    /// Connections that hibernated on this shard so far (the memory keeper trims after many).
+    pub hibernations: u64,
     /// Rate limit for warnings about bad peers: next instant a warning may be logged.
     pub next_warn: Instant,
     pub suppressed_warnings: u64,
@@ -178,6 +180,7 @@ impl ShardState {
             draining: false,
             drain_deadline: None,
             live_conns: HashSet::new(),
+            hibernations: 0,
             next_warn: Instant::now(),
             suppressed_warnings: 0,
             ephemeral_keys: EphemeralPool::new(EPHEMERAL_KEYS_READY),

@@ -11,8 +11,10 @@
 //!   reservation (after [`reserve`](Buffer::reserve), before a [`commit`](Buffer::commit) or an
 //!   operation that empties the buffer);
 //! - writable tail room exists only in the last chunk;
-//! - a buffer drained to empty holds no chunks: they go straight back to this thread's pool, so
-//!   an idle connection costs the size of two `VecDeque` headers. `Buffer::new` allocates nothing.
+//! - a buffer drained to empty holds no chunks: they go straight back to this thread's pool.
+//!   `Buffer::new` allocates nothing; a buffer that was used keeps its chunk list's small
+//!   allocation (so a busy buffer does not allocate per fill) until
+//!   [`shrink_to_fit`](Buffer::shrink_to_fit), after which an empty buffer holds no heap at all.
 //! - moving a chunk into a buffer whose tail room can hold its bytes copies them and recycles
 //!   the chunk, so a stream of tiny moves never costs a chunk per move (bounded memory).
 //!
@@ -116,6 +118,13 @@ impl Buffer {
             pool::give(c);
         }
         self.len = 0;
+    }
+
+    /// Gives back the chunk list's spare capacity: an empty buffer then holds no heap at all.
+    /// For owners of quiet buffers (an idle connection); a busy buffer would only allocate its
+    /// list again on the next fill.
+    pub fn shrink_to_fit(&mut self) {
+        self.chunks.shrink_to_fit();
     }
 
     /// The first contiguous readable slice (empty if the buffer is).
@@ -550,6 +559,25 @@ mod tests {
         assert_eq!(dst.len() + dst2.len(), 10_000);
         dst.check_invariants();
         dst2.check_invariants();
+    }
+
+    #[test]
+    fn shrink_to_fit_leaves_an_empty_buffer_without_heap() {
+        let mut b = Buffer::new();
+        assert_eq!(b.chunks.capacity(), 0);
+        b.append(&[1; 3 * CHUNK_SIZE]);
+        b.drain(b.len());
+        assert!(
+            b.chunks.capacity() > 0,
+            "the list keeps its allocation for reuse"
+        );
+        b.shrink_to_fit();
+        assert_eq!(b.chunks.capacity(), 0);
+        // Still a working buffer; a non-empty one keeps what its chunks need.
+        b.append(&[2; 10]);
+        b.shrink_to_fit();
+        assert_eq!(contents(&b), vec![2; 10]);
+        b.check_invariants();
     }
 
     #[test]

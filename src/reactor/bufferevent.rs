@@ -196,6 +196,18 @@ pub struct Timeouts {
     pub connect: Option<Duration>,
 }
 
+/// The read/write timeout state of a BufferEvent that has one. Boxed, and only when a read or
+/// write timeout is set: most BufferEvents (a proxy's) never set one, and an idle connection
+/// should not carry ~90 bytes it never uses.
+struct IoTimeouts {
+    read: Option<Duration>,
+    write: Option<Duration>,
+    last_read: Instant,
+    last_write: Instant,
+    read_timer: Option<TimerKey>,
+    write_timer: Option<TimerKey>,
+}
+
 /// A buffered socket. `F` is the filter layer ([`NoFilter`] for a plain socket).
 pub struct BufferEvent<F: Filter = NoFilter> {
     /// `None` only when a connect failed before a socket existed.
@@ -221,11 +233,8 @@ pub struct BufferEvent<F: Filter = NoFilter> {
     shutdown_requested: bool,
     write_shut: bool,
     watermarks: Watermarks,
-    timeouts: Timeouts,
-    last_read: Instant,
-    last_write: Instant,
-    read_timer: Option<TimerKey>,
-    write_timer: Option<TimerKey>,
+    /// `None` until a read or write timeout is set.
+    io_timeouts: Option<Box<IoTimeouts>>,
     connect_timer: Option<TimerKey>,
     error: Option<io::Error>,
     redrive_queued: bool,
@@ -254,7 +263,6 @@ impl<F: Filter> BufferEvent<F> {
     }
 
     fn build(stream: Option<TcpStream>, source: u8, filter: F, passthrough: bool) -> Self {
-        let now = Instant::now();
         BufferEvent {
             stream,
             source,
@@ -273,11 +281,7 @@ impl<F: Filter> BufferEvent<F> {
             shutdown_requested: false,
             write_shut: false,
             watermarks: Watermarks::default(),
-            timeouts: Timeouts::default(),
-            last_read: now,
-            last_write: now,
-            read_timer: None,
-            write_timer: None,
+            io_timeouts: None,
             connect_timer: None,
             error: None,
             redrive_queued: false,
@@ -309,7 +313,7 @@ impl<F: Filter> BufferEvent<F> {
         let mut bev = Self::build(stream, source, filter, passthrough);
         bev.state = State::Connecting;
         bev.suspend |= Suspend::Connecting as u8;
-        bev.timeouts = timeouts;
+        bev.store_timeouts(timeouts);
         if let Some(e) = err {
             bev.error = Some(e);
             bev.state = State::Closed;
@@ -341,13 +345,13 @@ impl<F: Filter> BufferEvent<F> {
 
     /// Deregisters and cancels timers. Call from the owner's `on_close`.
     pub fn close<S>(&mut self, cx: &mut Context<'_, S>) {
-        for t in [
-            self.read_timer.take(),
-            self.write_timer.take(),
-            self.connect_timer.take(),
-        ]
-        .into_iter()
-        .flatten()
+        let (read_timer, write_timer) =
+            self.io_timeouts.as_deref_mut().map_or((None, None), |io| {
+                (io.read_timer.take(), io.write_timer.take())
+            });
+        for t in [read_timer, write_timer, self.connect_timer.take()]
+            .into_iter()
+            .flatten()
         {
             cx.cancel_timer(t);
         }
@@ -361,6 +365,20 @@ impl<F: Filter> BufferEvent<F> {
         self.output.clear();
         self.raw_in.clear();
         self.raw_out.clear();
+    }
+
+    /// Gives back the spare capacity of the four buffers' chunk lists, so a quiet BufferEvent
+    /// whose buffers are empty holds no heap (see [`Buffer::shrink_to_fit`]). Owners call it
+    /// when the connection has gone quiet, not per read.
+    pub fn shrink_to_fit(&mut self) {
+        for b in [
+            &mut self.input,
+            &mut self.output,
+            &mut self.raw_in,
+            &mut self.raw_out,
+        ] {
+            b.shrink_to_fit();
+        }
     }
 
     /// Sends a TCP RST instead of a FIN when the socket closes (SO_LINGER 0).
@@ -390,9 +408,34 @@ impl<F: Filter> BufferEvent<F> {
         self.watermarks = wm;
     }
     pub fn set_timeouts<S>(&mut self, cx: &mut Context<'_, S>, t: Timeouts) {
-        self.timeouts = t;
+        self.store_timeouts(t);
         if self.state == State::Open {
             self.arm_timeouts(cx);
+        }
+    }
+
+    /// Keeps the read/write timeouts of `t` (the connect timeout is armed by the connect
+    /// itself), allocating their state only if one is set. Armed timers stay: they re-arm
+    /// lazily against the new values.
+    fn store_timeouts(&mut self, t: Timeouts) {
+        match self.io_timeouts.as_deref_mut() {
+            Some(io) => {
+                io.read = t.read;
+                io.write = t.write;
+            }
+            None if t.read.is_some() || t.write.is_some() => {
+                // Overwritten by `arm_timeouts` when the socket is (or becomes) open.
+                let now = Instant::now();
+                self.io_timeouts = Some(Box::new(IoTimeouts {
+                    read: t.read,
+                    write: t.write,
+                    last_read: now,
+                    last_write: now,
+                    read_timer: None,
+                    write_timer: None,
+                }));
+            }
+            None => {}
         }
     }
     pub fn take_error(&mut self) -> Option<io::Error> {
@@ -495,23 +538,31 @@ impl<F: Filter> BufferEvent<F> {
                 }
             }
             TIMER_READ => {
-                self.read_timer = None;
-                if let Some(t) = self.timeouts.read {
-                    let due = self.last_read + t;
+                let reading = self.state == State::Open && !self.eof;
+                let Some(io) = self.io_timeouts.as_deref_mut() else {
+                    return BevEvents::empty();
+                };
+                io.read_timer = None;
+                if let Some(t) = io.read {
+                    let due = io.last_read + t;
                     if due > now {
-                        self.read_timer = Some(cx.timer_at(due, TIMER_READ | self.source as u64));
-                    } else if self.state == State::Open && !self.eof {
+                        io.read_timer = Some(cx.timer_at(due, TIMER_READ | self.source as u64));
+                    } else if reading {
                         self.suspend_read(Suspend::Timeout);
                         return BevEvents::READ_TIMEOUT;
                     }
                 }
             }
             TIMER_WRITE => {
-                self.write_timer = None;
-                if let Some(t) = self.timeouts.write {
-                    let due = self.last_write + t;
-                    if self.output_pending() == 0 || due > now {
-                        self.write_timer = Some(
+                let pending = self.output_pending();
+                let Some(io) = self.io_timeouts.as_deref_mut() else {
+                    return BevEvents::empty();
+                };
+                io.write_timer = None;
+                if let Some(t) = io.write {
+                    let due = io.last_write + t;
+                    if pending == 0 || due > now {
+                        io.write_timer = Some(
                             cx.timer_at(due.max(now + t / 2), TIMER_WRITE | self.source as u64),
                         );
                     } else if self.state == State::Open {
@@ -525,14 +576,17 @@ impl<F: Filter> BufferEvent<F> {
     }
 
     fn arm_timeouts<S>(&mut self, cx: &mut Context<'_, S>) {
+        let Some(io) = self.io_timeouts.as_deref_mut() else {
+            return;
+        };
         let now = cx.now();
-        self.last_read = now;
-        self.last_write = now;
-        if let (Some(t), None) = (self.timeouts.read, self.read_timer) {
-            self.read_timer = Some(cx.timer(t, TIMER_READ | self.source as u64));
+        io.last_read = now;
+        io.last_write = now;
+        if let (Some(t), None) = (io.read, io.read_timer) {
+            io.read_timer = Some(cx.timer(t, TIMER_READ | self.source as u64));
         }
-        if let (Some(t), None) = (self.timeouts.write, self.write_timer) {
-            self.write_timer = Some(cx.timer(t, TIMER_WRITE | self.source as u64));
+        if let (Some(t), None) = (io.write, io.write_timer) {
+            io.write_timer = Some(cx.timer(t, TIMER_WRITE | self.source as u64));
         }
     }
 
@@ -673,7 +727,9 @@ impl<F: Filter> BufferEvent<F> {
                 Ok(n) => {
                     self.bytes_read += n as u64;
                     budget = budget.saturating_sub(n);
-                    self.last_read = cx.now();
+                    if let Some(io) = self.io_timeouts.as_deref_mut() {
+                        io.last_read = cx.now();
+                    }
                     if !self.passthrough {
                         self.decode(false, ev);
                         if ev.contains(BevEvents::ERROR) {
@@ -765,7 +821,9 @@ impl<F: Filter> BufferEvent<F> {
                 }
                 Ok(n) => {
                     self.bytes_written += n as u64;
-                    self.last_write = cx.now();
+                    if let Some(io) = self.io_timeouts.as_deref_mut() {
+                        io.last_write = cx.now();
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable = false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
