@@ -154,6 +154,13 @@ pub trait Filter {
     /// down writing: once `output` is empty, emit the end-of-stream marker (once).
     fn encode(&mut self, output: &mut Buffer, raw_out: &mut Buffer, finish: bool)
     -> io::Result<()>;
+
+    /// For a filter that decodes frames in place: the bytes the frame at the end of `raw_in`
+    /// still lacks, if known. The next read then fills the tail chunk only up to the frame's
+    /// end and starts fresh chunks at a frame boundary ([`Buffer::read_from_framed`]).
+    fn frame_rest(&self, _raw_in: &Buffer) -> Option<usize> {
+        None
+    }
 }
 
 /// The identity filter: no transform, no extra buffers.
@@ -652,6 +659,11 @@ impl<F: Filter> BufferEvent<F> {
             if high != 0 {
                 max = max.min(high - pending);
             }
+            let frame_rest = if self.passthrough {
+                None
+            } else {
+                self.filter.frame_rest(&self.raw_in)
+            };
             let target = if self.passthrough {
                 &mut self.input
             } else {
@@ -660,7 +672,7 @@ impl<F: Filter> BufferEvent<F> {
             let Some(stream) = self.stream.as_mut() else {
                 break;
             };
-            match target.read_from(stream, max) {
+            match target.read_from_framed(stream, max, frame_rest) {
                 Ok(0) => {
                     self.readable = false;
                     self.eof = true;
