@@ -25,8 +25,13 @@ use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 
 use super::pool::{self, CHUNK_SIZE, Chunk};
 
-/// Most iovecs one [`Buffer::read_from`] offers (current tail + fresh chunks).
+/// Most fresh chunks one [`Buffer::read_from`] offers, besides the current tail's room (so at
+/// most `READ_IOVECS + 1` iovecs). The tail has an iovec of its own because a framed read
+/// offers it only a frame's rest, often a few bytes: taking a fresh chunk's place would cut
+/// the read a chunk short of its allowance and cost another syscall to read that chunk.
 pub const READ_IOVECS: usize = 8;
+/// Iovec slots of one read: the tail, then up to [`READ_IOVECS`] fresh chunks.
+const READ_SLOTS: usize = READ_IOVECS + 1;
 /// Most iovecs one [`Buffer::write_to`] offers.
 pub const WRITE_IOVECS: usize = 16;
 /// Data at most this long is moved to the front of its chunk by [`Buffer::reserve`] rather
@@ -337,8 +342,9 @@ impl Buffer {
     }
 
     /// Reads once from `r` with one `read_vectored` call, offering the current tail room plus
-    /// as many fresh chunks as it takes to offer `max` bytes (at most [`READ_IOVECS`] iovecs,
-    /// so one call offers at most `8 * CHUNK_SIZE` bytes). Returns the bytes read and appended.
+    /// as many fresh chunks as it takes to offer `max` bytes (at most [`READ_IOVECS`] of them,
+    /// so one call offers at most the tail room plus `8 * CHUNK_SIZE` bytes). Returns the bytes
+    /// read and appended.
     ///
     /// Fresh chunks that receive nothing go straight back to the pool, so a read that fails
     /// (`WouldBlock` included) or hits EOF leaves the buffer exactly as it was. `EINTR` is
@@ -376,14 +382,14 @@ impl Buffer {
             }
         }
         // What each iovec offers: [0] is the current tail (0 if none), then the fresh chunks.
-        let mut offer = [0usize; READ_IOVECS];
-        let mut fresh: [Option<Chunk>; READ_IOVECS] = [const { None }; READ_IOVECS];
+        let mut offer = [0usize; READ_SLOTS];
+        let mut fresh: [Option<Chunk>; READ_SLOTS] = [const { None }; READ_SLOTS];
         offer[0] = tail.min(max);
         let mut offered = offer[0];
         // Slot 0 holds the current tail when it has room; otherwise a fresh chunk uses it.
         let first_fresh = usize::from(offer[0] > 0);
         let mut nslots = first_fresh;
-        while offered < max && nslots < READ_IOVECS {
+        while offered < max && nslots < first_fresh + READ_IOVECS {
             let o = (max - offered).min(CHUNK_SIZE);
             fresh[nslots] = Some(pool::take());
             offer[nslots] = o;
@@ -392,7 +398,7 @@ impl Buffer {
         }
 
         let result = loop {
-            let mut iov: [IoSliceMut<'_>; READ_IOVECS] =
+            let mut iov: [IoSliceMut<'_>; READ_SLOTS] =
                 std::array::from_fn(|_| IoSliceMut::new(&mut []));
             let mut used = 0;
             if first_fresh == 1 {
@@ -903,11 +909,11 @@ mod tests {
         assert_eq!(pool::stats().live_chunks, live0 + 3);
         // `max` bounds what is offered.
         assert_eq!(b.read_from(&mut r, 1000).unwrap(), 1000);
-        // At most 8 iovecs: the tail + 7 fresh chunks.
+        // At most the tail + READ_IOVECS fresh chunks.
         let tail = b.tail_room();
         assert!(tail > 0);
         let got = b.read_from(&mut r, usize::MAX).unwrap();
-        assert_eq!(got, tail + 7 * CHUNK_SIZE);
+        assert_eq!(got, tail + READ_IOVECS * CHUNK_SIZE);
         let mut total = 10 + CHUNK_SIZE * 2 + 1000 + got;
         assert_eq!(contents(&b), &data[..total]);
         b.check_invariants();

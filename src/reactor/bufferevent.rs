@@ -41,6 +41,9 @@ const READ_BUDGET: usize = 1 << 20;
 const READ_BATCH: usize = 256 * 1024;
 /// A read shorter than this (and than what was offered) proves the socket is drained.
 const SHORT_READ: usize = 128 * 1024;
+/// Largest gap below the read high watermark that a pass which has already read leaves unread
+/// (see `read_path`).
+const SLIVER: usize = 4096;
 
 /// Events the owner receives from [`BufferEvent::on_ready`] and friends (libevent's callback
 /// kinds). Several may be set at once.
@@ -643,10 +646,25 @@ impl<F: Filter> BufferEvent<F> {
     fn read_path<S>(&mut self, cx: &mut Context<'_, S>, ev: &mut BevEvents) {
         let mut budget = READ_BUDGET;
         let before = self.input.len();
+        let read_at_start = self.bytes_read;
         loop {
             let high = self.watermarks.read_high;
             let pending = self.input_pending();
             if high != 0 && pending >= high {
+                self.suspend_read(Suspend::HighWatermark);
+                break;
+            }
+            // A filter's decoding shrinks what is pending (record overhead), so a read that
+            // filled up to the watermark leaves a gap of a few hundred bytes: reading it would
+            // cost a syscall for a sliver. Stop as if at the watermark when this pass already
+            // read and the user is being handed data (so it will consume, and `consumed` resume
+            // reading). A fresh pass still reads the gap, so reading never stalls on it.
+            if high != 0
+                && self.bytes_read != read_at_start
+                && high - pending < (high / 16).min(SLIVER)
+                && self.input.len() > before
+                && self.input.len() >= self.watermarks.read_low
+            {
                 self.suspend_read(Suspend::HighWatermark);
                 break;
             }
