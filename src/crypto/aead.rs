@@ -162,6 +162,48 @@ impl AeadKey {
                 .map_err(|_| ()),
         }
     }
+
+    /// Verifies and decrypts the ciphertext-and-tag at `in_out[src..]` and leaves the
+    /// plaintext at `in_out[..len]`, returning `len` (`in_out.len() - src - TAG_LEN`): the
+    /// move towards the front is part of the decryption pass with `ring` (its `open_within`);
+    /// the pure-Rust backend decrypts in place and then moves the plaintext.
+    ///
+    /// On `Err` the contents of `in_out` are unspecified and must not be used.
+    #[allow(clippy::result_unit_err)] // as open_in_place: no oracle on why a tag failed
+    pub fn open_shift(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        in_out: &mut [u8],
+        src: usize,
+    ) -> Result<usize, ()> {
+        let Some(len) = in_out
+            .len()
+            .checked_sub(src)
+            .and_then(|n| n.checked_sub(TAG_LEN))
+        else {
+            return Err(());
+        };
+        match &self.inner {
+            Inner::Ring(k) => k
+                .open_within(
+                    Nonce::assume_unique_for_key(*nonce),
+                    Aad::from(aad),
+                    in_out,
+                    src..,
+                )
+                .map(|p| p.len())
+                .map_err(|_| ()),
+            Inner::RustCrypto(k) => {
+                let (ct, tag) = in_out[src..].split_at_mut(len);
+                let tag: &[u8; TAG_LEN] = (&*tag).try_into().map_err(|_| ())?;
+                k.decrypt_inout_detached(nonce.into(), aad, ct.into(), tag.into())
+                    .map_err(|_| ())?;
+                in_out.copy_within(src..src + len, 0);
+                Ok(len)
+            }
+        }
+    }
 }
 
 impl fmt::Debug for AeadKey {
@@ -214,6 +256,31 @@ mod tests {
             bad[0] ^= 1;
             let mut buf2 = ct.clone();
             assert!(k.open_in_place(&nonce, &aad, &mut buf2, &bad).is_err());
+        }
+    }
+
+    #[test]
+    fn open_shift_moves_the_plaintext_to_the_front() {
+        let key = [9u8; KEY_LEN];
+        let nonce = [3u8; NONCE_LEN];
+        let pt: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
+        for kind in [AeadKind::Ring, AeadKind::RustCrypto] {
+            let k = AeadKey::new(kind, &key);
+            for src in [0usize, 1, 19, 500] {
+                let mut ct = pt.clone();
+                let tag = k.seal_in_place_separate_tag(&nonce, b"hdr", &mut ct);
+                let mut buf = vec![0xEE; src];
+                buf.extend_from_slice(&ct);
+                buf.extend_from_slice(&tag);
+                let mut bad = buf.clone();
+                let n = k.open_shift(&nonce, b"hdr", &mut buf, src).unwrap();
+                assert_eq!((n, &buf[..n]), (pt.len(), &pt[..]), "{kind} src={src}");
+                let last = bad.len() - 1;
+                bad[last] ^= 1;
+                assert!(k.open_shift(&nonce, b"hdr", &mut bad, src).is_err());
+                assert!(k.open_shift(&nonce, b"hdr", &mut buf[..10], 0).is_err());
+                assert!(k.open_shift(&nonce, b"hdr", &mut buf[..20], 10).is_err());
+            }
         }
     }
 

@@ -406,6 +406,50 @@ impl Opener {
         Ok((ty, HEADER_LEN..HEADER_LEN + payload_len))
     }
 
+    /// Opens the one whole record at `buf[from..]` and leaves its plaintext at the front of
+    /// `buf`, in the same pass as the decryption: returns the type and the plaintext's length
+    /// `n`, the plaintext being `buf[..n]`. Bytes of `buf` between `n` and the record's end are
+    /// unspecified afterwards. A reader packs the plaintexts of consecutive records this way
+    /// (`from` = bytes of headers and tags opened so far), with no separate copy.
+    ///
+    /// Checks and errors as [`Opener::open_in_place`] (`Malformed` also when `from` is out of
+    /// range). After an error `buf` holds nothing usable and the connection must close.
+    pub fn open_shift(
+        &mut self,
+        buf: &mut [u8],
+        from: usize,
+    ) -> Result<(RecordType, usize), ProtocolError> {
+        let record = buf.get(from..).ok_or(ProtocolError::Malformed)?;
+        let total = self.record_len(record)?.ok_or(ProtocolError::Malformed)?;
+        if record.len() != total {
+            return Err(ProtocolError::Malformed);
+        }
+        if self.dir.seq >= RECORD_LIMIT {
+            return Err(ProtocolError::TooLarge);
+        }
+        let payload_len = total - HEADER_LEN - TAG_LEN;
+        let mut header = [0u8; HEADER_LEN];
+        header.copy_from_slice(&record[..HEADER_LEN]);
+        let ty = RecordType::from_byte(header[0]).ok_or(ProtocolError::Malformed)?;
+        let n = self
+            .dir
+            .aead
+            .open_shift(&self.dir.nonce(), &header, buf, from + HEADER_LEN)
+            .map_err(|()| ProtocolError::BadMac)?;
+        debug_assert_eq!(n, payload_len);
+        self.dir.seq += 1;
+        match ty {
+            RecordType::Data => {}
+            // As in open_in_place: an authenticated non-empty control record is a violation.
+            RecordType::End | RecordType::KeyUpdate if payload_len != 0 => {
+                return Err(ProtocolError::Malformed);
+            }
+            RecordType::End => self.dir.ended = true,
+            RecordType::KeyUpdate => self.dir.update(),
+        }
+        Ok((ty, n))
+    }
+
     /// True once an authenticated END has been opened.
     pub fn end_received(&self) -> bool {
         self.dir.ended
@@ -711,6 +755,47 @@ mod tests {
         r[4] ^= 1;
         o.hibernate();
         assert_eq!(o.open_in_place(&mut r), Err(ProtocolError::BadMac));
+    }
+
+    #[test]
+    fn open_shift_packs_plaintexts() {
+        for kind in [AeadKind::Ring, AeadKind::RustCrypto] {
+            let secret = [5u8; 32];
+            let (mut s, mut o) = (Sealer::new(kind, secret), Opener::new(kind, secret));
+            s.set_key_update_interval(2);
+            let payloads: [&[u8]; 3] = [b"first", b"", b"third record"];
+            let mut stream = Vec::new();
+            for p in payloads {
+                if s.key_update_due() {
+                    stream.extend_from_slice(&seal(&mut s, RecordType::KeyUpdate, b""));
+                }
+                stream.extend_from_slice(&seal(&mut s, RecordType::Data, p));
+            }
+            // Open them one after the other, packing the plaintexts at the front.
+            let (mut r, mut w) = (0, 0);
+            let mut types = Vec::new();
+            while r < stream.len() {
+                let total = o.record_len(&stream[r..]).unwrap().unwrap();
+                let (ty, n) = o.open_shift(&mut stream[w..r + total], r - w).unwrap();
+                types.push(ty);
+                w += n;
+                r += total;
+            }
+            assert_eq!(&stream[..w], b"firstthird record", "{kind}");
+            assert_eq!(types.len(), 4);
+            assert_eq!(types[2], RecordType::KeyUpdate);
+            // Tampered, or not exactly one record: errors, counter unmoved.
+            let mut bad = seal(&mut s, RecordType::Data, b"x");
+            let mut good = bad.clone();
+            bad[HEADER_LEN] ^= 1;
+            let mut buf = vec![0u8; 7];
+            buf.extend_from_slice(&bad);
+            assert_eq!(o.open_shift(&mut buf, 7), Err(ProtocolError::BadMac));
+            assert_eq!(o.open_shift(&mut good, 1), Err(ProtocolError::Malformed));
+            assert_eq!(o.open_shift(&mut good, 99), Err(ProtocolError::Malformed));
+            let mut short = good[..good.len() - 1].to_vec();
+            assert_eq!(o.open_shift(&mut short, 0), Err(ProtocolError::Malformed));
+        }
     }
 
     #[test]

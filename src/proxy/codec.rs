@@ -2,10 +2,16 @@
 //! connection, then seals what the user writes and opens what the socket delivers.
 //!
 //! Sealing is in place: the record's header, payload and tag are laid out in one reservation of
-//! the wire buffer's tail chunk, the payload copied in once and encrypted where it lies. Opening
-//! authenticates a whole record where it lies in the read buffer (made contiguous only if it
-//! straddles two chunks) and copies the plaintext once into the user's input. No heap
-//! allocation per record.
+//! the wire buffer's tail chunk, the payload copied in once and encrypted where it lies.
+//!
+//! Opening copies no plaintext: the whole records of the read buffer's front chunk are opened
+//! where they lie, each decryption also moving its plaintext down to follow the previous
+//! record's ([`crate::crypto::Opener::open_shift`]), and the chunk then moves to the user's
+//! input as it is ([`Buffer::split_front_to`]; a partial record left at the chunk's end is
+//! copied out instead, or the plaintext is, whichever is smaller). A record that straddles two
+//! chunks is made contiguous by a copy; [`Filter::frame_rest`] keeps that rare by having reads
+//! start fresh chunks at a record boundary, where the sealer's chunk-filling record sizes tile
+//! them. No heap allocation per record.
 //!
 //! Errors leave as `io::Error`s wrapping a [`ProtocolError`], so the owner can name the cause
 //! with [`protocol_error`] without the reactor knowing about crypto.
@@ -208,30 +214,69 @@ impl Filter for SealFilter {
             return Err(fail(ProtocolError::Malformed));
         };
         let opener = &mut session.opener;
-        while raw_in.len() >= HEADER_LEN {
-            let header = raw_in.pullup(HEADER_LEN).unwrap_or_default();
-            let total = match opener.record_len(header).map_err(fail)? {
-                Some(t) => t,
-                None => break,
+        // Each pass opens the whole records of raw_in's front chunk where they lie, packing
+        // their plaintexts at the chunk's front (`w` bytes; `r` bytes of records consumed),
+        // then hands the plaintext to `input` — by moving the chunk when it was all records.
+        loop {
+            let chunk = raw_in.first_slice_mut();
+            let (mut r, mut w) = (0, 0);
+            let mut failed = None;
+            loop {
+                let total = match opener.record_len(&chunk[r..]) {
+                    Ok(Some(t)) if t <= chunk.len() - r => t,
+                    Ok(_) => break,
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                };
+                match opener.open_shift(&mut chunk[w..r + total], r - w) {
+                    Ok((RecordType::Data, n)) => w += n,
+                    Ok((RecordType::End, _)) => status.end = true,
+                    Ok((RecordType::KeyUpdate, _)) => {}
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+                r += total;
+            }
+            // Plaintext of records before a bad one is delivered, as it was authenticated;
+            // none of the bad record's bytes are (they lie beyond `w`).
+            raw_in.split_front_to(input, w, r);
+            if let Some(e) = failed {
+                return Err(fail(e));
+            }
+            if r > 0 {
+                continue;
+            }
+            // The front chunk starts with an incomplete record: it straddles into the next
+            // chunk (made contiguous by a copy) or has not fully arrived.
+            let mut header = [0u8; HEADER_LEN];
+            let got = raw_in.copy_out(&mut header);
+            let total = match opener.record_len(&header[..got]).map_err(fail)? {
+                Some(t) if t <= raw_in.len() => t,
+                _ => break,
             };
-            if raw_in.len() < total {
+            if raw_in.pullup(total).is_none() {
                 break;
             }
-            let Some(record) = raw_in.pullup(total) else {
-                break;
-            };
-            let (ty, range) = opener.open_in_place(record).map_err(fail)?;
-            match ty {
-                RecordType::Data => input.append(&record[range]),
-                RecordType::End => status.end = true,
-                RecordType::KeyUpdate => {}
-            }
-            raw_in.drain(total);
         }
         if eof {
             opener.eof(raw_in.len()).map_err(fail)?;
         }
         Ok(status)
+    }
+
+    fn frame_rest(&self, raw_in: &Buffer) -> Option<usize> {
+        let Phase::Open(session) = &self.phase else {
+            return None;
+        };
+        // After a decode raw_in holds at most one record, incomplete, at its front.
+        let mut header = [0u8; HEADER_LEN];
+        let got = raw_in.copy_out(&mut header);
+        let total = session.opener.record_len(&header[..got]).ok()??;
+        total.checked_sub(raw_in.len()).filter(|&n| n > 0)
     }
 
     fn encode(
@@ -276,5 +321,139 @@ impl Filter for SealFilter {
             self.end_sent = true;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::crypto::keys::{Key, KeySet};
+    use crate::crypto::{AeadKind, MAX_RECORD_LEN, record::record_len_for};
+
+    /// Two filters with a completed handshake, built by shuttling their raw buffers.
+    fn open_pair(aead: AeadKind) -> (SealFilter, SealFilter) {
+        let cfg = HandshakeConfig {
+            keys: Arc::new(KeySet::new(Key::from_bytes([3; 32]), vec![])),
+            forward_secrecy: false,
+            aead,
+        };
+        let (mut i, mut r) = (
+            SealFilter::new(Role::Initiator, &cfg),
+            SealFilter::new(Role::Responder, &cfg),
+        );
+        let (mut i2r, mut r2i, mut none) = (Buffer::new(), Buffer::new(), Buffer::new());
+        for _ in 0..4 {
+            i.encode(&mut none, &mut i2r, false).unwrap();
+            r.decode(&mut i2r, &mut none, &mut r2i, false).unwrap();
+            i.decode(&mut r2i, &mut none, &mut i2r, false).unwrap();
+        }
+        r.decode(&mut i2r, &mut none, &mut r2i, false).unwrap();
+        assert!(i.is_open() && r.is_open() && none.is_empty());
+        (i, r)
+    }
+
+    fn pattern(n: usize, seed: u8) -> Vec<u8> {
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    fn contents(b: &Buffer) -> Vec<u8> {
+        b.slices().flatten().copied().collect()
+    }
+
+    /// Seals `sizes` as records (one encode each) into one wire byte string.
+    fn wire(tx: &mut SealFilter, data: &[u8], sizes: &[usize]) -> Vec<u8> {
+        let (mut plain, mut out) = (Buffer::new(), Buffer::new());
+        let mut at = 0;
+        for &n in sizes {
+            plain.append(&data[at..at + n]);
+            at += n;
+            tx.encode(&mut plain, &mut out, false).unwrap();
+        }
+        contents(&out)
+    }
+
+    #[test]
+    fn opens_records_however_the_chunks_cut_them() {
+        // Many small records per chunk, full ones, and everything between.
+        let sizes: Vec<usize> = (0..120)
+            .map(|i| [1, 10, 700, MAX_PAYLOAD, 5000, 0, 16000, 33][i % 8])
+            .collect();
+        let data = pattern(sizes.iter().sum(), 1);
+        for aead in [AeadKind::Ring, AeadKind::RustCrypto] {
+            // Pieces of every size class: partial headers, records straddling chunks, records
+            // ending exactly at a chunk's end, several chunks at once.
+            for piece in [1usize, 2, 3, 1000, 16403, 32768, 40000, 100_000] {
+                let (mut tx, mut rx) = open_pair(aead);
+                tx.set_key_update_interval(7);
+                let bytes = wire(&mut tx, &data, &sizes);
+                let (mut raw, mut input, mut none) = (Buffer::new(), Buffer::new(), Buffer::new());
+                for p in bytes.chunks(piece) {
+                    raw.append(p);
+                    rx.decode(&mut raw, &mut input, &mut none, false).unwrap();
+                    assert!(raw.len() < MAX_RECORD_LEN, "only a partial record is left");
+                }
+                assert_eq!(raw.len(), 0);
+                assert!(contents(&input) == data, "{aead:?}, pieces of {piece}");
+            }
+        }
+    }
+
+    #[test]
+    fn framed_reads_deliver_everything() {
+        let (mut tx, mut rx) = open_pair(AeadKind::Ring);
+        let data = pattern(3 << 20, 2);
+        // Bulk records as the proxy seals them (16 KiB and chunk-filling ones).
+        let bytes = wire(&mut tx, &data, &[1 << 20, 1 << 20, 1 << 20]);
+        let (mut raw, mut input, mut none) = (Buffer::new(), Buffer::new(), Buffer::new());
+        let mut src = &bytes[..];
+        let mut step = 1usize;
+        while !src.is_empty() {
+            // Reads of odd sizes, as a socket gives them.
+            step = (step * 7919 + 13) % 300_000 + 1;
+            let rest = rx.frame_rest(&raw);
+            raw.read_from_framed(&mut src, step, rest).unwrap();
+            rx.decode(&mut raw, &mut input, &mut none, false).unwrap();
+        }
+        assert_eq!(input.len(), data.len());
+        assert!(contents(&input) == data);
+    }
+
+    #[test]
+    fn a_tampered_record_mid_chunk_delivers_only_what_came_before() {
+        for aead in [AeadKind::Ring, AeadKind::RustCrypto] {
+            let (mut tx, mut rx) = open_pair(aead);
+            let data = pattern(10 * 1000, 3);
+            let mut bytes = wire(&mut tx, &data, &[1000; 10]);
+            // Flip a ciphertext byte of the sixth record; all ten share one chunk.
+            bytes[5 * record_len_for(1000) + HEADER_LEN + 10] ^= 1;
+            let (mut raw, mut input, mut none) = (Buffer::new(), Buffer::new(), Buffer::new());
+            raw.append(&bytes);
+            let e = rx
+                .decode(&mut raw, &mut input, &mut none, false)
+                .unwrap_err();
+            assert_eq!(protocol_error(&e), Some(ProtocolError::BadMac));
+            assert_eq!(contents(&input), &data[..5000], "{aead:?}");
+        }
+    }
+
+    #[test]
+    fn end_then_bytes_is_malformed_and_eof_checks_the_rest() {
+        let (mut tx, mut rx) = open_pair(AeadKind::Ring);
+        let (mut plain, mut out) = (Buffer::new(), Buffer::new());
+        plain.append(b"last words");
+        tx.encode(&mut plain, &mut out, true).unwrap();
+        let (mut input, mut none) = (Buffer::new(), Buffer::new());
+        let st = rx.decode(&mut out, &mut input, &mut none, true).unwrap();
+        assert!(st.end);
+        assert_eq!(contents(&input), b"last words");
+        out.append(b"\x01");
+        let e = rx
+            .decode(&mut out, &mut input, &mut none, false)
+            .unwrap_err();
+        assert_eq!(protocol_error(&e), Some(ProtocolError::Malformed));
     }
 }

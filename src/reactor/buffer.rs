@@ -27,8 +27,13 @@ use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 
 use super::pool::{self, CHUNK_SIZE, Chunk};
 
-/// Most iovecs one [`Buffer::read_from`] offers (current tail + fresh chunks).
+/// Most fresh chunks one [`Buffer::read_from`] offers, besides the current tail's room (so at
+/// most `READ_IOVECS + 1` iovecs). The tail has an iovec of its own because a framed read
+/// offers it only a frame's rest, often a few bytes: taking a fresh chunk's place would cut
+/// the read a chunk short of its allowance and cost another syscall to read that chunk.
 pub const READ_IOVECS: usize = 8;
+/// Iovec slots of one read: the tail, then up to [`READ_IOVECS`] fresh chunks.
+const READ_SLOTS: usize = READ_IOVECS + 1;
 /// Most iovecs one [`Buffer::write_to`] offers.
 pub const WRITE_IOVECS: usize = 16;
 /// Data at most this long is moved to the front of its chunk by [`Buffer::reserve`] rather
@@ -131,6 +136,54 @@ impl Buffer {
     #[inline]
     pub fn first_slice(&self) -> &[u8] {
         self.chunks.front().map_or(&[], Chunk::data)
+    }
+
+    /// The first contiguous readable slice, mutably, for a decoder that transforms bytes where
+    /// they lie (see [`split_front_to`](Buffer::split_front_to)).
+    #[inline]
+    pub fn first_slice_mut(&mut self) -> &mut [u8] {
+        self.chunks.front_mut().map_or(&mut [], Chunk::data_mut)
+    }
+
+    /// For a decoder that rewrote the front chunk in place: its first `produced` bytes are
+    /// output, the rest of its first `consumed` bytes are spent input. Drops the first
+    /// `consumed` bytes and appends the `produced` ones to `dst`, copying as little as it can:
+    /// when the front chunk was consumed whole it moves to `dst` (as in
+    /// [`move_all_to`](Buffer::move_all_to)); otherwise the smaller side is copied — the
+    /// output to `dst`, or the unconsumed rest into a fresh chunk that stays here (a pool
+    /// chunk, no heap allocation once the pool is warm).
+    ///
+    /// # Panics
+    /// If `produced > consumed` or `consumed` exceeds the front chunk's data.
+    pub fn split_front_to(&mut self, dst: &mut Buffer, produced: usize, consumed: usize) {
+        let l = self.chunks.front().map_or(0, Chunk::len);
+        assert!(
+            produced <= consumed && consumed <= l,
+            "Buffer::split_front_to({produced}, {consumed}) with a {l}-byte front chunk"
+        );
+        if consumed == 0 {
+            return;
+        }
+        let rest = l - consumed;
+        if rest == 0 || (produced > rest && rest <= CHUNK_SIZE / 2) {
+            let Some(mut c) = self.chunks.pop_front() else {
+                return;
+            };
+            if rest > 0 {
+                let mut keep = pool::take();
+                keep.push_slice(&c.data()[consumed..]);
+                self.chunks.push_front(keep);
+            }
+            c.truncate(produced);
+            dst.push_chunk(c);
+        } else if let Some(front) = self.chunks.front_mut() {
+            dst.append(&front.data()[..produced]);
+            front.consume(consumed);
+        }
+        self.len -= consumed;
+        if self.len == 0 {
+            self.clear();
+        }
     }
 
     /// All readable slices, in order; never yields an empty slice.
@@ -298,26 +351,54 @@ impl Buffer {
     }
 
     /// Reads once from `r` with one `read_vectored` call, offering the current tail room plus
-    /// as many fresh chunks as it takes to offer `max` bytes (at most [`READ_IOVECS`] iovecs,
-    /// so one call offers at most `8 * CHUNK_SIZE` bytes). Returns the bytes read and appended.
+    /// as many fresh chunks as it takes to offer `max` bytes (at most [`READ_IOVECS`] of them,
+    /// so one call offers at most the tail room plus `8 * CHUNK_SIZE` bytes). Returns the bytes
+    /// read and appended.
     ///
     /// Fresh chunks that receive nothing go straight back to the pool, so a read that fails
     /// (`WouldBlock` included) or hits EOF leaves the buffer exactly as it was. `EINTR` is
     /// retried; every other error is returned unchanged. With `max > 0`, `Ok(0)` means EOF;
     /// `max == 0` does no I/O and returns `Ok(0)`.
     pub fn read_from<R: Read + ?Sized>(&mut self, r: &mut R, max: usize) -> io::Result<usize> {
+        self.read_from_framed(r, max, None)
+    }
+
+    /// [`read_from`](Buffer::read_from) for a reader of frames that must be contiguous to be
+    /// decoded: `frame_rest` is what the frame at the end of the buffer still lacks. The tail
+    /// chunk is offered only that much, so the fresh chunks start at a frame boundary and
+    /// frames that tile a chunk never straddle two (the decoder then copies nothing to make
+    /// them contiguous). When the tail chunk lacks room for the rest but would have it with
+    /// its data moved to its front, it is compacted first (a copy of at most one frame).
+    pub fn read_from_framed<R: Read + ?Sized>(
+        &mut self,
+        r: &mut R,
+        max: usize,
+        frame_rest: Option<usize>,
+    ) -> io::Result<usize> {
         if max == 0 {
             return Ok(0);
         }
+        let mut tail = self.tail_room();
+        if let Some(need) = frame_rest.filter(|&n| n > 0) {
+            if let Some(last) = self.chunks.back_mut() {
+                if tail < need && last.len() + need <= CHUNK_SIZE {
+                    last.compact();
+                    tail = last.room();
+                }
+            }
+            if tail >= need {
+                tail = need;
+            }
+        }
         // What each iovec offers: [0] is the current tail (0 if none), then the fresh chunks.
-        let mut offer = [0usize; READ_IOVECS];
-        let mut fresh: [Option<Chunk>; READ_IOVECS] = [const { None }; READ_IOVECS];
-        offer[0] = self.tail_room().min(max);
+        let mut offer = [0usize; READ_SLOTS];
+        let mut fresh: [Option<Chunk>; READ_SLOTS] = [const { None }; READ_SLOTS];
+        offer[0] = tail.min(max);
         let mut offered = offer[0];
         // Slot 0 holds the current tail when it has room; otherwise a fresh chunk uses it.
         let first_fresh = usize::from(offer[0] > 0);
         let mut nslots = first_fresh;
-        while offered < max && nslots < READ_IOVECS {
+        while offered < max && nslots < first_fresh + READ_IOVECS {
             let o = (max - offered).min(CHUNK_SIZE);
             fresh[nslots] = Some(pool::take());
             offer[nslots] = o;
@@ -326,7 +407,7 @@ impl Buffer {
         }
 
         let result = loop {
-            let mut iov: [IoSliceMut<'_>; READ_IOVECS] =
+            let mut iov: [IoSliceMut<'_>; READ_SLOTS] =
                 std::array::from_fn(|_| IoSliceMut::new(&mut []));
             let mut used = 0;
             if first_fresh == 1 {
@@ -705,6 +786,80 @@ mod tests {
     }
 
     #[test]
+    fn split_front_moves_or_copies_the_smaller_side() {
+        let live0 = pool::stats().live_chunks;
+        let data = pattern(CHUNK_SIZE + 100, 9);
+        let (mut a, mut out) = (Buffer::new(), Buffer::new());
+        a.append(&data);
+        // A decoder rewrote the front chunk: 20 bytes of output from 30 consumed.
+        a.first_slice_mut()[..20].copy_from_slice(&[0xAB; 20]);
+        // The rest (CHUNK_SIZE - 30) is larger: the output is copied, the chunk stays.
+        a.split_front_to(&mut out, 20, 30);
+        assert_eq!(contents(&out), vec![0xAB; 20]);
+        assert_eq!(contents(&a), &data[30..]);
+        assert_eq!(a.chunk_count(), 2);
+        // Output larger than the rest: the chunk moves, its 100-byte rest goes to a fresh one.
+        let l = a.first_slice().len();
+        let mut out2 = Buffer::new();
+        a.split_front_to(&mut out2, l - 200, l - 100);
+        assert_eq!(contents(&out2), &data[30..30 + l - 200]);
+        assert_eq!(contents(&a), &data[CHUNK_SIZE - 100..]);
+        assert_eq!((a.chunk_count(), a.first_slice().len()), (2, 100));
+        // A chunk consumed whole moves; nothing produced gives it back.
+        let mut out3 = Buffer::new();
+        a.split_front_to(&mut out3, 0, 100);
+        assert_eq!((out3.chunk_count(), a.len()), (0, 100));
+        a.split_front_to(&mut out3, 60, 100);
+        assert_eq!(contents(&out3), &data[CHUNK_SIZE..CHUNK_SIZE + 60]);
+        assert_eq!((a.len(), a.chunk_count()), (0, 0));
+        for b in [&a, &out, &out2, &out3] {
+            b.check_invariants();
+        }
+        drop((a, out, out2, out3));
+        assert_eq!(pool::stats().live_chunks, live0);
+    }
+
+    #[test]
+    #[should_panic(expected = "split_front_to")]
+    fn split_front_beyond_the_chunk_panics() {
+        let mut b = Buffer::new();
+        b.append(b"abc");
+        b.split_front_to(&mut Buffer::new(), 1, 4);
+    }
+
+    #[test]
+    fn framed_read_starts_fresh_chunks_at_the_frame_end() {
+        let data = pattern(4 * CHUNK_SIZE, 3);
+        let mut b = Buffer::new();
+        b.append(&data[..CHUNK_SIZE - 500]);
+        b.drain(CHUNK_SIZE - 1000);
+        // 500 bytes of a 1000-byte frame's rest fit the tail: the tail takes only those.
+        let mut r = &data[CHUNK_SIZE - 500..];
+        let n = b.read_from_framed(&mut r, usize::MAX, Some(300)).unwrap();
+        assert_eq!(n, 3 * CHUNK_SIZE + 500, "everything the reader had");
+        assert_eq!(
+            b.first_slice().len(),
+            500 + 300,
+            "the tail took the frame's rest only"
+        );
+        assert_eq!(b.chunk_count(), 5);
+        assert_eq!(contents(&b), &data[CHUNK_SIZE - 1000..]);
+        b.check_invariants();
+        // A frame rest larger than the tail room: the tail is compacted to make room.
+        let mut c = Buffer::new();
+        c.append(&data[..CHUNK_SIZE]);
+        c.drain(CHUNK_SIZE - 10);
+        let mut r = &data[CHUNK_SIZE..CHUNK_SIZE + 5000];
+        assert_eq!(
+            c.read_from_framed(&mut r, usize::MAX, Some(4000)).unwrap(),
+            5000
+        );
+        assert_eq!(c.first_slice().len(), 4010);
+        assert_eq!(contents(&c), &data[CHUNK_SIZE - 10..CHUNK_SIZE + 5000]);
+        c.check_invariants();
+    }
+
+    #[test]
     #[should_panic(expected = "exceeds the reserved tail room")]
     fn commit_without_reserve_panics() {
         let mut b = Buffer::new();
@@ -782,11 +937,11 @@ mod tests {
         assert_eq!(pool::stats().live_chunks, live0 + 3);
         // `max` bounds what is offered.
         assert_eq!(b.read_from(&mut r, 1000).unwrap(), 1000);
-        // At most 8 iovecs: the tail + 7 fresh chunks.
+        // At most the tail + READ_IOVECS fresh chunks.
         let tail = b.tail_room();
         assert!(tail > 0);
         let got = b.read_from(&mut r, usize::MAX).unwrap();
-        assert_eq!(got, tail + 7 * CHUNK_SIZE);
+        assert_eq!(got, tail + READ_IOVECS * CHUNK_SIZE);
         let mut total = 10 + CHUNK_SIZE * 2 + 1000 + got;
         assert_eq!(contents(&b), &data[..total]);
         b.check_invariants();
@@ -933,6 +1088,7 @@ mod tests {
         Pullup(usize),
         ReserveCommit(usize, usize),
         Remove(usize),
+        SplitFront(usize, usize),
         Clear,
     }
 
@@ -947,6 +1103,7 @@ mod tests {
             2 => (0usize..=CHUNK_SIZE).prop_map(Op::Pullup),
             2 => (0usize..=CHUNK_SIZE, 0usize..=CHUNK_SIZE).prop_map(|(r, c)| Op::ReserveCommit(r, c)),
             2 => size.prop_map(Op::Remove),
+            2 => (0usize..=CHUNK_SIZE, 0usize..=CHUNK_SIZE).prop_map(|(p, c)| Op::SplitFront(p, c)),
             1 => Just(Op::Clear),
         ]
     }
@@ -1017,6 +1174,13 @@ mod tests {
                             prop_assert_eq!(got, n.min(ma.len()));
                             prop_assert_eq!(&out[..got], &ma[..got]);
                             ma.drain(..got);
+                        }
+                        Op::SplitFront(p, c) => {
+                            let c = c % (a.first_slice().len() + 1);
+                            let p = p % (c + 1);
+                            a.split_front_to(&mut b, p, c);
+                            mb.extend_from_slice(&ma[..p]);
+                            ma.drain(..c);
                         }
                         Op::Clear => {
                             a.clear();

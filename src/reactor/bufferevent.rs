@@ -41,6 +41,9 @@ const READ_BUDGET: usize = 1 << 20;
 const READ_BATCH: usize = 256 * 1024;
 /// A read shorter than this (and than what was offered) proves the socket is drained.
 const SHORT_READ: usize = 128 * 1024;
+/// Largest gap below the read high watermark that a pass which has already read leaves unread
+/// (see `read_path`).
+const SLIVER: usize = 4096;
 
 /// Events the owner receives from [`BufferEvent::on_ready`] and friends (libevent's callback
 /// kinds). Several may be set at once.
@@ -154,6 +157,13 @@ pub trait Filter {
     /// down writing: once `output` is empty, emit the end-of-stream marker (once).
     fn encode(&mut self, output: &mut Buffer, raw_out: &mut Buffer, finish: bool)
     -> io::Result<()>;
+
+    /// For a filter that decodes frames in place: the bytes the frame at the end of `raw_in`
+    /// still lacks, if known. The next read then fills the tail chunk only up to the frame's
+    /// end and starts fresh chunks at a frame boundary ([`Buffer::read_from_framed`]).
+    fn frame_rest(&self, _raw_in: &Buffer) -> Option<usize> {
+        None
+    }
 }
 
 /// The identity filter: no transform, no extra buffers.
@@ -690,10 +700,25 @@ impl<F: Filter> BufferEvent<F> {
     fn read_path<S>(&mut self, cx: &mut Context<'_, S>, ev: &mut BevEvents) {
         let mut budget = READ_BUDGET;
         let before = self.input.len();
+        let read_at_start = self.bytes_read;
         loop {
             let high = self.watermarks.read_high;
             let pending = self.input_pending();
             if high != 0 && pending >= high {
+                self.suspend_read(Suspend::HighWatermark);
+                break;
+            }
+            // A filter's decoding shrinks what is pending (record overhead), so a read that
+            // filled up to the watermark leaves a gap of a few hundred bytes: reading it would
+            // cost a syscall for a sliver. Stop as if at the watermark when this pass already
+            // read and the user is being handed data (so it will consume, and `consumed` resume
+            // reading). A fresh pass still reads the gap, so reading never stalls on it.
+            if high != 0
+                && self.bytes_read != read_at_start
+                && high - pending < (high / 16).min(SLIVER)
+                && self.input.len() > before
+                && self.input.len() >= self.watermarks.read_low
+            {
                 self.suspend_read(Suspend::HighWatermark);
                 break;
             }
@@ -706,6 +731,11 @@ impl<F: Filter> BufferEvent<F> {
             if high != 0 {
                 max = max.min(high - pending);
             }
+            let frame_rest = if self.passthrough {
+                None
+            } else {
+                self.filter.frame_rest(&self.raw_in)
+            };
             let target = if self.passthrough {
                 &mut self.input
             } else {
@@ -714,7 +744,7 @@ impl<F: Filter> BufferEvent<F> {
             let Some(stream) = self.stream.as_mut() else {
                 break;
             };
-            match target.read_from(stream, max) {
+            match target.read_from_framed(stream, max, frame_rest) {
                 Ok(0) => {
                     self.readable = false;
                     self.eof = true;

@@ -120,6 +120,17 @@ impl Chunk {
         }
     }
 
+    /// Keeps only the first `n <= len()` bytes of data.
+    #[inline]
+    pub(crate) fn truncate(&mut self, n: usize) {
+        debug_assert!(n <= self.len());
+        self.end = self.start + n.min(self.len());
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
     /// Moves the data to offset 0, maximising the tail room.
     pub(crate) fn compact(&mut self) {
         if self.start > 0 {
