@@ -431,10 +431,11 @@ impl Opener {
         let mut header = [0u8; HEADER_LEN];
         header.copy_from_slice(&record[..HEADER_LEN]);
         let ty = RecordType::from_byte(header[0]).ok_or(ProtocolError::Malformed)?;
+        let nonce = self.dir.nonce();
         let n = self
             .dir
-            .aead
-            .open_shift(&self.dir.nonce(), &header, buf, from + HEADER_LEN)
+            .key()
+            .open_shift(&nonce, &header, buf, from + HEADER_LEN)
             .map_err(|()| ProtocolError::BadMac)?;
         debug_assert_eq!(n, payload_len);
         self.dir.seq += 1;
