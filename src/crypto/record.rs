@@ -392,6 +392,13 @@ impl Opener {
             .key()
             .open_in_place(&nonce, header, payload, tag)
             .map_err(|()| ProtocolError::BadMac)?;
+        self.opened(ty, payload_len)?;
+        Ok((ty, HEADER_LEN..HEADER_LEN + payload_len))
+    }
+
+    /// Bookkeeping after a record's tag verified: the counter moves, END ends the direction,
+    /// KEY_UPDATE moves to the next key.
+    fn opened(&mut self, ty: RecordType, payload_len: usize) -> Result<(), ProtocolError> {
         self.dir.seq += 1;
         match ty {
             RecordType::Data => {}
@@ -403,7 +410,7 @@ impl Opener {
             RecordType::End => self.dir.ended = true,
             RecordType::KeyUpdate => self.dir.update(),
         }
-        Ok((ty, HEADER_LEN..HEADER_LEN + payload_len))
+        Ok(())
     }
 
     /// Opens the one whole record at `buf[from..]` and leaves its plaintext at the front of
@@ -438,16 +445,7 @@ impl Opener {
             .open_shift(&nonce, &header, buf, from + HEADER_LEN)
             .map_err(|()| ProtocolError::BadMac)?;
         debug_assert_eq!(n, payload_len);
-        self.dir.seq += 1;
-        match ty {
-            RecordType::Data => {}
-            // As in open_in_place: an authenticated non-empty control record is a violation.
-            RecordType::End | RecordType::KeyUpdate if payload_len != 0 => {
-                return Err(ProtocolError::Malformed);
-            }
-            RecordType::End => self.dir.ended = true,
-            RecordType::KeyUpdate => self.dir.update(),
-        }
+        self.opened(ty, payload_len)?;
         Ok((ty, n))
     }
 
