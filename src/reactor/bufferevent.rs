@@ -114,7 +114,10 @@ pub enum Suspend {
 pub struct Watermarks {
     /// READ is reported only once at least this much input is pending.
     pub read_low: usize,
-    /// Reading stops while this much input is pending (0 = no limit).
+    /// Reading stops while this much input is pending (0 = no limit). After a read that
+    /// handed the owner new input it may also stop up to min(read_high / 16, 4 KiB) short of
+    /// it, rather than spend a syscall on a sliver; an owner that must see a message of M bytes
+    /// whole should set read_high at least that much above M.
     pub read_high: usize,
     /// WRITE is reported when pending output falls to this or below.
     pub write_low: usize,
