@@ -148,6 +148,16 @@ impl Direction {
         self.aead.get_or_insert_with(|| rederive_key(kind, secret))
     }
 
+    /// `Debug` for the sealer or opener owning this direction: never key material.
+    fn debug(&self, f: &mut fmt::Formatter<'_>, name: &str) -> fmt::Result {
+        f.debug_struct(name)
+            .field("aead", &self.kind)
+            .field("hibernating", &self.aead.is_none())
+            .field("seq", &self.seq)
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
+
     /// Drops the expanded key; true if there was one to drop.
     fn hibernate(&mut self) -> bool {
         self.aead.take().is_some()
@@ -315,12 +325,7 @@ impl Sealer {
 
 impl fmt::Debug for Sealer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Sealer")
-            .field("aead", &self.dir.kind)
-            .field("hibernating", &self.dir.aead.is_none())
-            .field("seq", &self.dir.seq)
-            .field("ended", &self.dir.ended)
-            .finish_non_exhaustive()
+        self.dir.debug(f, "Sealer")
     }
 }
 
@@ -371,21 +376,9 @@ impl Opener {
         &mut self,
         record: &mut [u8],
     ) -> Result<(RecordType, Range<usize>), ProtocolError> {
-        let total = self.record_len(record)?.ok_or(ProtocolError::Malformed)?;
-        if record.len() != total {
-            return Err(ProtocolError::Malformed);
-        }
-        if self.dir.seq >= RECORD_LIMIT {
-            return Err(ProtocolError::TooLarge);
-        }
-        let payload_len = total - HEADER_LEN - TAG_LEN;
+        let (ty, payload_len) = self.check(record)?;
         let (header, rest) = record.split_at_mut(HEADER_LEN);
         let (payload, tag) = rest.split_at_mut(payload_len);
-        let ty = header
-            .first()
-            .copied()
-            .and_then(RecordType::from_byte)
-            .ok_or(ProtocolError::Malformed)?;
         let tag: &[u8; TAG_LEN] = (&*tag).try_into().map_err(|_| ProtocolError::Malformed)?;
         let nonce = self.dir.nonce();
         self.dir
@@ -394,6 +387,21 @@ impl Opener {
             .map_err(|()| ProtocolError::BadMac)?;
         self.opened(ty, payload_len)?;
         Ok((ty, HEADER_LEN..HEADER_LEN + payload_len))
+    }
+
+    /// What must hold before a record's tag is checked: `record` is exactly one whole record
+    /// of a known type, and the peer is within `RECORD_LIMIT`. Returns the type and payload
+    /// length.
+    fn check(&self, record: &[u8]) -> Result<(RecordType, usize), ProtocolError> {
+        let total = self.record_len(record)?.ok_or(ProtocolError::Malformed)?;
+        if record.len() != total {
+            return Err(ProtocolError::Malformed);
+        }
+        if self.dir.seq >= RECORD_LIMIT {
+            return Err(ProtocolError::TooLarge);
+        }
+        let ty = RecordType::from_byte(record[0]).ok_or(ProtocolError::Malformed)?;
+        Ok((ty, total - HEADER_LEN - TAG_LEN))
     }
 
     /// Bookkeeping after a record's tag verified: the counter moves, END ends the direction,
@@ -427,17 +435,9 @@ impl Opener {
         from: usize,
     ) -> Result<(RecordType, usize), ProtocolError> {
         let record = buf.get(from..).ok_or(ProtocolError::Malformed)?;
-        let total = self.record_len(record)?.ok_or(ProtocolError::Malformed)?;
-        if record.len() != total {
-            return Err(ProtocolError::Malformed);
-        }
-        if self.dir.seq >= RECORD_LIMIT {
-            return Err(ProtocolError::TooLarge);
-        }
-        let payload_len = total - HEADER_LEN - TAG_LEN;
+        let (ty, payload_len) = self.check(record)?;
         let mut header = [0u8; HEADER_LEN];
         header.copy_from_slice(&record[..HEADER_LEN]);
-        let ty = RecordType::from_byte(header[0]).ok_or(ProtocolError::Malformed)?;
         let nonce = self.dir.nonce();
         let n = self
             .dir
@@ -509,12 +509,7 @@ impl Opener {
 
 impl fmt::Debug for Opener {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Opener")
-            .field("aead", &self.dir.kind)
-            .field("hibernating", &self.dir.aead.is_none())
-            .field("seq", &self.dir.seq)
-            .field("ended", &self.dir.ended)
-            .finish_non_exhaustive()
+        self.dir.debug(f, "Opener")
     }
 }
 
