@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::crypto::{AeadKind, KeyError, KeySet};
+use crate::keyfile::KeyError;
+use crate::protocol::{AeadKind, KeySet};
 
 /// Everything that can be wrong with a configuration.
 #[derive(Debug, thiserror::Error)]
@@ -445,7 +446,7 @@ impl Config {
                 if t.mode == Mode::Forward {
                     return Ok(None);
                 }
-                KeySet::load(&t.key_files)
+                crate::keyfile::load_key_set(&t.key_files)
                     .map(|k| Some(Arc::new(k)))
                     .map_err(|source| ConfigError::Key {
                         tunnel: t.name.clone(),

@@ -2,18 +2,22 @@
 //!
 //! Layers, lowest first (a layer never imports one above it; see ARCHITECTURE.md):
 //!
-//! - [`reactor`]: libevent's model in Rust over `mio` — `EventBase`, timers, signals, `Buffer`,
-//!   `BufferEvent`, `ConnListener`. Knows nothing of crypto, proxies or metrics.
-//! - [`crypto`]: the tunnel protocol, sans-I/O — keys, handshake, sealed records. No sockets, no clock.
+//! - [`reactor`] (the `sealpipe-reactor` crate): libevent's model in Rust over `mio` —
+//!   `EventBase`, timers, signals, `Buffer`, `BufferEvent`, `ConnListener`. It depends on no
+//!   crate above it, so it cannot know of crypto, proxies or metrics.
+//! - [`protocol`] (the `sealpipe-protocol` crate): the tunnel protocol, sans-I/O — keys,
+//!   handshake, sealed records. No sockets, no clock, no file system ([`keyfile`] reads keys).
 //! - [`proxy`]: joins the two: the per-connection pipeline, upstream selection, the codec layer.
 //! - [`metrics`]: per-shard counters and the Prometheus endpoint.
 //! - [`config`], [`server`]: configuration, shards, the control thread.
 #![deny(unsafe_code)]
 
 pub mod config;
-pub mod crypto;
+pub mod keyfile;
 pub mod metrics;
 pub mod proxy;
-pub mod reactor;
 pub mod server;
 pub mod sys;
+
+pub use sealpipe_protocol as protocol;
+pub use sealpipe_reactor as reactor;

@@ -255,11 +255,8 @@ fn main() -> ExitCode {
             Ok(())
         }
         Cmd::Keygen { out } => {
-            let id = sealpipe::crypto::keys::generate_key_file(
-                &out,
-                &mut sealpipe::crypto::keys::OsRandom,
-            )
-            .map_err(|e| UsageError(e.into()))?;
+            let id = sealpipe::keyfile::generate_key_file(&out, &mut sealpipe::protocol::OsRandom)
+                .map_err(|e| UsageError(e.into()))?;
             println!("wrote {} (key id {id})", out.display());
             Ok(())
         }
@@ -326,7 +323,7 @@ fn demo(duration: Option<Duration>) -> Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let key = dir.join("demo.key");
     let _ = std::fs::remove_file(&key);
-    sealpipe::crypto::keys::generate_key_file(&key, &mut sealpipe::crypto::keys::OsRandom)?;
+    sealpipe::keyfile::generate_key_file(&key, &mut sealpipe::protocol::OsRandom)?;
 
     // The backend: a plain echo server on its own thread.
     let backend = TcpListener::bind("127.0.0.1:0")?;

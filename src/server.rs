@@ -30,8 +30,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::config::{Config, ConfigError};
-use crate::crypto::KeySet;
 use crate::metrics::Metrics;
+use crate::protocol::KeySet;
 use crate::proxy::conn::TAG_ABORT;
 use crate::proxy::listener::{TAG_DRAIN, TunnelListener};
 use crate::proxy::{ShardState, TunnelRt};

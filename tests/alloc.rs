@@ -7,8 +7,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::Arc;
 
-use sealpipe::crypto::keys::{Key, KeySet};
-use sealpipe::crypto::{AeadKind, HandshakeConfig};
+use sealpipe::protocol::keys::{Key, KeySet};
+use sealpipe::protocol::{AeadKind, HandshakeConfig};
 use sealpipe::proxy::codec::{Role, SealFilter};
 use sealpipe::reactor::{Buffer, Filter};
 

@@ -28,7 +28,7 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 
 pub fn keygen(tag: &str) -> PathBuf {
     let p = temp_dir(tag).join("k.key");
-    sealpipe::crypto::keys::generate_key_file(&p, &mut sealpipe::crypto::keys::OsRandom).unwrap();
+    sealpipe::keyfile::generate_key_file(&p, &mut sealpipe::protocol::OsRandom).unwrap();
     p
 }
 

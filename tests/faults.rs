@@ -506,15 +506,15 @@ fn two_thousand_half_open_handshakes_are_bounded_and_time_out() {
         limits(),
     );
     // Half a real hello under the right key: the responder must wait for the rest.
-    let cfg = sealpipe::crypto::HandshakeConfig {
-        keys: Arc::new(sealpipe::crypto::KeySet::load(std::slice::from_ref(&key)).unwrap()),
+    let cfg = sealpipe::protocol::HandshakeConfig {
+        keys: Arc::new(sealpipe::keyfile::load_key_set(std::slice::from_ref(&key)).unwrap()),
         forward_secrecy: true,
         aead: Default::default(),
     };
     let mut hello = Vec::new();
-    let _hs = sealpipe::crypto::Handshake::initiator(
+    let _hs = sealpipe::protocol::Handshake::initiator(
         &cfg,
-        &mut sealpipe::crypto::keys::OsRandom,
+        &mut sealpipe::protocol::keys::OsRandom,
         &mut hello,
     );
     let half = &hello[..hello.len() / 2];

@@ -223,7 +223,7 @@ fn keys_loaded(text: &str) -> Vec<(String, String)> {
 }
 
 fn key_id(path: &Path) -> String {
-    let ks = sealpipe::crypto::KeySet::load(&[path.to_path_buf()]).unwrap();
+    let ks = sealpipe::keyfile::load_key_set(&[path.to_path_buf()]).unwrap();
     ks.primary().id().to_string()
 }
 

@@ -2,8 +2,7 @@
 mod alloc;
 mod cli;
 mod common;
-mod crypto;
 mod faults;
+mod keyfile;
 mod lifecycle;
 mod proxy;
-mod reactor;

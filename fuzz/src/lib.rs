@@ -6,8 +6,8 @@
 
 use std::sync::Arc;
 
-use sealpipe::crypto::record::{RecordType, record_len_for};
-use sealpipe::crypto::{
+use sealpipe_protocol::record::{RecordType, record_len_for};
+use sealpipe_protocol::{
     AeadKind, HEADER_LEN, Handshake, HandshakeConfig, Key, KeySet, MAX_PAYLOAD, RandomSource,
     Session, Status,
 };

@@ -6,7 +6,7 @@
 //!
 //! Opening copies no plaintext: the whole records of the read buffer's front chunk are opened
 //! where they lie, each decryption also moving its plaintext down to follow the previous
-//! record's ([`crate::crypto::Opener::open_shift`]), and the chunk then moves to the user's
+//! record's ([`crate::protocol::Opener::open_shift`]), and the chunk then moves to the user's
 //! input as it is ([`Buffer::split_front_to`]; a partial record left at the chunk's end is
 //! copied out instead, or the plaintext is, whichever is smaller). A record that straddles two
 //! chunks is made contiguous by a copy; [`Filter::frame_rest`] keeps that rare by having reads
@@ -18,8 +18,8 @@
 
 use std::io;
 
-use crate::crypto::keys::OsRandom;
-use crate::crypto::{
+use crate::protocol::keys::OsRandom;
+use crate::protocol::{
     EphemeralPool, HEADER_LEN, Handshake, HandshakeConfig, KeyId, MAX_PAYLOAD, ProtocolError,
     RecordType, Sealer, Session, Status, TAG_LEN,
 };
@@ -329,8 +329,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::crypto::keys::{Key, KeySet};
-    use crate::crypto::{AeadKind, MAX_RECORD_LEN, record::record_len_for};
+    use crate::protocol::keys::{Key, KeySet};
+    use crate::protocol::{AeadKind, MAX_RECORD_LEN, record::record_len_for};
 
     /// Two filters with a completed handshake, built by shuttling their raw buffers.
     fn open_pair(aead: AeadKind) -> (SealFilter, SealFilter) {

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 
-use crate::crypto::{EphemeralPool, KeyId, ProtocolError};
 use crate::metrics::{Bytes, CloseReason};
+use crate::protocol::{EphemeralPool, KeyId, ProtocolError};
 use crate::reactor::{
     BevEvents, BufferEvent, Context, Filter, Handler, NoFilter, Ready, Suspend, Timeouts, TimerKey,
     Watermarks,

@@ -23,8 +23,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::{Mode, Tunnel};
-use crate::crypto::{EphemeralPool, HandshakeConfig, KeyId, KeySet, OsRandom};
 use crate::metrics::{Metrics, TunnelMetrics};
+use crate::protocol::{EphemeralPool, HandshakeConfig, KeyId, KeySet, OsRandom};
 use crate::reactor::HandlerId;
 use prometheus::IntCounter;
 

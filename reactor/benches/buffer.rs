@@ -6,8 +6,8 @@ use std::io;
 use std::os::unix::net::UnixStream;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use sealpipe::reactor::buffer::Buffer;
-use sealpipe::reactor::pool::CHUNK_SIZE;
+use sealpipe_reactor::buffer::Buffer;
+use sealpipe_reactor::pool::CHUNK_SIZE;
 
 fn append_drain(c: &mut Criterion) {
     let data = vec![0x5au8; 16 * 1024];

@@ -751,7 +751,7 @@ impl<'a> Writer<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::record::{HEADER_LEN, RecordType, record_len_for};
+    use crate::record::{HEADER_LEN, RecordType, record_len_for};
 
     /// Deterministic randomness: a counter-mode stream from a seed.
     struct TestRng(u8);
@@ -992,7 +992,7 @@ mod tests {
         let c = cfg(&[[1; 32]], true);
         let mut pool = EphemeralPool::new(3);
         assert!(pool.is_empty() && pool.wants_refill());
-        let mut os = crate::crypto::OsRandom;
+        let mut os = crate::OsRandom;
         assert!(pool.refill_one(&mut os));
         assert!(pool.refill_one(&mut os));
         assert!(!pool.refill_one(&mut os), "the pool stops at its target");

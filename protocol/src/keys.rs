@@ -6,14 +6,13 @@
 //! agree on the id. A [`KeySet`] holds one primary key (used to initiate) and any number of
 //! accepted keys (used to answer), which is how keys rotate without downtime.
 //!
-//! Invariants: key bytes never reach a `Debug` or `Display` output (only the id does); this is
-//! the only file of `crypto/` that touches the file system, and only to load configuration.
+//! Key files are parsed from bytes and encoded to bytes here ([`Key::parse_text`],
+//! [`Key::to_text`]); reading and writing the files is the caller's (the `sealpipe` package's
+//! `keyfile` module): this crate touches no file system.
+//!
+//! Invariants: key bytes never reach a `Debug` or `Display` output (only the id does).
 
 use std::fmt;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
 
 use ring::hmac;
 
@@ -23,9 +22,8 @@ pub const KEY_LEN: usize = 32;
 pub const KEY_ID_LEN: usize = 8;
 /// The HMAC label a key id is derived with.
 pub const KEY_ID_LABEL: &[u8] = b"sealpipe key id";
-/// Largest key file read: a valid one is 65 bytes; anything much larger is not a key file, and
-/// bounding the read keeps a misconfigured path (say /dev/zero) from eating memory.
-const MAX_KEY_FILE: u64 = 256;
+/// Length of a key file's text: 64 lowercase hex characters and a newline.
+pub const KEY_TEXT_LEN: usize = 2 * KEY_LEN + 1;
 
 /// Where randomness comes from. Passed in so tests can fix it.
 pub trait RandomSource {
@@ -140,17 +138,6 @@ impl KeySet {
         KeySet { keys }
     }
 
-    /// Loads key files; the first is the primary, all are accepted.
-    pub fn load(paths: &[PathBuf]) -> Result<KeySet, KeyError> {
-        let (first, rest) = paths.split_first().ok_or(KeyError::NoKeys)?;
-        let primary = load_key_file(first)?;
-        let accepted = rest
-            .iter()
-            .map(|p| load_key_file(p))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(KeySet::new(primary, accepted))
-    }
-
     /// The key an initiator uses.
     pub fn primary(&self) -> &Key {
         // `keys` is never empty: `new` always pushes the primary.
@@ -168,131 +155,40 @@ impl KeySet {
     }
 }
 
-/// Why a key file could not be written or loaded. Every message names the file.
-#[derive(thiserror::Error, Debug)]
-pub enum KeyError {
-    /// The key file could not be opened or read.
-    #[error("key file {}: cannot read: {source}", path.display())]
-    Unreadable {
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
-    /// The file does not hold exactly 64 hex characters (plus optional trailing whitespace).
-    #[error("key file {}: expected 64 hex characters, found {len} bytes", path.display())]
-    WrongLength {
-        /// The file.
-        path: PathBuf,
-        /// Bytes found after trimming whitespace.
-        len: usize,
-    },
-    /// The file has the right length but a character that is not hex.
-    #[error("key file {}: not hex-encoded", path.display())]
-    BadEncoding {
-        /// The file.
-        path: PathBuf,
-    },
-    /// Others may access the file, or its group may write it; a secret must be 0600 (or 0640
-    /// for a key group).
-    #[error("key file {}: mode {mode:04o} is writable by its group or accessible to others (chmod 600, or 640 for a key group)", path.display())]
-    Permissions {
-        /// The file.
-        path: PathBuf,
-        /// Its permission bits.
-        mode: u32,
-    },
-    /// `generate_key_file` refuses to replace an existing file.
-    #[error("key file {}: already exists, refusing to overwrite", path.display())]
-    Exists {
-        /// The file.
-        path: PathBuf,
-    },
-    /// Creating or writing a new key file failed.
-    #[error("key file {}: cannot write: {source}", path.display())]
-    Write {
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
-    /// `KeySet::load` was given no files.
-    #[error("no key files given")]
-    NoKeys,
-}
-
-/// Writes a new random key to `path` (64 hex characters and a newline, mode 0600) and returns
-/// its id. Refuses to overwrite an existing file.
-pub fn generate_key_file(path: &Path, rng: &mut dyn RandomSource) -> Result<KeyId, KeyError> {
-    let mut bytes = [0u8; KEY_LEN];
-    rng.fill(&mut bytes);
-    let key = Key::from_bytes(bytes);
-    // create_new makes "does it exist" and "create it" one atomic step, and the mode is applied
-    // at creation, so the key is never readable by others even for an instant.
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|source| match source.kind() {
-            io::ErrorKind::AlreadyExists => KeyError::Exists {
-                path: path.to_owned(),
-            },
-            _ => KeyError::Write {
-                path: path.to_owned(),
-                source,
-            },
-        })?;
-    let mut text = [0u8; 2 * KEY_LEN + 1];
-    encode_hex(&bytes, &mut text[..2 * KEY_LEN]);
-    text[2 * KEY_LEN] = b'\n';
-    file.write_all(&text)
-        .and_then(|()| file.sync_all())
-        .map_err(|source| KeyError::Write {
-            path: path.to_owned(),
-            source,
-        })?;
-    Ok(key.id())
-}
-
-/// Loads one key file, checking its permissions before reading the secret.
-pub fn load_key_file(path: &Path) -> Result<Key, KeyError> {
-    let unreadable = |source| KeyError::Unreadable {
-        path: path.to_owned(),
-        source,
-    };
-    let file = File::open(path).map_err(unreadable)?;
-    // fstat the open file, not the path, so the checked file is the one read.
-    let mode = file.metadata().map_err(unreadable)?.permissions().mode() & 0o777;
-    // Group read is allowed (a key group shared with a service's dynamic user, mode 0640);
-    // anything for others, and group write, is refused.
-    if mode & 0o037 != 0 {
-        return Err(KeyError::Permissions {
-            path: path.to_owned(),
-            mode,
-        });
-    }
-    let mut raw = Vec::with_capacity(2 * KEY_LEN + 2);
-    file.take(MAX_KEY_FILE)
-        .read_to_end(&mut raw)
-        .map_err(unreadable)?;
-    parse_key_text(&raw).map_err(|e| match e {
-        ParseError::Length(len) => KeyError::WrongLength {
-            path: path.to_owned(),
-            len,
-        },
-        ParseError::Encoding => KeyError::BadEncoding {
-            path: path.to_owned(),
-        },
-    })
-}
-
-enum ParseError {
+/// Why bytes are not a key file's text.
+#[derive(thiserror::Error, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyTextError {
+    /// Not exactly 64 characters after trimming whitespace.
+    #[error("expected 64 hex characters, found {0} bytes")]
     Length(usize),
+    /// The right length, but a character that is not hex.
+    #[error("not hex-encoded")]
     Encoding,
 }
+
+impl Key {
+    /// Parses a key file's text: 64 hex characters, surrounding whitespace ignored.
+    pub fn parse_text(raw: &[u8]) -> Result<Key, KeyTextError> {
+        parse_key_text(raw)
+    }
+
+    /// Makes a new random key.
+    pub fn generate(rng: &mut dyn RandomSource) -> Key {
+        let mut bytes = [0u8; KEY_LEN];
+        rng.fill(&mut bytes);
+        Key::from_bytes(bytes)
+    }
+
+    /// The key file's text: 64 lowercase hex characters and a newline.
+    pub fn to_text(&self) -> [u8; KEY_TEXT_LEN] {
+        let mut text = [0u8; KEY_TEXT_LEN];
+        encode_hex(&self.bytes, &mut text[..2 * KEY_LEN]);
+        text[2 * KEY_LEN] = b'\n';
+        text
+    }
+}
+
+use KeyTextError as ParseError;
 
 fn parse_key_text(raw: &[u8]) -> Result<Key, ParseError> {
     let text = raw.trim_ascii();
@@ -362,6 +258,15 @@ mod tests {
     }
 
     #[test]
+    fn text_round_trip() {
+        let k = Key::from_bytes([0x5a; 32]);
+        let text = k.to_text();
+        assert_eq!(&text[..4], b"5a5a");
+        assert_eq!(text[64], b'\n');
+        assert_eq!(Key::parse_text(&text).unwrap().id(), k.id());
+    }
+
+    #[test]
     fn key_set_lookup_and_dedup() {
         let a = Key::from_bytes([1; 32]);
         let b = Key::from_bytes([2; 32]);
@@ -370,6 +275,5 @@ mod tests {
         assert_eq!(set.ids().collect::<Vec<_>>(), vec![a.id(), b.id()]);
         assert!(set.get(&b.id()).is_some());
         assert!(set.get(&KeyId([0; 8])).is_none());
-        assert!(matches!(KeySet::load(&[]), Err(KeyError::NoKeys)));
     }
 }

@@ -9,7 +9,9 @@
 //! | `bufferevent` / `bufferevent_filter` | [`BufferEvent`] with a [`Filter`] |
 //! | `evconnlistener` | [`listener::ConnListener`] |
 //!
-//! This module is a library. It never imports `crypto`, `proxy`, `metrics` or `config`.
+//! This crate is a library. It depends on no crypto, proxy, metrics or config crate, so it cannot
+//! import them (Architecture Invariant, kept by the compiler).
+#![forbid(unsafe_code)]
 
 pub mod base;
 pub mod buffer;

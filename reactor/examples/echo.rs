@@ -9,8 +9,8 @@
 
 use std::net::SocketAddr;
 
-use sealpipe::reactor::listener::{ConnListener, ListenerOptions};
-use sealpipe::reactor::{BevEvents, BufferEvent, Context, EventBase, Handler, Ready, Suspend};
+use sealpipe_reactor::listener::{ConnListener, ListenerOptions};
+use sealpipe_reactor::{BevEvents, BufferEvent, Context, EventBase, Handler, Ready, Suspend};
 
 /// Stop reading from a client once this much echo is waiting for it.
 const OUTPUT_HIGH: usize = 1 << 20;
@@ -39,7 +39,7 @@ impl Handler<()> for Acceptor {
     }
 }
 
-fn report(pass: &sealpipe::reactor::listener::AcceptPass) {
+fn report(pass: &sealpipe_reactor::listener::AcceptPass) {
     if let Some(e) = &pass.exhausted {
         eprintln!("echo: accept paused: {e}");
     }

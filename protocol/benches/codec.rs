@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use sealpipe::crypto::record::{RecordType, record_len_for};
-use sealpipe::crypto::{
+use sealpipe_protocol::record::{RecordType, record_len_for};
+use sealpipe_protocol::{
     AeadKey, AeadKind, HEADER_LEN, Handshake, HandshakeConfig, Key, KeySet, OsRandom, Session,
     Status, TAG_LEN,
 };

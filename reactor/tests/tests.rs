@@ -7,10 +7,11 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sealpipe::reactor::listener::{ConnListener, ListenerOptions};
-use sealpipe::reactor::{BevEvents, BufferEvent, Context, EventBase, Handler, Ready, Timeouts};
+use sealpipe_reactor::listener::{ConnListener, ListenerOptions};
+use sealpipe_reactor::{BevEvents, BufferEvent, Context, EventBase, Handler, Ready, Timeouts};
 
-use crate::common::*;
+mod support;
+use support::*;
 
 struct Kill(Child);
 impl Drop for Kill {
@@ -135,7 +136,7 @@ impl Handler<Seen> for Connector {
             ..Timeouts::default()
         };
         let mut b =
-            BufferEvent::connect_filtered(cx, self.addr, 0, sealpipe::reactor::NoFilter, true, t);
+            BufferEvent::connect_filtered(cx, self.addr, 0, sealpipe_reactor::NoFilter, true, t);
         b.register(cx).unwrap();
         self.bev = Some(b);
     }
@@ -265,7 +266,7 @@ fn posts_from_another_thread_run_on_the_loop() {
 fn a_signal_is_delivered_as_a_loop_event() {
     let mut base = EventBase::new(Vec::<u64>::new()).unwrap();
     let loop_thread = std::thread::current().id();
-    let ev = sealpipe::reactor::signal::SignalEvent::new(
+    let ev = sealpipe_reactor::signal::SignalEvent::new(
         &[libc::SIGUSR2],
         move |cx: &mut Context<'_, Vec<u64>>, sig: i32| {
             assert_eq!(std::thread::current().id(), loop_thread);
@@ -285,7 +286,7 @@ fn a_signal_is_delivered_as_a_loop_event() {
 /// A timer event fires after its delay, never before.
 #[test]
 fn timers_fire_in_order_and_not_early() {
-    use sealpipe::reactor::event::{Event, Next};
+    use sealpipe_reactor::event::{Event, Next};
     let mut base = EventBase::new(Vec::<(u64, Duration)>::new()).unwrap();
     let start = Instant::now();
     for (i, ms) in [(0u64, 30u64), (1, 10), (2, 20)] {
@@ -345,7 +346,7 @@ impl Handler<Seen> for Quiet {
             cx,
             self.addr,
             0,
-            sealpipe::reactor::NoFilter,
+            sealpipe_reactor::NoFilter,
             true,
             self.timeouts,
         );
@@ -501,19 +502,19 @@ fn accepted_sockets_have_nodelay_without_a_call_per_socket() {
 /// shrinks what is pending the way record overhead does, and reports the rest of a partial frame.
 struct Unframe;
 
-fn frame_at(raw: &sealpipe::reactor::Buffer) -> Option<usize> {
+fn frame_at(raw: &sealpipe_reactor::Buffer) -> Option<usize> {
     let mut len = [0u8; 1];
     (raw.copy_out(&mut len) == 1).then(|| 1 + len[0] as usize)
 }
 
-impl sealpipe::reactor::Filter for Unframe {
+impl sealpipe_reactor::Filter for Unframe {
     fn decode(
         &mut self,
-        raw_in: &mut sealpipe::reactor::Buffer,
-        input: &mut sealpipe::reactor::Buffer,
-        _raw_out: &mut sealpipe::reactor::Buffer,
+        raw_in: &mut sealpipe_reactor::Buffer,
+        input: &mut sealpipe_reactor::Buffer,
+        _raw_out: &mut sealpipe_reactor::Buffer,
         _eof: bool,
-    ) -> std::io::Result<sealpipe::reactor::FilterStatus> {
+    ) -> std::io::Result<sealpipe_reactor::FilterStatus> {
         while let Some(total) = frame_at(raw_in).filter(|&t| raw_in.len() >= t) {
             let frame = raw_in.pullup(total).unwrap();
             input.append(&frame[1..]);
@@ -523,13 +524,13 @@ impl sealpipe::reactor::Filter for Unframe {
     }
     fn encode(
         &mut self,
-        _: &mut sealpipe::reactor::Buffer,
-        _: &mut sealpipe::reactor::Buffer,
+        _: &mut sealpipe_reactor::Buffer,
+        _: &mut sealpipe_reactor::Buffer,
         _: bool,
     ) -> std::io::Result<()> {
         Ok(())
     }
-    fn frame_rest(&self, raw_in: &sealpipe::reactor::Buffer) -> Option<usize> {
+    fn frame_rest(&self, raw_in: &sealpipe_reactor::Buffer) -> Option<usize> {
         frame_at(raw_in).map(|t| t.saturating_sub(raw_in.len()))
     }
 }
@@ -606,7 +607,7 @@ fn a_shrinking_filter_under_a_small_high_watermark_delivers_everything() {
         s
     });
     let mut bev = BufferEvent::with_filter(client, 0, Unframe, false);
-    bev.set_watermarks(sealpipe::reactor::Watermarks {
+    bev.set_watermarks(sealpipe_reactor::Watermarks {
         read_low: 0,
         read_high: 64 << 10,
         write_low: 0,

@@ -5,7 +5,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use sealpipe::reactor::timer::{TimerKey, TimerWheel};
+use sealpipe_reactor::timer::{TimerKey, TimerWheel};
 
 /// A small deterministic generator, so runs are comparable.
 struct XorShift(u64);

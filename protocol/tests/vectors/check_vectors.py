@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-# Independent re-implementation of docs/PROTOCOL.md, checking tests/vectors/handshake_v1.txt.
+# Independent re-implementation of docs/PROTOCOL.md, checking protocol/tests/vectors/handshake_v1.txt.
 import hmac, hashlib, sys
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives import serialization
 v = {}
-for l in open('tests/vectors/handshake_v1.txt'):
+for l in open(__import__('os').path.join(__import__('os').path.dirname(__file__), 'handshake_v1.txt')):
     if l.startswith('#') or not l.strip(): continue
     k, x = l.strip().split(' = '); v[k] = bytes.fromhex(x)
 H = lambda k, m: hmac.new(k, m, hashlib.sha256).digest()
