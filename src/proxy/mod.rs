@@ -12,7 +12,7 @@
 //! its mark) plus record framing (19 bytes per 16 KiB): 768 KiB, so 1.5 MiB per connection
 //! in the worst case, and nothing at all when idle (empty buffers hold no chunks).
 
-pub mod codec;
+pub use sealpipe_codec as codec;
 pub mod conn;
 pub mod health;
 pub mod listener;

@@ -6,7 +6,7 @@
 //!
 //! Opening copies no plaintext: the whole records of the read buffer's front chunk are opened
 //! where they lie, each decryption also moving its plaintext down to follow the previous
-//! record's ([`crate::protocol::Opener::open_shift`]), and the chunk then moves to the user's
+//! record's ([`sealpipe_protocol::Opener::open_shift`]), and the chunk then moves to the user's
 //! input as it is ([`Buffer::split_front_to`]; a partial record left at the chunk's end is
 //! copied out instead, or the plaintext is, whichever is smaller). A record that straddles two
 //! chunks is made contiguous by a copy; [`Filter::frame_rest`] keeps that rare by having reads
@@ -15,15 +15,20 @@
 //!
 //! Errors leave as `io::Error`s wrapping a [`ProtocolError`], so the owner can name the cause
 //! with [`protocol_error`] without the reactor knowing about crypto.
+//!
+//! This crate is the codec layer (libevent's `bufferevent_filter`): it joins the reactor and the
+//! protocol and nothing else (Architecture Invariant: no proxy policy, metrics or config), so
+//! the fuzz targets can drive it without the proxy's dependencies.
+#![forbid(unsafe_code)]
 
 use std::io;
 
-use crate::protocol::keys::OsRandom;
-use crate::protocol::{
+use sealpipe_protocol::keys::OsRandom;
+use sealpipe_protocol::{
     EphemeralPool, HEADER_LEN, Handshake, HandshakeConfig, KeyId, MAX_PAYLOAD, ProtocolError,
     RecordType, Sealer, Session, Status, TAG_LEN,
 };
-use crate::reactor::{Buffer, Filter, FilterStatus};
+use sealpipe_reactor::{Buffer, Filter, FilterStatus};
 
 /// A record smaller than this is not worth splitting bulk data for (to fill a chunk's tail).
 const MIN_SPLIT: usize = 4096;
@@ -329,8 +334,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::protocol::keys::{Key, KeySet};
-    use crate::protocol::{AeadKind, MAX_RECORD_LEN, record::record_len_for};
+    use sealpipe_protocol::keys::{Key, KeySet};
+    use sealpipe_protocol::{AeadKind, MAX_RECORD_LEN, record::record_len_for};
 
     /// Two filters with a completed handshake, built by shuttling their raw buffers.
     fn open_pair(aead: AeadKind) -> (SealFilter, SealFilter) {
