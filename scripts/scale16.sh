@@ -4,10 +4,10 @@
 #   serving 8 tunnels (`sealpipe run --config`), for T in 1 2 4 8; 8 iperf3 client/server
 #   process pairs (iperf3 is single-threaded per process). Proxies on CPUs 0..T-1, clients on
 #   8-11, servers on 12-15. Everything on 127.0.0.0/8.
-# Prepare here (needs a package registry):  ../shared/bench/make-scale-kit.sh .scalekit
+# Prepare here (needs a package registry):  scripts/bench/make-scale-kit.sh .scalekit
 #   and cargo build --release; then on the 16-core machine, carrying .scalekit and
 #   target/release:  KIT=.scalekit SEALPIPE_BIN=target/release/sealpipe scripts/scale16.sh
-# (This is ../shared/bench/scale16.sh with one sealpipe process instead of one per port, the
+# (This is scripts/bench/scale16.sh with one sealpipe process instead of one per port, the
 # setup that harness recommends once `sealpipe run --config` exists.)
 set -u
 K=${KIT:-.scalekit}; K=$(cd "$K" && pwd); export LD_LIBRARY_PATH=$K/lib

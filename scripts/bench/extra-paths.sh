@@ -1,4 +1,4 @@
-# Extra paths for ../shared/bench/peers.sh (EXTRA_PATHS=scripts/bench-extra-paths.sh):
+# Extra paths for scripts/bench/peers.sh (EXTRA_PATHS=scripts/bench/extra-paths.sh):
 #   sealmet   the sealpipe pair with --metrics on both sides (the cost of metrics)
 #   sealnofs  the sealpipe pair with --no-forward-secrecy (cheaper connection setup)
 #   seal1     the sealpipe pair with --threads 1 on both sides
