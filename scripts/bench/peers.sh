@@ -481,7 +481,7 @@ steal_note() {  # hypervisor steal ticks since start (as far as the guest can se
 path_needs() {
   case $1 in
     haproxy|haproxytls) echo haproxy ;;  socat) echo socat ;;  spiped) echo spiped ;;
-    ssgcm) echo "ss-server ss-tunnel" ;;  stunnel) echo stunnel4 ;;
+    ssgcm) echo "ss-server ss-tunnel" ;;  stunnel) echo stunnel ;;
     ssrust) echo "$SSRUST_BIN/ssserver $SSRUST_BIN/sslocal" ;;
     seal*) echo "$SEALPIPE_BIN" ;;  *) echo "" ;;
   esac
