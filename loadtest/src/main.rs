@@ -1,6 +1,6 @@
 //! `loadtest`: the load generator and built-in backend for sealpipe.
 //!
-//! Scenarios (`bulk`, `rr`, `churn`, `idle`) each run a fixed time on mio event loops over plain
+//! Scenarios (`bulk`, `rr`, `churn`, `connect`, `idle`) each run a fixed time on mio event loops over plain
 //! threads, print a table for people, optionally write JSON, and exit 0 only when nothing failed
 //! and no byte was wrong. `suite` runs them all direct and through sealpipe and prints ratios.
 //!
@@ -13,6 +13,7 @@
 mod backend;
 mod bulk;
 mod churn;
+mod connect;
 mod idle;
 mod metrics;
 mod net;
@@ -44,6 +45,8 @@ enum Cmd {
     Rr(rr::RrArgs),
     /// New connections per second, each with one small verified exchange.
     Churn(churn::ChurnArgs),
+    /// Time from connect() to the first echoed byte, one connection at a time or a few at once.
+    Connect(connect::ConnectArgs),
     /// Hold many idle connections, check they all still echo, report proxies' RSS.
     Idle(idle::IdleArgs),
     /// All scenarios direct, through sealpipe forward and through a sealpipe pair, with ratios.
@@ -80,6 +83,11 @@ fn run(cmd: Cmd) -> anyhow::Result<bool> {
         Cmd::Churn(a) => {
             let rep = churn::run(&a, &pattern)?;
             rep.emit(&churn::rows(&rep), a.common.json.as_ref())?;
+            Ok(rep.ok)
+        }
+        Cmd::Connect(a) => {
+            let rep = connect::run(&a, &pattern)?;
+            rep.emit(&connect::rows(&rep), a.common.json.as_ref())?;
             Ok(rep.ok)
         }
         Cmd::Idle(a) => {

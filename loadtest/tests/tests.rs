@@ -197,6 +197,69 @@ fn churn_counts_connections_and_refusals() {
 }
 
 #[test]
+fn connect_times_every_connection_and_reports_round_trips() {
+    let b = backend("echo");
+    let j = tmp("connect.json");
+    let o = loadtest(&[
+        "connect",
+        "--target",
+        &b.addr,
+        "--count",
+        "40",
+        "--concurrency",
+        "3",
+        "--size",
+        "100",
+        "--rtt-ms",
+        "20",
+        "--json",
+        j.to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    assert!(stdout(&o).contains("first byte in RTTs of 20 ms"));
+    let v = json(&j);
+    let r = &v["results"];
+    assert_eq!(r["attempted"], 40);
+    assert_eq!(r["completed"], 40);
+    assert_eq!(r["first_byte"]["count"], 40);
+    assert_eq!(r["connect"]["count"], 40);
+    let (fb, c) = (
+        r["first_byte"]["p50_us"].as_f64().unwrap(),
+        r["connect"]["p50_us"].as_f64().unwrap(),
+    );
+    assert!(fb >= c && c > 0.0, "first byte {fb} us, connect {c} us");
+    let rtts = r["first_byte_rtts"]["p50"].as_f64().unwrap();
+    assert!((rtts - fb / 20_000.0).abs() < 1e-9);
+    let _ = std::fs::remove_file(j);
+
+    // A backend that sends back something else: counted as a mismatch, and the run fails.
+    let wrong = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = wrong.local_addr().unwrap().to_string();
+    let t = thread::spawn(move || {
+        let (mut s, _) = wrong.accept().unwrap();
+        let mut buf = [0u8; 8];
+        s.read_exact(&mut buf).unwrap();
+        s.write_all(b"XXXXXXXX").unwrap();
+    });
+    let j = tmp("connect-bad.json");
+    let o = loadtest(&[
+        "connect",
+        "--target",
+        &addr,
+        "--count",
+        "1",
+        "--size",
+        "8",
+        "--json",
+        j.to_str().unwrap(),
+    ]);
+    t.join().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(json(&j)["failures"]["by_kind"]["mismatch"], 1);
+    let _ = std::fs::remove_file(j);
+}
+
+#[test]
 fn idle_holds_and_reports_rss() {
     let b = backend("echo");
     let pid = b.child.id().to_string();
