@@ -128,7 +128,7 @@ fn write_config(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-/// Whether `r` exports any sample of `name` for upstream `addr`.
+/// Whether `m` exports any sample of `name` for upstream `addr`.
 fn has_series(m: &Metrics, name: &str, addr: SocketAddr) -> bool {
     let text = String::from_utf8(m.render()).unwrap();
     let want = format!("upstream=\"{addr}\"");
