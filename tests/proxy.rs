@@ -242,8 +242,9 @@ fn failover_to_the_next_upstream_and_backend_down_then_up() {
             });
         }
     });
-    // The target is marked down for a backoff (1 s); new clients are turned away until it
-    // ends, then served. Wait on the outcome with a deadline.
+    // The target is marked down, but connections still try it, so a client is served as
+    // soon as it is back (tests/upstreams.rs asserts the very next one is). Wait on the
+    // outcome with a deadline.
     let deadline = Instant::now() + TIMEOUT;
     loop {
         assert!(Instant::now() < deadline, "backend never came back");

@@ -6,3 +6,4 @@ mod faults;
 mod keyfile;
 mod lifecycle;
 mod proxy;
+mod upstreams;

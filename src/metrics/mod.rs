@@ -450,6 +450,21 @@ impl Metrics {
         }
     }
 
+    /// Drops the series of an upstream a reload removed from `tunnel`, so a target that is no
+    /// longer configured leaves no stale `sealpipe_upstream_up` (nor an alert on it) behind.
+    /// Shards that still hold its handles update detached children, which nothing exports.
+    pub fn forget_upstream(&self, tunnel: &str, upstream: &str) {
+        let _ = self.upstream_up.remove_label_values(&[tunnel, upstream]);
+        for r in CONNECT_FAILURES {
+            let _ = self
+                .upstream_failures
+                .remove_label_values(&[tunnel, upstream, r]);
+        }
+        let _ = self
+            .upstream_connect
+            .remove_label_values(&[tunnel, upstream]);
+    }
+
     /// The per-key session counter of one tunnel's key (label values bounded by loaded keys).
     pub fn key_sessions(&self, tunnel: &str, key_id: &str) -> IntCounter {
         self.key_sessions.with_label_values(&[tunnel, key_id])

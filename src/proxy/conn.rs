@@ -31,6 +31,7 @@ use crate::reactor::{
 };
 
 use super::codec::{Role, SealFilter, protocol_error};
+use super::upstream::{ConnectOutcome, TargetId, Tried};
 use super::{OUTPUT_HIGH, OUTPUT_LOW, READ_HIGH, ShardState, TunnelRt};
 
 const CLIENT: u8 = 0;
@@ -48,6 +49,26 @@ pub const TAG_ABORT: u64 = 0x12 << 8;
 /// long; short against the seconds to hours that pooled and keep-alive connections sit idle,
 /// which is where the memory of many connections is.
 pub const HIBERNATE_AFTER: Duration = Duration::from_millis(250);
+
+/// An optional error as its message, for log fields.
+fn err_text(e: &Option<io::Error>) -> &dyn std::fmt::Display {
+    match e {
+        Some(e) => e,
+        None => &"unknown",
+    }
+}
+
+/// A target's address for log fields; a reload may have removed the target.
+struct Upstream(Option<std::net::SocketAddr>);
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => a.fmt(f),
+            None => f.write_str("(removed by a reload)"),
+        }
+    }
+}
 
 /// A side's layer: plain or sealed.
 pub trait Layer: Filter + Sized + 'static {
@@ -105,9 +126,9 @@ pub struct Conn<C: Layer, U: Layer> {
     tunnel: usize,
     client: BufferEvent<C>,
     upstream: Option<BufferEvent<U>>,
-    /// Index of the target in use, and the targets already tried (bitmask).
-    target: Option<usize>,
-    tried: u64,
+    /// The target in use (by id: a reload may rebuild the list meanwhile), and those tried.
+    target: Option<TargetId>,
+    tried: Tried,
     started: Instant,
     connect_started: Instant,
     last_active: Instant,
@@ -137,7 +158,7 @@ impl<C: Layer, U: Layer> Conn<C, U> {
             client,
             upstream: None,
             target: None,
-            tried: 0,
+            tried: Tried::default(),
             started: now,
             connect_started: now,
             last_active: now,
@@ -156,18 +177,16 @@ impl<C: Layer, U: Layer> Conn<C, U> {
         &mut cx.state.tunnels[self.tunnel]
     }
 
-    /// Connects to the next healthy target; closes the connection when none is left.
+    /// Connects to the next target (up ones first, then down ones: see `upstream`); closes
+    /// the connection once every target has been tried.
     fn connect_upstream(&mut self, cx: &mut Context<'_, ShardState>) {
         let now = cx.now();
         let state = &mut *cx.state;
         let rt = &mut state.tunnels[self.tunnel];
-        let Some(i) = rt.upstreams.pick(now, self.tried) else {
+        let Some((id, addr)) = rt.upstreams.pick(now, &mut self.tried) else {
             return self.finish(cx, CloseReason::UpstreamFailed);
         };
-        self.tried |= 1u64.checked_shl(i as u32).unwrap_or(0);
-        self.target = Some(i);
-        rt.upstreams.targets[i].active += 1;
-        let addr = rt.upstreams.targets[i].addr;
+        self.target = Some(id);
         let timeouts = Timeouts {
             connect: Some(rt.cfg.connect_timeout),
             ..Timeouts::default()
@@ -187,12 +206,13 @@ impl<C: Layer, U: Layer> Conn<C, U> {
         self.upstream = Some(up);
     }
 
-    /// The current upstream failed to connect: count it, mark it down, try the next one.
+    /// The current upstream's connect failed: count it, mark the target down when it is to
+    /// blame (see `upstream`), and try the next target.
     fn connect_failed(
         &mut self,
         cx: &mut Context<'_, ShardState>,
         err: Option<io::Error>,
-        timed_out: bool,
+        outcome: ConnectOutcome,
     ) {
         let now = cx.now();
         if let Some(mut up) = self.upstream.take() {
@@ -202,48 +222,63 @@ impl<C: Layer, U: Layer> Conn<C, U> {
             self.client.input = unsent;
             up.close(cx);
         }
-        let Some(i) = self.target.take() else {
+        let Some(id) = self.target.take() else {
             return;
-        };
-        let reason = if timed_out {
-            1
-        } else {
-            match err.as_ref().map(|e| e.kind()) {
-                Some(io::ErrorKind::ConnectionRefused) => 0,
-                Some(io::ErrorKind::TimedOut) => 1,
-                _ => 2,
-            }
         };
         let warn = cx.state.may_warn(now);
         let rt = self.rt(cx);
-        rt.upstreams.targets[i].active -= 1;
-        let addr = rt.upstreams.targets[i].addr;
-        // Out of descriptors or memory is this process's trouble, not the upstream's.
-        let ours = err
-            .as_ref()
-            .is_some_and(crate::reactor::listener::is_resource_exhaustion);
-        let went_down = !ours && rt.upstreams.failed(i, now);
-        if let Some(m) = rt.metrics.upstreams.get(i) {
-            m.failures[reason].inc();
+        rt.upstreams.release(id);
+        // `None`: a reload removed the target while its connect was in flight; nothing is
+        // charged to the target that took its place, and the connection tries the new list.
+        let index = rt.upstreams.index_of(id);
+        let addr = index.map(|i| rt.upstreams.targets()[i].addr);
+        let went_down = outcome.marks_down() && rt.upstreams.failed(id, now) == Some(true);
+        if let (Some(i), Some(r)) = (index, outcome.failure_reason()) {
+            if let Some(m) = rt.metrics.upstreams.get(i) {
+                m.failures[r].inc();
+            }
         }
         let tunnel = rt.cfg.name.clone();
-        if ours {
+        let upstream = Upstream(addr);
+        let error = err_text(&err);
+        if outcome == ConnectOutcome::Exhausted {
             // Every other target would fail the same way: end this client, and make the
             // listener back off so the freed fd does not just admit the next one to fail.
             if let Some(l) = rt.listener {
                 cx.notify(l, super::listener::TAG_EXHAUSTED);
             }
             if let Some(skipped) = warn {
-                tracing::debug!(%tunnel, upstream = %addr, error = ?err, skipped, "upstream connect: out of resources");
+                tracing::debug!(%tunnel, %upstream, %error, skipped, "upstream connect: out of resources");
             }
             return self.finish(cx, CloseReason::UpstreamFailed);
         }
+        let timed_out = outcome == ConnectOutcome::TimedOut;
         if went_down {
-            tracing::warn!(%tunnel, upstream = %addr, error = ?err, timed_out, "upstream marked down");
+            tracing::warn!(%tunnel, %upstream, %error, timed_out, "upstream marked down");
         } else if let Some(skipped) = warn {
-            tracing::debug!(%tunnel, upstream = %addr, error = ?err, skipped, "upstream connect failed");
+            tracing::debug!(%tunnel, %upstream, %error, skipped, "upstream connect failed");
         }
         self.connect_upstream(cx);
+    }
+
+    /// The TCP connect to the current target completed: the target is up, whatever happens
+    /// next on this connection.
+    fn upstream_reached(&mut self, cx: &mut Context<'_, ShardState>) {
+        let took = cx.now() - self.connect_started;
+        let Some(id) = self.target else {
+            return;
+        };
+        let rt = self.rt(cx);
+        let Some(i) = rt.upstreams.index_of(id) else {
+            return;
+        };
+        if rt.upstreams.succeeded(id) == Some(true) {
+            let (tunnel, upstream) = (&rt.cfg.name, rt.upstreams.targets()[i].addr);
+            tracing::info!(%tunnel, %upstream, "upstream is up again");
+        }
+        if let Some(m) = rt.metrics.upstreams.get(i) {
+            m.connect.observe(took.as_secs_f64());
+        }
     }
 
     /// The idle limit now: the half-closed one once a direction has ended.
@@ -397,15 +432,26 @@ impl<C: Layer, U: Layer> Conn<C, U> {
         let connected = self.upstream.as_ref().is_some_and(|x| x.is_connected());
         if ev.contains(BevEvents::CONNECT_TIMEOUT) {
             let err = self.upstream.as_mut().and_then(|x| x.take_error());
-            self.connect_failed(cx, err, true);
+            self.connect_failed(cx, err, ConnectOutcome::TimedOut);
             return (c, u);
         }
         if ev.contains(BevEvents::ERROR) && !ev.contains(BevEvents::CONNECTED) && !connected {
             let err = self.upstream.as_mut().and_then(|x| x.take_error());
-            self.connect_failed(cx, err, false);
+            let outcome = ConnectOutcome::classify(err.as_ref(), false);
+            if outcome != ConnectOutcome::ResetAfterConnect {
+                self.connect_failed(cx, err, outcome);
+                return (c, u);
+            }
+            // The peer accepted and reset before the connect's outcome was read (a decrypt
+            // side whose backend refused, say): the target is up; this connection failed.
+            self.upstream_reached(cx);
+            self.side_failed(cx, UPSTREAM, err);
             return (c, u);
         }
         if ev.contains(BevEvents::ERROR) {
+            if ev.contains(BevEvents::CONNECTED) {
+                self.upstream_reached(cx);
+            }
             // As on the client side: a handshake completed in the failing read still counts.
             if U::SEALED && self.upstream.as_ref().is_some_and(|x| x.filter().is_open()) {
                 self.handshake_ok(cx);
@@ -416,17 +462,7 @@ impl<C: Layer, U: Layer> Conn<C, U> {
             return (c, u);
         }
         if ev.contains(BevEvents::CONNECTED) {
-            let took = cx.now() - self.connect_started;
-            if let Some(i) = self.target {
-                let rt = self.rt(cx);
-                if rt.upstreams.succeeded(i) {
-                    let (tunnel, addr) = (rt.cfg.name.clone(), rt.upstreams.targets[i].addr);
-                    tracing::info!(%tunnel, upstream = %addr, "upstream is up again");
-                }
-                if let Some(m) = rt.metrics.upstreams.get(i) {
-                    m.connect.observe(took.as_secs_f64());
-                }
-            }
+            self.upstream_reached(cx);
             if U::SEALED {
                 // The hello goes out now; client data waits in `output` until the session opens.
                 let up = self.upstream.as_mut().expect("checked above");
@@ -689,10 +725,8 @@ impl<C: Layer, U: Layer> Handler<ShardState> for Conn<C, U> {
         let state = &mut *cx.state;
         state.conns -= 1;
         let rt = &mut state.tunnels[self.tunnel];
-        if let Some(i) = self.target {
-            if let Some(t) = rt.upstreams.targets.get_mut(i) {
-                t.active = t.active.saturating_sub(1);
-            }
+        if let Some(id) = self.target {
+            rt.upstreams.release(id);
         }
         rt.active -= 1;
         rt.metrics.active.dec();

@@ -1,7 +1,9 @@
 //! Active health checks: every `health_check_interval`, each shard opens a TCP connection to
-//! each target of the tunnel. Success marks the target up; refusal or a timeout marks it down
-//! (with the same backoff as a failed client connect), so clients stop being sent there before
-//! one of them has to fail.
+//! each target of the tunnel. A completed connect marks the target up (even if the peer resets
+//! it at once); a refusal, timeout or unreachable target marks it down (with the same backoff as
+//! a failed client connect), so clients are sent to other targets before one of them has to
+//! fail. Like every connect, probes name their target by [`TargetId`]: a probe that outlives
+//! its target (removed by a reload) changes nothing.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -9,11 +11,12 @@ use std::time::{Duration, Instant};
 use crate::reactor::{BevEvents, BufferEvent, Context, Handler, Ready, Timeouts};
 
 use super::ShardState;
+use super::upstream::{ConnectOutcome, TargetId};
 
 /// One probe of one target.
 pub struct Probe {
     tunnel: usize,
-    target: usize,
+    target: TargetId,
     addr: SocketAddr,
     timeout: Duration,
     started: Instant,
@@ -23,7 +26,7 @@ pub struct Probe {
 impl Probe {
     pub fn new(
         tunnel: usize,
-        target: usize,
+        target: TargetId,
         addr: SocketAddr,
         timeout: Duration,
         now: Instant,
@@ -43,32 +46,34 @@ impl Probe {
             return;
         }
         let now = cx.now();
+        let err = self.bev.as_mut().and_then(|b| b.take_error());
+        let outcome = if ev.contains(BevEvents::CONNECTED) {
+            None
+        } else {
+            let timed_out = ev.contains(BevEvents::CONNECT_TIMEOUT);
+            Some(ConnectOutcome::classify(err.as_ref(), timed_out))
+        };
         let rt = &mut cx.state.tunnels[self.tunnel];
-        // The target list may have changed on reload; only act on the same address.
-        let same = rt
-            .upstreams
-            .targets
-            .get(self.target)
-            .is_some_and(|t| t.addr == self.addr);
-        if same {
-            if ev.contains(BevEvents::CONNECTED) {
-                if rt.upstreams.succeeded(self.target) {
-                    tracing::info!(tunnel = %rt.cfg.name, upstream = %self.addr, "health check: upstream is up");
+        // `None`: a reload removed the target since the probe started.
+        if let Some(i) = rt.upstreams.index_of(self.target) {
+            let (tunnel, upstream) = (&rt.cfg.name, self.addr);
+            match outcome {
+                None | Some(ConnectOutcome::ResetAfterConnect) => {
+                    if rt.upstreams.succeeded(self.target) == Some(true) {
+                        tracing::info!(%tunnel, %upstream, "health check: upstream is up");
+                    }
+                    if let Some(m) = rt.metrics.upstreams.get(i) {
+                        m.connect.observe((now - self.started).as_secs_f64());
+                    }
                 }
-                if let Some(m) = rt.metrics.upstreams.get(self.target) {
-                    m.connect.observe((now - self.started).as_secs_f64());
-                }
-            } else {
-                let reason = if ev.contains(BevEvents::CONNECT_TIMEOUT) {
-                    1
-                } else {
-                    0
-                };
-                if let Some(m) = rt.metrics.upstreams.get(self.target) {
-                    m.failures[reason].inc();
-                }
-                if rt.upstreams.failed(self.target, now) {
-                    tracing::warn!(tunnel = %rt.cfg.name, upstream = %self.addr, "health check failed: upstream marked down");
+                Some(o) => {
+                    if let (Some(m), Some(r)) = (rt.metrics.upstreams.get(i), o.failure_reason()) {
+                        m.failures[r].inc();
+                    }
+                    if o.marks_down() && rt.upstreams.failed(self.target, now) == Some(true) {
+                        let error = err.as_ref().map(|e| e.to_string()).unwrap_or_default();
+                        tracing::warn!(%tunnel, %upstream, %error, "health check failed: upstream marked down");
+                    }
                 }
             }
         }
@@ -128,8 +133,8 @@ pub fn run_due(cx: &mut Context<'_, ShardState>, now: Instant) {
         }
         rt.next_probe = Some(now + every);
         let timeout = rt.cfg.connect_timeout.min(every);
-        for (i, t) in rt.upstreams.targets.iter().enumerate() {
-            due.push(Probe::new(rt.index, i, t.addr, timeout, now));
+        for t in rt.upstreams.targets() {
+            due.push(Probe::new(rt.index, t.id(), t.addr, timeout, now));
         }
     }
     for p in due {

@@ -2,8 +2,9 @@
 //! [`Conn`] handlers of the tunnel's mode.
 //!
 //! At the shard's connection limit the listener pauses (the kernel keeps queueing) and resumes
-//! when a connection closes; each pause is counted as `rejected{reason="max_conns"}`. With no
-//! healthy upstream, a new client is closed at once and counted. When the shard drains, the
+//! when a connection closes; each pause is counted as `rejected{reason="max_conns"}`. A client
+//! is admitted even when every upstream is marked down: the connection tries them anyway
+//! (see `upstream`), so a backend that is back serves it. When the shard drains, the
 //! listener first accepts everything already queued in the kernel, then closes. When a
 //! connection runs out of descriptors after its accept (its upstream connect fails with
 //! EMFILE), it notifies the listener ([`TAG_EXHAUSTED`]), which pauses with the same backoff
@@ -64,16 +65,6 @@ impl TunnelListener {
 /// Builds the connection handler for the tunnel's mode and starts it.
 fn admit(cx: &mut Context<'_, ShardState>, tunnel: usize, stream: TcpStream, _peer: SocketAddr) {
     let now = cx.now();
-    let rt = &cx.state.tunnels[tunnel];
-    if rt.upstreams.healthy(now) == 0 {
-        rt.metrics.rejected(RejectReason::NoHealthyUpstream);
-        if let Some(skipped) = cx.state.may_warn(now) {
-            let rt = &cx.state.tunnels[tunnel];
-            tracing::warn!(tunnel = %rt.cfg.name, skipped, "no healthy upstream: client closed");
-        }
-        let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
-        return;
-    }
     let state = &mut *cx.state;
     let (rt, keys) = (&state.tunnels[tunnel], &mut state.ephemeral_keys);
     let conn: Box<dyn Handler<ShardState>> = match rt.cfg.mode {

@@ -115,6 +115,11 @@ impl TunnelRt {
     }
 
     /// Applies a reloaded configuration of the same tunnel (targets, timeouts, keys).
+    ///
+    /// Connections and probes in flight name their target by id, not by index, so the list
+    /// may change under them (see `upstream`). The per-upstream metric handles are rebuilt in
+    /// the new list's order here, with the list, so index `i` of both stays the same target;
+    /// the series of removed targets are dropped.
     pub fn reload(
         &mut self,
         cfg: Arc<Tunnel>,
@@ -122,6 +127,9 @@ impl TunnelRt {
         metrics: &Metrics,
         shard: usize,
     ) {
+        for gone in self.cfg.targets.iter().filter(|a| !cfg.targets.contains(a)) {
+            metrics.forget_upstream(&self.cfg.name, &gone.to_string());
+        }
         let names: Vec<String> = cfg.targets.iter().map(|a| a.to_string()).collect();
         self.metrics = metrics.tunnel(&cfg.name, shard, &names);
         self.upstreams.replace(&cfg.targets, cfg.balance);

@@ -1,11 +1,37 @@
 //! Upstream selection and health, per shard (shards share nothing; each learns health from
 //! its own connects, and from active checks when configured).
 //!
-//! Passive health: a failed connect marks the target down for a backoff (1 s doubling to
-//! 30 s); when the backoff ends the target is eligible again and the next connect is its probe.
-//! A successful connect clears the backoff.
+//! Choosing: a connection picks among the targets it has not tried yet, by the tunnel's
+//! balance (round robin or least connections), preferring targets that are up. A target is
+//! *down* for a backoff after a failed TCP connect or a failed active check (1 s doubling to
+//! 30 s while it keeps failing); when the backoff ends it is up again and the next connect is
+//! its probe, and a successful connect clears the backoff at once. When no untried target is
+//! up, the connection tries the down ones anyway, by the same balance: being down steers the
+//! choice, it never refuses a client (Envoy's panic mode, HAProxy with every server down). So
+//! a backend that restarts serves the very next connection, and a tunnel whose targets all
+//! failed recently still reaches the first one that is back.
+//!
+//! Only a failure of the TCP connect itself marks a target down: refused, timed out,
+//! unreachable ([`ConnectOutcome`]). A peer that completed the connect and then reset it (a
+//! decrypt side whose own backend refused, a backend shedding load) was reached; that is this
+//! connection's failure, not the target's.
+//!
+//! Invariants:
+//! - A connection names its target by [`TargetId`], never by index, because a reload
+//!   ([`Upstreams::replace`]) may remove, add or reorder targets while connects are in flight.
+//!   Ids are never reused by an `Upstreams`; a target whose address stays across a reload keeps
+//!   its id, health and counts; the id of a removed target is found nowhere, and every lookup
+//!   says so instead of landing on whichever target took its place.
+//! - [`Tried`] belongs to one generation of the list: after a reload a connection may try each
+//!   of the new targets once. Attempts per generation are bounded by the number of targets.
+//! - Counts saturate: no reload, close or failure order can wrap one.
+//! - Index `i` of [`Upstreams::targets`] is index `i` of the tunnel's per-upstream metric
+//!   handles (`TunnelMetrics::upstreams`): both are built from the configured list, in one
+//!   reload (`TunnelRt::reload`).
 
+use std::io;
 use std::net::SocketAddr;
+use std::num::NonZeroU64;
 use std::time::{Duration, Instant};
 
 use crate::config::Balance;
@@ -13,124 +39,268 @@ use crate::config::Balance;
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
+/// A target's identity within one tunnel on one shard: kept across reloads that keep its
+/// address, never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TargetId(NonZeroU64);
+
 #[derive(Clone, Debug)]
 pub struct Target {
     pub addr: SocketAddr,
+    id: TargetId,
     /// Down until this instant (passive or active check failure).
-    pub down_until: Option<Instant>,
+    down_until: Option<Instant>,
     backoff: Duration,
-    /// Connections of this shard currently using the target (least-conn).
-    pub active: usize,
+    /// Connections of this shard using the target, connecting ones included (least-conn).
+    active: usize,
+}
+
+impl Target {
+    pub fn id(&self) -> TargetId {
+        self.id
+    }
+    pub fn active(&self) -> usize {
+        self.active
+    }
+    pub fn is_up(&self, now: Instant) -> bool {
+        self.down_until.is_none_or(|d| d <= now)
+    }
+    pub fn down_until(&self) -> Option<Instant> {
+        self.down_until
+    }
+}
+
+/// The targets one connection has tried in one generation of the list: a bitmask of indexes
+/// (a target past the 64th is bounded by the attempt count alone).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Tried {
+    mask: u64,
+    generation: u32,
+    attempts: u32,
+}
+
+/// How a connect attempt that produced no connection ended, as health sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectOutcome {
+    /// The target answered the SYN with a reset: nothing listens there.
+    Refused,
+    /// No answer within the connect timeout (or the kernel's SYN retries ran out).
+    TimedOut,
+    /// Unreachable, or any other error of the connect itself.
+    Other,
+    /// This process is out of descriptors or memory: every target would fail the same way.
+    Exhausted,
+    /// The connect completed and the peer reset it before the outcome was read: the target
+    /// was reached, so this is not a failed connect.
+    ResetAfterConnect,
+}
+
+impl ConnectOutcome {
+    /// Classifies the error a connect reported (`timed_out`: the connect timer fired).
+    pub fn classify(err: Option<&io::Error>, timed_out: bool) -> ConnectOutcome {
+        if timed_out {
+            return ConnectOutcome::TimedOut;
+        }
+        let Some(e) = err else {
+            return ConnectOutcome::Other;
+        };
+        if crate::reactor::listener::is_resource_exhaustion(e) {
+            return ConnectOutcome::Exhausted;
+        }
+        match e.kind() {
+            io::ErrorKind::ConnectionRefused => ConnectOutcome::Refused,
+            io::ErrorKind::TimedOut => ConnectOutcome::TimedOut,
+            // A SYN answered by a reset is ECONNREFUSED; a reset is only ECONNRESET (or an
+            // abort, or EPIPE) once the connection was established.
+            io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe => ConnectOutcome::ResetAfterConnect,
+            _ => ConnectOutcome::Other,
+        }
+    }
+
+    /// The index of its `reason` in `metrics::CONNECT_FAILURES`, for outcomes that are failed
+    /// connects.
+    pub fn failure_reason(self) -> Option<usize> {
+        match self {
+            ConnectOutcome::Refused => Some(0),
+            ConnectOutcome::TimedOut => Some(1),
+            ConnectOutcome::Other | ConnectOutcome::Exhausted => Some(2),
+            ConnectOutcome::ResetAfterConnect => None,
+        }
+    }
+
+    /// Whether the target is to blame (and goes down for a backoff).
+    pub fn marks_down(self) -> bool {
+        matches!(
+            self,
+            ConnectOutcome::Refused | ConnectOutcome::TimedOut | ConnectOutcome::Other
+        )
+    }
 }
 
 /// The targets of one tunnel, as one shard sees them.
 #[derive(Clone, Debug)]
 pub struct Upstreams {
-    pub targets: Vec<Target>,
+    targets: Vec<Target>,
     balance: Balance,
+    /// Where the next choice starts looking (round robin; least-conn's tie-break).
     next: usize,
+    /// Ids handed out so far.
+    issued: u64,
+    /// Bumped by every reload, so a [`Tried`] of the old list is not read against the new one.
+    generation: u32,
 }
 
 impl Upstreams {
     pub fn new(addrs: &[SocketAddr], balance: Balance) -> Upstreams {
-        Upstreams {
-            targets: addrs
-                .iter()
-                .map(|&addr| Target {
-                    addr,
-                    down_until: None,
-                    backoff: Duration::ZERO,
-                    active: 0,
-                })
-                .collect(),
+        let mut u = Upstreams {
+            targets: Vec::with_capacity(addrs.len()),
             balance,
             next: 0,
+            issued: 0,
+            generation: 0,
+        };
+        for &a in addrs {
+            let t = u.fresh(a);
+            u.targets.push(t);
+        }
+        u
+    }
+
+    fn fresh(&mut self, addr: SocketAddr) -> Target {
+        let id = TargetId(NonZeroU64::MIN.saturating_add(self.issued));
+        self.issued += 1;
+        Target {
+            addr,
+            id,
+            down_until: None,
+            backoff: Duration::ZERO,
+            active: 0,
         }
     }
 
-    /// Replaces the target list (reload), keeping health and counts of addresses that stay.
+    /// Replaces the target list (reload). A target whose address stays keeps its id, health
+    /// and counts (each old target is kept at most once, so duplicates stay distinct);
+    /// connections to removed targets keep going, and find their target gone when they end.
     pub fn replace(&mut self, addrs: &[SocketAddr], balance: Balance) {
-        let old = std::mem::take(&mut self.targets);
-        self.targets = addrs
-            .iter()
-            .map(|&addr| {
-                old.iter()
-                    .find(|t| t.addr == addr)
-                    .cloned()
-                    .unwrap_or(Target {
-                        addr,
-                        down_until: None,
-                        backoff: Duration::ZERO,
-                        active: 0,
-                    })
-            })
+        let mut old: Vec<Option<Target>> = std::mem::take(&mut self.targets)
+            .into_iter()
+            .map(Some)
             .collect();
+        let mut targets = Vec::with_capacity(addrs.len());
+        for &addr in addrs {
+            let kept = old
+                .iter_mut()
+                .find(|t| t.as_ref().is_some_and(|t| t.addr == addr))
+                .and_then(Option::take);
+            targets.push(kept.unwrap_or_else(|| self.fresh(addr)));
+        }
+        self.targets = targets;
         self.balance = balance;
         self.next = 0;
+        self.generation = self.generation.wrapping_add(1);
+    }
+
+    pub fn targets(&self) -> &[Target] {
+        &self.targets
+    }
+
+    /// The current index of target `id`; `None` once a reload removed it.
+    pub fn index_of(&self, id: TargetId) -> Option<usize> {
+        self.targets.iter().position(|t| t.id == id)
+    }
+
+    pub fn get(&self, id: TargetId) -> Option<&Target> {
+        self.targets.iter().find(|t| t.id == id)
+    }
+
+    fn get_mut(&mut self, id: TargetId) -> Option<&mut Target> {
+        self.targets.iter_mut().find(|t| t.id == id)
     }
 
     pub fn is_up(&self, i: usize, now: Instant) -> bool {
-        self.targets
-            .get(i)
-            .is_some_and(|t| t.down_until.is_none_or(|d| d <= now))
+        self.targets.get(i).is_some_and(|t| t.is_up(now))
     }
 
     pub fn healthy(&self, now: Instant) -> usize {
-        (0..self.targets.len())
-            .filter(|&i| self.is_up(i, now))
-            .count()
+        self.targets.iter().filter(|t| t.is_up(now)).count()
     }
 
-    /// Picks a healthy target not in `tried` (a bitmask of indexes), or `None`.
-    pub fn pick(&mut self, now: Instant, tried: u64) -> Option<usize> {
+    /// Chooses the target of a connection's next connect: untried targets that are up first,
+    /// then untried ones that are down, each by the balance. Counts the choice as active (the
+    /// connection gives it back with [`release`](Self::release)) and notes it in `tried`.
+    /// `None` once the connection has tried every target.
+    pub fn pick(&mut self, now: Instant, tried: &mut Tried) -> Option<(TargetId, SocketAddr)> {
+        if tried.generation != self.generation {
+            *tried = Tried {
+                generation: self.generation,
+                ..Tried::default()
+            };
+        }
+        if tried.attempts as usize >= self.targets.len() {
+            return None;
+        }
+        let mask = tried.mask;
+        let untried = move |i: usize| i >= 64 || mask & (1 << i) == 0;
+        let i = self
+            .choose(|i, t| untried(i) && t.is_up(now))
+            .or_else(|| self.choose(|i, _| untried(i)))?;
+        tried.mask |= 1u64.checked_shl(i as u32).unwrap_or(0);
+        tried.attempts += 1;
+        let t = &mut self.targets[i];
+        t.active = t.active.saturating_add(1);
+        Some((t.id, t.addr))
+    }
+
+    /// The balance's choice among the targets `eligible` accepts; advances the cursor.
+    fn choose(&mut self, eligible: impl Fn(usize, &Target) -> bool) -> Option<usize> {
         let n = self.targets.len();
-        let eligible = |i: usize, s: &Self| (i >= 64 || tried & (1 << i) == 0) && s.is_up(i, now);
-        match self.balance {
-            Balance::RoundRobin => {
-                for k in 0..n {
-                    let i = (self.next + k) % n;
-                    if eligible(i, self) {
-                        self.next = (i + 1) % n;
-                        return Some(i);
-                    }
-                }
-                None
-            }
-            Balance::LeastConn => {
-                let start = self.next;
-                self.next = (self.next + 1) % n.max(1);
-                (0..n)
-                    .map(|k| (start + k) % n)
-                    .filter(|&i| eligible(i, self))
-                    .min_by_key(|&i| self.targets[i].active)
-            }
+        if n == 0 {
+            return None;
+        }
+        let start = self.next % n;
+        let mut order = (0..n)
+            .map(|k| (start + k) % n)
+            .filter(|&i| eligible(i, &self.targets[i]));
+        let i = match self.balance {
+            Balance::RoundRobin => order.next(),
+            // The first of the least loaded, so ties rotate with the cursor.
+            Balance::LeastConn => order.min_by_key(|&i| self.targets[i].active),
+        }?;
+        self.next = (i + 1) % n;
+        Some(i)
+    }
+
+    /// A connection stops using target `id` (closed, or its connect failed).
+    pub fn release(&mut self, id: TargetId) {
+        if let Some(t) = self.get_mut(id) {
+            t.active = t.active.saturating_sub(1);
         }
     }
 
-    /// A connect failed: down for the backoff. Returns true if it was up before.
-    pub fn failed(&mut self, i: usize, now: Instant) -> bool {
-        let Some(t) = self.targets.get_mut(i) else {
-            return false;
-        };
-        let was_up = t.down_until.is_none_or(|d| d <= now);
+    /// A connect to `id` failed: down for the backoff. `Some(true)` if it was up before,
+    /// `None` if a reload removed it.
+    pub fn failed(&mut self, id: TargetId, now: Instant) -> Option<bool> {
+        let t = self.get_mut(id)?;
+        let was_up = t.is_up(now);
         t.backoff = if t.backoff.is_zero() {
             BACKOFF_MIN
         } else {
             (t.backoff * 2).min(BACKOFF_MAX)
         };
         t.down_until = Some(now + t.backoff);
-        was_up
+        Some(was_up)
     }
 
-    /// A connect succeeded: up, backoff cleared. Returns true if it was down before.
-    pub fn succeeded(&mut self, i: usize) -> bool {
-        let Some(t) = self.targets.get_mut(i) else {
-            return false;
-        };
+    /// A connect to `id` succeeded: up, backoff cleared. `Some(true)` if it was marked down
+    /// before, `None` if a reload removed it.
+    pub fn succeeded(&mut self, id: TargetId) -> Option<bool> {
+        let t = self.get_mut(id)?;
         let was_down = t.down_until.is_some();
         t.down_until = None;
         t.backoff = Duration::ZERO;
-        was_down
+        Some(was_down)
     }
 }
 
@@ -144,38 +314,217 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn round_robin_skips_down_and_tried() {
-        let now = Instant::now();
-        let mut u = Upstreams::new(&addrs(3), Balance::RoundRobin);
-        assert_eq!(u.pick(now, 0), Some(0));
-        assert_eq!(u.pick(now, 0), Some(1));
-        u.failed(2, now);
-        assert_eq!(u.pick(now, 0), Some(0));
-        assert_eq!(u.pick(now, 0b001), Some(1));
-        assert_eq!(u.pick(now, 0b011), None);
-        // The backoff ends: the target is eligible again.
-        assert_eq!(u.pick(now + Duration::from_secs(2), 0b011), Some(2));
+    fn addr(i: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 1000 + i))
+    }
+
+    /// The index a fresh connection's first pick lands on (released again at once).
+    fn first_pick(u: &mut Upstreams, now: Instant) -> Option<usize> {
+        let (id, _) = u.pick(now, &mut Tried::default())?;
+        u.release(id);
+        u.index_of(id)
+    }
+
+    fn id(u: &Upstreams, i: usize) -> TargetId {
+        u.targets()[i].id()
     }
 
     #[test]
-    fn least_conn_prefers_idle() {
+    fn round_robin_prefers_up_then_tries_down_then_gives_up() {
+        let now = Instant::now();
+        let mut u = Upstreams::new(&addrs(3), Balance::RoundRobin);
+        assert_eq!(first_pick(&mut u, now), Some(0));
+        assert_eq!(first_pick(&mut u, now), Some(1));
+        u.failed(id(&u, 2), now);
+        // Target 2 is down: skipped while others are up.
+        assert_eq!(first_pick(&mut u, now), Some(0));
+        assert_eq!(first_pick(&mut u, now), Some(1));
+        assert_eq!(first_pick(&mut u, now), Some(0));
+        // One connection: both up ones, then the down one, then nothing.
+        let mut tried = Tried::default();
+        let mut picks = Vec::new();
+        while let Some((id, _)) = u.pick(now, &mut tried) {
+            picks.push(u.index_of(id).unwrap());
+        }
+        assert_eq!(picks, vec![1, 0, 2]);
+        // The backoff ends: up again, in the rotation.
+        let later = now + Duration::from_secs(2);
+        assert!(u.is_up(2, later));
+    }
+
+    #[test]
+    fn all_down_is_round_robin_over_the_down_ones_never_a_refusal() {
+        let now = Instant::now();
+        let mut u = Upstreams::new(&addrs(2), Balance::RoundRobin);
+        for _ in 0..5 {
+            u.failed(id(&u, 0), now);
+            u.failed(id(&u, 1), now);
+        }
+        assert_eq!(u.healthy(now), 0);
+        let picks: Vec<_> = (0..4).map(|_| first_pick(&mut u, now)).collect();
+        assert_eq!(picks, vec![Some(0), Some(1), Some(0), Some(1)]);
+        // One comes back: a connection that tries the dead one first reaches it next.
+        let mut tried = Tried::default();
+        let (a, _) = u.pick(now, &mut tried).unwrap();
+        u.release(a);
+        u.failed(a, now);
+        let (b, _) = u.pick(now, &mut tried).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(u.succeeded(b), Some(true));
+        // ...and from then on it is preferred.
+        assert_eq!(first_pick(&mut u, now), u.index_of(b));
+        assert_eq!(first_pick(&mut u, now), u.index_of(b));
+    }
+
+    #[test]
+    fn single_target_down_is_still_tried() {
+        let now = Instant::now();
+        let mut u = Upstreams::new(&addrs(1), Balance::LeastConn);
+        for _ in 0..10 {
+            u.failed(id(&u, 0), now);
+        }
+        assert_eq!(
+            u.targets()[0].down_until(),
+            Some(now + BACKOFF_MAX),
+            "capped"
+        );
+        let mut tried = Tried::default();
+        assert!(u.pick(now, &mut tried).is_some());
+        assert!(
+            u.pick(now, &mut tried).is_none(),
+            "tried once per generation"
+        );
+    }
+
+    #[test]
+    fn least_conn_prefers_idle_and_up() {
         let now = Instant::now();
         let mut u = Upstreams::new(&addrs(3), Balance::LeastConn);
-        u.targets[0].active = 5;
-        u.targets[1].active = 1;
-        u.targets[2].active = 3;
-        assert_eq!(u.pick(now, 0), Some(1));
+        for (i, n) in [5, 1, 3].into_iter().enumerate() {
+            u.targets[i].active = n;
+        }
+        assert_eq!(first_pick(&mut u, now), Some(1));
+        // Down steers away from the least loaded while another is up.
+        u.failed(id(&u, 1), now);
+        assert_eq!(first_pick(&mut u, now), Some(2));
+        // Ties rotate.
+        let mut u = Upstreams::new(&addrs(2), Balance::LeastConn);
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            let (id, _) = u.pick(now, &mut Tried::default()).unwrap();
+            got.push(u.index_of(id).unwrap());
+        }
+        assert_eq!(got, vec![0, 1, 0, 1]);
+        assert_eq!(u.targets()[0].active(), 2);
     }
 
     #[test]
     fn backoff_doubles_and_clears() {
         let now = Instant::now();
         let mut u = Upstreams::new(&addrs(1), Balance::RoundRobin);
-        assert!(u.failed(0, now));
-        assert!(!u.failed(0, now));
-        assert_eq!(u.targets[0].down_until, Some(now + Duration::from_secs(2)));
-        assert!(u.succeeded(0));
+        let a = id(&u, 0);
+        assert_eq!(u.failed(a, now), Some(true));
+        assert_eq!(u.failed(a, now), Some(false));
+        assert_eq!(
+            u.targets()[0].down_until(),
+            Some(now + Duration::from_secs(2))
+        );
+        assert_eq!(u.succeeded(a), Some(true));
         assert!(u.is_up(0, now));
+        assert_eq!(u.succeeded(a), Some(false));
+    }
+
+    #[test]
+    fn reload_keeps_ids_health_and_counts_of_addresses_that_stay() {
+        let now = Instant::now();
+        let mut u = Upstreams::new(&[addr(0), addr(1)], Balance::RoundRobin);
+        let (dead, b) = (id(&u, 0), id(&u, 1));
+        // A connection in flight to each.
+        let mut t0 = Tried::default();
+        let (p0, _) = u.pick(now, &mut t0).unwrap();
+        let (p1, _) = u.pick(now, &mut Tried::default()).unwrap();
+        assert_eq!((p0, p1), (dead, b));
+        u.failed(b, now);
+        // Reload: the first target removed, a new one appended; the list keeps its length.
+        u.replace(&[addr(1), addr(2)], Balance::LeastConn);
+        assert_eq!(u.index_of(b), Some(0));
+        assert_eq!(u.index_of(dead), None);
+        let c = id(&u, 1);
+        assert!(c != dead && c != b, "ids are never reused");
+        assert_eq!(u.targets()[0].active(), 1, "b's count kept");
+        assert!(!u.is_up(0, now), "b's health kept");
+        // The removed target's connect fails: nothing is charged to anyone.
+        assert_eq!(u.failed(dead, now), None);
+        u.release(dead);
+        assert_eq!(u.targets()[0].active(), 1);
+        assert_eq!(u.targets()[1].active(), 0);
+        assert!(u.is_up(1, now));
+        // Its connection fails over within the new list, as a fresh generation.
+        let (next, a) = u.pick(now, &mut t0).unwrap();
+        assert_eq!((next, a), (c, addr(2)));
+        assert_eq!(u.succeeded(dead), None);
+    }
+
+    #[test]
+    fn reload_shrinking_the_list_never_lands_out_of_bounds() {
+        let now = Instant::now();
+        let mut u = Upstreams::new(&addrs(3), Balance::RoundRobin);
+        let mut tried = Tried::default();
+        let mut ids = Vec::new();
+        while let Some((id, _)) = u.pick(now, &mut tried) {
+            ids.push(id);
+        }
+        u.replace(&[addr(0)], Balance::RoundRobin);
+        for &id in &ids {
+            u.failed(id, now);
+            u.release(id);
+            u.release(id);
+        }
+        assert_eq!(u.targets().len(), 1);
+        assert_eq!(u.targets()[0].active(), 0, "saturates");
+        // Only the kept target (id 0) was charged.
+        assert!(!u.is_up(0, now));
+        // The stale `tried` mask (all three bits) does not hide the new list.
+        assert!(u.pick(now, &mut tried).is_some());
+        assert!(u.pick(now, &mut tried).is_none());
+    }
+
+    #[test]
+    fn attempts_are_bounded_past_64_targets() {
+        let now = Instant::now();
+        let mut u = Upstreams::new(&addrs(70), Balance::RoundRobin);
+        let mut tried = Tried::default();
+        let mut n = 0;
+        while let Some((id, _)) = u.pick(now, &mut tried) {
+            u.release(id);
+            u.failed(id, now);
+            n += 1;
+        }
+        assert_eq!(n, 70);
+    }
+
+    #[test]
+    fn connect_outcomes() {
+        use io::ErrorKind as K;
+        let c = |k: K| ConnectOutcome::classify(Some(&io::Error::from(k)), false);
+        assert_eq!(c(K::ConnectionRefused), ConnectOutcome::Refused);
+        assert_eq!(c(K::TimedOut), ConnectOutcome::TimedOut);
+        assert_eq!(c(K::HostUnreachable), ConnectOutcome::Other);
+        assert_eq!(c(K::NetworkUnreachable), ConnectOutcome::Other);
+        for k in [K::ConnectionReset, K::ConnectionAborted, K::BrokenPipe] {
+            assert_eq!(c(k), ConnectOutcome::ResetAfterConnect);
+            assert!(!c(k).marks_down());
+            assert_eq!(c(k).failure_reason(), None);
+        }
+        let emfile = io::Error::from_raw_os_error(libc::EMFILE);
+        let o = ConnectOutcome::classify(Some(&emfile), false);
+        assert_eq!(o, ConnectOutcome::Exhausted);
+        assert!(!o.marks_down());
+        assert_eq!(
+            ConnectOutcome::classify(Some(&io::Error::from(K::ConnectionReset)), true),
+            ConnectOutcome::TimedOut
+        );
+        assert!(ConnectOutcome::Refused.marks_down());
+        assert_eq!(ConnectOutcome::TimedOut.failure_reason(), Some(1));
     }
 }
