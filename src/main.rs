@@ -32,6 +32,11 @@ Start with `sealpipe demo` to see a pair working on loopback."
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Keep the process dumpable, for debugging. By default sealpipe makes itself
+    /// non-dumpable at start (PR_SET_DUMPABLE 0, core size limit 0): no core file, and no other
+    /// process of the same user can attach a debugger or read its memory, so keys stay inside.
+    #[arg(long, global = true, env = "SEALPIPE_DUMPABLE")]
+    dumpable: bool,
 }
 
 #[derive(Subcommand)]
@@ -211,6 +216,12 @@ fn serve(cfg: Config, handoff: Option<PathBuf>) -> Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !cli.dumpable {
+        // Before any key is read. Failing to protect is worth a line, not a refusal to run.
+        if let Err(e) = sealpipe::sys::protect_process() {
+            eprintln!("sealpipe: warning: cannot make the process non-dumpable: {e}");
+        }
+    }
     let result: std::result::Result<(), UsageError> = (|| match cli.cmd {
         Cmd::Encrypt(a) => {
             let h = a.common.handoff.handoff.clone();

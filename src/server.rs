@@ -21,7 +21,7 @@
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -917,8 +917,11 @@ impl HandoffServer {
                 format!("unexpected request {hello:?}"),
             ));
         };
-        let raw: Vec<_> = self.fds.iter().map(|f| f.as_raw_fd()).collect();
-        crate::sys::send_fds(conn, self.header.as_bytes(), &raw)?;
+        crate::sys::send_fds(
+            conn,
+            self.header.as_bytes(),
+            &crate::sys::borrow_all(&self.fds),
+        )?;
         let reply = read_line(conn)?;
         if reply == "OK" {
             Ok(who.trim().to_string())
