@@ -147,9 +147,9 @@ pub fn peer_uid(sock: &UnixStream) -> io::Result<u32> {
     Ok(sockopt::socket_peercred(sock)?.uid.as_raw())
 }
 
-/// This process's real uid.
-pub fn uid() -> u32 {
-    rustix::process::getuid().as_raw()
+/// This process's effective uid (what SO_PEERCRED reports for it to a peer).
+pub fn euid() -> u32 {
+    rustix::process::geteuid().as_raw()
 }
 
 /// Why a descriptor received in a handoff is not the listener the configuration expects.
@@ -228,7 +228,7 @@ mod tests {
         let (n, fds) = recv_fds(&b, &mut buf).unwrap();
         assert_eq!((&buf[..n], fds.len()), (&b"hello"[..], 1));
         assert_eq!(check_tcp_listener(fds[0].as_fd(), addr).unwrap(), addr);
-        assert_eq!(peer_uid(&b).unwrap(), uid());
+        assert_eq!(peer_uid(&b).unwrap(), euid());
     }
 
     #[test]
