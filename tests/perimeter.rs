@@ -3,12 +3,13 @@
 //! limits, the handoff's checks on its peer and on the descriptors it receives, and the
 //! process's protection against dumps.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::time::Duration;
 
 use sealpipe::config::{Config, Mode};
 use sealpipe::server;
@@ -242,4 +243,206 @@ fn handoff_holder_refuses_a_successor_of_another_user() {
     // The holder still serves: it did not hand over, so it neither drained nor exited.
     assert!(holder.0.try_wait().unwrap().is_none(), "the holder exited");
     TcpStream::connect(listen).expect("the holder still accepts");
+}
+
+// ---- the metrics endpoint -----------------------------------------------------------------
+
+/// `GET path` on a fresh connection; returns the status line and the body.
+fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(String, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text.lines().next().unwrap_or("").to_string();
+    let body = text.split_once("\r\n\r\n").map_or("", |x| x.1).to_string();
+    Ok((status, body))
+}
+
+/// Whether the server closed `s` (EOF or reset); `WouldBlock` means still open.
+fn closed_by_server(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    match s.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    }
+}
+
+#[test]
+fn idle_metrics_connections_are_capped_and_closed_and_scrapes_still_work() {
+    let metrics = sealpipe::metrics::Metrics::new(1, 1);
+    let limits = sealpipe::metrics::http::EndpointLimits {
+        header_timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let addr = sealpipe::metrics::http::serve_with(
+        sealpipe::metrics::http::bind("127.0.0.1:0".parse().unwrap()).unwrap(),
+        metrics.clone(),
+        limits,
+    )
+    .unwrap();
+    let open = || {
+        let text = String::from_utf8(metrics.render()).unwrap();
+        assert!(
+            text.contains("\nsealpipe_metrics_endpoint_connections "),
+            "{text}"
+        );
+        metric_in(&text, "sealpipe_metrics_endpoint_connections", &[])
+    };
+    let mut idle = Vec::new();
+    let mut most = 0.0f64;
+    for i in 0..1000 {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_nonblocking(true).unwrap();
+        idle.push(s);
+        most = most.max(open());
+        if i % 100 == 50 {
+            // A scraper gets its answer in the middle of the flood.
+            let (status, body) = http_get(addr, "/metrics").unwrap();
+            assert!(status.contains("200"), "{status}");
+            assert!(body.contains("sealpipe_metrics_endpoint_connections"));
+        }
+    }
+    assert!(most <= 64.0, "the endpoint held {most} connections at once");
+    wait_until("every idle connection closed by the endpoint", || {
+        idle.retain_mut(|s| !closed_by_server(s));
+        idle.is_empty()
+    });
+    wait_until("the endpoint holds no connection", || open() == 0.0);
+    let text = String::from_utf8(metrics.render()).unwrap();
+    let closed = |r: &str| {
+        metric_in(
+            &text,
+            "sealpipe_metrics_endpoint_closed_total",
+            &[("reason", r)],
+        )
+    };
+    assert!(closed("evicted") >= 900.0, "{text}");
+    assert!(closed("header_timeout") >= 1.0, "{text}");
+    assert_eq!(closed("fd_reserve"), 0.0);
+}
+
+/// Descriptors process `pid` has open.
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// CPU clock ticks (user + system) the thread of process `pid` named `name` has used.
+fn thread_ticks(pid: u32, name: &str) -> u64 {
+    for e in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = e.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+        // Fields after the parenthesised name: state is field 3, utime 14, stime 15.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        return f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    }
+    panic!("no thread {name:?} in process {pid}");
+}
+
+#[test]
+fn the_metrics_endpoint_keeps_the_descriptor_reserve_and_does_not_spin_when_out_of_them() {
+    const LIMIT: usize = 256;
+    // The endpoint's default reserve: an eighth of the limit, at least 16.
+    const RESERVE: usize = LIMIT / 8;
+    let echo = echo_backend();
+    let key = keygen("fdres");
+    let (listen, maddr) = (free_addr(), free_addr());
+    // A decrypt side: each connection that never sends a hello holds exactly one descriptor
+    // until the (long) handshake timeout, so the process can be filled to its limit.
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", &format!("ulimit -n {LIMIT} && exec \"$0\" \"$@\"")])
+        .arg(env!("CARGO_BIN_EXE_sealpipe"))
+        .args(["--dumpable", "decrypt", "--threads", "1", "--listen"])
+        .arg(listen.to_string())
+        .arg("--target")
+        .arg(echo.addr.to_string())
+        .arg("--key")
+        .arg(&key)
+        .args(["--handshake-timeout", "120", "--metrics"])
+        .arg(maddr.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let child = Proc(cmd.spawn().unwrap());
+    let pid = child.0.id();
+    wait_listening(listen);
+    wait_listening(maddr);
+    let (entry, _enc) = start(tunnel(Mode::Encrypt, &[listen], &[key]), limits());
+
+    // Silent peers take descriptors up to a few short of the reserve.
+    let mut silent = Vec::new();
+    while fd_count(pid) + 4 < LIMIT - RESERVE {
+        let before = fd_count(pid);
+        silent.push(connect(listen));
+        wait_until("a silent connection's descriptor", || {
+            fd_count(pid) > before
+        });
+    }
+    // Idle scrapers may take what is left above the reserve, never the reserve itself.
+    let mut idle = Vec::new();
+    let mut most = 0;
+    for _ in 0..100 {
+        idle.push(TcpStream::connect(maddr).unwrap());
+        most = most.max(fd_count(pid));
+    }
+    assert!(
+        most <= LIMIT - RESERVE + 1,
+        "the metrics endpoint took the data path's reserve: {most} descriptors open (limit {LIMIT}, reserve {RESERVE})"
+    );
+    // ...which is there for the data path: a proxied connection still works end to end.
+    round_trip(entry, 7, 1000);
+
+    // Now silent peers take every descriptor, with scrapers queued.
+    for _ in 0..RESERVE + 8 {
+        silent.push(connect(listen));
+    }
+    wait_until("the process at its descriptor limit", || {
+        fd_count(pid) >= LIMIT
+    });
+    for _ in 0..20 {
+        idle.push(TcpStream::connect(maddr).unwrap());
+    }
+    // A measurement window, not a synchronisation: the thread's CPU ticks over 2 s.
+    let t0 = thread_ticks(pid, "sealpipe-metric");
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = thread_ticks(pid, "sealpipe-metric") - t0;
+    assert!(
+        spent <= 2,
+        "the metrics thread used {spent} ticks in 2 s with no descriptors left (a spinning accept loop)"
+    );
+
+    // Descriptors come back: scrapes work again.
+    drop(silent);
+    drop(idle);
+    let mut text = String::new();
+    wait_until(
+        "a scrape answered after the exhaustion",
+        || match http_get(maddr, "/metrics") {
+            Ok((status, body)) if status.contains("200") => {
+                text = body;
+                true
+            }
+            _ => false,
+        },
+    );
+    let closed = |r: &str| {
+        metric_in(
+            &text,
+            "sealpipe_metrics_endpoint_closed_total",
+            &[("reason", r)],
+        )
+    };
+    assert!(
+        text.contains("sealpipe_metrics_endpoint_closed_total{reason=\"accept_error\"}"),
+        "{text}"
+    );
+    assert!(closed("fd_reserve") >= 1.0, "{text}");
+    assert!(closed("accept_error") >= 1.0, "{text}");
 }
