@@ -310,7 +310,8 @@ pub fn start_with(
             .enumerate()
             .map(|(ti, t)| TunnelRt::new(ti, Arc::new(t.clone()), keys[ti].clone(), &metrics, i))
             .collect();
-        let state = ShardState::new(i, tunnels, metrics.clone(), conn_limit);
+        let mut state = ShardState::new(i, tunnels, metrics.clone(), conn_limit);
+        state.admission = crate::proxy::listener::Admission::new(&cfg.admission, nshards);
         let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
         let running = running.clone();
         // The loop is built on its own thread (handlers are !Send); it hands back its Handle.

@@ -446,3 +446,160 @@ fn the_metrics_endpoint_keeps_the_descriptor_reserve_and_does_not_spin_when_out_
     assert!(closed("fd_reserve") >= 1.0, "{text}");
     assert!(closed("accept_error") >= 1.0, "{text}");
 }
+
+// ---- pre-authentication cost and admission ------------------------------------------------
+
+/// A TCP connection to `to` from the loopback address `from` (127.0.0.0/8 is all ours).
+fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let src: SocketAddr = format!("{from}:0").parse().unwrap();
+    s.bind(&src.into()).unwrap();
+    s.connect(&to.into()).unwrap();
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s
+}
+
+/// Whether the server ended `s` (EOF or reset) — blocks up to the read timeout.
+fn refused(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    match s.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+fn decrypt_with(limits: sealpipe::config::Limits) -> (SocketAddr, server::Running, PathBuf, Echo) {
+    let echo = echo_backend();
+    let key = keygen("admission");
+    let (addr, r) = start(
+        tunnel(Mode::Decrypt, &[echo.addr], std::slice::from_ref(&key)),
+        limits,
+    );
+    (addr, r, key, echo)
+}
+
+fn rejected(r: &server::Running, reason: &str) -> f64 {
+    metric(
+        r,
+        "sealpipe_connections_rejected_total",
+        &[("reason", reason)],
+    )
+}
+
+#[test]
+fn half_open_connections_stage_their_bytes_in_small_buffers_not_chunks() {
+    use sealpipe::protocol::handshake::{VERSION, hello_i_len};
+    let (addr, r, _key, _echo) = decrypt_with(sealpipe::config::Limits {
+        threads: 1,
+        max_handshakes_per_source: 10_000,
+        new_conns_per_source: 0.0,
+        handshake_timeout: 60.0,
+        ..limits()
+    });
+    // Three kinds of half-open peers, 100 each: one byte, a hello's first two, a hello one
+    // byte short. None of them can complete, none is refused: each waits for more.
+    let partial = {
+        let mut h = vec![0u8; hello_i_len(true) - 1];
+        h[0] = VERSION;
+        h[1] = 1; // forward secrecy
+        h
+    };
+    let sends: [&[u8]; 3] = [&[VERSION], &[VERSION, 1], &partial];
+    let mut conns = Vec::new();
+    let mut total = 0;
+    for i in 0..300 {
+        let mut s = connect(addr);
+        let bytes = sends[i % 3];
+        s.write_all(bytes).unwrap();
+        total += bytes.len();
+        conns.push(s);
+    }
+    wait_until("the decrypt side read every staged byte", || {
+        metric(
+            &r,
+            "sealpipe_bytes_total",
+            &[("direction", "upstream"), ("layer", "sealed")],
+        ) >= total as f64
+    });
+    // The pool gauge is refreshed in the same housekeeping pass as the byte counters.
+    let live = pool_live(&r);
+    assert!(
+        live < 8.0 * 32768.0,
+        "300 half-open connections hold {live} bytes of pooled chunks"
+    );
+    assert_eq!(metric(&r, "sealpipe_connections_active", &[]), 300.0);
+}
+
+#[test]
+fn admission_caps_refuse_unauthenticated_floods_and_still_serve_a_real_client() {
+    let (addr, r, key, _echo) = decrypt_with(sealpipe::config::Limits {
+        threads: 1,
+        max_handshakes: 8,
+        max_handshakes_per_source: 5,
+        new_conns_per_source: 0.0,
+        handshake_timeout: 60.0,
+        ..limits()
+    });
+    // One source may hold 5 connections in their handshake; the 6th is reset at once.
+    let mut held: Vec<TcpStream> = (0..5).map(|_| connect_from("127.0.0.2", addr)).collect();
+    wait_until("five handshakes admitted", || {
+        metric(&r, "sealpipe_connections_active", &[]) == 5.0
+    });
+    let mut over = connect_from("127.0.0.2", addr);
+    assert!(
+        refused(&mut over),
+        "the 6th connection of one source is refused"
+    );
+    assert_eq!(rejected(&r, "per_source_handshakes"), 1.0);
+
+    // A real client, through an encrypt side on 127.0.0.1, is served meanwhile.
+    let (entry, _enc) = start(tunnel(Mode::Encrypt, &[addr], &[key]), limits());
+    round_trip(entry, 1, 64 * 1024);
+
+    // The shard's cap: 5 + 3 from another source fill it; the next is refused, whoever sends.
+    held.extend((0..3).map(|_| connect_from("127.0.0.3", addr)));
+    wait_until("eight handshakes admitted", || {
+        metric(&r, "sealpipe_connections_active", &[]) == 8.0
+    });
+    let mut full = connect_from("127.0.0.4", addr);
+    assert!(
+        refused(&mut full),
+        "a connection over max_handshakes is refused"
+    );
+    assert_eq!(rejected(&r, "max_handshakes"), 1.0);
+    // Handshakes that end give their slots back: the real client gets in again.
+    drop(held);
+    wait_until("the silent connections closed", || {
+        metric(&r, "sealpipe_connections_active", &[]) == 0.0
+    });
+    round_trip(entry, 2, 64 * 1024);
+}
+
+#[test]
+fn a_source_over_its_connection_rate_is_refused_and_others_are_not() {
+    let (addr, r, key, _echo) = decrypt_with(sealpipe::config::Limits {
+        threads: 1,
+        new_conns_per_source: 1.0,
+        new_conns_per_source_burst: 3,
+        handshake_timeout: 60.0,
+        ..limits()
+    });
+    let _burst: Vec<TcpStream> = (0..3).map(|_| connect_from("127.0.0.5", addr)).collect();
+    wait_until("the burst admitted", || {
+        metric(&r, "sealpipe_connections_active", &[]) == 3.0
+    });
+    let mut over = connect_from("127.0.0.5", addr);
+    assert!(
+        refused(&mut over),
+        "a 4th connection within the second is refused"
+    );
+    assert!(rejected(&r, "per_source_rate") >= 1.0);
+    let (entry, _enc) = start(tunnel(Mode::Encrypt, &[addr], &[key]), limits());
+    round_trip(entry, 3, 64 * 1024);
+    assert_eq!(rejected(&r, "per_source_handshakes"), 0.0);
+}

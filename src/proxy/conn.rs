@@ -31,6 +31,7 @@ use crate::reactor::{
 };
 
 use super::codec::{Role, SealFilter, protocol_error};
+use super::listener::Ticket;
 use super::{OUTPUT_HIGH, OUTPUT_LOW, READ_HIGH, ShardState, TunnelRt};
 
 const CLIENT: u8 = 0;
@@ -120,6 +121,8 @@ pub struct Conn<C: Layer, U: Layer> {
     upstream_eof: bool,
     counted: [u64; 4],
     closed: Option<CloseReason>,
+    /// Admission's hold on a pre-authentication slot, until the handshake completes.
+    ticket: Option<Ticket>,
 }
 
 impl<C: Layer, U: Layer> Conn<C, U> {
@@ -149,6 +152,19 @@ impl<C: Layer, U: Layer> Conn<C, U> {
             upstream_eof: false,
             counted: [0; 4],
             closed: None,
+            ticket: None,
+        }
+    }
+
+    /// Holds an admission ticket (see `listener::Admission`) until the handshake completes.
+    pub fn with_ticket(mut self, ticket: Option<Ticket>) -> Self {
+        self.ticket = ticket;
+        self
+    }
+
+    fn release_ticket(&mut self, cx: &mut Context<'_, ShardState>) {
+        if let Some(t) = self.ticket.take() {
+            cx.state.admission.release(t);
         }
     }
 
@@ -506,6 +522,7 @@ impl<C: Layer, U: Layer> Conn<C, U> {
             return;
         }
         self.handshake_done = true;
+        self.release_ticket(cx);
         if let Some(k) = self.handshake_timer.take() {
             cx.cancel_timer(k);
         }
@@ -670,6 +687,7 @@ impl<C: Layer, U: Layer> Handler<ShardState> for Conn<C, U> {
     }
 
     fn on_close(&mut self, cx: &mut Context<'_, ShardState>) {
+        self.release_ticket(cx);
         self.account(cx);
         let reason = self.closed.unwrap_or(CloseReason::DrainDeadline);
         for k in [self.idle_timer.take(), self.handshake_timer.take()]
