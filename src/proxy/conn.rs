@@ -105,7 +105,9 @@ impl Layer for SealFilter {
 pub struct Conn<C: Layer, U: Layer> {
     tunnel: usize,
     client: BufferEvent<C>,
-    upstream: Option<BufferEvent<U>>,
+    /// Boxed: a decrypt-side connection has none until its handshake verifies, and an inline
+    /// `None` would still cost every unauthenticated connection a BufferEvent's size.
+    upstream: Option<Box<BufferEvent<U>>>,
     /// Index of the target in use, and the targets already tried (bitmask).
     target: Option<usize>,
     tried: u64,
@@ -200,7 +202,7 @@ impl<C: Layer, U: Layer> Conn<C, U> {
         if let Err(e) = up.register(cx) {
             tracing::debug!(error = %e, "cannot register upstream socket");
         }
-        self.upstream = Some(up);
+        self.upstream = Some(Box::new(up));
     }
 
     /// The current upstream failed to connect: count it, mark it down, try the next one.
