@@ -64,7 +64,7 @@ fi
 if [ -f "$main" ]; then
   for want in '^DynamicUser=yes$' '^NoNewPrivileges=yes$' '^ProtectSystem=strict$' '^ProtectHome=yes$' \
               '^PrivateTmp=yes$' '^CapabilityBoundingSet=$' '^RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX$' \
-              '^SystemCallFilter=@system-service$' '^ExecReload=/bin/kill -HUP \$MAINPID$' '^Restart=on-failure$'; do
+              '^SystemCallFilter=@system-service$' '^ExecReload=/bin/kill -HUP \$MAINPID$' '^Restart=on-failure$' '^LimitCORE=0$'; do
     grep -qE "$want" "$main" || { echo "validate-systemd: FAIL $main lacks /$want/"; fail=1; }
   done
   stop=$(sed -n 's/^TimeoutStopSec=\([0-9]*\)$/\1/p' "$main")

@@ -128,6 +128,81 @@ pub struct Limits {
     pub half_closed_timeout: f64,
     #[serde(default = "d_drain")]
     pub drain_timeout: f64,
+    // -- pre-authentication admission (decrypt listeners; see proxy::listener) --
+    /// Connections still in their handshake, per process (split evenly across shards).
+    #[serde(default = "d_max_handshakes")]
+    pub max_handshakes: usize,
+    /// Connections in their handshake from one source address (IPv6: one /64), per shard.
+    #[serde(default = "d_per_source")]
+    pub max_handshakes_per_source: usize,
+    /// New connections per second from one source address, per shard (a token bucket);
+    /// 0 = no limit.
+    #[serde(default = "d_source_rate")]
+    pub new_conns_per_source: f64,
+    /// The bucket's size: how many new connections one source may open at once.
+    #[serde(default = "d_source_burst")]
+    pub new_conns_per_source_burst: usize,
+}
+
+fn d_max_handshakes() -> usize {
+    10_000
+}
+fn d_per_source() -> usize {
+    2048
+}
+fn d_source_rate() -> f64 {
+    2000.0
+}
+fn d_source_burst() -> usize {
+    4000
+}
+
+/// Validated pre-authentication admission limits (the `[limits]` keys above).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Admission {
+    pub max_handshakes: usize,
+    pub max_handshakes_per_source: usize,
+    /// Per second; 0 = no limit.
+    pub new_conns_per_source: f64,
+    pub new_conns_per_source_burst: usize,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Admission {
+            max_handshakes: d_max_handshakes(),
+            max_handshakes_per_source: d_per_source(),
+            new_conns_per_source: d_source_rate(),
+            new_conns_per_source_burst: d_source_burst(),
+        }
+    }
+}
+
+impl Limits {
+    fn admission(&self) -> Result<Admission, ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(format!("[limits] {m}")));
+        if self.max_handshakes == 0 {
+            return bad("max_handshakes must be > 0");
+        }
+        if self.max_handshakes_per_source == 0 {
+            return bad("max_handshakes_per_source must be > 0");
+        }
+        let r = self.new_conns_per_source;
+        if !r.is_finite() || !(0.0..=1e9).contains(&r) {
+            return bad(&format!(
+                "new_conns_per_source must be between 0 (no limit) and 1e9 per second, got {r}"
+            ));
+        }
+        if r > 0.0 && self.new_conns_per_source_burst == 0 {
+            return bad("new_conns_per_source_burst must be > 0 when new_conns_per_source is set");
+        }
+        Ok(Admission {
+            max_handshakes: self.max_handshakes,
+            max_handshakes_per_source: self.max_handshakes_per_source,
+            new_conns_per_source: r,
+            new_conns_per_source_burst: self.new_conns_per_source_burst,
+        })
+    }
 }
 
 fn d_max_conns() -> usize {
@@ -137,7 +212,7 @@ fn d_connect() -> f64 {
     5.0
 }
 fn d_handshake() -> f64 {
-    10.0
+    5.0
 }
 fn d_idle() -> f64 {
     300.0
@@ -159,6 +234,10 @@ impl Default for Limits {
             idle_timeout: d_idle(),
             half_closed_timeout: d_half(),
             drain_timeout: d_drain(),
+            max_handshakes: d_max_handshakes(),
+            max_handshakes_per_source: d_per_source(),
+            new_conns_per_source: d_source_rate(),
+            new_conns_per_source_burst: d_source_burst(),
         }
     }
 }
@@ -254,6 +333,7 @@ pub struct Config {
     pub threads: usize,
     pub max_conns: usize,
     pub drain_timeout: Duration,
+    pub admission: Admission,
     pub tunnels: Vec<Tunnel>,
     /// The file it came from (reloads read it again).
     pub path: Option<PathBuf>,
@@ -306,6 +386,7 @@ impl ConfigFile {
         let idle = seconds(g, "idle_timeout", l.idle_timeout)?;
         let half = seconds(g, "half_closed_timeout", l.half_closed_timeout)?;
         let drain = seconds(g, "drain_timeout", l.drain_timeout)?;
+        let admission = l.admission()?;
         if l.max_conns == 0 {
             return Err(ConfigError::Invalid(
                 "[limits] max_conns must be > 0".into(),
@@ -420,6 +501,7 @@ impl ConfigFile {
             threads: self.limits.threads,
             max_conns: self.limits.max_conns,
             drain_timeout: drain,
+            admission,
             tunnels,
             path,
         })
@@ -503,6 +585,30 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("no keys"), "{e}");
+    }
+
+    #[test]
+    fn admission_limits_are_checked_and_named() {
+        let t = "[[tunnel]]\nmode = \"forward\"\nlisten = \"127.0.0.1:1\"\ntargets = [\"127.0.0.1:2\"]\n";
+        let c = parse(t).unwrap();
+        assert_eq!(c.admission.max_handshakes_per_source, 2048);
+        assert_eq!(c.tunnels[0].handshake_timeout, Duration::from_secs(5));
+        for (bad, name) in [
+            ("max_handshakes = 0", "max_handshakes"),
+            ("max_handshakes_per_source = 0", "max_handshakes_per_source"),
+            ("new_conns_per_source = -1.0", "new_conns_per_source"),
+            (
+                "new_conns_per_source = 10.0\nnew_conns_per_source_burst = 0",
+                "burst",
+            ),
+        ] {
+            let e = parse(&format!("[limits]\n{bad}\n{t}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(name), "{bad}: {e}");
+        }
+        let c = parse(&format!("[limits]\nnew_conns_per_source = 0\n{t}")).unwrap();
+        assert_eq!(c.admission.new_conns_per_source, 0.0);
     }
 
     #[test]

@@ -32,6 +32,11 @@ Start with `sealpipe demo` to see a pair working on loopback."
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Keep the process dumpable, for debugging. By default sealpipe makes itself
+    /// non-dumpable at start (PR_SET_DUMPABLE 0, core size limit 0): no core file, and no other
+    /// process of the same user can attach a debugger or read its memory, so keys stay inside.
+    #[arg(long, global = true, env = "SEALPIPE_DUMPABLE")]
+    dumpable: bool,
 }
 
 #[derive(Subcommand)]
@@ -113,8 +118,24 @@ struct CommonArgs {
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
     connect_timeout: f64,
     /// Close a connection whose tunnel handshake has not completed after this long.
-    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
     handshake_timeout: f64,
+    /// Decrypt side: most connections still in their handshake (per process, split across
+    /// shards); more are closed at once. Peers that have proved nothing cannot take more.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    max_handshakes: usize,
+    /// Decrypt side: most connections in their handshake from one source address (an IPv6
+    /// source counts by its /64), per shard.
+    #[arg(long, value_name = "N", default_value_t = 2048)]
+    max_handshakes_per_source: usize,
+    /// Decrypt side: new connections per second from one source address, per shard (token
+    /// bucket; 0 = no limit). An encrypt side fronting many clients is one source: size it so.
+    #[arg(long, value_name = "RATE", default_value_t = 2000.0)]
+    new_conns_per_source: f64,
+    /// Decrypt side: how many new connections one source may open at once before the rate
+    /// applies.
+    #[arg(long, value_name = "N", default_value_t = 4000)]
+    new_conns_per_source_burst: usize,
     /// Close a connection with no traffic for this long.
     #[arg(long, value_name = "SECS", default_value_t = 300.0)]
     idle_timeout: f64,
@@ -186,6 +207,10 @@ fn tunnel_config(mode: Mode, a: TunnelArgs) -> std::result::Result<Config, Usage
             idle_timeout: c.idle_timeout,
             half_closed_timeout: c.half_closed_timeout,
             drain_timeout: c.drain_timeout,
+            max_handshakes: c.max_handshakes,
+            max_handshakes_per_source: c.max_handshakes_per_source,
+            new_conns_per_source: c.new_conns_per_source,
+            new_conns_per_source_burst: c.new_conns_per_source_burst,
         },
         tunnel: vec![TunnelFile {
             balance: c.balance,
@@ -211,6 +236,12 @@ fn serve(cfg: Config, handoff: Option<PathBuf>) -> Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !cli.dumpable {
+        // Before any key is read. Failing to protect is worth a line, not a refusal to run.
+        if let Err(e) = sealpipe::sys::protect_process() {
+            eprintln!("sealpipe: warning: cannot make the process non-dumpable: {e}");
+        }
+    }
     let result: std::result::Result<(), UsageError> = (|| match cli.cmd {
         Cmd::Encrypt(a) => {
             let h = a.common.handoff.handoff.clone();

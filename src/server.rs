@@ -21,7 +21,7 @@
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -310,7 +310,8 @@ pub fn start_with(
             .enumerate()
             .map(|(ti, t)| TunnelRt::new(ti, Arc::new(t.clone()), keys[ti].clone(), &metrics, i))
             .collect();
-        let state = ShardState::new(i, tunnels, metrics.clone(), conn_limit);
+        let mut state = ShardState::new(i, tunnels, metrics.clone(), conn_limit);
+        state.admission = crate::proxy::listener::Admission::new(&cfg.admission, nshards);
         let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
         let running = running.clone();
         // The loop is built on its own thread (handlers are !Send); it hands back its Handle.
@@ -631,6 +632,9 @@ impl Running {
 //   successor -> holder:  "OK\n" once its shards accept on them (or "NO reason\n").
 // On OK the holder closes its copies (the kernel accept queues live on in the successor's)
 // and drains. Without OK (EOF, timeout, NO) the holder keeps serving as if nothing happened.
+// Trust: each end checks the other's uid (SO_PEERCRED) equals its own, and the successor asks
+// the kernel what each descriptor is (a listening TCP socket bound to the address its own
+// config names: SO_TYPE, SO_DOMAIN, SO_ACCEPTCONN, getsockname); the header is only a claim.
 // ---------------------------------------------------------------------------------------------
 
 const HANDOFF_MAGIC: &str = "sealpipe-handoff 1";
@@ -722,6 +726,17 @@ fn take_listeners(path: &Path, cfg: &Config) -> Result<Option<Inherited>, Server
         Err(e) => return Err(handoff_err(path, e)),
     };
     let io = |e: std::io::Error| handoff_err(path, e);
+    // Descriptors are accepted only from our own user: anyone else listening at PATH (a
+    // stale path in a shared directory, say) must not choose the sockets we serve on.
+    let (theirs, ours) = (crate::sys::peer_uid(&conn).map_err(io)?, crate::sys::euid());
+    if theirs != ours {
+        return Err(handoff_err(
+            path,
+            format!(
+                "the process listening there runs as uid {theirs}, this one as uid {ours}: refusing its descriptors (a handoff is only between processes of the same user)"
+            ),
+        ));
+    }
     conn.set_read_timeout(Some(HANDOFF_TIMEOUT)).map_err(io)?;
     conn.set_write_timeout(Some(HANDOFF_TIMEOUT)).map_err(io)?;
     conn.write_all(format!("{HANDOFF_MAGIC} take pid={}\n", std::process::id()).as_bytes())
@@ -810,20 +825,34 @@ fn parse_and_match(header: &str, fds: Vec<OwnedFd>, cfg: &Config) -> Result<Take
             tunnels, ours
         ));
     }
+    // The header only says what the sender claims: each descriptor itself must be a
+    // listening TCP socket bound where our configuration listens (the kernel says so), or we
+    // would serve a tunnel on whatever socket a confused or hostile holder passed.
     let mut fds = fds.into_iter();
     let mut out = Vec::with_capacity(tunnels.len());
-    for _ in &tunnels {
-        let ls: Vec<std::net::TcpListener> = fds
-            .by_ref()
-            .take(shards)
-            .map(std::net::TcpListener::from)
-            .collect();
+    for t in &cfg.tunnels {
+        let mut want = t.listen;
+        let mut ls = Vec::with_capacity(shards);
+        for (shard, fd) in fds.by_ref().take(shards).enumerate() {
+            // A configured port of 0 is resolved by the first listener; the others share it.
+            want = crate::sys::check_tcp_listener(fd.as_fd(), want).map_err(|e| {
+                format!(
+                    "descriptor for tunnel {:?} (shard {shard}, configured {}): {e}",
+                    t.name, t.listen
+                )
+            })?;
+            ls.push(std::net::TcpListener::from(fd));
+        }
         out.push(ls);
     }
-    let m = fds.next().map(std::net::TcpListener::from);
+    let m = fds.next();
     // The metrics socket is reused only if we serve metrics on the same address.
     let m = match (m, metrics, cfg.metrics) {
-        (Some(l), Some(theirs), Some(mine)) if addr_matches(mine, theirs) => Some(l),
+        (Some(fd), Some(theirs), Some(mine)) if addr_matches(mine, theirs) => {
+            crate::sys::check_tcp_listener(fd.as_fd(), mine)
+                .map_err(|e| format!("descriptor for the metrics endpoint ({mine}): {e}"))?;
+            Some(std::net::TcpListener::from(fd))
+        }
         _ => None,
     };
     Ok((shards, out, m))
@@ -907,6 +936,17 @@ impl HandoffServer {
     }
 
     fn answer(&self, conn: &mut UnixStream) -> std::io::Result<String> {
+        // The socket's mode (0600) already keeps other users out; this holds even if the path
+        // or its directory were opened up by mistake.
+        let (theirs, ours) = (crate::sys::peer_uid(conn)?, crate::sys::euid());
+        if theirs != ours {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "refused a successor running as uid {theirs} (this process runs as uid {ours})"
+                ),
+            ));
+        }
         conn.set_nonblocking(false)?;
         conn.set_read_timeout(Some(HANDOFF_TIMEOUT))?;
         conn.set_write_timeout(Some(HANDOFF_TIMEOUT))?;
@@ -917,8 +957,11 @@ impl HandoffServer {
                 format!("unexpected request {hello:?}"),
             ));
         };
-        let raw: Vec<_> = self.fds.iter().map(|f| f.as_raw_fd()).collect();
-        crate::sys::send_fds(conn, self.header.as_bytes(), &raw)?;
+        crate::sys::send_fds(
+            conn,
+            self.header.as_bytes(),
+            &crate::sys::borrow_all(&self.fds),
+        )?;
         let reply = read_line(conn)?;
         if reply == "OK" {
             Ok(who.trim().to_string())

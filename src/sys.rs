@@ -1,33 +1,73 @@
-//! The one module allowed `unsafe`: what std and socket2 lack — process resource limits, and
-//! passing descriptors over a Unix socket (SCM_RIGHTS) for the listener handoff.
+//! What std and socket2 lack, through rustix's safe wrappers: process resource limits, the
+//! process's protection against dumps and tracing, passing descriptors over a Unix socket
+//! (SCM_RIGHTS) for the listener handoff, and the checks a received descriptor must pass.
 //!
-//! Every `unsafe` block states why it is sound in a `// SAFETY:` line. Received descriptors
-//! become `OwnedFd`s at once, so none leaks and none is closed twice.
-#![allow(unsafe_code)]
+//! Invariants:
+//! - Received descriptors become `OwnedFd`s inside rustix at once, so none leaks and none is
+//!   closed twice; a message whose descriptors were truncated is refused (and those that did
+//!   arrive are closed).
+//! - The one `unsafe` left in the crate is [`trim_heap`]: glibc's `malloc_trim` belongs to the
+//!   C library's allocator, which rustix does not wrap (it talks to the kernel, not to libc's
+//!   heap). It is allowed on that function alone, with its `// SAFETY:` line.
 
-use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+
+use rustix::io::Errno;
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
+    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketType, sockopt,
+};
+use rustix::process::{DumpableBehavior, Resource, Rlimit};
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit; returns (old soft, new soft).
 pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(io::Error::last_os_error());
+    let lim = rustix::process::getrlimit(Resource::Nofile);
+    // `None` is RLIM_INFINITY.
+    let old = lim.current.unwrap_or(u64::MAX);
+    let max = lim.maximum.unwrap_or(u64::MAX);
+    if old < max {
+        rustix::process::setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: lim.maximum,
+                maximum: lim.maximum,
+            },
+        )?;
     }
-    let old = lim.rlim_cur;
-    if lim.rlim_cur < lim.rlim_max {
-        lim.rlim_cur = lim.rlim_max;
-        // SAFETY: `lim` is a valid rlimit; setrlimit only reads it.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok((old, lim.rlim_cur))
+    Ok((old, max.max(old)))
+}
+
+/// The soft RLIMIT_NOFILE now (`u64::MAX` when unlimited).
+pub fn nofile_limit() -> u64 {
+    rustix::process::getrlimit(Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX)
+}
+
+/// Makes this process refuse to be dumped or traced by others: `PR_SET_DUMPABLE` 0 (no core
+/// file, no ptrace attach and no `/proc/PID/mem` for other processes of the same user, the
+/// process's `/proc` files owned by root) and a soft core size limit of 0. Called once at
+/// start, before any key is read; `sealpipe --dumpable` skips it for debugging.
+pub fn protect_process() -> io::Result<()> {
+    rustix::process::set_dumpable_behavior(DumpableBehavior::NotDumpable)?;
+    let core = rustix::process::getrlimit(Resource::Core);
+    rustix::process::setrlimit(
+        Resource::Core,
+        Rlimit {
+            current: Some(0),
+            maximum: core.maximum,
+        },
+    )?;
+    Ok(())
+}
+
+/// Whether this process is dumpable now (see [`protect_process`]).
+pub fn is_dumpable() -> io::Result<bool> {
+    Ok(rustix::process::dumpable_behavior()? != DumpableBehavior::NotDumpable)
 }
 
 /// Most descriptors one [`send_fds`] message carries (the handoff sends one per tunnel per
@@ -35,61 +75,35 @@ pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
 pub const MAX_FDS: usize = 253;
 
 /// Sends `data` and, as SCM_RIGHTS ancillary data, duplicates of `fds` over a Unix stream
-/// socket in one `sendmsg` (std has no stable SCM_RIGHTS). The caller keeps its own copies.
-pub fn send_fds(sock: &UnixStream, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
+/// socket in one `sendmsg`. The caller keeps its own copies.
+pub fn send_fds(sock: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
     if fds.len() > MAX_FDS || data.is_empty() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "send_fds: no data or too many descriptors",
         ));
     }
-    let fd_bytes = std::mem::size_of_val(fds);
-    // SAFETY: CMSG_SPACE is a pure computation on its argument.
-    let space = unsafe { libc::CMSG_SPACE(fd_bytes as u32) } as usize;
-    // u64 elements keep the buffer aligned for `cmsghdr`.
-    let mut cbuf = vec![0u64; space.div_ceil(8)];
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    // SAFETY: an all-zero msghdr is a valid "empty" value; the fields are set below.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    if !fds.is_empty() {
-        msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
-        msg.msg_controllen = space as _;
-        // SAFETY: msg_control points to `space` writable, aligned bytes, enough for one
-        // header carrying `fd_bytes` of data (CMSG_SPACE above), so CMSG_FIRSTHDR is non-null
-        // and CMSG_DATA has room for `fds`.
-        unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes as u32) as _;
-            std::ptr::copy_nonoverlapping(
-                fds.as_ptr() as *const u8,
-                libc::CMSG_DATA(cmsg),
-                fd_bytes,
-            );
-        }
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::other("send_fds: control buffer too small"));
     }
     loop {
-        // SAFETY: `msg` points to `iov` (valid for `data.len()` bytes) and `cbuf`, both alive
-        // for the call; sendmsg only reads them.
-        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-        if n >= 0 {
-            if (n as usize) < data.len() {
+        match rustix::net::sendmsg(
+            sock,
+            &[IoSlice::new(data)],
+            &mut control,
+            SendFlags::NOSIGNAL,
+        ) {
+            Ok(n) if n < data.len() => {
                 return Err(io::Error::new(
                     io::ErrorKind::WriteZero,
                     "send_fds: short write",
                 ));
             }
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+            Ok(_) => return Ok(()),
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -98,63 +112,97 @@ pub fn send_fds(sock: &UnixStream, data: &[u8], fds: &[RawFd]) -> io::Result<()>
 /// which are owned (closed on drop) and close-on-exec. Returns (bytes read, descriptors).
 /// A message whose descriptors did not fit is an error (and those that did arrive are closed).
 pub fn recv_fds(sock: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
-    // SAFETY: CMSG_SPACE is a pure computation on its argument.
-    let space = unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<RawFd>()) as u32) };
-    let mut cbuf = vec![0u64; (space as usize).div_ceil(8)];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr() as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
-    // SAFETY: an all-zero msghdr is a valid "empty" value; the fields are set below.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
-    msg.msg_controllen = (cbuf.len() * 8) as _;
-    let n = loop {
-        // SAFETY: `msg` points to `iov` (valid, writable, `buf.len()` bytes) and to `cbuf`
-        // (writable, `msg_controllen` bytes), both alive for the call.
-        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if n >= 0 {
-            break n as usize;
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let msg = loop {
+        match rustix::net::recvmsg(
+            sock,
+            &mut [IoSliceMut::new(buf)],
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC,
+        ) {
+            Ok(m) => break m,
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
         }
     };
     let mut fds = Vec::new();
-    // SAFETY: recvmsg filled `msg` and `cbuf`; CMSG_FIRSTHDR/CMSG_NXTHDR walk only within
-    // `msg_controllen`, and each SCM_RIGHTS payload is `cmsg_len - CMSG_LEN(0)` bytes of
-    // descriptors the kernel just installed in this process, so each is ours to own once.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-        while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                let len = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                let count = len / std::mem::size_of::<RawFd>();
-                let data = libc::CMSG_DATA(cmsg) as *const RawFd;
-                for i in 0..count {
-                    let fd = std::ptr::read_unaligned(data.add(i));
-                    fds.push(OwnedFd::from_raw_fd(fd));
-                }
-            }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+    for m in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(got) = m {
+            fds.extend(got);
         }
     }
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+    if msg.flags.contains(ReturnFlags::CTRUNC) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "recv_fds: descriptors truncated",
         ));
     }
-    Ok((n, fds))
+    Ok((msg.bytes, fds))
+}
+
+/// The uid of the process at the other end of a Unix stream socket (SO_PEERCRED: the
+/// credentials it had when it connected, or when it listened for the accepting side).
+pub fn peer_uid(sock: &UnixStream) -> io::Result<u32> {
+    Ok(sockopt::socket_peercred(sock)?.uid.as_raw())
+}
+
+/// This process's effective uid (what SO_PEERCRED reports for it to a peer).
+pub fn euid() -> u32 {
+    rustix::process::geteuid().as_raw()
+}
+
+/// Why a descriptor received in a handoff is not the listener the configuration expects.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerCheck {
+    #[error("cannot inspect it: {0}")]
+    Io(#[from] io::Error),
+    #[error("it is not a TCP socket (type {0:?}, family {1:?})")]
+    NotTcp(SocketType, AddressFamily),
+    #[error("it is a TCP socket that does not listen (SO_ACCEPTCONN is 0)")]
+    NotListening,
+    #[error("it listens on {got}, not on {want}")]
+    WrongAddress { got: SocketAddr, want: SocketAddr },
+}
+
+/// Checks that `fd` is a listening TCP socket bound to `want` (a port of 0 in `want` accepts
+/// any port on its address) by asking the kernel (SO_TYPE, SO_DOMAIN, SO_ACCEPTCONN,
+/// getsockname), never by trusting what the sender said; returns the address it is bound to.
+pub fn check_tcp_listener(
+    fd: BorrowedFd<'_>,
+    want: SocketAddr,
+) -> Result<SocketAddr, ListenerCheck> {
+    let ty = sockopt::socket_type(fd).map_err(io::Error::from)?;
+    let family = sockopt::socket_domain(fd).map_err(io::Error::from)?;
+    if ty != SocketType::STREAM
+        || !(family == AddressFamily::INET || family == AddressFamily::INET6)
+    {
+        return Err(ListenerCheck::NotTcp(ty, family));
+    }
+    if !sockopt::socket_acceptconn(fd).map_err(io::Error::from)? {
+        return Err(ListenerCheck::NotListening);
+    }
+    let got = socket2::SockRef::from(&fd)
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("getsockname returned no IP address"))?;
+    let same = got == want || (want.port() == 0 && got.ip() == want.ip());
+    if !same {
+        return Err(ListenerCheck::WrongAddress { got, want });
+    }
+    Ok(got)
+}
+
+/// Borrows each descriptor of `fds` (what [`send_fds`] takes).
+pub fn borrow_all(fds: &[OwnedFd]) -> Vec<BorrowedFd<'_>> {
+    fds.iter().map(AsFd::as_fd).collect()
 }
 
 /// Returns freed heap memory to the kernel (glibc keeps freed pages of its heap resident;
 /// after a burst of connections that is most of the process's RSS). Cheap when there is
 /// little to trim; callers rate-limit it anyway.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
 pub fn trim_heap() {
     // SAFETY: malloc_trim takes a plain integer and only touches the allocator's own state,
     // which is thread-safe.
@@ -165,3 +213,65 @@ pub fn trim_heap() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn trim_heap() {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptors_cross_a_socket_pair() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        send_fds(&a, b"hello", &[l.as_fd()]).unwrap();
+        let mut buf = [0u8; 16];
+        let (n, fds) = recv_fds(&b, &mut buf).unwrap();
+        assert_eq!((&buf[..n], fds.len()), (&b"hello"[..], 1));
+        assert_eq!(check_tcp_listener(fds[0].as_fd(), addr).unwrap(), addr);
+        assert_eq!(peer_uid(&b).unwrap(), euid());
+    }
+
+    #[test]
+    fn listener_check_refuses_what_is_not_the_listener() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert!(matches!(
+            check_tcp_listener(udp.as_fd(), addr),
+            Err(ListenerCheck::NotTcp(..))
+        ));
+        let conn = std::net::TcpStream::connect(addr).unwrap();
+        assert!(matches!(
+            check_tcp_listener(conn.as_fd(), addr),
+            Err(ListenerCheck::NotListening)
+        ));
+        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(matches!(
+            check_tcp_listener(other.as_fd(), addr),
+            Err(ListenerCheck::WrongAddress { .. })
+        ));
+        let (ua, _ub) = UnixStream::pair().unwrap();
+        assert!(matches!(
+            check_tcp_listener(ua.as_fd(), addr),
+            Err(ListenerCheck::NotTcp(..))
+        ));
+        let any_port = SocketAddr::new(addr.ip(), 0);
+        assert_eq!(check_tcp_listener(l.as_fd(), any_port).unwrap(), addr);
+    }
+
+    #[test]
+    fn a_protected_process_is_not_dumpable_and_writes_no_core() {
+        // Changes this test process too: nothing in the unit tests needs a core file.
+        protect_process().unwrap();
+        assert!(!is_dumpable().unwrap());
+        assert_eq!(rustix::process::getrlimit(Resource::Core).current, Some(0));
+    }
+
+    #[test]
+    fn nofile_limit_is_raised_to_the_hard_limit() {
+        let (_, now) = raise_nofile_limit().unwrap();
+        assert_eq!(nofile_limit(), now);
+        let hard = rustix::process::getrlimit(Resource::Nofile).maximum;
+        assert_eq!(Some(now), hard.or(Some(u64::MAX)));
+    }
+}

@@ -5,5 +5,6 @@ mod common;
 mod faults;
 mod keyfile;
 mod lifecycle;
+mod perimeter;
 mod proxy;
 mod upstreams;

@@ -273,6 +273,15 @@ impl Filter for SealFilter {
         Ok(status)
     }
 
+    fn read_limit(&self) -> Option<usize> {
+        // A responder's peer has proved nothing until its handshake verifies: stage no more
+        // than the handshake can use, in a small buffer rather than a pooled chunk.
+        match (&self.phase, self.role) {
+            (Phase::Handshake(_), Role::Responder) => Some(Handshake::max_message_len()),
+            _ => None,
+        }
+    }
+
     fn frame_rest(&self, raw_in: &Buffer) -> Option<usize> {
         let Phase::Open(session) = &self.phase else {
             return None;

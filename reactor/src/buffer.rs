@@ -278,7 +278,13 @@ impl Buffer {
         let first_len = self.chunks.front().map_or(0, Chunk::len);
         if first_len < n {
             let mut first = self.chunks.pop_front()?;
-            if first.len() + first.room() < n {
+            if first.capacity() < n {
+                // A small chunk (see `read_limited`) cannot hold the span: a pooled one can.
+                let mut big = pool::take();
+                big.push_slice(first.data());
+                pool::give(first);
+                first = big;
+            } else if first.len() + first.room() < n {
                 first.compact();
             }
             let mut need = n - first.len();
@@ -309,7 +315,7 @@ impl Buffer {
         let need_new = match self.chunks.back_mut() {
             None => true,
             Some(last) if last.room() >= n => false,
-            Some(last) if last.len() <= COMPACT_MAX && CHUNK_SIZE - last.len() >= n => {
+            Some(last) if last.len() <= COMPACT_MAX && last.capacity() - last.len() >= n => {
                 last.compact();
                 false
             }
@@ -381,7 +387,7 @@ impl Buffer {
         let mut tail = self.tail_room();
         if let Some(need) = frame_rest.filter(|&n| n > 0) {
             if let Some(last) = self.chunks.back_mut() {
-                if tail < need && last.len() + need <= CHUNK_SIZE {
+                if tail < need && last.len() + need <= last.capacity() {
                     last.compact();
                     tail = last.room();
                 }
@@ -461,6 +467,54 @@ impl Buffer {
         }
         self.len += n;
         Ok(n)
+    }
+
+    /// Reads once from `r`, at most `max` bytes, into the tail chunk only — which, for an
+    /// empty buffer, is a small chunk of `cap` bytes ([`pool::take_small`]) instead of a
+    /// pooled [`CHUNK_SIZE`] one. For a reader that must stage little until its peer proves
+    /// something (a handshake): with `max` at most `cap - len()`, the buffer never holds more
+    /// than `cap` bytes. Errors and EOF leave the buffer as it was (an empty buffer keeps no
+    /// chunk). `EINTR` is retried; `max == 0` does no I/O and returns `Ok(0)`.
+    pub fn read_limited<R: Read + ?Sized>(
+        &mut self,
+        r: &mut R,
+        max: usize,
+        cap: usize,
+    ) -> io::Result<usize> {
+        if max == 0 {
+            return Ok(0);
+        }
+        if self.chunks.is_empty() {
+            self.chunks.push_back(pool::take_small(cap));
+        }
+        let result = match self.chunks.back_mut() {
+            Some(last) => {
+                if last.room() < max {
+                    last.compact();
+                }
+                let n = max.min(last.room());
+                let got = loop {
+                    match r.read(&mut last.tail_mut()[..n]) {
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        other => break other,
+                    }
+                };
+                got.map(|k| {
+                    // A misbehaving reader must not make us panic.
+                    let k = k.min(n);
+                    last.commit(k);
+                    k
+                })
+            }
+            None => Ok(0),
+        };
+        if let Ok(k) = result {
+            self.len += k;
+        }
+        if self.len == 0 {
+            self.clear();
+        }
+        result
     }
 
     /// Writes once to `w` with one `write_vectored` call over up to [`WRITE_IOVECS`] slices
@@ -1042,6 +1096,43 @@ mod tests {
     }
 
     #[test]
+    fn a_limited_read_stages_bytes_in_a_small_chunk_not_a_pooled_one() {
+        let s0 = pool::stats();
+        let mut b = Buffer::new();
+        let data = pattern(10_000, 4);
+        let mut src = &data[..];
+        // A peer offers 10,000 bytes; the reader takes at most 138 in all.
+        let mut got = 0;
+        while b.len() < 138 {
+            got += b.read_limited(&mut src, 138 - b.len(), 138).unwrap();
+        }
+        assert_eq!((got, b.len(), b.chunk_count()), (138, 138, 1));
+        assert_eq!(b.chunks[0].capacity(), 138, "a small chunk");
+        let s1 = pool::stats();
+        assert_eq!(
+            (s1.live_chunks, s1.allocated_total),
+            (s0.live_chunks, s0.allocated_total),
+            "no pooled chunk taken"
+        );
+        assert_eq!(b.read_limited(&mut src, 0, 138).unwrap(), 0);
+        assert_eq!(contents(&b), &data[..138]);
+        // Once the limit is lifted, ordinary reads continue after it; a span across the small
+        // chunk and a pooled one can still be made contiguous.
+        b.read_from(&mut src, 1000).unwrap();
+        assert_eq!(b.pullup(500).unwrap(), &data[..500]);
+        assert_eq!(contents(&b), &data[..1138]);
+        b.check_invariants();
+        // A small chunk never joins the pool's free list.
+        let mut c = Buffer::new();
+        c.read_limited(&mut &data[..], 10, 50).unwrap();
+        c.clear();
+        assert_eq!(pool::stats().cached_chunks, s1.cached_chunks);
+        // EOF and errors leave an empty buffer chunk-free.
+        assert_eq!(c.read_limited(&mut &[][..], 10, 50).unwrap(), 0);
+        assert_eq!(c.chunk_count(), 0);
+    }
+
+    #[test]
     fn socket_roundtrip() {
         let (mut a, mut z) = UnixStream::pair().unwrap();
         a.set_nonblocking(true).unwrap();
@@ -1089,6 +1180,7 @@ mod tests {
         ReserveCommit(usize, usize),
         Remove(usize),
         SplitFront(usize, usize),
+        ReadLimited(usize, usize),
         Clear,
     }
 
@@ -1104,6 +1196,7 @@ mod tests {
             2 => (0usize..=CHUNK_SIZE, 0usize..=CHUNK_SIZE).prop_map(|(r, c)| Op::ReserveCommit(r, c)),
             2 => size.prop_map(Op::Remove),
             2 => (0usize..=CHUNK_SIZE, 0usize..=CHUNK_SIZE).prop_map(|(p, c)| Op::SplitFront(p, c)),
+            2 => (0usize..300, 1usize..300).prop_map(|(m, c)| Op::ReadLimited(m, c)),
             1 => Just(Op::Clear),
         ]
     }
@@ -1181,6 +1274,11 @@ mod tests {
                             a.split_front_to(&mut b, p, c);
                             mb.extend_from_slice(&ma[..p]);
                             ma.drain(..c);
+                        }
+                        Op::ReadLimited(max, cap) => {
+                            let d = pattern(max, seed);
+                            let got = a.read_limited(&mut &d[..], max, cap).unwrap();
+                            ma.extend_from_slice(&d[..got]);
                         }
                         Op::Clear => {
                             a.clear();

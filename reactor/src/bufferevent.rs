@@ -167,6 +167,15 @@ pub trait Filter {
     fn frame_rest(&self, _raw_in: &Buffer) -> Option<usize> {
         None
     }
+
+    /// The most bytes `raw_in` may hold now, if the filter wants its input kept small (a
+    /// handshake not yet authenticated): reads then stop at that many and go into a small
+    /// buffer of that size instead of a pooled chunk ([`Buffer::read_limited`]), so a peer
+    /// that has proved nothing costs a few hundred bytes, not a chunk. `None` (the default):
+    /// no limit beyond the watermarks.
+    fn read_limit(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// The identity filter: no transform, no extra buffers.
@@ -734,6 +743,19 @@ impl<F: Filter> BufferEvent<F> {
             if high != 0 {
                 max = max.min(high - pending);
             }
+            let limit = if self.passthrough {
+                None
+            } else {
+                self.filter.read_limit()
+            };
+            if let Some(cap) = limit {
+                max = max.min(cap.saturating_sub(self.raw_in.len()));
+                if max == 0 {
+                    // The filter holds all it asked for and wants no more until it decides
+                    // (it fails a stuck handshake itself): stop without spinning.
+                    break;
+                }
+            }
             let frame_rest = if self.passthrough {
                 None
             } else {
@@ -747,7 +769,11 @@ impl<F: Filter> BufferEvent<F> {
             let Some(stream) = self.stream.as_mut() else {
                 break;
             };
-            match target.read_from_framed(stream, max, frame_rest) {
+            let got = match limit {
+                Some(cap) => target.read_limited(stream, max, cap),
+                None => target.read_from_framed(stream, max, frame_rest),
+            };
+            match got {
                 Ok(0) => {
                     self.readable = false;
                     self.eof = true;

@@ -7,7 +7,8 @@
 //! pin memory forever.
 //!
 //! Invariants (per thread, checked by the tests):
-//! - every chunk is exactly [`CHUNK_SIZE`] bytes and holds valid data in `start..end`;
+//! - every pooled chunk is exactly [`CHUNK_SIZE`] bytes and holds valid data in `start..end`;
+//!   a [`take_small`] chunk is smaller, never pooled and not in the statistics;
 //! - a chunk handed out by [`take`] is empty with `start == end == 0`;
 //! - `allocated_total - freed_total == live_chunks + cached_chunks`, where `live_chunks` counts
 //!   chunks taken and not yet given back. [`Buffer`] gives its chunks back on drop, so normal
@@ -79,7 +80,13 @@ impl Chunk {
     /// Writable bytes after the data.
     #[inline]
     pub fn room(&self) -> usize {
-        CHUNK_SIZE - self.end
+        self.buf.len() - self.end
+    }
+
+    /// Bytes the chunk can hold: [`CHUNK_SIZE`], or less for a [`take_small`] chunk.
+    #[inline]
+    pub fn capacity(&self) -> usize {
+        self.buf.len()
     }
 
     /// The writable tail room; [`commit`](Chunk::commit) turns a prefix of it into data.
@@ -234,9 +241,28 @@ pub fn take() -> Chunk {
     Chunk::from_box(cached.unwrap_or_else(alloc_chunk))
 }
 
-/// Gives a chunk back to this thread's free list, or frees it if the list is at its cap.
+/// A chunk of `cap` bytes for a buffer that must stay small (a connection that has not
+/// authenticated yet): a plain heap allocation outside the pool and its accounting, freed when
+/// given back. A `cap` of [`CHUNK_SIZE`] or more is an ordinary [`take`].
+pub fn take_small(cap: usize) -> Chunk {
+    if cap >= CHUNK_SIZE {
+        return take();
+    }
+    Chunk {
+        buf: vec![0u8; cap].into_boxed_slice(),
+        start: 0,
+        end: 0,
+        _not_send: PhantomData,
+    }
+}
+
+/// Gives a chunk back to this thread's free list, or frees it if the list is at its cap (or
+/// if it is a [`take_small`] chunk, which the pool never holds).
 pub fn give(c: Chunk) {
     let buf = c.buf;
+    if buf.len() != CHUNK_SIZE {
+        return;
+    }
     let _ = POOL.try_with(|p| {
         let mut p = p.borrow_mut();
         p.live = p.live.saturating_sub(1);

@@ -63,19 +63,31 @@ pub enum RejectReason {
     MaxConns,
     NoHealthyUpstream,
     Draining,
+    /// The shard's cap on connections still in their handshake.
+    MaxHandshakes,
+    /// The cap on one source's connections in their handshake.
+    SourceHandshakes,
+    /// One source's new-connection rate (token bucket).
+    SourceRate,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 3] = [
+    pub const ALL: [RejectReason; 6] = [
         RejectReason::MaxConns,
         RejectReason::NoHealthyUpstream,
         RejectReason::Draining,
+        RejectReason::MaxHandshakes,
+        RejectReason::SourceHandshakes,
+        RejectReason::SourceRate,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
             RejectReason::MaxConns => "max_conns",
             RejectReason::NoHealthyUpstream => "no_healthy_upstream",
             RejectReason::Draining => "draining",
+            RejectReason::MaxHandshakes => "max_handshakes",
+            RejectReason::SourceHandshakes => "per_source_handshakes",
+            RejectReason::SourceRate => "per_source_rate",
         }
     }
 }
@@ -492,7 +504,7 @@ pub struct TunnelMetrics {
     pub accepted: IntCounter,
     pub active: IntGauge,
     pub hibernating: IntGauge,
-    pub rejected: [IntCounter; 3],
+    pub rejected: [IntCounter; 6],
     pub closed: [IntCounter; 8],
     pub duration: Histogram,
     pub handshakes: [IntCounter; 9],

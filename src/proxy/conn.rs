@@ -31,6 +31,7 @@ use crate::reactor::{
 };
 
 use super::codec::{Role, SealFilter, protocol_error};
+use super::listener::Ticket;
 use super::upstream::{ConnectOutcome, TargetId, Tried};
 use super::{OUTPUT_HIGH, OUTPUT_LOW, READ_HIGH, ShardState, TunnelRt};
 
@@ -125,7 +126,9 @@ impl Layer for SealFilter {
 pub struct Conn<C: Layer, U: Layer> {
     tunnel: usize,
     client: BufferEvent<C>,
-    upstream: Option<BufferEvent<U>>,
+    /// Boxed: a decrypt-side connection has none until its handshake verifies, and an inline
+    /// `None` would still cost every unauthenticated connection a BufferEvent's size.
+    upstream: Option<Box<BufferEvent<U>>>,
     /// The target in use (by id: a reload may rebuild the list meanwhile), and those tried.
     target: Option<TargetId>,
     tried: Tried,
@@ -141,6 +144,8 @@ pub struct Conn<C: Layer, U: Layer> {
     upstream_eof: bool,
     counted: [u64; 4],
     closed: Option<CloseReason>,
+    /// Admission's hold on a pre-authentication slot, until the handshake completes.
+    ticket: Option<Ticket>,
 }
 
 impl<C: Layer, U: Layer> Conn<C, U> {
@@ -170,6 +175,19 @@ impl<C: Layer, U: Layer> Conn<C, U> {
             upstream_eof: false,
             counted: [0; 4],
             closed: None,
+            ticket: None,
+        }
+    }
+
+    /// Holds an admission ticket (see `listener::Admission`) until the handshake completes.
+    pub fn with_ticket(mut self, ticket: Option<Ticket>) -> Self {
+        self.ticket = ticket;
+        self
+    }
+
+    fn release_ticket(&mut self, cx: &mut Context<'_, ShardState>) {
+        if let Some(t) = self.ticket.take() {
+            cx.state.admission.release(t);
         }
     }
 
@@ -203,7 +221,7 @@ impl<C: Layer, U: Layer> Conn<C, U> {
         if let Err(e) = up.register(cx) {
             tracing::debug!(error = %e, "cannot register upstream socket");
         }
-        self.upstream = Some(up);
+        self.upstream = Some(Box::new(up));
     }
 
     /// The current upstream's connect failed: count it, mark the target down when it is to
@@ -542,6 +560,7 @@ impl<C: Layer, U: Layer> Conn<C, U> {
             return;
         }
         self.handshake_done = true;
+        self.release_ticket(cx);
         if let Some(k) = self.handshake_timer.take() {
             cx.cancel_timer(k);
         }
@@ -706,6 +725,7 @@ impl<C: Layer, U: Layer> Handler<ShardState> for Conn<C, U> {
     }
 
     fn on_close(&mut self, cx: &mut Context<'_, ShardState>) {
+        self.release_ticket(cx);
         self.account(cx);
         let reason = self.closed.unwrap_or(CloseReason::DrainDeadline);
         for k in [self.idle_timer.take(), self.handshake_timer.take()]

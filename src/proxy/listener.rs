@@ -9,8 +9,19 @@
 //! connection runs out of descriptors after its accept (its upstream connect fails with
 //! EMFILE), it notifies the listener ([`TAG_EXHAUSTED`]), which pauses with the same backoff
 //! as an exhausted accept — never an accept/close cycle while clients queue.
+//!
+//! Pre-authentication admission ([`Admission`], decrypt listeners): a peer that has proved
+//! nothing is held to three caps before it costs more than an accept — new connections per
+//! second from its source address (a token bucket), its source's connections still in their
+//! handshake, and the shard's. A connection over one is reset at once and counted as
+//! `rejected{reason="per_source_rate"|"per_source_handshakes"|"max_handshakes"}`; an admitted
+//! one carries a [`Ticket`] that it hands back when its handshake completes or it closes.
+//! Sources are IPv4 addresses or IPv6 /64s; the per-source table is pruned of sources with
+//! no handshake and a full bucket, so its size is bounded by the caps, not by the peers.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
 
 use mio::net::TcpStream;
 
@@ -62,14 +73,169 @@ impl TunnelListener {
     }
 }
 
+/// A source address as the per-source caps count it: an IPv4 address, or an IPv6 /64 (one
+/// host or one subnet usually holds a whole /64, so counting addresses would be no cap at
+/// all). An IPv4-mapped IPv6 address counts as its IPv4 address.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum SourceKey {
+    V4(u32),
+    V6Net(u64),
+}
+
+impl SourceKey {
+    pub fn of(ip: IpAddr) -> SourceKey {
+        match ip {
+            IpAddr::V4(a) => SourceKey::V4(u32::from(a)),
+            IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                Some(v4) => SourceKey::V4(u32::from(v4)),
+                None => SourceKey::V6Net((u128::from(a) >> 64) as u64),
+            },
+        }
+    }
+}
+
+/// One source's state on one shard.
+#[derive(Debug)]
+struct Source {
+    /// Its connections still in their handshake.
+    handshakes: u32,
+    /// Token bucket for new connections, refilled at `last`.
+    tokens: f64,
+    last: Instant,
+}
+
+/// Proof that a connection passed admission: hand it back ([`Admission::release`]) when the
+/// handshake completes or the connection closes, whichever comes first. Not `Clone`, so it is
+/// released once.
+#[derive(Debug)]
+pub struct Ticket(SourceKey);
+
+/// A shard's pre-authentication admission state (see the module doc).
+#[derive(Debug)]
+pub struct Admission {
+    /// This shard's share of `[limits] max_handshakes`.
+    max_handshakes: usize,
+    per_source: u32,
+    rate: f64,
+    burst: f64,
+    /// Connections of this shard still in their handshake.
+    handshakes: usize,
+    sources: HashMap<SourceKey, Source>,
+    /// Table size at which the next insertion prunes it.
+    prune_at: usize,
+}
+
+/// The per-source table is pruned when it reaches at least this many entries.
+const PRUNE_MIN: usize = 1024;
+
+impl Admission {
+    /// Per-shard admission from the process's limits, split across `shards`.
+    pub fn new(limits: &crate::config::Admission, shards: usize) -> Admission {
+        Admission {
+            max_handshakes: limits.max_handshakes.div_ceil(shards.max(1)).max(1),
+            per_source: u32::try_from(limits.max_handshakes_per_source).unwrap_or(u32::MAX),
+            rate: limits.new_conns_per_source,
+            burst: limits.new_conns_per_source_burst as f64,
+            handshakes: 0,
+            sources: HashMap::new(),
+            prune_at: PRUNE_MIN,
+        }
+    }
+
+    /// Connections of this shard in their handshake now.
+    pub fn handshakes(&self) -> usize {
+        self.handshakes
+    }
+
+    /// Sources this shard tracks now (bounded; see the module doc).
+    pub fn sources(&self) -> usize {
+        self.sources.len()
+    }
+
+    /// Admits a new connection from `ip`, or says which cap it is over. A refused connection
+    /// still spends its source's token: a flood drains its own bucket.
+    pub fn admit(&mut self, ip: IpAddr, now: Instant) -> Result<Ticket, RejectReason> {
+        let key = SourceKey::of(ip);
+        if !self.sources.contains_key(&key) && self.sources.len() >= self.prune_at {
+            self.prune(now);
+        }
+        let burst = self.burst;
+        let src = self.sources.entry(key).or_insert(Source {
+            handshakes: 0,
+            tokens: burst,
+            last: now,
+        });
+        if self.rate > 0.0 {
+            let dt = now.saturating_duration_since(src.last).as_secs_f64();
+            src.tokens = (src.tokens + dt * self.rate).min(burst);
+            src.last = now;
+            if src.tokens < 1.0 {
+                return Err(RejectReason::SourceRate);
+            }
+            src.tokens -= 1.0;
+        }
+        if src.handshakes >= self.per_source {
+            return Err(RejectReason::SourceHandshakes);
+        }
+        if self.handshakes >= self.max_handshakes {
+            return Err(RejectReason::MaxHandshakes);
+        }
+        src.handshakes += 1;
+        self.handshakes += 1;
+        Ok(Ticket(key))
+    }
+
+    /// The connection holding `t` finished its handshake or closed.
+    pub fn release(&mut self, t: Ticket) {
+        self.handshakes = self.handshakes.saturating_sub(1);
+        if let Some(src) = self.sources.get_mut(&t.0) {
+            src.handshakes = src.handshakes.saturating_sub(1);
+        }
+    }
+
+    /// Forgets sources with no handshake whose bucket has refilled: they are as if new.
+    fn prune(&mut self, now: Instant) {
+        let (rate, burst) = (self.rate, self.burst);
+        self.sources.retain(|_, s| {
+            let full = rate <= 0.0
+                || s.tokens + now.saturating_duration_since(s.last).as_secs_f64() * rate >= burst;
+            s.handshakes > 0 || !full
+        });
+        self.prune_at = (self.sources.len() * 2).max(PRUNE_MIN);
+    }
+}
+
 /// Builds the connection handler for the tunnel's mode and starts it.
-fn admit(cx: &mut Context<'_, ShardState>, tunnel: usize, stream: TcpStream, _peer: SocketAddr) {
+fn admit(cx: &mut Context<'_, ShardState>, tunnel: usize, stream: TcpStream, peer: SocketAddr) {
     let now = cx.now();
+    let rt = &cx.state.tunnels[tunnel];
+    let reset = |s: &TcpStream| {
+        let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
+    };
+    // Only a sealed client side has a pre-authentication phase to protect.
+    let ticket = if rt.cfg.mode == Mode::Decrypt {
+        match cx.state.admission.admit(peer.ip(), now) {
+            Ok(t) => Some(t),
+            Err(reason) => {
+                cx.state.tunnels[tunnel].metrics.rejected(reason);
+                if let Some(skipped) = cx.state.may_warn(now) {
+                    let rt = &cx.state.tunnels[tunnel];
+                    tracing::warn!(tunnel = %rt.cfg.name, reason = reason.as_str(), source = %peer.ip(), skipped, "unauthenticated connection refused");
+                }
+                reset(&stream);
+                return;
+            }
+        }
+    } else {
+        None
+    };
     let state = &mut *cx.state;
     let (rt, keys) = (&state.tunnels[tunnel], &mut state.ephemeral_keys);
     let conn: Box<dyn Handler<ShardState>> = match rt.cfg.mode {
         Mode::Encrypt => Box::new(Conn::<NoFilter, SealFilter>::new(rt, keys, stream, now)),
-        Mode::Decrypt => Box::new(Conn::<SealFilter, NoFilter>::new(rt, keys, stream, now)),
+        Mode::Decrypt => {
+            Box::new(Conn::<SealFilter, NoFilter>::new(rt, keys, stream, now).with_ticket(ticket))
+        }
         Mode::Forward => Box::new(Conn::<NoFilter, NoFilter>::new(rt, keys, stream, now)),
     };
     cx.spawn(conn);
@@ -174,5 +340,100 @@ impl Handler<ShardState> for TunnelListener {
             .health
             .listeners_up
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn limits(total: usize, per_source: usize, rate: f64, burst: usize) -> Admission {
+        Admission::new(
+            &crate::config::Admission {
+                max_handshakes: total,
+                max_handshakes_per_source: per_source,
+                new_conns_per_source: rate,
+                new_conns_per_source_burst: burst,
+            },
+            1,
+        )
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn each_cap_refuses_with_its_reason_and_release_frees_the_slot() {
+        let now = Instant::now();
+        let mut a = limits(3, 2, 0.0, 0);
+        let t1 = a.admit(ip("10.0.0.1"), now).unwrap();
+        let _t2 = a.admit(ip("10.0.0.1"), now).unwrap();
+        assert_eq!(
+            a.admit(ip("10.0.0.1"), now).unwrap_err(),
+            RejectReason::SourceHandshakes
+        );
+        let _t3 = a.admit(ip("10.0.0.2"), now).unwrap();
+        assert_eq!(
+            a.admit(ip("10.0.0.3"), now).unwrap_err(),
+            RejectReason::MaxHandshakes
+        );
+        a.release(t1);
+        assert_eq!(a.handshakes(), 2);
+        a.admit(ip("10.0.0.1"), now).unwrap();
+    }
+
+    #[test]
+    fn the_rate_is_a_token_bucket_per_source() {
+        let t0 = Instant::now();
+        let mut a = limits(1000, 1000, 10.0, 5);
+        for _ in 0..5 {
+            a.admit(ip("10.0.0.1"), t0).unwrap();
+        }
+        assert_eq!(
+            a.admit(ip("10.0.0.1"), t0).unwrap_err(),
+            RejectReason::SourceRate
+        );
+        // Another source has its own bucket; time refills this one at 10 per second.
+        a.admit(ip("10.0.0.2"), t0).unwrap();
+        let t1 = t0 + Duration::from_millis(250);
+        a.admit(ip("10.0.0.1"), t1).unwrap();
+        a.admit(ip("10.0.0.1"), t1).unwrap();
+        assert_eq!(
+            a.admit(ip("10.0.0.1"), t1).unwrap_err(),
+            RejectReason::SourceRate
+        );
+    }
+
+    #[test]
+    fn ipv6_sources_count_by_their_64_and_mapped_v4_as_v4() {
+        let now = Instant::now();
+        let mut a = limits(1000, 2, 0.0, 0);
+        a.admit(ip("2001:db8:1:2::1"), now).unwrap();
+        a.admit(ip("2001:db8:1:2:ffff::9"), now).unwrap();
+        assert_eq!(
+            a.admit(ip("2001:db8:1:2::77"), now).unwrap_err(),
+            RejectReason::SourceHandshakes
+        );
+        a.admit(ip("2001:db8:1:3::1"), now).unwrap();
+        assert_eq!(
+            SourceKey::of(ip("::ffff:192.0.2.7")),
+            SourceKey::of(ip("192.0.2.7"))
+        );
+    }
+
+    #[test]
+    fn the_source_table_stays_bounded_under_many_sources() {
+        let t0 = Instant::now();
+        let mut a = limits(1 << 20, 4, 100.0, 10);
+        // 100,000 sources, one connection each, whose handshakes complete at once; a second
+        // later every bucket is full again and the table forgets them.
+        for i in 0..100_000u32 {
+            let now = t0 + Duration::from_micros(u64::from(i) * 20);
+            let t = a.admit(IpAddr::from(i.to_be_bytes()), now).unwrap();
+            a.release(t);
+            assert!(a.sources() <= 2 * PRUNE_MIN, "{}", a.sources());
+        }
     }
 }

@@ -170,6 +170,8 @@ pub struct ShardState {
     pub suppressed_warnings: u64,
     /// X25519 key pairs made in the loop's spare time for this shard's handshakes.
     pub ephemeral_keys: EphemeralPool,
+    /// Pre-authentication admission: handshake and per-source caps (`listener::Admission`).
+    pub admission: listener::Admission,
 }
 
 impl ShardState {
@@ -192,6 +194,7 @@ impl ShardState {
             next_warn: Instant::now(),
             suppressed_warnings: 0,
             ephemeral_keys: EphemeralPool::new(EPHEMERAL_KEYS_READY),
+            admission: listener::Admission::new(&crate::config::Admission::default(), 1),
         }
     }
 
