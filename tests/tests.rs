@@ -5,4 +5,5 @@ mod common;
 mod faults;
 mod keyfile;
 mod lifecycle;
+mod protocol_v2;
 mod proxy;

@@ -74,12 +74,11 @@ fn admit(cx: &mut Context<'_, ShardState>, tunnel: usize, stream: TcpStream, _pe
         let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
         return;
     }
-    let state = &mut *cx.state;
-    let (rt, keys) = (&state.tunnels[tunnel], &mut state.ephemeral_keys);
+    let rt = &cx.state.tunnels[tunnel];
     let conn: Box<dyn Handler<ShardState>> = match rt.cfg.mode {
-        Mode::Encrypt => Box::new(Conn::<NoFilter, SealFilter>::new(rt, keys, stream, now)),
-        Mode::Decrypt => Box::new(Conn::<SealFilter, NoFilter>::new(rt, keys, stream, now)),
-        Mode::Forward => Box::new(Conn::<NoFilter, NoFilter>::new(rt, keys, stream, now)),
+        Mode::Encrypt => Box::new(Conn::<NoFilter, SealFilter>::new(rt, stream, now)),
+        Mode::Decrypt => Box::new(Conn::<SealFilter, NoFilter>::new(rt, stream, now)),
+        Mode::Forward => Box::new(Conn::<NoFilter, NoFilter>::new(rt, stream, now)),
     };
     cx.spawn(conn);
 }
