@@ -71,8 +71,9 @@ pub struct SealFilter {
     key_id: Option<KeyId>,
     /// After a `Version` failure: the version the peer spoke.
     peer_version: Option<u8>,
-    /// Initiator: the OPEN to seal first. Responder: the OPEN received, until taken.
-    open: Option<OpenInfo>,
+    /// Initiator: the OPEN to seal first. Responder: the OPEN received, until taken. Boxed:
+    /// it lives only around the handshake, and every connection carries this field for good.
+    open: Option<Box<OpenInfo>>,
     /// An ABORT to seal after the pending output (see [`SealFilter::abort`]).
     abort: Option<AbortReason>,
     key_update_interval: Option<u64>,
@@ -134,14 +135,14 @@ impl SealFilter {
     /// this, an OPEN with no addresses).
     pub fn set_open(&mut self, open: OpenInfo) {
         if self.role == Role::Initiator {
-            self.open = Some(open);
+            self.open = Some(Box::new(open));
         }
     }
 
     /// Responder: the OPEN the initiator sent, once (the decode that received it notifies).
     pub fn take_open(&mut self) -> Option<OpenInfo> {
         match self.role {
-            Role::Responder => self.open.take(),
+            Role::Responder => self.open.take().map(|o| *o),
             Role::Initiator => None,
         }
     }
@@ -329,7 +330,7 @@ impl Filter for SealFilter {
                     // Control payloads lie at chunk[w..w + n] until the next record's
                     // plaintext overwrites them; the opener has checked them already.
                     Ok((RecordType::Open, n)) => {
-                        self.open = OpenInfo::decode(&chunk[w..w + n]).ok();
+                        self.open = OpenInfo::decode(&chunk[w..w + n]).ok().map(Box::new);
                         status.notify = true;
                     }
                     Ok((RecordType::Abort, n)) => {
@@ -411,7 +412,11 @@ impl Filter for SealFilter {
         }
         if sealer.open_due() {
             let mut payload = [0u8; MAX_OPEN_LEN];
-            let n = self.open.take().unwrap_or_default().encode(&mut payload);
+            let n = self
+                .open
+                .take()
+                .map_or_else(OpenInfo::default, |o| *o)
+                .encode(&mut payload);
             seal_control(sealer, raw_out, RecordType::Open, &payload[..n])?;
         }
         while !output.is_empty() {
