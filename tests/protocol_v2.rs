@@ -503,3 +503,21 @@ fn keygen_never_leaves_half_a_key() {
     assert_eq!(again.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
 }
+
+#[test]
+fn encrypt_and_decrypt_help_say_what_both_sides_must_agree_on() {
+    for mode in ["encrypt", "decrypt"] {
+        let out = sealpipe().args([mode, "--help"]).output().unwrap();
+        assert!(out.status.success());
+        let help = String::from_utf8(out.stdout).unwrap();
+        for must in [
+            "must agree on",
+            "key",
+            "forward secrecy",
+            "protocol version (2)",
+            "--forward-secrecy <POLICY>",
+        ] {
+            assert!(help.contains(must), "{mode} --help lacks {must:?}:\n{help}");
+        }
+    }
+}
