@@ -521,3 +521,45 @@ fn encrypt_and_decrypt_help_say_what_both_sides_must_agree_on() {
         }
     }
 }
+
+/// A TCP server that sends `banner` on every connection (or nothing), then holds it open.
+fn banner_server(banner: &'static [u8]) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            let _ = s.write_all(banner);
+            held.push(s);
+        }
+    });
+    addr
+}
+
+#[test]
+fn an_encrypt_side_pointed_at_the_wrong_server_says_so() {
+    let (key, _) = keygen_with_id("wrongtarget");
+    // A plaintext service that speaks first (SSH, SMTP, a Redis error): not a sealpipe hello.
+    let banner = banner_server(b"SSH-2.0-OpenSSH_9.6\r\n");
+    let enc = Side::start("encrypt", banner, &key, &[]);
+    client_is_refused(&enc);
+    enc.wait_log(
+        "WARN",
+        &[
+            "not_sealpipe",
+            "not a sealpipe hello",
+            "decrypt side's listen",
+        ],
+    );
+    assert!(enc.series("sealpipe_handshakes_total", &[("result", "not_sealpipe")]) >= 1.0);
+    // A service that says nothing: the handshake times out, and the warning says where to look.
+    let silent = banner_server(b"");
+    let enc = Side::start("encrypt", silent, &key, &["--handshake-timeout", "0.5"]);
+    client_is_refused(&enc);
+    enc.wait_log(
+        "WARN",
+        &["no answer from the target within handshake_timeout"],
+    );
+    assert!(enc.series("sealpipe_handshakes_total", &[("result", "timeout")]) >= 1.0);
+}
