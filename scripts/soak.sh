@@ -95,7 +95,7 @@ for _ in $(seq 1 200); do
 done
 
 # One sample line per process: time side rss_kib fds pool_live pool_cached errors
-ERRS='^sealpipe_(connections_closed_total\{reason="(peer_reset|tampered|truncated|handshake_failed|upstream_failed|drain_deadline|idle_timeout)"|handshakes_total\{result="(bad_mac|malformed|unknown_key|replay|version|truncated|too_large|timeout)"|upstream_connect_failures_total|connections_rejected_total)'
+ERRS='^sealpipe_(connections_closed_total\{reason="(peer_reset|client_reset|upstream_reset|tampered|truncated|handshake_failed|upstream_failed|drain_deadline|idle_timeout)"|handshakes_total\{result="(bad_mac|malformed|unknown_key|replay|version|truncated|too_large|timeout|fs_required|not_sealpipe)"|upstream_connect_failures_total|connections_rejected_total)'
 sample() { # $1 = phase label
   local t=$(( $(date +%s) - T0 ))
   for side in decrypt encrypt; do

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::keyfile::KeyError;
-use crate::protocol::{AeadKind, KeySet};
+use crate::protocol::{AeadKind, ForwardSecrecy, KeySet};
 
 /// Everything that can be wrong with a configuration.
 #[derive(Debug, thiserror::Error)]
@@ -242,6 +242,45 @@ impl Default for Limits {
     }
 }
 
+/// `forward_secrecy` as written: a policy (`"require"`, `"allow"`, `"off"`), or the boolean of
+/// earlier versions (`true` = require; `false` = off on an encrypt side, allow on a decrypt
+/// side, which is what `false` did there: accept either, now with a warning per session).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FsSetting {
+    Policy(String),
+    Legacy(bool),
+}
+
+impl<'de> Deserialize<'de> for FsSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = FsSetting;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("\"require\", \"allow\" or \"off\" (or the older true / false)")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<FsSetting, E> {
+                Ok(FsSetting::Legacy(v))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<FsSetting, E> {
+                Ok(FsSetting::Policy(v.to_owned()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl FsSetting {
+    fn policy(&self, mode: Mode) -> Result<ForwardSecrecy, String> {
+        match self {
+            FsSetting::Policy(s) => s.parse().map_err(|e| format!("forward_secrecy: {e}")),
+            FsSetting::Legacy(true) => Ok(ForwardSecrecy::Require),
+            FsSetting::Legacy(false) if mode == Mode::Encrypt => Ok(ForwardSecrecy::Off),
+            FsSetting::Legacy(false) => Ok(ForwardSecrecy::Allow),
+        }
+    }
+}
+
 /// One `[[tunnel]]` table as written in the file.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -254,8 +293,9 @@ pub struct TunnelFile {
     pub keys: Vec<PathBuf>,
     #[serde(default)]
     pub balance: Balance,
-    #[serde(default = "d_true")]
-    pub forward_secrecy: bool,
+    /// `"require"` (default), `"allow"` or `"off"`; see [`FsSetting`].
+    #[serde(default)]
+    pub forward_secrecy: Option<FsSetting>,
     #[serde(default)]
     pub aead: Option<String>,
     /// Seconds between active TCP health checks; 0 = passive health only.
@@ -265,10 +305,6 @@ pub struct TunnelFile {
     pub handshake_timeout: Option<f64>,
     pub idle_timeout: Option<f64>,
     pub half_closed_timeout: Option<f64>,
-}
-
-fn d_true() -> bool {
-    true
 }
 
 impl TunnelFile {
@@ -282,7 +318,7 @@ impl TunnelFile {
             targets,
             keys,
             balance: Balance::default(),
-            forward_secrecy: true,
+            forward_secrecy: None,
             aead: None,
             health_check_interval: 0.0,
             connect_timeout: None,
@@ -316,7 +352,7 @@ pub struct Tunnel {
     pub targets: Vec<SocketAddr>,
     pub key_files: Vec<PathBuf>,
     pub balance: Balance,
-    pub forward_secrecy: bool,
+    pub forward_secrecy: ForwardSecrecy,
     pub aead: AeadKind,
     pub health_check_interval: Option<Duration>,
     pub connect_timeout: Duration,
@@ -470,6 +506,10 @@ impl ConfigFile {
                     .parse()
                     .map_err(|_| bad(format!("aead {s:?} is not ring or rustcrypto")))?,
             };
+            let forward_secrecy = match &t.forward_secrecy {
+                None => ForwardSecrecy::default(),
+                Some(s) => s.policy(t.mode).map_err(bad)?,
+            };
             let hc = seconds(&name, "health_check_interval", t.health_check_interval)?;
             tunnels.push(Tunnel {
                 mode: t.mode,
@@ -477,7 +517,7 @@ impl ConfigFile {
                 targets,
                 key_files: t.keys,
                 balance: t.balance,
-                forward_secrecy: t.forward_secrecy,
+                forward_secrecy,
                 aead,
                 health_check_interval: (!hc.is_zero()).then_some(hc),
                 connect_timeout: t
@@ -618,5 +658,34 @@ mod tests {
         let e =
             parse("[[tunnel]]\nmode = \"sideways\"\nlisten = \"x\"\ntargets = []\n").unwrap_err();
         assert!(e.to_string().contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn forward_secrecy_takes_a_policy_or_the_old_boolean() {
+        let tunnel = |mode: &str, fs: &str| {
+            parse(&format!(
+                "[[tunnel]]\nmode = \"{mode}\"\nlisten = \"127.0.0.1:1\"\ntargets = [\"127.0.0.1:2\"]\nkeys = [\"k\"]\n{fs}"
+            ))
+            .map(|c| c.tunnels[0].forward_secrecy)
+        };
+        use ForwardSecrecy::*;
+        for mode in ["encrypt", "decrypt"] {
+            assert_eq!(tunnel(mode, "").unwrap(), Require);
+            assert_eq!(tunnel(mode, "forward_secrecy = true").unwrap(), Require);
+            for p in [Require, Allow, Off] {
+                let line = format!("forward_secrecy = \"{}\"", p.as_str());
+                assert_eq!(tunnel(mode, &line).unwrap(), p);
+            }
+        }
+        // `false` keeps its old meaning on each side.
+        assert_eq!(tunnel("encrypt", "forward_secrecy = false").unwrap(), Off);
+        assert_eq!(tunnel("decrypt", "forward_secrecy = false").unwrap(), Allow);
+        let e = tunnel("decrypt", "forward_secrecy = \"maybe\"").unwrap_err();
+        assert!(
+            e.to_string().contains("forward_secrecy") && e.to_string().contains("maybe"),
+            "{e}"
+        );
+        let e = tunnel("decrypt", "forward_secrecy = 1").unwrap_err();
+        assert!(e.to_string().contains("require"), "{e}");
     }
 }

@@ -4,19 +4,26 @@
 //! this module owns the file-system policy around it: a key file is 64 hex characters and a
 //! newline, mode 0600 (0640 for a key group), never overwritten.
 //!
-//! Invariants: permissions are checked on the open file (fstat), not the path, so the checked
-//! file is the one read; reads are bounded, so a misconfigured path cannot eat memory.
+//! Invariants: a key file is a regular file, checked on the open file (fstat), not the path, so
+//! the checked file is the one read; opening never blocks (a FIFO or device at a key path is
+//! refused at once instead of hanging a reload); reads are bounded, so a misconfigured path
+//! cannot eat memory; the key's text is zeroed once parsed; `keygen` writes the whole key to a
+//! temporary file, syncs it and only then links it into place, so a failed write (a full disk)
+//! never leaves a partial key under the name, and an existing file is never replaced.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use zeroize::Zeroizing;
 
 use crate::protocol::{Key, KeyId, KeySet, KeyTextError, RandomSource};
 
 /// Largest key file read: a valid one is 65 bytes; anything much larger is not a key file, and
-/// bounding the read keeps a misconfigured path (say /dev/zero) from eating memory.
-const MAX_KEY_FILE: u64 = 256;
+/// bounding the read keeps a misconfigured path from eating memory.
+const MAX_KEY_FILE: usize = 256;
 
 /// Why a key file could not be written or loaded. Every message names the file.
 #[derive(thiserror::Error, Debug)]
@@ -53,6 +60,14 @@ pub enum KeyError {
         /// Its permission bits.
         mode: u32,
     },
+    /// The path is not a regular file (a FIFO, a device, a socket, a directory).
+    #[error("key file {}: is a {kind}, not a regular file", path.display())]
+    NotRegular {
+        /// The file.
+        path: PathBuf,
+        /// What it is instead.
+        kind: &'static str,
+    },
     /// `generate_key_file` refuses to replace an existing file.
     #[error("key file {}: already exists, refusing to overwrite", path.display())]
     Exists {
@@ -75,42 +90,103 @@ pub enum KeyError {
 
 /// Writes a new random key to `path` (64 hex characters and a newline, mode 0600) and returns
 /// its id. Refuses to overwrite an existing file.
+///
+/// The key is written to a temporary file beside `path` (created with `O_EXCL` and mode 0600,
+/// so it is never readable by others even for an instant), synced, then hard-linked to `path`
+/// — which fails if `path` exists, so nothing is ever replaced — and the temporary name is
+/// removed, and the directory synced. A failure at any step leaves no file at `path`.
 pub fn generate_key_file(path: &Path, rng: &mut dyn RandomSource) -> Result<KeyId, KeyError> {
+    let exists = || KeyError::Exists {
+        path: path.to_owned(),
+    };
+    let write_err = |source| KeyError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    if path.symlink_metadata().is_ok() {
+        return Err(exists());
+    }
     let key = Key::generate(rng);
-    // create_new makes "does it exist" and "create it" one atomic step, and the mode is applied
-    // at creation, so the key is never readable by others even for an instant.
-    let mut file = OpenOptions::new()
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| write_err(io::Error::from(io::ErrorKind::InvalidInput)))?;
+    static N: AtomicU32 = AtomicU32::new(0);
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}-{}",
+        name.to_string_lossy(),
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let written = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(path)
-        .map_err(|source| match source.kind() {
-            io::ErrorKind::AlreadyExists => KeyError::Exists {
-                path: path.to_owned(),
-            },
-            _ => KeyError::Write {
-                path: path.to_owned(),
-                source,
-            },
-        })?;
-    file.write_all(&key.to_text())
-        .and_then(|()| file.sync_all())
-        .map_err(|source| KeyError::Write {
-            path: path.to_owned(),
-            source,
-        })?;
+        .open(&tmp)
+        .and_then(|mut file| {
+            file.write_all(&key.to_text()[..])?;
+            file.sync_all()
+        });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(write_err(e));
+    }
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(exists()),
+        Err(e) => return Err(write_err(e)),
+    }
+    // The new name is durable once its directory is.
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(write_err)?;
     Ok(key.id())
 }
 
-/// Loads one key file, checking its permissions before reading the secret.
+/// What a file type is, for the error that refuses it.
+fn file_kind(t: std::fs::FileType) -> &'static str {
+    if t.is_dir() {
+        "directory"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else if t.is_socket() {
+        "socket"
+    } else if t.is_char_device() {
+        "character device"
+    } else if t.is_block_device() {
+        "block device"
+    } else {
+        "special file"
+    }
+}
+
+/// Loads one key file, checking its type and permissions before reading the secret.
 pub fn load_key_file(path: &Path) -> Result<Key, KeyError> {
     let unreadable = |source| KeyError::Unreadable {
         path: path.to_owned(),
         source,
     };
-    let file = File::open(path).map_err(unreadable)?;
+    // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer (forever, on
+    // the control thread, during a reload). It changes nothing for a regular file.
+    let mut file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(unreadable)?;
     // fstat the open file, not the path, so the checked file is the one read.
-    let mode = file.metadata().map_err(unreadable)?.permissions().mode() & 0o777;
+    let meta = file.metadata().map_err(unreadable)?;
+    if !meta.file_type().is_file() {
+        return Err(KeyError::NotRegular {
+            path: path.to_owned(),
+            kind: file_kind(meta.file_type()),
+        });
+    }
+    let mode = meta.permissions().mode() & 0o777;
     // Group read is allowed (a key group shared with a service's dynamic user, mode 0640);
     // anything for others, and group write, is refused.
     if mode & 0o037 != 0 {
@@ -119,11 +195,19 @@ pub fn load_key_file(path: &Path) -> Result<Key, KeyError> {
             mode,
         });
     }
-    let mut raw = Vec::with_capacity(80);
-    file.take(MAX_KEY_FILE)
-        .read_to_end(&mut raw)
-        .map_err(unreadable)?;
-    Key::parse_text(&raw).map_err(|e| match e {
+    // A fixed buffer, zeroed when dropped: the key's text never lands in a growable one that
+    // could leave copies behind as it reallocates.
+    let mut raw = Zeroizing::new([0u8; MAX_KEY_FILE]);
+    let mut n = 0;
+    while n < raw.len() {
+        match file.read(&mut raw[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(unreadable(e)),
+        }
+    }
+    Key::parse_text(&raw[..n]).map_err(|e| match e {
         KeyTextError::Length(len) => KeyError::WrongLength {
             path: path.to_owned(),
             len,
@@ -152,5 +236,71 @@ mod tests {
     #[test]
     fn an_empty_list_is_refused() {
         assert!(matches!(load_key_set(&[]), Err(KeyError::NoKeys)));
+    }
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("sealpipe-kf-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// Runs `f` on another thread and fails if it does not return within 10 s: a blocking open
+    /// would hang the test instead of failing it.
+    fn within_10s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("loading the key file blocked")
+    }
+
+    #[test]
+    fn a_fifo_or_device_is_refused_at_once() {
+        let dir = temp_dir("fifo");
+        let fifo = dir.join("k.key");
+        let ok = std::process::Command::new("mkfifo")
+            .args(["-m", "600"])
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let f = fifo.clone();
+        match within_10s(move || load_key_file(&f)) {
+            Err(KeyError::NotRegular { path, kind }) => {
+                assert_eq!((path, kind), (fifo.clone(), "FIFO"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = within_10s(|| load_key_file(Path::new("/dev/zero"))).unwrap_err();
+        assert!(e.to_string().contains("character device"), "{e}");
+        let e = within_10s(move || load_key_file(&dir)).unwrap_err();
+        assert!(e.to_string().contains("directory"), "{e}");
+    }
+
+    #[test]
+    fn keygen_leaves_only_the_key() {
+        let dir = temp_dir("gen");
+        let path = dir.join("k.key");
+        let id = generate_key_file(&path, &mut crate::protocol::OsRandom).unwrap();
+        assert_eq!(load_key_file(&path).unwrap().id(), id);
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("k.key")]);
+        assert!(matches!(
+            generate_key_file(&path, &mut crate::protocol::OsRandom),
+            Err(KeyError::Exists { .. })
+        ));
+        // Refused also when the name is a dangling symlink (it is not replaced).
+        let link = dir.join("dangling.key");
+        std::os::unix::fs::symlink(dir.join("nowhere"), &link).unwrap();
+        assert!(matches!(
+            generate_key_file(&link, &mut crate::protocol::OsRandom),
+            Err(KeyError::Exists { .. })
+        ));
+        assert!(!dir.join("nowhere").exists());
     }
 }

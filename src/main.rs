@@ -12,8 +12,9 @@ use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::{EnvFilter, reload};
 
 use sealpipe::config::{
-    Balance, Config, ConfigFile, Limits, LogConfig, MetricsConfig, Mode, TunnelFile,
+    Balance, Config, ConfigFile, FsSetting, Limits, LogConfig, MetricsConfig, Mode, TunnelFile,
 };
+use sealpipe::protocol::ForwardSecrecy;
 use sealpipe::server::{self, LogReload};
 
 #[derive(Parser)]
@@ -39,11 +40,25 @@ struct Cli {
     dumpable: bool,
 }
 
+/// What the two sides of a pair must agree on (shown by `encrypt --help` and `decrypt --help`).
+const PAIRING: &str = "\
+What the encrypt and decrypt sides must agree on:
+  key              the encrypt side's first --key must be one of the decrypt side's --key files
+                   (both log its key id; `sealpipe keygen` prints it)
+  forward secrecy  --forward-secrecy off on the encrypt side needs allow or off on the decrypt
+                   side (its default, require, refuses sessions without forward secrecy)
+  protocol         the same sealpipe protocol version (2) on both sides: upgrade them together
+  address          the encrypt side's --target is the decrypt side's --listen
+Everything else (--aead, timeouts, --threads, limits) is each side's own choice. When a pair
+does not agree, the decrypt side's log names the cause; the encrypt side's says where to look.";
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Accept plaintext on --listen, send sealed records to decrypt-side --target(s).
+    #[command(after_help = PAIRING)]
     Encrypt(TunnelArgs),
     /// Accept sealed records on --listen, send plaintext to backend --target(s).
+    #[command(after_help = PAIRING)]
     Decrypt(TunnelArgs),
     /// Plaintext relay from --listen to --target(s), no crypto.
     Forward(TunnelArgs),
@@ -148,7 +163,13 @@ struct CommonArgs {
     /// round-robin or least-conn.
     #[arg(long, value_name = "POLICY", default_value = "round-robin")]
     balance: Balance,
-    /// Skip the ephemeral X25519 exchange (cheaper setup, no forward secrecy).
+    /// Forward secrecy (an ephemeral X25519 exchange per connection): require (default:
+    /// offer it, and as a decrypt side refuse peers without it), allow (offer it, and as a
+    /// decrypt side also accept peers without it, with a warning), off (do not offer it: cheaper
+    /// setup, and a later leak of the key exposes recorded traffic).
+    #[arg(long, value_name = "POLICY", conflicts_with = "no_forward_secrecy")]
+    forward_secrecy: Option<ForwardSecrecy>,
+    /// Same as --forward-secrecy off (kept for existing scripts).
     #[arg(long)]
     no_forward_secrecy: bool,
     /// AEAD implementation: ring (fast) or rustcrypto (pure Rust).
@@ -214,7 +235,15 @@ fn tunnel_config(mode: Mode, a: TunnelArgs) -> std::result::Result<Config, Usage
         },
         tunnel: vec![TunnelFile {
             balance: c.balance,
-            forward_secrecy: !c.no_forward_secrecy,
+            forward_secrecy: Some(FsSetting::Policy(
+                match (c.forward_secrecy, c.no_forward_secrecy) {
+                    (_, true) => ForwardSecrecy::Off,
+                    (Some(p), false) => p,
+                    (None, false) => ForwardSecrecy::default(),
+                }
+                .as_str()
+                .to_owned(),
+            )),
             aead: Some(c.aead.clone()),
             ..TunnelFile::new(mode, a.listen.clone(), a.target.clone(), a.key.clone())
         }],

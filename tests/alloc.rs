@@ -58,7 +58,7 @@ fn open_pair(aead: AeadKind) -> (SealFilter, SealFilter) {
     let keys = Arc::new(KeySet::new(Key::from_bytes([7; 32]), vec![]));
     let cfg = HandshakeConfig {
         keys,
-        forward_secrecy: true,
+        forward_secrecy: sealpipe::protocol::ForwardSecrecy::Require,
         aead,
     };
     let (mut i, mut r) = (

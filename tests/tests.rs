@@ -6,5 +6,6 @@ mod faults;
 mod keyfile;
 mod lifecycle;
 mod perimeter;
+mod protocol_v2;
 mod proxy;
 mod upstreams;

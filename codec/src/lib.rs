@@ -14,19 +14,33 @@
 //! them. No heap allocation per record.
 //!
 //! Errors leave as `io::Error`s wrapping a [`ProtocolError`], so the owner can name the cause
-//! with [`protocol_error`] without the reactor knowing about crypto.
+//! with [`protocol_error`] without the reactor knowing about crypto. An authenticated ABORT
+//! from the peer leaves the same way, as a [`PeerAborted`] ([`peer_abort`]): the connection
+//! ends, and the owner resets its plaintext side rather than report a truncation.
+//!
+//! Control records: an initiator seals OPEN (the client's addresses, [`SealFilter::set_open`])
+//! before anything else of the session; a responder reports the OPEN it received
+//! ([`SealFilter::take_open`], with a notify). [`SealFilter::abort`] seals an ABORT after
+//! whatever output is pending.
+//!
+//! Forward secrecy: an initiator takes its X25519 key from the thread's pool ([`ephemeral`]) as
+//! it starts; a responder takes one only when the initiator's hello has verified, so garbage or
+//! a wrong key costs it no X25519 work.
 //!
 //! This crate is the codec layer (libevent's `bufferevent_filter`): it joins the reactor and the
 //! protocol and nothing else (Architecture Invariant: no proxy policy, metrics or config), so
 //! the fuzz targets can drive it without the proxy's dependencies.
 #![forbid(unsafe_code)]
 
+pub mod ephemeral;
+
+use std::fmt;
 use std::io;
 
 use sealpipe_protocol::keys::OsRandom;
 use sealpipe_protocol::{
-    EphemeralPool, HEADER_LEN, Handshake, HandshakeConfig, KeyId, MAX_PAYLOAD, ProtocolError,
-    RecordType, Sealer, Session, Status, TAG_LEN,
+    AbortReason, HEADER_LEN, Handshake, HandshakeConfig, KeyId, MAX_OPEN_LEN, MAX_PAYLOAD,
+    OpenInfo, ProtocolError, RecordType, Sealer, Session, Status, TAG_LEN,
 };
 use sealpipe_reactor::{Buffer, Filter, FilterStatus};
 
@@ -55,7 +69,13 @@ pub struct SealFilter {
     /// The initiator's first hello, sent once the socket is writable.
     hello: Vec<u8>,
     key_id: Option<KeyId>,
-    end_sent: bool,
+    /// After a `Version` failure: the version the peer spoke.
+    peer_version: Option<u8>,
+    /// Initiator: the OPEN to seal first. Responder: the OPEN received, until taken. Boxed:
+    /// it lives only around the handshake, and every connection carries this field for good.
+    open: Option<Box<OpenInfo>>,
+    /// An ABORT to seal after the pending output (see [`SealFilter::abort`]).
+    abort: Option<AbortReason>,
     key_update_interval: Option<u64>,
 }
 
@@ -64,39 +84,85 @@ pub fn protocol_error(e: &io::Error) -> Option<ProtocolError> {
     e.get_ref()?.downcast_ref::<ProtocolError>().copied()
 }
 
+/// The peer sent an authenticated ABORT: its side of the connection was aborted, for this
+/// reason. Not a failure of the protocol: the stream up to it was authentic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAborted(pub AbortReason);
+
+impl fmt::Display for PeerAborted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the peer aborted the connection ({})", self.0.as_str())
+    }
+}
+
+impl std::error::Error for PeerAborted {}
+
+/// The peer's abort reason inside an `io::Error` produced by the codec, if it is one.
+pub fn peer_abort(e: &io::Error) -> Option<AbortReason> {
+    e.get_ref()?.downcast_ref::<PeerAborted>().map(|a| a.0)
+}
+
 fn fail(e: ProtocolError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
 impl SealFilter {
+    /// The codec of a new connection. An initiator with forward secrecy takes its ephemeral
+    /// key from the thread's pool ([`ephemeral::take`]) now, to send its hello; a responder
+    /// takes none until a hello verifies.
     pub fn new(role: Role, cfg: &HandshakeConfig) -> SealFilter {
-        Self::with_pool(role, cfg, None)
-    }
-
-    /// [`SealFilter::new`] taking its ephemeral key from a shard's pool of keys made ahead of
-    /// time, when the configuration asks for forward secrecy.
-    pub fn with_pool(
-        role: Role,
-        cfg: &HandshakeConfig,
-        pool: Option<&mut EphemeralPool>,
-    ) -> SealFilter {
-        let eph = match pool {
-            Some(pool) if cfg.forward_secrecy => Some(pool.take(&mut OsRandom)),
-            _ => None,
-        };
         let mut hello = Vec::new();
         let hs = match role {
-            Role::Initiator => Handshake::initiator_with(cfg, &mut OsRandom, eph, &mut hello),
-            Role::Responder => Handshake::responder_with(cfg, eph),
+            Role::Initiator => {
+                let eph = cfg.forward_secrecy.offers().then(ephemeral::take);
+                Handshake::initiator_with(cfg, &mut OsRandom, eph, &mut hello)
+            }
+            Role::Responder => Handshake::responder(cfg),
         };
         SealFilter {
             key_id: hs.key_id(),
+            peer_version: None,
             phase: Phase::Handshake(hs),
             role,
             hello,
-            end_sent: false,
+            open: None,
+            abort: None,
             key_update_interval: None,
         }
+    }
+
+    /// Initiator: the client's addresses, sent in the OPEN that starts the session (without
+    /// this, an OPEN with no addresses).
+    pub fn set_open(&mut self, open: OpenInfo) {
+        if self.role == Role::Initiator {
+            self.open = Some(Box::new(open));
+        }
+    }
+
+    /// Responder: the OPEN the initiator sent, once (the decode that received it notifies).
+    pub fn take_open(&mut self) -> Option<OpenInfo> {
+        match self.role {
+            Role::Responder => self.open.take().map(|o| *o),
+            Role::Initiator => None,
+        }
+    }
+
+    /// Ends the session with an ABORT for `reason`, sealed after the output already given
+    /// (on the next encode: flush the BufferEvent). False, and nothing is sent, if the session
+    /// is not open or this direction already ended.
+    pub fn abort(&mut self, reason: AbortReason) -> bool {
+        match &self.phase {
+            Phase::Open(s) if !s.sealer.end_sent() => {
+                self.abort = Some(reason);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// After a `Version` failure: the version byte the peer sent.
+    pub fn peer_version(&self) -> Option<u8> {
+        self.peer_version
     }
 
     /// Rekey after this many records per direction (tests use tiny values).
@@ -150,7 +216,9 @@ impl SealFilter {
         let n = raw_in.len().min(Handshake::max_message_len());
         let mut out = Vec::new();
         let status = match raw_in.pullup(n) {
-            Some(input) => hs.advance(input, &mut OsRandom, &mut out),
+            Some(input) => {
+                hs.advance_with(input, &mut OsRandom, &mut ephemeral::ThreadPool, &mut out)
+            }
             None => Ok(Status::NeedMore),
         };
         if !out.is_empty() {
@@ -158,6 +226,9 @@ impl SealFilter {
         }
         match status {
             Err(e) => {
+                // What the failed hello said, for the owner's log line.
+                self.peer_version = hs.peer_version();
+                self.key_id = hs.key_id().or(self.key_id);
                 self.phase = Phase::Failed;
                 Err(fail(e))
             }
@@ -190,9 +261,25 @@ impl SealFilter {
 
 /// Seals a record with no payload (END, KEY_UPDATE) at the tail of `raw_out`.
 fn seal_empty(sealer: &mut Sealer, raw_out: &mut Buffer, ty: RecordType) -> io::Result<()> {
-    let rec = raw_out.reserve(HEADER_LEN + TAG_LEN);
+    seal_control(sealer, raw_out, ty, &[])
+}
+
+/// Seals a control record (END, KEY_UPDATE, ABORT, OPEN) with `payload` at the tail of
+/// `raw_out`, after a KEY_UPDATE if one is due.
+fn seal_control(
+    sealer: &mut Sealer,
+    raw_out: &mut Buffer,
+    ty: RecordType,
+    payload: &[u8],
+) -> io::Result<()> {
+    if ty != RecordType::KeyUpdate && sealer.key_update_due() {
+        seal_empty(sealer, raw_out, RecordType::KeyUpdate)?;
+    }
+    let len = HEADER_LEN + payload.len() + TAG_LEN;
+    let rec = raw_out.reserve(len);
+    rec[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(payload);
     let n = sealer
-        .seal_in_place(ty, &mut rec[..HEADER_LEN + TAG_LEN], 0)
+        .seal_in_place(ty, &mut rec[..len], payload.len())
         .map_err(fail)?;
     raw_out.commit(n);
     Ok(())
@@ -219,6 +306,7 @@ impl Filter for SealFilter {
             return Err(fail(ProtocolError::Malformed));
         };
         let opener = &mut session.opener;
+        let mut aborted = None;
         // Each pass opens the whole records of raw_in's front chunk where they lie, packing
         // their plaintexts at the chunk's front (`w` bytes; `r` bytes of records consumed),
         // then hands the plaintext to `input` — by moving the chunk when it was all records.
@@ -239,18 +327,37 @@ impl Filter for SealFilter {
                     Ok((RecordType::Data, n)) => w += n,
                     Ok((RecordType::End, _)) => status.end = true,
                     Ok((RecordType::KeyUpdate, _)) => {}
+                    // Control payloads lie at chunk[w..w + n] until the next record's
+                    // plaintext overwrites them; the opener has checked them already.
+                    Ok((RecordType::Open, n)) => {
+                        self.open = OpenInfo::decode(&chunk[w..w + n]).ok().map(Box::new);
+                        status.notify = true;
+                    }
+                    Ok((RecordType::Abort, n)) => {
+                        aborted = AbortReason::decode(&chunk[w..w + n]).ok();
+                    }
                     Err(e) => {
                         failed = Some(e);
                         break;
                     }
                 }
                 r += total;
+                if aborted.is_some() {
+                    // Whatever follows an ABORT is never looked at: the connection is over.
+                    break;
+                }
             }
             // Plaintext of records before a bad one is delivered, as it was authenticated;
             // none of the bad record's bytes are (they lie beyond `w`).
             raw_in.split_front_to(input, w, r);
             if let Some(e) = failed {
                 return Err(fail(e));
+            }
+            if let Some(reason) = aborted {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    PeerAborted(reason),
+                ));
             }
             if r > 0 {
                 continue;
@@ -307,6 +414,20 @@ impl Filter for SealFilter {
             return Ok(());
         };
         let sealer = &mut session.sealer;
+        if sealer.end_sent() {
+            // END or ABORT went out: this direction carries nothing more.
+            output.clear();
+            return Ok(());
+        }
+        if sealer.open_due() {
+            let mut payload = [0u8; MAX_OPEN_LEN];
+            let n = self
+                .open
+                .take()
+                .map_or_else(OpenInfo::default, |o| *o)
+                .encode(&mut payload);
+            seal_control(sealer, raw_out, RecordType::Open, &payload[..n])?;
+        }
         while !output.is_empty() {
             if sealer.key_update_due() {
                 seal_empty(sealer, raw_out, RecordType::KeyUpdate)?;
@@ -327,12 +448,10 @@ impl Filter for SealFilter {
             raw_out.commit(len);
             output.drain(n);
         }
-        if finish && !self.end_sent {
-            if sealer.key_update_due() {
-                seal_empty(sealer, raw_out, RecordType::KeyUpdate)?;
-            }
+        if let Some(reason) = self.abort.take() {
+            seal_control(sealer, raw_out, RecordType::Abort, &[reason.to_byte()])?;
+        } else if finish {
             seal_empty(sealer, raw_out, RecordType::End)?;
-            self.end_sent = true;
         }
         Ok(())
     }
@@ -344,15 +463,19 @@ mod tests {
 
     use super::*;
     use sealpipe_protocol::keys::{Key, KeySet};
-    use sealpipe_protocol::{AeadKind, MAX_RECORD_LEN, record::record_len_for};
+    use sealpipe_protocol::{AeadKind, ForwardSecrecy, MAX_RECORD_LEN, record::record_len_for};
+
+    fn config(key: u8, fs: ForwardSecrecy, aead: AeadKind) -> HandshakeConfig {
+        HandshakeConfig {
+            keys: Arc::new(KeySet::new(Key::from_bytes([key; 32]), vec![])),
+            forward_secrecy: fs,
+            aead,
+        }
+    }
 
     /// Two filters with a completed handshake, built by shuttling their raw buffers.
     fn open_pair(aead: AeadKind) -> (SealFilter, SealFilter) {
-        let cfg = HandshakeConfig {
-            keys: Arc::new(KeySet::new(Key::from_bytes([3; 32]), vec![])),
-            forward_secrecy: false,
-            aead,
-        };
+        let cfg = config(3, ForwardSecrecy::Off, aead);
         let (mut i, mut r) = (
             SealFilter::new(Role::Initiator, &cfg),
             SealFilter::new(Role::Responder, &cfg),
@@ -469,5 +592,131 @@ mod tests {
             .decode(&mut out, &mut input, &mut none, false)
             .unwrap_err();
         assert_eq!(protocol_error(&e), Some(ProtocolError::Malformed));
+    }
+
+    #[test]
+    fn unauthenticated_hellos_take_no_ephemeral_key() {
+        let cfg = config(3, ForwardSecrecy::Require, AeadKind::Ring);
+        let mut wrong = Vec::new();
+        Handshake::initiator(
+            &config(4, ForwardSecrecy::Require, AeadKind::Ring),
+            &mut OsRandom,
+            &mut wrong,
+        );
+        let mut no_fs = Vec::new();
+        Handshake::initiator(
+            &config(3, ForwardSecrecy::Off, AeadKind::Ring),
+            &mut OsRandom,
+            &mut no_fs,
+        );
+        let before = ephemeral::handed_out();
+        for bytes in [&b"GET / HTTP/1.1\r\n\r\n"[..], &wrong, &no_fs, &[0x02; 300]] {
+            let mut r = SealFilter::new(Role::Responder, &cfg);
+            let (mut raw, mut input, mut out) = (Buffer::new(), Buffer::new(), Buffer::new());
+            raw.append(bytes);
+            assert!(r.decode(&mut raw, &mut input, &mut out, false).is_err());
+            assert!(out.is_empty(), "the responder answered");
+        }
+        assert_eq!(
+            ephemeral::handed_out(),
+            before,
+            "keys were spent on unauthenticated hellos"
+        );
+        // A hello that verifies takes exactly one, and the responder answers it.
+        let mut good = Vec::new();
+        Handshake::initiator(&cfg, &mut OsRandom, &mut good);
+        let mut r = SealFilter::new(Role::Responder, &cfg);
+        let (mut raw, mut input, mut out) = (Buffer::new(), Buffer::new(), Buffer::new());
+        raw.append(&good);
+        assert!(r.decode(&mut raw, &mut input, &mut out, false).is_ok());
+        let (h0, m0) = before;
+        let (h1, m1) = ephemeral::handed_out();
+        assert_eq!(h1 + m1, h0 + m0 + 1);
+        assert!(!out.is_empty());
+    }
+
+    #[test]
+    fn the_initiator_opens_with_the_client_addresses() {
+        let cfg = config(5, ForwardSecrecy::Require, AeadKind::Ring);
+        let (mut i, mut r) = (
+            SealFilter::new(Role::Initiator, &cfg),
+            SealFilter::new(Role::Responder, &cfg),
+        );
+        let info = OpenInfo::from_socket(
+            "[2001:db8::5]:5555".parse().unwrap(),
+            "[2001:db8::1]:80".parse().unwrap(),
+        );
+        i.set_open(info);
+        let (mut i2r, mut r2i, mut plain, mut got) =
+            (Buffer::new(), Buffer::new(), Buffer::new(), Buffer::new());
+        plain.append(b"GET /");
+        let mut notified = false;
+        for _ in 0..4 {
+            i.encode(&mut plain, &mut i2r, false).unwrap();
+            notified |= r
+                .decode(&mut i2r, &mut got, &mut r2i, false)
+                .unwrap()
+                .notify;
+            i.decode(&mut r2i, &mut Buffer::new(), &mut i2r, false)
+                .unwrap();
+        }
+        assert!(notified);
+        assert_eq!(r.take_open(), Some(info));
+        assert_eq!(r.take_open(), None, "taken once");
+        assert_eq!(contents(&got), b"GET /");
+        assert_eq!(r.forward_secrecy(), Some(true));
+    }
+
+    #[test]
+    fn abort_reaches_the_peer_after_the_data_before_it() {
+        for reason in AbortReason::ALL {
+            let (mut tx, mut rx) = open_pair(AeadKind::Ring);
+            let (mut plain, mut wire, mut got, mut none) =
+                (Buffer::new(), Buffer::new(), Buffer::new(), Buffer::new());
+            plain.append(b"last bytes");
+            assert!(tx.abort(reason));
+            tx.encode(&mut plain, &mut wire, false).unwrap();
+            assert!(!tx.abort(reason), "one ABORT, then nothing");
+            let e = rx
+                .decode(&mut wire, &mut got, &mut none, false)
+                .unwrap_err();
+            assert_eq!(peer_abort(&e), Some(reason));
+            assert_eq!(protocol_error(&e), None);
+            assert_eq!(contents(&got), b"last bytes");
+            // Nothing more is sealed after it.
+            plain.append(b"more");
+            tx.encode(&mut plain, &mut wire, true).unwrap();
+            assert!(wire.is_empty());
+        }
+        // Before the session is open there is nothing to abort.
+        let cfg = config(3, ForwardSecrecy::Off, AeadKind::Ring);
+        assert!(!SealFilter::new(Role::Initiator, &cfg).abort(AbortReason::Reset));
+    }
+
+    #[test]
+    fn a_version_1_hello_is_a_version_error_naming_version_1() {
+        let cfg = config(3, ForwardSecrecy::Require, AeadKind::Ring);
+        let mut r = SealFilter::new(Role::Responder, &cfg);
+        let (mut raw, mut input, mut out) = (Buffer::new(), Buffer::new(), Buffer::new());
+        raw.append(&[0x01, 0x01, 0x00]);
+        let e = r.decode(&mut raw, &mut input, &mut out, false).unwrap_err();
+        assert_eq!(protocol_error(&e), Some(ProtocolError::Version));
+        assert_eq!(r.peer_version(), Some(1));
+    }
+
+    #[test]
+    fn a_failed_hello_leaves_the_key_id_it_named_for_the_log() {
+        let other = config(9, ForwardSecrecy::Require, AeadKind::Ring);
+        let mut hello = Vec::new();
+        Handshake::initiator(&other, &mut OsRandom, &mut hello);
+        let mut r = SealFilter::new(
+            Role::Responder,
+            &config(3, ForwardSecrecy::Require, AeadKind::Ring),
+        );
+        let (mut raw, mut input, mut out) = (Buffer::new(), Buffer::new(), Buffer::new());
+        raw.append(&hello);
+        let e = r.decode(&mut raw, &mut input, &mut out, false).unwrap_err();
+        assert_eq!(protocol_error(&e), Some(ProtocolError::UnknownKey));
+        assert_eq!(r.key_id(), Some(other.keys.primary().id()));
     }
 }

@@ -13,13 +13,17 @@
 use std::sync::Arc;
 
 use sealpipe_codec::{Role, SealFilter};
-use sealpipe_protocol::{AeadKind, HandshakeConfig, Key, KeySet, MAX_RECORD_LEN};
+use sealpipe_protocol::{AeadKind, ForwardSecrecy, HandshakeConfig, Key, KeySet, MAX_RECORD_LEN};
 use sealpipe_reactor::{Buffer, Filter};
 
 fn config(fs: bool, aead: AeadKind) -> HandshakeConfig {
     HandshakeConfig {
         keys: Arc::new(KeySet::new(Key::from_bytes([0x33; 32]), vec![])),
-        forward_secrecy: fs,
+        forward_secrecy: if fs {
+            ForwardSecrecy::Require
+        } else {
+            ForwardSecrecy::Off
+        },
         aead,
     }
 }

@@ -1,10 +1,12 @@
-//! Fuzz targets for the protocol core, the codec and the reactor's buffers; the binaries in
-//! fuzz_targets/ are one-line wrappers. `corpus.rs` runs every target over 100,000
+//! Fuzz targets for the protocol core (version 2), the codec and the reactor's buffers; the
+//! binaries in fuzz_targets/ are one-line wrappers. `corpus.rs` runs every target over 100,000
 //! generated inputs (and every file in `regressions/TARGET/`) in `cargo test`, on stable.
 //!
 //! Invariant checked by every target: no input panics. The record target also checks that
-//! whatever it seals opens to the same bytes, and that the decoder never accepts bytes that were
-//! not sealed by the peer (a garbage stream can never yield DATA).
+//! whatever it seals opens to the same bytes, that the decoder never accepts bytes that were
+//! not sealed by the peer (a garbage stream can never yield a record), and that the OPEN and
+//! ABORT payload decoders accept only canonical encodings. The handshake target also checks
+//! that a responder fed bytes nobody holding the key made never takes an ephemeral key.
 
 mod buffer;
 #[cfg(test)]
@@ -18,8 +20,9 @@ use std::sync::Arc;
 
 use sealpipe_protocol::record::{RecordType, record_len_for};
 use sealpipe_protocol::{
-    AeadKind, HEADER_LEN, Handshake, HandshakeConfig, Key, KeySet, MAX_PAYLOAD, RandomSource,
-    Session, Status,
+    AbortReason, AeadKind, EphemeralKey, EphemeralSource, ForwardSecrecy, HEADER_LEN, Handshake,
+    HandshakeConfig, Key, KeySet, MAX_OPEN_LEN, MAX_PAYLOAD, OpenInfo, RandomSource, Session,
+    Status,
 };
 
 /// Deterministic randomness, so a crashing input reproduces.
@@ -43,15 +46,30 @@ fn config(fs: bool, aead: AeadKind) -> HandshakeConfig {
             Key::from_bytes([0x11; 32]),
             vec![Key::from_bytes([0x22; 32])],
         )),
-        forward_secrecy: fs,
+        forward_secrecy: if fs {
+            ForwardSecrecy::Require
+        } else {
+            ForwardSecrecy::Off
+        },
         aead,
     }
 }
 
-/// A completed handshake: (initiator, responder). Without forward secrecy: the record layer
-/// is the same either way, and four X25519 operations per input would make the corpus run
-/// (`corpus.rs`, 100,000 inputs a target) ten times slower.
-fn sessions(aead: AeadKind) -> (Session, Session) {
+/// A key source that counts the keys it hands out.
+struct Counting(usize);
+
+impl EphemeralSource for Counting {
+    fn ephemeral(&mut self, rng: &mut dyn RandomSource) -> Box<EphemeralKey> {
+        self.0 += 1;
+        Box::new(EphemeralKey::from_rng(rng))
+    }
+}
+
+/// A completed handshake: (initiator, responder). With `open`, the initiator's OPEN has been
+/// sealed and opened too, so both directions take any record type next. Without forward
+/// secrecy: the record layer is the same either way, and four X25519 operations per input would
+/// make the corpus run (`corpus.rs`, 100,000 inputs a target) ten times slower.
+fn sessions(aead: AeadKind, open: bool) -> (Session, Session) {
     let (ic, rc) = (config(false, aead), config(false, aead));
     let mut rng = FuzzRandom(1);
     let mut to_r = Vec::new();
@@ -59,13 +77,38 @@ fn sessions(aead: AeadKind) -> (Session, Session) {
     let mut r = Handshake::responder(&rc);
     let mut to_i = Vec::new();
     let _ = r.advance(&to_r, &mut rng, &mut to_i);
-    let Ok(Status::Done { session: si, .. }) = i.advance(&to_i, &mut rng, &mut to_r) else {
+    let Ok(Status::Done {
+        session: mut si, ..
+    }) = i.advance(&to_i, &mut rng, &mut to_r)
+    else {
         unreachable!("a handshake between matching configs completes");
     };
-    let Ok(Status::Done { session: sr, .. }) = r.advance(&to_r, &mut rng, &mut to_i) else {
+    let Ok(Status::Done {
+        session: mut sr, ..
+    }) = r.advance(&to_r, &mut rng, &mut to_i)
+    else {
         unreachable!("a handshake between matching configs completes");
     };
+    if open {
+        let mut p = [0u8; MAX_OPEN_LEN];
+        let n = OpenInfo::default().encode(&mut p);
+        let mut out = Vec::new();
+        roundtrip(&mut si, &mut sr, RecordType::Open, &p[..n], &mut out);
+    }
     (si, sr)
+}
+
+/// The bytes as OPEN and ABORT payloads: decoding never panics and accepts only what encodes
+/// back to the same bytes.
+fn control_payloads(data: &[u8]) {
+    if let Ok(info) = OpenInfo::decode(data) {
+        let mut p = [0u8; MAX_OPEN_LEN];
+        let n = info.encode(&mut p);
+        assert_eq!(&p[..n], data, "a non-canonical OPEN payload was accepted");
+    }
+    if let Ok(reason) = AbortReason::decode(data) {
+        assert_eq!(data, [reason.to_byte()]);
+    }
 }
 
 /// Feeds `data` to an opener as a byte stream split at the points `data[0]` suggests, and
@@ -79,10 +122,12 @@ pub fn record(data: &[u8]) {
     } else {
         AeadKind::RustCrypto
     };
-    let (mut i, mut r) = sessions(aead);
+    // Bit 1: the garbage meets an opener that still expects the session's OPEN.
+    let (i, mut r) = sessions(aead, mode & 2 == 0);
+    control_payloads(rest);
 
-    // 1. Garbage as a record stream: must end in an error, never in DATA.
-    let step = usize::from(mode >> 1).max(1);
+    // 1. Garbage as a record stream: must end in an error, never in a record.
+    let step = usize::from(mode >> 2).max(1);
     let mut buf = Vec::new();
     for chunk in rest.chunks(step) {
         buf.extend_from_slice(chunk);
@@ -101,6 +146,11 @@ pub fn record(data: &[u8]) {
     }
 
     // 2. The bytes as payload: sealed in records, they open to themselves.
+    let (mut i, mut r) = if i.sealer.open_due() {
+        sessions(aead, true)
+    } else {
+        (i, r)
+    };
     let payload = &rest[..rest.len().min(4 * MAX_PAYLOAD)];
     i.sealer.set_key_update_interval(u64::from(mode % 4) + 1);
     let mut out = Vec::with_capacity(payload.len());
@@ -143,15 +193,24 @@ pub fn handshake(data: &[u8]) {
     let mut rng = FuzzRandom(u64::from(mode));
     let mut out = Vec::new();
     match (mode >> 1) % 3 {
-        // Responder from its first byte.
+        // Responder from its first byte: bytes made without the key never cost it a key.
         0 => {
             let mut r = Handshake::responder(&config(fs, AeadKind::Ring));
-            drive(&mut r, rest, &mut rng, &mut out);
+            let mut keys = Counting(0);
+            drive(&mut r, rest, &mut rng, &mut keys, &mut out);
+            assert_eq!(
+                keys.0, 0,
+                "an ephemeral key was taken for an unauthenticated hello"
+            );
+            assert!(
+                out.is_empty(),
+                "the responder answered an unauthenticated hello"
+            );
         }
         // Initiator given an arbitrary responder hello.
         1 => {
             let mut i = Handshake::initiator(&config(fs, AeadKind::Ring), &mut rng, &mut out);
-            drive(&mut i, rest, &mut rng, &mut out);
+            drive(&mut i, rest, &mut rng, &mut Counting(0), &mut out);
         }
         // Responder after a valid hello: the fuzz bytes are the Finished (and what follows).
         _ => {
@@ -168,9 +227,15 @@ pub fn handshake(data: &[u8]) {
 }
 
 /// Feeds `input` a byte at a time, as a slow peer would, checking the consumption contract.
-fn drive(hs: &mut Handshake, input: &[u8], rng: &mut FuzzRandom, out: &mut Vec<u8>) {
+fn drive(
+    hs: &mut Handshake,
+    input: &[u8],
+    rng: &mut FuzzRandom,
+    keys: &mut Counting,
+    out: &mut Vec<u8>,
+) {
     for n in 0..=input.len() {
-        match hs.advance(&input[..n], rng, out) {
+        match hs.advance_with(&input[..n], rng, keys, out) {
             Ok(Status::NeedMore) => {}
             Ok(Status::Done { consumed, .. }) => {
                 assert!(consumed <= n && consumed <= Handshake::max_message_len());

@@ -13,8 +13,9 @@ pub enum ProtocolError {
     #[error("authentication failed (bad MAC or AEAD tag)")]
     BadMac,
     /// Bytes that cannot be parsed: an unknown flag or record type, a non-empty END or
-    /// KEY_UPDATE record, a record after END, a low-order X25519 key, a forward-secrecy policy
-    /// mismatch, or a caller passing a buffer that does not fit the record.
+    /// KEY_UPDATE record, a bad ABORT or OPEN payload, a record out of order (anything but OPEN
+    /// first from the initiator, OPEN anywhere else), a record after END or ABORT, a low-order
+    /// X25519 key, or a caller passing a buffer that does not fit the record.
     #[error("malformed message")]
     Malformed,
     /// The initiator's hello names a key id that this side has not loaded.
@@ -31,9 +32,18 @@ pub enum ProtocolError {
     /// limit without a KEY_UPDATE.
     #[error("record too large or per-key record limit reached")]
     TooLarge,
-    /// The peer speaks a protocol version this side does not.
+    /// The peer speaks another version of the sealpipe protocol (its first byte is a plausible
+    /// version number, 1 to 15, other than ours).
     #[error("unsupported protocol version")]
     Version,
+    /// The initiator's hello authenticated but did not offer forward secrecy, which this
+    /// responder requires (`forward_secrecy = "require"`).
+    #[error("the peer did not offer forward secrecy, which this side requires")]
+    ForwardSecrecyRequired,
+    /// The first byte is not a sealpipe version at all: plaintext or another protocol sent to a
+    /// sealed port (or, on the encrypt side, a target that is not a decrypt side).
+    #[error("not a sealpipe peer")]
+    NotSealpipe,
 }
 
 impl ProtocolError {
@@ -47,11 +57,13 @@ impl ProtocolError {
             ProtocolError::Truncated => "truncated",
             ProtocolError::TooLarge => "too_large",
             ProtocolError::Version => "version",
+            ProtocolError::ForwardSecrecyRequired => "fs_required",
+            ProtocolError::NotSealpipe => "not_sealpipe",
         }
     }
 
     /// Every variant, in declaration order (for pre-registering metric labels).
-    pub const ALL: [ProtocolError; 7] = [
+    pub const ALL: [ProtocolError; 9] = [
         ProtocolError::BadMac,
         ProtocolError::Malformed,
         ProtocolError::UnknownKey,
@@ -59,6 +71,8 @@ impl ProtocolError {
         ProtocolError::Truncated,
         ProtocolError::TooLarge,
         ProtocolError::Version,
+        ProtocolError::ForwardSecrecyRequired,
+        ProtocolError::NotSealpipe,
     ];
 }
 

@@ -1,16 +1,18 @@
-//! The handshake, both roles, as sans-I/O state machines.
+//! The handshake of protocol version 2, both roles, as sans-I/O state machines.
 //!
 //! Three messages (layouts with byte offsets in docs/PROTOCOL.md, "Handshake"):
 //!
 //! ```text
 //! initiator -> responder  HelloI   = version | flags | key id | nonce_i | [eph_i] | mac_i
 //! responder -> initiator  HelloR   = version | flags | nonce_r | [eph_r] | mac_r
-//! initiator -> responder  Finished = HMAC(finished_key, "sealpipe v1 initiator finished" || th)
+//! initiator -> responder  Finished = HMAC(initiator_finished_key, th)
 //! ```
 //!
-//! `mac_i` and `mac_r` are HMAC-SHA256 under the pre-shared key over the transcript so far;
-//! `th` = SHA-256(HelloI || HelloR); traffic secrets come from HKDF-SHA256 over the PSK, both
-//! nonces and (with forward secrecy) the X25519 shared secret.
+//! `mac_i` is HMAC-SHA256 under the key's hello-MAC subkey over the initiator hello, so the
+//! responder checks it with one HMAC before spending anything else. `mac_r` is keyed from the
+//! handshake's key schedule, which takes in the PSK's secret subkey, both nonces and (with
+//! forward secrecy) the X25519 result: a valid `mac_r` proves the responder holds the key and
+//! computed the same shared secret (key confirmation in both directions, with Finished).
 //!
 //! Consumption contract: [`Handshake::advance`] is given all bytes received from the peer that
 //! have not been consumed yet. `Status::NeedMore` consumes nothing: the caller keeps every byte
@@ -19,47 +21,43 @@
 //! initiator pipelined after Finished) belong to the record layer. The whole handshake reads at
 //! most [`Handshake::max_message_len`] bytes, so a caller can bound its buffer.
 //!
-//! Invariants: the responder sends nothing until the initiator's hello verifies under a loaded
-//! key, and is Done only after Finished verifies, so a replayed session never reaches the
-//! backend; every failure is final (later calls return the same error); no panic on any input.
+//! Invariants: the responder sends nothing, and takes no ephemeral key from its
+//! [`EphemeralSource`], until the initiator's hello verifies under a loaded key and meets its
+//! forward-secrecy policy; it is Done only after Finished verifies, so a replayed session never
+//! reaches the backend; every failure is final (later calls return the same error); no panic on
+//! any input; every secret of the key schedule is zeroed when dropped, except the HMAC/HKDF key
+//! schedules ring keeps in its own types.
 
 use std::fmt;
 use std::mem;
+use std::str::FromStr;
 use std::sync::Arc;
 
-use ring::agreement::{self, EphemeralPrivateKey, UnparsedPublicKey, X25519};
 use ring::{digest, hkdf, hmac};
+use zeroize::Zeroizing;
 
 use super::aead::AeadKind;
+use super::ephemeral::{EphemeralKey, EphemeralSource, KeysFromRng, PUBLIC_KEY_LEN};
 use super::error::ProtocolError;
+use super::kdf::{
+    LABEL_I2R, LABEL_INITIATOR_FINISHED, LABEL_R2I, LABEL_RESPONDER_FINISHED, expand_label,
+};
 use super::keys::{KEY_ID_LEN, Key, KeyId, KeySet, RandomSource};
-use super::record::{Opener, Sealer, hkdf_expand};
+use super::record::{Opener, Sealer, Secret};
 
 /// The protocol version this implementation speaks, first byte of both hellos.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
+/// A first byte from 1 to this is read as another sealpipe version (`Version`); anything else
+/// as another protocol altogether (`NotSealpipe`).
+pub const MAX_PLAUSIBLE_VERSION: u8 = 15;
 /// Flags bit 0: ephemeral X25519 (forward secrecy). Other bits must be zero.
 pub const FLAG_FORWARD_SECRECY: u8 = 0x01;
 /// Length of each side's random nonce.
 pub const NONCE_LEN: usize = 32;
-/// Length of an X25519 public key.
-pub const PUBLIC_KEY_LEN: usize = 32;
 /// Length of every handshake MAC (HMAC-SHA256).
 pub const MAC_LEN: usize = 32;
 /// Length of the Finished message.
 pub const FINISHED_LEN: usize = MAC_LEN;
-
-/// HMAC label prefixed to the initiator hello's MAC input.
-pub const LABEL_HELLO_I: &[u8] = b"sealpipe v1 initiator hello";
-/// HMAC label prefixed to the responder hello's MAC input.
-pub const LABEL_HELLO_R: &[u8] = b"sealpipe v1 responder hello";
-/// HKDF-Expand label for the Finished key.
-pub const LABEL_FINISHED_KEY: &[u8] = b"sealpipe v1 finished";
-/// HKDF-Expand label for the initiator-to-responder traffic secret.
-pub const LABEL_I2R: &[u8] = b"sealpipe v1 initiator traffic";
-/// HKDF-Expand label for the responder-to-initiator traffic secret.
-pub const LABEL_R2I: &[u8] = b"sealpipe v1 responder traffic";
-/// HMAC label prefixed to the transcript hash in Finished.
-pub const LABEL_FINISHED: &[u8] = b"sealpipe v1 initiator finished";
 
 /// Length of the initiator hello: 74 bytes, or 106 with forward secrecy.
 pub const fn hello_i_len(forward_secrecy: bool) -> usize {
@@ -74,14 +72,79 @@ pub const fn hello_r_len(forward_secrecy: bool) -> usize {
 const MAX_HELLO_I: usize = hello_i_len(true);
 const MAX_HELLO_R: usize = hello_r_len(true);
 
+/// A side's forward-secrecy policy (`forward_secrecy = "require" | "allow" | "off"`).
+///
+/// The initiator offers an ephemeral X25519 key unless the policy is `Off`; the responder
+/// refuses an initiator that offers none only under `Require`. `Allow` and `Off` differ only in
+/// what the proxy says about a session without forward secrecy (a warning under `Allow`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum ForwardSecrecy {
+    /// Offer forward secrecy; as a responder, refuse sessions without it (the default).
+    #[default]
+    Require,
+    /// Offer forward secrecy; as a responder, accept sessions without it too (and say so).
+    Allow,
+    /// Do not offer forward secrecy; as a responder, accept sessions either way, quietly.
+    Off,
+}
+
+impl ForwardSecrecy {
+    /// Every policy, strongest first.
+    pub const ALL: [ForwardSecrecy; 3] = [
+        ForwardSecrecy::Require,
+        ForwardSecrecy::Allow,
+        ForwardSecrecy::Off,
+    ];
+
+    /// Whether an initiator with this policy sends an ephemeral key.
+    pub fn offers(self) -> bool {
+        self != ForwardSecrecy::Off
+    }
+
+    /// Whether a responder with this policy refuses a hello without an ephemeral key.
+    pub fn requires(self) -> bool {
+        self == ForwardSecrecy::Require
+    }
+
+    /// The configuration spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ForwardSecrecy::Require => "require",
+            ForwardSecrecy::Allow => "allow",
+            ForwardSecrecy::Off => "off",
+        }
+    }
+}
+
+impl fmt::Display for ForwardSecrecy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A forward-secrecy policy other than `require`, `allow` or `off`.
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+#[error("unknown forward-secrecy policy {0:?} (expected \"require\", \"allow\" or \"off\")")]
+pub struct UnknownForwardSecrecy(pub String);
+
+impl FromStr for ForwardSecrecy {
+    type Err = UnknownForwardSecrecy;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ForwardSecrecy::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| UnknownForwardSecrecy(s.to_owned()))
+    }
+}
+
 /// What a handshake needs from configuration.
 #[derive(Clone, Debug)]
 pub struct HandshakeConfig {
     /// Keys: the initiator sends with the primary, the responder accepts any.
     pub keys: Arc<KeySet>,
-    /// Initiator: offer ephemeral X25519. Responder: require it (when false, the responder
-    /// follows the initiator's choice).
-    pub forward_secrecy: bool,
+    /// Whether to offer (initiator) or require (responder) an ephemeral X25519 exchange.
+    pub forward_secrecy: ForwardSecrecy,
     /// Backend for the session's records (wire-compatible either way).
     pub aead: AeadKind,
 }
@@ -140,15 +203,15 @@ pub enum Status {
 pub struct Handshake {
     state: State,
     key_id: Option<KeyId>,
+    peer_version: Option<u8>,
 }
 
 enum State {
     InitiatorWaitHello(Box<InitiatorWait>),
     ResponderWaitHello {
         keys: Arc<KeySet>,
-        require_fs: bool,
+        policy: ForwardSecrecy,
         aead: AeadKind,
-        eph: Option<Box<EphemeralKey>>,
     },
     ResponderWaitFinished(Box<ResponderWait>),
     Done,
@@ -156,11 +219,12 @@ enum State {
 }
 
 struct InitiatorWait {
-    key: Key,
+    /// Shared with the configuration: the primary key is used where it lies, never copied.
+    keys: Arc<KeySet>,
     flags: u8,
     hello_i: [u8; MAX_HELLO_I],
     nonce_i: [u8; NONCE_LEN],
-    eph: Option<EphemeralPrivateKey>,
+    eph: Option<Box<EphemeralKey>>,
     aead: AeadKind,
 }
 
@@ -173,7 +237,8 @@ struct ResponderWait {
 }
 
 impl Handshake {
-    /// Starts the initiator (encrypt side) and appends its hello to `out`.
+    /// Starts the initiator (encrypt side) and appends its hello to `out`. With forward
+    /// secrecy the ephemeral key is drawn from `rng` ([`EphemeralKey::from_rng`]).
     pub fn initiator(
         cfg: &HandshakeConfig,
         rng: &mut dyn RandomSource,
@@ -182,37 +247,41 @@ impl Handshake {
         Self::initiator_with(cfg, rng, None, out)
     }
 
-    /// [`Handshake::initiator`] with an ephemeral key made ahead of time (see [`EphemeralPool`]);
-    /// without one, or if forward secrecy is off, it behaves exactly like `initiator`.
+    /// [`Handshake::initiator`] with an ephemeral key made ahead of time (see
+    /// [`super::EphemeralPool`]); without one, or if forward secrecy is off, it behaves exactly
+    /// like `initiator`.
     pub fn initiator_with(
         cfg: &HandshakeConfig,
         rng: &mut dyn RandomSource,
         eph: Option<Box<EphemeralKey>>,
         out: &mut Vec<u8>,
     ) -> Handshake {
-        let key = cfg.keys.primary().clone();
-        let fs = cfg.forward_secrecy;
+        let keys = Arc::clone(&cfg.keys);
+        let key = keys.primary();
+        let key_id = key.id();
+        let fs = cfg.forward_secrecy.offers();
         let flags = if fs { FLAG_FORWARD_SECRECY } else { 0 };
         let mut nonce_i = [0u8; NONCE_LEN];
         rng.fill(&mut nonce_i);
         let mut hello_i = [0u8; MAX_HELLO_I];
         let mut w = Writer::new(&mut hello_i);
         w.put(&[VERSION, flags]);
-        w.put(key.id().as_bytes());
+        w.put(key_id.as_bytes());
         w.put(&nonce_i);
         let eph = fs.then(|| {
-            let eph = eph.unwrap_or_else(|| Box::new(EphemeralKey::generate(rng)));
-            w.put(&eph.public);
-            eph.private
+            let eph = eph.unwrap_or_else(|| Box::new(EphemeralKey::from_rng(rng)));
+            w.put(eph.public());
+            eph
         });
         let body = w.len();
-        let tag = mac(key.mac_key(), &[LABEL_HELLO_I, &hello_i[..body]]);
+        let tag = hmac::sign(key.hello_mac(), &hello_i[..body]);
         hello_i[body..body + MAC_LEN].copy_from_slice(tag.as_ref());
         out.extend_from_slice(&hello_i[..hello_i_len(fs)]);
         Handshake {
-            key_id: Some(key.id()),
+            key_id: Some(key_id),
+            peer_version: None,
             state: State::InitiatorWaitHello(Box::new(InitiatorWait {
-                key,
+                keys,
                 flags,
                 hello_i,
                 nonce_i,
@@ -222,21 +291,16 @@ impl Handshake {
         }
     }
 
-    /// Starts the responder (decrypt side); it speaks only after a valid initiator hello.
+    /// Starts the responder (decrypt side); it speaks only after a valid initiator hello, and
+    /// takes an ephemeral key only then.
     pub fn responder(cfg: &HandshakeConfig) -> Handshake {
-        Self::responder_with(cfg, None)
-    }
-
-    /// [`Handshake::responder`] holding an ephemeral key made ahead of time for the initiator's
-    /// hello (see [`EphemeralPool`]). It is used for this handshake only, or dropped unused.
-    pub fn responder_with(cfg: &HandshakeConfig, eph: Option<Box<EphemeralKey>>) -> Handshake {
         Handshake {
             key_id: None,
+            peer_version: None,
             state: State::ResponderWaitHello {
                 keys: Arc::clone(&cfg.keys),
-                require_fs: cfg.forward_secrecy,
+                policy: cfg.forward_secrecy,
                 aead: cfg.aead,
-                eph,
             },
         }
     }
@@ -253,7 +317,13 @@ impl Handshake {
         self.key_id
     }
 
-    /// Feeds the peer's unconsumed bytes; appends anything to send to `out`.
+    /// After a `Version` failure: the version byte the peer sent (for the log line).
+    pub fn peer_version(&self) -> Option<u8> {
+        self.peer_version
+    }
+
+    /// Feeds the peer's unconsumed bytes; appends anything to send to `out`. A responder that
+    /// needs an ephemeral key draws it from `rng` ([`KeysFromRng`]).
     ///
     /// See the module doc for the consumption contract. Errors are final: the connection must
     /// close, and later calls return the same error. Calling again after `Done` is `Malformed`.
@@ -263,8 +333,24 @@ impl Handshake {
         rng: &mut dyn RandomSource,
         out: &mut Vec<u8>,
     ) -> Result<Status, ProtocolError> {
-        let result = self.step(input, rng, out);
+        self.advance_with(input, rng, &mut KeysFromRng, out)
+    }
+
+    /// [`Handshake::advance`] for a responder that takes its ephemeral key from `keys` (a
+    /// shard's pool of keys made ahead of time), which it does only once the initiator's hello
+    /// has verified and met the policy. An initiator ignores `keys`.
+    pub fn advance_with(
+        &mut self,
+        input: &[u8],
+        rng: &mut dyn RandomSource,
+        keys: &mut dyn EphemeralSource,
+        out: &mut Vec<u8>,
+    ) -> Result<Status, ProtocolError> {
+        let result = self.step(input, rng, keys, out);
         if let Err(e) = result {
+            if e == ProtocolError::Version && self.peer_version.is_none() {
+                self.peer_version = input.first().copied();
+            }
             self.state = State::Failed(e);
         }
         result
@@ -274,44 +360,40 @@ impl Handshake {
         &mut self,
         input: &[u8],
         rng: &mut dyn RandomSource,
+        keys: &mut dyn EphemeralSource,
         out: &mut Vec<u8>,
     ) -> Result<Status, ProtocolError> {
         match &mut self.state {
             State::Failed(e) => Err(*e),
             State::Done => Err(ProtocolError::Malformed),
             State::InitiatorWaitHello(w) => {
-                let Some((consumed, session)) = initiator_on_hello(w, input)? else {
+                let Some((consumed, session, finished)) = initiator_on_hello(w, input)? else {
                     return Ok(Status::NeedMore);
                 };
-                out.extend_from_slice(&session.1);
+                out.extend_from_slice(&finished);
                 self.state = State::Done;
-                Ok(Status::Done {
-                    consumed,
-                    session: session.0,
-                })
+                Ok(Status::Done { consumed, session })
             }
             State::ResponderWaitHello {
-                keys,
-                require_fs,
+                keys: loaded,
+                policy,
                 aead,
-                eph,
             } => {
                 let Some(hello) = parse_hello_i(input)? else {
                     return Ok(Status::NeedMore);
                 };
                 self.key_id = Some(hello.key_id);
-                let eph = eph.take();
-                let wait = responder_on_hello(keys, *require_fs, *aead, &hello, eph, rng, out)?;
+                let wait = responder_on_hello(loaded, *policy, *aead, &hello, keys, rng, out)?;
                 self.state = State::ResponderWaitFinished(wait);
                 // Finished cannot have arrived yet (the initiator needs our hello first), but
                 // checking costs nothing and keeps the contract simple.
-                self.step(input, rng, out)
+                self.step(input, rng, keys, out)
             }
             State::ResponderWaitFinished(w) => {
                 let Some(got) = input.get(w.offset..w.offset + FINISHED_LEN) else {
                     return Ok(Status::NeedMore);
                 };
-                if !verify(&w.finished_key, &[LABEL_FINISHED, &w.th], got) {
+                if hmac::verify(&w.finished_key, &w.th, got).is_err() {
                     return Err(ProtocolError::Replay);
                 }
                 let consumed = w.offset + FINISHED_LEN;
@@ -379,13 +461,22 @@ fn parse_hello_i(input: &[u8]) -> Result<Option<HelloI<'_>>, ProtocolError> {
     }))
 }
 
+/// The error for a first byte that is not our version.
+fn version_error(v: u8) -> ProtocolError {
+    if (1..=MAX_PLAUSIBLE_VERSION).contains(&v) {
+        ProtocolError::Version
+    } else {
+        ProtocolError::NotSealpipe
+    }
+}
+
 /// Checks version and flags of a hello prefix. `expect_flags`: the responder hello must echo
 /// the initiator's flags exactly. Returns whether forward secrecy is on, or `None` if fewer than
 /// two bytes are in.
 fn check_prefix(input: &[u8], expect_flags: Option<u8>) -> Result<Option<bool>, ProtocolError> {
     match input {
         [] => Ok(None),
-        [v, ..] if *v != VERSION => Err(ProtocolError::Version),
+        [v, ..] if *v != VERSION => Err(version_error(*v)),
         [_] => Ok(None),
         [_, flags, ..] => {
             let ok = match expect_flags {
@@ -402,22 +493,22 @@ fn check_prefix(input: &[u8], expect_flags: Option<u8>) -> Result<Option<bool>, 
 }
 
 fn responder_on_hello(
-    keys: &KeySet,
-    require_fs: bool,
+    loaded: &KeySet,
+    policy: ForwardSecrecy,
     aead: AeadKind,
     hello: &HelloI<'_>,
-    eph: Option<Box<EphemeralKey>>,
+    source: &mut dyn EphemeralSource,
     rng: &mut dyn RandomSource,
     out: &mut Vec<u8>,
 ) -> Result<Box<ResponderWait>, ProtocolError> {
-    let key = keys.get(&hello.key_id).ok_or(ProtocolError::UnknownKey)?;
+    let key = loaded.get(&hello.key_id).ok_or(ProtocolError::UnknownKey)?;
     let body = &hello.bytes[..hello.bytes.len() - MAC_LEN];
-    if !verify(key.mac_key(), &[LABEL_HELLO_I, body], hello.mac) {
+    if hmac::verify(key.hello_mac(), body, hello.mac).is_err() {
         return Err(ProtocolError::BadMac);
     }
     // Policy is checked after the MAC, so an unauthenticated peer learns nothing about it.
-    if require_fs && hello.eph_i.is_none() {
-        return Err(ProtocolError::Malformed);
+    if policy.requires() && hello.eph_i.is_none() {
+        return Err(ProtocolError::ForwardSecrecyRequired);
     }
     let mut nonce_r = [0u8; NONCE_LEN];
     rng.fill(&mut nonce_r);
@@ -425,41 +516,45 @@ fn responder_on_hello(
     let mut w = Writer::new(&mut hello_r);
     w.put(&[VERSION, hello.flags]);
     w.put(&nonce_r);
-    let mut shared = None;
-    if let Some(eph_i) = &hello.eph_i {
-        let eph = eph.unwrap_or_else(|| Box::new(EphemeralKey::generate(rng)));
-        w.put(&eph.public);
-        shared = Some(agree(eph.private, eph_i)?);
-    }
+    let dh = match &hello.eph_i {
+        Some(eph_i) => {
+            // The first and only X25519 work a responder does for a hello: it verified.
+            let eph = source.ephemeral(rng);
+            w.put(eph.public());
+            Some(eph.agree(eph_i)?)
+        }
+        None => None,
+    };
     let body_r = w.len();
-    let tag = mac(
-        key.mac_key(),
-        &[LABEL_HELLO_R, hello.bytes, &hello_r[..body_r]],
-    );
-    hello_r[body_r..body_r + MAC_LEN].copy_from_slice(tag.as_ref());
-    let hello_r = &hello_r[..body_r + MAC_LEN];
-    let th = transcript_hash(hello.bytes, hello_r);
-    let ks = KeySchedule::new(key, &hello.nonce_i, &nonce_r, shared.as_ref(), &th);
-    out.extend_from_slice(hello_r);
+    let schedule = Schedule::new(key, &hello.nonce_i, &nonce_r, dh.as_deref());
+    let mut transcript = digest::Context::new(&digest::SHA256);
+    transcript.update(hello.bytes);
+    transcript.update(&hello_r[..body_r]);
+    let th_r = hash(transcript.clone());
+    let mac_r = hmac::sign(&schedule.mac_key(LABEL_RESPONDER_FINISHED, &th_r), &th_r);
+    hello_r[body_r..body_r + MAC_LEN].copy_from_slice(mac_r.as_ref());
+    transcript.update(mac_r.as_ref());
+    let th = hash(transcript);
+    out.extend_from_slice(&hello_r[..body_r + MAC_LEN]);
+    let (i2r, r2i) = schedule.traffic(&th);
     Ok(Box::new(ResponderWait {
         offset: hello.bytes.len(),
-        finished_key: hmac::Key::new(hmac::HMAC_SHA256, &ks.finished),
+        finished_key: schedule.mac_key(LABEL_INITIATOR_FINISHED, &th),
         th,
         session: Session {
-            sealer: Sealer::new(aead, ks.r2i),
-            opener: Opener::new(aead, ks.i2r),
+            sealer: Sealer::new(aead, r2i, false),
+            opener: Opener::new(aead, i2r, true),
             key_id: key.id(),
-            forward_secrecy: shared.is_some(),
+            forward_secrecy: dh.is_some(),
         },
     }))
 }
 
-/// On the responder hello: returns (bytes consumed, (session, Finished to send)).
-#[allow(clippy::type_complexity)]
+/// On the responder hello: `(bytes consumed, session, Finished to send)`.
 fn initiator_on_hello(
     w: &mut InitiatorWait,
     input: &[u8],
-) -> Result<Option<(usize, (Session, [u8; FINISHED_LEN]))>, ProtocolError> {
+) -> Result<Option<(usize, Session, [u8; FINISHED_LEN])>, ProtocolError> {
     let Some(fs) = check_prefix(input, Some(w.flags))? else {
         return Ok(None);
     };
@@ -473,55 +568,59 @@ fn initiator_on_hello(
     let nonce_r: [u8; NONCE_LEN] = r.array()?;
     let eph_r: Option<[u8; PUBLIC_KEY_LEN]> = if fs { Some(r.array()?) } else { None };
     let mac_r = r.take(MAC_LEN)?;
-    if !verify(
-        w.key.mac_key(),
-        &[LABEL_HELLO_R, hello_i, &hello_r[..len - MAC_LEN]],
-        mac_r,
-    ) {
-        return Err(ProtocolError::BadMac);
-    }
-    let shared = match (eph_r, w.eph.take()) {
-        (Some(peer), Some(eph)) => Some(agree(eph, &peer)?),
+    let dh = match (eph_r, w.eph.take()) {
+        (Some(peer), Some(eph)) => Some(eph.agree(&peer)?),
         (None, None) => None,
         // Flags were checked equal, so this cannot happen; refuse rather than panic.
         _ => return Err(ProtocolError::Malformed),
     };
-    let th = transcript_hash(hello_i, hello_r);
-    let ks = KeySchedule::new(&w.key, &w.nonce_i, &nonce_r, shared.as_ref(), &th);
-    let finished_key = hmac::Key::new(hmac::HMAC_SHA256, &ks.finished);
+    let key = w.keys.primary();
+    let schedule = Schedule::new(key, &w.nonce_i, &nonce_r, dh.as_deref());
+    let mut transcript = digest::Context::new(&digest::SHA256);
+    transcript.update(hello_i);
+    transcript.update(&hello_r[..len - MAC_LEN]);
+    let th_r = hash(transcript.clone());
+    // mac_r is keyed from the schedule: it verifies only if the responder holds the key and
+    // derived the same X25519 result.
+    let r_key = schedule.mac_key(LABEL_RESPONDER_FINISHED, &th_r);
+    if hmac::verify(&r_key, &th_r, mac_r).is_err() {
+        return Err(ProtocolError::BadMac);
+    }
+    transcript.update(mac_r);
+    let th = hash(transcript);
     let mut finished = [0u8; FINISHED_LEN];
-    finished.copy_from_slice(mac(&finished_key, &[LABEL_FINISHED, &th]).as_ref());
+    finished.copy_from_slice(
+        hmac::sign(&schedule.mac_key(LABEL_INITIATOR_FINISHED, &th), &th).as_ref(),
+    );
+    let (i2r, r2i) = schedule.traffic(&th);
     let session = Session {
-        sealer: Sealer::new(w.aead, ks.i2r),
-        opener: Opener::new(w.aead, ks.r2i),
-        key_id: w.key.id(),
+        sealer: Sealer::new(w.aead, i2r, true),
+        opener: Opener::new(w.aead, r2i, false),
+        key_id: key.id(),
         forward_secrecy: fs,
     };
-    Ok(Some((len, (session, finished))))
+    Ok(Some((len, session, finished)))
 }
 
-/// The secrets derived from one handshake.
-struct KeySchedule {
-    finished: [u8; 32],
-    i2r: [u8; 32],
-    r2i: [u8; 32],
+/// The handshake's key schedule:
+/// `PRK = HKDF-Extract(salt = nonce_i || nonce_r, IKM = psk_secret || dh)`; every handshake
+/// key and traffic secret is `HKDF-Expand-Label(PRK, label, transcript hash, 32)`.
+struct Schedule {
+    prk: hkdf::Prk,
 }
 
-impl KeySchedule {
-    /// PRK = HKDF-Extract(salt = nonce_i || nonce_r, IKM = psk || dh);
-    /// each secret = HKDF-Expand(PRK, label || th, 32).
+impl Schedule {
     fn new(
-        psk: &Key,
+        key: &Key,
         nonce_i: &[u8; NONCE_LEN],
         nonce_r: &[u8; NONCE_LEN],
         dh: Option<&[u8; 32]>,
-        th: &[u8; 32],
-    ) -> KeySchedule {
+    ) -> Schedule {
         let mut salt = [0u8; 2 * NONCE_LEN];
         salt[..NONCE_LEN].copy_from_slice(nonce_i);
         salt[NONCE_LEN..].copy_from_slice(nonce_r);
-        let mut ikm = [0u8; 64];
-        ikm[..32].copy_from_slice(psk.bytes());
+        let mut ikm = Zeroizing::new([0u8; 64]);
+        ikm[..32].copy_from_slice(key.psk_secret());
         let ikm_len = match dh {
             Some(dh) => {
                 ikm[32..].copy_from_slice(dh);
@@ -529,164 +628,32 @@ impl KeySchedule {
             }
             None => 32,
         };
-        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &salt).extract(&ikm[..ikm_len]);
-        let mut ks = KeySchedule {
-            finished: [0; 32],
-            i2r: [0; 32],
-            r2i: [0; 32],
-        };
-        hkdf_expand(&prk, LABEL_FINISHED_KEY, th, &mut ks.finished);
-        hkdf_expand(&prk, LABEL_I2R, th, &mut ks.i2r);
-        hkdf_expand(&prk, LABEL_R2I, th, &mut ks.r2i);
-        ks
+        Schedule {
+            prk: hkdf::Salt::new(hkdf::HKDF_SHA256, &salt).extract(&ikm[..ikm_len]),
+        }
+    }
+
+    /// An HMAC key (responder or initiator finished) bound to a transcript hash.
+    fn mac_key(&self, label: &[u8], th: &[u8; 32]) -> hmac::Key {
+        let mut k = Zeroizing::new([0u8; 32]);
+        expand_label(&self.prk, label, th, &mut k[..]);
+        hmac::Key::new(hmac::HMAC_SHA256, &k[..])
+    }
+
+    /// The first traffic secrets: (initiator to responder, responder to initiator).
+    fn traffic(&self, th: &[u8; 32]) -> (Secret, Secret) {
+        let mut i2r = Secret::new([0u8; 32]);
+        let mut r2i = Secret::new([0u8; 32]);
+        expand_label(&self.prk, LABEL_I2R, th, &mut i2r[..]);
+        expand_label(&self.prk, LABEL_R2I, th, &mut r2i[..]);
+        (i2r, r2i)
     }
 }
 
-fn transcript_hash(hello_i: &[u8], hello_r: &[u8]) -> [u8; 32] {
-    let mut ctx = digest::Context::new(&digest::SHA256);
-    ctx.update(hello_i);
-    ctx.update(hello_r);
+fn hash(ctx: digest::Context) -> [u8; 32] {
     let mut th = [0u8; 32];
     th.copy_from_slice(ctx.finish().as_ref());
     th
-}
-
-/// An X25519 key pair for one handshake. Made on demand, or ahead of time by an
-/// [`EphemeralPool`]; either way it is consumed by the handshake that takes it.
-pub struct EphemeralKey {
-    private: EphemeralPrivateKey,
-    public: [u8; PUBLIC_KEY_LEN],
-}
-
-impl EphemeralKey {
-    /// A fresh key pair whose private scalar comes from `rng`.
-    pub fn generate(rng: &mut dyn RandomSource) -> EphemeralKey {
-        let mut seed = [0u8; 32];
-        rng.fill(&mut seed);
-        // ring draws ephemeral keys only from its own sealed `SecureRandom`; its fixed-slice
-        // implementation lets our `RandomSource` (and so the known-answer tests) supply the
-        // scalar. It is marked as an internal API, hence the allow; it is stable across 0.17.
-        #[allow(deprecated)]
-        let fixed = ring::test::rand::FixedSliceRandom { bytes: &seed };
-        let private = EphemeralPrivateKey::generate(&X25519, &fixed)
-            .expect("X25519 key generation from a 32-byte seed cannot fail");
-        seed.fill(0);
-        let mut public = [0u8; PUBLIC_KEY_LEN];
-        public.copy_from_slice(
-            private
-                .compute_public_key()
-                .expect("X25519 public key from a valid scalar")
-                .as_ref(),
-        );
-        EphemeralKey { private, public }
-    }
-}
-
-impl fmt::Debug for EphemeralKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EphemeralKey").finish_non_exhaustive()
-    }
-}
-
-/// Ephemeral key pairs generated before they are needed.
-///
-/// A key pair costs a fixed-base scalar multiplication (about half of a side's X25519 work).
-/// A shard refills its pool while it has nothing else to do, so a handshake in the critical
-/// path of a new connection only pays for the key agreement. Every key is handed out once and
-/// then belongs to one handshake: forward secrecy is unchanged (a key waits in the pool for at
-/// most as long as the shard is busy, and is never reused). An empty pool generates on demand.
-pub struct EphemeralPool {
-    // Boxed: a handshake holds the key it takes as a `Box`, so taking one never allocates.
-    #[allow(clippy::vec_box)]
-    keys: Vec<Box<EphemeralKey>>,
-    target: usize,
-    /// Keys handed out that had to be generated on demand (the pool was empty).
-    pub misses: u64,
-}
-
-impl EphemeralPool {
-    /// A pool that refills up to `target` keys (0 disables pre-generation).
-    pub fn new(target: usize) -> EphemeralPool {
-        EphemeralPool {
-            keys: Vec::with_capacity(target),
-            target,
-            misses: 0,
-        }
-    }
-
-    /// A key pair, from the pool if it has one.
-    pub fn take(&mut self, rng: &mut dyn RandomSource) -> Box<EphemeralKey> {
-        self.keys.pop().unwrap_or_else(|| {
-            self.misses += 1;
-            Box::new(EphemeralKey::generate(rng))
-        })
-    }
-
-    /// Whether the pool is below its target.
-    pub fn wants_refill(&self) -> bool {
-        self.keys.len() < self.target
-    }
-
-    /// Generates one key if the pool is below its target; returns whether it still is.
-    pub fn refill_one(&mut self, rng: &mut dyn RandomSource) -> bool {
-        if self.wants_refill() {
-            self.keys.push(Box::new(EphemeralKey::generate(rng)));
-        }
-        self.wants_refill()
-    }
-
-    /// Keys ready to hand out.
-    pub fn len(&self) -> usize {
-        self.keys.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
-    }
-}
-
-impl fmt::Debug for EphemeralPool {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EphemeralPool")
-            .field("ready", &self.keys.len())
-            .field("target", &self.target)
-            .field("misses", &self.misses)
-            .finish()
-    }
-}
-
-/// X25519; ring rejects an all-zero shared secret (a low-order peer point), which is Malformed.
-fn agree(eph: EphemeralPrivateKey, peer: &[u8; PUBLIC_KEY_LEN]) -> Result<[u8; 32], ProtocolError> {
-    agreement::agree_ephemeral(eph, &UnparsedPublicKey::new(&X25519, peer), |s| {
-        let mut out = [0u8; 32];
-        out.copy_from_slice(s);
-        out
-    })
-    .map_err(|_| ProtocolError::Malformed)
-}
-
-/// Largest MAC input: the responder hello's label, the initiator hello and the responder body.
-const MAC_INPUT_MAX: usize = 256;
-
-fn mac(key: &hmac::Key, parts: &[&[u8]]) -> hmac::Tag {
-    let mut ctx = hmac::Context::with_key(key);
-    for p in parts {
-        ctx.update(p);
-    }
-    ctx.sign()
-}
-
-/// Constant-time check of `tag` against HMAC(key, concat(parts)).
-fn verify(key: &hmac::Key, parts: &[&[u8]], tag: &[u8]) -> bool {
-    let mut buf = [0u8; MAC_INPUT_MAX];
-    let mut w = Writer::new(&mut buf);
-    for p in parts {
-        if !w.put(p) {
-            return false;
-        }
-    }
-    let n = w.len();
-    hmac::verify(key, &buf[..n], tag).is_ok()
 }
 
 /// A checked reader over untrusted bytes: every read is bounds-checked and a short read is
@@ -751,6 +718,8 @@ impl<'a> Writer<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::OpenInfo;
+    use crate::ephemeral::EphemeralPool;
     use crate::record::{HEADER_LEN, RecordType, record_len_for};
 
     /// Deterministic randomness: a counter-mode stream from a seed.
@@ -764,7 +733,17 @@ mod tests {
         }
     }
 
-    fn cfg(keys: &[[u8; 32]], fs: bool) -> HandshakeConfig {
+    /// A key source that counts what it hands out.
+    #[derive(Default)]
+    struct Counting(usize);
+    impl EphemeralSource for Counting {
+        fn ephemeral(&mut self, rng: &mut dyn RandomSource) -> Box<EphemeralKey> {
+            self.0 += 1;
+            Box::new(EphemeralKey::from_rng(rng))
+        }
+    }
+
+    fn cfg(keys: &[[u8; 32]], fs: ForwardSecrecy) -> HandshakeConfig {
         let mut ks = keys.iter().map(|k| Key::from_bytes(*k));
         let primary = ks.next().unwrap();
         HandshakeConfig {
@@ -773,6 +752,8 @@ mod tests {
             aead: AeadKind::Ring,
         }
     }
+
+    use ForwardSecrecy::{Allow, Off, Require};
 
     /// Runs a full handshake, feeding bytes one at a time to exercise NeedMore.
     fn run(
@@ -828,23 +809,35 @@ mod tests {
         Ok((si, sr))
     }
 
-    fn exchange(a: &mut Session, b: &mut Session) {
-        let msg = b"ping";
+    fn seal(s: &mut Session, ty: RecordType, msg: &[u8]) -> Vec<u8> {
         let mut rec = vec![0u8; record_len_for(msg.len())];
         rec[HEADER_LEN..HEADER_LEN + msg.len()].copy_from_slice(msg);
-        a.sealer
-            .seal_in_place(RecordType::Data, &mut rec, msg.len())
-            .unwrap();
+        s.sealer.seal_in_place(ty, &mut rec, msg.len()).unwrap();
+        rec
+    }
+
+    /// `a` sends b"ping" to `b` (after the OPEN the initiator's first record must be).
+    fn exchange(a: &mut Session, b: &mut Session) {
+        if a.sealer.open_due() {
+            let mut open = [0u8; crate::control::MAX_OPEN_LEN];
+            let n = OpenInfo::default().encode(&mut open);
+            let mut rec = seal(a, RecordType::Open, &open[..n]);
+            assert_eq!(
+                b.opener.open_in_place(&mut rec).unwrap().0,
+                RecordType::Open
+            );
+        }
+        let mut rec = seal(a, RecordType::Data, b"ping");
         let (ty, range) = b.opener.open_in_place(&mut rec).unwrap();
-        assert_eq!((ty, &rec[range]), (RecordType::Data, &msg[..]));
+        assert_eq!((ty, &rec[range]), (RecordType::Data, &b"ping"[..]));
     }
 
     #[test]
     fn handshake_both_modes_and_both_directions() {
-        for fs in [true, false] {
-            let (mut i, mut r) = run(&cfg(&[[1; 32]], fs), &cfg(&[[1; 32]], false)).unwrap();
-            assert_eq!(i.forward_secrecy, fs);
-            assert_eq!(r.forward_secrecy, fs);
+        for fs in ForwardSecrecy::ALL {
+            let (mut i, mut r) = run(&cfg(&[[1; 32]], fs), &cfg(&[[1; 32]], Off)).unwrap();
+            assert_eq!(i.forward_secrecy, fs.offers());
+            assert_eq!(r.forward_secrecy, fs.offers());
             assert_eq!(i.key_id, r.key_id);
             exchange(&mut i, &mut r);
             exchange(&mut r, &mut i);
@@ -853,7 +846,7 @@ mod tests {
 
     #[test]
     fn sessions_hibernate_both_directions_and_keep_talking() {
-        let (mut i, mut r) = run(&cfg(&[[1; 32]], true), &cfg(&[[1; 32]], true)).unwrap();
+        let (mut i, mut r) = run(&cfg(&[[1; 32]], Require), &cfg(&[[1; 32]], Require)).unwrap();
         exchange(&mut i, &mut r);
         for _ in 0..2 {
             assert!(i.hibernate());
@@ -873,7 +866,11 @@ mod tests {
 
     #[test]
     fn responder_accepts_any_loaded_key() {
-        let (mut i, mut r) = run(&cfg(&[[2; 32]], true), &cfg(&[[1; 32], [2; 32]], true)).unwrap();
+        let (mut i, mut r) = run(
+            &cfg(&[[2; 32]], Require),
+            &cfg(&[[1; 32], [2; 32]], Require),
+        )
+        .unwrap();
         assert_eq!(r.key_id, Key::from_bytes([2; 32]).id());
         exchange(&mut i, &mut r);
     }
@@ -881,16 +878,16 @@ mod tests {
     #[test]
     fn wrong_or_unknown_key_fails() {
         assert_eq!(
-            run(&cfg(&[[1; 32]], true), &cfg(&[[2; 32]], true)).unwrap_err(),
+            run(&cfg(&[[1; 32]], Require), &cfg(&[[2; 32]], Require)).unwrap_err(),
             ProtocolError::UnknownKey
         );
         // Same id, different key: impossible in practice (ids derive from keys), so forge the
         // id by sending key 1's id with key 2's MAC.
         let mut rng = TestRng(3);
         let mut hello = Vec::new();
-        Handshake::initiator(&cfg(&[[2; 32]], true), &mut rng, &mut hello);
+        Handshake::initiator(&cfg(&[[2; 32]], Require), &mut rng, &mut hello);
         hello[2..10].copy_from_slice(Key::from_bytes([1; 32]).id().as_bytes());
-        let mut r = Handshake::responder(&cfg(&[[1; 32]], true));
+        let mut r = Handshake::responder(&cfg(&[[1; 32]], Require));
         let mut out = Vec::new();
         assert_eq!(
             r.advance(&hello, &mut rng, &mut out).unwrap_err(),
@@ -908,22 +905,97 @@ mod tests {
     fn version_flags_and_policy() {
         let mut rng = TestRng(4);
         let mut out = Vec::new();
-        let mut r = Handshake::responder(&cfg(&[[1; 32]], true));
+        // Another sealpipe version, or not sealpipe at all: named apart, at the first byte.
+        for (first, want) in [
+            (1u8, ProtocolError::Version),
+            (3, ProtocolError::Version),
+            (15, ProtocolError::Version),
+            (0, ProtocolError::NotSealpipe),
+            (16, ProtocolError::NotSealpipe),
+            (b'G', ProtocolError::NotSealpipe),
+            (0x16, ProtocolError::NotSealpipe),
+        ] {
+            let mut r = Handshake::responder(&cfg(&[[1; 32]], Require));
+            assert_eq!(r.advance(&[first], &mut rng, &mut out).unwrap_err(), want);
+            let seen = (want == ProtocolError::Version).then_some(first);
+            assert_eq!(r.peer_version(), seen);
+        }
+        let mut r = Handshake::responder(&cfg(&[[1; 32]], Require));
         assert_eq!(
-            r.advance(&[2], &mut rng, &mut out).unwrap_err(),
-            ProtocolError::Version
-        );
-        let mut r = Handshake::responder(&cfg(&[[1; 32]], true));
-        assert_eq!(
-            r.advance(&[1, 0x80], &mut rng, &mut out).unwrap_err(),
+            r.advance(&[VERSION, 0x80], &mut rng, &mut out).unwrap_err(),
             ProtocolError::Malformed
         );
-        // A responder that requires forward secrecy refuses an initiator without it.
+        // A responder that requires forward secrecy refuses an initiator without it, and says
+        // so precisely; one that allows it or has it off accepts.
         assert_eq!(
-            run(&cfg(&[[1; 32]], false), &cfg(&[[1; 32]], true)).unwrap_err(),
-            ProtocolError::Malformed
+            run(&cfg(&[[1; 32]], Off), &cfg(&[[1; 32]], Require)).unwrap_err(),
+            ProtocolError::ForwardSecrecyRequired
         );
+        for policy in [Allow, Off] {
+            let (i, r) = run(&cfg(&[[1; 32]], Off), &cfg(&[[1; 32]], policy)).unwrap();
+            assert!(!i.forward_secrecy && !r.forward_secrecy);
+        }
         assert!(out.is_empty());
+        // The initiator reads the responder's first byte the same way.
+        let mut to_r = Vec::new();
+        let mut i = Handshake::initiator(&cfg(&[[1; 32]], Require), &mut rng, &mut to_r);
+        assert_eq!(
+            i.advance(b"-ERR unknown command", &mut rng, &mut out)
+                .unwrap_err(),
+            ProtocolError::NotSealpipe
+        );
+    }
+
+    #[test]
+    fn no_ephemeral_key_is_taken_before_the_hello_verifies() {
+        let rc = cfg(&[[1; 32]], Require);
+        let mut rng = TestRng(8);
+        let mut valid = Vec::new();
+        Handshake::initiator(&cfg(&[[1; 32]], Require), &mut rng, &mut valid);
+        let mut wrong_key = Vec::new();
+        Handshake::initiator(&cfg(&[[2; 32]], Require), &mut rng, &mut wrong_key);
+        let mut bad_mac = valid.clone();
+        bad_mac[50] ^= 1;
+        let mut no_fs = Vec::new();
+        Handshake::initiator(&cfg(&[[1; 32]], Off), &mut rng, &mut no_fs);
+        let garbage: Vec<u8> = (0..200u8).collect();
+        let mut keys = Counting::default();
+        for (input, want) in [
+            (&garbage[..], ProtocolError::NotSealpipe),
+            (&b"\x02\x01"[..], ProtocolError::Truncated),
+            (&valid[..valid.len() - 1], ProtocolError::Truncated),
+            (&wrong_key[..], ProtocolError::UnknownKey),
+            (&bad_mac[..], ProtocolError::BadMac),
+            (&no_fs[..], ProtocolError::ForwardSecrecyRequired),
+        ] {
+            let mut r = Handshake::responder(&rc);
+            let mut out = Vec::new();
+            match r.advance_with(input, &mut rng, &mut keys, &mut out) {
+                Ok(Status::NeedMore) => assert_eq!(want, ProtocolError::Truncated),
+                Ok(Status::Done { .. }) => panic!("done on {want:?}"),
+                Err(e) => assert_eq!(e, want),
+            }
+            assert!(out.is_empty(), "the responder answered ({want:?})");
+            assert_eq!(
+                keys.0, 0,
+                "a key was taken for an unverified hello ({want:?})"
+            );
+        }
+        // A valid hello takes exactly one, from the source it is given.
+        let mut r = Handshake::responder(&rc);
+        let mut out = Vec::new();
+        assert!(matches!(
+            r.advance_with(&valid, &mut rng, &mut keys, &mut out),
+            Ok(Status::NeedMore)
+        ));
+        assert_eq!(keys.0, 1);
+        assert_eq!(out.len(), hello_r_len(true));
+        // And none without forward secrecy, where it is allowed.
+        let mut r = Handshake::responder(&cfg(&[[1; 32]], Allow));
+        let mut out = Vec::new();
+        r.advance_with(&no_fs, &mut rng, &mut keys, &mut out)
+            .unwrap();
+        assert_eq!(keys.0, 1);
     }
 
     #[test]
@@ -933,9 +1005,9 @@ mod tests {
         hello.extend_from_slice(key.id().as_bytes());
         hello.extend_from_slice(&[5; NONCE_LEN]);
         hello.extend_from_slice(&[0; PUBLIC_KEY_LEN]); // the identity: order 1
-        let tag = mac(key.mac_key(), &[LABEL_HELLO_I, &hello]);
+        let tag = hmac::sign(key.hello_mac(), &hello);
         hello.extend_from_slice(tag.as_ref());
-        let mut r = Handshake::responder(&cfg(&[[1; 32]], true));
+        let mut r = Handshake::responder(&cfg(&[[1; 32]], Require));
         let mut out = Vec::new();
         assert_eq!(
             r.advance(&hello, &mut TestRng(0), &mut out).unwrap_err(),
@@ -944,10 +1016,59 @@ mod tests {
         assert!(out.is_empty());
     }
 
+    /// A responder hello made by a holder of the key whose keys come from another X25519
+    /// result than the one its public key implies (a broken or malicious responder): version 1's
+    /// PSK-only mac_r accepted it and the session failed later; version 2's does not verify.
+    #[test]
+    fn the_responder_proof_covers_the_dh_result() {
+        let c = cfg(&[[1; 32]], Require);
+        let mut to_r = Vec::new();
+        let mut i = Handshake::initiator(&c, &mut TestRng(1), &mut to_r);
+        let hello_i = to_r.clone();
+        let eph_i: [u8; 32] = hello_i[42..74].try_into().unwrap();
+        let key = Key::from_bytes([1; 32]);
+        let sent = EphemeralKey::from_rng(&mut TestRng(40));
+        let used = EphemeralKey::from_rng(&mut TestRng(41));
+        let nonce_r = [9u8; NONCE_LEN];
+        let mut hello_r = vec![VERSION, FLAG_FORWARD_SECRECY];
+        hello_r.extend_from_slice(&nonce_r);
+        hello_r.extend_from_slice(sent.public());
+        let make = |dh: &[u8; 32], hello_r: &[u8]| {
+            let s = Schedule::new(
+                &key,
+                hello_i[10..42].try_into().unwrap(),
+                &nonce_r,
+                Some(dh),
+            );
+            let mut t = digest::Context::new(&digest::SHA256);
+            t.update(&hello_i);
+            t.update(hello_r);
+            let th_r = hash(t);
+            let mut out = hello_r.to_vec();
+            out.extend_from_slice(
+                hmac::sign(&s.mac_key(LABEL_RESPONDER_FINISHED, &th_r), &th_r).as_ref(),
+            );
+            out
+        };
+        let wrong = make(&used.agree(&eph_i).unwrap(), &hello_r);
+        assert_eq!(
+            i.advance(&wrong, &mut TestRng(2), &mut Vec::new())
+                .unwrap_err(),
+            ProtocolError::BadMac
+        );
+        // The same construction with the right X25519 result completes.
+        let mut i = Handshake::initiator(&c, &mut TestRng(1), &mut Vec::new());
+        let right = make(&sent.agree(&eph_i).unwrap(), &hello_r);
+        assert!(matches!(
+            i.advance(&right, &mut TestRng(2), &mut Vec::new()),
+            Ok(Status::Done { .. })
+        ));
+    }
+
     #[test]
     fn replayed_session_fails_at_finished() {
-        let ic = cfg(&[[1; 32]], true);
-        let rc = cfg(&[[1; 32]], true);
+        let ic = cfg(&[[1; 32]], Require);
+        let rc = cfg(&[[1; 32]], Require);
         // Record a genuine session's initiator bytes.
         let mut rng = TestRng(9);
         let mut to_r = Vec::new();
@@ -967,7 +1088,7 @@ mod tests {
 
     #[test]
     fn advance_after_done_is_an_error() {
-        let ic = cfg(&[[1; 32]], false);
+        let ic = cfg(&[[1; 32]], Off);
         let mut rng = TestRng(5);
         let mut to_r = Vec::new();
         let mut i = Handshake::initiator(&ic, &mut rng, &mut to_r);
@@ -989,39 +1110,30 @@ mod tests {
 
     #[test]
     fn keys_made_ahead_give_the_same_handshake_and_are_used_once() {
-        let c = cfg(&[[1; 32]], true);
-        let mut pool = EphemeralPool::new(3);
-        assert!(pool.is_empty() && pool.wants_refill());
-        let mut os = crate::OsRandom;
-        assert!(pool.refill_one(&mut os));
-        assert!(pool.refill_one(&mut os));
-        assert!(!pool.refill_one(&mut os), "the pool stops at its target");
-        assert!(!pool.refill_one(&mut os));
-        assert_eq!(pool.len(), 3);
-
-        // A pooled key is exactly what the handshake would have drawn itself: with the same
-        // random stream (nonce, then the key's seed), the hello is byte for byte the same.
+        let c = cfg(&[[1; 32]], Require);
+        // A key made ahead from the same random stream (nonce, then the key's scalar) gives
+        // the hello the handshake would have made itself, byte for byte.
         let mut plain = Vec::new();
         Handshake::initiator(&c, &mut TestRng(3), &mut plain);
         let mut ahead = Vec::new();
         let mut rng = TestRng(3);
         let mut nonce = [0u8; NONCE_LEN];
         rng.fill(&mut nonce);
-        let key = Box::new(EphemeralKey::generate(&mut rng));
+        let key = Box::new(EphemeralKey::from_rng(&mut rng));
         Handshake::initiator_with(&c, &mut TestRng(3), Some(key), &mut ahead);
         assert_eq!(plain, ahead);
 
-        // Both sides on pooled keys complete and agree; every key is handed out once.
-        let mut publics = std::collections::HashSet::new();
+        // Both sides on pooled (ring) keys complete and agree; every key is handed out once.
+        let mut pool = EphemeralPool::new(3);
+        while pool.refill_one() {}
         for _ in 0..4 {
-            let ik = pool.take(&mut os);
-            let rk = pool.take(&mut os);
-            assert!(publics.insert(ik.public) && publics.insert(rk.public));
             let mut to_r = Vec::new();
-            let mut i = Handshake::initiator_with(&c, &mut TestRng(4), Some(ik), &mut to_r);
-            let mut r = Handshake::responder_with(&c, Some(rk));
+            let mut i =
+                Handshake::initiator_with(&c, &mut TestRng(4), Some(pool.take()), &mut to_r);
+            let mut r = Handshake::responder(&c);
             let mut to_i = Vec::new();
-            r.advance(&to_r, &mut TestRng(5), &mut to_i).unwrap();
+            r.advance_with(&to_r, &mut TestRng(5), &mut pool, &mut to_i)
+                .unwrap();
             let Status::Done {
                 session: mut si, ..
             } = i.advance(&to_i, &mut TestRng(6), &mut to_r).unwrap()
@@ -1039,7 +1151,18 @@ mod tests {
             exchange(&mut sr, &mut si);
         }
         // 3 came from the pool; the other 5 were made on demand.
-        assert_eq!(pool.misses, 5);
+        assert_eq!((pool.hits, pool.misses), (3, 5));
         assert!(pool.is_empty());
+    }
+
+    #[test]
+    fn policies_parse_and_print() {
+        for p in ForwardSecrecy::ALL {
+            assert_eq!(p.as_str().parse::<ForwardSecrecy>(), Ok(p));
+        }
+        assert!("true".parse::<ForwardSecrecy>().is_err());
+        assert_eq!(ForwardSecrecy::default(), Require);
+        assert!(Require.offers() && Allow.offers() && !Off.offers());
+        assert!(Require.requires() && !Allow.requires() && !Off.requires());
     }
 }

@@ -1,27 +1,41 @@
 //! Pre-shared keys: key files, key ids, key sets, and the randomness source.
 //!
 //! A key is 256 random bits stored as 64 lowercase hex characters and a newline in a file of
-//! mode 0600. Its id is derived from the key itself (HMAC-SHA256(key, "sealpipe key id")
-//! truncated to 8 bytes), so operators never assign ids and two sides that load the same file
-//! agree on the id. A [`KeySet`] holds one primary key (used to initiate) and any number of
-//! accepted keys (used to answer), which is how keys rotate without downtime.
+//! mode 0600. Nothing uses the key's bytes directly: on load it is expanded into three subkeys
+//! (docs/PROTOCOL.md, "Keys"), each for one purpose —
+//!
+//! ```text
+//! psk_prk    = HKDF-Extract(salt = "sealpipe v2 psk", IKM = psk)
+//! key_id     = HKDF-Expand-Label(psk_prk, "key id", "", 8)      sent in clear in the hello
+//! hello_mac  = HKDF-Expand-Label(psk_prk, "hello mac", "", 32)  HMAC key of the initiator hello
+//! psk_secret = HKDF-Expand-Label(psk_prk, "psk secret", "", 32) the PSK's share of the key schedule
+//! ```
+//!
+//! — so operators never assign ids and two sides that load the same file agree on the id. A
+//! [`KeySet`] holds one primary key (used to initiate) and any number of accepted keys (used to
+//! answer), which is how keys rotate without downtime. Handshakes share a key set by `Arc`:
+//! a connection never copies key material.
 //!
 //! Key files are parsed from bytes and encoded to bytes here ([`Key::parse_text`],
 //! [`Key::to_text`]); reading and writing the files is the caller's (the `sealpipe` package's
 //! `keyfile` module): this crate touches no file system.
 //!
-//! Invariants: key bytes never reach a `Debug` or `Display` output (only the id does).
+//! Invariants: key bytes never reach a `Debug` or `Display` output (only the id does); the key's
+//! bytes, its subkeys and every text encoding of it are zeroed when dropped, except the HMAC
+//! key schedule ring keeps for `hello_mac` (ring does not wipe its key types; see
+//! docs/PROTOCOL.md, "Security properties").
 
 use std::fmt;
 
-use ring::hmac;
+use ring::{hkdf, hmac};
+use zeroize::Zeroizing;
+
+use super::kdf::{LABEL_HELLO_MAC, LABEL_KEY_ID, LABEL_PSK_SECRET, PSK_SALT, expand_label};
 
 /// Length of a pre-shared key.
 pub const KEY_LEN: usize = 32;
 /// Length of a key id.
 pub const KEY_ID_LEN: usize = 8;
-/// The HMAC label a key id is derived with.
-pub const KEY_ID_LABEL: &[u8] = b"sealpipe key id";
 /// Length of a key file's text: 64 lowercase hex characters and a newline.
 pub const KEY_TEXT_LEN: usize = 2 * KEY_LEN + 1;
 
@@ -73,26 +87,34 @@ impl fmt::Debug for KeyId {
     }
 }
 
-/// A 256-bit pre-shared key. `Debug` shows only its id.
+/// A 256-bit pre-shared key and the subkeys derived from it. `Debug` shows only its id.
 #[derive(Clone)]
 pub struct Key {
-    bytes: [u8; KEY_LEN],
+    /// The key itself, kept only to write it out again ([`Key::to_text`]).
+    bytes: Zeroizing<[u8; KEY_LEN]>,
     id: KeyId,
-    // HMAC key schedule computed once: every handshake MACs under the key twice.
-    mac: hmac::Key,
+    /// HMAC key schedule for the initiator hello, computed once per key load.
+    hello_mac: hmac::Key,
+    /// The PSK's input to each handshake's key schedule.
+    psk_secret: Zeroizing<[u8; 32]>,
 }
 
 impl Key {
-    /// Wraps raw key bytes and derives the id.
+    /// Wraps raw key bytes and derives the id and subkeys.
     pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Key {
-        let mac = hmac::Key::new(hmac::HMAC_SHA256, &bytes);
-        let tag = hmac::sign(&mac, KEY_ID_LABEL);
+        let bytes = Zeroizing::new(bytes);
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, PSK_SALT).extract(&bytes[..]);
         let mut id = [0u8; KEY_ID_LEN];
-        id.copy_from_slice(&tag.as_ref()[..KEY_ID_LEN]);
+        expand_label(&prk, LABEL_KEY_ID, &[], &mut id);
+        let mut mac = Zeroizing::new([0u8; 32]);
+        expand_label(&prk, LABEL_HELLO_MAC, &[], &mut mac[..]);
+        let mut psk_secret = Zeroizing::new([0u8; 32]);
+        expand_label(&prk, LABEL_PSK_SECRET, &[], &mut psk_secret[..]);
         Key {
             bytes,
             id: KeyId(id),
-            mac,
+            hello_mac: hmac::Key::new(hmac::HMAC_SHA256, &mac[..]),
+            psk_secret,
         }
     }
 
@@ -101,14 +123,14 @@ impl Key {
         self.id
     }
 
-    /// The raw key bytes (for the key schedule).
-    pub(crate) fn bytes(&self) -> &[u8; KEY_LEN] {
-        &self.bytes
+    /// The PSK's share of the handshake's input keying material.
+    pub(crate) fn psk_secret(&self) -> &[u8; 32] {
+        &self.psk_secret
     }
 
-    /// HMAC-SHA256 keyed with this key.
-    pub(crate) fn mac_key(&self) -> &hmac::Key {
-        &self.mac
+    /// HMAC-SHA256 keyed with the hello MAC subkey.
+    pub(crate) fn hello_mac(&self) -> &hmac::Key {
+        &self.hello_mac
     }
 }
 
@@ -174,15 +196,15 @@ impl Key {
 
     /// Makes a new random key.
     pub fn generate(rng: &mut dyn RandomSource) -> Key {
-        let mut bytes = [0u8; KEY_LEN];
-        rng.fill(&mut bytes);
-        Key::from_bytes(bytes)
+        let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
+        rng.fill(&mut bytes[..]);
+        Key::from_bytes(*bytes)
     }
 
-    /// The key file's text: 64 lowercase hex characters and a newline.
-    pub fn to_text(&self) -> [u8; KEY_TEXT_LEN] {
-        let mut text = [0u8; KEY_TEXT_LEN];
-        encode_hex(&self.bytes, &mut text[..2 * KEY_LEN]);
+    /// The key file's text: 64 lowercase hex characters and a newline (zeroed when dropped).
+    pub fn to_text(&self) -> Zeroizing<[u8; KEY_TEXT_LEN]> {
+        let mut text = Zeroizing::new([0u8; KEY_TEXT_LEN]);
+        encode_hex(&self.bytes[..], &mut text[..2 * KEY_LEN]);
         text[2 * KEY_LEN] = b'\n';
         text
     }
@@ -195,7 +217,7 @@ fn parse_key_text(raw: &[u8]) -> Result<Key, ParseError> {
     if text.len() != 2 * KEY_LEN {
         return Err(ParseError::Length(text.len()));
     }
-    let mut bytes = [0u8; KEY_LEN];
+    let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
     for (out, pair) in bytes.iter_mut().zip(text.chunks_exact(2)) {
         let (hi, lo) = match pair {
             [hi, lo] => (hex_val(*hi), hex_val(*lo)),
@@ -206,7 +228,7 @@ fn parse_key_text(raw: &[u8]) -> Result<Key, ParseError> {
             _ => return Err(ParseError::Encoding),
         }
     }
-    Ok(Key::from_bytes(bytes))
+    Ok(Key::from_bytes(*bytes))
 }
 
 fn hex_val(c: u8) -> Option<u8> {
@@ -245,7 +267,7 @@ mod tests {
     fn parses_hex_with_trailing_newline() {
         let text = format!("{}\n", "0f".repeat(32));
         let k = parse_key_text(text.as_bytes()).ok().unwrap();
-        assert_eq!(k.bytes(), &[0x0f; 32]);
+        assert_eq!(*k.bytes, [0x0f; 32]);
         assert!(matches!(
             parse_key_text(b"abcd"),
             Err(ParseError::Length(4))
@@ -263,7 +285,7 @@ mod tests {
         let text = k.to_text();
         assert_eq!(&text[..4], b"5a5a");
         assert_eq!(text[64], b'\n');
-        assert_eq!(Key::parse_text(&text).unwrap().id(), k.id());
+        assert_eq!(Key::parse_text(&text[..]).unwrap().id(), k.id());
     }
 
     #[test]

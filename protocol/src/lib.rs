@@ -4,19 +4,30 @@
 //! sends what it appends to output buffers; timeouts are the pipeline's. Key files reach it as
 //! bytes ([`Key::parse_text`]); the `sealpipe` package reads and writes the files.
 //!
+//! This is version 2 of the protocol: every derivation uses TLS 1.3-style length-prefixed labels
+//! ([`kdf`]), the pre-shared key is used only through subkeys derived from it ([`keys`]), the
+//! responder's hello MAC confirms the X25519 result, and the record layer has ABORT and OPEN
+//! control records ([`control`]).
+//!
 //! Invariants: bad input of any kind yields a [`ProtocolError`] and never a panic; key material
-//! never appears in `Debug` output; sealing and opening a record never allocate, except to
+//! never appears in `Debug` output and is zeroed when dropped (except inside ring's own key
+//! types, which it does not wipe); sealing and opening a record never allocate, except to
 //! expand a fresh key (after a KEY_UPDATE, or the first record after a hibernation).
 #![forbid(unsafe_code)]
 
 pub mod aead;
+pub mod control;
+pub mod ephemeral;
 pub mod error;
 pub mod handshake;
+pub mod kdf;
 pub mod keys;
 pub mod record;
 
 pub use aead::{AeadKey, AeadKind};
+pub use control::{AbortReason, ClientAddrs, MAX_OPEN_LEN, OpenInfo};
+pub use ephemeral::{EphemeralKey, EphemeralPool, EphemeralSource, KeysFromRng};
 pub use error::ProtocolError;
-pub use handshake::{EphemeralKey, EphemeralPool, Handshake, HandshakeConfig, Session, Status};
+pub use handshake::{ForwardSecrecy, Handshake, HandshakeConfig, Session, Status};
 pub use keys::{Key, KeyId, KeySet, KeyTextError, OsRandom, RandomSource};
 pub use record::{HEADER_LEN, MAX_PAYLOAD, MAX_RECORD_LEN, Opener, RecordType, Sealer, TAG_LEN};

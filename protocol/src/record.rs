@@ -7,6 +7,11 @@
 //!        | type | length BE16 | ciphertext (len) | tag (16) |
 //! ```
 //!
+//! Types: DATA (application bytes), END (the direction ended cleanly), KEY_UPDATE, ABORT (the
+//! sender's side was aborted; [`super::control::AbortReason`]) and OPEN (the client's
+//! addresses; [`super::control::OpenInfo`]), which is the initiator's first record and appears
+//! nowhere else.
+//!
 //! The 3-byte header is the AEAD's associated data, so type and length are authenticated. The
 //! nonce is the direction's 12-byte IV XOR the 64-bit big-endian record counter (TLS 1.3 style);
 //! the counter starts at 0 for each traffic key and never wraps, because a direction refuses to
@@ -18,7 +23,14 @@
 //! - `seal_in_place` / `open_in_place` do not allocate, except to expand a new key (the record
 //!   after a KEY_UPDATE or after a hibernation); lengths read from the wire are checked before
 //!   any slice is taken, and bad input returns an error, never panics.
-//! - After END, a direction accepts nothing more.
+//! - After END or ABORT, a direction accepts nothing more.
+//! - The initiator-to-responder direction starts with exactly one OPEN; a record of any other
+//!   type first, or an OPEN later (or in the other direction), is refused by sealer and opener.
+//! - Control records carry exactly their payload: END and KEY_UPDATE none, ABORT one known
+//!   code, OPEN a strictly valid address block; anything else is `Malformed` (the sealer
+//!   refuses to make one, the opener to accept one).
+//! - Traffic secrets and the AES keys expanded from them are zeroed when dropped or replaced
+//!   (ring's own key schedule is not: docs/PROTOCOL.md, "Security properties").
 //! - Hibernation ([`Sealer::hibernate`], [`Opener::hibernate`]) drops only the expanded AEAD
 //!   key, which is a pure function of the direction's traffic secret; the secret, IV and
 //!   counter stay, so the next record re-expands the same key and uses the next nonce as if
@@ -27,10 +39,12 @@
 use std::fmt;
 use std::ops::Range;
 
-use ring::hkdf;
+use zeroize::Zeroizing;
 
 use super::aead::{AeadKey, AeadKind, NONCE_LEN};
+use super::control::{AbortReason, OpenInfo};
 use super::error::ProtocolError;
+use super::kdf::{LABEL_IV, LABEL_KEY, LABEL_KEY_UPDATE, expand_label, prk};
 
 /// Bytes of a record header: type (1) and payload length (2, big-endian).
 pub const HEADER_LEN: usize = 3;
@@ -48,13 +62,6 @@ pub const RECORD_LIMIT: u64 = 1 << 24;
 /// so a peer that honours the request late still never reaches it.
 pub const DEFAULT_KEY_UPDATE_INTERVAL: u64 = 1 << 23;
 
-/// HKDF label: traffic secret -> AES-256-GCM key.
-pub const LABEL_KEY: &[u8] = b"sealpipe v1 key";
-/// HKDF label: traffic secret -> 12-byte IV.
-pub const LABEL_IV: &[u8] = b"sealpipe v1 iv";
-/// HKDF label: traffic secret -> next traffic secret (KEY_UPDATE).
-pub const LABEL_KEY_UPDATE: &[u8] = b"sealpipe v1 key update";
-
 /// The kind of a record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RecordType {
@@ -64,6 +71,11 @@ pub enum RecordType {
     End,
     /// The sender moves this direction to the next traffic key after this record; empty.
     KeyUpdate,
+    /// The sender's side of the connection was aborted (one byte: the reason); the receiver
+    /// resets its plaintext peer. Ends the direction like END.
+    Abort,
+    /// The client's addresses; the initiator's first record, and only there.
+    Open,
 }
 
 impl RecordType {
@@ -73,6 +85,8 @@ impl RecordType {
             RecordType::Data => 0x01,
             RecordType::End => 0x02,
             RecordType::KeyUpdate => 0x03,
+            RecordType::Abort => 0x04,
+            RecordType::Open => 0x05,
         }
     }
 
@@ -82,6 +96,8 @@ impl RecordType {
             0x01 => Some(RecordType::Data),
             0x02 => Some(RecordType::End),
             0x03 => Some(RecordType::KeyUpdate),
+            0x04 => Some(RecordType::Abort),
+            0x05 => Some(RecordType::Open),
             _ => None,
         }
     }
@@ -92,24 +108,18 @@ pub const fn record_len_for(payload_len: usize) -> usize {
     HEADER_LEN + payload_len + TAG_LEN
 }
 
-/// A 32-byte traffic secret; the key and IV are derived from it.
-pub(crate) type Secret = [u8; 32];
+/// A 32-byte traffic secret; the key and IV are derived from it. Zeroed when dropped.
+pub(crate) type Secret = Zeroizing<[u8; 32]>;
 
-struct OkmLen(usize);
-
-impl hkdf::KeyType for OkmLen {
-    fn len(&self) -> usize {
-        self.0
+/// What must hold for a control record's payload; `Ok` for DATA.
+fn check_payload(ty: RecordType, payload: &[u8]) -> Result<(), ProtocolError> {
+    match ty {
+        RecordType::Data => Ok(()),
+        RecordType::End | RecordType::KeyUpdate if payload.is_empty() => Ok(()),
+        RecordType::End | RecordType::KeyUpdate => Err(ProtocolError::Malformed),
+        RecordType::Abort => AbortReason::decode(payload).map(|_| ()),
+        RecordType::Open => OpenInfo::decode(payload).map(|_| ()),
     }
-}
-
-/// HKDF-Expand(prk, label || context, out.len()) with SHA-256.
-pub(crate) fn hkdf_expand(prk: &hkdf::Prk, label: &[u8], context: &[u8], out: &mut [u8]) {
-    // Output lengths here are 12 or 32 bytes, far below HKDF's 255*32 limit, so ring cannot
-    // fail; zeroing instead of panicking would only hide a bug, so the expect is the honest form.
-    prk.expand(&[label, context], OkmLen(out.len()))
-        .and_then(|okm| okm.fill(out))
-        .expect("HKDF output within 255 * 32 bytes");
 }
 
 /// One direction's keying state.
@@ -123,11 +133,14 @@ struct Direction {
     secret: Secret,
     /// Records processed under the current key; the next record's counter.
     seq: u64,
+    /// END or ABORT went through: nothing more.
     ended: bool,
+    /// The next record must be OPEN (the initiator's direction, before its first record).
+    open_next: bool,
 }
 
 impl Direction {
-    fn new(kind: AeadKind, secret: Secret) -> Direction {
+    fn new(kind: AeadKind, secret: Secret, open_first: bool) -> Direction {
         let (aead, iv) = derive_key_iv(kind, &secret);
         Direction {
             aead: Some(aead),
@@ -136,6 +149,23 @@ impl Direction {
             secret,
             seq: 0,
             ended: false,
+            open_next: open_first,
+        }
+    }
+
+    /// Whether a record of type `ty` may come next (before its payload is known).
+    fn allows(&self, ty: RecordType) -> bool {
+        !self.ended && self.open_next == (ty == RecordType::Open)
+    }
+
+    /// Bookkeeping after a record went through: counter, end, open, key update.
+    fn advanced(&mut self, ty: RecordType) {
+        self.seq += 1;
+        self.open_next = false;
+        match ty {
+            RecordType::Data | RecordType::Open => {}
+            RecordType::End | RecordType::Abort => self.ended = true,
+            RecordType::KeyUpdate => self.update(),
         }
     }
 
@@ -174,11 +204,11 @@ impl Direction {
         nonce
     }
 
-    /// KEY_UPDATE: next secret = HKDF-Expand(secret, "sealpipe v1 key update", 32).
+    /// KEY_UPDATE: next secret = HKDF-Expand-Label(secret, "key update", "", 32); the old
+    /// secret is overwritten (and so zeroed) by the new one.
     fn update(&mut self) {
-        let prk = hkdf::Prk::new_less_safe(hkdf::HKDF_SHA256, &self.secret);
-        let mut next = [0u8; 32];
-        hkdf_expand(&prk, LABEL_KEY_UPDATE, &[], &mut next);
+        let mut next = Secret::new([0u8; 32]);
+        expand_label(&prk(&self.secret), LABEL_KEY_UPDATE, &[], &mut next[..]);
         let (aead, iv) = derive_key_iv(self.kind, &next);
         self.secret = next;
         self.aead = Some(aead);
@@ -196,11 +226,11 @@ fn rederive_key(kind: AeadKind, secret: &Secret) -> AeadKey {
 }
 
 fn derive_key_iv(kind: AeadKind, secret: &Secret) -> (AeadKey, [u8; NONCE_LEN]) {
-    let prk = hkdf::Prk::new_less_safe(hkdf::HKDF_SHA256, secret);
-    let mut key = [0u8; 32];
+    let prk = prk(secret);
+    let mut key = Zeroizing::new([0u8; 32]);
     let mut iv = [0u8; NONCE_LEN];
-    hkdf_expand(&prk, LABEL_KEY, &[], &mut key);
-    hkdf_expand(&prk, LABEL_IV, &[], &mut iv);
+    expand_label(&prk, LABEL_KEY, &[], &mut key[..]);
+    expand_label(&prk, LABEL_IV, &[], &mut iv);
     (AeadKey::new(kind, &key), iv)
 }
 
@@ -211,10 +241,11 @@ pub struct Sealer {
 }
 
 impl Sealer {
-    /// A sealer for the direction whose traffic secret is `secret`.
-    pub(crate) fn new(kind: AeadKind, secret: Secret) -> Sealer {
+    /// A sealer for the direction whose traffic secret is `secret`; `open_first` for the
+    /// initiator's direction, which starts with OPEN.
+    pub(crate) fn new(kind: AeadKind, secret: Secret, open_first: bool) -> Sealer {
         Sealer {
-            dir: Direction::new(kind, secret),
+            dir: Direction::new(kind, secret, open_first),
             interval: DEFAULT_KEY_UPDATE_INTERVAL,
         }
     }
@@ -228,8 +259,9 @@ impl Sealer {
     ///
     /// Errors: `TooLarge` if `payload_len > MAX_PAYLOAD`, or if [`Sealer::key_update_due`] and
     /// `ty` is not `KeyUpdate` (the caller must seal the KEY_UPDATE first); `Malformed` if
-    /// `record` is too short, END or KEY_UPDATE carry a payload, or END was already sealed.
-    /// On error nothing is sealed and the counter does not move.
+    /// `record` is too short, a control record's payload is not exactly what its type carries,
+    /// the record is out of order (OPEN first in the initiator's direction, nowhere else), or
+    /// END or ABORT was already sealed. On error nothing is sealed and the counter does not move.
     pub fn seal_in_place(
         &mut self,
         ty: RecordType,
@@ -239,7 +271,7 @@ impl Sealer {
         if payload_len > MAX_PAYLOAD {
             return Err(ProtocolError::TooLarge);
         }
-        if self.dir.ended || (ty != RecordType::Data && payload_len != 0) {
+        if !self.dir.allows(ty) {
             return Err(ProtocolError::Malformed);
         }
         if (ty != RecordType::KeyUpdate && self.key_update_due()) || self.dir.seq >= RECORD_LIMIT {
@@ -249,6 +281,7 @@ impl Sealer {
         let record = record.get_mut(..total).ok_or(ProtocolError::Malformed)?;
         let (header, rest) = record.split_at_mut(HEADER_LEN);
         let (payload, tag_out) = rest.split_at_mut(payload_len);
+        check_payload(ty, payload)?;
         header[0] = ty.to_byte();
         // payload_len <= MAX_PAYLOAD < 2^16, checked above.
         header[1..].copy_from_slice(&(payload_len as u16).to_be_bytes());
@@ -258,13 +291,14 @@ impl Sealer {
             .key()
             .seal_in_place_separate_tag(&nonce, header, payload);
         tag_out.copy_from_slice(&tag);
-        self.dir.seq += 1;
-        match ty {
-            RecordType::Data => {}
-            RecordType::End => self.dir.ended = true,
-            RecordType::KeyUpdate => self.dir.update(),
-        }
+        self.dir.advanced(ty);
         Ok(total)
+    }
+
+    /// True while the next record must be OPEN (the initiator's direction, before anything
+    /// else was sealed).
+    pub fn open_due(&self) -> bool {
+        self.dir.open_next
     }
 
     /// True when the next record must be a KEY_UPDATE: the caller seals an empty
@@ -279,7 +313,7 @@ impl Sealer {
         self.interval = records.clamp(1, RECORD_LIMIT - 1);
     }
 
-    /// True once END has been sealed.
+    /// True once END or ABORT has been sealed: nothing more can be.
     pub fn end_sent(&self) -> bool {
         self.dir.ended
     }
@@ -335,23 +369,25 @@ pub struct Opener {
 }
 
 impl Opener {
-    /// An opener for the direction whose traffic secret is `secret`.
-    pub(crate) fn new(kind: AeadKind, secret: Secret) -> Opener {
+    /// An opener for the direction whose traffic secret is `secret`; `open_first` for the
+    /// initiator's direction, which starts with OPEN.
+    pub(crate) fn new(kind: AeadKind, secret: Secret, open_first: bool) -> Opener {
         Opener {
-            dir: Direction::new(kind, secret),
+            dir: Direction::new(kind, secret, open_first),
         }
     }
 
     /// From the first bytes of a record (possibly fewer than `HEADER_LEN`): `Ok(None)` when
     /// more bytes are needed to know, `Ok(Some(total))` with the record's whole length.
     ///
-    /// Errors: `TooLarge` for a length above `MAX_PAYLOAD`; `Malformed` for an unknown type or
-    /// any byte after END.
+    /// Errors: `TooLarge` for a length above `MAX_PAYLOAD`; `Malformed` for an unknown type, a
+    /// record out of order (not OPEN first in the initiator's direction, OPEN anywhere else) or
+    /// any byte after END or ABORT.
     pub fn record_len(&self, header: &[u8]) -> Result<Option<usize>, ProtocolError> {
         let Some(&ty) = header.first() else {
             return Ok(None);
         };
-        if self.dir.ended || RecordType::from_byte(ty).is_none() {
+        if !RecordType::from_byte(ty).is_some_and(|ty| self.dir.allows(ty)) {
             return Err(ProtocolError::Malformed);
         }
         let Some(&[hi, lo]) = header.get(1..HEADER_LEN) else {
@@ -366,10 +402,12 @@ impl Opener {
 
     /// Opens exactly one whole record in place and returns its type and the plaintext's range
     /// inside `record`. A KEY_UPDATE moves this direction to the next key (the caller ignores
-    /// it); END marks the direction ended.
+    /// it); END and ABORT mark the direction ended. The payload of an ABORT or OPEN has been
+    /// checked: [`AbortReason::decode`] / [`OpenInfo::decode`] on it cannot fail.
     ///
-    /// Errors: `Malformed` if `record` is not exactly one record, is non-empty END/KEY_UPDATE,
-    /// or follows END; `TooLarge` as in [`Opener::record_len`] or when the peer exceeded
+    /// Errors: `Malformed` if `record` is not exactly one record, is out of order, carries a
+    /// control payload its type does not allow, or follows END or ABORT; `TooLarge` as in
+    /// [`Opener::record_len`] or when the peer exceeded
     /// `RECORD_LIMIT` records under one key; `BadMac` when the tag does not verify (a modified,
     /// dropped, duplicated or reordered record). After an error the connection must close.
     pub fn open_in_place(
@@ -385,7 +423,7 @@ impl Opener {
             .key()
             .open_in_place(&nonce, header, payload, tag)
             .map_err(|()| ProtocolError::BadMac)?;
-        self.opened(ty, payload_len)?;
+        self.opened(ty, payload)?;
         Ok((ty, HEADER_LEN..HEADER_LEN + payload_len))
     }
 
@@ -404,20 +442,13 @@ impl Opener {
         Ok((ty, total - HEADER_LEN - TAG_LEN))
     }
 
-    /// Bookkeeping after a record's tag verified: the counter moves, END ends the direction,
-    /// KEY_UPDATE moves to the next key.
-    fn opened(&mut self, ty: RecordType, payload_len: usize) -> Result<(), ProtocolError> {
-        self.dir.seq += 1;
-        match ty {
-            RecordType::Data => {}
-            // The tag verified, so the peer really sent a non-empty control record: that is a
-            // protocol violation, not tampering.
-            RecordType::End | RecordType::KeyUpdate if payload_len != 0 => {
-                return Err(ProtocolError::Malformed);
-            }
-            RecordType::End => self.dir.ended = true,
-            RecordType::KeyUpdate => self.dir.update(),
-        }
+    /// Bookkeeping after a record's tag verified: the counter moves, END and ABORT end the
+    /// direction, KEY_UPDATE moves to the next key.
+    fn opened(&mut self, ty: RecordType, payload: &[u8]) -> Result<(), ProtocolError> {
+        // The tag verified, so the peer really sent this payload: a wrong one is a protocol
+        // violation, not tampering.
+        check_payload(ty, payload)?;
+        self.dir.advanced(ty);
         Ok(())
     }
 
@@ -445,11 +476,11 @@ impl Opener {
             .open_shift(&nonce, &header, buf, from + HEADER_LEN)
             .map_err(|()| ProtocolError::BadMac)?;
         debug_assert_eq!(n, payload_len);
-        self.opened(ty, payload_len)?;
+        self.opened(ty, buf.get(..n).unwrap_or_default())?;
         Ok((ty, n))
     }
 
-    /// True once an authenticated END has been opened.
+    /// True once an authenticated END (or ABORT) has been opened.
     pub fn end_received(&self) -> bool {
         self.dir.ended
     }
@@ -518,10 +549,7 @@ mod tests {
     use super::*;
 
     fn pair() -> (Sealer, Opener) {
-        (
-            Sealer::new(AeadKind::Ring, [9; 32]),
-            Opener::new(AeadKind::Ring, [9; 32]),
-        )
+        pair_of(AeadKind::Ring)
     }
 
     fn seal(s: &mut Sealer, ty: RecordType, payload: &[u8]) -> Vec<u8> {
@@ -643,7 +671,10 @@ mod tests {
     }
 
     fn pair_of(kind: AeadKind) -> (Sealer, Opener) {
-        (Sealer::new(kind, [9; 32]), Opener::new(kind, [9; 32]))
+        (
+            Sealer::new(kind, Secret::new([9; 32]), false),
+            Opener::new(kind, Secret::new([9; 32]), false),
+        )
     }
 
     #[test]
@@ -754,8 +785,10 @@ mod tests {
     #[test]
     fn open_shift_packs_plaintexts() {
         for kind in [AeadKind::Ring, AeadKind::RustCrypto] {
-            let secret = [5u8; 32];
-            let (mut s, mut o) = (Sealer::new(kind, secret), Opener::new(kind, secret));
+            let (mut s, mut o) = (
+                Sealer::new(kind, Secret::new([5; 32]), false),
+                Opener::new(kind, Secret::new([5; 32]), false),
+            );
             s.set_key_update_interval(2);
             let payloads: [&[u8]; 3] = [b"first", b"", b"third record"];
             let mut stream = Vec::new();
@@ -823,5 +856,140 @@ mod tests {
                 (RecordType::KeyUpdate, 0)
             ]
         );
+    }
+
+    /// The initiator's direction: a sealer and opener that start with OPEN.
+    fn opening_pair() -> (Sealer, Opener) {
+        (
+            Sealer::new(AeadKind::Ring, Secret::new([4; 32]), true),
+            Opener::new(AeadKind::Ring, Secret::new([4; 32]), true),
+        )
+    }
+
+    fn open_payload() -> Vec<u8> {
+        let mut b = [0u8; crate::control::MAX_OPEN_LEN];
+        let info = OpenInfo::from_socket(
+            "192.0.2.1:5000".parse().unwrap(),
+            "192.0.2.2:6379".parse().unwrap(),
+        );
+        let n = info.encode(&mut b);
+        b[..n].to_vec()
+    }
+
+    #[test]
+    fn open_comes_first_in_the_initiators_direction_and_nowhere_else() {
+        // The sealer refuses anything before OPEN, and OPEN after the first record.
+        let (mut s, mut o) = opening_pair();
+        assert!(s.open_due());
+        let mut buf = [0u8; 64];
+        for ty in [RecordType::Data, RecordType::End, RecordType::KeyUpdate] {
+            assert_eq!(
+                s.seal_in_place(ty, &mut buf, 0),
+                Err(ProtocolError::Malformed),
+                "{ty:?} before OPEN"
+            );
+        }
+        let mut open = seal(&mut s, RecordType::Open, &open_payload());
+        assert!(!s.open_due());
+        let p = open_payload();
+        let mut again = vec![0u8; record_len_for(p.len())];
+        again[HEADER_LEN..HEADER_LEN + p.len()].copy_from_slice(&p);
+        assert_eq!(
+            s.seal_in_place(RecordType::Open, &mut again, p.len()),
+            Err(ProtocolError::Malformed)
+        );
+        // The opener: DATA first is refused from the header alone; OPEN opens and checks out.
+        let mut data_first = seal(&mut pair().0, RecordType::Data, b"x");
+        assert_eq!(o.record_len(&data_first), Err(ProtocolError::Malformed));
+        assert_eq!(
+            o.open_in_place(&mut data_first),
+            Err(ProtocolError::Malformed)
+        );
+        let (ty, range) = o.open_in_place(&mut open).unwrap();
+        assert_eq!(ty, RecordType::Open);
+        assert_eq!(
+            OpenInfo::decode(&open[range]).unwrap(),
+            OpenInfo::decode(&p).unwrap()
+        );
+        let mut d = seal(&mut s, RecordType::Data, b"after");
+        assert_eq!(o.open_in_place(&mut d).unwrap().0, RecordType::Data);
+        // A second OPEN (sealed by a sealer that thinks it is first) is refused.
+        let (mut s2, _) = opening_pair();
+        let mut second = seal(&mut s2, RecordType::Open, &p);
+        assert_eq!(o.record_len(&second), Err(ProtocolError::Malformed));
+        assert_eq!(o.open_in_place(&mut second), Err(ProtocolError::Malformed));
+        // The other direction never carries OPEN.
+        let (mut rs, ro) = pair();
+        assert!(!rs.open_due());
+        assert_eq!(
+            rs.seal_in_place(RecordType::Open, &mut again, p.len()),
+            Err(ProtocolError::Malformed)
+        );
+        assert_eq!(ro.record_len(&[0x05]), Err(ProtocolError::Malformed));
+    }
+
+    #[test]
+    fn abort_carries_one_known_code_and_ends_the_direction() {
+        let (mut s, mut o) = pair();
+        let mut d = seal(&mut s, RecordType::Data, b"before");
+        o.open_in_place(&mut d).unwrap();
+        // Bad payloads are refused by the sealer (nothing sealed, counter unmoved).
+        let mut buf = [0u8; 64];
+        for payload in [&[][..], &[0u8][..], &[5u8][..], &[1u8, 1][..]] {
+            buf[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(payload);
+            assert_eq!(
+                s.seal_in_place(RecordType::Abort, &mut buf, payload.len()),
+                Err(ProtocolError::Malformed),
+                "{payload:?}"
+            );
+        }
+        let mut abort = seal(&mut s, RecordType::Abort, &[AbortReason::Timeout.to_byte()]);
+        assert!(s.end_sent());
+        assert_eq!(
+            s.seal_in_place(RecordType::Data, &mut buf, 1),
+            Err(ProtocolError::Malformed)
+        );
+        let (ty, range) = o.open_in_place(&mut abort).unwrap();
+        assert_eq!(ty, RecordType::Abort);
+        assert_eq!(AbortReason::decode(&abort[range]), Ok(AbortReason::Timeout));
+        assert!(o.end_received());
+        assert_eq!(o.record_len(&[0x01]), Err(ProtocolError::Malformed));
+    }
+
+    #[test]
+    fn a_control_record_with_a_bad_payload_that_authenticates_is_malformed() {
+        // Made with a sealer that skips the payload check: what a buggy or hostile peer that
+        // holds the key could send.
+        for (ty, payload) in [
+            (RecordType::Abort, &[9u8][..]),
+            (RecordType::Abort, &[][..]),
+            (RecordType::End, &[1u8][..]),
+            (RecordType::KeyUpdate, &[0u8, 0][..]),
+        ] {
+            let (mut raw, mut o) = pair();
+            let mut rec = vec![0u8; record_len_for(payload.len())];
+            rec[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(payload);
+            rec[0] = ty.to_byte();
+            rec[1..3].copy_from_slice(&(payload.len() as u16).to_be_bytes());
+            let nonce = raw.dir.nonce();
+            let (header, rest) = rec.split_at_mut(HEADER_LEN);
+            let (body, tag) = rest.split_at_mut(payload.len());
+            tag.copy_from_slice(
+                &raw.dir
+                    .key()
+                    .seal_in_place_separate_tag(&nonce, header, body),
+            );
+            let mut shifted = rec.clone();
+            assert_eq!(
+                o.open_in_place(&mut rec),
+                Err(ProtocolError::Malformed),
+                "{ty:?}"
+            );
+            let (_, mut o2) = pair();
+            assert_eq!(
+                o2.open_shift(&mut shifted, 0),
+                Err(ProtocolError::Malformed)
+            );
+        }
     }
 }

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use sealpipe_protocol::record::{RecordType, record_len_for};
 use sealpipe_protocol::{
-    AeadKind, HEADER_LEN, Handshake, HandshakeConfig, Key, KeySet, MAX_PAYLOAD, Opener,
-    ProtocolError, RandomSource, Sealer, Session, Status,
+    AbortReason, AeadKind, ForwardSecrecy, HEADER_LEN, Handshake, HandshakeConfig, Key, KeySet,
+    MAX_OPEN_LEN, MAX_PAYLOAD, OpenInfo, Opener, ProtocolError, RandomSource, Sealer, Session,
+    Status,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -51,12 +52,18 @@ impl RandomSource for CountingRandom {
     }
 }
 
+/// `fs` true: offer and require forward secrecy; false: neither (the responder then follows
+/// the initiator).
 fn config(keys: &[[u8; 32]], fs: bool, aead: AeadKind) -> HandshakeConfig {
     let mut ks = keys.iter().map(|k| Key::from_bytes(*k));
     let primary = ks.next().unwrap();
     HandshakeConfig {
         keys: Arc::new(KeySet::new(primary, ks.collect())),
-        forward_secrecy: fs,
+        forward_secrecy: if fs {
+            ForwardSecrecy::Require
+        } else {
+            ForwardSecrecy::Off
+        },
         aead,
     }
 }
@@ -139,9 +146,24 @@ fn seal(sealer: &mut Sealer, ty: RecordType, payload: &[u8]) -> Vec<u8> {
     rec
 }
 
-/// Seals `payload` as DATA records of the given sizes (cycled), honouring key updates, then END.
+/// The payload of an OPEN record naming `info`.
+fn open_payload(info: OpenInfo) -> Vec<u8> {
+    let mut b = [0u8; MAX_OPEN_LEN];
+    let n = info.encode(&mut b);
+    b[..n].to_vec()
+}
+
+/// Seals `payload` as DATA records of the given sizes (cycled), honouring key updates, then END;
+/// in the initiator's direction an OPEN (with no addresses) comes first.
 fn seal_stream(sealer: &mut Sealer, payload: &[u8], sizes: &[usize]) -> Vec<Vec<u8>> {
     let mut records = Vec::new();
+    if sealer.open_due() {
+        records.push(seal(
+            sealer,
+            RecordType::Open,
+            &open_payload(OpenInfo::default()),
+        ));
+    }
     let mut rest = payload;
     let mut k = 0;
     while !rest.is_empty() {
@@ -175,10 +197,11 @@ fn decode<'a>(
                 break;
             }
             let (ty, range) = opener.open_in_place(&mut buf[..n])?;
-            if ty == RecordType::Data {
-                out.extend_from_slice(&buf[range]);
-            } else {
-                assert!(range.is_empty());
+            match ty {
+                RecordType::Data => out.extend_from_slice(&buf[range]),
+                RecordType::Open => assert!(OpenInfo::decode(&buf[range]).is_ok()),
+                RecordType::Abort => assert!(AbortReason::decode(&buf[range]).is_ok()),
+                RecordType::End | RecordType::KeyUpdate => assert!(range.is_empty()),
             }
             buf.drain(..n);
         }
@@ -204,11 +227,31 @@ fn unhex(s: &str) -> Vec<u8> {
 
 const VECTORS: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/tests/vectors/handshake_v1.txt"
+    "/tests/vectors/handshake_v2.txt"
 );
 
-/// Computes the wire bytes for the vector inputs: a handshake with fixed randomness, then two
-/// DATA records and END from the initiator, a KEY_UPDATE and one DATA record from the responder.
+/// The OPEN of each vector: IPv4 from the socket with forward secrecy, IPv6 from a trusted
+/// PROXY header without.
+fn vector_open(fs: bool) -> OpenInfo {
+    if fs {
+        OpenInfo::from_socket(
+            "192.0.2.10:40001".parse().unwrap(),
+            "198.51.100.7:6379".parse().unwrap(),
+        )
+    } else {
+        OpenInfo {
+            proxied: true,
+            ..OpenInfo::from_socket(
+                "[2001:db8::10]:40001".parse().unwrap(),
+                "[2001:db8::7]:5432".parse().unwrap(),
+            )
+        }
+    }
+}
+
+/// Computes the wire bytes for the vector inputs: a handshake with fixed randomness, then OPEN,
+/// two DATA records and END from the initiator, a KEY_UPDATE, one DATA record and an ABORT
+/// from the responder.
 fn compute_vector(fs: bool) -> Vec<(String, String)> {
     let psk: [u8; 32] = core::array::from_fn(|i| i as u8);
     let irand: Vec<u8> = (0..64).map(|i| 0xa0 ^ i as u8).collect();
@@ -236,7 +279,17 @@ fn compute_vector(fs: bool) -> Vec<(String, String)> {
         (format!("{p}hello_r"), hex(&t.hello_r)),
         (format!("{p}finished"), hex(&t.finished)),
     ];
+    let abort = if fs {
+        AbortReason::Reset
+    } else {
+        AbortReason::Unreachable
+    };
     let i2r = [
+        seal(
+            &mut i.sealer,
+            RecordType::Open,
+            &open_payload(vector_open(fs)),
+        ),
         seal(&mut i.sealer, RecordType::Data, b"hello, backend"),
         seal(&mut i.sealer, RecordType::Data, b""),
         seal(&mut i.sealer, RecordType::End, b""),
@@ -244,6 +297,7 @@ fn compute_vector(fs: bool) -> Vec<(String, String)> {
     let r2i = [
         seal(&mut r.sealer, RecordType::KeyUpdate, b""),
         seal(&mut r.sealer, RecordType::Data, b"hello, client"),
+        seal(&mut r.sealer, RecordType::Abort, &[abort.to_byte()]),
     ];
     for (n, rec) in i2r.iter().enumerate() {
         v.push((format!("{p}i2r.{n}"), hex(rec)));
@@ -255,14 +309,18 @@ fn compute_vector(fs: bool) -> Vec<(String, String)> {
     let mut got = decode(&mut r.opener, i2r.iter().map(|r| r.as_slice())).unwrap();
     assert_eq!(got, b"hello, backend");
     got.clear();
+    let mut aborted = None;
     for rec in r2i {
         let mut rec = rec;
         let (ty, range) = i.opener.open_in_place(&mut rec).unwrap();
-        if ty == RecordType::Data {
-            got.extend_from_slice(&rec[range]);
+        match ty {
+            RecordType::Data => got.extend_from_slice(&rec[range]),
+            RecordType::Abort => aborted = Some(AbortReason::decode(&rec[range]).unwrap()),
+            _ => {}
         }
     }
     assert_eq!(got, b"hello, client");
+    assert_eq!(aborted, Some(abort));
     v
 }
 
@@ -275,11 +333,12 @@ fn known_answer_vectors_match_the_committed_file() {
         .map(|(k, v)| format!("{k} = {v}\n"))
         .collect();
     if std::env::var_os("SEALPIPE_WRITE_VECTORS").is_some() {
-        let header = "# sealpipe protocol v1 known-answer vectors (docs/PROTOCOL.md, \"Test vectors\").\n\
-                      # Generated by protocol/tests/tests.rs with SEALPIPE_WRITE_VECTORS=1; a change here is a wire change.\n";
+        let header = "# sealpipe protocol v2 known-answer vectors (docs/PROTOCOL.md, \"Test vectors\").\n\
+                      # Generated by protocol/tests/tests.rs with SEALPIPE_WRITE_VECTORS=1; a change here is a wire change.\n\
+                      # Checked independently by check_vectors.py (Python standard library only).\n";
         fs::write(VECTORS, format!("{header}{text}")).unwrap();
     }
-    let committed = fs::read_to_string(VECTORS).expect("tests/vectors/handshake_v1.txt");
+    let committed = fs::read_to_string(VECTORS).expect("tests/vectors/handshake_v2.txt");
     let committed: Vec<(String, String)> = committed
         .lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
@@ -311,7 +370,7 @@ fn committed_vectors_parse_as_the_spec_says() {
     };
     let hello_i = get("fs.hello_i");
     assert_eq!(hello_i.len(), 106);
-    assert_eq!(hello_i[0], 1, "version");
+    assert_eq!(hello_i[0], 2, "version");
     assert_eq!(hello_i[1], 1, "flags: forward secrecy");
     assert_eq!(hex(&hello_i[2..10]), hex(&get("fs.key_id")));
     assert_eq!(hello_i[10..42], get("fs.initiator_random")[..32], "nonce_i");
@@ -321,12 +380,15 @@ fn committed_vectors_parse_as_the_spec_says() {
     assert_eq!(get("fs.finished").len(), 32);
     assert_eq!(get("nofs.hello_i").len(), 74);
     assert_eq!(get("nofs.hello_r").len(), 66);
-    let rec = get("fs.i2r.0");
+    assert_eq!(get("fs.i2r.0")[..3], [0x05, 0, 14], "OPEN header, IPv4");
+    assert_eq!(get("nofs.i2r.0")[..3], [0x05, 0, 38], "OPEN header, IPv6");
+    let rec = get("fs.i2r.1");
     assert_eq!(rec[0], 0x01, "DATA");
     assert_eq!(u16::from_be_bytes([rec[1], rec[2]]), 14);
     assert_eq!(rec.len(), 3 + 14 + 16);
-    assert_eq!(get("fs.i2r.2")[..3], [0x02, 0, 0], "END header");
+    assert_eq!(get("fs.i2r.3")[..3], [0x02, 0, 0], "END header");
     assert_eq!(get("fs.r2i.0")[..3], [0x03, 0, 0], "KEY_UPDATE header");
+    assert_eq!(get("fs.r2i.2")[..3], [0x04, 0, 1], "ABORT header");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -550,15 +612,23 @@ fn truncated_hello_needs_more_and_garbage_fails() {
     let mut r = Handshake::responder(&rc);
     let mut out = Vec::new();
     assert!(matches!(
-        r.advance(&[1, 1, 0, 0], &mut CountingRandom(0), &mut out),
+        r.advance(&[2, 1, 0, 0], &mut CountingRandom(0), &mut out),
         Ok(Status::NeedMore)
     ));
     let mut r = Handshake::responder(&rc);
     assert_eq!(
         r.advance(b"GET / HTTP/1.1\r\n", &mut CountingRandom(0), &mut out)
             .unwrap_err(),
+        ProtocolError::NotSealpipe
+    );
+    // A version-1 hello is a version mismatch, named as such at its first byte.
+    let mut r = Handshake::responder(&rc);
+    assert_eq!(
+        r.advance(&[1], &mut CountingRandom(0), &mut out)
+            .unwrap_err(),
         ProtocolError::Version
     );
+    assert_eq!(r.peer_version(), Some(1));
     assert!(out.is_empty());
     assert!(Handshake::max_message_len() >= 106 + 32);
 }

@@ -30,10 +30,14 @@ pub enum CloseReason {
     Truncated,
     Tampered,
     DrainDeadline,
+    /// The encrypt side's client aborted (reset): told to the decrypt side by an ABORT record.
+    ClientReset,
+    /// The decrypt side's backend aborted (reset): told to the encrypt side by an ABORT record.
+    UpstreamReset,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 8] = [
+    pub const ALL: [CloseReason; 10] = [
         CloseReason::Clean,
         CloseReason::IdleTimeout,
         CloseReason::PeerReset,
@@ -42,6 +46,8 @@ impl CloseReason {
         CloseReason::Truncated,
         CloseReason::Tampered,
         CloseReason::DrainDeadline,
+        CloseReason::ClientReset,
+        CloseReason::UpstreamReset,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -53,6 +59,8 @@ impl CloseReason {
             CloseReason::Truncated => "truncated",
             CloseReason::Tampered => "tampered",
             CloseReason::DrainDeadline => "drain_deadline",
+            CloseReason::ClientReset => "client_reset",
+            CloseReason::UpstreamReset => "upstream_reset",
         }
     }
 }
@@ -94,7 +102,7 @@ impl RejectReason {
 
 /// Handshake outcomes (`sealpipe_handshakes_total{result}`): `ok`, the protocol's error
 /// reasons, and `timeout`.
-pub const HANDSHAKE_RESULTS: [&str; 9] = [
+pub const HANDSHAKE_RESULTS: [&str; 11] = [
     "ok",
     "bad_mac",
     "malformed",
@@ -104,7 +112,12 @@ pub const HANDSHAKE_RESULTS: [&str; 9] = [
     "truncated",
     "too_large",
     "timeout",
+    "fs_required",
+    "not_sealpipe",
 ];
+
+/// Where a handshake's ephemeral key came from (`sealpipe_ephemeral_keys_total{source}`).
+pub const EPHEMERAL_SOURCES: [&str; 2] = ["pool", "on_demand"];
 
 pub const CONNECT_FAILURES: [&str; 3] = ["refused", "timeout", "other"];
 
@@ -127,6 +140,8 @@ pub struct Metrics {
     closed: IntCounterVec,
     duration: HistogramVec,
     handshakes: IntCounterVec,
+    sessions: IntCounterVec,
+    ephemeral_keys: IntCounterVec,
     handshake_duration: HistogramVec,
     bytes: IntCounterVec,
     upstream_up: IntGaugeVec,
@@ -235,6 +250,26 @@ impl Metrics {
                 IntCounterVec::new(
                     opts("handshakes_total", "Tunnel handshakes, by result."),
                     &["tunnel", "result"]
+                )
+            ),
+            sessions: reg!(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "sessions_total",
+                        "Tunnel sessions established, by whether an ephemeral X25519 exchange gave them forward secrecy."
+                    ),
+                    &["tunnel", "fs"]
+                )
+            ),
+            ephemeral_keys: reg!(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "ephemeral_keys_total",
+                        "X25519 key pairs handshakes took, by source: made ahead in the shard's spare time (pool) or on the spot (on_demand)."
+                    ),
+                    &["shard", "source"]
                 )
             ),
             handshake_duration: reg!(
@@ -437,6 +472,7 @@ impl Metrics {
             closed: CloseReason::ALL.map(|r| self.closed.with_label_values(&[tunnel, r.as_str()])),
             duration: self.duration.with_label_values(&[tunnel]),
             handshakes: HANDSHAKE_RESULTS.map(|r| self.handshakes.with_label_values(&[tunnel, r])),
+            sessions: ["yes", "no"].map(|fs| self.sessions.with_label_values(&[tunnel, fs])),
             handshake_duration: self.handshake_duration.with_label_values(&[tunnel]),
             bytes: [
                 ("upstream", "plaintext"),
@@ -477,6 +513,12 @@ impl Metrics {
             .remove_label_values(&[tunnel, upstream]);
     }
 
+    /// One shard's ephemeral-key counters, by [`EPHEMERAL_SOURCES`].
+    pub fn ephemeral_keys(&self, shard: usize) -> [IntCounter; 2] {
+        let s = shard.to_string();
+        EPHEMERAL_SOURCES.map(|src| self.ephemeral_keys.with_label_values(&[&s, src]))
+    }
+
     /// The per-key session counter of one tunnel's key (label values bounded by loaded keys).
     pub fn key_sessions(&self, tunnel: &str, key_id: &str) -> IntCounter {
         self.key_sessions.with_label_values(&[tunnel, key_id])
@@ -505,9 +547,11 @@ pub struct TunnelMetrics {
     pub active: IntGauge,
     pub hibernating: IntGauge,
     pub rejected: [IntCounter; 6],
-    pub closed: [IntCounter; 8],
+    pub closed: [IntCounter; 10],
     pub duration: Histogram,
-    pub handshakes: [IntCounter; 9],
+    pub handshakes: [IntCounter; 11],
+    /// Sessions established: `[fs="yes", fs="no"]`.
+    pub sessions: [IntCounter; 2],
     pub handshake_duration: Histogram,
     pub bytes: [IntCounter; 4],
     pub flow_paused: [IntCounter; 2],
@@ -528,6 +572,9 @@ impl TunnelMetrics {
         if let Some(i) = HANDSHAKE_RESULTS.iter().position(|r| *r == result) {
             self.handshakes[i].inc();
         }
+    }
+    pub fn session(&self, forward_secrecy: bool) {
+        self.sessions[usize::from(!forward_secrecy)].inc();
     }
 }
 

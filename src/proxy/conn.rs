@@ -6,11 +6,19 @@
 //! each is compiled to its own code, with no dynamic dispatch on the data path.
 //!
 //! Lifecycle: the decrypt side connects to its backend only after the handshake (including the
-//! initiator's Finished) verified, so a wrong key or a replayed session never reaches the
-//! backend. Half-close flows through: a side's end (FIN, or an authenticated END record on the
-//! sealed side) becomes a shutdown of the far side's write half after its output drains, and
-//! the other direction keeps going. A FIN on a sealed side without END is a truncation: the
-//! plaintext side is reset, not closed cleanly. A tampered record resets both sides.
+//! initiator's Finished) verified and the session's OPEN arrived, so a wrong key or a replayed
+//! session never reaches the backend. Half-close flows through: a side's end (FIN, or an
+//! authenticated END record on the sealed side) becomes a shutdown of the far side's write half
+//! after its output drains, and the other direction keeps going. A FIN on a sealed side without
+//! END is a truncation: the plaintext side is reset, not closed cleanly. A tampered record
+//! resets both sides.
+//!
+//! Aborts travel: when a plaintext peer resets (or this side gives up on the connection: idle
+//! timeout, no backend, drain deadline), the sealed side sends an authenticated ABORT before
+//! closing, and the far side resets its own plaintext peer and counts the reason
+//! (`client_reset`, `upstream_reset`, ...) instead of a truncation. Handshake failures are
+//! logged where they can be told apart: the responder names the check that failed; the
+//! initiator, which only sees the responder close, says what that most likely means.
 //!
 //! Quiet connections hibernate: after [`HIBERNATE_AFTER`] without activity the sealed side
 //! drops its expanded AEAD keys (the next record re-derives them from the traffic secrets) and
@@ -18,19 +26,19 @@
 //! more than this handler. The idle timer carries both deadlines (one timer, lazily re-armed),
 //! so neither costs anything per read.
 
-use std::io;
+use std::io::{self, Read};
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 
 use crate::metrics::{Bytes, CloseReason};
-use crate::protocol::{EphemeralPool, KeyId, ProtocolError};
+use crate::protocol::{AbortReason, ForwardSecrecy, KeyId, OpenInfo, ProtocolError};
 use crate::reactor::{
     BevEvents, BufferEvent, Context, Filter, Handler, NoFilter, Ready, Suspend, Timeouts, TimerKey,
     Watermarks,
 };
 
-use super::codec::{Role, SealFilter, protocol_error};
+use super::codec::{Role, SealFilter, peer_abort, protocol_error};
 use super::listener::Ticket;
 use super::upstream::{ConnectOutcome, TargetId, Tried};
 use super::{OUTPUT_HIGH, OUTPUT_LOW, READ_HIGH, ShardState, TunnelRt};
@@ -74,13 +82,32 @@ impl std::fmt::Display for Upstream {
 /// A side's layer: plain or sealed.
 pub trait Layer: Filter + Sized + 'static {
     const SEALED: bool;
-    /// The layer for a new connection; sealed layers take an ephemeral key from `keys`.
-    fn make(role: Role, t: &TunnelRt, keys: &mut EphemeralPool) -> Self;
+    /// The layer for a new connection (a sealed initiator takes an ephemeral key from the
+    /// shard's pool; a responder only once a hello verifies).
+    fn make(role: Role, t: &TunnelRt) -> Self;
     /// Handshake complete (always true for plain).
     fn is_open(&self) -> bool;
     /// The pre-shared key the session uses (none for plain).
     fn key_id(&self) -> Option<KeyId> {
         None
+    }
+    /// Whether the open session has forward secrecy (none for plain or before it opens).
+    fn forward_secrecy(&self) -> Option<bool> {
+        None
+    }
+    /// After a version mismatch: the version the peer spoke.
+    fn peer_version(&self) -> Option<u8> {
+        None
+    }
+    /// Initiator: the client's addresses for the session's OPEN record.
+    fn set_open(&mut self, _open: OpenInfo) {}
+    /// Responder: the OPEN record received, once.
+    fn take_open(&mut self) -> Option<OpenInfo> {
+        None
+    }
+    /// Queues an ABORT for the far side (flush to send it); false if there is no open session.
+    fn abort(&mut self, _reason: AbortReason) -> bool {
+        false
     }
     /// Drops what the layer can rebuild on its next use; true if it dropped keys.
     fn hibernate(&mut self) -> bool {
@@ -90,7 +117,7 @@ pub trait Layer: Filter + Sized + 'static {
 
 impl Layer for NoFilter {
     const SEALED: bool = false;
-    fn make(_: Role, _: &TunnelRt, _: &mut EphemeralPool) -> Self {
+    fn make(_: Role, _: &TunnelRt) -> Self {
         NoFilter
     }
     fn is_open(&self) -> bool {
@@ -100,12 +127,12 @@ impl Layer for NoFilter {
 
 impl Layer for SealFilter {
     const SEALED: bool = true;
-    fn make(role: Role, t: &TunnelRt, keys: &mut EphemeralPool) -> Self {
+    fn make(role: Role, t: &TunnelRt) -> Self {
         let cfg = t
             .handshake
             .as_ref()
             .expect("sealed tunnels always carry a handshake config");
-        let mut f = SealFilter::with_pool(role, cfg, Some(keys));
+        let mut f = SealFilter::new(role, cfg);
         if let Some(n) = t.key_update_interval {
             f.set_key_update_interval(n);
         }
@@ -117,8 +144,77 @@ impl Layer for SealFilter {
     fn key_id(&self) -> Option<KeyId> {
         SealFilter::key_id(self)
     }
+    fn forward_secrecy(&self) -> Option<bool> {
+        SealFilter::forward_secrecy(self)
+    }
+    fn peer_version(&self) -> Option<u8> {
+        SealFilter::peer_version(self)
+    }
+    fn set_open(&mut self, open: OpenInfo) {
+        SealFilter::set_open(self, open);
+    }
+    fn take_open(&mut self) -> Option<OpenInfo> {
+        SealFilter::take_open(self)
+    }
+    fn abort(&mut self, reason: AbortReason) -> bool {
+        SealFilter::abort(self, reason)
+    }
     fn hibernate(&mut self) -> bool {
         SealFilter::hibernate(self)
+    }
+}
+
+/// The OPEN an encrypt side sends for its client: the addresses of the accepted socket.
+fn client_open<C: Layer>(client: &BufferEvent<C>) -> OpenInfo {
+    let addrs = client
+        .stream()
+        .and_then(|s| Some((s.peer_addr().ok()?, s.local_addr().ok()?)));
+    match addrs {
+        Some((source, destination)) => OpenInfo::from_socket(source, destination),
+        None => OpenInfo::default(),
+    }
+}
+
+/// Reads and discards what a socket that is about to close still holds, so that the kernel
+/// closes it with a FIN after the queued bytes (an ABORT record) instead of a RST that would
+/// drop them. Bounded: a peer that keeps sending is cut by the RST it then earns.
+fn discard_unread(stream: Option<&TcpStream>) {
+    let Some(mut s) = stream else {
+        return;
+    };
+    let mut sink = [0u8; 4096];
+    for _ in 0..64 {
+        match s.read(&mut sink) {
+            Ok(n) if n > 0 => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            _ => return,
+        }
+    }
+}
+
+/// The shard's shared log rate limit ([`ShardState::may_warn`]) for a line at `level`: a line
+/// whose level is off costs none of the budget, so unseen debug lines (a load balancer's TCP
+/// checks, say) never crowd out the warnings an operator does see.
+fn may_log(cx: &mut Context<'_, ShardState>, level: tracing::Level) -> Option<u64> {
+    let on = match level {
+        tracing::Level::ERROR | tracing::Level::WARN => tracing::enabled!(tracing::Level::WARN),
+        tracing::Level::INFO => tracing::enabled!(tracing::Level::INFO),
+        _ => tracing::enabled!(tracing::Level::DEBUG),
+    };
+    if !on {
+        return None;
+    }
+    let now = cx.now();
+    cx.state.may_warn(now)
+}
+
+/// The abort a side sends its sealed peer when it closes for `reason` on its own account.
+fn abort_for(reason: CloseReason) -> Option<AbortReason> {
+    match reason {
+        CloseReason::UpstreamFailed => Some(AbortReason::Unreachable),
+        CloseReason::IdleTimeout => Some(AbortReason::Timeout),
+        CloseReason::DrainDeadline => Some(AbortReason::Shutdown),
+        _ => None,
     }
 }
 
@@ -150,8 +246,8 @@ pub struct Conn<C: Layer, U: Layer> {
 
 impl<C: Layer, U: Layer> Conn<C, U> {
     /// Builds the handler for an accepted client socket.
-    pub fn new(t: &TunnelRt, keys: &mut EphemeralPool, stream: TcpStream, now: Instant) -> Self {
-        let filter = C::make(Role::Responder, t, keys);
+    pub fn new(t: &TunnelRt, stream: TcpStream, now: Instant) -> Self {
+        let filter = C::make(Role::Responder, t);
         let mut client = BufferEvent::with_filter(stream, CLIENT, filter, !C::SEALED);
         client.set_watermarks(Watermarks {
             read_low: 0,
@@ -209,7 +305,10 @@ impl<C: Layer, U: Layer> Conn<C, U> {
             connect: Some(rt.cfg.connect_timeout),
             ..Timeouts::default()
         };
-        let filter = U::make(Role::Initiator, rt, &mut state.ephemeral_keys);
+        let mut filter = U::make(Role::Initiator, rt);
+        if U::SEALED {
+            filter.set_open(client_open(&self.client));
+        }
         self.connect_started = now;
         let mut up =
             BufferEvent::connect_filtered(cx, addr, UPSTREAM, filter, !U::SEALED, timeouts);
@@ -415,9 +514,16 @@ impl<C: Layer, U: Layer> Conn<C, U> {
         }
         if ev.contains(BevEvents::FILTER) && C::SEALED && self.client.filter().is_open() {
             self.handshake_ok(cx);
-            self.connect_upstream(cx);
-            if self.closed.is_some() {
-                return (c, u);
+            // The backend is connected for the session's OPEN (normally in the same read as
+            // Finished), once.
+            if let Some(open) = self.client.filter_mut().take_open() {
+                if let Some(a) = open.addrs {
+                    tracing::trace!(client = %a.source, via = %a.destination, proxied = open.proxied, "session opened");
+                }
+                self.connect_upstream(cx);
+                if self.closed.is_some() {
+                    return (c, u);
+                }
             }
         }
         if ev.contains(BevEvents::EOF) && !self.client_eof {
@@ -570,15 +676,67 @@ impl<C: Layer, U: Layer> Conn<C, U> {
             .filter()
             .key_id()
             .or_else(|| self.upstream.as_ref().and_then(|u| u.filter().key_id()));
-        let rt = &cx.state.tunnels[self.tunnel];
+        let fs = self
+            .client
+            .filter()
+            .forward_secrecy()
+            .or_else(|| {
+                self.upstream
+                    .as_ref()
+                    .and_then(|u| u.filter().forward_secrecy())
+            })
+            .unwrap_or(false);
+        let now = cx.now();
+        let rt = &mut cx.state.tunnels[self.tunnel];
         rt.count_session(key);
         let m = &rt.metrics;
         m.handshake("ok");
+        m.session(fs);
         m.handshake_duration.observe(took.as_secs_f64());
+        let allowed =
+            rt.handshake.as_ref().map(|h| h.forward_secrecy) == Some(ForwardSecrecy::Allow);
+        if !fs && C::SEALED && allowed {
+            if let Some(sessions) = rt.may_warn_no_fs(now) {
+                tracing::warn!(
+                    tunnel = %rt.cfg.name,
+                    key_id = %key.map(|k| k.to_string()).unwrap_or_default(),
+                    sessions,
+                    "accepted sessions without forward secrecy (forward_secrecy = \"allow\"): an encrypt side runs with forward secrecy off; a later leak of the key would expose their traffic. Turn it on there, then set forward_secrecy = \"require\" here"
+                );
+            }
+        }
     }
 
-    /// A side failed after connecting: classify, reset what must be reset, close.
+    /// A side failed after connecting: classify, tell the far side, reset what must be reset,
+    /// close.
     fn side_failed(&mut self, cx: &mut Context<'_, ShardState>, side: u8, err: Option<io::Error>) {
+        let sealed = if side == CLIENT { C::SEALED } else { U::SEALED };
+        let name = if side == CLIENT { "client" } else { "upstream" };
+        if let Some(abort) = err.as_ref().and_then(peer_abort) {
+            // The far sealpipe ended the session in an authenticated record: its plaintext peer
+            // reset, it had no backend, or it gave up. Not an attack and not a truncation.
+            let reason = match abort {
+                AbortReason::Reset if side == CLIENT => CloseReason::ClientReset,
+                AbortReason::Reset => CloseReason::UpstreamReset,
+                AbortReason::Unreachable => CloseReason::UpstreamFailed,
+                AbortReason::Timeout => CloseReason::IdleTimeout,
+                AbortReason::Shutdown => CloseReason::PeerReset,
+            };
+            let level = if abort == AbortReason::Unreachable {
+                tracing::Level::INFO
+            } else {
+                tracing::Level::DEBUG
+            };
+            if let Some(skipped) = may_log(cx, level) {
+                let tunnel = &cx.state.tunnels[self.tunnel].cfg.name;
+                if abort == AbortReason::Unreachable {
+                    tracing::info!(%tunnel, side = name, skipped, "the decrypt side could not connect to its backend: client reset");
+                } else {
+                    tracing::debug!(%tunnel, side = name, abort = abort.as_str(), reason = reason.as_str(), skipped, "the far side aborted the connection");
+                }
+            }
+            return self.finish_with(cx, reason, None);
+        }
         let pe = err.as_ref().and_then(protocol_error);
         let reason = match pe {
             Some(e) if !self.handshake_done => {
@@ -589,18 +747,140 @@ impl<C: Layer, U: Layer> Conn<C, U> {
             Some(_) => CloseReason::Tampered,
             None => CloseReason::PeerReset,
         };
-        let now = cx.now();
-        if let Some(skipped) = cx.state.may_warn(now) {
+        let in_handshake = sealed && !self.handshake_done;
+        let level = match pe {
+            // A peer that connects and closes without a byte: port probes, TCP health checks.
+            Some(ProtocolError::Truncated) if in_handshake && side == CLIENT => {
+                tracing::Level::DEBUG
+            }
+            Some(_) => tracing::Level::WARN,
+            None if in_handshake && side == UPSTREAM => tracing::Level::WARN,
+            None => tracing::Level::DEBUG,
+        };
+        if let Some(skipped) = may_log(cx, level) {
             let tunnel = &cx.state.tunnels[self.tunnel].cfg.name;
-            let side = if side == CLIENT { "client" } else { "upstream" };
             match pe {
-                Some(e) => {
-                    tracing::warn!(%tunnel, side, reason = reason.as_str(), error = e.reason(), skipped, "connection closed on bad input")
+                Some(e) if sealed && !self.handshake_done => {
+                    self.log_handshake_failure(cx, side, e, skipped)
                 }
-                None => tracing::debug!(%tunnel, side, error = ?err, skipped, "connection failed"),
+                Some(e) => {
+                    tracing::warn!(%tunnel, side = name, reason = reason.as_str(), error = e.reason(), skipped, "connection closed on bad input")
+                }
+                // The sealed peer reset the TCP connection during the handshake: on the encrypt
+                // side that is the decrypt side refusing, as a close would be.
+                None if sealed && !self.handshake_done && side == UPSTREAM => {
+                    self.log_handshake_failure(cx, side, ProtocolError::Truncated, skipped)
+                }
+                None => match &err {
+                    Some(e) => {
+                        tracing::debug!(%tunnel, side = name, error = %e, skipped, "connection failed")
+                    }
+                    None => tracing::debug!(%tunnel, side = name, skipped, "connection failed"),
+                },
             }
         }
-        self.finish(cx, reason);
+        // A plaintext peer's failure (a reset, mostly) is told to the sealed far side, which
+        // resets its own plaintext peer in turn.
+        let abort = (!sealed).then_some(AbortReason::Reset);
+        self.finish_with(cx, reason, abort)
+    }
+
+    /// The log line of a failed handshake, by role: the responder knows which check failed;
+    /// the initiator only sees the responder close (it says nothing to an unauthenticated
+    /// peer) and says what that most likely means.
+    fn log_handshake_failure(
+        &self,
+        cx: &Context<'_, ShardState>,
+        side: u8,
+        e: ProtocolError,
+        skipped: u64,
+    ) {
+        let rt = &cx.state.tunnels[self.tunnel];
+        let tunnel = &rt.cfg.name;
+        let error = e.reason();
+        let policy = rt
+            .handshake
+            .as_ref()
+            .map_or("", |h| h.forward_secrecy.as_str());
+        let this_version = crate::protocol::handshake::VERSION;
+        if side == CLIENT {
+            // Responder (decrypt side): the precise cause.
+            let peer = self.client.stream().and_then(|s| s.peer_addr().ok());
+            let peer = peer.map(|p| p.to_string()).unwrap_or_default();
+            let key_id = self
+                .client
+                .filter()
+                .key_id()
+                .map(|k| k.to_string())
+                .unwrap_or_default();
+            match e {
+                ProtocolError::UnknownKey => {
+                    let loaded = rt.handshake.as_ref().map_or(String::new(), |h| {
+                        h.keys
+                            .ids()
+                            .map(|k| k.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    });
+                    tracing::warn!(%tunnel, %peer, error, %key_id, %loaded, skipped, "handshake failed: the encrypt side uses key id {key_id}, which is not loaded here (loaded: {loaded}); load its key file here, or give it one of these keys")
+                }
+                ProtocolError::ForwardSecrecyRequired => {
+                    tracing::warn!(%tunnel, %peer, error, %key_id, skipped, "handshake failed: the encrypt side did not offer forward secrecy, which this side requires (forward_secrecy = \"require\"); turn it on there, or set forward_secrecy = \"allow\" here")
+                }
+                ProtocolError::NotSealpipe => {
+                    tracing::warn!(%tunnel, %peer, error, skipped, "handshake failed: not a sealpipe peer (plaintext or another protocol sent to this decrypt port; point plaintext clients at the encrypt side)")
+                }
+                ProtocolError::Version => {
+                    let theirs = self.client.filter().peer_version().unwrap_or(0);
+                    tracing::warn!(%tunnel, %peer, error, skipped, "handshake failed: the encrypt side speaks sealpipe protocol version {theirs}, this side speaks version {this_version}; run the same sealpipe release on both sides")
+                }
+                ProtocolError::BadMac => {
+                    tracing::warn!(%tunnel, %peer, error, %key_id, skipped, "handshake failed: the hello names loaded key id {key_id} but its MAC does not verify (modified in flight, or a forged key id)")
+                }
+                ProtocolError::Replay => {
+                    tracing::warn!(%tunnel, %peer, error, %key_id, skipped, "handshake failed: Finished did not verify (a recorded handshake replayed, or modified in flight)")
+                }
+                ProtocolError::Truncated => {
+                    tracing::debug!(%tunnel, %peer, error, skipped, "handshake failed: the peer closed before completing the handshake")
+                }
+                _ => {
+                    tracing::warn!(%tunnel, %peer, error, skipped, "handshake failed: malformed handshake")
+                }
+            }
+            return;
+        }
+        // Initiator (encrypt side).
+        let target = self
+            .upstream
+            .as_ref()
+            .and_then(|u| u.stream())
+            .and_then(|s| s.peer_addr().ok())
+            .map(|p| p.to_string())
+            .unwrap_or_default();
+        let key_id = rt
+            .handshake
+            .as_ref()
+            .map(|h| h.keys.primary().id().to_string())
+            .unwrap_or_default();
+        match e {
+            ProtocolError::NotSealpipe => {
+                tracing::warn!(%tunnel, %target, error, skipped, "handshake failed: the target answered with something that is not a sealpipe hello; is it the decrypt side's listen address (and not the backend itself)?")
+            }
+            ProtocolError::Version => {
+                let theirs = self
+                    .upstream
+                    .as_ref()
+                    .and_then(|u| u.filter().peer_version())
+                    .unwrap_or(0);
+                tracing::warn!(%tunnel, %target, error, skipped, "handshake failed: the decrypt side speaks sealpipe protocol version {theirs}, this side speaks version {this_version}; run the same sealpipe release on both sides")
+            }
+            ProtocolError::Truncated => {
+                tracing::warn!(%tunnel, %target, error, %key_id, forward_secrecy = policy, skipped, "handshake failed: the decrypt side closed during the handshake: wrong key, key id {key_id} not loaded there, forward-secrecy policy mismatch (this side: {policy}), or a protocol version mismatch — see the decrypt side's log for which")
+            }
+            _ => {
+                tracing::warn!(%tunnel, %target, error, %key_id, skipped, "handshake failed: the decrypt side's answer did not verify (modified in flight, or not the decrypt side holding this key)")
+            }
+        }
     }
 
     /// Both directions ended cleanly and everything was written: close.
@@ -611,13 +891,37 @@ impl<C: Layer, U: Layer> Conn<C, U> {
         }
     }
 
-    /// Ends the connection with `reason`. Anything but a clean end resets the plaintext side(s)
-    /// so their applications see an error, never a truncated stream that looks complete.
+    /// Ends the connection with `reason`, telling the sealed far side with an ABORT when this
+    /// side gives up on its own account (idle timeout, no backend, drain deadline).
     fn finish(&mut self, cx: &mut Context<'_, ShardState>, reason: CloseReason) {
+        self.finish_with(cx, reason, abort_for(reason));
+    }
+
+    /// Ends the connection with `reason`, first sending `abort` on the sealed side if its
+    /// session is open. Anything but a clean end resets the plaintext side(s) so their
+    /// applications see an error, never a truncated stream that looks complete.
+    fn finish_with(
+        &mut self,
+        cx: &mut Context<'_, ShardState>,
+        reason: CloseReason,
+        abort: Option<AbortReason>,
+    ) {
         if self.closed.is_some() {
             return;
         }
         self.closed = Some(reason);
+        if let Some(a) = abort {
+            if C::SEALED && self.client.filter_mut().abort(a) {
+                let _ = self.client.flush(cx);
+                discard_unread(self.client.stream());
+            }
+            if let Some(up) = self.upstream.as_mut() {
+                if U::SEALED && up.filter_mut().abort(a) {
+                    let _ = up.flush(cx);
+                    discard_unread(up.stream());
+                }
+            }
+        }
         if reason != CloseReason::Clean {
             let tampered = reason == CloseReason::Tampered;
             if !C::SEALED || tampered {
@@ -706,7 +1010,23 @@ impl<C: Layer, U: Layer> Handler<ShardState> for Conn<C, U> {
             TAG_HANDSHAKE => {
                 self.handshake_timer = None;
                 if !self.handshake_done {
-                    cx.state.tunnels[self.tunnel].metrics.handshake("timeout");
+                    let level = if U::SEALED {
+                        tracing::Level::WARN
+                    } else {
+                        tracing::Level::DEBUG
+                    };
+                    let warn = may_log(cx, level);
+                    let rt = &cx.state.tunnels[self.tunnel];
+                    rt.metrics.handshake("timeout");
+                    if let Some(skipped) = warn {
+                        let (tunnel, limit) = (&rt.cfg.name, rt.cfg.handshake_timeout);
+                        if U::SEALED {
+                            // Our own connection to the decrypt side: connected, and silent.
+                            tracing::warn!(%tunnel, timeout = ?limit, skipped, "handshake failed: no answer from the target within handshake_timeout; is it a sealpipe decrypt side (and not the backend itself), and not overloaded?");
+                        } else {
+                            tracing::debug!(%tunnel, timeout = ?limit, skipped, "handshake failed: the peer sent no complete handshake within handshake_timeout");
+                        }
+                    }
                     self.finish(cx, CloseReason::HandshakeFailed);
                 }
             }

@@ -229,14 +229,13 @@ fn admit(cx: &mut Context<'_, ShardState>, tunnel: usize, stream: TcpStream, pee
     } else {
         None
     };
-    let state = &mut *cx.state;
-    let (rt, keys) = (&state.tunnels[tunnel], &mut state.ephemeral_keys);
+    let rt = &cx.state.tunnels[tunnel];
     let conn: Box<dyn Handler<ShardState>> = match rt.cfg.mode {
-        Mode::Encrypt => Box::new(Conn::<NoFilter, SealFilter>::new(rt, keys, stream, now)),
+        Mode::Encrypt => Box::new(Conn::<NoFilter, SealFilter>::new(rt, stream, now)),
         Mode::Decrypt => {
-            Box::new(Conn::<SealFilter, NoFilter>::new(rt, keys, stream, now).with_ticket(ticket))
+            Box::new(Conn::<SealFilter, NoFilter>::new(rt, stream, now).with_ticket(ticket))
         }
-        Mode::Forward => Box::new(Conn::<NoFilter, NoFilter>::new(rt, keys, stream, now)),
+        Mode::Forward => Box::new(Conn::<NoFilter, NoFilter>::new(rt, stream, now)),
     };
     cx.spawn(conn);
 }

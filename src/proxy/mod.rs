@@ -20,11 +20,11 @@ pub mod upstream;
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::config::{Mode, Tunnel};
 use crate::metrics::{Metrics, TunnelMetrics};
-use crate::protocol::{EphemeralPool, HandshakeConfig, KeyId, KeySet, OsRandom};
+use crate::protocol::{HandshakeConfig, KeyId, KeySet};
 use crate::reactor::HandlerId;
 use prometheus::IntCounter;
 
@@ -36,9 +36,13 @@ pub const READ_HIGH: usize = 256 * 1024;
 pub const OUTPUT_HIGH: usize = 256 * 1024;
 /// ...and resumes when it drains to this.
 pub const OUTPUT_LOW: usize = 64 * 1024;
-/// Ephemeral key pairs a shard keeps ready (each ~0.1 KiB). Enough for a burst of new
-/// connections between two idle moments; beyond it, handshakes generate their own.
-pub const EPHEMERAL_KEYS_READY: usize = 16;
+/// Ephemeral key pairs a shard keeps ready (each ~0.1 KiB), in its thread's pool
+/// ([`codec::ephemeral`]). Enough for a burst of new connections between two idle moments;
+/// beyond it, handshakes generate their own.
+pub const EPHEMERAL_KEYS_READY: usize = codec::ephemeral::KEYS_READY;
+/// At most one warning per tunnel and shard this often about sessions without forward secrecy
+/// (the next one says how many sessions it covers).
+pub const NO_FS_WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// One tunnel as one shard runs it.
 pub struct TunnelRt {
@@ -60,6 +64,10 @@ pub struct TunnelRt {
     pub next_probe: Option<Instant>,
     /// Tests shrink the rekey interval to exercise key updates.
     pub key_update_interval: Option<u64>,
+    /// When a session without forward secrecy may next be warned about, and how many were
+    /// accepted since the last warning.
+    pub next_no_fs_warn: Instant,
+    pub no_fs_unwarned: u64,
 }
 
 impl TunnelRt {
@@ -83,8 +91,21 @@ impl TunnelRt {
             listener_paused: false,
             key_update_interval: None,
             next_probe: None,
+            next_no_fs_warn: Instant::now(),
+            no_fs_unwarned: 0,
             cfg,
         }
+    }
+
+    /// A session without forward secrecy was accepted: `Some(sessions covered)` when it is
+    /// time to warn about them (at most once per [`NO_FS_WARN_EVERY`]).
+    pub fn may_warn_no_fs(&mut self, now: Instant) -> Option<u64> {
+        self.no_fs_unwarned += 1;
+        if now < self.next_no_fs_warn {
+            return None;
+        }
+        self.next_no_fs_warn = now + NO_FS_WARN_EVERY;
+        Some(std::mem::take(&mut self.no_fs_unwarned))
     }
 
     fn key_sessions(cfg: &Tunnel, keys: Option<&KeySet>, m: &Metrics) -> Vec<(KeyId, IntCounter)> {
@@ -168,10 +189,12 @@ pub struct ShardState {
     /// Rate limit for warnings about bad peers: next instant a warning may be logged.
     pub next_warn: Instant,
     pub suppressed_warnings: u64,
-    /// X25519 key pairs made in the loop's spare time for this shard's handshakes.
-    pub ephemeral_keys: EphemeralPool,
     /// Pre-authentication admission: handshake and per-source caps (`listener::Admission`).
     pub admission: listener::Admission,
+    /// `sealpipe_ephemeral_keys_total` of this shard (pool, on demand), and the counts of the
+    /// thread's pool ([`codec::ephemeral::handed_out`]) already added to them.
+    ephemeral_keys: [IntCounter; 2],
+    ephemeral_published: (u64, u64),
 }
 
 impl ShardState {
@@ -184,7 +207,6 @@ impl ShardState {
         ShardState {
             shard,
             tunnels,
-            metrics,
             conns: 0,
             conn_limit,
             draining: false,
@@ -193,24 +215,29 @@ impl ShardState {
             hibernations: 0,
             next_warn: Instant::now(),
             suppressed_warnings: 0,
-            ephemeral_keys: EphemeralPool::new(EPHEMERAL_KEYS_READY),
             admission: listener::Admission::new(&crate::config::Admission::default(), 1),
+            ephemeral_keys: metrics.ephemeral_keys(shard),
+            ephemeral_published: (0, 0),
+            metrics,
         }
     }
 
     /// Whether the shard has spare-time work (see `EventBase::set_idle`): ephemeral key pairs
-    /// to make, if any tunnel uses forward secrecy and the pool is below its target.
+    /// to make, if any tunnel may use forward secrecy and the thread's pool is below its target.
     pub fn wants_idle_work(&self) -> bool {
-        self.ephemeral_keys.wants_refill()
-            && self
-                .tunnels
-                .iter()
-                .any(|t| t.handshake.as_ref().is_some_and(|h| h.forward_secrecy))
+        codec::ephemeral::wants_refill()
+            && self.tunnels.iter().any(|t| {
+                t.handshake.as_ref().is_some_and(|h| {
+                    // An initiator uses a key when it offers one; a responder whenever its
+                    // peers do, which it cannot know ahead unless it requires it.
+                    t.cfg.mode == Mode::Decrypt || h.forward_secrecy.offers()
+                })
+            })
     }
 
     /// One step of spare-time work: one ephemeral key pair (~40 µs).
     pub fn idle_step(&mut self) {
-        self.ephemeral_keys.refill_one(&mut OsRandom);
+        codec::ephemeral::refill_one();
     }
 
     /// True if a warning may be logged now (at most 10 per second per shard); counts the
@@ -227,8 +254,14 @@ impl ShardState {
         }
     }
 
-    /// Publishes health and flushes byte counters (called a few times a second).
+    /// Publishes health and flushes byte counters (called a few times a second, on the shard's
+    /// own thread, whose key pool it reads).
     pub fn flush(&mut self, now: Instant) {
+        let (pool, on_demand) = codec::ephemeral::handed_out();
+        let (p0, d0) = self.ephemeral_published;
+        self.ephemeral_keys[0].inc_by(pool.saturating_sub(p0));
+        self.ephemeral_keys[1].inc_by(on_demand.saturating_sub(d0));
+        self.ephemeral_published = (pool, on_demand);
         for t in &mut self.tunnels {
             t.flush();
             let healthy = t.upstreams.healthy(now);
