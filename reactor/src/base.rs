@@ -24,6 +24,7 @@ use crossbeam_channel::{Receiver, Sender};
 use mio::event::Source;
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 
+use super::clock::Clock;
 use super::timer::{TimerKey, TimerWheel};
 
 /// Token reserved for the cross-thread waker.
@@ -360,6 +361,8 @@ pub struct EventBase<S> {
     expired: Vec<(TimerKey, TimerEntry)>,
     idle: Option<IdleWork<S>>,
     idle_pending: bool,
+    /// Where `Context::now` comes from (see `clock`); `stats` always use the real clock.
+    clock: Clock,
 }
 
 impl<S: 'static> EventBase<S> {
@@ -369,10 +372,16 @@ impl<S: 'static> EventBase<S> {
 
     /// `events` bounds how many readiness events one `epoll_wait` returns.
     pub fn with_capacity(state: S, events: usize) -> io::Result<Self> {
+        Self::with_clock(state, events, Clock::System)
+    }
+
+    /// A loop that reads the time from `clock` (a [`ManualClock`](super::clock::ManualClock)
+    /// in tests: timers then fire when the test advances it, and the loop never waits for one).
+    pub fn with_clock(state: S, events: usize, clock: Clock) -> io::Result<Self> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER_TOKEN)?);
         let (tx, rx) = crossbeam_channel::unbounded();
-        let now = Instant::now();
+        let now = clock.now();
         Ok(EventBase {
             core: Core {
                 registry: poll.registry().try_clone()?,
@@ -397,7 +406,13 @@ impl<S: 'static> EventBase<S> {
             expired: Vec::new(),
             idle: None,
             idle_pending: false,
+            clock,
         })
+    }
+
+    /// The clock this loop reads.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     pub fn handle(&self) -> Handle<S> {
@@ -482,7 +497,7 @@ impl<S: 'static> EventBase<S> {
     /// dispatch events, posted jobs, expired timers and deferred work.
     pub fn loop_once(&mut self, max_wait: Option<Duration>) -> io::Result<()> {
         let before = Instant::now();
-        self.core.now = before;
+        self.core.now = self.clock_at(before);
         let mut timeout = self.poll_timeout(max_wait);
         let idle_turn = self.idle_pending && timeout != Some(Duration::ZERO);
         if idle_turn {
@@ -496,7 +511,7 @@ impl<S: 'static> EventBase<S> {
         let woke = Instant::now();
         self.stats.waiting += woke - before;
         self.stats.turns += 1;
-        self.core.now = woke;
+        self.core.now = self.clock_at(woke);
 
         self.ready.clear();
         let mut wake = false;
@@ -532,7 +547,7 @@ impl<S: 'static> EventBase<S> {
             }
         }
 
-        self.core.now = Instant::now();
+        self.core.now = self.clock_at(Instant::now());
         self.expired.clear();
         self.core.timers.expire(self.core.now, &mut self.expired);
         let expired = std::mem::take(&mut self.expired);
@@ -553,6 +568,16 @@ impl<S: 'static> EventBase<S> {
         Ok(())
     }
 
+    /// The loop's time, given the real time just read (no second clock read on the system
+    /// clock).
+    #[inline]
+    fn clock_at(&self, real: Instant) -> Instant {
+        match &self.clock {
+            Clock::System => real,
+            c => c.now(),
+        }
+    }
+
     fn poll_timeout(&self, max_wait: Option<Duration>) -> Option<Duration> {
         if !self.core.deferred.is_empty() || self.core.break_now {
             return Some(Duration::ZERO);
@@ -561,6 +586,11 @@ impl<S: 'static> EventBase<S> {
         let mut deadline = self.core.timers.next_expiry();
         if let Some(exit) = self.core.exit_at {
             deadline = Some(deadline.map_or(exit, |d| d.min(exit)));
+        }
+        if self.clock.is_manual() {
+            // Waiting does not move a manual clock: a due deadline needs a turn now, a later
+            // one needs the test to advance time.
+            deadline = deadline.filter(|&d| d <= now);
         }
         // Round up to the next millisecond: epoll's resolution is 1 ms, and waking a hair early
         // would spin through a turn that finds nothing expired.
@@ -652,5 +682,40 @@ mod tests {
             assert_eq!(s, source);
             assert_ne!(id.token(source), WAKER_TOKEN);
         }
+    }
+
+    /// Counts its timer's firings.
+    struct Alarm(Duration);
+
+    impl Handler<Vec<Instant>> for Alarm {
+        fn on_start(&mut self, cx: &mut Context<'_, Vec<Instant>>) {
+            cx.timer(self.0, 7);
+        }
+        fn on_ready(&mut self, _: &mut Context<'_, Vec<Instant>>, _: u8, _: Ready) {}
+        fn on_timer(&mut self, cx: &mut Context<'_, Vec<Instant>>, tag: u64) {
+            assert_eq!(tag, 7);
+            let now = cx.now();
+            cx.state.push(now);
+        }
+    }
+
+    #[test]
+    fn a_manual_clock_fires_timers_when_advanced_and_never_waits_for_them() {
+        use crate::clock::{Clock, ManualClock};
+        let clock = ManualClock::new();
+        let t0 = clock.now();
+        let mut base = EventBase::with_clock(Vec::new(), 16, Clock::Manual(clock.clone())).unwrap();
+        base.spawn(Box::new(Alarm(Duration::from_secs(5))));
+        for _ in 0..3 {
+            base.loop_once(Some(Duration::ZERO)).unwrap();
+        }
+        assert!(base.state().is_empty(), "fired before time moved");
+        clock.advance(Duration::from_millis(4_999));
+        base.loop_once(Some(Duration::ZERO)).unwrap();
+        assert!(base.state().is_empty(), "fired early");
+        clock.advance(Duration::from_millis(1));
+        // A due timer makes the loop turn without waiting, even with no bound.
+        base.loop_once(None).unwrap();
+        assert_eq!(base.state().as_slice(), &[t0 + Duration::from_secs(5)]);
     }
 }

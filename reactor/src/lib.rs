@@ -16,6 +16,7 @@
 pub mod base;
 pub mod buffer;
 pub mod bufferevent;
+pub mod clock;
 pub mod event;
 pub mod listener;
 pub mod pool;
@@ -27,5 +28,6 @@ pub use buffer::Buffer;
 pub use bufferevent::{
     BevEvents, BufferEvent, Filter, FilterStatus, NoFilter, Suspend, Timeouts, Watermarks,
 };
+pub use clock::{Clock, ManualClock};
 pub use listener::{ConnListener, ListenerOptions};
 pub use timer::TimerKey;
