@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::{Mode, Tunnel};
-use crate::metrics::{Metrics, TunnelMetrics};
+use crate::metrics::{Bytes, Metrics, TunnelMetrics};
 use crate::protocol::{HandshakeConfig, KeyId, KeySet};
 use crate::reactor::HandlerId;
 use prometheus::IntCounter;
@@ -44,6 +44,55 @@ pub const EPHEMERAL_KEYS_READY: usize = codec::ephemeral::KEYS_READY;
 /// (the next one says how many sessions it covers).
 pub const NO_FS_WARN_EVERY: Duration = Duration::from_secs(60);
 
+/// Bytes carried, by direction (upstream = client to backend) and layer: one count per label
+/// of `sealpipe_bytes_total`, indexed by the label ([`Bytes`]), not by a bare slot number.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ByteCounts([u64; 4]);
+
+impl ByteCounts {
+    /// Every label, in slot order.
+    pub const LABELS: [Bytes; 4] = [
+        Bytes::UpPlain,
+        Bytes::UpSealed,
+        Bytes::DownPlain,
+        Bytes::DownSealed,
+    ];
+
+    /// Each count less the same count of `earlier` (counts only grow).
+    pub fn since(&self, earlier: &ByteCounts) -> ByteCounts {
+        let mut d = *self;
+        for (a, b) in d.0.iter_mut().zip(earlier.0) {
+            *a -= b;
+        }
+        d
+    }
+
+    /// Adds each count of `other`.
+    pub fn add(&mut self, other: &ByteCounts) {
+        for (a, b) in self.0.iter_mut().zip(other.0) {
+            *a += b;
+        }
+    }
+
+    /// The counts with their labels.
+    pub fn iter(&self) -> impl Iterator<Item = (Bytes, u64)> + '_ {
+        Self::LABELS.into_iter().map(|l| (l, self[l]))
+    }
+}
+
+impl std::ops::Index<Bytes> for ByteCounts {
+    type Output = u64;
+    fn index(&self, b: Bytes) -> &u64 {
+        &self.0[b as usize]
+    }
+}
+
+impl std::ops::IndexMut<Bytes> for ByteCounts {
+    fn index_mut(&mut self, b: Bytes) -> &mut u64 {
+        &mut self.0[b as usize]
+    }
+}
+
 /// One tunnel as one shard runs it.
 pub struct TunnelRt {
     pub index: usize,
@@ -53,7 +102,7 @@ pub struct TunnelRt {
     pub upstreams: Upstreams,
     pub metrics: TunnelMetrics,
     /// Shard-local byte counts not yet flushed to `metrics` (no atomics per read).
-    pub bytes: [u64; 4],
+    pub bytes: ByteCounts,
     /// Connections of this tunnel open on this shard.
     pub active: usize,
     pub listener: Option<HandlerId>,
@@ -85,7 +134,7 @@ impl TunnelRt {
             handshake: Self::handshake_config(&cfg, keys),
             upstreams: Upstreams::new(&cfg.targets, cfg.balance),
             metrics: metrics.tunnel(&cfg.name, shard, &names),
-            bytes: [0; 4],
+            bytes: ByteCounts::default(),
             active: 0,
             listener: None,
             listener_paused: false,
@@ -161,10 +210,9 @@ impl TunnelRt {
 
     /// Moves shard-local byte counts into the Prometheus counters.
     pub fn flush(&mut self) {
-        for (i, b) in self.bytes.iter_mut().enumerate() {
-            if *b > 0 {
-                self.metrics.bytes[i].inc_by(*b);
-                *b = 0;
+        for (label, n) in std::mem::take(&mut self.bytes).iter() {
+            if n > 0 {
+                self.metrics.bytes[label as usize].inc_by(n);
             }
         }
     }
