@@ -165,6 +165,10 @@ impl<F: Filter, T> BevCore<F, T> {
     pub fn set_error(&mut self, e: io::Error) {
         self.error = Some(e);
     }
+    /// Whether a failure waits for the owner to take it.
+    pub fn has_error(&self) -> bool {
+        self.error.is_some()
+    }
     pub fn eof_seen(&self) -> bool {
         self.eof
     }

@@ -396,7 +396,7 @@ impl<F: Filter> BevCore<F, Socket> {
         let mut ev = BevEvents::empty();
         match self.io.state {
             State::Closed => {
-                if self.error.is_some() {
+                if self.has_error() {
                     ev |= BevEvents::ERROR;
                 }
                 return ev;
