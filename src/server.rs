@@ -34,7 +34,7 @@ use crate::metrics::Metrics;
 use crate::protocol::KeySet;
 use crate::proxy::conn::TAG_ABORT;
 use crate::proxy::listener::{TAG_DRAIN, TunnelListener};
-use crate::proxy::{ShardState, TunnelRt};
+use crate::proxy::{ShardIdx, ShardState, TunnelIdx, TunnelRt};
 use crate::reactor::listener::{ConnListener, ListenerOptions};
 use crate::reactor::signal::SignalEvent;
 use crate::reactor::{EventBase, Handle, HandlerId, pool};
@@ -308,9 +308,18 @@ pub fn start_with(
             .tunnels
             .iter()
             .enumerate()
-            .map(|(ti, t)| TunnelRt::new(ti, Arc::new(t.clone()), keys[ti].clone(), &metrics, i))
+            .map(|(ti, t)| {
+                let (ti, shard) = (TunnelIdx::new(ti), ShardIdx::new(i));
+                TunnelRt::new(
+                    ti,
+                    Arc::new(t.clone()),
+                    keys[ti.get()].clone(),
+                    &metrics,
+                    shard,
+                )
+            })
             .collect();
-        let mut state = ShardState::new(i, tunnels, metrics.clone(), conn_limit);
+        let mut state = ShardState::new(ShardIdx::new(i), tunnels, metrics.clone(), conn_limit);
         state.admission = crate::proxy::listener::Admission::new(&cfg.admission, nshards);
         let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
         let running = running.clone();
@@ -329,7 +338,7 @@ pub fn start_with(
                 base.set_idle(ShardState::wants_idle_work, ShardState::idle_step);
                 for (ti, l) in listeners.into_iter().enumerate() {
                     let cl = ConnListener::from_std(l, ListenerOptions::default(), 0);
-                    base.spawn(Box::new(TunnelListener::new(ti, cl)));
+                    base.spawn(Box::new(TunnelListener::new(TunnelIdx::new(ti), cl)));
                 }
                 let _ = tx.send(Ok(base.handle()));
                 shard_main(i, base, core, running)

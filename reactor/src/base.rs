@@ -25,6 +25,7 @@ use mio::event::Source;
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 
 use super::clock::Clock;
+use super::tag::Tag;
 use super::timer::{TimerKey, TimerWheel};
 
 /// Token reserved for the cross-thread waker.
@@ -100,10 +101,10 @@ pub trait Handler<S>: 'static {
     fn on_start(&mut self, _cx: &mut Context<'_, S>) {}
     /// One of this handler's sources became ready.
     fn on_ready(&mut self, cx: &mut Context<'_, S>, source: u8, ready: Ready);
-    /// A timer this handler armed with [`Context::timer`] fired.
-    fn on_timer(&mut self, _cx: &mut Context<'_, S>, _tag: u64) {}
+    /// A timer this handler (or a component it owns) armed with [`Context::timer`] fired.
+    fn on_timer(&mut self, _cx: &mut Context<'_, S>, _tag: Tag) {}
     /// Deferred work for this handler ([`Context::defer`] or [`Context::notify`]).
-    fn on_notify(&mut self, _cx: &mut Context<'_, S>, _tag: u64) {}
+    fn on_notify(&mut self, _cx: &mut Context<'_, S>, _tag: Tag) {}
     /// The handler is being removed; deregister sources and cancel timers here.
     fn on_close(&mut self, _cx: &mut Context<'_, S>) {}
 }
@@ -113,7 +114,7 @@ pub type Job<S> = Box<dyn FnOnce(&mut Context<'_, S>) + Send>;
 
 enum Deferred {
     Start(HandlerId),
-    Notify(HandlerId, u64),
+    Notify(HandlerId, Tag),
     Close(HandlerId),
 }
 
@@ -128,7 +129,7 @@ struct Slot<S> {
 #[derive(Clone, Copy)]
 struct TimerEntry {
     id: HandlerId,
-    tag: u64,
+    tag: Tag,
 }
 
 /// Counters a shard exports: how busy the loop is and how long its worst callback took.
@@ -206,12 +207,12 @@ impl<S> Context<'_, S> {
     }
 
     /// Arms a one-shot timer for this handler; `on_timer(tag)` runs at or after `now + after`.
-    pub fn timer(&mut self, after: Duration, tag: u64) -> TimerKey {
+    pub fn timer(&mut self, after: Duration, tag: Tag) -> TimerKey {
         let deadline = self.core.now + after;
         self.timer_at(deadline, tag)
     }
 
-    pub fn timer_at(&mut self, deadline: Instant, tag: u64) -> TimerKey {
+    pub fn timer_at(&mut self, deadline: Instant, tag: Tag) -> TimerKey {
         let id = self.id.expect("timers belong to a handler");
         self.core.timers.insert(deadline, TimerEntry { id, tag })
     }
@@ -222,14 +223,14 @@ impl<S> Context<'_, S> {
     }
 
     /// Runs this handler's `on_notify(tag)` after the current callback returns.
-    pub fn defer(&mut self, tag: u64) {
+    pub fn defer(&mut self, tag: Tag) {
         if let Some(id) = self.id {
             self.core.deferred.push_back(Deferred::Notify(id, tag));
         }
     }
 
     /// Runs another handler's `on_notify(tag)` after the current callback returns.
-    pub fn notify(&mut self, id: HandlerId, tag: u64) {
+    pub fn notify(&mut self, id: HandlerId, tag: Tag) {
         self.core.deferred.push_back(Deferred::Notify(id, tag));
     }
 
@@ -689,11 +690,11 @@ mod tests {
 
     impl Handler<Vec<Instant>> for Alarm {
         fn on_start(&mut self, cx: &mut Context<'_, Vec<Instant>>) {
-            cx.timer(self.0, 7);
+            cx.timer(self.0, Tag::new(7));
         }
         fn on_ready(&mut self, _: &mut Context<'_, Vec<Instant>>, _: u8, _: Ready) {}
-        fn on_timer(&mut self, cx: &mut Context<'_, Vec<Instant>>, tag: u64) {
-            assert_eq!(tag, 7);
+        fn on_timer(&mut self, cx: &mut Context<'_, Vec<Instant>>, tag: Tag) {
+            assert_eq!(tag, Tag::new(7));
             let now = cx.now();
             cx.state.push(now);
         }

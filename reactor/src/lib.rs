@@ -21,6 +21,7 @@ pub mod event;
 pub mod listener;
 pub mod pool;
 pub mod signal;
+pub mod tag;
 pub mod timer;
 
 pub use base::{Context, EventBase, Handle, Handler, HandlerId, LoopStats, Ready};
@@ -31,4 +32,5 @@ pub use bufferevent::{
 };
 pub use clock::{Clock, ManualClock};
 pub use listener::{ConnListener, ListenerOptions};
+pub use tag::Tag;
 pub use timer::TimerKey;

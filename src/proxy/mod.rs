@@ -15,6 +15,7 @@
 pub use sealpipe_codec as codec;
 pub mod conn;
 pub mod health;
+pub mod ids;
 pub mod listener;
 pub mod upstream;
 
@@ -28,6 +29,7 @@ use crate::protocol::{HandshakeConfig, KeyId, KeySet};
 use crate::reactor::HandlerId;
 use prometheus::IntCounter;
 
+pub use ids::{ShardIdx, TargetAddr, TargetIdx, TunnelIdx};
 use upstream::Upstreams;
 
 /// Reading stops while this much input is pending.
@@ -95,7 +97,7 @@ impl std::ops::IndexMut<Bytes> for ByteCounts {
 
 /// One tunnel as one shard runs it.
 pub struct TunnelRt {
-    pub index: usize,
+    pub index: TunnelIdx,
     pub cfg: Arc<Tunnel>,
     /// `None` for forward mode.
     pub handshake: Option<HandshakeConfig>,
@@ -121,11 +123,11 @@ pub struct TunnelRt {
 
 impl TunnelRt {
     pub fn new(
-        index: usize,
+        index: TunnelIdx,
         cfg: Arc<Tunnel>,
         keys: Option<Arc<KeySet>>,
         metrics: &Metrics,
-        shard: usize,
+        shard: ShardIdx,
     ) -> TunnelRt {
         let names: Vec<String> = cfg.targets.iter().map(|a| a.to_string()).collect();
         TunnelRt {
@@ -133,7 +135,7 @@ impl TunnelRt {
             key_sessions: Self::key_sessions(&cfg, keys.as_deref(), metrics),
             handshake: Self::handshake_config(&cfg, keys),
             upstreams: Upstreams::new(&cfg.targets, cfg.balance),
-            metrics: metrics.tunnel(&cfg.name, shard, &names),
+            metrics: metrics.tunnel(&cfg.name, shard.get(), &names),
             bytes: ByteCounts::default(),
             active: 0,
             listener: None,
@@ -195,13 +197,13 @@ impl TunnelRt {
         cfg: Arc<Tunnel>,
         keys: Option<Arc<KeySet>>,
         metrics: &Metrics,
-        shard: usize,
+        shard: ShardIdx,
     ) {
         for gone in self.cfg.targets.iter().filter(|a| !cfg.targets.contains(a)) {
             metrics.forget_upstream(&self.cfg.name, &gone.to_string());
         }
         let names: Vec<String> = cfg.targets.iter().map(|a| a.to_string()).collect();
-        self.metrics = metrics.tunnel(&cfg.name, shard, &names);
+        self.metrics = metrics.tunnel(&cfg.name, shard.get(), &names);
         self.upstreams.replace(&cfg.targets, cfg.balance);
         self.key_sessions = Self::key_sessions(&cfg, keys.as_deref(), metrics);
         self.handshake = Self::handshake_config(&cfg, keys);
@@ -218,9 +220,31 @@ impl TunnelRt {
     }
 }
 
+/// Where a handshake's ephemeral key came from: the `source` label of
+/// `sealpipe_ephemeral_keys_total`; the discriminant is its slot in
+/// `metrics::EPHEMERAL_SOURCES` and in [`ShardState`]'s handles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeySource {
+    /// Made ahead of time in the shard's spare time.
+    Pool = 0,
+    /// Made when the handshake needed it.
+    OnDemand = 1,
+}
+
+impl KeySource {
+    pub const ALL: [KeySource; 2] = [KeySource::Pool, KeySource::OnDemand];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeySource::Pool => "pool",
+            KeySource::OnDemand => "on_demand",
+        }
+    }
+}
+
 /// A shard's state: what every callback on its loop reaches as `cx.state`.
 pub struct ShardState {
-    pub shard: usize,
+    pub shard: ShardIdx,
     pub tunnels: Vec<TunnelRt>,
     pub metrics: Arc<Metrics>,
     /// Proxied connections open on this shard.
@@ -247,7 +271,7 @@ pub struct ShardState {
 
 impl ShardState {
     pub fn new(
-        shard: usize,
+        shard: ShardIdx,
         tunnels: Vec<TunnelRt>,
         metrics: Arc<Metrics>,
         conn_limit: usize,
@@ -264,7 +288,7 @@ impl ShardState {
             next_warn: Instant::now(),
             suppressed_warnings: 0,
             admission: listener::Admission::new(&crate::config::Admission::default(), 1),
-            ephemeral_keys: metrics.ephemeral_keys(shard),
+            ephemeral_keys: metrics.ephemeral_keys(shard.get()),
             ephemeral_published: (0, 0),
             metrics,
         }
@@ -307,18 +331,37 @@ impl ShardState {
     pub fn flush(&mut self, now: Instant) {
         let (pool, on_demand) = codec::ephemeral::handed_out();
         let (p0, d0) = self.ephemeral_published;
-        self.ephemeral_keys[0].inc_by(pool.saturating_sub(p0));
-        self.ephemeral_keys[1].inc_by(on_demand.saturating_sub(d0));
+        self.ephemeral_keys[KeySource::Pool as usize].inc_by(pool.saturating_sub(p0));
+        self.ephemeral_keys[KeySource::OnDemand as usize].inc_by(on_demand.saturating_sub(d0));
         self.ephemeral_published = (pool, on_demand);
         for t in &mut self.tunnels {
             t.flush();
             let healthy = t.upstreams.healthy(now);
             self.metrics
                 .health
-                .set_healthy(t.index, self.shard, healthy);
+                .set_healthy(t.index.get(), self.shard.get(), healthy);
             for (i, u) in t.metrics.upstreams.iter().enumerate() {
-                u.up.set(t.upstreams.is_up(i, now) as i64);
+                u.up.set(t.upstreams.is_up(TargetIdx::new(i), now) as i64);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_enums_sit_in_their_metric_slots() {
+        for k in KeySource::ALL {
+            assert_eq!(crate::metrics::EPHEMERAL_SOURCES[k as usize], k.as_str());
+        }
+        let mut counts = ByteCounts::default();
+        counts[Bytes::DownSealed] += 5;
+        counts[Bytes::UpPlain] += 2;
+        let slots: Vec<(usize, u64)> = counts.iter().map(|(b, n)| (b as usize, n)).collect();
+        assert_eq!(slots, [(0, 2), (1, 0), (2, 0), (3, 5)]);
+        let later = ByteCounts([3, 1, 0, 5]);
+        assert_eq!(later.since(&counts), ByteCounts([1, 1, 0, 0]));
     }
 }

@@ -17,6 +17,7 @@ use mio::net::TcpStream;
 use super::bevcore::{BevCore, Readiness, Transport};
 use super::{BevEvents, Filter, NoFilter, Suspend, Timeouts};
 use crate::base::{Context, Ready};
+use crate::tag::{Component, Tag};
 use crate::timer::TimerKey;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,12 +27,12 @@ enum State {
     Closed,
 }
 
-/// Timer tags a `BufferEvent` arms are `source | kind << 8`.
-const TIMER_READ: u64 = 1 << 8;
-const TIMER_WRITE: u64 = 2 << 8;
-const TIMER_CONNECT: u64 = 3 << 8;
-/// Deferred-work tag for a re-drive.
-const REDRIVE: u64 = 4 << 8;
+/// Kinds of the tags a `BufferEvent` arms timers and defers work with (see `tag`).
+const TIMER_READ: u8 = 1;
+const TIMER_WRITE: u8 = 2;
+const TIMER_CONNECT: u8 = 3;
+/// Deferred work: a re-drive.
+const REDRIVE: u8 = 4;
 
 /// The read/write timeout state of a BufferEvent that has one. Boxed, and only when a read or
 /// write timeout is set: most BufferEvents (a proxy's) never set one, and an idle connection
@@ -103,6 +104,10 @@ impl Socket {
     pub fn readiness(&self) -> Readiness {
         self.ready
     }
+
+    fn tag(&self, kind: u8) -> Tag {
+        Tag::component(Component::BufferEvent, self.source, kind)
+    }
 }
 
 /// A buffered socket, libevent's `bufferevent` over a socket: a [`BevCore`] whose transport is
@@ -156,10 +161,10 @@ impl<F: Filter> BevCore<F, Socket> {
         if let Some(e) = err {
             bev.error = Some(e);
             bev.io.state = State::Closed;
-            cx.defer(REDRIVE | source as u64);
+            cx.defer(bev.io.tag(REDRIVE));
             bev.io.redrive_queued = true;
         } else if let Some(t) = timeouts.connect {
-            bev.io.connect_timer = Some(cx.timer(t, TIMER_CONNECT | source as u64));
+            bev.io.connect_timer = Some(cx.timer(t, bev.io.tag(TIMER_CONNECT)));
         }
         bev
     }
@@ -273,18 +278,22 @@ impl<F: Filter> BevCore<F, Socket> {
     fn queue_redrive<S>(&mut self, cx: &mut Context<'_, S>) {
         if !self.io.redrive_queued {
             self.io.redrive_queued = true;
-            cx.defer(REDRIVE | self.io.source as u64);
+            cx.defer(self.io.tag(REDRIVE));
         }
     }
 
     /// Is this `on_notify`/`on_timer` tag one of this BufferEvent's?
-    pub fn owns_tag(&self, tag: u64) -> bool {
-        tag & 0xff == self.io.source as u64 && tag >> 8 != 0 && tag >> 8 <= 4
+    pub fn owns_tag(&self, tag: Tag) -> bool {
+        self.kind_of(tag).is_some()
+    }
+
+    fn kind_of(&self, tag: Tag) -> Option<u8> {
+        tag.kind_for(Component::BufferEvent, self.io.source)
     }
 
     /// Feed an `on_notify` tag that [`owns_tag`](Self::owns_tag) accepted.
-    pub fn on_notify<S>(&mut self, cx: &mut Context<'_, S>, tag: u64) -> BevEvents {
-        if tag & !0xff == REDRIVE {
+    pub fn on_notify<S>(&mut self, cx: &mut Context<'_, S>, tag: Tag) -> BevEvents {
+        if self.kind_of(tag) == Some(REDRIVE) {
             self.io.redrive_queued = false;
             return self.drive(cx, false);
         }
@@ -292,11 +301,11 @@ impl<F: Filter> BevCore<F, Socket> {
     }
 
     /// Feed an `on_timer` tag that [`owns_tag`](Self::owns_tag) accepted.
-    pub fn on_timer<S>(&mut self, cx: &mut Context<'_, S>, tag: u64) -> BevEvents {
+    pub fn on_timer<S>(&mut self, cx: &mut Context<'_, S>, tag: Tag) -> BevEvents {
         let now = cx.now();
-        let source = self.io.source as u64;
-        match tag & !0xff {
-            TIMER_CONNECT => {
+        let (read_tag, write_tag) = (self.io.tag(TIMER_READ), self.io.tag(TIMER_WRITE));
+        match self.kind_of(tag) {
+            Some(TIMER_CONNECT) => {
                 self.io.connect_timer = None;
                 if self.io.state == State::Connecting {
                     self.io.state = State::Closed;
@@ -307,7 +316,7 @@ impl<F: Filter> BevCore<F, Socket> {
                     return BevEvents::CONNECT_TIMEOUT;
                 }
             }
-            TIMER_READ => {
+            Some(TIMER_READ) => {
                 let reading = self.io.state == State::Open && !self.eof;
                 let Some(io) = self.io.io_timeouts.as_deref_mut() else {
                     return BevEvents::empty();
@@ -316,14 +325,14 @@ impl<F: Filter> BevCore<F, Socket> {
                 if let Some(t) = io.read {
                     let due = io.last_read + t;
                     if due > now {
-                        io.read_timer = Some(cx.timer_at(due, TIMER_READ | source));
+                        io.read_timer = Some(cx.timer_at(due, read_tag));
                     } else if reading {
                         self.suspend_read(Suspend::Timeout);
                         return BevEvents::READ_TIMEOUT;
                     }
                 }
             }
-            TIMER_WRITE => {
+            Some(TIMER_WRITE) => {
                 let pending = self.output_pending();
                 let open = self.io.state == State::Open;
                 let Some(io) = self.io.io_timeouts.as_deref_mut() else {
@@ -333,8 +342,7 @@ impl<F: Filter> BevCore<F, Socket> {
                 if let Some(t) = io.write {
                     let due = io.last_write + t;
                     if pending == 0 || due > now {
-                        io.write_timer =
-                            Some(cx.timer_at(due.max(now + t / 2), TIMER_WRITE | source));
+                        io.write_timer = Some(cx.timer_at(due.max(now + t / 2), write_tag));
                     } else if open {
                         return BevEvents::WRITE_TIMEOUT;
                     }
@@ -346,7 +354,7 @@ impl<F: Filter> BevCore<F, Socket> {
     }
 
     fn arm_timeouts<S>(&mut self, cx: &mut Context<'_, S>) {
-        let source = self.io.source as u64;
+        let (read_tag, write_tag) = (self.io.tag(TIMER_READ), self.io.tag(TIMER_WRITE));
         let Some(io) = self.io.io_timeouts.as_deref_mut() else {
             return;
         };
@@ -354,10 +362,10 @@ impl<F: Filter> BevCore<F, Socket> {
         io.last_read = now;
         io.last_write = now;
         if let (Some(t), None) = (io.read, io.read_timer) {
-            io.read_timer = Some(cx.timer(t, TIMER_READ | source));
+            io.read_timer = Some(cx.timer(t, read_tag));
         }
         if let (Some(t), None) = (io.write, io.write_timer) {
-            io.write_timer = Some(cx.timer(t, TIMER_WRITE | source));
+            io.write_timer = Some(cx.timer(t, write_tag));
         }
     }
 

@@ -53,7 +53,6 @@
 //!   is compiled to its own code.
 
 use std::io;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::metrics::CloseReason;
@@ -62,7 +61,7 @@ use crate::reactor::{BevCore, BevEvents, Buffer, Filter, Suspend, Transport, Wat
 
 use super::super::codec::{peer_abort, protocol_error};
 use super::super::upstream::{ConnectOutcome, TargetId, Tried, Upstreams};
-use super::super::{ByteCounts, OUTPUT_HIGH, OUTPUT_LOW, READ_HIGH};
+use super::super::{ByteCounts, OUTPUT_HIGH, OUTPUT_LOW, READ_HIGH, TargetAddr};
 use crate::metrics::Bytes;
 
 /// A connection with no activity for this long hibernates (see the module doc): about 1.1 KiB
@@ -256,7 +255,7 @@ pub trait Env<U: Layer, T: Transport> {
     fn upstream_layer(&mut self, client: &T) -> U;
     /// Starts connecting the upstream side to `addr`; every outcome arrives later as events of
     /// the returned side (CONNECTED, ERROR, CONNECT_TIMEOUT).
-    fn connect(&mut self, addr: SocketAddr, layer: U) -> BevCore<U, T>;
+    fn connect(&mut self, addr: TargetAddr, layer: U) -> BevCore<U, T>;
     /// Bytes to send the backend before anything of the client's, once the session's OPEN
     /// arrived and the upstream side exists (a PROXY protocol header). None by default.
     fn upstream_preamble(&mut self, _open: &OpenInfo, _output: &mut Buffer) {}

@@ -28,7 +28,6 @@ mod tests;
 
 use std::io::{self, Read};
 use std::marker::PhantomData;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
@@ -37,7 +36,7 @@ use crate::metrics::CloseReason;
 use crate::protocol::{AbortReason, ForwardSecrecy, KeyId, OpenInfo, ProtocolError, RandomSource};
 use crate::reactor::{
     BevCore, BevEvents, BufferEvent, Context, Filter, Handler, NoFilter, Ready, Socket, Suspend,
-    Timeouts, TimerKey,
+    Tag, Timeouts, TimerKey,
 };
 
 pub use self::core::{Action, ConnCore, Env, HIBERNATE_AFTER, Layer, Side};
@@ -46,13 +45,13 @@ use self::core::{Cause, ConnTimer, Failure, Limits};
 use super::codec::{Role, SealFilter};
 use super::listener::Ticket;
 use super::upstream::{ConnectOutcome, TargetId, Upstreams};
-use super::{ShardState, TunnelRt};
+use super::{ShardState, TargetAddr, TunnelIdx, TunnelRt};
 
-/// Timer tags of the connection itself (BufferEvent tags are `source | kind << 8`, kind <= 4).
-const TAG_IDLE: u64 = 0x10 << 8;
-const TAG_HANDSHAKE: u64 = 0x11 << 8;
+/// Timer tags of the connection itself (its BufferEvents' are theirs: see `reactor::tag`).
+const TAG_IDLE: Tag = Tag::new(1);
+const TAG_HANDSHAKE: Tag = Tag::new(2);
 /// Notify tag: the shard's drain deadline passed.
-pub const TAG_ABORT: u64 = 0x12 << 8;
+pub const TAG_ABORT: Tag = Tag::new(3);
 
 /// An optional error as its message, for log fields.
 fn err_text(e: Option<&io::Error>) -> &dyn std::fmt::Display {
@@ -63,7 +62,7 @@ fn err_text(e: Option<&io::Error>) -> &dyn std::fmt::Display {
 }
 
 /// A target's address for log fields; a reload may have removed the target.
-struct Upstream(Option<SocketAddr>);
+struct Upstream(Option<TargetAddr>);
 
 impl std::fmt::Display for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -182,7 +181,7 @@ fn may_log(cx: &mut Context<'_, ShardState>, level: tracing::Level) -> Option<u6
 
 /// What the adapter keeps beside the core: the loop's handles and the shard's bookkeeping.
 struct Shell {
-    tunnel: usize,
+    tunnel: TunnelIdx,
     idle_timer: Option<TimerKey>,
     handshake_timer: Option<TimerKey>,
     /// Admission's hold on a pre-authentication slot, until the handshake completes.
@@ -317,11 +316,12 @@ impl<C: Make, U: Make> ConnEnv<'_, '_, C, U> {
         let Some(i) = rt.upstreams.index_of(id) else {
             return;
         };
+        let i_metrics = i.get();
         if was_down {
             let (tunnel, upstream) = (&rt.cfg.name, rt.upstreams.targets()[i].addr);
             tracing::info!(%tunnel, %upstream, "upstream is up again");
         }
-        if let Some(m) = rt.metrics.upstreams.get(i) {
+        if let Some(m) = rt.metrics.upstreams.get(i_metrics) {
             m.connect.observe(took.as_secs_f64());
         }
     }
@@ -340,8 +340,8 @@ impl<C: Make, U: Make> ConnEnv<'_, '_, C, U> {
         let index = rt.upstreams.index_of(id);
         let addr = index.map(|i| rt.upstreams.targets()[i].addr);
         if let (Some(i), Some(r)) = (index, outcome.failure_reason()) {
-            if let Some(m) = rt.metrics.upstreams.get(i) {
-                m.failures[r].inc();
+            if let Some(m) = rt.metrics.upstreams.get(i.get()) {
+                m.failures[r as usize].inc();
             }
         }
         let tunnel = &rt.cfg.name;
@@ -542,14 +542,14 @@ impl<C: Make, U: Make> Env<U, Socket> for ConnEnv<'_, '_, C, U> {
         }
         layer
     }
-    fn connect(&mut self, addr: SocketAddr, layer: U) -> BevCore<U, Socket> {
+    fn connect(&mut self, addr: TargetAddr, layer: U) -> BevCore<U, Socket> {
         let timeouts = Timeouts {
             connect: Some(self.rt().cfg.connect_timeout),
             ..Timeouts::default()
         };
         let source = Side::Upstream as u8;
         let mut up =
-            BufferEvent::connect_filtered(self.cx, addr, source, layer, !U::SEALED, timeouts);
+            BufferEvent::connect_filtered(self.cx, addr.get(), source, layer, !U::SEALED, timeouts);
         if let Err(e) = up.register(self.cx) {
             tracing::debug!(error = %e, "cannot register upstream socket");
         }
@@ -650,7 +650,7 @@ impl<C: Make, U: Make> Handler<ShardState> for Conn<C, U> {
         }
     }
 
-    fn on_notify(&mut self, cx: &mut Context<'_, ShardState>, tag: u64) {
+    fn on_notify(&mut self, cx: &mut Context<'_, ShardState>, tag: Tag) {
         if tag == TAG_ABORT {
             let (core, mut env) = self.parts(cx);
             return core.close(CloseReason::DrainDeadline, &mut env);
@@ -666,7 +666,7 @@ impl<C: Make, U: Make> Handler<ShardState> for Conn<C, U> {
         }
     }
 
-    fn on_timer(&mut self, cx: &mut Context<'_, ShardState>, tag: u64) {
+    fn on_timer(&mut self, cx: &mut Context<'_, ShardState>, tag: Tag) {
         let timer = match tag {
             TAG_IDLE => {
                 self.shell.idle_timer = None;

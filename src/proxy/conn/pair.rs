@@ -35,7 +35,7 @@ use crate::reactor::{
 
 use super::super::codec::{Role, SealFilter};
 use super::super::upstream::{ConnectOutcome, Upstreams};
-use super::super::{ByteCounts, OUTPUT_HIGH, READ_HIGH};
+use super::super::{ByteCounts, OUTPUT_HIGH, READ_HIGH, TargetAddr};
 use super::core::{Action, Cause, ConnCore, ConnTimer, Env, Flow, Layer, Limits, Side};
 
 /// The documented bound on what one connection buffers (proxy/mod.rs): per direction
@@ -596,7 +596,8 @@ impl<U: Build> Env<U, Pipe> for NodeEnv {
     fn upstream_layer(&mut self, _client: &Pipe) -> U {
         U::build(Role::Initiator, &mut self.layers)
     }
-    fn connect(&mut self, addr: SocketAddr, layer: U) -> BevCore<U, Pipe> {
+    fn connect(&mut self, addr: TargetAddr, layer: U) -> BevCore<U, Pipe> {
+        let addr = addr.get();
         let link = Link::new(self.cap);
         let mut pipe = Pipe::new(
             Side::Upstream,

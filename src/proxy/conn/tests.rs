@@ -9,6 +9,7 @@ use super::core::{Flow, Limits, Side};
 use super::pair::{Kind, Opts, Rec, World};
 use super::*;
 use crate::metrics::{Bytes, CloseReason};
+use crate::proxy::TargetIdx;
 
 /// Runs a world to its end with nothing in the way.
 fn run(opts: Opts) -> World {
@@ -288,11 +289,17 @@ fn failover_tries_the_next_target_and_carries_the_bytes_already_sent() {
         outcome: ConnectOutcome::Refused,
         went_down: true
     }));
-    assert!(!w.enc.upstreams().is_up(0, w.now));
+    assert!(!w.enc.upstreams().is_up(TargetIdx::new(0), w.now));
     w.advance(Duration::from_millis(999));
-    assert!(!w.enc.upstreams().is_up(0, w.now), "down for 1 s");
+    assert!(
+        !w.enc.upstreams().is_up(TargetIdx::new(0), w.now),
+        "down for 1 s"
+    );
     w.advance(Duration::from_millis(1));
-    assert!(w.enc.upstreams().is_up(0, w.now), "up again after 1 s");
+    assert!(
+        w.enc.upstreams().is_up(TargetIdx::new(0), w.now),
+        "up again after 1 s"
+    );
     // Blackhole: nothing until the connect timeout, then the next.
     assert!(w.establish(), "the blackhole does not answer");
     w.advance(Duration::from_millis(1999));
