@@ -3,7 +3,8 @@
 //! Per connection, all on one shard: accept ([`listener::TunnelListener`]) -> client
 //! `BufferEvent` -> connect to an upstream (connect timeout; on failure the next healthy
 //! upstream) -> handshake on the sealed side (handshake timeout) -> pump both ways through the
-//! codec ([`codec::SealFilter`]), sealing in place ([`conn::Conn`]).
+//! codec ([`codec::SealFilter`]), sealing in place ([`conn::Conn`], whose decisions are its
+//! I/O-free [`conn::ConnCore`]'s).
 //!
 //! Bounded memory per connection: a side reads only while its input holds less than
 //! [`READ_HIGH`], and stops reading while the far side's output holds [`OUTPUT_HIGH`] or more,
@@ -11,6 +12,8 @@
 //! `READ_HIGH + OUTPUT_HIGH + READ_HIGH` (one read batch may land just as the far side crosses
 //! its mark) plus record framing (19 bytes per 16 KiB): 768 KiB, so 1.5 MiB per connection
 //! in the worst case, and nothing at all when idle (empty buffers hold no chunks).
+//! The pair harness's property tests hold every connection to this bound at every step
+//! (`conn/pair.rs`, `MAX_BUFFERED`).
 
 pub use sealpipe_codec as codec;
 pub mod conn;
