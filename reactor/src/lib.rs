@@ -3,7 +3,7 @@
 //! | libevent | here |
 //! |---|---|
 //! | `event_base` | [`EventBase`] (+ [`Handle`] for other threads) |
-//! | `event` | [`Handler`] (a slab entry owning sources), [`event::Event`] (a callback) |
+//! | `event` | [`Handler`] (a slab entry owning sources; its timers and notifications carry a [`Tag`]), [`event::Event`] (a callback) |
 //! | signal events | [`signal::SignalEvent`] |
 //! | `evbuffer` | [`Buffer`] (chunks from a per-thread [`pool`]) |
 //! | `bufferevent` / `bufferevent_filter` | [`BufferEvent`] with a [`Filter`]: an I/O-free [`BevCore`] over a [`Socket`] (`bufferevent_sock`) |

@@ -6,6 +6,10 @@
 //! read/write/connect timeouts, and re-drives through the loop's deferred queue. Everything
 //! else is the core's, so the read and write paths here are the core's, run with the loop's
 //! bookkeeping around them.
+//!
+//! Invariants: the socket is registered once, for read and write, and deregistered once (a
+//! failed connect or `close`); a connect's every outcome, an immediate failure included,
+//! arrives as an event, never as a return value; at most one re-drive is queued at a time.
 
 use std::io;
 use std::net::{Shutdown, SocketAddr};
