@@ -17,8 +17,9 @@
 //! close with unread bytes, or bytes arriving at a closed end, turning into a RST; a refused
 //! connect reported as an error, an unanswered one resolved only by the connect timeout.
 //!
-//! Invariants: nothing here reads a clock or a random source of the system (a world's time
-//! moves only by `advance`, its randomness is `TestRng`), so a schedule replays exactly; the
+//! Invariants: a world reads the system clock once, for its starting instant, and no system
+//! randomness (its time moves only by `advance`, its randomness is `TestRng`), so a schedule
+//! replays exactly; the
 //! loop's order is kept (a callback's deferred work, then the next), as `EventBase` keeps it.
 
 use std::cell::{Cell, RefCell};
