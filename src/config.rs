@@ -115,6 +115,13 @@ pub struct Limits {
     /// Shards; 0 = one per CPU in the process's affinity mask.
     #[serde(default)]
     pub threads: usize,
+    /// Pin each shard thread to one CPU of the affinity mask (off: the scheduler places them).
+    #[serde(default)]
+    pub pin: bool,
+    /// SO_INCOMING_CPU on each pinned shard's listener: a connection goes to the shard on the
+    /// CPU that received its packets, instead of SO_REUSEPORT's hash. Needs `pin`.
+    #[serde(default)]
+    pub incoming_cpu: bool,
     /// Connections per process, split evenly across shards.
     #[serde(default = "d_max_conns")]
     pub max_conns: usize,
@@ -153,6 +160,8 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             threads: 0,
+            pin: false,
+            incoming_cpu: false,
             max_conns: d_max_conns(),
             connect_timeout: d_connect(),
             handshake_timeout: d_handshake(),
@@ -252,6 +261,10 @@ pub struct Config {
     pub log: LogConfig,
     pub metrics: Option<SocketAddr>,
     pub threads: usize,
+    /// Shard threads are pinned to CPUs.
+    pub pin: bool,
+    /// Shard listeners steer connections by receiving CPU (implies `pin`).
+    pub incoming_cpu: bool,
     pub max_conns: usize,
     pub drain_timeout: Duration,
     pub tunnels: Vec<Tunnel>,
@@ -314,6 +327,11 @@ impl ConfigFile {
         if l.threads > 1024 {
             return Err(ConfigError::Invalid(
                 "[limits] threads must be at most 1024".into(),
+            ));
+        }
+        if l.incoming_cpu && !l.pin {
+            return Err(ConfigError::Invalid(
+                "[limits] incoming_cpu = true needs pin = true: it hands a connection to the shard pinned on the CPU that received it".into(),
             ));
         }
         match self.log.format.as_str() {
@@ -418,6 +436,8 @@ impl ConfigFile {
             log: self.log,
             metrics,
             threads: self.limits.threads,
+            pin: self.limits.pin,
+            incoming_cpu: self.limits.incoming_cpu,
             max_conns: self.limits.max_conns,
             drain_timeout: drain,
             tunnels,
@@ -503,6 +523,17 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("no keys"), "{e}");
+    }
+
+    #[test]
+    fn incoming_cpu_needs_pin() {
+        let t = "[[tunnel]]\nmode = \"forward\"\nlisten = \"127.0.0.1:1\"\ntargets = [\"127.0.0.1:2\"]\n";
+        let c = parse(t).unwrap();
+        assert!(!c.pin && !c.incoming_cpu, "unpinned, hashed by default");
+        let e = parse(&format!("[limits]\nincoming_cpu = true\n{t}")).unwrap_err();
+        assert!(e.to_string().contains("needs pin = true"), "{e}");
+        let c = parse(&format!("[limits]\npin = true\nincoming_cpu = true\n{t}")).unwrap();
+        assert!(c.pin && c.incoming_cpu);
     }
 
     #[test]

@@ -100,9 +100,25 @@ struct HandoffArgs {
 struct CommonArgs {
     #[command(flatten)]
     handoff: HandoffArgs,
-    /// Shards (event loops pinned to CPUs); default: the CPUs this process may use.
+    /// Shards (one event loop thread each); default: the CPUs this process may use.
     #[arg(long, value_name = "N", default_value_t = 0)]
     threads: usize,
+    /// Pin each shard thread to one CPU of the affinity mask. For a dedicated proxy host
+    /// whose NIC queues are spread over those CPUs; on a shared host (a sidecar) leave the
+    /// shards to the scheduler, the default. See docs/OPERATIONS.md, "Shards and CPUs".
+    #[arg(long, overrides_with = "no_pin")]
+    pin: bool,
+    /// Do not pin shard threads (the default).
+    #[arg(long, overrides_with = "pin")]
+    no_pin: bool,
+    /// SO_INCOMING_CPU: hand each connection to the shard pinned on the CPU that received its
+    /// packets, instead of spreading connections by SO_REUSEPORT's hash (the default).
+    /// Needs --pin, and receive queues spread over the shards' CPUs.
+    #[arg(long, overrides_with = "no_incoming_cpu", requires = "pin")]
+    incoming_cpu: bool,
+    /// Spread connections over shards by SO_REUSEPORT's hash (the default).
+    #[arg(long, overrides_with = "incoming_cpu")]
+    no_incoming_cpu: bool,
     /// Serve /metrics, /healthz and /readyz on this address.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
@@ -180,6 +196,8 @@ fn tunnel_config(mode: Mode, a: TunnelArgs) -> std::result::Result<Config, Usage
         },
         limits: Limits {
             threads: c.threads,
+            pin: c.pin && !c.no_pin,
+            incoming_cpu: c.incoming_cpu && !c.no_incoming_cpu,
             max_conns: c.max_conns,
             connect_timeout: c.connect_timeout,
             handshake_timeout: c.handshake_timeout,

@@ -1,8 +1,8 @@
 //! Shards and the control plane.
 //!
-//! One shard per CPU of the process's affinity mask (or `threads`), each a thread pinned with
-//! core_affinity, owning an `EventBase`, one SO_REUSEPORT listener per tunnel, its buffer pool
-//! (thread-local), its connections and its metric handles. The thread that calls
+//! One shard per CPU of the process's affinity mask (or `threads`), each a thread (pinned to
+//! one CPU with core_affinity if `pin`), owning an `EventBase`, one SO_REUSEPORT listener per
+//! tunnel, its buffer pool (thread-local), its connections and its metric handles. The thread that calls
 //! [`Running::wait`] is the control thread: it owns the signals (as reactor signal events) and
 //! talks to shards only through their `Handle`s.
 //!
@@ -16,8 +16,10 @@
 //!   the one listening on PATH over SCM_RIGHTS; the old one lets go only after the new one's
 //!   shards accept on them, then drains. The protocol is described above `take_listeners`
 //!   and in docs/OPERATIONS.md.
-//! - Each pinned shard's listener carries SO_INCOMING_CPU = its CPU; `max_conns` is split as
-//!   `ceil(max_conns / shards)` per shard.
+//! - Shards run unpinned and their SO_REUSEPORT listeners share connections by hash, unless
+//!   `pin` (each shard thread on one CPU of the mask) and `incoming_cpu` (each pinned shard's
+//!   listener carries SO_INCOMING_CPU = its CPU) ask for CPU locality.
+//! - `max_conns` is split as `ceil(max_conns / shards)` per shard.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -150,8 +152,9 @@ pub struct Running {
 
 /// Binds one listener per shard for `addr` (SO_REUSEPORT); a port of 0 is resolved by the
 /// first bind and reused by the others.
-/// `cpus[i]` is shard i's CPU when shards are pinned: its listener asks for SO_INCOMING_CPU.
+/// `cpus[i]` is shard i's CPU when its listener steers by SO_INCOMING_CPU (`incoming_cpu`).
 /// `inherited` listeners (from a handoff) take the first shards; the rest are bound anew.
+/// Inherited ones get this process's SO_INCOMING_CPU choice too (the previous one may differ).
 fn bind_all(
     tunnel: &str,
     addr: SocketAddr,
@@ -169,6 +172,9 @@ fn bind_all(
         })?;
     }
     let start = inherited.len();
+    for (i, l) in inherited.iter().enumerate() {
+        crate::reactor::listener::set_incoming_cpu(l, cpus.get(i).copied().flatten());
+    }
     out.extend(inherited);
     for i in start..shards {
         let opts = ListenerOptions {
@@ -253,9 +259,17 @@ pub fn start_with(
     let metrics = Metrics::new(nshards, cfg.tunnels.len());
     publish_keys(&metrics, &cfg, &keys);
 
-    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    // Pinning and SO_INCOMING_CPU are opt-in: on a host shared with other work (a sidecar),
+    // pinned shards fight the scheduler, and steering by receiving CPU collapses onto one
+    // shard whenever packets arrive on one CPU (docs/OPERATIONS.md, "Shards and CPUs").
+    let cores = if cfg.pin {
+        core_affinity::get_core_ids().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let core_of = |i: usize| (!cores.is_empty()).then(|| cores[i % cores.len()]);
     let cpus: Vec<Option<usize>> = (0..nshards)
-        .map(|i| (!cores.is_empty()).then(|| cores[i % cores.len()].id))
+        .map(|i| core_of(i).filter(|_| cfg.incoming_cpu).map(|c| c.id))
         .collect();
     let mut listen_addrs = Vec::new();
     let mut per_shard: Vec<Vec<std::net::TcpListener>> = (0..nshards).map(|_| Vec::new()).collect();
@@ -311,7 +325,7 @@ pub fn start_with(
             .map(|(ti, t)| TunnelRt::new(ti, Arc::new(t.clone()), keys[ti].clone(), &metrics, i))
             .collect();
         let state = ShardState::new(i, tunnels, metrics.clone(), conn_limit);
-        let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
+        let core = core_of(i);
         let running = running.clone();
         // The loop is built on its own thread (handlers are !Send); it hands back its Handle.
         let (tx, rx) = crossbeam_channel::bounded(1);
@@ -347,7 +361,7 @@ pub fn start_with(
         });
     }
     for (t, a) in cfg.tunnels.iter().zip(&listen_addrs) {
-        tracing::info!(tunnel = %t.name, mode = t.mode.as_str(), listen = %a, targets = ?t.targets, shards = nshards, "tunnel up");
+        tracing::info!(tunnel = %t.name, mode = t.mode.as_str(), listen = %a, targets = ?t.targets, shards = nshards, pin = cfg.pin, incoming_cpu = cfg.incoming_cpu, "tunnel up");
     }
     if let Some(h) = inherited {
         // Our shards accept on the inherited sockets now: the predecessor may let go.
@@ -510,6 +524,19 @@ impl Running {
             return Err("adding, removing or renaming tunnels, or changing a listen address or mode, needs a restart".into());
         }
         let keys = new.load_keys().map_err(|e| e.to_string())?;
+        if (new.threads, new.pin, new.incoming_cpu)
+            != (self.cfg.threads, self.cfg.pin, self.cfg.incoming_cpu)
+        {
+            tracing::warn!(
+                "[limits] threads, pin and incoming_cpu take effect at the next start (or handoff); the running shards keep theirs"
+            );
+        }
+        let new = Config {
+            threads: self.cfg.threads,
+            pin: self.cfg.pin,
+            incoming_cpu: self.cfg.incoming_cpu,
+            ..new
+        };
         if let Some(f) = &self.log_reload {
             f(&new.log.level)?;
         }

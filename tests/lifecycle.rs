@@ -146,10 +146,9 @@ fn both_shards_of_two_accept_connections() {
         "warn",
     ]));
     wait_listening(listen);
-    // Clients from one thread per CPU of our affinity mask: with SO_INCOMING_CPU the kernel
-    // gives a connection to the shard pinned to the CPU its packets arrive on (on loopback,
-    // the sender's); without it, SO_REUSEPORT hashes the 4-tuple. Either way both shards
-    // must get some. Bounded: at most 1000 connections per thread.
+    // Clients from one thread per CPU of our affinity mask: SO_REUSEPORT hashes the 4-tuple
+    // (and with --incoming-cpu each CPU's clients would go to that CPU's shard). Either way
+    // both shards must get some.
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let clients: Vec<_> = (0..2)
         .map(|i| {
@@ -175,6 +174,90 @@ fn both_shards_of_two_accept_connections() {
     let (s0, s1) = (per_shard(&t, "0"), per_shard(&t, "1"));
     assert!(s0 > 0.0 && s1 > 0.0, "shard 0: {s0}, shard 1: {s1}");
     eprintln!("two shards: {s0} and {s1} of {} connections", s0 + s1);
+}
+
+/// Connections accepted by each of two shards of `sealpipe forward --threads 2 EXTRA...` when
+/// one client thread pinned to the first CPU of our affinity mask opens `n` of them.
+fn accepted_per_shard_from_one_cpu(extra: &[&str], n: usize) -> (f64, f64) {
+    let echo = echo_backend();
+    let (listen, metrics) = (free_addr(), free_addr());
+    let _p = spawn(
+        sealpipe()
+            .args([
+                "forward",
+                "--listen",
+                &listen.to_string(),
+                "--target",
+                &echo.addr.to_string(),
+                "--threads",
+                "2",
+                "--metrics",
+                &metrics.to_string(),
+                "--log-level",
+                "warn",
+            ])
+            .args(extra),
+    );
+    wait_listening(listen);
+    let accepted = |t: &str, shard: &str| {
+        metric(
+            t,
+            "sealpipe_connections_accepted_total",
+            &[("shard", shard)],
+        )
+    };
+    // wait_listening's probe connection counts too: take the baseline after it.
+    let before = wait_metrics(metrics, "the probe accepted", |t| {
+        metric(t, "sealpipe_connections_accepted_total", &[]) >= 1.0
+    });
+    let (b0, b1) = (accepted(&before, "0"), accepted(&before, "1"));
+    let cores = core_affinity::get_core_ids().expect("the test's affinity mask");
+    let client = std::thread::spawn(move || {
+        assert!(
+            core_affinity::set_for_current(cores[0]),
+            "cannot pin the client thread"
+        );
+        for _ in 0..n {
+            exchange(listen, 16).unwrap();
+        }
+    });
+    client.join().unwrap();
+    let t = wait_metrics(metrics, "all connections accepted", |t| {
+        metric(t, "sealpipe_connections_accepted_total", &[]) >= b0 + b1 + n as f64
+    });
+    let (s0, s1) = (accepted(&t, "0") - b0, accepted(&t, "1") - b1);
+    assert_eq!(s0 + s1, n as f64, "shard 0: {s0}, shard 1: {s1}");
+    (s0, s1)
+}
+
+/// Item 3 of issue 14: with the default settings (unpinned shards, plain SO_REUSEPORT hashing)
+/// a client that runs on one CPU — a sidecar's application, `taskset -c 1` — still spreads
+/// its connections over every shard. With SO_INCOMING_CPU they would all go to the shard on
+/// the client's CPU (on loopback the SYN is processed on the sender's CPU).
+#[test]
+fn one_client_cpu_spreads_over_both_shards_by_default() {
+    const N: usize = 1000;
+    let (s0, s1) = accepted_per_shard_from_one_cpu(&[], N);
+    let min = 0.3 * N as f64;
+    assert!(
+        s0 >= min && s1 >= min,
+        "one client CPU, {N} connections: shard 0 got {s0}, shard 1 got {s1} (each should get >= 30%)"
+    );
+}
+
+/// The opt-in: `--pin --incoming-cpu` hands a connection to the shard pinned on the CPU that
+/// processed its packets — on loopback the client's CPU, which shard 0 is pinned to.
+#[test]
+fn incoming_cpu_keeps_connections_on_the_receiving_cpus_shard() {
+    if core_affinity::get_core_ids().is_none_or(|c| c.len() < 2) {
+        panic!("this test needs two CPUs in its affinity mask");
+    }
+    const N: usize = 200;
+    let (s0, s1) = accepted_per_shard_from_one_cpu(&["--pin", "--incoming-cpu"], N);
+    assert!(
+        s0 >= 0.9 * N as f64,
+        "--incoming-cpu, client on shard 0's CPU: shard 0 got {s0}, shard 1 got {s1}"
+    );
 }
 
 #[test]

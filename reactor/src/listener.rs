@@ -38,7 +38,8 @@ pub struct ListenerOptions {
     pub nodelay: bool,
     /// Most connections accepted per wakeup.
     pub accept_batch: usize,
-    /// SO_INCOMING_CPU: prefer connections whose packets arrive on this CPU (Linux).
+    /// SO_INCOMING_CPU: prefer connections whose packets arrive on this CPU (Linux). `None`
+    /// leaves the choice to SO_REUSEPORT's hash of the connection's addresses.
     pub incoming_cpu: Option<usize>,
 }
 
@@ -64,14 +65,22 @@ pub fn bind(addr: SocketAddr, opts: &ListenerOptions) -> io::Result<std::net::Tc
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
-    if let Some(cpu) = opts.incoming_cpu {
-        // Best effort: older kernels lack it, and it is only a locality hint.
-        let _ = socket.set_cpu_affinity(cpu);
+    if opts.incoming_cpu.is_some() {
+        set_incoming_cpu(&socket, opts.incoming_cpu);
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(opts.backlog)?;
     Ok(socket.into())
+}
+
+/// Sets (`Some(cpu)`) or clears (`None`) SO_INCOMING_CPU on a listening socket, for instance
+/// one inherited from a process that chose otherwise. Best effort: older kernels lack it, and
+/// it is only a steering hint.
+pub fn set_incoming_cpu(l: &impl std::os::fd::AsFd, cpu: Option<usize>) {
+    // The kernel takes an int and reads a negative one as "unset"; socket2 converts the
+    // usize with `as c_int`, so usize::MAX arrives as -1.
+    let _ = socket2::SockRef::from(l).set_cpu_affinity(cpu.unwrap_or(usize::MAX));
 }
 
 /// Is this accept error the kind that clears when descriptors or memory free up?
