@@ -122,7 +122,7 @@ pub struct Limits {
     /// CPU that received its packets, instead of SO_REUSEPORT's hash. Needs `pin`.
     #[serde(default)]
     pub incoming_cpu: bool,
-    /// Connections per process, split evenly across shards.
+    /// Connections per process, exact: split into per-shard shares that add up to it.
     #[serde(default = "d_max_conns")]
     pub max_conns: usize,
     #[serde(default = "d_connect")]

@@ -122,7 +122,8 @@ struct CommonArgs {
     /// Serve /metrics, /healthz and /readyz on this address.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
-    /// Most connections open at once (per process, split across shards).
+    /// Most connections open at once, per process (exact: split into per-shard shares that
+    /// add up to it; never more shards than this).
     #[arg(long, value_name = "N", default_value_t = 100_000)]
     max_conns: usize,
     /// Give up on an upstream connect after this long and try the next target.

@@ -19,7 +19,8 @@
 //! - Shards run unpinned and their SO_REUSEPORT listeners share connections by hash, unless
 //!   `pin` (each shard thread on one CPU of the mask) and `incoming_cpu` (each pinned shard's
 //!   listener carries SO_INCOMING_CPU = its CPU) ask for CPU locality.
-//! - `max_conns` is split as `ceil(max_conns / shards)` per shard.
+//! - `max_conns` is exact: per-shard shares add up to it, and a process never runs more shards
+//!   than `max_conns` (a share of 0 would never accept).
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -35,7 +36,7 @@ use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::protocol::KeySet;
 use crate::proxy::conn::TAG_ABORT;
-use crate::proxy::listener::{TAG_DRAIN, TunnelListener};
+use crate::proxy::listener::{TAG_DRAIN, TAG_RESUME, TunnelListener};
 use crate::proxy::{ShardState, TunnelRt};
 use crate::reactor::listener::{ConnListener, ListenerOptions};
 use crate::reactor::signal::SignalEvent;
@@ -199,6 +200,26 @@ fn bind_all(
     Ok((addr, out))
 }
 
+/// Splits the process-wide `max_conns` into per-shard limits that add up to it exactly: the
+/// first `max_conns % shards` shards get one more.
+fn conn_shares(max_conns: usize, shards: usize) -> Vec<usize> {
+    let (each, extra) = (max_conns / shards, max_conns % shards);
+    (0..shards).map(|i| each + usize::from(i < extra)).collect()
+}
+
+/// Shards with a share of 0 (more shards than max_conns: inherited in a handoff, or a reload
+/// that lowered max_conns) never accept; connections the kernel queues on them wait.
+fn warn_idle_shards(limits: &[usize]) {
+    let idle = limits.iter().filter(|l| **l == 0).count();
+    if idle > 0 {
+        tracing::warn!(
+            idle_shards = idle,
+            shards = limits.len(),
+            "max_conns is below the number of running shards: shards with no share do not accept, and connections queued on their listeners wait; restart to run fewer shards"
+        );
+    }
+}
+
 fn publish_keys(metrics: &Metrics, cfg: &Config, keys: &[Option<Arc<KeySet>>]) {
     metrics.keys_loaded.reset();
     for (t, k) in cfg.tunnels.iter().zip(keys) {
@@ -236,7 +257,17 @@ pub fn start_with(
         Ok((_, n)) => tracing::debug!(limit = n, "RLIMIT_NOFILE"),
         Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
     }
-    let nshards = cfg.shard_count();
+    let mut nshards = cfg.shard_count();
+    if cfg.max_conns < nshards {
+        // A shard whose share of max_conns is 0 would never accept, and the connections the
+        // kernel hashes to its listener would wait for nothing.
+        tracing::info!(
+            max_conns = cfg.max_conns,
+            threads = nshards,
+            "max_conns is below the shard count: running one shard per allowed connection"
+        );
+        nshards = cfg.max_conns;
+    }
     let keys = cfg.load_keys()?;
 
     let mut inherited = match handoff {
@@ -314,7 +345,8 @@ pub fn start_with(
         None => None,
     };
 
-    let conn_limit = cfg.max_conns.div_ceil(nshards).max(1);
+    let limits = conn_shares(cfg.max_conns, nshards);
+    warn_idle_shards(&limits);
     let running = Arc::new(AtomicUsize::new(nshards));
     let mut shards = Vec::with_capacity(nshards);
     for (i, listeners) in per_shard.into_iter().enumerate() {
@@ -324,7 +356,7 @@ pub fn start_with(
             .enumerate()
             .map(|(ti, t)| TunnelRt::new(ti, Arc::new(t.clone()), keys[ti].clone(), &metrics, i))
             .collect();
-        let state = ShardState::new(i, tunnels, metrics.clone(), conn_limit);
+        let state = ShardState::new(i, tunnels, metrics.clone(), limits[i]);
         let core = core_of(i);
         let running = running.clone();
         // The loop is built on its own thread (handlers are !Send); it hands back its Handle.
@@ -541,8 +573,9 @@ impl Running {
             f(&new.log.level)?;
         }
         publish_keys(&self.metrics, &new, &keys);
-        let limit = new.max_conns.div_ceil(self.shards.len()).max(1);
-        for s in &self.shards {
+        let limits = conn_shares(new.max_conns, self.shards.len());
+        warn_idle_shards(&limits);
+        for (s, limit) in self.shards.iter().zip(limits) {
             let tunnels: Vec<(Arc<crate::config::Tunnel>, Option<Arc<KeySet>>)> = new
                 .tunnels
                 .iter()
@@ -556,6 +589,11 @@ impl Running {
                 let shard = st.shard;
                 for (rt, (t, k)) in st.tunnels.iter_mut().zip(tunnels) {
                     rt.reload(t, k, &metrics, shard);
+                }
+                // A listener paused at the old limit resumes if the new one leaves room.
+                let ids: Vec<HandlerId> = st.tunnels.iter().filter_map(|t| t.listener).collect();
+                for id in ids {
+                    cx.notify(id, TAG_RESUME);
                 }
             });
         }
@@ -953,6 +991,23 @@ impl HandoffServer {
             Err(std::io::Error::other(format!(
                 "the successor declined: {reply}"
             )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conn_shares_add_up_to_max_conns() {
+        assert_eq!(conn_shares(1, 2), vec![1, 0]);
+        assert_eq!(conn_shares(5, 2), vec![3, 2]);
+        assert_eq!(conn_shares(100_000, 3), vec![33_334, 33_333, 33_333]);
+        for (max, shards) in [(1, 1), (7, 4), (1023, 16), (3, 8)] {
+            let s = conn_shares(max, shards);
+            assert_eq!(s.len(), shards);
+            assert_eq!(s.iter().sum::<usize>(), max, "{max} over {shards}");
         }
     }
 }

@@ -497,6 +497,144 @@ fn max_conns_holds_the_next_client_until_one_closes() {
     }
 }
 
+/// Which of `clients` have their 32-byte ping echoed within `window` (non-blocking polls).
+fn served_within(clients: &mut [TcpStream], window: Duration) -> Vec<bool> {
+    let mut got = vec![0usize; clients.len()];
+    let deadline = Instant::now() + window;
+    for c in clients.iter() {
+        c.set_nonblocking(true).unwrap();
+    }
+    while Instant::now() < deadline {
+        for (c, g) in clients.iter_mut().zip(got.iter_mut()) {
+            let mut b = [0u8; 32];
+            if *g < 32 {
+                if let Ok(n) = c.read(&mut b[..32 - *g]) {
+                    *g += n;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for c in clients.iter() {
+        c.set_nonblocking(false).unwrap();
+    }
+    got.iter().map(|g| *g == 32).collect()
+}
+
+/// Item 6 of issue 14: `max_conns` is a process-wide limit, exact whatever the shards: with
+/// `threads` shards and a burst of clients queued at once, exactly `max` are served; when one
+/// closes, exactly one more is.
+fn max_conns_is_exact(threads: &str, max: usize) {
+    let echo = echo_backend();
+    let (listen, m) = (free_addr(), free_addr());
+    let _p = spawn(sealpipe().args([
+        "forward",
+        "--listen",
+        &listen.to_string(),
+        "--target",
+        &echo.addr.to_string(),
+        "--threads",
+        threads,
+        "--max-conns",
+        &max.to_string(),
+        "--metrics",
+        &m.to_string(),
+        "--log-level",
+        "error",
+    ]));
+    wait_listening(listen);
+    wait_metrics(m, "the probe closed", |t| {
+        metric(t, "sealpipe_connections_accepted_total", &[]) >= 1.0
+            && metric(t, "sealpipe_connections_active", &[]) == 0.0
+    });
+    let probes = echo.conns.load(Ordering::SeqCst);
+    // A burst: every client connected and its ping sent before any is read.
+    let mut clients: Vec<TcpStream> = (0..16u8)
+        .map(|i| {
+            let mut s = connect(listen);
+            s.write_all(&[i; 32]).unwrap();
+            s
+        })
+        .collect();
+    wait_until("the first clients served", || {
+        echo.conns.load(Ordering::SeqCst) >= probes + max
+    });
+    let served = served_within(&mut clients, Duration::from_secs(1));
+    let n = served.iter().filter(|s| **s).count();
+    assert_eq!(
+        (n, echo.conns.load(Ordering::SeqCst) - probes),
+        (max, max),
+        "--threads {threads} --max-conns {max}: clients served, upstream connections"
+    );
+    // One closes: exactly one more is served.
+    let first = served.iter().position(|s| *s).unwrap();
+    drop(clients.remove(first));
+    wait_until("one more client served", || {
+        echo.conns.load(Ordering::SeqCst) > probes + max
+    });
+    let again = served_within(&mut clients, Duration::from_secs(1));
+    let newly = again.iter().filter(|s| **s).count();
+    assert_eq!(
+        (newly, echo.conns.load(Ordering::SeqCst) - probes),
+        (1, max + 1),
+        "after one of {max} closed: clients served, upstream connections"
+    );
+}
+
+#[test]
+fn max_conns_one_with_two_shards_admits_one() {
+    max_conns_is_exact("2", 1);
+}
+
+#[test]
+fn max_conns_holds_for_a_burst_on_one_shard() {
+    max_conns_is_exact("1", 2);
+}
+
+/// A reload recomputes the shares of max_conns, and a shard paused at its old share accepts
+/// again at once when the new one leaves room (not only when one of its connections closes).
+#[test]
+fn reload_raising_max_conns_serves_the_waiting_client() {
+    let echo = echo_backend();
+    let dir = temp_dir("hup-max");
+    let cfg = dir.join("c.toml");
+    let (listen, m) = (free_addr(), free_addr());
+    let text = |max: usize| {
+        with_metrics(tunnel_toml("forward", listen, &[echo.addr], &[]), m)
+            .replace("keys = []\n", "")
+            .replace(
+                "threads = 1\n",
+                &format!("threads = 1\nmax_conns = {max}\n"),
+            )
+    };
+    write_config(&cfg, &text(1));
+    let p = spawn(sealpipe().arg("run").arg("--config").arg(&cfg));
+    wait_listening(listen);
+    wait_metrics(m, "the probe closed", |t| {
+        metric(t, "sealpipe_connections_accepted_total", &[]) >= 1.0
+            && metric(t, "sealpipe_connections_active", &[]) == 0.0
+    });
+    let mut first = connect(listen);
+    ping(&mut first, 1).unwrap();
+    let mut second = connect(listen);
+    second.write_all(&[2u8; 32]).unwrap();
+    wait_metrics(m, "the listener paused at max_conns", |t| {
+        metric(
+            t,
+            "sealpipe_connections_rejected_total",
+            &[("reason", "max_conns")],
+        ) >= 1.0
+    });
+    write_config(&cfg, &text(2));
+    p.signal("HUP");
+    wait_metrics(m, "a good reload", |t| reloads(t, "ok") == 1.0);
+    // `first` stays open: the second client is served because the limit rose.
+    let mut b = [0u8; 32];
+    second.read_exact(&mut b).unwrap();
+    assert_eq!(b, [2u8; 32]);
+    ping(&mut first, 3).unwrap();
+}
+
 /// utime + stime of a process, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();

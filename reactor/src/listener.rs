@@ -217,8 +217,19 @@ impl ConnListener {
         cx: &mut Context<'_, S>,
         on_accept: impl FnMut(&mut Context<'_, S>, TcpStream, SocketAddr),
     ) -> AcceptPass {
+        self.on_ready_at_most(cx, usize::MAX, on_accept)
+    }
+
+    /// [`on_ready`](Self::on_ready), accepting at most `max` connections: for an owner with
+    /// that much room left under its connection limit (it pauses when full).
+    pub fn on_ready_at_most<S>(
+        &mut self,
+        cx: &mut Context<'_, S>,
+        max: usize,
+        on_accept: impl FnMut(&mut Context<'_, S>, TcpStream, SocketAddr),
+    ) -> AcceptPass {
         self.ready = true;
-        self.accept(cx, self.opts.accept_batch, on_accept)
+        self.accept(cx, self.opts.accept_batch, max, on_accept)
     }
 
     /// Feed an `on_notify`/`on_timer` tag this listener owns.
@@ -226,6 +237,18 @@ impl ConnListener {
         &mut self,
         cx: &mut Context<'_, S>,
         tag: u64,
+        on_accept: impl FnMut(&mut Context<'_, S>, TcpStream, SocketAddr),
+    ) -> AcceptPass {
+        self.on_tag_at_most(cx, tag, usize::MAX, on_accept)
+    }
+
+    /// [`on_tag`](Self::on_tag), accepting at most `max` connections (see
+    /// [`on_ready_at_most`](Self::on_ready_at_most)).
+    pub fn on_tag_at_most<S>(
+        &mut self,
+        cx: &mut Context<'_, S>,
+        tag: u64,
+        max: usize,
         on_accept: impl FnMut(&mut Context<'_, S>, TcpStream, SocketAddr),
     ) -> AcceptPass {
         match tag & !0xff {
@@ -236,7 +259,7 @@ impl ConnListener {
             }
             _ => return AcceptPass::default(),
         }
-        self.accept(cx, self.opts.accept_batch, on_accept)
+        self.accept(cx, self.opts.accept_batch, max, on_accept)
     }
 
     /// Accepts everything queued now, ignoring the batch limit and the pause (used when
@@ -249,7 +272,7 @@ impl ConnListener {
         let paused = self.paused;
         self.paused = false;
         self.ready = true;
-        let pass = self.accept(cx, usize::MAX, on_accept);
+        let pass = self.accept(cx, usize::MAX, usize::MAX, on_accept);
         self.paused = paused;
         pass
     }
@@ -258,13 +281,14 @@ impl ConnListener {
         &mut self,
         cx: &mut Context<'_, S>,
         batch: usize,
+        max: usize,
         mut on_accept: impl FnMut(&mut Context<'_, S>, TcpStream, SocketAddr),
     ) -> AcceptPass {
         let mut pass = AcceptPass::default();
         if self.paused || self.backoff_timer.is_some() || !self.ready {
             return pass;
         }
-        while pass.accepted < batch {
+        while pass.accepted < batch.min(max) {
             match self.listener.accept() {
                 Ok((stream, peer)) => {
                     if self.opts.nodelay && !self.nodelay_inherited {
@@ -293,7 +317,8 @@ impl ConnListener {
                 }
             }
         }
-        // Batch full with more possibly queued: continue on a deferred pass.
+        // Batch (or the owner's `max`) full with more possibly queued: continue on a deferred
+        // pass. An owner that paused meanwhile makes that pass a no-op; resuming re-drives.
         self.queue_redrive(cx);
         pass
     }
