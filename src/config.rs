@@ -109,6 +109,10 @@ pub struct MetricsConfig {
 }
 
 /// Process-wide limits and timeouts (seconds). Tunnels may override the timeouts.
+///
+/// Durations follow one rule: 0 turns off what can be off (`idle_timeout`,
+/// `half_closed_timeout`, `drain_timeout` = no wait, `health_check_interval`); a timeout that
+/// must exist (`connect_timeout`, `handshake_timeout`) is rejected at 0, with the reason.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
@@ -251,8 +255,22 @@ pub struct Tunnel {
     pub health_check_interval: Option<Duration>,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub half_closed_timeout: Duration,
+    /// `None`: no idle timeout.
+    pub idle_timeout: Option<Duration>,
+    /// `None`: no separate limit once half-closed (the idle timeout, if any, applies).
+    pub half_closed_timeout: Option<Duration>,
+}
+
+impl Tunnel {
+    /// How long a connection may be quiet before it is closed, if at all: the half-closed
+    /// limit once one direction has ended (whichever of the two limits is shorter).
+    pub fn idle_limit(&self, half_closed: bool) -> Option<Duration> {
+        match (self.idle_timeout, self.half_closed_timeout) {
+            (Some(i), Some(h)) if half_closed => Some(i.min(h)),
+            (None, Some(h)) if half_closed => Some(h),
+            (i, _) => i,
+        }
+    }
 }
 
 /// A validated configuration.
@@ -272,15 +290,53 @@ pub struct Config {
     pub path: Option<PathBuf>,
 }
 
-fn seconds(tunnel: &str, field: &str, v: f64) -> Result<Duration, ConfigError> {
+/// Where a setting is written, for error messages.
+#[derive(Clone, Copy)]
+enum Scope<'a> {
+    Limits,
+    Tunnel(&'a str),
+}
+
+impl Scope<'_> {
+    fn error(self, field: &str, message: String) -> ConfigError {
+        match self {
+            Scope::Limits => ConfigError::Invalid(format!("[limits] {field} {message}")),
+            Scope::Tunnel(t) => ConfigError::Tunnel {
+                tunnel: t.into(),
+                message: format!("{field} {message}"),
+            },
+        }
+    }
+}
+
+/// Seconds, 0 to one year.
+fn seconds(scope: Scope<'_>, field: &str, v: f64) -> Result<Duration, ConfigError> {
     if !v.is_finite() || !(0.0..=86_400.0 * 365.0).contains(&v) {
-        return Err(ConfigError::Tunnel {
-            tunnel: tunnel.into(),
-            message: format!("{field} must be between 0 and one year of seconds, got {v}"),
-        });
+        return Err(scope.error(
+            field,
+            format!("must be between 0 and one year of seconds, got {v}"),
+        ));
     }
     Ok(Duration::from_secs_f64(v))
 }
+
+/// A duration whose 0 means off.
+fn seconds_or_off(scope: Scope<'_>, field: &str, v: f64) -> Result<Option<Duration>, ConfigError> {
+    let d = seconds(scope, field, v)?;
+    Ok((!d.is_zero()).then_some(d))
+}
+
+/// A timeout that must exist: 0 is rejected with `why`.
+fn timeout(scope: Scope<'_>, field: &str, v: f64, why: &str) -> Result<Duration, ConfigError> {
+    let d = seconds(scope, field, v)?;
+    if d.is_zero() {
+        return Err(scope.error(field, format!("cannot be 0: {why}")));
+    }
+    Ok(d)
+}
+
+const CONNECT_NOT_ZERO: &str = "a connect that never gives up never tries the next target";
+const HANDSHAKE_NOT_ZERO: &str = "a peer that never completes its handshake must be closed, or it holds a connection slot forever";
 
 /// Resolves `host:port` (one address; the first the resolver returns).
 pub fn resolve(what: &str, s: &str) -> Result<SocketAddr, String> {
@@ -313,11 +369,17 @@ impl ConfigFile {
 
     pub fn validate(self, path: Option<PathBuf>) -> Result<Config, ConfigError> {
         let l = &self.limits;
-        let g = "[limits]";
-        let connect = seconds(g, "connect_timeout", l.connect_timeout)?;
-        let handshake = seconds(g, "handshake_timeout", l.handshake_timeout)?;
-        let idle = seconds(g, "idle_timeout", l.idle_timeout)?;
-        let half = seconds(g, "half_closed_timeout", l.half_closed_timeout)?;
+        let g = Scope::Limits;
+        let connect = timeout(g, "connect_timeout", l.connect_timeout, CONNECT_NOT_ZERO)?;
+        let handshake = timeout(
+            g,
+            "handshake_timeout",
+            l.handshake_timeout,
+            HANDSHAKE_NOT_ZERO,
+        )?;
+        let idle = seconds_or_off(g, "idle_timeout", l.idle_timeout)?;
+        let half = seconds_or_off(g, "half_closed_timeout", l.half_closed_timeout)?;
+        // 0: no drain wait; open connections are cut at once.
         let drain = seconds(g, "drain_timeout", l.drain_timeout)?;
         if l.max_conns == 0 {
             return Err(ConfigError::Invalid(
@@ -407,7 +469,8 @@ impl ConfigFile {
                     .parse()
                     .map_err(|_| bad(format!("aead {s:?} is not ring or rustcrypto")))?,
             };
-            let hc = seconds(&name, "health_check_interval", t.health_check_interval)?;
+            let sc = Scope::Tunnel(&name);
+            let hc = seconds_or_off(sc, "health_check_interval", t.health_check_interval)?;
             tunnels.push(Tunnel {
                 mode: t.mode,
                 listen,
@@ -416,19 +479,19 @@ impl ConfigFile {
                 balance: t.balance,
                 forward_secrecy: t.forward_secrecy,
                 aead,
-                health_check_interval: (!hc.is_zero()).then_some(hc),
-                connect_timeout: t
-                    .connect_timeout
-                    .map_or(Ok(connect), |v| seconds(&name, "connect_timeout", v))?,
-                handshake_timeout: t
-                    .handshake_timeout
-                    .map_or(Ok(handshake), |v| seconds(&name, "handshake_timeout", v))?,
+                health_check_interval: hc,
+                connect_timeout: t.connect_timeout.map_or(Ok(connect), |v| {
+                    timeout(sc, "connect_timeout", v, CONNECT_NOT_ZERO)
+                })?,
+                handshake_timeout: t.handshake_timeout.map_or(Ok(handshake), |v| {
+                    timeout(sc, "handshake_timeout", v, HANDSHAKE_NOT_ZERO)
+                })?,
                 idle_timeout: t
                     .idle_timeout
-                    .map_or(Ok(idle), |v| seconds(&name, "idle_timeout", v))?,
+                    .map_or(Ok(idle), |v| seconds_or_off(sc, "idle_timeout", v))?,
                 half_closed_timeout: t
                     .half_closed_timeout
-                    .map_or(Ok(half), |v| seconds(&name, "half_closed_timeout", v))?,
+                    .map_or(Ok(half), |v| seconds_or_off(sc, "half_closed_timeout", v))?,
                 name,
             });
         }
@@ -508,7 +571,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.tunnels[0].name, "tunnel0");
-        assert_eq!(c.tunnels[0].idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.tunnels[0].idle_timeout, Some(Duration::from_secs(300)));
     }
 
     #[test]

@@ -27,6 +27,10 @@ Run it in pairs: `encrypt` accepts plaintext from local clients and sends sealed
 `decrypt` side, which opens them and talks plaintext to the real backend. Both sides share a
 256-bit key file made by `sealpipe keygen`.
 
+Durations are seconds (fractions allowed). 0 turns off what can be off: the idle and
+half-closed timeouts, the drain wait, active health checks. The connect and handshake timeouts
+must be > 0.
+
 Start with `sealpipe demo` to see a pair working on loopback."
 )]
 struct Cli {
@@ -126,19 +130,20 @@ struct CommonArgs {
     /// add up to it; never more shards than this).
     #[arg(long, value_name = "N", default_value_t = 100_000)]
     max_conns: usize,
-    /// Give up on an upstream connect after this long and try the next target.
+    /// Give up on an upstream connect after this long and try the next target (> 0).
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
     connect_timeout: f64,
-    /// Close a connection whose tunnel handshake has not completed after this long.
+    /// Close a connection whose tunnel handshake has not completed after this long (> 0).
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     handshake_timeout: f64,
-    /// Close a connection with no traffic for this long.
+    /// Close a connection with no traffic for this long; 0 = never.
     #[arg(long, value_name = "SECS", default_value_t = 300.0)]
     idle_timeout: f64,
-    /// Close a half-closed connection with no traffic for this long.
+    /// Close a half-closed connection with no traffic for this long; 0 = no separate limit
+    /// (the idle timeout applies).
     #[arg(long, value_name = "SECS", default_value_t = 60.0)]
     half_closed_timeout: f64,
-    /// On SIGTERM, how long open connections may take to finish.
+    /// On SIGTERM, how long open connections may take to finish; 0 = cut them at once.
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     drain_timeout: f64,
     /// round-robin or least-conn.

@@ -230,3 +230,106 @@ fn bad_target_and_missing_key_are_one_clear_line_each() {
         "{err}"
     );
 }
+
+/// Writes `text` as a config file and runs `sealpipe check` on it.
+fn check(tag: &str, text: &str) -> std::process::Output {
+    let p = temp_dir(tag).join("c.toml");
+    std::fs::write(&p, text).unwrap();
+    sealpipe()
+        .args(["check", "--config"])
+        .arg(&p)
+        .output()
+        .unwrap()
+}
+
+const FORWARD: &str =
+    "[[tunnel]]\nmode = \"forward\"\nlisten = \"127.0.0.1:1\"\ntargets = [\"127.0.0.1:2\"]\n";
+
+/// Item 6 of issue 14: one rule for durations. 0 turns off what can be off (idle,
+/// half-closed, health checks, the drain wait); a timeout that must exist is rejected at 0 by
+/// `check`, naming the setting and why.
+#[test]
+fn zero_durations_are_off_or_rejected_with_the_reason() {
+    for key in ["idle_timeout", "half_closed_timeout", "drain_timeout"] {
+        let out = check("dur-off", &format!("[limits]\n{key} = 0\n{FORWARD}"));
+        assert!(
+            out.status.success(),
+            "[limits] {key} = 0 (off): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = check("dur-off", &format!("{FORWARD}health_check_interval = 0\n"));
+    assert!(out.status.success(), "{out:?}");
+    for key in ["handshake_timeout", "connect_timeout"] {
+        for text in [
+            format!("[limits]\n{key} = 0\n{FORWARD}"),
+            format!("{FORWARD}{key} = 0\n"),
+        ] {
+            let out = check("dur-bad", &text);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{key} = 0 accepted: {text}");
+            assert!(
+                err.contains(key) && err.contains("cannot be 0") && err.lines().count() == 1,
+                "{err}"
+            );
+        }
+    }
+    // The command line follows the same rule.
+    let out = sealpipe()
+        .args([
+            "forward",
+            "--listen",
+            "127.0.0.1:0",
+            "--target",
+            "127.0.0.1:9",
+        ])
+        .args(["--handshake-timeout", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("handshake_timeout"));
+}
+
+/// `--idle-timeout 0` is "no idle timeout", not "close every connection at once": a
+/// connection outlives hibernation (250 ms quiet, seen in the metrics) and still echoes.
+#[test]
+fn idle_timeout_zero_keeps_connections_open() {
+    let echo = echo_backend();
+    let (listen, metrics) = (free_addr(), free_addr());
+    let child = sealpipe()
+        .args([
+            "forward",
+            "--listen",
+            &listen.to_string(),
+            "--target",
+            &echo.addr.to_string(),
+            "--threads",
+            "1",
+            "--idle-timeout",
+            "0",
+            "--metrics",
+            &metrics.to_string(),
+            "--log-level",
+            "error",
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _p = Proc(child);
+    wait_listening(listen);
+    let mut c = connect(listen);
+    let mut b = [0u8; 4];
+    c.write_all(b"ping").unwrap();
+    c.read_exact(&mut b).unwrap();
+    wait_until("the connection hibernates", || {
+        let mut s = connect(metrics);
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        metric_in(&text, "sealpipe_connections_hibernating", &[]) >= 1.0
+    });
+    c.write_all(b"pong").unwrap();
+    c.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"pong");
+}
