@@ -85,6 +85,43 @@ pub struct LogConfig {
     pub format: String,
 }
 
+/// The levels a log filter may name (any case).
+pub const LOG_LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+
+/// Checks a log filter strictly: comma-separated directives, each a level (`warn`) or
+/// `TARGET=LEVEL` (`sealpipe::proxy=debug`), levels from [`LOG_LEVELS`]. tracing's own
+/// parser takes any bare word as a target to enable (`warning` = "trace for target
+/// `warning`", which turns every other log line off): a typo would silence the process.
+pub fn check_log_filter(filter: &str) -> Result<(), String> {
+    let bad = |what: String| {
+        format!(
+            "log level {filter:?}: {what}; a level is one of {} (or a comma-separated list of LEVEL and TARGET=LEVEL)",
+            LOG_LEVELS.join(", ")
+        )
+    };
+    let is_level = |l: &str| LOG_LEVELS.iter().any(|k| k.eq_ignore_ascii_case(l));
+    for d in filter.split(',') {
+        let d = d.trim();
+        match d.split_once('=') {
+            None if is_level(d) => {}
+            None => return Err(bad(format!("{d:?} is not a level"))),
+            Some((target, level)) => {
+                let target_ok = !target.is_empty()
+                    && target
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':');
+                if !target_ok {
+                    return Err(bad(format!("{target:?} is not a module path")));
+                }
+                if !is_level(level) {
+                    return Err(bad(format!("{level:?} (for {target}) is not a level")));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn default_log_level() -> String {
     "info".into()
 }
@@ -404,9 +441,11 @@ impl ConfigFile {
                 )));
             }
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+        check_log_filter(&self.log.level)
+            .map_err(|e| ConfigError::Invalid(format!("[log] {e}")))?;
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(ConfigError::Invalid(format!(
-                "[log] level {:?} is not a valid level or filter",
+                "[log] level {:?}: {e}",
                 self.log.level
             )));
         }

@@ -155,7 +155,8 @@ struct CommonArgs {
     /// AEAD implementation: ring (fast) or rustcrypto (pure Rust).
     #[arg(long, value_name = "IMPL", default_value = "ring")]
     aead: String,
-    /// error, warn, info, debug, trace (or a tracing filter).
+    /// error, warn, info, debug, trace or off; or a comma-separated list of LEVEL and
+    /// TARGET=LEVEL (e.g. `sealpipe::proxy=debug,warn`). Anything else is an error.
     #[arg(
         long,
         value_name = "LEVEL",

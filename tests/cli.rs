@@ -231,6 +231,28 @@ fn bad_target_and_missing_key_are_one_clear_line_each() {
     );
 }
 
+/// Runs a sealpipe command that should refuse to start: its output, once it exits (a process
+/// still running after the deadline fails the test and is killed).
+fn refused(args: &[&str]) -> std::process::Output {
+    let mut p = Proc(
+        sealpipe()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let status = p.wait_exit(TIMEOUT);
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    p.0.stdout.take().unwrap().read_to_end(&mut stdout).unwrap();
+    p.0.stderr.take().unwrap().read_to_end(&mut stderr).unwrap();
+    std::process::Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
 /// Writes `text` as a config file and runs `sealpipe check` on it.
 fn check(tag: &str, text: &str) -> std::process::Output {
     let p = temp_dir(tag).join("c.toml");
@@ -275,17 +297,15 @@ fn zero_durations_are_off_or_rejected_with_the_reason() {
         }
     }
     // The command line follows the same rule.
-    let out = sealpipe()
-        .args([
-            "forward",
-            "--listen",
-            "127.0.0.1:0",
-            "--target",
-            "127.0.0.1:9",
-        ])
-        .args(["--handshake-timeout", "0"])
-        .output()
-        .unwrap();
+    let out = refused(&[
+        "forward",
+        "--listen",
+        "127.0.0.1:0",
+        "--target",
+        "127.0.0.1:9",
+        "--handshake-timeout",
+        "0",
+    ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("handshake_timeout"));
 }
@@ -332,4 +352,43 @@ fn idle_timeout_zero_keeps_connections_open() {
     c.write_all(b"pong").unwrap();
     c.read_exact(&mut b).unwrap();
     assert_eq!(&b, b"pong");
+}
+
+/// Item 6 of issue 14: an unknown log level is an error that lists the accepted ones, on the
+/// command line and in a config file (before, `warning` or `loud` silently turned off all
+/// logging, errors included).
+#[test]
+fn unknown_log_levels_are_rejected_naming_the_accepted_ones() {
+    let accepted = "error, warn, info, debug, trace, off";
+    let out = refused(&[
+        "forward",
+        "--listen",
+        "127.0.0.1:0",
+        "--target",
+        "127.0.0.1:9",
+        "--log-level",
+        "warning",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("warning") && err.contains(accepted) && err.lines().count() == 1,
+        "{err}"
+    );
+    for level in ["loud", "sealpipe=loud", "warn,", "=info", "info debug"] {
+        let out = check("lvl", &format!("[log]\nlevel = {level:?}\n{FORWARD}"));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "level {level:?} accepted");
+        assert!(err.contains(accepted), "{err}");
+    }
+    for level in [
+        "warn",
+        "INFO",
+        "off",
+        "sealpipe=debug,warn",
+        "sealpipe::proxy=trace",
+    ] {
+        let out = check("lvl", &format!("[log]\nlevel = {level:?}\n{FORWARD}"));
+        assert!(out.status.success(), "level {level:?}: {out:?}");
+    }
 }

@@ -635,6 +635,35 @@ fn reload_raising_max_conns_serves_the_waiting_client() {
     ping(&mut first, 3).unwrap();
 }
 
+/// Item 6 of issue 14: a mistyped log level in a reload is rejected like any other mistake
+/// (before, it was taken, and the filter it made turned every log line off, errors included).
+#[test]
+fn reload_with_an_unknown_log_level_is_rejected() {
+    let echo = echo_backend();
+    let dir = temp_dir("hup-level");
+    let cfg = dir.join("c.toml");
+    let (listen, m) = (free_addr(), free_addr());
+    let text = |level: &str| {
+        with_metrics(tunnel_toml("forward", listen, &[echo.addr], &[]), m)
+            .replace("keys = []\n", "")
+            .replace("level = \"warn\"", &format!("level = \"{level}\""))
+    };
+    write_config(&cfg, &text("warn"));
+    let p = spawn(sealpipe().arg("run").arg("--config").arg(&cfg));
+    wait_listening(listen);
+    write_config(&cfg, &text("loud"));
+    p.signal("HUP");
+    let t = wait_metrics(m, "a reload", |t| {
+        reloads(t, "error") + reloads(t, "ok") >= 1.0
+    });
+    assert_eq!((reloads(&t, "error"), reloads(&t, "ok")), (1.0, 0.0));
+    // A filter with a target is fine.
+    write_config(&cfg, &text("sealpipe=debug,warn"));
+    p.signal("HUP");
+    wait_metrics(m, "a good reload", |t| reloads(t, "ok") == 1.0);
+    exchange(listen, 10).unwrap();
+}
+
 /// utime + stime of a process, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
