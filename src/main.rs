@@ -1,7 +1,7 @@
 //! The `sealpipe` command line. Only argument parsing, logging setup and the demo's
 //! choreography live here; everything else is in the library.
 
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -178,7 +178,11 @@ fn setup_logging(log: &LogConfig) -> Result<LogReload> {
     let (filter, handle) = reload::Layer::new(filter);
     use tracing_subscriber::prelude::*;
     let registry = tracing_subscriber::registry().with(filter);
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colour only for a person at a terminal: journald, files and log shippers get plain text.
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(colour);
     if log.format == "json" {
         registry.with(fmt.json()).try_init().ok();
     } else {

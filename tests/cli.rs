@@ -392,3 +392,64 @@ fn unknown_log_levels_are_rejected_naming_the_accepted_ones() {
         assert!(out.status.success(), "level {level:?}: {out:?}");
     }
 }
+
+/// Item 6 of issue 14: logs written to a pipe or a file (journald, a log shipper) carry no
+/// ANSI colour codes, and errors in log fields are their messages, not Rust's Debug form
+/// (`error=Some(Os { code: 111, .. })`).
+#[test]
+fn logs_to_a_pipe_are_plain_and_show_errors_as_messages() {
+    use std::io::BufRead;
+    let dead = free_addr(); // nothing listens: every upstream connect is refused
+    let listen = free_addr();
+    let mut p = Proc(
+        sealpipe()
+            .args([
+                "forward",
+                "--listen",
+                &listen.to_string(),
+                "--target",
+                &dead.to_string(),
+                "--threads",
+                "1",
+                "--log-level",
+                "debug",
+            ])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = p.0.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    wait_listening(listen);
+    let mut lines = Vec::new();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !lines
+        .iter()
+        .any(|l: &String| l.contains("error=") && l.contains("refused"))
+    {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => lines.push(l),
+            Err(_) => panic!("no log line with the refused connect's error: {lines:#?}"),
+        }
+    }
+    p.signal("TERM");
+    assert_eq!(p.wait_exit(TIMEOUT).code(), Some(0));
+    lines.extend(rx.try_iter());
+    let text = lines.join("\n");
+    assert!(!text.contains('\u{1b}'), "colour codes on a pipe:\n{text}");
+    for l in lines.iter().filter(|l| l.contains("error=")) {
+        assert!(
+            !l.contains("Os {") && !l.contains("Some("),
+            "an error logged with Debug: {l}"
+        );
+    }
+}

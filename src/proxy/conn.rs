@@ -234,14 +234,14 @@ impl<C: Layer, U: Layer> Conn<C, U> {
                 cx.notify(l, super::listener::TAG_EXHAUSTED);
             }
             if let Some(skipped) = warn {
-                tracing::debug!(%tunnel, upstream = %addr, error = ?err, skipped, "upstream connect: out of resources");
+                tracing::debug!(%tunnel, upstream = %addr, error = %super::OptError(&err), skipped, "upstream connect: out of resources");
             }
             return self.finish(cx, CloseReason::UpstreamFailed);
         }
         if went_down {
-            tracing::warn!(%tunnel, upstream = %addr, error = ?err, timed_out, "upstream marked down");
+            tracing::warn!(%tunnel, upstream = %addr, error = %super::OptError(&err), timed_out, "upstream marked down");
         } else if let Some(skipped) = warn {
-            tracing::debug!(%tunnel, upstream = %addr, error = ?err, skipped, "upstream connect failed");
+            tracing::debug!(%tunnel, upstream = %addr, error = %super::OptError(&err), skipped, "upstream connect failed");
         }
         self.connect_upstream(cx);
     }
@@ -539,7 +539,9 @@ impl<C: Layer, U: Layer> Conn<C, U> {
                 Some(e) => {
                     tracing::warn!(%tunnel, side, reason = reason.as_str(), error = e.reason(), skipped, "connection closed on bad input")
                 }
-                None => tracing::debug!(%tunnel, side, error = ?err, skipped, "connection failed"),
+                None => {
+                    tracing::debug!(%tunnel, side, error = %super::OptError(&err), skipped, "connection failed")
+                }
             }
         }
         self.finish(cx, reason);
