@@ -40,7 +40,7 @@ use crate::proxy::listener::{TAG_DRAIN, TAG_RESUME, TunnelListener};
 use crate::proxy::{ShardState, TunnelRt};
 use crate::reactor::listener::{ConnListener, ListenerOptions};
 use crate::reactor::signal::SignalEvent;
-use crate::reactor::{EventBase, Handle, HandlerId, pool};
+use crate::reactor::{EventBase, Handle, HandlerId, LoopStats, pool};
 
 /// How often a shard flushes counters and publishes its heartbeat.
 const HOUSEKEEPING: Duration = Duration::from_millis(250);
@@ -100,7 +100,7 @@ impl MemoryKeeper {
         p
     }
 }
-/// A loop turn whose callbacks ran longer than this counts as a stall.
+/// A callback that runs longer than this counts as a stall (`sealpipe_loop_stall_total`).
 const STALL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
@@ -364,7 +364,7 @@ pub fn start_with(
         let thread = std::thread::Builder::new()
             .name(format!("sealpipe-shard-{i}"))
             .spawn(move || {
-                let mut base = match EventBase::new(state) {
+                let mut base = match shard_base(state) {
                     Ok(b) => b,
                     Err(e) => {
                         let _ = tx.send(Err(e));
@@ -450,6 +450,19 @@ fn shard_main(
     running.fetch_sub(1, Ordering::AcqRel);
 }
 
+/// A shard's event loop, set up as every shard's is.
+fn shard_base<S: 'static>(state: S) -> std::io::Result<EventBase<S>> {
+    let mut base = EventBase::new(state)?;
+    base.set_stall_threshold(STALL);
+    Ok(base)
+}
+
+/// Stalls (callbacks that ran longer than [`STALL`]) between two readings of a shard's loop
+/// statistics: each one counts.
+fn new_stalls(last: &LoopStats, now: &LoopStats) -> u64 {
+    now.stalls - last.stalls
+}
+
 fn shard_loop(i: usize, base: &mut EventBase<ShardState>) -> std::io::Result<()> {
     let label = i.to_string();
     let m = base.state().metrics.clone();
@@ -472,9 +485,10 @@ fn shard_loop(i: usize, base: &mut EventBase<ShardState>) -> std::io::Result<()>
         let s = base.stats();
         busy.inc_by((s.busy - last.busy).as_secs_f64());
         idle.inc_by((s.waiting - last.waiting).as_secs_f64());
-        if s.longest_callback > STALL && s.longest_callback > last.longest_callback {
-            stall.inc();
-            tracing::warn!(shard = i, took = ?s.longest_callback, "loop stalled in a callback");
+        let stalls = new_stalls(&last, &s);
+        if stalls > 0 {
+            stall.inc_by(stalls);
+            tracing::warn!(shard = i, stalls, took = ?s.last_stall, "loop stalled in a callback");
         }
         last = s;
         let p = keeper.tick(now, base.state().hibernations);
@@ -998,6 +1012,41 @@ impl HandoffServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reactor::{Context, Handler, Ready};
+
+    /// Stalls its loop twice, in two turns (a timer each); the state counts the stalls done.
+    struct Staller;
+
+    impl Handler<u32> for Staller {
+        fn on_start(&mut self, cx: &mut Context<'_, u32>) {
+            cx.timer(Duration::ZERO, 1);
+        }
+        fn on_ready(&mut self, _: &mut Context<'_, u32>, _: u8, _: Ready) {}
+        fn on_timer(&mut self, cx: &mut Context<'_, u32>, tag: u64) {
+            // The stall itself (not a wait for anything).
+            std::thread::sleep(STALL + Duration::from_millis(20));
+            *cx.state += 1;
+            if tag == 1 {
+                cx.timer(Duration::ZERO, 2);
+            }
+        }
+    }
+
+    /// Item 4 of issue 14: every stall counts, not only a new all-time longest callback.
+    #[test]
+    fn a_shard_loop_that_stalls_twice_counts_two_stalls() {
+        let mut base = shard_base(0u32).unwrap();
+        base.spawn(Box::new(Staller));
+        let last = base.stats();
+        for _ in 0..100 {
+            if *base.state() == 2 {
+                break;
+            }
+            base.loop_once(Some(Duration::from_millis(10))).unwrap();
+        }
+        assert_eq!(*base.state(), 2, "the handler stalled twice");
+        assert_eq!(new_stalls(&last, &base.stats()), 2);
+    }
 
     #[test]
     fn conn_shares_add_up_to_max_conns() {
