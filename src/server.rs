@@ -28,7 +28,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -57,8 +57,41 @@ const QUIET_TICKS: u32 = 8;
 /// ...this many chunks (cached chunks are resident memory an idle proxy does not need).
 const QUIET_CACHED_CHUNKS: usize = 8;
 
-/// Gives memory back after bursts: freed heap pages to the kernel, and the chunk cache of a
-/// shard that has gone quiet. A busy shard keeps its cache (no allocation per chunk).
+/// Heap trims that shards ask for and the control thread does. `malloc_trim` walks every
+/// glibc arena under that arena's lock: on a shard thread it would stall the shard, outside
+/// any loop turn the stall metric sees. On the control thread it holds one arena's lock at a
+/// time, and a shard that allocates meanwhile waits inside a callback, where a long wait
+/// counts as a stall.
+#[derive(Default)]
+struct HeapTrim {
+    wanted: AtomicBool,
+}
+
+/// Most heap trims per second of the whole process.
+const TRIM_EVERY: Duration = Duration::from_secs(1);
+
+impl HeapTrim {
+    /// A shard freed enough since the last trim (see [`MemoryKeeper`]).
+    fn request(&self) {
+        self.wanted.store(true, Ordering::Release);
+    }
+
+    /// On the control thread: trims if a shard asked and the last trim was at least
+    /// [`TRIM_EVERY`] ago. Returns how long the trim took.
+    fn run_due(&self, now: Instant, next: &mut Instant) -> Option<Duration> {
+        if now < *next || !self.wanted.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        crate::sys::trim_heap();
+        let took = now.elapsed();
+        *next = now + TRIM_EVERY;
+        Some(took)
+    }
+}
+
+/// Gives memory back after bursts: freed heap pages to the kernel (by asking the control
+/// thread for a trim), and the chunk cache of a shard that has gone quiet. A busy shard keeps
+/// its cache (no allocation per chunk).
 #[derive(Default)]
 struct MemoryKeeper {
     next_trim: Option<Instant>,
@@ -71,7 +104,7 @@ struct MemoryKeeper {
 
 impl MemoryKeeper {
     /// `hibernations`: connections this shard has hibernated so far.
-    fn tick(&mut self, now: Instant, hibernations: u64) -> pool::PoolStats {
+    fn tick(&mut self, now: Instant, hibernations: u64, trim: &HeapTrim) -> pool::PoolStats {
         let p = pool::stats();
         if p.live_chunks <= QUIET_LIVE_CHUNKS && p.cached_chunks > QUIET_CACHED_CHUNKS {
             self.quiet_ticks += 1;
@@ -84,15 +117,15 @@ impl MemoryKeeper {
             pool::set_max_cached(pool::DEFAULT_MAX_CACHED);
         }
         let p = pool::stats();
-        // Freed chunks and hibernated connections' keys stay resident in the heap: hand them
-        // back to the kernel, at most once a second, and only when a good number were freed
-        // since the last time.
+        // Freed chunks and hibernated connections' keys stay resident in the heap: have them
+        // handed back to the kernel, at most once a second, and only when a good number were
+        // freed since the last time.
         let settled = hibernations == self.seen_hibernations;
         self.seen_hibernations = hibernations;
         let freed = p.freed_total >= self.trimmed_at + TRIM_AFTER_CHUNKS
             || (settled && hibernations >= self.trimmed_hibernations + TRIM_AFTER_HIBERNATIONS);
         if freed && self.next_trim.is_none_or(|t| now >= t) {
-            crate::sys::trim_heap();
+            trim.request();
             self.trimmed_at = p.freed_total;
             self.trimmed_hibernations = hibernations;
             self.next_trim = Some(now + Duration::from_secs(1));
@@ -149,6 +182,8 @@ pub struct Running {
     log_reload: Option<LogReload>,
     /// Present while this process can hand its listeners to a successor.
     handoff: Option<HandoffServer>,
+    /// Heap trims the shards ask the control thread for.
+    trim: Arc<HeapTrim>,
 }
 
 /// Binds one listener per shard for `addr` (SO_REUSEPORT); a port of 0 is resolved by the
@@ -348,6 +383,7 @@ pub fn start_with(
     let limits = conn_shares(cfg.max_conns, nshards);
     warn_idle_shards(&limits);
     let running = Arc::new(AtomicUsize::new(nshards));
+    let trim = Arc::new(HeapTrim::default());
     let mut shards = Vec::with_capacity(nshards);
     for (i, listeners) in per_shard.into_iter().enumerate() {
         let tunnels: Vec<TunnelRt> = cfg
@@ -359,6 +395,7 @@ pub fn start_with(
         let state = ShardState::new(i, tunnels, metrics.clone(), limits[i]);
         let core = core_of(i);
         let running = running.clone();
+        let trim = trim.clone();
         // The loop is built on its own thread (handlers are !Send); it hands back its Handle.
         let (tx, rx) = crossbeam_channel::bounded(1);
         let thread = std::thread::Builder::new()
@@ -377,7 +414,7 @@ pub fn start_with(
                     base.spawn(Box::new(TunnelListener::new(ti, cl)));
                 }
                 let _ = tx.send(Ok(base.handle()));
-                shard_main(i, base, core, running)
+                shard_main(i, base, core, running, &trim)
             })
             .map_err(|source| ServerError::Shard { shard: i, source })?;
         let handle = rx
@@ -417,6 +454,7 @@ pub fn start_with(
         running,
         log_reload,
         handoff,
+        trim,
     })
 }
 
@@ -425,14 +463,16 @@ fn shard_main(
     mut base: EventBase<ShardState>,
     core: Option<core_affinity::CoreId>,
     running: Arc<AtomicUsize>,
+    trim: &HeapTrim,
 ) {
     if let Some(c) = core {
         if !core_affinity::set_for_current(c) && i == 0 {
             tracing::warn!("cannot pin shard threads to CPUs; running unpinned");
         }
     }
-    let result =
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shard_loop(i, &mut base)));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        shard_loop(i, &mut base, trim)
+    }));
     match result {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
@@ -463,7 +503,7 @@ fn new_stalls(last: &LoopStats, now: &LoopStats) -> u64 {
     now.stalls - last.stalls
 }
 
-fn shard_loop(i: usize, base: &mut EventBase<ShardState>) -> std::io::Result<()> {
+fn shard_loop(i: usize, base: &mut EventBase<ShardState>, trim: &HeapTrim) -> std::io::Result<()> {
     let label = i.to_string();
     let m = base.state().metrics.clone();
     let busy = m.loop_busy.with_label_values(&[&label]);
@@ -491,7 +531,7 @@ fn shard_loop(i: usize, base: &mut EventBase<ShardState>) -> std::io::Result<()>
             tracing::warn!(shard = i, stalls, took = ?s.last_stall, "loop stalled in a callback");
         }
         last = s;
-        let p = keeper.tick(now, base.state().hibernations);
+        let p = keeper.tick(now, base.state().hibernations, trim);
         cached.set((p.cached_chunks * pool::CHUNK_SIZE) as i64);
         live.set((p.live_chunks * pool::CHUNK_SIZE) as i64);
         if !base.state().draining {
@@ -640,9 +680,13 @@ impl Running {
         base.spawn(Box::new(signals));
         let started = Instant::now();
         let mut draining = false;
+        let mut next_trim = started;
         loop {
             base.loop_once(Some(Duration::from_millis(100)))
                 .map_err(ServerError::Control)?;
+            if let Some(took) = self.trim.run_due(Instant::now(), &mut next_trim) {
+                tracing::debug!(?took, "heap trimmed");
+            }
             if base.state().exit_now {
                 tracing::warn!("second stop signal: exiting at once");
                 std::process::exit(1);
@@ -1046,6 +1090,23 @@ mod tests {
         }
         assert_eq!(*base.state(), 2, "the handler stalled twice");
         assert_eq!(new_stalls(&last, &base.stats()), 2);
+    }
+
+    #[test]
+    fn heap_trims_run_when_asked_at_most_once_a_second() {
+        let trim = HeapTrim::default();
+        let t0 = Instant::now();
+        let mut next = t0;
+        assert!(trim.run_due(t0, &mut next).is_none(), "nobody asked");
+        trim.request();
+        assert!(trim.run_due(t0, &mut next).is_some());
+        trim.request();
+        assert!(trim.run_due(t0 + TRIM_EVERY / 2, &mut next).is_none());
+        assert!(
+            trim.run_due(t0 + TRIM_EVERY, &mut next).is_some(),
+            "still asked"
+        );
+        assert!(trim.run_due(t0 + TRIM_EVERY * 3, &mut next).is_none());
     }
 
     #[test]
