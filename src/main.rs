@@ -14,7 +14,7 @@ use tracing_subscriber::{EnvFilter, reload};
 use sealpipe::config::{
     Balance, Config, ConfigFile, Limits, LogConfig, MetricsConfig, Mode, TunnelFile,
 };
-use sealpipe::server::{self, LogReload};
+use sealpipe::server::{self, LogControl};
 
 #[derive(Parser)]
 #[command(
@@ -172,7 +172,11 @@ struct CommonArgs {
 /// A usage or configuration error: exit status 2.
 struct UsageError(anyhow::Error);
 
-fn setup_logging(log: &LogConfig) -> Result<LogReload> {
+/// Log lines queued for stderr at most; beyond that they are dropped and counted, so that a
+/// stalled stderr (a stuck journald, a full pipe) never blocks a shard that logs.
+const LOG_QUEUE_LINES: usize = 4096;
+
+fn setup_logging(log: &LogConfig) -> Result<LogControl> {
     let filter = EnvFilter::try_new(&log.level)
         .map_err(|e| anyhow!("invalid log level {:?}: {e}", log.level))?;
     let (filter, handle) = reload::Layer::new(filter);
@@ -180,19 +184,33 @@ fn setup_logging(log: &LogConfig) -> Result<LogReload> {
     let registry = tracing_subscriber::registry().with(filter);
     // Colour only for a person at a terminal: journald, files and log shippers get plain text.
     let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("sealpipe-log")
+        .finish(std::io::stderr());
+    let errors = writer.error_counter();
     let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(colour);
     if log.format == "json" {
         registry.with(fmt.json()).try_init().ok();
     } else {
         registry.with(fmt).try_init().ok();
     }
-    Ok(Box::new(move |level: &str| {
-        let f =
-            EnvFilter::try_new(level).map_err(|e| format!("invalid log level {level:?}: {e}"))?;
-        handle.reload(f).map_err(|e| e.to_string())
-    }))
+    // Dropping the guard writes out what is queued (waiting a bounded time).
+    let guard = std::sync::Mutex::new(Some(guard));
+    Ok(LogControl {
+        reload: Box::new(move |level: &str| {
+            let f = EnvFilter::try_new(level)
+                .map_err(|e| format!("invalid log level {level:?}: {e}"))?;
+            handle.reload(f).map_err(|e| e.to_string())
+        }),
+        dropped: Box::new(move || errors.dropped_lines() as u64),
+        flush: std::sync::Arc::new(move || {
+            drop(guard.lock().unwrap_or_else(|e| e.into_inner()).take());
+        }),
+    })
 }
 
 fn tunnel_config(mode: Mode, a: TunnelArgs) -> std::result::Result<Config, UsageError> {
@@ -229,8 +247,8 @@ fn tunnel_config(mode: Mode, a: TunnelArgs) -> std::result::Result<Config, Usage
 }
 
 fn serve(cfg: Config, handoff: Option<PathBuf>) -> Result<()> {
-    let reload = setup_logging(&cfg.log)?;
-    let running = server::start_with(cfg, Some(reload), handoff.as_deref())?;
+    let log = setup_logging(&cfg.log)?;
+    let running = server::start_with(cfg, Some(log), handoff.as_deref())?;
     if let Some(m) = running.metrics_addr {
         tracing::info!(metrics = %format!("http://{m}/metrics"), "metrics endpoint up");
     }
@@ -344,7 +362,7 @@ fn pick_addr(preferred: u16) -> SocketAddr {
 }
 
 fn demo(duration: Option<Duration>) -> Result<()> {
-    let reload = setup_logging(&LogConfig {
+    let log = setup_logging(&LogConfig {
         level: "warn".into(),
         format: "text".into(),
     })?;
@@ -422,7 +440,7 @@ fn demo(duration: Option<Duration>) -> Result<()> {
         )],
     }
     .validate(None)?;
-    let enc = server::start(enc_cfg, Some(reload))?;
+    let enc = server::start(enc_cfg, Some(log))?;
     let entry = enc.listen_addrs[0];
 
     println!("sealpipe demo — everything on loopback, in this one process:");

@@ -165,6 +165,26 @@ pub enum ServerError {
 /// A callback the control thread runs on SIGHUP to change the log filter.
 pub type LogReload = Box<dyn Fn(&str) -> Result<(), String> + Send>;
 
+/// What the server needs of the process's logging (set up by the command line).
+pub struct LogControl {
+    /// Changes the log filter (on SIGHUP).
+    pub reload: LogReload,
+    /// Log lines dropped so far because the writer's bounded queue was full (stderr not
+    /// keeping up): counted in `sealpipe_log_lines_dropped_total`.
+    pub dropped: Box<dyn Fn() -> u64 + Send>,
+    /// Writes out the queued lines (a bounded wait); run before an abrupt exit, so that the
+    /// line saying why is not lost.
+    pub flush: Arc<dyn Fn() + Send + Sync>,
+}
+
+/// Exits at once with `code`, after flushing the logs.
+fn exit_now(code: i32, flush: Option<&(dyn Fn() + Send + Sync)>) -> ! {
+    if let Some(f) = flush {
+        f();
+    }
+    std::process::exit(code)
+}
+
 struct Shard {
     handle: Handle<ShardState>,
     thread: Option<JoinHandle<()>>,
@@ -179,7 +199,7 @@ pub struct Running {
     pub listen_addrs: Vec<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
     running: Arc<AtomicUsize>,
-    log_reload: Option<LogReload>,
+    log: Option<LogControl>,
     /// Present while this process can hand its listeners to a successor.
     handoff: Option<HandoffServer>,
     /// Heap trims the shards ask the control thread for.
@@ -273,8 +293,8 @@ fn publish_keys(metrics: &Metrics, cfg: &Config, keys: &[Option<Arc<KeySet>>]) {
 
 /// Starts shards and the metrics endpoint. Errors (a busy port, a bad key file) are reported
 /// before anything runs.
-pub fn start(cfg: Config, log_reload: Option<LogReload>) -> Result<Running, ServerError> {
-    start_with(cfg, log_reload, None)
+pub fn start(cfg: Config, log: Option<LogControl>) -> Result<Running, ServerError> {
+    start_with(cfg, log, None)
 }
 
 /// [`start`], with a handoff socket: if a running sealpipe listens on `handoff`, its
@@ -282,7 +302,7 @@ pub fn start(cfg: Config, log_reload: Option<LogReload>) -> Result<Running, Serv
 /// this process then listens on `handoff` for its own successor.
 pub fn start_with(
     cfg: Config,
-    log_reload: Option<LogReload>,
+    log: Option<LogControl>,
     handoff: Option<&Path>,
 ) -> Result<Running, ServerError> {
     match crate::sys::raise_nofile_limit() {
@@ -396,6 +416,7 @@ pub fn start_with(
         let core = core_of(i);
         let running = running.clone();
         let trim = trim.clone();
+        let flush = log.as_ref().map(|l| l.flush.clone());
         // The loop is built on its own thread (handlers are !Send); it hands back its Handle.
         let (tx, rx) = crossbeam_channel::bounded(1);
         let thread = std::thread::Builder::new()
@@ -414,7 +435,7 @@ pub fn start_with(
                     base.spawn(Box::new(TunnelListener::new(ti, cl)));
                 }
                 let _ = tx.send(Ok(base.handle()));
-                shard_main(i, base, core, running, &trim)
+                shard_main(i, base, core, running, &trim, flush.as_deref())
             })
             .map_err(|source| ServerError::Shard { shard: i, source })?;
         let handle = rx
@@ -452,7 +473,7 @@ pub fn start_with(
         listen_addrs,
         metrics_addr,
         running,
-        log_reload,
+        log,
         handoff,
         trim,
     })
@@ -464,6 +485,7 @@ fn shard_main(
     core: Option<core_affinity::CoreId>,
     running: Arc<AtomicUsize>,
     trim: &HeapTrim,
+    flush: Option<&(dyn Fn() + Send + Sync)>,
 ) {
     if let Some(c) = core {
         if !core_affinity::set_for_current(c) && i == 0 {
@@ -477,14 +499,14 @@ fn shard_main(
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             tracing::error!(shard = i, error = %e, "shard loop failed; exiting");
-            std::process::exit(70);
+            exit_now(70, flush);
         }
         Err(_) => {
             tracing::error!(
                 shard = i,
                 "shard panicked; exiting so the service manager restarts the process"
             );
-            std::process::exit(70);
+            exit_now(70, flush);
         }
     }
     running.fetch_sub(1, Ordering::AcqRel);
@@ -623,8 +645,8 @@ impl Running {
             incoming_cpu: self.cfg.incoming_cpu,
             ..new
         };
-        if let Some(f) = &self.log_reload {
-            f(&new.log.level)?;
+        if let Some(l) = &self.log {
+            (l.reload)(&new.log.level)?;
         }
         publish_keys(&self.metrics, &new, &keys);
         let limits = conn_shares(new.max_conns, self.shards.len());
@@ -687,9 +709,16 @@ impl Running {
             if let Some(took) = self.trim.run_due(Instant::now(), &mut next_trim) {
                 tracing::debug!(?took, "heap trimmed");
             }
+            if let Some(l) = &self.log {
+                let dropped = (l.dropped)();
+                let counted = self.metrics.log_lines_dropped.get();
+                if dropped > counted {
+                    self.metrics.log_lines_dropped.inc_by(dropped - counted);
+                }
+            }
             if base.state().exit_now {
                 tracing::warn!("second stop signal: exiting at once");
-                std::process::exit(1);
+                exit_now(1, self.log.as_ref().map(|l| &*l.flush));
             }
             if std::mem::take(&mut base.state_mut().reload) {
                 match self.reload() {

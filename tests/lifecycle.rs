@@ -664,6 +664,48 @@ fn reload_with_an_unknown_log_level_is_rejected() {
     exchange(listen, 10).unwrap();
 }
 
+/// Item 4 of issue 14: a log pipe nobody reads (a stuck journald or log shipper) must not
+/// stall the proxy. Logs go through a bounded, non-blocking writer that drops what does not
+/// fit and counts it. At `trace` every connection logs a few lines, so a 64 KiB pipe fills
+/// within a few hundred connections.
+#[test]
+fn a_stalled_log_pipe_does_not_stall_the_proxy() {
+    let echo = echo_backend();
+    let (listen, m) = (free_addr(), free_addr());
+    let mut child = sealpipe()
+        .args([
+            "forward",
+            "--listen",
+            &listen.to_string(),
+            "--target",
+            &echo.addr.to_string(),
+            "--threads",
+            "1",
+            "--metrics",
+            &m.to_string(),
+            "--log-level",
+            "trace",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Held, never read: the pipe fills and stays full.
+    let _stalled = child.stderr.take().unwrap();
+    let _p = Proc(child);
+    wait_listening(listen);
+    for i in 0..2000 {
+        exchange(listen, 16).unwrap_or_else(|e| panic!("exchange {i}: {e}"));
+    }
+    let t = wait_metrics(m, "dropped log lines counted", |t| {
+        metric(t, "sealpipe_log_lines_dropped_total", &[]) > 0.0
+    });
+    eprintln!(
+        "log lines dropped: {}",
+        metric(&t, "sealpipe_log_lines_dropped_total", &[])
+    );
+}
+
 /// utime + stime of a process, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
