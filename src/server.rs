@@ -12,6 +12,8 @@
 //! - SIGHUP: reload the config file (or, from the command line, the key files); a bad file is
 //!   rejected whole and the old configuration stays.
 //! - A shard that panics takes the process down (status 70) — never a half-alive process.
+//! - A listen address another socket already listens on is refused at start (naming the
+//!   process that holds it), unless this process takes that address over by handoff.
 //! - Handoff (`--handoff PATH`, [`start_with`]): a new process takes the listening sockets of
 //!   the one listening on PATH over SCM_RIGHTS; the old one lets go only after the new one's
 //!   shards accept on them, then drains. The protocol is described above `take_listeners`
@@ -146,6 +148,15 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(
+        "tunnel {tunnel:?}: cannot listen on {addr}: address in use by {holder}; stop it first, or start this process with --handoff PATH to take its sockets over"
+    )]
+    InUse {
+        tunnel: String,
+        addr: SocketAddr,
+        /// Who listens there, as far as /proc tells.
+        holder: String,
+    },
     #[error("metrics endpoint: cannot listen on {addr}: {source}")]
     Metrics {
         addr: SocketAddr,
@@ -275,6 +286,118 @@ fn warn_idle_shards(limits: &[usize]) {
     }
 }
 
+/// Refuses to bind `addr` if another socket already listens there. Our listeners set
+/// SO_REUSEPORT, so a second process of the same user would otherwise join the first one's
+/// group silently and the kernel would split clients between two configurations. A probe bind
+/// without SO_REUSEPORT (with SO_REUSEADDR, so sockets in TIME_WAIT do not count) fails with
+/// EADDRINUSE exactly when someone listens on the address (or on the wildcard address).
+fn check_not_served(tunnel: &str, addr: SocketAddr) -> Result<(), ServerError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let listen_err = |source| ServerError::Listen {
+        tunnel: tunnel.into(),
+        addr,
+        source,
+    };
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(listen_err)?;
+    probe.set_reuse_address(true).map_err(listen_err)?;
+    if addr.is_ipv6() {
+        probe.set_only_v6(true).map_err(listen_err)?;
+    }
+    match probe.bind(&addr.into()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(ServerError::InUse {
+            tunnel: tunnel.into(),
+            addr,
+            holder: listener_process(addr).unwrap_or_else(|| {
+                "another socket (its process is not visible to this user)".into()
+            }),
+        }),
+        // The real bind would fail the same way; let it say so.
+        Err(_) => Ok(()),
+    }
+}
+
+/// "pid N (comm)" of a process with a socket listening on `addr` (or on the wildcard address
+/// of its family, or a dual-stack one), from /proc/net/tcp{,6} and /proc/*/fd.
+fn listener_process(addr: SocketAddr) -> Option<String> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    // /proc/net/tcp prints each 32-bit word of an address as a native-endian hex number.
+    let word = |h: &str| u32::from_str_radix(h, 16).ok().map(u32::to_ne_bytes);
+    let parse_ip = |h: &str| -> Option<IpAddr> {
+        match h.len() {
+            8 => Some(IpAddr::V4(Ipv4Addr::from(word(h)?))),
+            32 => {
+                let mut b = [0u8; 16];
+                for (i, c) in b.chunks_mut(4).enumerate() {
+                    c.copy_from_slice(&word(&h[i * 8..i * 8 + 8])?);
+                }
+                Some(IpAddr::V6(Ipv6Addr::from(b)))
+            }
+            _ => None,
+        }
+    };
+    let covers = |theirs: IpAddr| {
+        let mapped = |ip: IpAddr| match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        let (theirs, ours) = (mapped(theirs), mapped(addr.ip()));
+        theirs == ours || theirs.is_unspecified() || ours.is_unspecified()
+    };
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st ... uid timeout inode; st 0A = LISTEN
+            if f.len() < 10 || f[3] != "0A" {
+                continue;
+            }
+            let Some((ip, port)) = f[1].split_once(':') else {
+                continue;
+            };
+            let (Some(ip), Ok(port)) = (parse_ip(ip), u16::from_str_radix(port, 16)) else {
+                continue;
+            };
+            if port == addr.port() && covers(ip) {
+                inodes.push(format!("socket:[{}]", f[9]));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    for proc_dir in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = proc_dir.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(proc_dir.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            if inodes.iter().any(|i| target.as_os_str() == i.as_str()) {
+                let comm =
+                    std::fs::read_to_string(proc_dir.path().join("comm")).unwrap_or_default();
+                return Some(format!("pid {pid} ({})", comm.trim()));
+            }
+        }
+    }
+    None
+}
+
 fn publish_keys(metrics: &Metrics, cfg: &Config, keys: &[Option<Arc<KeySet>>]) {
     metrics.keys_loaded.reset();
     for (t, k) in cfg.tunnels.iter().zip(keys) {
@@ -365,6 +488,10 @@ pub fn start_with(
             .as_mut()
             .map(|h| std::mem::take(&mut h.tunnels[ti]))
             .unwrap_or_default();
+        if got.is_empty() {
+            // Not taking this address over by handoff: nobody else may be serving it.
+            check_not_served(&t.name, t.listen)?;
+        }
         let (addr, ls) = bind_all(&t.name, t.listen, nshards, &cpus, got)?;
         listen_addrs.push(addr);
         let mut d = Vec::with_capacity(ls.len());

@@ -453,3 +453,37 @@ fn logs_to_a_pipe_are_plain_and_show_errors_as_messages() {
         );
     }
 }
+
+/// Item 6 of issue 14: a second sealpipe on an address a live sealpipe already serves must
+/// not quietly join its SO_REUSEPORT group (the kernel would split clients between an old and
+/// a new configuration): it refuses, naming the address and the process that holds it.
+#[test]
+fn a_second_instance_on_a_served_address_refuses_to_start() {
+    let echo = echo_backend();
+    let (listen, first) = forward(echo.addr, "2", "5");
+    let out = refused(&[
+        "forward",
+        "--listen",
+        &listen.to_string(),
+        "--target",
+        &echo.addr.to_string(),
+        "--threads",
+        "2",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&listen.to_string())
+            && err.contains(&format!("pid {} (sealpipe)", first.0.id()))
+            && err.lines().count() == 1,
+        "{err}"
+    );
+    // The first one still serves every connection.
+    for _ in 0..20 {
+        let mut c = connect(listen);
+        c.write_all(b"still").unwrap();
+        let mut b = [0u8; 5];
+        c.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"still");
+    }
+}
