@@ -1,14 +1,14 @@
 /* scripts/trim-cost.c -- how long one glibc malloc_trim(0) takes after 10,000 connections'
  * worth of memory was freed (docs/OPERATIONS.md, "Size a fleet"; issue 14 item 4).
- *   gcc -O2 -pthread -o /tmp/trim-cost scripts/trim-cost.c && /tmp/trim-cost 10000 1
- * It also reports the longest malloc+free a "shard" thread saw while another thread trimmed:
- * the wait a shard has when the control thread trims its arena. */
+ *   gcc -O2 -pthread -o /tmp/trim-cost scripts/trim-cost.c && /tmp/trim-cost 10000 1 0
+ * With BUSY=1 the "shard" threads keep allocating during the trim and report their longest
+ * malloc+free meanwhile: the wait a shard has when the control thread trims its arena. */
 /* How long one malloc_trim(0) takes after 10,000 connections' worth of memory was freed.
  * Two "shard" threads (two glibc arenas) each allocate what their half of the connections
  * holds while awake (connection handler, two expanded session keys, buffer lists, and with
  * CHUNKS=1 one 32 KiB buffer chunk per side), interleaved as connections arrive, then free it
  * all as the connections close or hibernate; the main thread then times malloc_trim(0).
- * usage: trim_cost CONNS CHUNKS(0|1) */
+ * usage: trim-cost CONNS CHUNKS(0|1) BUSY(0|1) */
 #include <malloc.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -16,7 +16,7 @@
 #include <string.h>
 #include <time.h>
 
-static int conns, chunks;
+static int conns, chunks, busy;
 static pthread_barrier_t freed, go;
 static double max_wait[2];
 static volatile int trimming = 1;
@@ -39,7 +39,7 @@ static void *shard(void *arg) {
         for (int k = 1; k < per; k++) free(p[i * per + k]);
     pthread_barrier_wait(&freed);
     /* Keep allocating as a busy shard would while the main thread trims. */
-    while (trimming) {
+    while (busy && trimming) {
         struct timespec a;
         clock_gettime(CLOCK_MONOTONIC, &a);
         void *x = malloc(700);
@@ -63,6 +63,7 @@ static double ms_since(struct timespec a) {
 int main(int argc, char **argv) {
     conns = argc > 1 ? atoi(argv[1]) : 10000;
     chunks = argc > 2 ? atoi(argv[2]) : 0;
+    busy = argc > 3 ? atoi(argv[3]) : 0;
     pthread_barrier_init(&freed, NULL, 3);
     pthread_barrier_init(&go, NULL, 3);
     pthread_t t[2];
@@ -78,7 +79,7 @@ int main(int argc, char **argv) {
     clock_gettime(CLOCK_MONOTONIC, &a);
     malloc_trim(0);
     double closed = ms_since(a);
-    printf("conns=%d chunks=%d  trim after hibernation: %.2f ms (longest malloc+free of a shard meanwhile: %.2f / %.2f ms)  trim after close: %.2f ms\n",
-           conns, chunks, hibernated, max_wait[0], max_wait[1], closed);
+    printf("conns=%d chunks=%d busy=%d  trim after hibernation: %.2f ms (longest malloc+free of a shard meanwhile: %.2f / %.2f ms)  trim after close: %.2f ms\n",
+           conns, chunks, busy, hibernated, max_wait[0], max_wait[1], closed);
     return 0;
 }
