@@ -159,6 +159,7 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     pub draining: IntGauge,
     pub accept_errors: IntCounterVec,
+    pub log_lines_dropped: IntCounter,
     pub health: Health,
 }
 
@@ -437,6 +438,13 @@ impl Metrics {
                     ),
                     &["tunnel", "kind"]
                 )
+            ),
+            log_lines_dropped: reg!(
+                r,
+                IntCounter::with_opts(opts(
+                    "log_lines_dropped_total",
+                    "Log lines dropped because stderr did not keep up (the log queue was full)."
+                ))
             ),
             health: Health::new(shards, tunnels),
             registry: r,

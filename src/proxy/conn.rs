@@ -398,14 +398,10 @@ impl<C: Layer, U: Layer> Conn<C, U> {
         }
     }
 
-    /// The idle limit now: the half-closed one once a direction has ended.
-    fn idle_limit(&self, cx: &Context<'_, ShardState>) -> Duration {
+    /// The idle limit now (the half-closed one once a direction has ended); `None`: off.
+    fn idle_limit(&self, cx: &Context<'_, ShardState>) -> Option<Duration> {
         let cfg = &cx.state.tunnels[self.tunnel].cfg;
-        if self.client_eof || self.upstream_eof {
-            cfg.half_closed_timeout.min(cfg.idle_timeout)
-        } else {
-            cfg.idle_timeout
-        }
+        cfg.idle_limit(self.client_eof || self.upstream_eof)
     }
 
     /// Arms the idle timer for `last_active + limit`, where the limit is [`HIBERNATE_AFTER`]
@@ -414,13 +410,14 @@ impl<C: Layer, U: Layer> Conn<C, U> {
     fn arm_idle(&mut self, cx: &mut Context<'_, ShardState>) {
         let mut t = self.idle_limit(cx);
         if !self.asleep {
-            t = t.min(HIBERNATE_AFTER);
+            t = Some(t.map_or(HIBERNATE_AFTER, |t| t.min(HIBERNATE_AFTER)));
         }
         if let Some(k) = self.idle_timer.take() {
             cx.cancel_timer(k);
         }
+        // Asleep with no idle timeout: nothing to wait for until the next activity.
         self.idle_timer =
-            Some(cx.timer_at(self.last_active + t.max(Duration::from_millis(1)), TAG_IDLE));
+            t.map(|t| cx.timer_at(self.last_active + t.max(Duration::from_millis(1)), TAG_IDLE));
     }
 
     /// The connection went quiet: drop the sealed side's keys and the buffers' spare lists.
@@ -998,7 +995,10 @@ impl<C: Layer, U: Layer> Handler<ShardState> for Conn<C, U> {
             TAG_IDLE => {
                 self.idle_timer = None;
                 let now = cx.now();
-                if now >= self.last_active + self.idle_limit(cx) {
+                if self
+                    .idle_limit(cx)
+                    .is_some_and(|l| now >= self.last_active + l)
+                {
                     self.finish(cx, CloseReason::IdleTimeout);
                 } else {
                     if !self.asleep && now >= self.last_active + HIBERNATE_AFTER {

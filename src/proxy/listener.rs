@@ -1,9 +1,10 @@
 //! The accept side of a tunnel on one shard: a [`ConnListener`] whose accepted sockets become
 //! [`Conn`] handlers of the tunnel's mode.
 //!
-//! At the shard's connection limit the listener pauses (the kernel keeps queueing) and resumes
-//! when a connection closes; each pause is counted as `rejected{reason="max_conns"}`. A client
-//! is admitted even when every upstream is marked down: the connection tries them anyway
+//! An accept pass takes no more than the room left under the shard's connection limit; at the
+//! limit the listener pauses (the kernel keeps queueing) and resumes when a connection closes
+//! or a reload raises the limit; each pause is counted as `rejected{reason="max_conns"}`. A
+//! client is admitted even when every upstream is marked down: the connection tries them anyway
 //! (see `upstream`), so a backend that is back serves it. When the shard drains, the
 //! listener first accepts everything already queued in the kernel, then closes. When a
 //! connection runs out of descriptors after its accept (its upstream connect fails with
@@ -205,8 +206,14 @@ impl Admission {
     }
 }
 
-/// Builds the connection handler for the tunnel's mode and starts it.
-fn admit(cx: &mut Context<'_, ShardState>, tunnel: usize, stream: TcpStream, peer: SocketAddr) {
+/// Builds the connection handler for the tunnel's mode and starts it; false if the client
+/// was turned away instead.
+fn admit(
+    cx: &mut Context<'_, ShardState>,
+    tunnel: usize,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> bool {
     let now = cx.now();
     let rt = &cx.state.tunnels[tunnel];
     let reset = |s: &TcpStream| {
@@ -223,7 +230,7 @@ fn admit(cx: &mut Context<'_, ShardState>, tunnel: usize, stream: TcpStream, pee
                     tracing::warn!(tunnel = %rt.cfg.name, reason = reason.as_str(), source = %peer.ip(), skipped, "unauthenticated connection refused");
                 }
                 reset(&stream);
-                return;
+                return false;
             }
         }
     } else {
@@ -238,26 +245,26 @@ fn admit(cx: &mut Context<'_, ShardState>, tunnel: usize, stream: TcpStream, pee
         Mode::Forward => Box::new(Conn::<NoFilter, NoFilter>::new(rt, stream, now)),
     };
     cx.spawn(conn);
+    true
 }
 
 impl TunnelListener {
     fn accept(&mut self, cx: &mut Context<'_, ShardState>, tag: Option<u64>) {
         let tunnel = self.tunnel;
-        let mut over_limit = false;
+        // The shard's share of max_conns is exact: a pass accepts only what still fits (none
+        // with a share of 0). `conns` counts started handlers; spawned ones start after this
+        // callback, so count what this pass admitted too.
+        let room = cx.state.conn_limit.saturating_sub(cx.state.conns);
+        let mut admitted = 0;
         let on_accept = |cx: &mut Context<'_, ShardState>, s: TcpStream, p: SocketAddr| {
-            admit(cx, tunnel, s, p);
-            // `conns` counts started handlers; spawned ones start after this callback, so
-            // count what this pass admitted too.
+            admitted += usize::from(admit(cx, tunnel, s, p));
         };
         let pass = match tag {
-            None => self.listener.on_ready(cx, on_accept),
-            Some(t) => self.listener.on_tag(cx, t, on_accept),
+            None => self.listener.on_ready_at_most(cx, room, on_accept),
+            Some(t) => self.listener.on_tag_at_most(cx, t, room, on_accept),
         };
-        let pending = pass.accepted;
         self.report(cx, pass);
-        if cx.state.conns + pending >= cx.state.conn_limit {
-            over_limit = true;
-        }
+        let over_limit = cx.state.conns + admitted >= cx.state.conn_limit;
         if over_limit && !self.listener.is_paused() {
             self.listener.pause();
             let rt = &mut cx.state.tunnels[tunnel];
@@ -316,9 +323,9 @@ impl Handler<ShardState> for TunnelListener {
             }
             TAG_DRAIN => {
                 let tunnel = self.tunnel;
-                let pass = self
-                    .listener
-                    .accept_all(cx, |cx, s, p| admit(cx, tunnel, s, p));
+                let pass = self.listener.accept_all(cx, |cx, s, p| {
+                    admit(cx, tunnel, s, p);
+                });
                 if pass.accepted > 0 {
                     tracing::info!(tunnel = %cx.state.tunnels[tunnel].cfg.name, accepted = pass.accepted, "drain: served connections already queued");
                 }

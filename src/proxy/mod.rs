@@ -274,3 +274,16 @@ impl ShardState {
         }
     }
 }
+
+/// An optional I/O error as a log field, by its message (`error = %OptError(&err)`): log
+/// lines show "Connection refused (os error 111)", never Rust's Debug form; `none` without one.
+pub struct OptError<'a>(pub &'a Option<std::io::Error>);
+
+impl std::fmt::Display for OptError<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(e) => e.fmt(f),
+            None => f.write_str("none"),
+        }
+    }
+}
