@@ -779,7 +779,9 @@ impl Running {
         publish_keys(&self.metrics, &new, &keys);
         let limits = conn_shares(new.max_conns, self.shards.len());
         warn_idle_shards(&limits);
+        let nshards = self.shards.len();
         for (s, limit) in self.shards.iter().zip(limits) {
+            let admission = new.admission.clone();
             let tunnels: Vec<(Arc<crate::config::Tunnel>, Option<Arc<KeySet>>)> = new
                 .tunnels
                 .iter()
@@ -789,6 +791,7 @@ impl Running {
             let _ = s.handle.post(move |cx| {
                 let st = &mut *cx.state;
                 st.conn_limit = limit;
+                st.admission.set_limits(&admission, nshards);
                 let metrics = st.metrics.clone();
                 let shard = st.shard;
                 for (rt, (t, k)) in st.tunnels.iter_mut().zip(tunnels) {

@@ -143,6 +143,20 @@ impl Admission {
         }
     }
 
+    /// New limits from a reload, keeping what is in flight: the handshakes counted now and
+    /// each source's bucket (clamped to the new burst) stay, so a reload neither frees a flood's
+    /// slots nor refills its tokens.
+    pub fn set_limits(&mut self, limits: &crate::config::Admission, shards: usize) {
+        let fresh = Admission::new(limits, shards);
+        self.max_handshakes = fresh.max_handshakes;
+        self.per_source = fresh.per_source;
+        self.rate = fresh.rate;
+        self.burst = fresh.burst;
+        for s in self.sources.values_mut() {
+            s.tokens = s.tokens.min(self.burst);
+        }
+    }
+
     /// Connections of this shard in their handshake now.
     pub fn handshakes(&self) -> usize {
         self.handshakes
@@ -388,6 +402,31 @@ mod tests {
         a.release(t1);
         assert_eq!(a.handshakes(), 2);
         a.admit(ip("10.0.0.1"), now).unwrap();
+    }
+
+    #[test]
+    fn a_reload_changes_the_caps_and_keeps_what_is_in_flight() {
+        let now = Instant::now();
+        let mut a = limits(10, 10, 0.0, 0);
+        let _held: Vec<_> = (0..4)
+            .map(|_| a.admit(ip("10.0.0.1"), now).unwrap())
+            .collect();
+        a.set_limits(
+            &crate::config::Admission {
+                max_handshakes: 10,
+                max_handshakes_per_source: 3,
+                new_conns_per_source: 0.0,
+                new_conns_per_source_burst: 0,
+            },
+            1,
+        );
+        // The four in flight still count against the new per-source cap of 3.
+        assert_eq!(a.handshakes(), 4);
+        assert_eq!(
+            a.admit(ip("10.0.0.1"), now).unwrap_err(),
+            RejectReason::SourceHandshakes
+        );
+        a.admit(ip("10.0.0.2"), now).unwrap();
     }
 
     #[test]
