@@ -781,7 +781,7 @@ impl Running {
         warn_idle_shards(&limits);
         let nshards = self.shards.len();
         for (s, limit) in self.shards.iter().zip(limits) {
-            let admission = new.admission.clone();
+            let admission = new.admission;
             let tunnels: Vec<(Arc<crate::config::Tunnel>, Option<Arc<KeySet>>)> = new
                 .tunnels
                 .iter()
