@@ -362,7 +362,7 @@ fn active_health_checks_mark_targets_down_and_up_without_clients() {
     t.health_check_interval = 0.1;
     let (fwd, r) = start(t, limits());
     let up = |addr: std::net::SocketAddr, v: u8| {
-        format!("sealpipe_upstream_up{{tunnel=\"forward\",upstream=\"{addr}\"}} {v}")
+        format!("sealpipe_upstream_up{{shard=\"0\",tunnel=\"forward\",upstream=\"{addr}\"}} {v}")
     };
     // Gauges start at 0; the live target at 1 proves a flush happened, and the dead one then
     // goes to 0 without any client having been sent there.
