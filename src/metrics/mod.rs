@@ -661,6 +661,17 @@ impl Metrics {
         for r in RELOAD_RESULTS {
             m.reloads.with_label_values(&[r]);
         }
+        // Every shard's series exist from start-up, before its thread first writes them.
+        for shard in 0..shards {
+            let s = shard.to_string();
+            m.loop_busy.with_label_values(&[&s]);
+            m.loop_idle.with_label_values(&[&s]);
+            m.loop_stall.with_label_values(&[&s]);
+            m.heartbeat_age.with_label_values(&[&s]);
+            for state in POOL_STATES {
+                m.pool_bytes.with_label_values(&[&s, state]);
+            }
+        }
         m.registered = b.registered;
         Arc::new(m)
     }
@@ -1114,11 +1125,6 @@ mod tests {
         m.keys_loaded
             .with_label_values(&["t", "k", "primary"])
             .set(1);
-        m.heartbeat_age.with_label_values(&["0"]).set(0.0);
-        m.pool_bytes.with_label_values(&["0", "live"]).set(0);
-        m.loop_busy.with_label_values(&["0"]).inc_by(0.0);
-        m.loop_idle.with_label_values(&["0"]).inc_by(0.0);
-        m.loop_stall.with_label_values(&["0"]);
         let gathered = m.registry.gather();
         assert_eq!(gathered.len(), want.len());
         for mf in gathered {
