@@ -988,7 +988,10 @@ fn network_between_the_pair_delay_loss_reordering_then_link_cut() {
         ns.procs.push(Proc(child));
         // The decrypt side must listen before the encrypt side's first connect, or that
         // connect is refused and the target marked down.
-        in_netns(n, move || wait_listening(listen));
+        in_netns(n, move || {
+            wait_listening(listen);
+            wait_listening("127.0.0.1:9750".parse().unwrap());
+        });
     }
     let link = ns.link.as_ref().unwrap();
     // Closes so far, by side and reason (wait_listening's probes were connections too).
