@@ -676,6 +676,12 @@ impl Metrics {
         Arc::new(m)
     }
 
+    /// Shards this process runs: the values the `shard` label takes are `0..shards()` (a
+    /// series kept per shard, such as `sealpipe_upstream_up`, is removed shard by shard).
+    pub fn shards(&self) -> usize {
+        self.health.heartbeats.len()
+    }
+
     /// The families registered, by name, in registration order.
     pub fn registered(&self) -> &[&'static str] {
         &self.registered
@@ -1179,6 +1185,7 @@ mod tests {
         s0.upstreams[0].up.set(0);
         s1.upstreams[0].up.set(1);
         s0.upstreams[0].up.set(0);
+        assert_eq!(m.shards(), 2);
         let text = String::from_utf8(m.render()).unwrap();
         let lines: Vec<&str> = text
             .lines()
