@@ -548,3 +548,24 @@ pub fn settle_max_live(r: &Running) -> f64 {
     }
     max_live
 }
+
+/// Set to skip, on purpose, the tests that need root (network namespaces and TUN devices, a peer
+/// run as another uid). Without it such a test fails as another user and says why: a run that
+/// cannot test something never passes as if it had. CI runs as root and unsets it.
+pub const SKIP_ROOT_TESTS: &str = "SEALPIPE_SKIP_ROOT_TESTS";
+
+/// Whether the root-only test `test` should run: true as root; false (printing SKIPPED) when
+/// [`SKIP_ROOT_TESTS`] is set; otherwise the test fails here, naming what it needs.
+pub fn root_or_skip(test: &str, needs: &str) -> bool {
+    if sealpipe::sys::euid() == 0 {
+        return true;
+    }
+    if std::env::var_os(SKIP_ROOT_TESTS).is_some() {
+        eprintln!("SKIPPED {test} because {SKIP_ROOT_TESTS} is set (it needs root: {needs})");
+        return false;
+    }
+    panic!(
+        "{test} needs root ({needs}), as CI has; run it as root, or set {SKIP_ROOT_TESTS}=1 to \
+         skip the root-only tests on purpose"
+    );
+}

@@ -830,10 +830,6 @@ fn trace_logs_never_contain_key_material() {
 
 mod wanlink;
 
-/// Set to skip the namespace test on purpose (it needs root: namespaces and TUN devices).
-/// Without it, a run that cannot build them fails; CI runs as root and unsets it.
-const SKIP_NETNS: &str = "SEALPIPE_SKIP_NETNS";
-
 /// Namespaces, link and processes of one run; torn down on drop, even on failure: processes
 /// killed, relay stopped (its devices vanish with their descriptors), namespaces deleted.
 struct Netns {
@@ -935,16 +931,17 @@ fn timed_round_trip(ns: &str, to: SocketAddr, seed: u64, len: usize) -> Duration
 
 #[test]
 fn network_between_the_pair_delay_loss_reordering_then_link_cut() {
+    if !root_or_skip(
+        "network_between_the_pair_delay_loss_reordering_then_link_cut",
+        "network namespaces and TUN devices",
+    ) {
+        return;
+    }
     let mut ns = match netns_setup() {
         Ok(ns) => ns,
-        Err(e) if std::env::var_os(SKIP_NETNS).is_some() => {
-            eprintln!("SKIPPED because {SKIP_NETNS} is set (the setup would have failed: {e})");
-            return;
-        }
         Err(e) => panic!(
             "cannot build the two network namespaces and the TUN link this test needs: {e}\n\
-             It needs root (CAP_NET_ADMIN and /dev/net/tun), as in CI. To skip this one test \
-             on purpose, set {SKIP_NETNS}=1."
+             It needs root (CAP_NET_ADMIN and /dev/net/tun), as in CI."
         ),
     };
     let (a, b) = (ns.names[0].clone(), ns.names[1].clone());
