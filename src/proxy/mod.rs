@@ -13,6 +13,8 @@
 //! in the worst case, and nothing at all when idle (empty buffers hold no chunks).
 
 pub use sealpipe_codec as codec;
+pub use sealpipe_proxy_header as proxy_header;
+pub mod cidr;
 pub mod conn;
 pub mod health;
 pub mod listener;
