@@ -232,6 +232,7 @@ pub fn start_with(
     }
     let nshards = cfg.shard_count();
     let keys = cfg.load_keys()?;
+    let access_logs = crate::proxy::access_log::open_all(&cfg)?;
 
     let mut inherited = match handoff {
         Some(path) => take_listeners(path, &cfg)?,
@@ -308,7 +309,10 @@ pub fn start_with(
             .tunnels
             .iter()
             .enumerate()
-            .map(|(ti, t)| TunnelRt::new(ti, Arc::new(t.clone()), keys[ti].clone(), &metrics, i))
+            .map(|(ti, t)| {
+                TunnelRt::new(ti, Arc::new(t.clone()), keys[ti].clone(), &metrics, i)
+                    .with_access_log(access_logs[ti].clone())
+            })
             .collect();
         let mut state = ShardState::new(i, tunnels, metrics.clone(), conn_limit);
         state.admission = crate::proxy::listener::Admission::new(&cfg.admission, nshards);
@@ -511,6 +515,8 @@ impl Running {
             return Err("adding, removing or renaming tunnels, or changing a listen address or mode, needs a restart".into());
         }
         let keys = new.load_keys().map_err(|e| e.to_string())?;
+        // Opened anew on every reload: a rotated access log file is picked up by a SIGHUP.
+        let access_logs = crate::proxy::access_log::open_all(&new).map_err(|e| e.to_string())?;
         if let Some(f) = &self.log_reload {
             f(&new.log.level)?;
         }
@@ -523,6 +529,7 @@ impl Running {
                 .zip(&keys)
                 .map(|(t, k)| (Arc::new(t.clone()), k.clone()))
                 .collect();
+            let logs = access_logs.clone();
             let _ = s.handle.post(move |cx| {
                 let st = &mut *cx.state;
                 st.conn_limit = limit;
@@ -530,6 +537,9 @@ impl Running {
                 let shard = st.shard;
                 for (rt, (t, k)) in st.tunnels.iter_mut().zip(tunnels) {
                     rt.reload(t, k, &metrics, shard);
+                }
+                for (rt, log) in st.tunnels.iter_mut().zip(logs) {
+                    rt.access_log = log;
                 }
             });
         }

@@ -34,10 +34,12 @@ pub enum CloseReason {
     ClientReset,
     /// The decrypt side's backend aborted (reset): told to the encrypt side by an ABORT record.
     UpstreamReset,
+    /// accept_proxy: the client's PROXY header was malformed, incomplete or late.
+    ProxyHeader,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 10] = [
+    pub const ALL: [CloseReason; 11] = [
         CloseReason::Clean,
         CloseReason::IdleTimeout,
         CloseReason::PeerReset,
@@ -48,6 +50,7 @@ impl CloseReason {
         CloseReason::DrainDeadline,
         CloseReason::ClientReset,
         CloseReason::UpstreamReset,
+        CloseReason::ProxyHeader,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -61,6 +64,7 @@ impl CloseReason {
             CloseReason::DrainDeadline => "drain_deadline",
             CloseReason::ClientReset => "client_reset",
             CloseReason::UpstreamReset => "upstream_reset",
+            CloseReason::ProxyHeader => "proxy_header",
         }
     }
 }
@@ -77,16 +81,22 @@ pub enum RejectReason {
     SourceHandshakes,
     /// One source's new-connection rate (token bucket).
     SourceRate,
+    /// accept_proxy: the source is not in `trusted_proxies`.
+    UntrustedProxy,
+    /// The tunnel's `allow` / `deny` access lists.
+    Acl,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 6] = [
+    pub const ALL: [RejectReason; 8] = [
         RejectReason::MaxConns,
         RejectReason::NoHealthyUpstream,
         RejectReason::Draining,
         RejectReason::MaxHandshakes,
         RejectReason::SourceHandshakes,
         RejectReason::SourceRate,
+        RejectReason::UntrustedProxy,
+        RejectReason::Acl,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -96,6 +106,8 @@ impl RejectReason {
             RejectReason::MaxHandshakes => "max_handshakes",
             RejectReason::SourceHandshakes => "per_source_handshakes",
             RejectReason::SourceRate => "per_source_rate",
+            RejectReason::UntrustedProxy => "untrusted_proxy",
+            RejectReason::Acl => "acl",
         }
     }
 }
@@ -120,6 +132,9 @@ pub const HANDSHAKE_RESULTS: [&str; 11] = [
 pub const EPHEMERAL_SOURCES: [&str; 2] = ["pool", "on_demand"];
 
 pub const CONNECT_FAILURES: [&str; 3] = ["refused", "timeout", "other"];
+
+/// Why an access log line was lost (`sealpipe_access_log_dropped_total{reason}`).
+pub const ACCESS_LOG_DROPS: [&str; 2] = ["queue_full", "write_error"];
 
 /// Byte counter slots: direction (upstream = client to backend) x layer.
 #[derive(Clone, Copy, Debug)]
@@ -149,6 +164,7 @@ pub struct Metrics {
     upstream_connect: HistogramVec,
     flow_paused: IntCounterVec,
     key_hibernations: IntCounterVec,
+    access_log_dropped: IntCounterVec,
     pub pool_bytes: IntGaugeVec,
     pub loop_busy: CounterVec,
     pub loop_idle: CounterVec,
@@ -344,6 +360,16 @@ impl Metrics {
                     &["tunnel"]
                 )
             ),
+            access_log_dropped: reg!(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "access_log_dropped_total",
+                        "Access log lines lost: the writer's queue was full (queue_full) or its write failed (write_error)."
+                    ),
+                    &["tunnel", "reason"]
+                )
+            ),
             pool_bytes: reg!(
                 r,
                 IntGaugeVec::new(
@@ -484,6 +510,8 @@ impl Metrics {
             flow_paused: ["upstream", "downstream"]
                 .map(|d| self.flow_paused.with_label_values(&[tunnel, d])),
             key_hibernations: self.key_hibernations.with_label_values(&[tunnel]),
+            access_log_dropped: ACCESS_LOG_DROPS
+                .map(|r| self.access_log_dropped.with_label_values(&[tunnel, r])),
             upstreams: upstreams
                 .iter()
                 .map(|u| UpstreamMetrics {
@@ -546,8 +574,8 @@ pub struct TunnelMetrics {
     pub accepted: IntCounter,
     pub active: IntGauge,
     pub hibernating: IntGauge,
-    pub rejected: [IntCounter; 6],
-    pub closed: [IntCounter; 10],
+    pub rejected: [IntCounter; 8],
+    pub closed: [IntCounter; 11],
     pub duration: Histogram,
     pub handshakes: [IntCounter; 11],
     /// Sessions established: `[fs="yes", fs="no"]`.
@@ -556,6 +584,8 @@ pub struct TunnelMetrics {
     pub bytes: [IntCounter; 4],
     pub flow_paused: [IntCounter; 2],
     pub key_hibernations: IntCounter,
+    /// Access log lines lost, by [`ACCESS_LOG_DROPS`].
+    pub access_log_dropped: [IntCounter; 2],
     pub upstreams: Vec<UpstreamMetrics>,
     pub accept_exhausted: IntCounter,
     pub accept_other: IntCounter,
