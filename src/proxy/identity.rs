@@ -14,9 +14,10 @@
 //! - **access_log**: see [`super::access_log`].
 //!
 //! The connection (`conn.rs`) keeps an optional [`ConnIdentity`] and calls in at four points:
-//! accept (the listener: [`admit_source`]), the first client bytes (encrypt: [`ConnIdentity::
-//! read_header`]), the upstream connect (the OPEN to seal, or the header to send), and close
-//! (the access log line). Everything else about identity lives here.
+//! accept (the listener: [`admit_source`]), the first client bytes (encrypt side:
+//! [`ConnIdentity::read_header`]), the upstream connect (the OPEN to seal, or the header to
+//! send), and close (the access log line, [`log_close`]). Everything else about identity lives
+//! here.
 //!
 //! Invariants: at most [`MAX_HEADER_LEN`] client bytes are staged before the header is
 //! parsed; the decrypt side's header is at the front of the backend's stream on every connect
