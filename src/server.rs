@@ -622,6 +622,10 @@ impl Running {
                 let _ = t.join();
             }
         }
+        // The shards' access log handles are gone: let the writers write what is queued.
+        if !crate::proxy::access_log::finish_writers(Duration::from_secs(5)) {
+            tracing::warn!("access log writers still blocked after 5 s; exiting without them");
+        }
         tracing::info!("all shards drained; exiting");
         Ok(())
     }

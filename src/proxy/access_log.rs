@@ -15,8 +15,9 @@
 //!   lines never interleave within a line. A reload opens the destinations anew (that is how a
 //!   rotated file is picked up: rename it, then SIGHUP); connections still open keep nothing
 //!   of the old writer, which ends once its last line is written.
-//! - The last handle to a writer waits for it to write what is queued, so a process that exits
-//!   after draining its shards loses no line.
+//! - Dropping the last handle to a writer never waits for it (that may be a shard, after a
+//!   reload): the writer finishes what is queued on its own, and [`finish_writers`], called as
+//!   the process exits after its shards are gone, waits for that, so no line is lost.
 //! - Files are opened for appending, created mode 0640.
 
 use std::fmt::Write as _;
@@ -198,14 +199,41 @@ struct Inner {
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// Writers whose last handle is gone, still writing what was queued (see [`finish_writers`]).
+static FINISHING: Mutex<Vec<JoinHandle<()>>> = Mutex::new(Vec::new());
+
 impl Drop for Inner {
     fn drop(&mut self) {
         // Every handle's sender is gone (see `AccessLog`'s field order): the writer ends once
-        // it has written what is queued. Wait for it.
+        // it has written what is queued. Not waited for here (this may be a shard).
         if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
-            let _ = t.join();
+            if let Ok(mut f) = FINISHING.lock() {
+                f.retain(|t| !t.is_finished());
+                f.push(t);
+            }
         }
     }
+}
+
+/// Waits, at most `within`, for the writers whose handles are all gone to write what they
+/// had queued; true if they all did. Call it as the process exits, after its shards ended.
+pub fn finish_writers(within: Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    let writers = FINISHING
+        .lock()
+        .map(|mut f| std::mem::take(&mut *f))
+        .unwrap_or_default();
+    for t in writers {
+        // A writer blocked on a stuck pipe must not hold the exit forever: poll, bounded.
+        while !t.is_finished() {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let _ = t.join();
+    }
+    true
 }
 
 /// A handle to one destination's writer; clones share it.
@@ -432,6 +460,7 @@ mod tests {
         }
         drop(log);
         drop(other);
+        assert!(finish_writers(Duration::from_secs(20)));
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "existing", "appended, not truncated");
@@ -442,6 +471,7 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         let fresh = dir.join("fresh.log");
         drop(AccessLog::open(&Dest::File(fresh.clone())).unwrap());
+        assert!(finish_writers(Duration::from_secs(20)));
         let mode = std::fs::metadata(&fresh).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o640 & !umask());
         let _ = std::fs::remove_dir_all(&dir);
@@ -469,6 +499,7 @@ mod tests {
             log.send(format!("line {i}\n"), &lost).unwrap();
         }
         drop(log);
+        assert!(finish_writers(Duration::from_secs(20)));
         assert_eq!(lost.get(), 10);
         // A writer stuck on a write: the queue fills, and sending returns at once.
         let (tx, rx) = crossbeam_channel::bounded(2);
