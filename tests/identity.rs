@@ -198,6 +198,35 @@ fn the_backend_learns_the_client_in_a_v1_or_v2_header_over_ipv4_and_ipv6() {
 }
 
 #[test]
+fn a_retried_backend_connect_sends_the_header_once() {
+    // The first target refuses; the client's first bytes (which arrive with the OPEN, so they
+    // wait behind the header for the connect) go to the second, after one header.
+    let backend = recorder("127.0.0.1:0");
+    let dead = free_addr();
+    let key = keygen("retry");
+    let mut d = tunnel(
+        Mode::Decrypt,
+        &[dead, backend.addr],
+        std::slice::from_ref(&key),
+    );
+    d.send_proxy = Some("v1".into());
+    let (dec, rd) = start(d, limits());
+    let (entry, _re) = start(tunnel(Mode::Encrypt, &[dec], &[key]), limits());
+    let client = connect(entry);
+    let me = client.local_addr().unwrap();
+    assert_eq!(exchange(client, b"first bytes"), b"first bytes");
+    let (h, raw) = backend.header();
+    assert_eq!(h.addrs.unwrap().source, me);
+    assert!(raw.starts_with(b"PROXY TCP4 "));
+    let failed = metric(
+        &rd,
+        "sealpipe_upstream_connect_failures_total",
+        &[("upstream", &dead.to_string())],
+    );
+    assert_eq!(failed, 1.0, "the first attempt went to the dead target");
+}
+
+#[test]
 fn without_send_proxy_the_backend_gets_the_clients_bytes_only() {
     let backend = recorder("127.0.0.1:0");
     let (entry, _re, _rd) = pair_on("127.0.0.1:0", backend.addr, |_| {}, |_| {});
@@ -409,6 +438,55 @@ fn access_lists_refuse_before_anything_else() {
         assert_eq!(metric(r, "sealpipe_connections_accepted_total", &[]), 0.0);
     }
     assert_eq!(backend.conns.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+#[test]
+fn a_reload_changes_the_access_lists_and_keeps_established_connections() {
+    let backend = echo_backend();
+    let dir = temp_dir("aclreload");
+    let path = dir.join("c.toml");
+    let write = |deny: &str| {
+        let text = format!(
+            "[limits]\nthreads = 1\n[[tunnel]]\nname = \"fw\"\nmode = \"forward\"\nlisten = \"127.0.0.1:0\"\ntargets = [\"{}\"]\ndeny = [{deny}]\n",
+            backend.addr
+        );
+        std::fs::write(&path, text).unwrap();
+    };
+    write("\"10.0.0.0/8\"");
+    let cfg = sealpipe::config::Config::from_file(&path).unwrap();
+    let mut r = sealpipe::server::start(cfg, None).unwrap();
+    let entry = r.listen_addrs[0];
+    let mut open = connect(entry);
+    open.write_all(b"before").unwrap();
+    let mut got = [0u8; 6];
+    open.read_exact(&mut got).unwrap();
+    // Now deny the test's own address: new connections are refused, the open one goes on.
+    write("\"127.0.0.0/8\"");
+    r.reload().unwrap();
+    // The shard applies a reload on its next loop turn: poll until a new connection is refused.
+    let echoes = |mut s: TcpStream| {
+        let _ = s.write_all(b"x");
+        let _ = s.shutdown(Shutdown::Write);
+        read_to_end(&mut s).0 == b"x"
+    };
+    wait_until("new connections refused", || !echoes(connect(entry)));
+    let acl = metric(
+        &r,
+        "sealpipe_connections_rejected_total",
+        &[("reason", "acl")],
+    );
+    assert!(acl >= 1.0);
+    open.write_all(b"after!").unwrap();
+    open.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"after!");
+    // A bad list is rejected whole; the one in force stays.
+    write("\"127.0.0.1/8\"");
+    let e = r.reload().unwrap_err();
+    assert!(e.contains("deny[0]"), "{e}");
+    refused(entry, b"still denied");
+    write("");
+    r.reload().unwrap();
+    wait_until("new connections allowed again", || echoes(connect(entry)));
 }
 
 /// The access log's lines, parsed; waits until there are `n`.
