@@ -355,6 +355,24 @@ pub struct TunnelFile {
     pub handshake_timeout: Option<f64>,
     pub idle_timeout: Option<f64>,
     pub half_closed_timeout: Option<f64>,
+    // -- client identity and access lists (validated by proxy::identity) --
+    /// Encrypt side: every connection starts with a PROXY header (v1 or v2) and comes from
+    /// one of `trusted_proxies` (CIDRs).
+    #[serde(default)]
+    pub accept_proxy: bool,
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// Decrypt side: `"v1"` or `"v2"`: the backend receives a PROXY header naming the client.
+    #[serde(default)]
+    pub send_proxy: Option<String>,
+    /// `"stderr"` or a file path: one JSON line per connection.
+    #[serde(default)]
+    pub access_log: Option<String>,
+    /// Sources (CIDRs) that may connect (empty: all), and sources that may not.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    #[serde(default)]
+    pub deny: Vec<String>,
 }
 
 impl TunnelFile {
@@ -375,6 +393,12 @@ impl TunnelFile {
             handshake_timeout: None,
             idle_timeout: None,
             half_closed_timeout: None,
+            accept_proxy: false,
+            trusted_proxies: Vec::new(),
+            send_proxy: None,
+            access_log: None,
+            allow: Vec::new(),
+            deny: Vec::new(),
         }
     }
 }
@@ -411,6 +435,8 @@ pub struct Tunnel {
     pub idle_timeout: Option<Duration>,
     /// `None`: no separate limit once half-closed (the idle timeout, if any, applies).
     pub half_closed_timeout: Option<Duration>,
+    /// PROXY headers in and out, the access log, the access lists.
+    pub identity: crate::proxy::identity::Identity,
 }
 
 impl Tunnel {
@@ -631,7 +657,9 @@ impl ConfigFile {
             };
             let sc = Scope::Tunnel(&name);
             let hc = seconds_or_off(sc, "health_check_interval", t.health_check_interval)?;
+            let identity = crate::proxy::identity::Identity::validate(&t).map_err(bad)?;
             tunnels.push(Tunnel {
+                identity,
                 mode: t.mode,
                 listen,
                 targets,

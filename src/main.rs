@@ -110,6 +110,38 @@ struct TunnelArgs {
     key: Vec<PathBuf>,
     #[command(flatten)]
     common: CommonArgs,
+    #[command(flatten)]
+    identity: IdentityArgs,
+}
+
+/// Client identity and access (the `[[tunnel]]` keys accept_proxy, trusted_proxies,
+/// send_proxy, access_log, allow, deny; docs/OPERATIONS.md, "Client identity").
+#[derive(Args, Clone)]
+struct IdentityArgs {
+    /// Encrypt side: every connection comes from a load balancer (one of --trusted-proxy) and
+    /// starts with a PROXY protocol header (v1 or v2); the client it names is sent on to the
+    /// decrypt side. Others are refused, as are connections without a valid header.
+    #[arg(long)]
+    accept_proxy: bool,
+    /// With --accept-proxy: an address or CIDR range allowed to send PROXY headers, e.g.
+    /// 10.0.0.0/8 (repeatable).
+    #[arg(long, value_name = "CIDR")]
+    trusted_proxy: Vec<String>,
+    /// Decrypt side: send the backend a PROXY protocol header naming the client before its
+    /// bytes: v1 (text) or v2 (binary). The backend must expect it (HAProxy accept-proxy,
+    /// nginx proxy_protocol, Redis/pgbouncer behind one of those).
+    #[arg(long, value_name = "v1|v2")]
+    send_proxy: Option<String>,
+    /// Write one JSON line per connection (client, target, bytes, duration, close reason, key
+    /// id) to this file, or to stderr. Off by default.
+    #[arg(long, value_name = "PATH|stderr")]
+    access_log: Option<String>,
+    /// Only sources in this address or CIDR range may connect (repeatable; default: any).
+    #[arg(long, value_name = "CIDR")]
+    allow: Vec<String>,
+    /// Sources in this address or CIDR range may not connect (repeatable; checked first).
+    #[arg(long, value_name = "CIDR")]
+    deny: Vec<String>,
 }
 
 #[derive(Args, Clone)]
@@ -292,6 +324,12 @@ fn tunnel_config(mode: Mode, a: TunnelArgs) -> std::result::Result<Config, Usage
                 .to_owned(),
             )),
             aead: Some(c.aead.clone()),
+            accept_proxy: a.identity.accept_proxy,
+            trusted_proxies: a.identity.trusted_proxy.clone(),
+            send_proxy: a.identity.send_proxy.clone(),
+            access_log: a.identity.access_log.clone(),
+            allow: a.identity.allow.clone(),
+            deny: a.identity.deny.clone(),
             ..TunnelFile::new(mode, a.listen.clone(), a.target.clone(), a.key.clone())
         }],
     };

@@ -447,6 +447,7 @@ pub fn start_with(
         nshards = cfg.max_conns;
     }
     let keys = cfg.load_keys()?;
+    let access_logs = crate::proxy::access_log::open_all(&cfg)?;
 
     let mut inherited = match handoff {
         Some(path) => take_listeners(path, &cfg)?,
@@ -537,7 +538,10 @@ pub fn start_with(
             .tunnels
             .iter()
             .enumerate()
-            .map(|(ti, t)| TunnelRt::new(ti, Arc::new(t.clone()), keys[ti].clone(), &metrics, i))
+            .map(|(ti, t)| {
+                TunnelRt::new(ti, Arc::new(t.clone()), keys[ti].clone(), &metrics, i)
+                    .with_access_log(access_logs[ti].clone())
+            })
             .collect();
         let mut state = ShardState::new(i, tunnels, metrics.clone(), limits[i]);
         state.admission = crate::proxy::listener::Admission::new(&cfg.admission, nshards);
@@ -760,6 +764,8 @@ impl Running {
             return Err("adding, removing or renaming tunnels, or changing a listen address or mode, needs a restart".into());
         }
         let keys = new.load_keys().map_err(|e| e.to_string())?;
+        // Opened anew on every reload: a rotated access log file is picked up by a SIGHUP.
+        let access_logs = crate::proxy::access_log::open_all(&new).map_err(|e| e.to_string())?;
         if (new.threads, new.pin, new.incoming_cpu)
             != (self.cfg.threads, self.cfg.pin, self.cfg.incoming_cpu)
         {
@@ -788,6 +794,7 @@ impl Running {
                 .zip(&keys)
                 .map(|(t, k)| (Arc::new(t.clone()), k.clone()))
                 .collect();
+            let logs = access_logs.clone();
             let _ = s.handle.post(move |cx| {
                 let st = &mut *cx.state;
                 st.conn_limit = limit;
@@ -796,6 +803,9 @@ impl Running {
                 let shard = st.shard;
                 for (rt, (t, k)) in st.tunnels.iter_mut().zip(tunnels) {
                     rt.reload(t, k, &metrics, shard);
+                }
+                for (rt, log) in st.tunnels.iter_mut().zip(logs) {
+                    rt.access_log = log;
                 }
                 // A listener paused at the old limit resumes if the new one leaves room.
                 let ids: Vec<HandlerId> = st.tunnels.iter().filter_map(|t| t.listener).collect();
@@ -893,6 +903,10 @@ impl Running {
             if let Some(t) = s.thread.take() {
                 let _ = t.join();
             }
+        }
+        // The shards' access log handles are gone: let the writers write what is queued.
+        if !crate::proxy::access_log::finish_writers(Duration::from_secs(5)) {
+            tracing::warn!("access log writers still blocked after 5 s; exiting without them");
         }
         tracing::info!("all shards drained; exiting");
         Ok(())

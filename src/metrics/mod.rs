@@ -133,7 +133,7 @@ const KEY_ID: Label = label("key_id");
 
 /// Why a connection ended (label values of `sealpipe_connections_closed_total`), in
 /// [`CloseReason`] order.
-pub const CLOSE_REASONS: [&str; 10] = [
+pub const CLOSE_REASONS: [&str; 11] = [
     "clean",
     "idle_timeout",
     "peer_reset",
@@ -144,16 +144,19 @@ pub const CLOSE_REASONS: [&str; 10] = [
     "drain_deadline",
     "client_reset",
     "upstream_reset",
+    "proxy_header",
 ];
 
 /// Why a connection was turned away, in [`RejectReason`] order.
-pub const REJECT_REASONS: [&str; 6] = [
+pub const REJECT_REASONS: [&str; 8] = [
     "max_conns",
     "no_healthy_upstream",
     "draining",
     "max_handshakes",
     "per_source_handshakes",
     "per_source_rate",
+    "untrusted_proxy",
+    "acl",
 ];
 
 /// Handshake outcomes (`sealpipe_handshakes_total{result}`): `ok`, every reason of the
@@ -179,6 +182,9 @@ pub const FS_VALUES: [&str; 2] = ["yes", "no"];
 
 /// Where a handshake's ephemeral key came from (`sealpipe_ephemeral_keys_total{source}`).
 pub const EPHEMERAL_SOURCES: [&str; 2] = ["pool", "on_demand"];
+
+/// Why an access log line was lost (`sealpipe_access_log_dropped_total{reason}`).
+pub const ACCESS_LOG_DROPS: [&str; 2] = ["queue_full", "write_error"];
 
 /// Why the metrics endpoint closed or refused a connection
 /// (`sealpipe_metrics_endpoint_closed_total{reason}`).
@@ -397,6 +403,13 @@ pub const FAMILIES: &[Family] = &[
         help: "Buffer chunk memory per shard: cached (free) and live (in buffers).",
     },
     Family {
+        name: "sealpipe_access_log_dropped_total",
+        kind: Kind::Counter,
+        labels: &[TUNNEL, one_of("reason", &ACCESS_LOG_DROPS)],
+        written: Written::Shared,
+        help: "Access log lines lost: the writer's queue was full (queue_full) or its write failed (write_error).",
+    },
+    Family {
         name: "sealpipe_log_lines_dropped_total",
         kind: Kind::Counter,
         labels: &[],
@@ -605,10 +618,12 @@ pub enum CloseReason {
     ClientReset,
     /// The decrypt side's backend aborted (reset): told to the encrypt side by an ABORT record.
     UpstreamReset,
+    /// accept_proxy: the client's PROXY header was malformed, incomplete or late.
+    ProxyHeader,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 10] = [
+    pub const ALL: [CloseReason; 11] = [
         CloseReason::Clean,
         CloseReason::IdleTimeout,
         CloseReason::PeerReset,
@@ -619,6 +634,7 @@ impl CloseReason {
         CloseReason::DrainDeadline,
         CloseReason::ClientReset,
         CloseReason::UpstreamReset,
+        CloseReason::ProxyHeader,
     ];
     pub fn as_str(self) -> &'static str {
         CLOSE_REASONS[self as usize]
@@ -637,16 +653,22 @@ pub enum RejectReason {
     SourceHandshakes,
     /// One source's new-connection rate (token bucket).
     SourceRate,
+    /// accept_proxy: the source is not in `trusted_proxies`.
+    UntrustedProxy,
+    /// The tunnel's `allow` / `deny` access lists.
+    Acl,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 6] = [
+    pub const ALL: [RejectReason; 8] = [
         RejectReason::MaxConns,
         RejectReason::NoHealthyUpstream,
         RejectReason::Draining,
         RejectReason::MaxHandshakes,
         RejectReason::SourceHandshakes,
         RejectReason::SourceRate,
+        RejectReason::UntrustedProxy,
+        RejectReason::Acl,
     ];
     pub fn as_str(self) -> &'static str {
         REJECT_REASONS[self as usize]
@@ -676,6 +698,7 @@ pub struct Metrics {
     closed: IntCounterVec,
     duration: HistogramVec,
     handshakes: IntCounterVec,
+    access_log_dropped: IntCounterVec,
     sessions: IntCounterVec,
     ephemeral_keys: IntCounterVec,
     handshake_duration: HistogramVec,
@@ -723,6 +746,7 @@ impl Metrics {
             flow_paused: b.family("sealpipe_flow_control_paused_total"),
             handshakes: b.family("sealpipe_handshakes_total"),
             sessions: b.family("sealpipe_sessions_total"),
+            access_log_dropped: b.family("sealpipe_access_log_dropped_total"),
             ephemeral_keys: b.family("sealpipe_ephemeral_keys_total"),
             handshake_duration: b.family("sealpipe_handshake_duration_seconds"),
             key_sessions: b.family("sealpipe_key_sessions_total"),
@@ -799,6 +823,8 @@ impl Metrics {
             duration: self.duration.with_label_values(&[tunnel]),
             handshakes: HANDSHAKE_RESULTS.map(|r| self.handshakes.with_label_values(&[tunnel, r])),
             sessions: FS_VALUES.map(|fs| self.sessions.with_label_values(&[tunnel, fs])),
+            access_log_dropped: ACCESS_LOG_DROPS
+                .map(|r| self.access_log_dropped.with_label_values(&[tunnel, r])),
             handshake_duration: self.handshake_duration.with_label_values(&[tunnel]),
             bytes: [
                 (DIRECTIONS[0], LAYERS[0]),
@@ -881,12 +907,14 @@ pub struct TunnelMetrics {
     pub accepted: IntCounter,
     pub active: IntGauge,
     pub hibernating: IntGauge,
-    pub rejected: [IntCounter; 6],
-    pub closed: [IntCounter; 10],
+    pub rejected: [IntCounter; 8],
+    pub closed: [IntCounter; 11],
     pub duration: Histogram,
     pub handshakes: [IntCounter; 11],
     /// Sessions established, in [`FS_VALUES`] order.
     pub sessions: [IntCounter; 2],
+    /// Access log lines lost, by [`ACCESS_LOG_DROPS`].
+    pub access_log_dropped: [IntCounter; 2],
     pub handshake_duration: Histogram,
     pub bytes: [IntCounter; 4],
     pub flow_paused: [IntCounter; 2],

@@ -39,6 +39,7 @@ use crate::reactor::{
 };
 
 use super::codec::{Role, SealFilter, peer_abort, protocol_error};
+use super::identity::{self, ConnIdentity, HeaderError, HeaderStep};
 use super::listener::Ticket;
 use super::upstream::{ConnectOutcome, TargetId, Tried};
 use super::{OUTPUT_HIGH, OUTPUT_LOW, READ_HIGH, ShardState, TunnelRt};
@@ -242,12 +243,16 @@ pub struct Conn<C: Layer, U: Layer> {
     closed: Option<CloseReason>,
     /// Admission's hold on a pre-authentication slot, until the handshake completes.
     ticket: Option<Ticket>,
+    /// Client identity (PROXY headers in or out, the access log): `identity.rs`; `None` for
+    /// a tunnel that uses none of it.
+    ident: Option<Box<ConnIdentity>>,
 }
 
 impl<C: Layer, U: Layer> Conn<C, U> {
     /// Builds the handler for an accepted client socket.
     pub fn new(t: &TunnelRt, stream: TcpStream, now: Instant) -> Self {
         let filter = C::make(Role::Responder, t);
+        let ident = ConnIdentity::for_tunnel(&t.cfg.identity, || stream.peer_addr().ok());
         let mut client = BufferEvent::with_filter(stream, CLIENT, filter, !C::SEALED);
         client.set_watermarks(Watermarks {
             read_low: 0,
@@ -272,6 +277,7 @@ impl<C: Layer, U: Layer> Conn<C, U> {
             counted: [0; 4],
             closed: None,
             ticket: None,
+            ident,
         }
     }
 
@@ -307,11 +313,18 @@ impl<C: Layer, U: Layer> Conn<C, U> {
         };
         let mut filter = U::make(Role::Initiator, rt);
         if U::SEALED {
-            filter.set_open(client_open(&self.client));
+            let open = client_open(&self.client);
+            let ident = self.ident.as_deref_mut();
+            filter.set_open(ident.map_or(open, |i| i.session_open(open)));
         }
+        // send_proxy: the backend's PROXY header goes first, before any client byte.
+        let header = (self.ident.as_deref_mut()).and_then(|i| i.backend_header(&rt.cfg.identity));
         self.connect_started = now;
         let mut up =
             BufferEvent::connect_filtered(cx, addr, UPSTREAM, filter, !U::SEALED, timeouts);
+        if let Some(h) = header {
+            up.output.append(h.as_bytes());
+        }
         up.set_watermarks(Watermarks {
             read_low: 0,
             read_high: READ_HIGH,
@@ -335,6 +348,9 @@ impl<C: Layer, U: Layer> Conn<C, U> {
         if let Some(mut up) = self.upstream.take() {
             // Client bytes already handed to this upstream go to the next one, in order.
             let mut unsent = std::mem::take(&mut up.output);
+            if let Some(i) = self.ident.as_deref_mut() {
+                i.unsend_header(&mut unsent);
+            }
             self.client.input.move_all_to(&mut unsent);
             self.client.input = unsent;
             up.close(cx);
@@ -517,11 +533,19 @@ impl<C: Layer, U: Layer> Conn<C, U> {
                 if let Some(a) = open.addrs {
                     tracing::trace!(client = %a.source, via = %a.destination, proxied = open.proxied, "session opened");
                 }
+                if let Some(i) = self.ident.as_deref_mut() {
+                    i.opened(open);
+                }
                 self.connect_upstream(cx);
                 if self.closed.is_some() {
                     return (c, u);
                 }
             }
+        }
+        if self.ident.as_ref().is_some_and(|i| i.awaiting_header())
+            && !self.proxy_header_read(cx, ev.contains(BevEvents::EOF))
+        {
+            return (c, u);
         }
         if ev.contains(BevEvents::EOF) && !self.client_eof {
             self.client_eof = true;
@@ -656,6 +680,74 @@ impl<C: Layer, U: Layer> Conn<C, U> {
             up.consumed(cx);
         }
         ev
+    }
+
+    /// accept_proxy (encrypt side): reads the client's PROXY header (`identity.rs`); once it
+    /// is in, reading goes on as usual and the upstream connect starts, its OPEN naming the
+    /// header's client. False while the header is incomplete, or if it failed (closing).
+    fn proxy_header_read(&mut self, cx: &mut Context<'_, ShardState>, eof: bool) -> bool {
+        let Some(id) = self.ident.as_deref_mut() else {
+            return true;
+        };
+        match id.read_header(&mut self.client.input, eof) {
+            HeaderStep::Wait => {
+                self.client.consumed(cx);
+                false
+            }
+            HeaderStep::Failed(e) => {
+                self.proxy_header_failed(cx, e);
+                false
+            }
+            HeaderStep::Ready => {
+                self.client.set_watermarks(Watermarks {
+                    read_low: 0,
+                    read_high: READ_HIGH,
+                    write_low: OUTPUT_LOW,
+                });
+                self.client.consumed(cx);
+                // The tunnel handshake gets its own whole timeout.
+                if let Some(k) = self.handshake_timer.take() {
+                    cx.cancel_timer(k);
+                }
+                let t = cx.state.tunnels[self.tunnel].cfg.handshake_timeout;
+                self.handshake_timer = Some(cx.timer(t, TAG_HANDSHAKE));
+                self.connect_upstream(cx);
+                self.closed.is_none()
+            }
+        }
+    }
+
+    fn proxy_header_failed(&mut self, cx: &mut Context<'_, ShardState>, e: HeaderError) {
+        let peer = self.ident.as_ref().and_then(|i| i.peer());
+        let (got, _) = self.client.wire_bytes();
+        identity::header_failed(cx, self.tunnel, peer, e, got);
+        self.finish(cx, CloseReason::ProxyHeader);
+    }
+
+    /// The access log line of this connection, if the tunnel keeps one (`identity.rs`).
+    fn log_access(&self, cx: &mut Context<'_, ShardState>, reason: CloseReason) {
+        if cx.state.tunnels[self.tunnel].access_log.is_none() {
+            return;
+        }
+        let up = self.upstream.as_deref();
+        let (cr, cw) = self.client.wire_bytes();
+        let (ur, uw) = up.map_or((0, 0), |u| u.wire_bytes());
+        identity::log_close(
+            cx,
+            self.tunnel,
+            identity::Ended {
+                reason,
+                started: self.started,
+                target: self.target,
+                // Plaintext bytes (to, from) the backend: the client's side unless it is sealed.
+                plain: if C::SEALED { (uw, ur) } else { (cr, cw) },
+                relay: !C::SEALED && !U::SEALED,
+                key_id: (self.client.filter().key_id()).or(up.and_then(|u| u.filter().key_id())),
+                fs: (self.client.filter().forward_secrecy())
+                    .or(up.and_then(|u| u.filter().forward_secrecy())),
+                ident: self.ident.as_deref(),
+            },
+        );
     }
 
     fn handshake_ok(&mut self, cx: &mut Context<'_, ShardState>) {
@@ -953,7 +1045,15 @@ impl<C: Layer, U: Layer> Handler<ShardState> for Conn<C, U> {
             self.handshake_timer = Some(cx.timer(hs_timeout, TAG_HANDSHAKE));
         }
         self.arm_idle(cx);
-        if !C::SEALED {
+        if self.ident.as_ref().is_some_and(|i| i.awaiting_header()) {
+            // accept_proxy: stage no more than a PROXY header until it is parsed; the upstream
+            // connect waits for its addresses.
+            self.client.set_watermarks(Watermarks {
+                read_low: 0,
+                read_high: identity::MAX_HEADER_LEN,
+                write_low: OUTPUT_LOW,
+            });
+        } else if !C::SEALED {
             self.connect_upstream(cx);
         }
     }
@@ -1009,6 +1109,9 @@ impl<C: Layer, U: Layer> Handler<ShardState> for Conn<C, U> {
             }
             TAG_HANDSHAKE => {
                 self.handshake_timer = None;
+                if self.ident.as_ref().is_some_and(|i| i.awaiting_header()) {
+                    return self.proxy_header_failed(cx, HeaderError::Timeout);
+                }
                 if !self.handshake_done {
                     let level = if U::SEALED {
                         tracing::Level::WARN
@@ -1048,6 +1151,7 @@ impl<C: Layer, U: Layer> Handler<ShardState> for Conn<C, U> {
         self.release_ticket(cx);
         self.account(cx);
         let reason = self.closed.unwrap_or(CloseReason::DrainDeadline);
+        self.log_access(cx, reason);
         for k in [self.idle_timer.take(), self.handshake_timer.take()]
             .into_iter()
             .flatten()

@@ -233,6 +233,12 @@ fn admit(
     let reset = |s: &TcpStream| {
         let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
     };
+    // Access lists and trusted_proxies (proxy::identity), before anything is allocated.
+    if let Err(reason) = super::identity::admit_source(&rt.cfg.identity, peer.ip()) {
+        super::identity::refused(cx, tunnel, reason, peer);
+        reset(&stream);
+        return false;
+    }
     // Only a sealed client side has a pre-authentication phase to protect.
     let ticket = if rt.cfg.mode == Mode::Decrypt {
         match cx.state.admission.admit(peer.ip(), now) {

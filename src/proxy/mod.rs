@@ -13,8 +13,12 @@
 //! in the worst case, and nothing at all when idle (empty buffers hold no chunks).
 
 pub use sealpipe_codec as codec;
+pub use sealpipe_proxy_header as proxy_header;
+pub mod access_log;
+pub mod cidr;
 pub mod conn;
 pub mod health;
+pub mod identity;
 pub mod listener;
 pub mod upstream;
 
@@ -68,6 +72,8 @@ pub struct TunnelRt {
     /// accepted since the last warning.
     pub next_no_fs_warn: Instant,
     pub no_fs_unwarned: u64,
+    /// The tunnel's access log writer (`access_log`; opened by the server, replaced on reload).
+    pub access_log: Option<access_log::AccessLog>,
 }
 
 impl TunnelRt {
@@ -93,8 +99,15 @@ impl TunnelRt {
             next_probe: None,
             next_no_fs_warn: Instant::now(),
             no_fs_unwarned: 0,
+            access_log: None,
             cfg,
         }
+    }
+
+    /// With the access log writer `access_log::open_all` opened for this tunnel.
+    pub fn with_access_log(mut self, log: Option<access_log::AccessLog>) -> TunnelRt {
+        self.access_log = log;
+        self
     }
 
     /// A session without forward secrecy was accepted: `Some(sessions covered)` when it is
