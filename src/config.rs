@@ -85,6 +85,43 @@ pub struct LogConfig {
     pub format: String,
 }
 
+/// The levels a log filter may name (any case).
+pub const LOG_LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+
+/// Checks a log filter strictly: comma-separated directives, each a level (`warn`) or
+/// `TARGET=LEVEL` (`sealpipe::proxy=debug`), levels from [`LOG_LEVELS`]. tracing's own
+/// parser takes any bare word as a target to enable (`warning` = "trace for target
+/// `warning`", which turns every other log line off): a typo would silence the process.
+pub fn check_log_filter(filter: &str) -> Result<(), String> {
+    let bad = |what: String| {
+        format!(
+            "log level {filter:?}: {what}; a level is one of {} (or a comma-separated list of LEVEL and TARGET=LEVEL)",
+            LOG_LEVELS.join(", ")
+        )
+    };
+    let is_level = |l: &str| LOG_LEVELS.iter().any(|k| k.eq_ignore_ascii_case(l));
+    for d in filter.split(',') {
+        let d = d.trim();
+        match d.split_once('=') {
+            None if is_level(d) => {}
+            None => return Err(bad(format!("{d:?} is not a level"))),
+            Some((target, level)) => {
+                let target_ok = !target.is_empty()
+                    && target
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':');
+                if !target_ok {
+                    return Err(bad(format!("{target:?} is not a module path")));
+                }
+                if !is_level(level) {
+                    return Err(bad(format!("{level:?} (for {target}) is not a level")));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn default_log_level() -> String {
     "info".into()
 }
@@ -109,13 +146,24 @@ pub struct MetricsConfig {
 }
 
 /// Process-wide limits and timeouts (seconds). Tunnels may override the timeouts.
+///
+/// Durations follow one rule: 0 turns off what can be off (`idle_timeout`,
+/// `half_closed_timeout`, `drain_timeout` = no wait, `health_check_interval`); a timeout that
+/// must exist (`connect_timeout`, `handshake_timeout`) is rejected at 0, with the reason.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Shards; 0 = one per CPU in the process's affinity mask.
     #[serde(default)]
     pub threads: usize,
-    /// Connections per process, split evenly across shards.
+    /// Pin each shard thread to one CPU of the affinity mask (off: the scheduler places them).
+    #[serde(default)]
+    pub pin: bool,
+    /// SO_INCOMING_CPU on each pinned shard's listener: a connection goes to the shard on the
+    /// CPU that received its packets, instead of SO_REUSEPORT's hash. Needs `pin`.
+    #[serde(default)]
+    pub incoming_cpu: bool,
+    /// Connections per process, exact: split into per-shard shares that add up to it.
     #[serde(default = "d_max_conns")]
     pub max_conns: usize,
     #[serde(default = "d_connect")]
@@ -228,6 +276,8 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             threads: 0,
+            pin: false,
+            incoming_cpu: false,
             max_conns: d_max_conns(),
             connect_timeout: d_connect(),
             handshake_timeout: d_handshake(),
@@ -305,6 +355,24 @@ pub struct TunnelFile {
     pub handshake_timeout: Option<f64>,
     pub idle_timeout: Option<f64>,
     pub half_closed_timeout: Option<f64>,
+    // -- client identity and access lists (validated by proxy::identity) --
+    /// Encrypt side: every connection starts with a PROXY header (v1 or v2) and comes from
+    /// one of `trusted_proxies` (CIDRs).
+    #[serde(default)]
+    pub accept_proxy: bool,
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// Decrypt side: `"v1"` or `"v2"`: the backend receives a PROXY header naming the client.
+    #[serde(default)]
+    pub send_proxy: Option<String>,
+    /// `"stderr"` or a file path: one JSON line per connection.
+    #[serde(default)]
+    pub access_log: Option<String>,
+    /// Sources (CIDRs) that may connect (empty: all), and sources that may not.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    #[serde(default)]
+    pub deny: Vec<String>,
 }
 
 impl TunnelFile {
@@ -325,6 +393,12 @@ impl TunnelFile {
             handshake_timeout: None,
             idle_timeout: None,
             half_closed_timeout: None,
+            accept_proxy: false,
+            trusted_proxies: Vec::new(),
+            send_proxy: None,
+            access_log: None,
+            allow: Vec::new(),
+            deny: Vec::new(),
         }
     }
 }
@@ -357,8 +431,24 @@ pub struct Tunnel {
     pub health_check_interval: Option<Duration>,
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub half_closed_timeout: Duration,
+    /// `None`: no idle timeout.
+    pub idle_timeout: Option<Duration>,
+    /// `None`: no separate limit once half-closed (the idle timeout, if any, applies).
+    pub half_closed_timeout: Option<Duration>,
+    /// PROXY headers in and out, the access log, the access lists.
+    pub identity: crate::proxy::identity::Identity,
+}
+
+impl Tunnel {
+    /// How long a connection may be quiet before it is closed, if at all: the half-closed
+    /// limit once one direction has ended (whichever of the two limits is shorter).
+    pub fn idle_limit(&self, half_closed: bool) -> Option<Duration> {
+        match (self.idle_timeout, self.half_closed_timeout) {
+            (Some(i), Some(h)) if half_closed => Some(i.min(h)),
+            (None, Some(h)) if half_closed => Some(h),
+            (i, _) => i,
+        }
+    }
 }
 
 /// A validated configuration.
@@ -367,6 +457,10 @@ pub struct Config {
     pub log: LogConfig,
     pub metrics: Option<SocketAddr>,
     pub threads: usize,
+    /// Shard threads are pinned to CPUs.
+    pub pin: bool,
+    /// Shard listeners steer connections by receiving CPU (implies `pin`).
+    pub incoming_cpu: bool,
     pub max_conns: usize,
     pub drain_timeout: Duration,
     pub admission: Admission,
@@ -375,15 +469,53 @@ pub struct Config {
     pub path: Option<PathBuf>,
 }
 
-fn seconds(tunnel: &str, field: &str, v: f64) -> Result<Duration, ConfigError> {
+/// Where a setting is written, for error messages.
+#[derive(Clone, Copy)]
+enum Scope<'a> {
+    Limits,
+    Tunnel(&'a str),
+}
+
+impl Scope<'_> {
+    fn error(self, field: &str, message: String) -> ConfigError {
+        match self {
+            Scope::Limits => ConfigError::Invalid(format!("[limits] {field} {message}")),
+            Scope::Tunnel(t) => ConfigError::Tunnel {
+                tunnel: t.into(),
+                message: format!("{field} {message}"),
+            },
+        }
+    }
+}
+
+/// Seconds, 0 to one year.
+fn seconds(scope: Scope<'_>, field: &str, v: f64) -> Result<Duration, ConfigError> {
     if !v.is_finite() || !(0.0..=86_400.0 * 365.0).contains(&v) {
-        return Err(ConfigError::Tunnel {
-            tunnel: tunnel.into(),
-            message: format!("{field} must be between 0 and one year of seconds, got {v}"),
-        });
+        return Err(scope.error(
+            field,
+            format!("must be between 0 and one year of seconds, got {v}"),
+        ));
     }
     Ok(Duration::from_secs_f64(v))
 }
+
+/// A duration whose 0 means off.
+fn seconds_or_off(scope: Scope<'_>, field: &str, v: f64) -> Result<Option<Duration>, ConfigError> {
+    let d = seconds(scope, field, v)?;
+    Ok((!d.is_zero()).then_some(d))
+}
+
+/// A timeout that must exist: 0 is rejected with `why`.
+fn timeout(scope: Scope<'_>, field: &str, v: f64, why: &str) -> Result<Duration, ConfigError> {
+    let d = seconds(scope, field, v)?;
+    if d.is_zero() {
+        return Err(scope.error(field, format!("cannot be 0: {why}")));
+    }
+    Ok(d)
+}
+
+const CONNECT_NOT_ZERO: &str = "a connect that never gives up never tries the next target";
+const HANDSHAKE_NOT_ZERO: &str = "a peer that never completes its handshake must be closed, or it holds a connection slot forever";
 
 /// Resolves `host:port` (one address; the first the resolver returns).
 pub fn resolve(what: &str, s: &str) -> Result<SocketAddr, String> {
@@ -416,11 +548,17 @@ impl ConfigFile {
 
     pub fn validate(self, path: Option<PathBuf>) -> Result<Config, ConfigError> {
         let l = &self.limits;
-        let g = "[limits]";
-        let connect = seconds(g, "connect_timeout", l.connect_timeout)?;
-        let handshake = seconds(g, "handshake_timeout", l.handshake_timeout)?;
-        let idle = seconds(g, "idle_timeout", l.idle_timeout)?;
-        let half = seconds(g, "half_closed_timeout", l.half_closed_timeout)?;
+        let g = Scope::Limits;
+        let connect = timeout(g, "connect_timeout", l.connect_timeout, CONNECT_NOT_ZERO)?;
+        let handshake = timeout(
+            g,
+            "handshake_timeout",
+            l.handshake_timeout,
+            HANDSHAKE_NOT_ZERO,
+        )?;
+        let idle = seconds_or_off(g, "idle_timeout", l.idle_timeout)?;
+        let half = seconds_or_off(g, "half_closed_timeout", l.half_closed_timeout)?;
+        // 0: no drain wait; open connections are cut at once.
         let drain = seconds(g, "drain_timeout", l.drain_timeout)?;
         let admission = l.admission()?;
         if l.max_conns == 0 {
@@ -433,6 +571,11 @@ impl ConfigFile {
                 "[limits] threads must be at most 1024".into(),
             ));
         }
+        if l.incoming_cpu && !l.pin {
+            return Err(ConfigError::Invalid(
+                "[limits] incoming_cpu = true needs pin = true: it hands a connection to the shard pinned on the CPU that received it".into(),
+            ));
+        }
         match self.log.format.as_str() {
             "text" | "json" => {}
             f => {
@@ -441,9 +584,11 @@ impl ConfigFile {
                 )));
             }
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+        check_log_filter(&self.log.level)
+            .map_err(|e| ConfigError::Invalid(format!("[log] {e}")))?;
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(ConfigError::Invalid(format!(
-                "[log] level {:?} is not a valid level or filter",
+                "[log] level {:?}: {e}",
                 self.log.level
             )));
         }
@@ -510,8 +655,11 @@ impl ConfigFile {
                 None => ForwardSecrecy::default(),
                 Some(s) => s.policy(t.mode).map_err(bad)?,
             };
-            let hc = seconds(&name, "health_check_interval", t.health_check_interval)?;
+            let sc = Scope::Tunnel(&name);
+            let hc = seconds_or_off(sc, "health_check_interval", t.health_check_interval)?;
+            let identity = crate::proxy::identity::Identity::validate(&t).map_err(bad)?;
             tunnels.push(Tunnel {
+                identity,
                 mode: t.mode,
                 listen,
                 targets,
@@ -519,19 +667,19 @@ impl ConfigFile {
                 balance: t.balance,
                 forward_secrecy,
                 aead,
-                health_check_interval: (!hc.is_zero()).then_some(hc),
-                connect_timeout: t
-                    .connect_timeout
-                    .map_or(Ok(connect), |v| seconds(&name, "connect_timeout", v))?,
-                handshake_timeout: t
-                    .handshake_timeout
-                    .map_or(Ok(handshake), |v| seconds(&name, "handshake_timeout", v))?,
+                health_check_interval: hc,
+                connect_timeout: t.connect_timeout.map_or(Ok(connect), |v| {
+                    timeout(sc, "connect_timeout", v, CONNECT_NOT_ZERO)
+                })?,
+                handshake_timeout: t.handshake_timeout.map_or(Ok(handshake), |v| {
+                    timeout(sc, "handshake_timeout", v, HANDSHAKE_NOT_ZERO)
+                })?,
                 idle_timeout: t
                     .idle_timeout
-                    .map_or(Ok(idle), |v| seconds(&name, "idle_timeout", v))?,
+                    .map_or(Ok(idle), |v| seconds_or_off(sc, "idle_timeout", v))?,
                 half_closed_timeout: t
                     .half_closed_timeout
-                    .map_or(Ok(half), |v| seconds(&name, "half_closed_timeout", v))?,
+                    .map_or(Ok(half), |v| seconds_or_off(sc, "half_closed_timeout", v))?,
                 name,
             });
         }
@@ -539,6 +687,8 @@ impl ConfigFile {
             log: self.log,
             metrics,
             threads: self.limits.threads,
+            pin: self.limits.pin,
+            incoming_cpu: self.limits.incoming_cpu,
             max_conns: self.limits.max_conns,
             drain_timeout: drain,
             admission,
@@ -610,7 +760,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.tunnels[0].name, "tunnel0");
-        assert_eq!(c.tunnels[0].idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.tunnels[0].idle_timeout, Some(Duration::from_secs(300)));
     }
 
     #[test]
@@ -649,6 +799,17 @@ mod tests {
         }
         let c = parse(&format!("[limits]\nnew_conns_per_source = 0\n{t}")).unwrap();
         assert_eq!(c.admission.new_conns_per_source, 0.0);
+    }
+
+    #[test]
+    fn incoming_cpu_needs_pin() {
+        let t = "[[tunnel]]\nmode = \"forward\"\nlisten = \"127.0.0.1:1\"\ntargets = [\"127.0.0.1:2\"]\n";
+        let c = parse(t).unwrap();
+        assert!(!c.pin && !c.incoming_cpu, "unpinned, hashed by default");
+        let e = parse(&format!("[limits]\nincoming_cpu = true\n{t}")).unwrap_err();
+        assert!(e.to_string().contains("needs pin = true"), "{e}");
+        let c = parse(&format!("[limits]\npin = true\nincoming_cpu = true\n{t}")).unwrap();
+        assert!(c.pin && c.incoming_cpu);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The `sealpipe` command line. Only argument parsing, logging setup and the demo's
 //! choreography live here; everything else is in the library.
 
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,7 +15,7 @@ use sealpipe::config::{
     Balance, Config, ConfigFile, FsSetting, Limits, LogConfig, MetricsConfig, Mode, TunnelFile,
 };
 use sealpipe::protocol::ForwardSecrecy;
-use sealpipe::server::{self, LogReload};
+use sealpipe::server::{self, LogControl};
 
 #[derive(Parser)]
 #[command(
@@ -27,6 +27,10 @@ sealpipe carries plaintext TCP protocols (Redis, Postgres, HTTP, ...) across unt
 Run it in pairs: `encrypt` accepts plaintext from local clients and sends sealed records to a
 `decrypt` side, which opens them and talks plaintext to the real backend. Both sides share a
 256-bit key file made by `sealpipe keygen`.
+
+Durations are seconds (fractions allowed). 0 turns off what can be off: the idle and
+half-closed timeouts, the drain wait, active health checks. The connect and handshake timeouts
+must be > 0.
 
 Start with `sealpipe demo` to see a pair working on loopback."
 )]
@@ -106,6 +110,38 @@ struct TunnelArgs {
     key: Vec<PathBuf>,
     #[command(flatten)]
     common: CommonArgs,
+    #[command(flatten)]
+    identity: IdentityArgs,
+}
+
+/// Client identity and access (the `[[tunnel]]` keys accept_proxy, trusted_proxies,
+/// send_proxy, access_log, allow, deny; docs/OPERATIONS.md, "Client identity").
+#[derive(Args, Clone)]
+struct IdentityArgs {
+    /// Encrypt side: every connection comes from a load balancer (one of --trusted-proxy) and
+    /// starts with a PROXY protocol header (v1 or v2); the client it names is sent on to the
+    /// decrypt side. Others are refused, as are connections without a valid header.
+    #[arg(long)]
+    accept_proxy: bool,
+    /// With --accept-proxy: an address or CIDR range allowed to send PROXY headers, e.g.
+    /// 10.0.0.0/8 (repeatable).
+    #[arg(long, value_name = "CIDR")]
+    trusted_proxy: Vec<String>,
+    /// Decrypt side: send the backend a PROXY protocol header naming the client before its
+    /// bytes: v1 (text) or v2 (binary). The backend must expect it (HAProxy accept-proxy,
+    /// nginx proxy_protocol, Redis/pgbouncer behind one of those).
+    #[arg(long, value_name = "v1|v2")]
+    send_proxy: Option<String>,
+    /// Write one JSON line per connection (client, target, bytes, duration, close reason, key
+    /// id) to this file, or to stderr. Off by default.
+    #[arg(long, value_name = "PATH|stderr")]
+    access_log: Option<String>,
+    /// Only sources in this address or CIDR range may connect (repeatable; default: any).
+    #[arg(long, value_name = "CIDR")]
+    allow: Vec<String>,
+    /// Sources in this address or CIDR range may not connect (repeatable; checked first).
+    #[arg(long, value_name = "CIDR")]
+    deny: Vec<String>,
 }
 
 #[derive(Args, Clone)]
@@ -120,19 +156,36 @@ struct HandoffArgs {
 struct CommonArgs {
     #[command(flatten)]
     handoff: HandoffArgs,
-    /// Shards (event loops pinned to CPUs); default: the CPUs this process may use.
+    /// Shards (one event loop thread each); default: the CPUs this process may use.
     #[arg(long, value_name = "N", default_value_t = 0)]
     threads: usize,
+    /// Pin each shard thread to one CPU of the affinity mask. For a dedicated proxy host
+    /// whose NIC queues are spread over those CPUs; on a shared host (a sidecar) leave the
+    /// shards to the scheduler, the default. See docs/OPERATIONS.md, "Shards and CPUs".
+    #[arg(long, overrides_with = "no_pin")]
+    pin: bool,
+    /// Do not pin shard threads (the default).
+    #[arg(long, overrides_with = "pin")]
+    no_pin: bool,
+    /// SO_INCOMING_CPU: hand each connection to the shard pinned on the CPU that received its
+    /// packets, instead of spreading connections by SO_REUSEPORT's hash (the default).
+    /// Needs --pin, and receive queues spread over the shards' CPUs.
+    #[arg(long, overrides_with = "no_incoming_cpu", requires = "pin")]
+    incoming_cpu: bool,
+    /// Spread connections over shards by SO_REUSEPORT's hash (the default).
+    #[arg(long, overrides_with = "incoming_cpu")]
+    no_incoming_cpu: bool,
     /// Serve /metrics, /healthz and /readyz on this address.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
-    /// Most connections open at once (per process, split across shards).
+    /// Most connections open at once, per process (exact: split into per-shard shares that
+    /// add up to it; never more shards than this).
     #[arg(long, value_name = "N", default_value_t = 100_000)]
     max_conns: usize,
-    /// Give up on an upstream connect after this long and try the next target.
+    /// Give up on an upstream connect after this long and try the next target (> 0).
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
     connect_timeout: f64,
-    /// Close a connection whose tunnel handshake has not completed after this long.
+    /// Close a connection whose tunnel handshake has not completed after this long (> 0).
     #[arg(long, value_name = "SECS", default_value_t = 5.0)]
     handshake_timeout: f64,
     /// Decrypt side: most connections still in their handshake (per process, split across
@@ -151,13 +204,14 @@ struct CommonArgs {
     /// applies.
     #[arg(long, value_name = "N", default_value_t = 4000)]
     new_conns_per_source_burst: usize,
-    /// Close a connection with no traffic for this long.
+    /// Close a connection with no traffic for this long; 0 = never.
     #[arg(long, value_name = "SECS", default_value_t = 300.0)]
     idle_timeout: f64,
-    /// Close a half-closed connection with no traffic for this long.
+    /// Close a half-closed connection with no traffic for this long; 0 = no separate limit
+    /// (the idle timeout applies).
     #[arg(long, value_name = "SECS", default_value_t = 60.0)]
     half_closed_timeout: f64,
-    /// On SIGTERM, how long open connections may take to finish.
+    /// On SIGTERM, how long open connections may take to finish; 0 = cut them at once.
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     drain_timeout: f64,
     /// round-robin or least-conn.
@@ -175,7 +229,8 @@ struct CommonArgs {
     /// AEAD implementation: ring (fast) or rustcrypto (pure Rust).
     #[arg(long, value_name = "IMPL", default_value = "ring")]
     aead: String,
-    /// error, warn, info, debug, trace (or a tracing filter).
+    /// error, warn, info, debug, trace or off; or a comma-separated list of LEVEL and
+    /// TARGET=LEVEL (e.g. `sealpipe::proxy=debug,warn`). Anything else is an error.
     #[arg(
         long,
         value_name = "LEVEL",
@@ -191,23 +246,45 @@ struct CommonArgs {
 /// A usage or configuration error: exit status 2.
 struct UsageError(anyhow::Error);
 
-fn setup_logging(log: &LogConfig) -> Result<LogReload> {
+/// Log lines queued for stderr at most; beyond that they are dropped and counted, so that a
+/// stalled stderr (a stuck journald, a full pipe) never blocks a shard that logs.
+const LOG_QUEUE_LINES: usize = 4096;
+
+fn setup_logging(log: &LogConfig) -> Result<LogControl> {
     let filter = EnvFilter::try_new(&log.level)
         .map_err(|e| anyhow!("invalid log level {:?}: {e}", log.level))?;
     let (filter, handle) = reload::Layer::new(filter);
     use tracing_subscriber::prelude::*;
     let registry = tracing_subscriber::registry().with(filter);
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colour only for a person at a terminal: journald, files and log shippers get plain text.
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("sealpipe-log")
+        .finish(std::io::stderr());
+    let errors = writer.error_counter();
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        .with_ansi(colour);
     if log.format == "json" {
         registry.with(fmt.json()).try_init().ok();
     } else {
         registry.with(fmt).try_init().ok();
     }
-    Ok(Box::new(move |level: &str| {
-        let f =
-            EnvFilter::try_new(level).map_err(|e| format!("invalid log level {level:?}: {e}"))?;
-        handle.reload(f).map_err(|e| e.to_string())
-    }))
+    // Dropping the guard writes out what is queued (waiting a bounded time).
+    let guard = std::sync::Mutex::new(Some(guard));
+    Ok(LogControl {
+        reload: Box::new(move |level: &str| {
+            let f = EnvFilter::try_new(level)
+                .map_err(|e| format!("invalid log level {level:?}: {e}"))?;
+            handle.reload(f).map_err(|e| e.to_string())
+        }),
+        dropped: Box::new(move || errors.dropped_lines() as u64),
+        flush: std::sync::Arc::new(move || {
+            drop(guard.lock().unwrap_or_else(|e| e.into_inner()).take());
+        }),
+    })
 }
 
 fn tunnel_config(mode: Mode, a: TunnelArgs) -> std::result::Result<Config, UsageError> {
@@ -222,6 +299,8 @@ fn tunnel_config(mode: Mode, a: TunnelArgs) -> std::result::Result<Config, Usage
         },
         limits: Limits {
             threads: c.threads,
+            pin: c.pin && !c.no_pin,
+            incoming_cpu: c.incoming_cpu && !c.no_incoming_cpu,
             max_conns: c.max_conns,
             connect_timeout: c.connect_timeout,
             handshake_timeout: c.handshake_timeout,
@@ -245,6 +324,12 @@ fn tunnel_config(mode: Mode, a: TunnelArgs) -> std::result::Result<Config, Usage
                 .to_owned(),
             )),
             aead: Some(c.aead.clone()),
+            accept_proxy: a.identity.accept_proxy,
+            trusted_proxies: a.identity.trusted_proxy.clone(),
+            send_proxy: a.identity.send_proxy.clone(),
+            access_log: a.identity.access_log.clone(),
+            allow: a.identity.allow.clone(),
+            deny: a.identity.deny.clone(),
             ..TunnelFile::new(mode, a.listen.clone(), a.target.clone(), a.key.clone())
         }],
     };
@@ -254,8 +339,8 @@ fn tunnel_config(mode: Mode, a: TunnelArgs) -> std::result::Result<Config, Usage
 }
 
 fn serve(cfg: Config, handoff: Option<PathBuf>) -> Result<()> {
-    let reload = setup_logging(&cfg.log)?;
-    let running = server::start_with(cfg, Some(reload), handoff.as_deref())?;
+    let log = setup_logging(&cfg.log)?;
+    let running = server::start_with(cfg, Some(log), handoff.as_deref())?;
     if let Some(m) = running.metrics_addr {
         tracing::info!(metrics = %format!("http://{m}/metrics"), "metrics endpoint up");
     }
@@ -375,7 +460,7 @@ fn pick_addr(preferred: u16) -> SocketAddr {
 }
 
 fn demo(duration: Option<Duration>) -> Result<()> {
-    let reload = setup_logging(&LogConfig {
+    let log = setup_logging(&LogConfig {
         level: "warn".into(),
         format: "text".into(),
     })?;
@@ -453,7 +538,7 @@ fn demo(duration: Option<Duration>) -> Result<()> {
         )],
     }
     .validate(None)?;
-    let enc = server::start(enc_cfg, Some(reload))?;
+    let enc = server::start(enc_cfg, Some(log))?;
     let entry = enc.listen_addrs[0];
 
     println!("sealpipe demo — everything on loopback, in this one process:");

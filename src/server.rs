@@ -1,8 +1,8 @@
 //! Shards and the control plane.
 //!
-//! One shard per CPU of the process's affinity mask (or `threads`), each a thread pinned with
-//! core_affinity, owning an `EventBase`, one SO_REUSEPORT listener per tunnel, its buffer pool
-//! (thread-local), its connections and its metric handles. The thread that calls
+//! One shard per CPU of the process's affinity mask (or `threads`), each a thread (pinned to
+//! one CPU with core_affinity if `pin`), owning an `EventBase`, one SO_REUSEPORT listener per
+//! tunnel, its buffer pool (thread-local), its connections and its metric handles. The thread that calls
 //! [`Running::wait`] is the control thread: it owns the signals (as reactor signal events) and
 //! talks to shards only through their `Handle`s.
 //!
@@ -12,12 +12,17 @@
 //! - SIGHUP: reload the config file (or, from the command line, the key files); a bad file is
 //!   rejected whole and the old configuration stays.
 //! - A shard that panics takes the process down (status 70) — never a half-alive process.
+//! - A listen address another socket already listens on is refused at start (naming the
+//!   process that holds it), unless this process takes that address over by handoff.
 //! - Handoff (`--handoff PATH`, [`start_with`]): a new process takes the listening sockets of
 //!   the one listening on PATH over SCM_RIGHTS; the old one lets go only after the new one's
 //!   shards accept on them, then drains. The protocol is described above `take_listeners`
 //!   and in docs/OPERATIONS.md.
-//! - Each pinned shard's listener carries SO_INCOMING_CPU = its CPU; `max_conns` is split as
-//!   `ceil(max_conns / shards)` per shard.
+//! - Shards run unpinned and their SO_REUSEPORT listeners share connections by hash, unless
+//!   `pin` (each shard thread on one CPU of the mask) and `incoming_cpu` (each pinned shard's
+//!   listener carries SO_INCOMING_CPU = its CPU) ask for CPU locality.
+//! - `max_conns` is exact: per-shard shares add up to it, and a process never runs more shards
+//!   than `max_conns` (a share of 0 would never accept).
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -25,7 +30,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -33,11 +38,11 @@ use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::protocol::KeySet;
 use crate::proxy::conn::TAG_ABORT;
-use crate::proxy::listener::{TAG_DRAIN, TunnelListener};
+use crate::proxy::listener::{TAG_DRAIN, TAG_RESUME, TunnelListener};
 use crate::proxy::{ShardIdx, ShardState, TunnelIdx, TunnelRt};
 use crate::reactor::listener::{ConnListener, ListenerOptions};
 use crate::reactor::signal::SignalEvent;
-use crate::reactor::{EventBase, Handle, HandlerId, pool};
+use crate::reactor::{EventBase, Handle, HandlerId, LoopStats, pool};
 
 /// How often a shard flushes counters and publishes its heartbeat.
 const HOUSEKEEPING: Duration = Duration::from_millis(250);
@@ -54,8 +59,41 @@ const QUIET_TICKS: u32 = 8;
 /// ...this many chunks (cached chunks are resident memory an idle proxy does not need).
 const QUIET_CACHED_CHUNKS: usize = 8;
 
-/// Gives memory back after bursts: freed heap pages to the kernel, and the chunk cache of a
-/// shard that has gone quiet. A busy shard keeps its cache (no allocation per chunk).
+/// Heap trims that shards ask for and the control thread does. `malloc_trim` walks every
+/// glibc arena under that arena's lock: on a shard thread it would stall the shard, outside
+/// any loop turn the stall metric sees. On the control thread it holds one arena's lock at a
+/// time, and a shard that allocates meanwhile waits inside a callback, where a long wait
+/// counts as a stall.
+#[derive(Default)]
+struct HeapTrim {
+    wanted: AtomicBool,
+}
+
+/// Most heap trims per second of the whole process.
+const TRIM_EVERY: Duration = Duration::from_secs(1);
+
+impl HeapTrim {
+    /// A shard freed enough since the last trim (see [`MemoryKeeper`]).
+    fn request(&self) {
+        self.wanted.store(true, Ordering::Release);
+    }
+
+    /// On the control thread: trims if a shard asked and the last trim was at least
+    /// [`TRIM_EVERY`] ago. Returns how long the trim took.
+    fn run_due(&self, now: Instant, next: &mut Instant) -> Option<Duration> {
+        if now < *next || !self.wanted.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        crate::sys::trim_heap();
+        let took = now.elapsed();
+        *next = now + TRIM_EVERY;
+        Some(took)
+    }
+}
+
+/// Gives memory back after bursts: freed heap pages to the kernel (by asking the control
+/// thread for a trim), and the chunk cache of a shard that has gone quiet. A busy shard keeps
+/// its cache (no allocation per chunk).
 #[derive(Default)]
 struct MemoryKeeper {
     next_trim: Option<Instant>,
@@ -68,7 +106,7 @@ struct MemoryKeeper {
 
 impl MemoryKeeper {
     /// `hibernations`: connections this shard has hibernated so far.
-    fn tick(&mut self, now: Instant, hibernations: u64) -> pool::PoolStats {
+    fn tick(&mut self, now: Instant, hibernations: u64, trim: &HeapTrim) -> pool::PoolStats {
         let p = pool::stats();
         if p.live_chunks <= QUIET_LIVE_CHUNKS && p.cached_chunks > QUIET_CACHED_CHUNKS {
             self.quiet_ticks += 1;
@@ -81,15 +119,15 @@ impl MemoryKeeper {
             pool::set_max_cached(pool::DEFAULT_MAX_CACHED);
         }
         let p = pool::stats();
-        // Freed chunks and hibernated connections' keys stay resident in the heap: hand them
-        // back to the kernel, at most once a second, and only when a good number were freed
-        // since the last time.
+        // Freed chunks and hibernated connections' keys stay resident in the heap: have them
+        // handed back to the kernel, at most once a second, and only when a good number were
+        // freed since the last time.
         let settled = hibernations == self.seen_hibernations;
         self.seen_hibernations = hibernations;
         let freed = p.freed_total >= self.trimmed_at + TRIM_AFTER_CHUNKS
             || (settled && hibernations >= self.trimmed_hibernations + TRIM_AFTER_HIBERNATIONS);
         if freed && self.next_trim.is_none_or(|t| now >= t) {
-            crate::sys::trim_heap();
+            trim.request();
             self.trimmed_at = p.freed_total;
             self.trimmed_hibernations = hibernations;
             self.next_trim = Some(now + Duration::from_secs(1));
@@ -97,7 +135,7 @@ impl MemoryKeeper {
         p
     }
 }
-/// A loop turn whose callbacks ran longer than this counts as a stall.
+/// A callback that runs longer than this counts as a stall (`sealpipe_loop_stall_total`).
 const STALL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +147,15 @@ pub enum ServerError {
         tunnel: String,
         addr: SocketAddr,
         source: std::io::Error,
+    },
+    #[error(
+        "tunnel {tunnel:?}: cannot listen on {addr}: address in use by {holder}; stop it first, or start this process with --handoff PATH to take its sockets over"
+    )]
+    InUse {
+        tunnel: String,
+        addr: SocketAddr,
+        /// Who listens there, as far as /proc tells.
+        holder: String,
     },
     #[error("metrics endpoint: cannot listen on {addr}: {source}")]
     Metrics {
@@ -129,6 +176,26 @@ pub enum ServerError {
 /// A callback the control thread runs on SIGHUP to change the log filter.
 pub type LogReload = Box<dyn Fn(&str) -> Result<(), String> + Send>;
 
+/// What the server needs of the process's logging (set up by the command line).
+pub struct LogControl {
+    /// Changes the log filter (on SIGHUP).
+    pub reload: LogReload,
+    /// Log lines dropped so far because the writer's bounded queue was full (stderr not
+    /// keeping up): counted in `sealpipe_log_lines_dropped_total`.
+    pub dropped: Box<dyn Fn() -> u64 + Send>,
+    /// Writes out the queued lines (a bounded wait); run before an abrupt exit, so that the
+    /// line saying why is not lost.
+    pub flush: Arc<dyn Fn() + Send + Sync>,
+}
+
+/// Exits at once with `code`, after flushing the logs.
+fn exit_now(code: i32, flush: Option<&(dyn Fn() + Send + Sync)>) -> ! {
+    if let Some(f) = flush {
+        f();
+    }
+    std::process::exit(code)
+}
+
 struct Shard {
     handle: Handle<ShardState>,
     thread: Option<JoinHandle<()>>,
@@ -143,15 +210,18 @@ pub struct Running {
     pub listen_addrs: Vec<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
     running: Arc<AtomicUsize>,
-    log_reload: Option<LogReload>,
+    log: Option<LogControl>,
     /// Present while this process can hand its listeners to a successor.
     handoff: Option<HandoffServer>,
+    /// Heap trims the shards ask the control thread for.
+    trim: Arc<HeapTrim>,
 }
 
 /// Binds one listener per shard for `addr` (SO_REUSEPORT); a port of 0 is resolved by the
 /// first bind and reused by the others.
-/// `cpus[i]` is shard i's CPU when shards are pinned: its listener asks for SO_INCOMING_CPU.
+/// `cpus[i]` is shard i's CPU when its listener steers by SO_INCOMING_CPU (`incoming_cpu`).
 /// `inherited` listeners (from a handoff) take the first shards; the rest are bound anew.
+/// Inherited ones get this process's SO_INCOMING_CPU choice too (the previous one may differ).
 fn bind_all(
     tunnel: &str,
     addr: SocketAddr,
@@ -169,6 +239,9 @@ fn bind_all(
         })?;
     }
     let start = inherited.len();
+    for (i, l) in inherited.iter().enumerate() {
+        crate::reactor::listener::set_incoming_cpu(l, cpus.get(i).copied().flatten());
+    }
     out.extend(inherited);
     for i in start..shards {
         let opts = ListenerOptions {
@@ -193,6 +266,138 @@ fn bind_all(
     Ok((addr, out))
 }
 
+/// Splits the process-wide `max_conns` into per-shard limits that add up to it exactly: the
+/// first `max_conns % shards` shards get one more.
+fn conn_shares(max_conns: usize, shards: usize) -> Vec<usize> {
+    let (each, extra) = (max_conns / shards, max_conns % shards);
+    (0..shards).map(|i| each + usize::from(i < extra)).collect()
+}
+
+/// Shards with a share of 0 (more shards than max_conns: inherited in a handoff, or a reload
+/// that lowered max_conns) never accept; connections the kernel queues on them wait.
+fn warn_idle_shards(limits: &[usize]) {
+    let idle = limits.iter().filter(|l| **l == 0).count();
+    if idle > 0 {
+        tracing::warn!(
+            idle_shards = idle,
+            shards = limits.len(),
+            "max_conns is below the number of running shards: shards with no share do not accept, and connections queued on their listeners wait; restart to run fewer shards"
+        );
+    }
+}
+
+/// Refuses to bind `addr` if another socket already listens there. Our listeners set
+/// SO_REUSEPORT, so a second process of the same user would otherwise join the first one's
+/// group silently and the kernel would split clients between two configurations. A probe bind
+/// without SO_REUSEPORT (with SO_REUSEADDR, so sockets in TIME_WAIT do not count) fails with
+/// EADDRINUSE exactly when someone listens on the address (or on the wildcard address).
+fn check_not_served(tunnel: &str, addr: SocketAddr) -> Result<(), ServerError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let listen_err = |source| ServerError::Listen {
+        tunnel: tunnel.into(),
+        addr,
+        source,
+    };
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(listen_err)?;
+    probe.set_reuse_address(true).map_err(listen_err)?;
+    if addr.is_ipv6() {
+        probe.set_only_v6(true).map_err(listen_err)?;
+    }
+    match probe.bind(&addr.into()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(ServerError::InUse {
+            tunnel: tunnel.into(),
+            addr,
+            holder: listener_process(addr).unwrap_or_else(|| {
+                "another socket (its process is not visible to this user)".into()
+            }),
+        }),
+        // The real bind would fail the same way; let it say so.
+        Err(_) => Ok(()),
+    }
+}
+
+/// "pid N (comm)" of a process with a socket listening on `addr` (or on the wildcard address
+/// of its family, or a dual-stack one), from /proc/net/tcp{,6} and /proc/*/fd.
+fn listener_process(addr: SocketAddr) -> Option<String> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    // /proc/net/tcp prints each 32-bit word of an address as a native-endian hex number.
+    let word = |h: &str| u32::from_str_radix(h, 16).ok().map(u32::to_ne_bytes);
+    let parse_ip = |h: &str| -> Option<IpAddr> {
+        match h.len() {
+            8 => Some(IpAddr::V4(Ipv4Addr::from(word(h)?))),
+            32 => {
+                let mut b = [0u8; 16];
+                for (i, c) in b.chunks_mut(4).enumerate() {
+                    c.copy_from_slice(&word(&h[i * 8..i * 8 + 8])?);
+                }
+                Some(IpAddr::V6(Ipv6Addr::from(b)))
+            }
+            _ => None,
+        }
+    };
+    let covers = |theirs: IpAddr| {
+        let mapped = |ip: IpAddr| match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        let (theirs, ours) = (mapped(theirs), mapped(addr.ip()));
+        theirs == ours || theirs.is_unspecified() || ours.is_unspecified()
+    };
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st ... uid timeout inode; st 0A = LISTEN
+            if f.len() < 10 || f[3] != "0A" {
+                continue;
+            }
+            let Some((ip, port)) = f[1].split_once(':') else {
+                continue;
+            };
+            let (Some(ip), Ok(port)) = (parse_ip(ip), u16::from_str_radix(port, 16)) else {
+                continue;
+            };
+            if port == addr.port() && covers(ip) {
+                inodes.push(format!("socket:[{}]", f[9]));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    for proc_dir in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = proc_dir.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(proc_dir.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            if inodes.iter().any(|i| target.as_os_str() == i.as_str()) {
+                let comm =
+                    std::fs::read_to_string(proc_dir.path().join("comm")).unwrap_or_default();
+                return Some(format!("pid {pid} ({})", comm.trim()));
+            }
+        }
+    }
+    None
+}
+
 fn publish_keys(metrics: &Metrics, cfg: &Config, keys: &[Option<Arc<KeySet>>]) {
     metrics.keys_loaded.reset();
     for (t, k) in cfg.tunnels.iter().zip(keys) {
@@ -211,8 +416,8 @@ fn publish_keys(metrics: &Metrics, cfg: &Config, keys: &[Option<Arc<KeySet>>]) {
 
 /// Starts shards and the metrics endpoint. Errors (a busy port, a bad key file) are reported
 /// before anything runs.
-pub fn start(cfg: Config, log_reload: Option<LogReload>) -> Result<Running, ServerError> {
-    start_with(cfg, log_reload, None)
+pub fn start(cfg: Config, log: Option<LogControl>) -> Result<Running, ServerError> {
+    start_with(cfg, log, None)
 }
 
 /// [`start`], with a handoff socket: if a running sealpipe listens on `handoff`, its
@@ -220,7 +425,7 @@ pub fn start(cfg: Config, log_reload: Option<LogReload>) -> Result<Running, Serv
 /// this process then listens on `handoff` for its own successor.
 pub fn start_with(
     cfg: Config,
-    log_reload: Option<LogReload>,
+    log: Option<LogControl>,
     handoff: Option<&Path>,
 ) -> Result<Running, ServerError> {
     match crate::sys::raise_nofile_limit() {
@@ -230,8 +435,19 @@ pub fn start_with(
         Ok((_, n)) => tracing::debug!(limit = n, "RLIMIT_NOFILE"),
         Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
     }
-    let nshards = cfg.shard_count();
+    let mut nshards = cfg.shard_count();
+    if cfg.max_conns < nshards {
+        // A shard whose share of max_conns is 0 would never accept, and the connections the
+        // kernel hashes to its listener would wait for nothing.
+        tracing::info!(
+            max_conns = cfg.max_conns,
+            threads = nshards,
+            "max_conns is below the shard count: running one shard per allowed connection"
+        );
+        nshards = cfg.max_conns;
+    }
     let keys = cfg.load_keys()?;
+    let access_logs = crate::proxy::access_log::open_all(&cfg)?;
 
     let mut inherited = match handoff {
         Some(path) => take_listeners(path, &cfg)?,
@@ -253,9 +469,17 @@ pub fn start_with(
     let metrics = Metrics::new(nshards, cfg.tunnels.len());
     publish_keys(&metrics, &cfg, &keys);
 
-    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    // Pinning and SO_INCOMING_CPU are opt-in: on a host shared with other work (a sidecar),
+    // pinned shards fight the scheduler, and steering by receiving CPU collapses onto one
+    // shard whenever packets arrive on one CPU (docs/OPERATIONS.md, "Shards and CPUs").
+    let cores = if cfg.pin {
+        core_affinity::get_core_ids().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let core_of = |i: usize| (!cores.is_empty()).then(|| cores[i % cores.len()]);
     let cpus: Vec<Option<usize>> = (0..nshards)
-        .map(|i| (!cores.is_empty()).then(|| cores[i % cores.len()].id))
+        .map(|i| core_of(i).filter(|_| cfg.incoming_cpu).map(|c| c.id))
         .collect();
     let mut listen_addrs = Vec::new();
     let mut per_shard: Vec<Vec<std::net::TcpListener>> = (0..nshards).map(|_| Vec::new()).collect();
@@ -265,6 +489,10 @@ pub fn start_with(
             .as_mut()
             .map(|h| std::mem::take(&mut h.tunnels[ti]))
             .unwrap_or_default();
+        if got.is_empty() {
+            // Not taking this address over by handoff: nobody else may be serving it.
+            check_not_served(&t.name, t.listen)?;
+        }
         let (addr, ls) = bind_all(&t.name, t.listen, nshards, &cpus, got)?;
         listen_addrs.push(addr);
         let mut d = Vec::with_capacity(ls.len());
@@ -300,8 +528,10 @@ pub fn start_with(
         None => None,
     };
 
-    let conn_limit = cfg.max_conns.div_ceil(nshards).max(1);
+    let limits = conn_shares(cfg.max_conns, nshards);
+    warn_idle_shards(&limits);
     let running = Arc::new(AtomicUsize::new(nshards));
+    let trim = Arc::new(HeapTrim::default());
     let mut shards = Vec::with_capacity(nshards);
     for (i, listeners) in per_shard.into_iter().enumerate() {
         let tunnels: Vec<TunnelRt> = cfg
@@ -317,18 +547,21 @@ pub fn start_with(
                     &metrics,
                     shard,
                 )
+                .with_access_log(access_logs[ti.get()].clone())
             })
             .collect();
-        let mut state = ShardState::new(ShardIdx::new(i), tunnels, metrics.clone(), conn_limit);
+        let mut state = ShardState::new(ShardIdx::new(i), tunnels, metrics.clone(), limits[i]);
         state.admission = crate::proxy::listener::Admission::new(&cfg.admission, nshards);
-        let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
+        let core = core_of(i);
         let running = running.clone();
+        let trim = trim.clone();
+        let flush = log.as_ref().map(|l| l.flush.clone());
         // The loop is built on its own thread (handlers are !Send); it hands back its Handle.
         let (tx, rx) = crossbeam_channel::bounded(1);
         let thread = std::thread::Builder::new()
             .name(format!("sealpipe-shard-{i}"))
             .spawn(move || {
-                let mut base = match EventBase::new(state) {
+                let mut base = match shard_base(state) {
                     Ok(b) => b,
                     Err(e) => {
                         let _ = tx.send(Err(e));
@@ -341,7 +574,7 @@ pub fn start_with(
                     base.spawn(Box::new(TunnelListener::new(TunnelIdx::new(ti), cl)));
                 }
                 let _ = tx.send(Ok(base.handle()));
-                shard_main(i, base, core, running)
+                shard_main(i, base, core, running, &trim, flush.as_deref())
             })
             .map_err(|source| ServerError::Shard { shard: i, source })?;
         let handle = rx
@@ -357,7 +590,7 @@ pub fn start_with(
         });
     }
     for (t, a) in cfg.tunnels.iter().zip(&listen_addrs) {
-        tracing::info!(tunnel = %t.name, mode = t.mode.as_str(), listen = %a, targets = ?t.targets, shards = nshards, "tunnel up");
+        tracing::info!(tunnel = %t.name, mode = t.mode.as_str(), listen = %a, targets = ?t.targets, shards = nshards, pin = cfg.pin, incoming_cpu = cfg.incoming_cpu, "tunnel up");
     }
     if let Some(h) = inherited {
         // Our shards accept on the inherited sockets now: the predecessor may let go.
@@ -379,8 +612,9 @@ pub fn start_with(
         listen_addrs,
         metrics_addr,
         running,
-        log_reload,
+        log,
         handoff,
+        trim,
     })
 }
 
@@ -389,32 +623,48 @@ fn shard_main(
     mut base: EventBase<ShardState>,
     core: Option<core_affinity::CoreId>,
     running: Arc<AtomicUsize>,
+    trim: &HeapTrim,
+    flush: Option<&(dyn Fn() + Send + Sync)>,
 ) {
     if let Some(c) = core {
         if !core_affinity::set_for_current(c) && i == 0 {
             tracing::warn!("cannot pin shard threads to CPUs; running unpinned");
         }
     }
-    let result =
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shard_loop(i, &mut base)));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        shard_loop(i, &mut base, trim)
+    }));
     match result {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             tracing::error!(shard = i, error = %e, "shard loop failed; exiting");
-            std::process::exit(70);
+            exit_now(70, flush);
         }
         Err(_) => {
             tracing::error!(
                 shard = i,
                 "shard panicked; exiting so the service manager restarts the process"
             );
-            std::process::exit(70);
+            exit_now(70, flush);
         }
     }
     running.fetch_sub(1, Ordering::AcqRel);
 }
 
-fn shard_loop(i: usize, base: &mut EventBase<ShardState>) -> std::io::Result<()> {
+/// A shard's event loop, set up as every shard's is.
+fn shard_base<S: 'static>(state: S) -> std::io::Result<EventBase<S>> {
+    let mut base = EventBase::new(state)?;
+    base.set_stall_threshold(STALL);
+    Ok(base)
+}
+
+/// Stalls (callbacks that ran longer than [`STALL`]) between two readings of a shard's loop
+/// statistics: each one counts.
+fn new_stalls(last: &LoopStats, now: &LoopStats) -> u64 {
+    now.stalls - last.stalls
+}
+
+fn shard_loop(i: usize, base: &mut EventBase<ShardState>, trim: &HeapTrim) -> std::io::Result<()> {
     let label = i.to_string();
     let m = base.state().metrics.clone();
     let busy = m.loop_busy.with_label_values(&[&label]);
@@ -436,12 +686,13 @@ fn shard_loop(i: usize, base: &mut EventBase<ShardState>) -> std::io::Result<()>
         let s = base.stats();
         busy.inc_by((s.busy - last.busy).as_secs_f64());
         idle.inc_by((s.waiting - last.waiting).as_secs_f64());
-        if s.longest_callback > STALL && s.longest_callback > last.longest_callback {
-            stall.inc();
-            tracing::warn!(shard = i, took = ?s.longest_callback, "loop stalled in a callback");
+        let stalls = new_stalls(&last, &s);
+        if stalls > 0 {
+            stall.inc_by(stalls);
+            tracing::warn!(shard = i, stalls, took = ?s.last_stall, "loop stalled in a callback");
         }
         last = s;
-        let p = keeper.tick(now, base.state().hibernations);
+        let p = keeper.tick(now, base.state().hibernations, trim);
         cached.set((p.cached_chunks * pool::CHUNK_SIZE) as i64);
         live.set((p.live_chunks * pool::CHUNK_SIZE) as i64);
         if !base.state().draining {
@@ -520,25 +771,53 @@ impl Running {
             return Err("adding, removing or renaming tunnels, or changing a listen address or mode, needs a restart".into());
         }
         let keys = new.load_keys().map_err(|e| e.to_string())?;
-        if let Some(f) = &self.log_reload {
-            f(&new.log.level)?;
+        // Opened anew on every reload: a rotated access log file is picked up by a SIGHUP.
+        let access_logs = crate::proxy::access_log::open_all(&new).map_err(|e| e.to_string())?;
+        if (new.threads, new.pin, new.incoming_cpu)
+            != (self.cfg.threads, self.cfg.pin, self.cfg.incoming_cpu)
+        {
+            tracing::warn!(
+                "[limits] threads, pin and incoming_cpu take effect at the next start (or handoff); the running shards keep theirs"
+            );
+        }
+        let new = Config {
+            threads: self.cfg.threads,
+            pin: self.cfg.pin,
+            incoming_cpu: self.cfg.incoming_cpu,
+            ..new
+        };
+        if let Some(l) = &self.log {
+            (l.reload)(&new.log.level)?;
         }
         publish_keys(&self.metrics, &new, &keys);
-        let limit = new.max_conns.div_ceil(self.shards.len()).max(1);
-        for s in &self.shards {
+        let limits = conn_shares(new.max_conns, self.shards.len());
+        warn_idle_shards(&limits);
+        let nshards = self.shards.len();
+        for (s, limit) in self.shards.iter().zip(limits) {
+            let admission = new.admission;
             let tunnels: Vec<(Arc<crate::config::Tunnel>, Option<Arc<KeySet>>)> = new
                 .tunnels
                 .iter()
                 .zip(&keys)
                 .map(|(t, k)| (Arc::new(t.clone()), k.clone()))
                 .collect();
+            let logs = access_logs.clone();
             let _ = s.handle.post(move |cx| {
                 let st = &mut *cx.state;
                 st.conn_limit = limit;
+                st.admission.set_limits(&admission, nshards);
                 let metrics = st.metrics.clone();
                 let shard = st.shard;
                 for (rt, (t, k)) in st.tunnels.iter_mut().zip(tunnels) {
                     rt.reload(t, k, &metrics, shard);
+                }
+                for (rt, log) in st.tunnels.iter_mut().zip(logs) {
+                    rt.access_log = log;
+                }
+                // A listener paused at the old limit resumes if the new one leaves room.
+                let ids: Vec<HandlerId> = st.tunnels.iter().filter_map(|t| t.listener).collect();
+                for id in ids {
+                    cx.notify(id, TAG_RESUME);
                 }
             });
         }
@@ -571,12 +850,23 @@ impl Running {
         base.spawn(Box::new(signals));
         let started = Instant::now();
         let mut draining = false;
+        let mut next_trim = started;
         loop {
             base.loop_once(Some(Duration::from_millis(100)))
                 .map_err(ServerError::Control)?;
+            if let Some(took) = self.trim.run_due(Instant::now(), &mut next_trim) {
+                tracing::debug!(?took, "heap trimmed");
+            }
+            if let Some(l) = &self.log {
+                let dropped = (l.dropped)();
+                let counted = self.metrics.log_lines_dropped.get();
+                if dropped > counted {
+                    self.metrics.log_lines_dropped.inc_by(dropped - counted);
+                }
+            }
             if base.state().exit_now {
                 tracing::warn!("second stop signal: exiting at once");
-                std::process::exit(1);
+                exit_now(1, self.log.as_ref().map(|l| &*l.flush));
             }
             if std::mem::take(&mut base.state_mut().reload) {
                 match self.reload() {
@@ -620,6 +910,10 @@ impl Running {
             if let Some(t) = s.thread.take() {
                 let _ = t.join();
             }
+        }
+        // The shards' access log handles are gone: let the writers write what is queued.
+        if !crate::proxy::access_log::finish_writers(Duration::from_secs(5)) {
+            tracing::warn!("access log writers still blocked after 5 s; exiting without them");
         }
         tracing::info!("all shards drained; exiting");
         Ok(())
@@ -978,6 +1272,75 @@ impl HandoffServer {
             Err(std::io::Error::other(format!(
                 "the successor declined: {reply}"
             )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reactor::{Context, Handler, Ready, Tag};
+
+    /// Stalls its loop twice, in two turns (a timer each); the state counts the stalls done.
+    struct Staller;
+
+    impl Handler<u32> for Staller {
+        fn on_start(&mut self, cx: &mut Context<'_, u32>) {
+            cx.timer(Duration::ZERO, Tag::new(1));
+        }
+        fn on_ready(&mut self, _: &mut Context<'_, u32>, _: u8, _: Ready) {}
+        fn on_timer(&mut self, cx: &mut Context<'_, u32>, tag: Tag) {
+            // The stall itself (not a wait for anything).
+            std::thread::sleep(STALL + Duration::from_millis(20));
+            *cx.state += 1;
+            if tag == Tag::new(1) {
+                cx.timer(Duration::ZERO, Tag::new(2));
+            }
+        }
+    }
+
+    /// Item 4 of issue 14: every stall counts, not only a new all-time longest callback.
+    #[test]
+    fn a_shard_loop_that_stalls_twice_counts_two_stalls() {
+        let mut base = shard_base(0u32).unwrap();
+        base.spawn(Box::new(Staller));
+        let last = base.stats();
+        for _ in 0..100 {
+            if *base.state() == 2 {
+                break;
+            }
+            base.loop_once(Some(Duration::from_millis(10))).unwrap();
+        }
+        assert_eq!(*base.state(), 2, "the handler stalled twice");
+        assert_eq!(new_stalls(&last, &base.stats()), 2);
+    }
+
+    #[test]
+    fn heap_trims_run_when_asked_at_most_once_a_second() {
+        let trim = HeapTrim::default();
+        let t0 = Instant::now();
+        let mut next = t0;
+        assert!(trim.run_due(t0, &mut next).is_none(), "nobody asked");
+        trim.request();
+        assert!(trim.run_due(t0, &mut next).is_some());
+        trim.request();
+        assert!(trim.run_due(t0 + TRIM_EVERY / 2, &mut next).is_none());
+        assert!(
+            trim.run_due(t0 + TRIM_EVERY, &mut next).is_some(),
+            "still asked"
+        );
+        assert!(trim.run_due(t0 + TRIM_EVERY * 3, &mut next).is_none());
+    }
+
+    #[test]
+    fn conn_shares_add_up_to_max_conns() {
+        assert_eq!(conn_shares(1, 2), vec![1, 0]);
+        assert_eq!(conn_shares(5, 2), vec![3, 2]);
+        assert_eq!(conn_shares(100_000, 3), vec![33_334, 33_333, 33_333]);
+        for (max, shards) in [(1, 1), (7, 4), (1023, 16), (3, 8)] {
+            let s = conn_shares(max, shards);
+            assert_eq!(s.len(), shards);
+            assert_eq!(s.iter().sum::<usize>(), max, "{max} over {shards}");
         }
     }
 }

@@ -230,3 +230,260 @@ fn bad_target_and_missing_key_are_one_clear_line_each() {
         "{err}"
     );
 }
+
+/// Runs a sealpipe command that should refuse to start: its output, once it exits (a process
+/// still running after the deadline fails the test and is killed).
+fn refused(args: &[&str]) -> std::process::Output {
+    let mut p = Proc(
+        sealpipe()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let status = p.wait_exit(TIMEOUT);
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    p.0.stdout.take().unwrap().read_to_end(&mut stdout).unwrap();
+    p.0.stderr.take().unwrap().read_to_end(&mut stderr).unwrap();
+    std::process::Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+/// Writes `text` as a config file and runs `sealpipe check` on it.
+fn check(tag: &str, text: &str) -> std::process::Output {
+    let p = temp_dir(tag).join("c.toml");
+    std::fs::write(&p, text).unwrap();
+    sealpipe()
+        .args(["check", "--config"])
+        .arg(&p)
+        .output()
+        .unwrap()
+}
+
+const FORWARD: &str =
+    "[[tunnel]]\nmode = \"forward\"\nlisten = \"127.0.0.1:1\"\ntargets = [\"127.0.0.1:2\"]\n";
+
+/// Item 6 of issue 14: one rule for durations. 0 turns off what can be off (idle,
+/// half-closed, health checks, the drain wait); a timeout that must exist is rejected at 0 by
+/// `check`, naming the setting and why.
+#[test]
+fn zero_durations_are_off_or_rejected_with_the_reason() {
+    for key in ["idle_timeout", "half_closed_timeout", "drain_timeout"] {
+        let out = check("dur-off", &format!("[limits]\n{key} = 0\n{FORWARD}"));
+        assert!(
+            out.status.success(),
+            "[limits] {key} = 0 (off): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = check("dur-off", &format!("{FORWARD}health_check_interval = 0\n"));
+    assert!(out.status.success(), "{out:?}");
+    for key in ["handshake_timeout", "connect_timeout"] {
+        for text in [
+            format!("[limits]\n{key} = 0\n{FORWARD}"),
+            format!("{FORWARD}{key} = 0\n"),
+        ] {
+            let out = check("dur-bad", &text);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{key} = 0 accepted: {text}");
+            assert!(
+                err.contains(key) && err.contains("cannot be 0") && err.lines().count() == 1,
+                "{err}"
+            );
+        }
+    }
+    // The command line follows the same rule.
+    let out = refused(&[
+        "forward",
+        "--listen",
+        "127.0.0.1:0",
+        "--target",
+        "127.0.0.1:9",
+        "--handshake-timeout",
+        "0",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("handshake_timeout"));
+}
+
+/// `--idle-timeout 0` is "no idle timeout", not "close every connection at once": a
+/// connection outlives hibernation (250 ms quiet, seen in the metrics) and still echoes.
+#[test]
+fn idle_timeout_zero_keeps_connections_open() {
+    let echo = echo_backend();
+    let (listen, metrics) = (free_addr(), free_addr());
+    let child = sealpipe()
+        .args([
+            "forward",
+            "--listen",
+            &listen.to_string(),
+            "--target",
+            &echo.addr.to_string(),
+            "--threads",
+            "1",
+            "--idle-timeout",
+            "0",
+            "--metrics",
+            &metrics.to_string(),
+            "--log-level",
+            "error",
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _p = Proc(child);
+    wait_listening(listen);
+    let mut c = connect(listen);
+    let mut b = [0u8; 4];
+    c.write_all(b"ping").unwrap();
+    c.read_exact(&mut b).unwrap();
+    wait_until("the connection hibernates", || {
+        let mut s = connect(metrics);
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        metric_in(&text, "sealpipe_connections_hibernating", &[]) >= 1.0
+    });
+    c.write_all(b"pong").unwrap();
+    c.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"pong");
+}
+
+/// Item 6 of issue 14: an unknown log level is an error that lists the accepted ones, on the
+/// command line and in a config file (before, `warning` or `loud` silently turned off all
+/// logging, errors included).
+#[test]
+fn unknown_log_levels_are_rejected_naming_the_accepted_ones() {
+    let accepted = "error, warn, info, debug, trace, off";
+    let out = refused(&[
+        "forward",
+        "--listen",
+        "127.0.0.1:0",
+        "--target",
+        "127.0.0.1:9",
+        "--log-level",
+        "warning",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("warning") && err.contains(accepted) && err.lines().count() == 1,
+        "{err}"
+    );
+    for level in ["loud", "sealpipe=loud", "warn,", "=info", "info debug"] {
+        let out = check("lvl", &format!("[log]\nlevel = {level:?}\n{FORWARD}"));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "level {level:?} accepted");
+        assert!(err.contains(accepted), "{err}");
+    }
+    for level in [
+        "warn",
+        "INFO",
+        "off",
+        "sealpipe=debug,warn",
+        "sealpipe::proxy=trace",
+    ] {
+        let out = check("lvl", &format!("[log]\nlevel = {level:?}\n{FORWARD}"));
+        assert!(out.status.success(), "level {level:?}: {out:?}");
+    }
+}
+
+/// Item 6 of issue 14: logs written to a pipe or a file (journald, a log shipper) carry no
+/// ANSI colour codes, and errors in log fields are their messages, not Rust's Debug form
+/// (`error=Some(Os { code: 111, .. })`).
+#[test]
+fn logs_to_a_pipe_are_plain_and_show_errors_as_messages() {
+    use std::io::BufRead;
+    let dead = free_addr(); // nothing listens: every upstream connect is refused
+    let listen = free_addr();
+    let mut p = Proc(
+        sealpipe()
+            .args([
+                "forward",
+                "--listen",
+                &listen.to_string(),
+                "--target",
+                &dead.to_string(),
+                "--threads",
+                "1",
+                "--log-level",
+                "debug",
+            ])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = p.0.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    wait_listening(listen);
+    let mut lines = Vec::new();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !lines
+        .iter()
+        .any(|l: &String| l.contains("error=") && l.contains("refused"))
+    {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => lines.push(l),
+            Err(_) => panic!("no log line with the refused connect's error: {lines:#?}"),
+        }
+    }
+    p.signal("TERM");
+    assert_eq!(p.wait_exit(TIMEOUT).code(), Some(0));
+    lines.extend(rx.try_iter());
+    let text = lines.join("\n");
+    assert!(!text.contains('\u{1b}'), "colour codes on a pipe:\n{text}");
+    for l in lines.iter().filter(|l| l.contains("error=")) {
+        assert!(
+            !l.contains("Os {") && !l.contains("Some("),
+            "an error logged with Debug: {l}"
+        );
+    }
+}
+
+/// Item 6 of issue 14: a second sealpipe on an address a live sealpipe already serves must
+/// not quietly join its SO_REUSEPORT group (the kernel would split clients between an old and
+/// a new configuration): it refuses, naming the address and the process that holds it.
+#[test]
+fn a_second_instance_on_a_served_address_refuses_to_start() {
+    let echo = echo_backend();
+    let (listen, first) = forward(echo.addr, "2", "5");
+    let out = refused(&[
+        "forward",
+        "--listen",
+        &listen.to_string(),
+        "--target",
+        &echo.addr.to_string(),
+        "--threads",
+        "2",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&listen.to_string())
+            && err.contains(&format!("pid {} (sealpipe)", first.0.id()))
+            && err.lines().count() == 1,
+        "{err}"
+    );
+    // The first one still serves every connection.
+    for _ in 0..20 {
+        let mut c = connect(listen);
+        c.write_all(b"still").unwrap();
+        let mut b = [0u8; 5];
+        c.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"still");
+    }
+}

@@ -228,46 +228,182 @@ pub fn pair_with(backend: SocketAddr, l: Limits) -> (SocketAddr, Running, Runnin
     (enc, re, rd)
 }
 
-/// A loopback address with nothing listening on it (bound, noted, released).
+/// A loopback port held for one test: a socket bound to it with SO_REUSEADDR and SO_REUSEPORT
+/// that never listens. While it is held no other bind to port 0 and no outgoing connect is
+/// given the port, and connects to it are refused; yet the process under test can listen on
+/// it, as the same user: its tunnel listeners bind with SO_REUSEPORT, and its metrics endpoint
+/// (like any std or tokio listener) with SO_REUSEADDR, which Linux lets share a port with a
+/// socket that is not listening. The port is never released between "found free" and "used",
+/// so parallel tests cannot race for it.
+pub struct Port {
+    sock: socket2::Socket,
+    pub addr: SocketAddr,
+}
+
+impl Port {
+    pub fn reserve() -> Port {
+        use socket2::{Domain, Socket, Type};
+        let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        sock.set_reuse_address(true).unwrap();
+        sock.set_reuse_port(true).unwrap();
+        sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        let addr = sock.local_addr().unwrap().as_socket().unwrap();
+        Port { sock, addr }
+    }
+
+    /// Starts listening on the reserved socket itself: the port is handed over, never
+    /// released and bound again.
+    pub fn listen(self) -> TcpListener {
+        self.sock.listen(128).unwrap();
+        self.sock.into()
+    }
+}
+
+/// A loopback address that refuses connections until a sealpipe listens on it, reserved (see
+/// [`Port`]) until this test process exits, so no other test or connect is ever given it.
 pub fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    static HELD: std::sync::Mutex<Vec<Port>> = std::sync::Mutex::new(Vec::new());
+    let p = Port::reserve();
+    let addr = p.addr;
+    HELD.lock().unwrap().push(p);
+    addr
 }
 
 /// The sum of the samples of metric `name` whose labels include every pair of `labels`, as
-/// `r`'s registry renders them now.
+/// `r`'s registry renders them now. Panics if no such series exists (a renamed metric or
+/// label must fail the test, not read as 0).
 pub fn metric(r: &Running, name: &str, labels: &[(&str, &str)]) -> f64 {
     let text = String::from_utf8(r.metrics().render()).unwrap();
     metric_in(&text, name, labels)
 }
 
+/// As [`metric`], but 0 when no series matches. Only for series whose absence legitimately
+/// means zero (children created on first use, such as those of an upstream a reload adds);
+/// every caller says why at the call site.
+#[allow(dead_code)] // no test reads such a series yet
+pub fn metric_or_zero(r: &Running, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = String::from_utf8(r.metrics().render()).unwrap();
+    samples(&text, name, labels).map_or(0.0, |v| v.iter().sum())
+}
+
 /// As [`metric`], over Prometheus text already rendered.
 pub fn metric_in(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let mut sum = 0.0;
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        let (labelset, value) = match rest.strip_prefix('{') {
-            Some(r) => match r.split_once("} ") {
-                Some(x) => x,
-                None => continue,
-            },
-            None => match rest.strip_prefix(' ') {
-                Some(v) => ("", v),
-                None => continue, // a longer name with this prefix
-            },
-        };
-        if labels
-            .iter()
-            .all(|(k, v)| labelset.contains(&format!("{k}=\"{v}\"")))
-        {
-            sum += value.trim().parse::<f64>().unwrap_or(0.0);
+    match samples(text, name, labels) {
+        Some(v) => v.iter().sum(),
+        None => {
+            let family: Vec<&str> = text
+                .lines()
+                .filter(|l| sample_name(l) == Some(name))
+                .collect();
+            panic!(
+                "no series {name}{labels:?}; the family has {} series:\n{}",
+                family.len(),
+                family.join("\n")
+            )
         }
     }
-    sum
+}
+
+/// The metric name of a sample line (None for comments and blank lines).
+fn sample_name(line: &str) -> Option<&str> {
+    if line.starts_with('#') || line.trim().is_empty() {
+        return None;
+    }
+    line.split(['{', ' ']).next()
+}
+
+/// One sample line of the text format: name, labels, value. Panics on a line it cannot read.
+pub fn parse_sample(line: &str) -> (&str, Vec<(String, String)>, f64) {
+    let bad = |why: &str| -> ! { panic!("unreadable sample ({why}): {line:?}") };
+    let name = sample_name(line).unwrap_or_else(|| bad("not a sample"));
+    let rest = &line[name.len()..];
+    let mut labels = Vec::new();
+    let value = if let Some(mut r) = rest.strip_prefix('{') {
+        loop {
+            if let Some(after) = r.strip_prefix('}') {
+                break after;
+            }
+            let (k, after) = r.split_once("=\"").unwrap_or_else(|| bad("label"));
+            let mut v = String::new();
+            let mut chars = after.char_indices();
+            let end = loop {
+                match chars.next() {
+                    Some((_, '\\')) => match chars.next() {
+                        Some((_, 'n')) => v.push('\n'),
+                        Some((_, c)) => v.push(c),
+                        None => bad("escape"),
+                    },
+                    Some((i, '"')) => break i,
+                    Some((_, c)) => v.push(c),
+                    None => bad("unterminated value"),
+                }
+            };
+            labels.push((k.trim_start_matches(',').to_string(), v));
+            r = &after[end + 1..];
+            r = r.strip_prefix(',').unwrap_or(r);
+        }
+    } else {
+        rest
+    };
+    let value = value.trim();
+    let value = match value {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        v => v.parse().unwrap_or_else(|_| bad("value")),
+    };
+    (name, labels, value)
+}
+
+/// The values of the samples of `name` whose labels include every pair of `labels`, or None
+/// when there are none. Panics on a line it cannot read.
+fn samples(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<Vec<f64>> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if sample_name(line) != Some(name) {
+            continue;
+        }
+        let (_, have, value) = parse_sample(line);
+        if labels
+            .iter()
+            .all(|(k, v)| have.iter().any(|(hk, hv)| hk == k && hv == v))
+        {
+            out.push(value);
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// GET `path` from a metrics endpoint; returns (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = connect(addr);
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line in {head:?}"));
+    (status, body.to_string())
+}
+
+/// As [`start`], with the metrics endpoint on an ephemeral loopback port
+/// (`Running::metrics_addr`).
+pub fn start_observed(t: TunnelFile, limits: Limits) -> (SocketAddr, Running) {
+    let cfg = ConfigFile {
+        log: LogConfig::default(),
+        metrics: MetricsConfig {
+            listen: Some("127.0.0.1:0".into()),
+        },
+        limits,
+        tunnel: vec![t],
+    }
+    .validate(None)
+    .unwrap();
+    let r = server::start(cfg, None).unwrap();
+    (r.listen_addrs[0], r)
 }
 
 /// Polls `cond` (every few milliseconds) until it holds; panics with `what` after [`TIMEOUT`].
@@ -344,4 +480,92 @@ pub fn wait_listening(addr: SocketAddr) {
     wait_until(&format!("{addr} listening"), || {
         TcpStream::connect(addr).is_ok()
     });
+}
+
+/// What the documented bound allows sealpipe to buffer for one direction of one connection in
+/// one process (proxy/mod.rs: `READ_HIGH + OUTPUT_HIGH + READ_HIGH` plus record framing).
+pub const DIRECTION_BOUND: usize = {
+    use sealpipe::protocol::{HEADER_LEN, MAX_PAYLOAD, TAG_LEN};
+    use sealpipe::proxy::{OUTPUT_HIGH, READ_HIGH};
+    let plain = 2 * READ_HIGH + OUTPUT_HIGH;
+    plain + plain.div_ceil(MAX_PAYLOAD) * (HEADER_LEN + TAG_LEN)
+};
+
+/// Payload bytes the kernel holds in the send and receive queues of the IPv4 TCP connections
+/// with `port` as their local or remote port, listeners aside (`/proc/net/tcp`: `tx_queue` is
+/// written but not yet acknowledged, `rx_queue` received but not yet read; a half-closed
+/// socket keeps both, plus one for a FIN not yet acknowledged).
+pub fn kernel_queued(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let port_of = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap(), 16).unwrap();
+    let mut sum = 0;
+    for line in table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // sl local rem st tx_queue:rx_queue ...; state 0A = LISTEN (its rx_queue counts
+        // connections waiting for accept, not bytes)
+        if f.len() < 5 || f[3] == "0A" {
+            continue;
+        }
+        if port_of(f[1]) != port && port_of(f[2]) != port {
+            continue;
+        }
+        let (tx, rx) = f[4].split_once(':').unwrap();
+        sum += usize::from_str_radix(tx, 16).unwrap() + usize::from_str_radix(rx, 16).unwrap();
+    }
+    sum
+}
+
+/// The plaintext bytes a stalled one-way stream through a pair holds in sealpipe's buffers:
+/// `written` bytes entered the chain, none left it, and the kernel holds the rest on the three
+/// hops (plaintext on the hops touching `plain_ports`, records on the one touching
+/// `sealed_port`, converted back to their payload).
+pub fn held_by_sealpipe(written: usize, plain_ports: [u16; 2], sealed_port: u16) -> i64 {
+    use sealpipe::protocol::{HEADER_LEN, MAX_PAYLOAD, TAG_LEN};
+    let plain: usize = plain_ports.iter().map(|p| kernel_queued(*p)).sum();
+    let sealed = kernel_queued(sealed_port);
+    let sealed_payload = sealed * MAX_PAYLOAD / (MAX_PAYLOAD + HEADER_LEN + TAG_LEN);
+    eprintln!(
+        "stalled stream: {written} bytes written; kernel queues: {plain} plaintext, {sealed} sealed"
+    );
+    written as i64 - plain as i64 - sealed_payload as i64
+}
+
+/// [`DIRECTION_BOUND`] as whole pool chunks, plus one partly filled chunk at each end of each
+/// of the three buffers it spans: what the live pool gauge of one process may show.
+pub const DIRECTION_BOUND_CHUNKS: usize = {
+    use sealpipe::reactor::pool::CHUNK_SIZE;
+    (DIRECTION_BOUND.div_ceil(CHUNK_SIZE) + 6) * CHUNK_SIZE
+};
+
+/// Samples the live pool bytes of `r` across a few housekeeping periods (the gauge is
+/// refreshed every 250 ms) and returns the largest value seen.
+pub fn settle_max_live(r: &Running) -> f64 {
+    let mut max_live = 0f64;
+    let until = std::time::Instant::now() + Duration::from_secs(1);
+    while std::time::Instant::now() < until {
+        max_live = max_live.max(pool_live(r));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    max_live
+}
+
+/// Set to skip, on purpose, the tests that need root (network namespaces and TUN devices, a peer
+/// run as another uid). Without it such a test fails as another user and says why: a run that
+/// cannot test something never passes as if it had. CI runs as root and unsets it.
+pub const SKIP_ROOT_TESTS: &str = "SEALPIPE_SKIP_ROOT_TESTS";
+
+/// Whether the root-only test `test` should run: true as root; false (printing SKIPPED) when
+/// [`SKIP_ROOT_TESTS`] is set; otherwise the test fails here, naming what it needs.
+pub fn root_or_skip(test: &str, needs: &str) -> bool {
+    if sealpipe::sys::euid() == 0 {
+        return true;
+    }
+    if std::env::var_os(SKIP_ROOT_TESTS).is_some() {
+        eprintln!("SKIPPED {test} because {SKIP_ROOT_TESTS} is set (it needs root: {needs})");
+        return false;
+    }
+    panic!(
+        "{test} needs root ({needs}), as CI has; run it as root, or set {SKIP_ROOT_TESTS}=1 to \
+         skip the root-only tests on purpose"
+    );
 }

@@ -146,10 +146,9 @@ fn both_shards_of_two_accept_connections() {
         "warn",
     ]));
     wait_listening(listen);
-    // Clients from one thread per CPU of our affinity mask: with SO_INCOMING_CPU the kernel
-    // gives a connection to the shard pinned to the CPU its packets arrive on (on loopback,
-    // the sender's); without it, SO_REUSEPORT hashes the 4-tuple. Either way both shards
-    // must get some. Bounded: at most 1000 connections per thread.
+    // Clients from one thread per CPU of our affinity mask: SO_REUSEPORT hashes the 4-tuple
+    // (and with --incoming-cpu each CPU's clients would go to that CPU's shard). Either way
+    // both shards must get some.
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let clients: Vec<_> = (0..2)
         .map(|i| {
@@ -175,6 +174,90 @@ fn both_shards_of_two_accept_connections() {
     let (s0, s1) = (per_shard(&t, "0"), per_shard(&t, "1"));
     assert!(s0 > 0.0 && s1 > 0.0, "shard 0: {s0}, shard 1: {s1}");
     eprintln!("two shards: {s0} and {s1} of {} connections", s0 + s1);
+}
+
+/// Connections accepted by each of two shards of `sealpipe forward --threads 2 EXTRA...` when
+/// one client thread pinned to the first CPU of our affinity mask opens `n` of them.
+fn accepted_per_shard_from_one_cpu(extra: &[&str], n: usize) -> (f64, f64) {
+    let echo = echo_backend();
+    let (listen, metrics) = (free_addr(), free_addr());
+    let _p = spawn(
+        sealpipe()
+            .args([
+                "forward",
+                "--listen",
+                &listen.to_string(),
+                "--target",
+                &echo.addr.to_string(),
+                "--threads",
+                "2",
+                "--metrics",
+                &metrics.to_string(),
+                "--log-level",
+                "warn",
+            ])
+            .args(extra),
+    );
+    wait_listening(listen);
+    let accepted = |t: &str, shard: &str| {
+        metric(
+            t,
+            "sealpipe_connections_accepted_total",
+            &[("shard", shard)],
+        )
+    };
+    // wait_listening's probe connection counts too: take the baseline after it.
+    let before = wait_metrics(metrics, "the probe accepted", |t| {
+        metric(t, "sealpipe_connections_accepted_total", &[]) >= 1.0
+    });
+    let (b0, b1) = (accepted(&before, "0"), accepted(&before, "1"));
+    let cores = core_affinity::get_core_ids().expect("the test's affinity mask");
+    let client = std::thread::spawn(move || {
+        assert!(
+            core_affinity::set_for_current(cores[0]),
+            "cannot pin the client thread"
+        );
+        for _ in 0..n {
+            exchange(listen, 16).unwrap();
+        }
+    });
+    client.join().unwrap();
+    let t = wait_metrics(metrics, "all connections accepted", |t| {
+        metric(t, "sealpipe_connections_accepted_total", &[]) >= b0 + b1 + n as f64
+    });
+    let (s0, s1) = (accepted(&t, "0") - b0, accepted(&t, "1") - b1);
+    assert_eq!(s0 + s1, n as f64, "shard 0: {s0}, shard 1: {s1}");
+    (s0, s1)
+}
+
+/// Item 3 of issue 14: with the default settings (unpinned shards, plain SO_REUSEPORT hashing)
+/// a client that runs on one CPU — a sidecar's application, `taskset -c 1` — still spreads
+/// its connections over every shard. With SO_INCOMING_CPU they would all go to the shard on
+/// the client's CPU (on loopback the SYN is processed on the sender's CPU).
+#[test]
+fn one_client_cpu_spreads_over_both_shards_by_default() {
+    const N: usize = 1000;
+    let (s0, s1) = accepted_per_shard_from_one_cpu(&[], N);
+    let min = 0.3 * N as f64;
+    assert!(
+        s0 >= min && s1 >= min,
+        "one client CPU, {N} connections: shard 0 got {s0}, shard 1 got {s1} (each should get >= 30%)"
+    );
+}
+
+/// The opt-in: `--pin --incoming-cpu` hands a connection to the shard pinned on the CPU that
+/// processed its packets — on loopback the client's CPU, which shard 0 is pinned to.
+#[test]
+fn incoming_cpu_keeps_connections_on_the_receiving_cpus_shard() {
+    if core_affinity::get_core_ids().is_none_or(|c| c.len() < 2) {
+        panic!("this test needs two CPUs in its affinity mask");
+    }
+    const N: usize = 200;
+    let (s0, s1) = accepted_per_shard_from_one_cpu(&["--pin", "--incoming-cpu"], N);
+    assert!(
+        s0 >= 0.9 * N as f64,
+        "--incoming-cpu, client on shard 0's CPU: shard 0 got {s0}, shard 1 got {s1}"
+    );
 }
 
 #[test]
@@ -412,6 +495,215 @@ fn max_conns_holds_the_next_client_until_one_closes() {
     for (i, s) in held.iter_mut().enumerate() {
         ping(s, 20 + i as u8).unwrap();
     }
+}
+
+/// Which of `clients` have their 32-byte ping echoed within `window` (non-blocking polls).
+fn served_within(clients: &mut [TcpStream], window: Duration) -> Vec<bool> {
+    let mut got = vec![0usize; clients.len()];
+    let deadline = Instant::now() + window;
+    for c in clients.iter() {
+        c.set_nonblocking(true).unwrap();
+    }
+    while Instant::now() < deadline {
+        for (c, g) in clients.iter_mut().zip(got.iter_mut()) {
+            let mut b = [0u8; 32];
+            if *g < 32 {
+                if let Ok(n) = c.read(&mut b[..32 - *g]) {
+                    *g += n;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for c in clients.iter() {
+        c.set_nonblocking(false).unwrap();
+    }
+    got.iter().map(|g| *g == 32).collect()
+}
+
+/// Item 6 of issue 14: `max_conns` is a process-wide limit, exact whatever the shards: with
+/// `threads` shards and a burst of clients queued at once, exactly `max` are served; when one
+/// closes, exactly one more is.
+fn max_conns_is_exact(threads: &str, max: usize) {
+    let echo = echo_backend();
+    let (listen, m) = (free_addr(), free_addr());
+    let _p = spawn(sealpipe().args([
+        "forward",
+        "--listen",
+        &listen.to_string(),
+        "--target",
+        &echo.addr.to_string(),
+        "--threads",
+        threads,
+        "--max-conns",
+        &max.to_string(),
+        "--metrics",
+        &m.to_string(),
+        "--log-level",
+        "error",
+    ]));
+    wait_listening(listen);
+    wait_metrics(m, "the probe closed", |t| {
+        metric(t, "sealpipe_connections_accepted_total", &[]) >= 1.0
+            && metric(t, "sealpipe_connections_active", &[]) == 0.0
+    });
+    let probes = echo.conns.load(Ordering::SeqCst);
+    // A burst: every client connected and its ping sent before any is read.
+    let mut clients: Vec<TcpStream> = (0..16u8)
+        .map(|i| {
+            let mut s = connect(listen);
+            s.write_all(&[i; 32]).unwrap();
+            s
+        })
+        .collect();
+    wait_until("the first clients served", || {
+        echo.conns.load(Ordering::SeqCst) >= probes + max
+    });
+    let served = served_within(&mut clients, Duration::from_secs(1));
+    let n = served.iter().filter(|s| **s).count();
+    assert_eq!(
+        (n, echo.conns.load(Ordering::SeqCst) - probes),
+        (max, max),
+        "--threads {threads} --max-conns {max}: clients served, upstream connections"
+    );
+    // One closes: exactly one more is served.
+    let first = served.iter().position(|s| *s).unwrap();
+    drop(clients.remove(first));
+    wait_until("one more client served", || {
+        echo.conns.load(Ordering::SeqCst) > probes + max
+    });
+    let again = served_within(&mut clients, Duration::from_secs(1));
+    let newly = again.iter().filter(|s| **s).count();
+    assert_eq!(
+        (newly, echo.conns.load(Ordering::SeqCst) - probes),
+        (1, max + 1),
+        "after one of {max} closed: clients served, upstream connections"
+    );
+}
+
+#[test]
+fn max_conns_one_with_two_shards_admits_one() {
+    max_conns_is_exact("2", 1);
+}
+
+#[test]
+fn max_conns_holds_for_a_burst_on_one_shard() {
+    max_conns_is_exact("1", 2);
+}
+
+/// A reload recomputes the shares of max_conns, and a shard paused at its old share accepts
+/// again at once when the new one leaves room (not only when one of its connections closes).
+#[test]
+fn reload_raising_max_conns_serves_the_waiting_client() {
+    let echo = echo_backend();
+    let dir = temp_dir("hup-max");
+    let cfg = dir.join("c.toml");
+    let (listen, m) = (free_addr(), free_addr());
+    let text = |max: usize| {
+        with_metrics(tunnel_toml("forward", listen, &[echo.addr], &[]), m)
+            .replace("keys = []\n", "")
+            .replace(
+                "threads = 1\n",
+                &format!("threads = 1\nmax_conns = {max}\n"),
+            )
+    };
+    write_config(&cfg, &text(1));
+    let p = spawn(sealpipe().arg("run").arg("--config").arg(&cfg));
+    wait_listening(listen);
+    wait_metrics(m, "the probe closed", |t| {
+        metric(t, "sealpipe_connections_accepted_total", &[]) >= 1.0
+            && metric(t, "sealpipe_connections_active", &[]) == 0.0
+    });
+    let mut first = connect(listen);
+    ping(&mut first, 1).unwrap();
+    let mut second = connect(listen);
+    second.write_all(&[2u8; 32]).unwrap();
+    wait_metrics(m, "the listener paused at max_conns", |t| {
+        metric(
+            t,
+            "sealpipe_connections_rejected_total",
+            &[("reason", "max_conns")],
+        ) >= 1.0
+    });
+    write_config(&cfg, &text(2));
+    p.signal("HUP");
+    wait_metrics(m, "a good reload", |t| reloads(t, "ok") == 1.0);
+    // `first` stays open: the second client is served because the limit rose.
+    let mut b = [0u8; 32];
+    second.read_exact(&mut b).unwrap();
+    assert_eq!(b, [2u8; 32]);
+    ping(&mut first, 3).unwrap();
+}
+
+/// Item 6 of issue 14: a mistyped log level in a reload is rejected like any other mistake
+/// (before, it was taken, and the filter it made turned every log line off, errors included).
+#[test]
+fn reload_with_an_unknown_log_level_is_rejected() {
+    let echo = echo_backend();
+    let dir = temp_dir("hup-level");
+    let cfg = dir.join("c.toml");
+    let (listen, m) = (free_addr(), free_addr());
+    let text = |level: &str| {
+        with_metrics(tunnel_toml("forward", listen, &[echo.addr], &[]), m)
+            .replace("keys = []\n", "")
+            .replace("level = \"warn\"", &format!("level = \"{level}\""))
+    };
+    write_config(&cfg, &text("warn"));
+    let p = spawn(sealpipe().arg("run").arg("--config").arg(&cfg));
+    wait_listening(listen);
+    write_config(&cfg, &text("loud"));
+    p.signal("HUP");
+    let t = wait_metrics(m, "a reload", |t| {
+        reloads(t, "error") + reloads(t, "ok") >= 1.0
+    });
+    assert_eq!((reloads(&t, "error"), reloads(&t, "ok")), (1.0, 0.0));
+    // A filter with a target is fine.
+    write_config(&cfg, &text("sealpipe=debug,warn"));
+    p.signal("HUP");
+    wait_metrics(m, "a good reload", |t| reloads(t, "ok") == 1.0);
+    exchange(listen, 10).unwrap();
+}
+
+/// Item 4 of issue 14: a log pipe nobody reads (a stuck journald or log shipper) must not
+/// stall the proxy. Logs go through a bounded, non-blocking writer that drops what does not
+/// fit and counts it. At `trace` every connection logs a few lines, so a 64 KiB pipe fills
+/// within a few hundred connections.
+#[test]
+fn a_stalled_log_pipe_does_not_stall_the_proxy() {
+    let echo = echo_backend();
+    let (listen, m) = (free_addr(), free_addr());
+    let mut child = sealpipe()
+        .args([
+            "forward",
+            "--listen",
+            &listen.to_string(),
+            "--target",
+            &echo.addr.to_string(),
+            "--threads",
+            "1",
+            "--metrics",
+            &m.to_string(),
+            "--log-level",
+            "trace",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Held, never read: the pipe fills and stays full.
+    let _stalled = child.stderr.take().unwrap();
+    let _p = Proc(child);
+    wait_listening(listen);
+    for i in 0..2000 {
+        exchange(listen, 16).unwrap_or_else(|e| panic!("exchange {i}: {e}"));
+    }
+    let t = wait_metrics(m, "dropped log lines counted", |t| {
+        metric(t, "sealpipe_log_lines_dropped_total", &[]) > 0.0
+    });
+    eprintln!(
+        "log lines dropped: {}",
+        metric(&t, "sealpipe_log_lines_dropped_total", &[])
+    );
 }
 
 /// utime + stime of a process, in clock ticks.

@@ -162,15 +162,6 @@ fn as_nobody(listen: SocketAddr, path: &Path) -> Proc {
     Proc(cmd.spawn().unwrap())
 }
 
-/// Only root can run a peer under another uid here; say so rather than pass silently.
-fn root_or_skip(test: &str) -> bool {
-    if sealpipe::sys::euid() != 0 {
-        eprintln!("SKIPPED: {test} runs a peer as another uid, which needs root");
-        return false;
-    }
-    true
-}
-
 /// A directory every user may create sockets in (the handoff path of a test of two uids).
 fn shared_dir() -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
@@ -181,7 +172,10 @@ fn shared_dir() -> PathBuf {
 
 #[test]
 fn handoff_successor_refuses_a_holder_of_another_user() {
-    if !root_or_skip("handoff_successor_refuses_a_holder_of_another_user") {
+    if !root_or_skip(
+        "handoff_successor_refuses_a_holder_of_another_user",
+        "it runs a peer as another uid",
+    ) {
         return;
     }
     let path = shared_dir().join("h.sock");
@@ -202,7 +196,10 @@ fn handoff_successor_refuses_a_holder_of_another_user() {
 #[test]
 fn handoff_holder_refuses_a_successor_of_another_user() {
     use std::os::unix::fs::PermissionsExt;
-    if !root_or_skip("handoff_holder_refuses_a_successor_of_another_user") {
+    if !root_or_skip(
+        "handoff_holder_refuses_a_successor_of_another_user",
+        "it runs a peer as another uid",
+    ) {
         return;
     }
     let dir = shared_dir();

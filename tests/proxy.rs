@@ -199,39 +199,53 @@ fn garbage_at_the_decrypt_side_is_dropped() {
         assert!(got.is_empty());
     }
     assert_eq!(echo.conns.load(Ordering::SeqCst), 0);
-    let text = String::from_utf8(d.metrics().render()).unwrap();
-    assert!(
-        text.contains("sealpipe_handshakes_total{result=\"malformed\",tunnel=\"decrypt\"}")
-            || text.contains("result=\"bad_mac\""),
-        "{text}"
+    // Each of the four is one failed handshake, under whichever reason the protocol gives
+    // garbage (every result but `ok`), and one connection closed as `handshake_failed`.
+    let failed = |r: &sealpipe::server::Running| {
+        sealpipe::metrics::HANDSHAKE_RESULTS[1..]
+            .iter()
+            .map(|res| metric(r, "sealpipe_handshakes_total", &[("result", res)]))
+            .sum::<f64>()
+    };
+    wait_until("four failed handshakes counted", || failed(&d) >= 4.0);
+    assert_eq!(failed(&d), 4.0);
+    assert_eq!(
+        metric(&d, "sealpipe_handshakes_total", &[("result", "ok")]),
+        0.0
+    );
+    assert_eq!(
+        metric(
+            &d,
+            "sealpipe_connections_closed_total",
+            &[("reason", "handshake_failed")]
+        ),
+        4.0
     );
 }
 
 #[test]
 fn failover_to_the_next_upstream_and_backend_down_then_up() {
     let echo = echo_backend();
-    // A port with nothing listening: bind, note, drop.
-    let dead = {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
-    let (fwd, _f) = start(tunnel(Mode::Forward, &[dead, echo.addr], &[]), limits());
+    // A port held (bound, never listening): connects to it are refused.
+    let dead = Port::reserve();
+    let (fwd, _f) = start(
+        tunnel(Mode::Forward, &[dead.addr, echo.addr], &[]),
+        limits(),
+    );
     for i in 0..5 {
         round_trip(fwd, i, 1000);
     }
-    // Backend down then up: the only target refuses, then starts listening.
-    let port = {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
-    let (fwd2, r2) = start(tunnel(Mode::Forward, &[port], &[]), limits());
+    // Backend down then up: the only target refuses, then starts listening on the same
+    // socket (the port is never released in between).
+    let port = Port::reserve();
+    let (fwd2, r2) = start(tunnel(Mode::Forward, &[port.addr], &[]), limits());
     let mut c = connect(fwd2);
     let (got, err) = read_to_end(&mut c);
     assert!(got.is_empty());
     assert_eq!(err, Some(ErrorKind::ConnectionReset));
     let text = String::from_utf8(r2.metrics().render()).unwrap();
     assert!(text.contains("reason=\"refused\""), "{text}");
-    let l = TcpListener::bind(port).unwrap();
+    let l = port.listen();
     std::thread::spawn(move || {
         for s in l.incoming().flatten() {
             let mut w = s.try_clone().unwrap();
@@ -288,6 +302,7 @@ fn slow_reader_is_bounded() {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let backend = l.local_addr().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
         let (mut s, _) = l.accept().unwrap();
         s.set_write_timeout(Some(Duration::from_millis(500)))
@@ -295,24 +310,52 @@ fn slow_reader_is_bounded() {
         let block = vec![3u8; 64 * 1024];
         let mut total = 0usize;
         let deadline = Instant::now() + TIMEOUT;
+        let mut stalled = false;
         while Instant::now() < deadline && total < 1 << 30 {
             match s.write(&block) {
                 Ok(n) => total += n,
-                Err(_) => break, // stalled for 500 ms: backpressure held
+                Err(e) => {
+                    // stalled for 500 ms: backpressure held
+                    stalled = matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut);
+                    break;
+                }
             }
         }
-        tx.send(total).unwrap();
-        drop(s);
+        tx.send((total, stalled)).unwrap();
+        // Held open (its queue stays where it is) until the test has looked.
+        let _ = done_rx.recv_timeout(TIMEOUT);
     });
-    let (entry, _e, _d) = pair(backend);
+    let (entry, e, d) = pair(backend);
     let c = connect(entry);
-    let total = rx.recv_timeout(TIMEOUT * 2).unwrap();
-    // Socket buffers on loopback (several MiB per hop) plus sealpipe's own bound per
-    // direction (under 1 MiB per side).
-    assert!(
-        total < 64 << 20,
-        "backend wrote {total} bytes into a client that reads nothing"
+    let (total, stalled) = rx.recv_timeout(TIMEOUT * 2).unwrap();
+    assert!(stalled, "backend wrote {total} bytes without stalling");
+    // Every byte the backend wrote sits in a kernel queue on one of the three hops or in
+    // sealpipe: what sealpipe holds is within the documented bound, one direction in each of
+    // the two processes, and at least the output high watermark in each (that is what
+    // stopped them reading).
+    let held = held_by_sealpipe(
+        total,
+        [backend.port(), entry.port()],
+        d.listen_addrs[0].port(),
     );
+    assert!(
+        held <= 2 * DIRECTION_BOUND as i64,
+        "sealpipe holds {held} bytes of a stalled stream (bound {})",
+        2 * DIRECTION_BOUND
+    );
+    assert!(
+        held >= 2 * sealpipe::proxy::OUTPUT_HIGH as i64,
+        "sealpipe holds only {held} bytes: the accounting is off"
+    );
+    for (side, r) in [("encrypt", &e), ("decrypt", &d)] {
+        let live = settle_max_live(r);
+        eprintln!("{side}: live pool {live}");
+        assert!(
+            live <= DIRECTION_BOUND_CHUNKS as f64,
+            "{side}: live pool bytes {live} over the bound {DIRECTION_BOUND_CHUNKS}"
+        );
+    }
+    let _ = done_tx.send(());
     drop(c);
 }
 
@@ -328,15 +371,37 @@ fn idle_timeout_closes_the_pair() {
     let echo = echo_backend();
     let mut l = limits();
     l.idle_timeout = 0.3;
-    let (fwd, _f) = start(tunnel(Mode::Forward, &[echo.addr], &[]), l);
+    let (fwd, f) = start(tunnel(Mode::Forward, &[echo.addr], &[]), l);
     let mut c = connect(fwd);
+    // The connection's last activity is the echo of this byte, so its idle timer cannot fire
+    // before `sent + 0.3 s`.
+    let sent = Instant::now();
     c.write_all(b"x").unwrap();
     let mut b = [0u8; 1];
     c.read_exact(&mut b).unwrap();
-    let t = Instant::now();
     let (_got, err) = read_to_end(&mut c);
-    assert!(err.is_none() || err == Some(ErrorKind::ConnectionReset));
-    assert!(t.elapsed() < Duration::from_secs(10));
+    let took = sent.elapsed();
+    assert_eq!(
+        err,
+        Some(ErrorKind::ConnectionReset),
+        "an idle timeout resets the client"
+    );
+    assert!(
+        took >= Duration::from_millis(300),
+        "closed after {took:?}, before the 0.3 s idle timeout could fire"
+    );
+    // The close was the idle timer's, and nothing else's.
+    let closed = || metric(&f, "sealpipe_connections_closed_total", &[]);
+    wait_until("the close is counted", || closed() >= 1.0);
+    for reason in sealpipe::metrics::CLOSE_REASONS {
+        let n = metric(
+            &f,
+            "sealpipe_connections_closed_total",
+            &[("reason", reason)],
+        );
+        let want = if reason == "idle_timeout" { 1.0 } else { 0.0 };
+        assert_eq!(n, want, "connections closed as {reason}");
+    }
 }
 
 /// Polls the server's metrics until `line` (a full sample line) appears.
@@ -355,15 +420,13 @@ fn wait_metric(r: &sealpipe::server::Running, line: &str) {
 #[test]
 fn active_health_checks_mark_targets_down_and_up_without_clients() {
     let echo = echo_backend();
-    let dead = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead_port = Port::reserve();
+    let dead = dead_port.addr;
     let mut t = tunnel(Mode::Forward, &[dead, echo.addr], &[]);
     t.health_check_interval = 0.1;
     let (fwd, r) = start(t, limits());
     let up = |addr: std::net::SocketAddr, v: u8| {
-        format!("sealpipe_upstream_up{{tunnel=\"forward\",upstream=\"{addr}\"}} {v}")
+        format!("sealpipe_upstream_up{{shard=\"0\",tunnel=\"forward\",upstream=\"{addr}\"}} {v}")
     };
     // Gauges start at 0; the live target at 1 proves a flush happened, and the dead one then
     // goes to 0 without any client having been sent there.
@@ -374,7 +437,7 @@ fn active_health_checks_mark_targets_down_and_up_without_clients() {
         round_trip(fwd, i, 100);
     }
     // The target comes to life: the next probe marks it up again.
-    let _l = TcpListener::bind(dead).unwrap();
+    let _l = dead_port.listen();
     wait_metric(&r, &up(dead, 1));
 }
 
@@ -434,4 +497,125 @@ fn quiet_forward_connection_keeps_working() {
     exchange_across_hibernation(&mut c, &[&f]);
     // No session keys in forward mode: only buffer lists were given back.
     assert_eq!(metric(&f, "sealpipe_key_hibernations_total", &[]), 0.0);
+}
+
+/// A live scrape of each side of a pair (2 shards, after traffic) exports exactly what
+/// `sealpipe::metrics::FAMILIES` declares — the table docs/METRICS.md is held to: every family
+/// with its type and help, every sample with the family's label names, enumerated labels only
+/// with declared values (a counter's all of them from start-up), and configuration-bound labels
+/// only with configured values (so label values passed in the wrong order cannot pass).
+#[test]
+fn live_scrape_matches_the_metrics_table() {
+    use sealpipe::metrics::{FAMILIES, Kind, family};
+    use std::collections::{BTreeMap, BTreeSet};
+    let echo = echo_backend();
+    let key = keygen("scrape");
+    let key_id = sealpipe::keyfile::load_key_set(std::slice::from_ref(&key))
+        .unwrap()
+        .primary()
+        .id()
+        .to_string();
+    let mut l = limits();
+    l.threads = 2;
+    let (dec, d) = start_observed(
+        tunnel(Mode::Decrypt, &[echo.addr], std::slice::from_ref(&key)),
+        l.clone(),
+    );
+    let (enc, e) = start_observed(tunnel(Mode::Encrypt, &[dec], &[key]), l);
+    for i in 0..4 {
+        round_trip(enc, i, 1000);
+    }
+    for (side, r, upstream) in [("decrypt", &d, echo.addr), ("encrypt", &e, dec)] {
+        let (status, text) = http_get(r.metrics_addr.unwrap(), "/metrics");
+        assert_eq!(status, 200);
+        let allowed = |label: &str, value: &str| match label {
+            "tunnel" => value == side,
+            "shard" => value == "0" || value == "1",
+            "upstream" => value == upstream.to_string(),
+            "key_id" => value == key_id,
+            "version" => value == env!("CARGO_PKG_VERSION"),
+            _ => false,
+        };
+        // family -> (label -> values seen)
+        let mut seen: BTreeMap<String, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
+        let mut current: Option<&sealpipe::metrics::Family> = None;
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let (name, help) = rest.split_once(' ').unwrap();
+                let f = family(name).unwrap_or_else(|| panic!("{side}: undeclared family {name}"));
+                assert_eq!(help, f.help, "{side}: help of {name}");
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                let f = family(name).unwrap_or_else(|| panic!("{side}: undeclared family {name}"));
+                assert_eq!(kind, f.kind.as_str(), "{side}: type of {name}");
+                assert!(
+                    seen.insert(name.to_string(), BTreeMap::new()).is_none(),
+                    "{side}: {name} twice"
+                );
+                current = Some(f);
+                continue;
+            }
+            if line.is_empty() {
+                continue;
+            }
+            let f = current.unwrap_or_else(|| panic!("{side}: sample before any TYPE: {line}"));
+            let (name, labels, _) = parse_sample(line);
+            let histogram = matches!(f.kind, Kind::Histogram(_));
+            let suffix_ok = name == f.name
+                || (histogram
+                    && [
+                        f.name.to_string() + "_bucket",
+                        f.name.to_string() + "_sum",
+                        f.name.to_string() + "_count",
+                    ]
+                    .iter()
+                    .any(|n| n == name));
+            assert!(suffix_ok, "{side}: sample {name} under family {}", f.name);
+            let mut names: Vec<&str> = labels
+                .iter()
+                .map(|(k, _)| k.as_str())
+                .filter(|k| !(histogram && *k == "le"))
+                .collect();
+            names.sort_unstable();
+            let mut want = f.label_names();
+            want.sort_unstable();
+            assert_eq!(names, want, "{side}: labels of {line}");
+            for (k, v) in labels.iter().filter(|(k, _)| k != "le") {
+                let declared = f.labels.iter().find(|l| l.name == k).unwrap();
+                match declared.values {
+                    Some(values) => assert!(
+                        values.contains(&v.as_str()),
+                        "{side}: {k}={v:?} is not a declared value of {}",
+                        f.name
+                    ),
+                    None => assert!(allowed(k, v), "{side}: {k}={v:?} in {line}"),
+                }
+                seen.get_mut(f.name)
+                    .unwrap()
+                    .entry(k.clone())
+                    .or_default()
+                    .insert(v.clone());
+            }
+        }
+        let exported: BTreeSet<&str> = seen.keys().map(String::as_str).collect();
+        let declared: BTreeSet<&str> = FAMILIES.iter().map(|f| f.name).collect();
+        assert_eq!(exported, declared, "{side}: families exported vs declared");
+        for f in FAMILIES.iter().filter(|f| f.kind == Kind::Counter) {
+            for l in f.labels {
+                if let Some(values) = l.values {
+                    let got: BTreeSet<&str> =
+                        seen[f.name][l.name].iter().map(String::as_str).collect();
+                    let want: BTreeSet<&str> = values.iter().copied().collect();
+                    assert_eq!(got, want, "{side}: {}{{{}}} from start-up", f.name, l.name);
+                }
+            }
+        }
+        assert_eq!(
+            seen["sealpipe_upstream_up"]["shard"].len(),
+            2,
+            "{side}: one upstream_up series per shard"
+        );
+    }
 }

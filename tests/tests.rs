@@ -3,6 +3,7 @@ mod alloc;
 mod cli;
 mod common;
 mod faults;
+mod identity;
 mod keyfile;
 mod lifecycle;
 mod perimeter;

@@ -149,6 +149,56 @@ fn buffer_prefix(_: &mut FuzzRandom, d: &mut [u8]) {
     }
 }
 
+/// For the PROXY header target: a plausible start of a version 1 line or a version 2 header
+/// (signature, a defined version/command and family, a length that fits what follows).
+fn proxy_prefix(rng: &mut FuzzRandom, d: &mut [u8]) {
+    let mut pick = [0u8; 3];
+    rng.fill(&mut pick);
+    let v1: [&[u8]; 5] = [
+        b"PROXY TCP4 192.0.2.1 198.51.100.7 ",
+        b"PROXY TCP6 2001:db8::1 ::1 ",
+        b"PROXY UNKNOWN",
+        b"PROXY UNKNOWN ",
+        b"PROXY TCP4 ",
+    ];
+    if pick[0] & 1 == 0 {
+        let p = v1[usize::from(pick[1]) % v1.len()];
+        let n = p.len().min(d.len());
+        d[..n].copy_from_slice(&p[..n]);
+        // End the line somewhere, as a sender would, mostly within the 107 bytes allowed.
+        if d.len() > n + 2 {
+            let room = (d.len() - n - 1).min(if pick[2] & 0x80 == 0 { 100 } else { 4096 });
+            let at = n + usize::from(pick[2]) % room;
+            d[at..at + 2].copy_from_slice(b"\r\n");
+        }
+        return;
+    }
+    let sig = sealpipe_proxy_header::SIGNATURE;
+    let n = sig.len().min(d.len());
+    d[..n].copy_from_slice(&sig[..n]);
+    let fams = [0x11u8, 0x21, 0x00, 0x12, 0x31];
+    let fixed = [
+        0x20 | (pick[1] & 1),
+        fams[usize::from(pick[2]) % fams.len()],
+    ];
+    for (i, b) in fixed.into_iter().enumerate() {
+        if let Some(x) = d.get_mut(12 + i) {
+            *x = b;
+        }
+    }
+    if d.len() >= 16 {
+        let len = u16::try_from(d.len() - 16).unwrap_or(u16::MAX);
+        // Mostly exactly what follows, sometimes a little less (bytes after the header).
+        let len = len.saturating_sub(u16::from(pick[0] >> 5));
+        d[14..16].copy_from_slice(&len.to_be_bytes());
+    }
+}
+
+#[test]
+fn corpus_proxy_header() {
+    run("proxy_header", 2200, super::proxy_header, proxy_prefix);
+}
+
 #[test]
 fn corpus_record() {
     run("record", 4096, super::record, record_prefix);

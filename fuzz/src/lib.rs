@@ -1,4 +1,5 @@
-//! Fuzz targets for the protocol core (version 2), the codec and the reactor's buffers; the
+//! Fuzz targets for the protocol core (version 2), the codec, the reactor's buffers and the
+//! PROXY protocol parser; the
 //! binaries in fuzz_targets/ are one-line wrappers. `corpus.rs` runs every target over 100,000
 //! generated inputs (and every file in `regressions/TARGET/`) in `cargo test`, on stable.
 //!
@@ -12,9 +13,11 @@ mod buffer;
 #[cfg(test)]
 mod corpus;
 mod filter;
+mod proxy_header;
 
 pub use buffer::buffer;
 pub use filter::seal_filter;
+pub use proxy_header::proxy_header;
 
 use std::sync::Arc;
 

@@ -132,7 +132,9 @@ struct TimerEntry {
     tag: Tag,
 }
 
-/// Counters a shard exports: how busy the loop is and how long its worst callback took.
+/// Counters a shard exports: how busy the loop is, how long its worst callback took, and how
+/// many callbacks ran past the stall threshold ([`EventBase::set_stall_threshold`]).
+/// All are running totals: a reader compares two readings.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LoopStats {
     pub turns: u64,
@@ -140,7 +142,12 @@ pub struct LoopStats {
     pub callbacks: u64,
     pub busy: Duration,
     pub waiting: Duration,
+    /// The longest callback since the loop started.
     pub longest_callback: Duration,
+    /// Callbacks that ran longer than the stall threshold, each counted.
+    pub stalls: u64,
+    /// How long the most recent of those ran.
+    pub last_stall: Duration,
 }
 
 /// The loop's state that callbacks may touch, split from the handler slab entry being run.
@@ -364,6 +371,7 @@ pub struct EventBase<S> {
     idle_pending: bool,
     /// Where `Context::now` comes from (see `clock`); `stats` always use the real clock.
     clock: Clock,
+    stall_threshold: Option<Duration>,
 }
 
 impl<S: 'static> EventBase<S> {
@@ -408,6 +416,7 @@ impl<S: 'static> EventBase<S> {
             idle: None,
             idle_pending: false,
             clock,
+            stall_threshold: None,
         })
     }
 
@@ -448,6 +457,12 @@ impl<S: 'static> EventBase<S> {
 
     pub fn spawn(&mut self, handler: Box<dyn Handler<S>>) -> HandlerId {
         self.core.spawn(handler)
+    }
+
+    /// Counts every callback that runs longer than `threshold` in [`LoopStats::stalls`]
+    /// (none are counted until this is set).
+    pub fn set_stall_threshold(&mut self, threshold: Duration) {
+        self.stall_threshold = Some(threshold);
     }
 
     /// Work for the loop's spare time (libev's idle watcher). While `wants` says there is
@@ -639,6 +654,10 @@ impl<S: 'static> EventBase<S> {
         if took > self.stats.longest_callback {
             self.stats.longest_callback = took;
         }
+        if self.stall_threshold.is_some_and(|t| took > t) {
+            self.stats.stalls += 1;
+            self.stats.last_stall = took;
+        }
     }
 
     fn run_deferred(&mut self, mark: &mut Instant) {
@@ -670,6 +689,40 @@ impl<S: 'static> EventBase<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs longer than the threshold in each of its first `n` timer callbacks.
+    struct Slow(u32);
+
+    impl Handler<u32> for Slow {
+        fn on_start(&mut self, cx: &mut Context<'_, u32>) {
+            cx.timer(Duration::ZERO, Tag::new(0));
+        }
+        fn on_ready(&mut self, _: &mut Context<'_, u32>, _: u8, _: Ready) {}
+        fn on_timer(&mut self, cx: &mut Context<'_, u32>, _: Tag) {
+            // The stall being measured, not a wait for anything.
+            std::thread::sleep(Duration::from_millis(30));
+            *cx.state += 1;
+            if *cx.state < self.0 {
+                cx.timer(Duration::ZERO, Tag::new(0));
+            }
+        }
+    }
+
+    #[test]
+    fn every_callback_over_the_stall_threshold_counts() {
+        let mut base = EventBase::new(0u32).unwrap();
+        base.set_stall_threshold(Duration::from_millis(20));
+        base.spawn(Box::new(Slow(3)));
+        for _ in 0..100 {
+            if *base.state() == 3 {
+                break;
+            }
+            base.loop_once(Some(Duration::from_millis(5))).unwrap();
+        }
+        let s = base.stats();
+        assert_eq!((*base.state(), s.stalls), (3, 3));
+        assert!(s.last_stall >= Duration::from_millis(30), "{s:?}");
+    }
 
     #[test]
     fn token_round_trip() {

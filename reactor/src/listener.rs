@@ -39,7 +39,8 @@ pub struct ListenerOptions {
     pub nodelay: bool,
     /// Most connections accepted per wakeup.
     pub accept_batch: usize,
-    /// SO_INCOMING_CPU: prefer connections whose packets arrive on this CPU (Linux).
+    /// SO_INCOMING_CPU: prefer connections whose packets arrive on this CPU (Linux). `None`
+    /// leaves the choice to SO_REUSEPORT's hash of the connection's addresses.
     pub incoming_cpu: Option<usize>,
 }
 
@@ -65,14 +66,22 @@ pub fn bind(addr: SocketAddr, opts: &ListenerOptions) -> io::Result<std::net::Tc
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
-    if let Some(cpu) = opts.incoming_cpu {
-        // Best effort: older kernels lack it, and it is only a locality hint.
-        let _ = socket.set_cpu_affinity(cpu);
+    if opts.incoming_cpu.is_some() {
+        set_incoming_cpu(&socket, opts.incoming_cpu);
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(opts.backlog)?;
     Ok(socket.into())
+}
+
+/// Sets (`Some(cpu)`) or clears (`None`) SO_INCOMING_CPU on a listening socket, for instance
+/// one inherited from a process that chose otherwise. Best effort: older kernels lack it, and
+/// it is only a steering hint.
+pub fn set_incoming_cpu(l: &impl std::os::fd::AsFd, cpu: Option<usize>) {
+    // The kernel takes an int and reads a negative one as "unset"; socket2 converts the
+    // usize with `as c_int`, so usize::MAX arrives as -1.
+    let _ = socket2::SockRef::from(l).set_cpu_affinity(cpu.unwrap_or(usize::MAX));
 }
 
 /// Is this accept error the kind that clears when descriptors or memory free up?
@@ -213,8 +222,19 @@ impl ConnListener {
         cx: &mut Context<'_, S>,
         on_accept: impl FnMut(&mut Context<'_, S>, TcpStream, SocketAddr),
     ) -> AcceptPass {
+        self.on_ready_at_most(cx, usize::MAX, on_accept)
+    }
+
+    /// [`on_ready`](Self::on_ready), accepting at most `max` connections: for an owner with
+    /// that much room left under its connection limit (it pauses when full).
+    pub fn on_ready_at_most<S>(
+        &mut self,
+        cx: &mut Context<'_, S>,
+        max: usize,
+        on_accept: impl FnMut(&mut Context<'_, S>, TcpStream, SocketAddr),
+    ) -> AcceptPass {
         self.ready = true;
-        self.accept(cx, self.opts.accept_batch, on_accept)
+        self.accept(cx, self.opts.accept_batch, max, on_accept)
     }
 
     /// Feed an `on_notify`/`on_timer` tag this listener owns.
@@ -222,6 +242,18 @@ impl ConnListener {
         &mut self,
         cx: &mut Context<'_, S>,
         tag: Tag,
+        on_accept: impl FnMut(&mut Context<'_, S>, TcpStream, SocketAddr),
+    ) -> AcceptPass {
+        self.on_tag_at_most(cx, tag, usize::MAX, on_accept)
+    }
+
+    /// [`on_tag`](Self::on_tag), accepting at most `max` connections (see
+    /// [`on_ready_at_most`](Self::on_ready_at_most)).
+    pub fn on_tag_at_most<S>(
+        &mut self,
+        cx: &mut Context<'_, S>,
+        tag: Tag,
+        max: usize,
         on_accept: impl FnMut(&mut Context<'_, S>, TcpStream, SocketAddr),
     ) -> AcceptPass {
         match tag.kind_for(Component::Listener, self.source) {
@@ -232,7 +264,7 @@ impl ConnListener {
             }
             _ => return AcceptPass::default(),
         }
-        self.accept(cx, self.opts.accept_batch, on_accept)
+        self.accept(cx, self.opts.accept_batch, max, on_accept)
     }
 
     /// Accepts everything queued now, ignoring the batch limit and the pause (used when
@@ -245,7 +277,7 @@ impl ConnListener {
         let paused = self.paused;
         self.paused = false;
         self.ready = true;
-        let pass = self.accept(cx, usize::MAX, on_accept);
+        let pass = self.accept(cx, usize::MAX, usize::MAX, on_accept);
         self.paused = paused;
         pass
     }
@@ -254,13 +286,14 @@ impl ConnListener {
         &mut self,
         cx: &mut Context<'_, S>,
         batch: usize,
+        max: usize,
         mut on_accept: impl FnMut(&mut Context<'_, S>, TcpStream, SocketAddr),
     ) -> AcceptPass {
         let mut pass = AcceptPass::default();
         if self.paused || self.backoff_timer.is_some() || !self.ready {
             return pass;
         }
-        while pass.accepted < batch {
+        while pass.accepted < batch.min(max) {
             match self.listener.accept() {
                 Ok((stream, peer)) => {
                     if self.opts.nodelay && !self.nodelay_inherited {
@@ -289,7 +322,8 @@ impl ConnListener {
                 }
             }
         }
-        // Batch full with more possibly queued: continue on a deferred pass.
+        // Batch (or the owner's `max`) full with more possibly queued: continue on a deferred
+        // pass. An owner that paused meanwhile makes that pass a no-op; resuming re-drives.
         self.queue_redrive(cx);
         pass
     }

@@ -17,3 +17,13 @@ start_sealmet() {
 start_sealnofs() { SEALPIPE_ARGS="$SEALPIPE_ARGS --no-forward-secrecy" start_sealpipe "$@"; }
 start_seal1() { SEALPIPE_ARGS="$SEALPIPE_ARGS --threads 1" start_sealpipe "$@"; }
 start_sealfwd1() { SEALPIPE_ARGS="$SEALPIPE_ARGS --threads 1" start_sealfwd "$@"; }
+#   sealpin      the pair with shards pinned (--pin)
+#   sealpinicpu  the pair pinned and steered by receiving CPU (--pin --incoming-cpu)
+#   sealfwdpin   sealpipe forward, pinned
+#   sealold, sealfwdold  the pair / forward from a second build (SEALPIPE_OLD_BIN), so two builds
+#                are measured in one run, alternating (e.g. before and after a change)
+start_sealpin() { SEALPIPE_ARGS="$SEALPIPE_ARGS --pin" start_sealpipe "$@"; }
+start_sealpinicpu() { SEALPIPE_ARGS="$SEALPIPE_ARGS --pin --incoming-cpu" start_sealpipe "$@"; }
+start_sealfwdpin() { SEALPIPE_ARGS="$SEALPIPE_ARGS --pin" start_sealfwd "$@"; }
+start_sealold() { SEALPIPE_BIN="${SEALPIPE_OLD_BIN:?set SEALPIPE_OLD_BIN}" start_sealpipe "$@"; }
+start_sealfwdold() { SEALPIPE_BIN="${SEALPIPE_OLD_BIN:?set SEALPIPE_OLD_BIN}" start_sealfwd "$@"; }

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
+use prometheus::{IntCounter, IntGauge};
 
 use super::Metrics;
 
@@ -63,15 +63,7 @@ impl Default for EndpointLimits {
     }
 }
 
-/// Why the endpoint closed or refused a connection (label values of
-/// `sealpipe_metrics_endpoint_closed_total`).
-const CLOSE_REASONS: [&str; 5] = [
-    "header_timeout",
-    "request_timeout",
-    "evicted",
-    "fd_reserve",
-    "accept_error",
-];
+/// Indexes into [`super::ENDPOINT_CLOSE_REASONS`].
 const HEADER_TIMEOUT: usize = 0;
 const REQUEST_TIMEOUT: usize = 1;
 const EVICTED: usize = 2;
@@ -91,32 +83,10 @@ struct EndpointMetrics {
 
 impl EndpointMetrics {
     fn new(m: &Metrics) -> EndpointMetrics {
-        let o = |n: &str, h: &str| Opts::new(n, h).namespace("sealpipe");
-        let closed = IntCounterVec::new(
-            o(
-                "metrics_endpoint_closed_total",
-                "Connections to the metrics endpoint it closed or refused, by reason (header_timeout, request_timeout, evicted = over the connection cap, fd_reserve = the process was near its descriptor limit, accept_error).",
-            ),
-            &["reason"],
-        )
-        .expect("metric definition");
-        let open = IntGauge::with_opts(o(
-            "metrics_endpoint_connections",
-            "Connections open to the metrics endpoint.",
-        ))
-        .expect("metric definition");
-        // A second endpoint on the same registry (never in one process) shares the first's.
-        for c in [
-            Box::new(closed.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(open.clone()),
-        ] {
-            if let Err(e) = m.registry.register(c) {
-                tracing::debug!(error = %e, "metrics endpoint: families already registered");
-            }
-        }
         EndpointMetrics {
-            closed: CLOSE_REASONS.map(|r| closed.with_label_values(&[r])),
-            open,
+            closed: super::ENDPOINT_CLOSE_REASONS
+                .map(|r| m.endpoint_closed.with_label_values(&[r])),
+            open: m.endpoint_connections.clone(),
         }
     }
 }

@@ -1,9 +1,10 @@
 //! The accept side of a tunnel on one shard: a [`ConnListener`] whose accepted sockets become
 //! [`Conn`] handlers of the tunnel's mode.
 //!
-//! At the shard's connection limit the listener pauses (the kernel keeps queueing) and resumes
-//! when a connection closes; each pause is counted as `rejected{reason="max_conns"}`. A client
-//! is admitted even when every upstream is marked down: the connection tries them anyway
+//! An accept pass takes no more than the room left under the shard's connection limit; at the
+//! limit the listener pauses (the kernel keeps queueing) and resumes when a connection closes
+//! or a reload raises the limit; each pause is counted as `rejected{reason="max_conns"}`. A
+//! client is admitted even when every upstream is marked down: the connection tries them anyway
 //! (see `upstream`), so a backend that is back serves it. When the shard drains, the
 //! listener first accepts everything already queued in the kernel, then closes. When a
 //! connection runs out of descriptors after its accept (its upstream connect fails with
@@ -142,6 +143,20 @@ impl Admission {
         }
     }
 
+    /// New limits from a reload, keeping what is in flight: the handshakes counted now and
+    /// each source's bucket (clamped to the new burst) stay, so a reload neither frees a flood's
+    /// slots nor refills its tokens.
+    pub fn set_limits(&mut self, limits: &crate::config::Admission, shards: usize) {
+        let fresh = Admission::new(limits, shards);
+        self.max_handshakes = fresh.max_handshakes;
+        self.per_source = fresh.per_source;
+        self.rate = fresh.rate;
+        self.burst = fresh.burst;
+        for s in self.sources.values_mut() {
+            s.tokens = s.tokens.min(self.burst);
+        }
+    }
+
     /// Connections of this shard in their handshake now.
     pub fn handshakes(&self) -> usize {
         self.handshakes
@@ -205,13 +220,25 @@ impl Admission {
     }
 }
 
-/// Builds the connection handler for the tunnel's mode and starts it.
-fn admit(cx: &mut Context<'_, ShardState>, tunnel: TunnelIdx, stream: TcpStream, peer: SocketAddr) {
+/// Builds the connection handler for the tunnel's mode and starts it; false if the client
+/// was turned away instead.
+fn admit(
+    cx: &mut Context<'_, ShardState>,
+    tunnel: TunnelIdx,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> bool {
     let now = cx.now();
     let rt = &cx.state.tunnels[tunnel];
     let reset = |s: &TcpStream| {
         let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
     };
+    // Access lists and trusted_proxies (proxy::identity), before anything is allocated.
+    if let Err(reason) = super::identity::admit_source(&rt.cfg.identity, peer.ip()) {
+        super::identity::refused(cx, tunnel, reason, peer);
+        reset(&stream);
+        return false;
+    }
     // Only a sealed client side has a pre-authentication phase to protect.
     let ticket = if rt.cfg.mode == Mode::Decrypt {
         match cx.state.admission.admit(peer.ip(), now) {
@@ -223,7 +250,7 @@ fn admit(cx: &mut Context<'_, ShardState>, tunnel: TunnelIdx, stream: TcpStream,
                     tracing::warn!(tunnel = %rt.cfg.name, reason = reason.as_str(), source = %peer.ip(), skipped, "unauthenticated connection refused");
                 }
                 reset(&stream);
-                return;
+                return false;
             }
         }
     } else {
@@ -238,26 +265,26 @@ fn admit(cx: &mut Context<'_, ShardState>, tunnel: TunnelIdx, stream: TcpStream,
         Mode::Forward => Box::new(Conn::<NoFilter, NoFilter>::new(rt, stream, now)),
     };
     cx.spawn(conn);
+    true
 }
 
 impl TunnelListener {
     fn accept(&mut self, cx: &mut Context<'_, ShardState>, tag: Option<Tag>) {
         let tunnel = self.tunnel;
-        let mut over_limit = false;
+        // The shard's share of max_conns is exact: a pass accepts only what still fits (none
+        // with a share of 0). `conns` counts started handlers; spawned ones start after this
+        // callback, so count what this pass admitted too.
+        let room = cx.state.conn_limit.saturating_sub(cx.state.conns);
+        let mut admitted = 0;
         let on_accept = |cx: &mut Context<'_, ShardState>, s: TcpStream, p: SocketAddr| {
-            admit(cx, tunnel, s, p);
-            // `conns` counts started handlers; spawned ones start after this callback, so
-            // count what this pass admitted too.
+            admitted += usize::from(admit(cx, tunnel, s, p));
         };
         let pass = match tag {
-            None => self.listener.on_ready(cx, on_accept),
-            Some(t) => self.listener.on_tag(cx, t, on_accept),
+            None => self.listener.on_ready_at_most(cx, room, on_accept),
+            Some(t) => self.listener.on_tag_at_most(cx, t, room, on_accept),
         };
-        let pending = pass.accepted;
         self.report(cx, pass);
-        if cx.state.conns + pending >= cx.state.conn_limit {
-            over_limit = true;
-        }
+        let over_limit = cx.state.conns + admitted >= cx.state.conn_limit;
         if over_limit && !self.listener.is_paused() {
             self.listener.pause();
             let rt = &mut cx.state.tunnels[tunnel];
@@ -316,9 +343,9 @@ impl Handler<ShardState> for TunnelListener {
             }
             TAG_DRAIN => {
                 let tunnel = self.tunnel;
-                let pass = self
-                    .listener
-                    .accept_all(cx, |cx, s, p| admit(cx, tunnel, s, p));
+                let pass = self.listener.accept_all(cx, |cx, s, p| {
+                    admit(cx, tunnel, s, p);
+                });
                 if pass.accepted > 0 {
                     tracing::info!(tunnel = %cx.state.tunnels[tunnel].cfg.name, accepted = pass.accepted, "drain: served connections already queued");
                 }
@@ -381,6 +408,31 @@ mod tests {
         a.release(t1);
         assert_eq!(a.handshakes(), 2);
         a.admit(ip("10.0.0.1"), now).unwrap();
+    }
+
+    #[test]
+    fn a_reload_changes_the_caps_and_keeps_what_is_in_flight() {
+        let now = Instant::now();
+        let mut a = limits(10, 10, 0.0, 0);
+        let _held: Vec<_> = (0..4)
+            .map(|_| a.admit(ip("10.0.0.1"), now).unwrap())
+            .collect();
+        a.set_limits(
+            &crate::config::Admission {
+                max_handshakes: 10,
+                max_handshakes_per_source: 3,
+                new_conns_per_source: 0.0,
+                new_conns_per_source_burst: 0,
+            },
+            1,
+        );
+        // The four in flight still count against the new per-source cap of 3.
+        assert_eq!(a.handshakes(), 4);
+        assert_eq!(
+            a.admit(ip("10.0.0.1"), now).unwrap_err(),
+            RejectReason::SourceHandshakes
+        );
+        a.admit(ip("10.0.0.2"), now).unwrap();
     }
 
     #[test]

@@ -16,8 +16,12 @@
 //! (`conn/pair.rs`, `MAX_BUFFERED`).
 
 pub use sealpipe_codec as codec;
+pub use sealpipe_proxy_header as proxy_header;
+pub mod access_log;
+pub mod cidr;
 pub mod conn;
 pub mod health;
+pub mod identity;
 pub mod ids;
 pub mod listener;
 pub mod upstream;
@@ -122,6 +126,8 @@ pub struct TunnelRt {
     /// accepted since the last warning.
     pub next_no_fs_warn: Instant,
     pub no_fs_unwarned: u64,
+    /// The tunnel's access log writer (`access_log`; opened by the server, replaced on reload).
+    pub access_log: Option<access_log::AccessLog>,
 }
 
 impl TunnelRt {
@@ -147,8 +153,15 @@ impl TunnelRt {
             next_probe: None,
             next_no_fs_warn: Instant::now(),
             no_fs_unwarned: 0,
+            access_log: None,
             cfg,
         }
+    }
+
+    /// With the access log writer `access_log::open_all` opened for this tunnel.
+    pub fn with_access_log(mut self, log: Option<access_log::AccessLog>) -> TunnelRt {
+        self.access_log = log;
+        self
     }
 
     /// A session without forward secrecy was accepted: `Some(sessions covered)` when it is
@@ -350,6 +363,20 @@ impl ShardState {
     }
 }
 
+/// An optional I/O error as a log field, by its message (`error = %OptError(err.as_ref())`):
+/// log lines show "Connection refused (os error 111)", never Rust's Debug form; `none` without
+/// one.
+pub struct OptError<'a>(pub Option<&'a std::io::Error>);
+
+impl std::fmt::Display for OptError<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(e) => e.fmt(f),
+            None => f.write_str("none"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -366,5 +393,54 @@ mod tests {
         assert_eq!(slots, [(0, 2), (1, 0), (2, 0), (3, 5)]);
         let later = ByteCounts([3, 1, 0, 5]);
         assert_eq!(later.since(&counts), ByteCounts([1, 1, 0, 0]));
+    }
+
+    /// The values of `label` as the metric's row in `metrics::FAMILIES` declares them.
+    fn declared(family: &str, label: &str) -> &'static [&'static str] {
+        let f = crate::metrics::family(family).unwrap_or_else(|| panic!("no row {family}"));
+        let l = f.labels.iter().find(|l| l.name == label);
+        l.and_then(|l| l.values)
+            .unwrap_or_else(|| panic!("{family} declares no values of {label}"))
+    }
+
+    /// Each label enum's discriminant is its value's slot in the family's declared list, so
+    /// a handle array built from that list is indexed by the enum.
+    #[test]
+    fn label_enums_follow_the_declared_value_lists() {
+        let sources = declared("sealpipe_ephemeral_keys_total", "source");
+        assert_eq!(sources.len(), KeySource::ALL.len());
+        for k in KeySource::ALL {
+            assert_eq!(sources[k as usize], k.as_str());
+        }
+        let directions = declared("sealpipe_flow_control_paused_total", "direction");
+        assert_eq!(directions.len(), conn::core::Flow::ALL.len());
+        for f in conn::core::Flow::ALL {
+            assert_eq!(directions[f as usize], f.as_str());
+        }
+        let reasons = declared("sealpipe_upstream_connect_failures_total", "reason");
+        assert_eq!(reasons.len(), upstream::ConnectFailure::ALL.len());
+        for r in upstream::ConnectFailure::ALL {
+            assert_eq!(reasons[r as usize], r.as_str());
+        }
+        // Bytes: direction x layer, the direction major.
+        let (dirs, layers) = (
+            declared("sealpipe_bytes_total", "direction"),
+            declared("sealpipe_bytes_total", "layer"),
+        );
+        let want = [
+            (Bytes::UpPlain, "upstream", "plaintext"),
+            (Bytes::UpSealed, "upstream", "sealed"),
+            (Bytes::DownPlain, "downstream", "plaintext"),
+            (Bytes::DownSealed, "downstream", "sealed"),
+        ];
+        assert_eq!(want.len(), dirs.len() * layers.len());
+        for (i, (b, d, l)) in want.into_iter().enumerate() {
+            assert_eq!(ByteCounts::LABELS[i] as usize, b as usize);
+            let slot = b as usize;
+            assert_eq!(
+                (dirs[slot / layers.len()], layers[slot % layers.len()]),
+                (d, l)
+            );
+        }
     }
 }

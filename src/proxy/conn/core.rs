@@ -37,10 +37,17 @@
 //! - Backpressure: a side stops reading while the far side's output holds [`OUTPUT_HIGH`] or
 //!   more, and resumes when that drains to [`OUTPUT_LOW`] (reads also stop at [`READ_HIGH`]
 //!   of pending input, in the stream core).
+//! - Client preamble: where the `Env` expects one (a PROXY header from a trusted load
+//!   balancer, `accept_proxy`), the client's input stages no more than its limit and nothing
+//!   connects until the `Env` says it is in ([`Env::client_preamble`]); a bad one, an end
+//!   before it, or none within the handshake timeout closes the connection (`proxy_header`).
+//!   Then the handshake gets its own whole timeout. The backend's preamble (`send_proxy`) is
+//!   [`Env::upstream_preamble`], in front of the client's bytes on every target tried.
 //! - Timers: one handshake deadline; one idle timer carrying both the idle (or, once a
 //!   direction ended, the half-closed) limit and, while awake, [`HIBERNATE_AFTER`]. Activity
 //!   only stores `last_active`; the timer re-arms itself when it finds the connection was
-//!   busy, so a read costs no timer work.
+//!   busy, so a read costs no timer work. A limit may be off (`None`): then only hibernation
+//!   arms the timer, and a sleeping connection arms none.
 //! - Hibernation: quiet for [`HIBERNATE_AFTER`], the sealed side drops its expanded keys and
 //!   both sides' empty buffers their chunk lists; the next activity wakes it.
 //!
@@ -90,14 +97,26 @@ impl Side {
     }
 }
 
-/// A direction of traffic whose reading paused for backpressure (label values of
-/// `sealpipe_flow_paused_total`, in the order of `TunnelMetrics::flow_paused`).
+/// A direction of traffic whose reading paused for backpressure: the `direction` label of
+/// `sealpipe_flow_control_paused_total`; the discriminant is its slot in the family's value
+/// list (`metrics::DIRECTIONS`) and in `TunnelMetrics::flow_paused`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Flow {
     /// Client to backend: the upstream's output is full.
     Upstream = 0,
     /// Backend to client: the client's output is full.
     Downstream = 1,
+}
+
+impl Flow {
+    pub const ALL: [Flow; 2] = [Flow::Upstream, Flow::Downstream];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Flow::Upstream => "upstream",
+            Flow::Downstream => "downstream",
+        }
+    }
 }
 
 /// The connection's own timers.
@@ -112,10 +131,25 @@ pub enum ConnTimer {
 /// The tunnel's timeouts, as configured now (a reload may change them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
-    pub idle: Duration,
-    /// Once one direction ended (at most `idle`).
-    pub half_closed: Duration,
+    /// How long the connection may be quiet; `None`: as long as it likes (a 0 in the
+    /// configuration turns the limit off).
+    pub idle: Option<Duration>,
+    /// The same once one direction ended (`config::Tunnel::idle_limit`: the shorter of the
+    /// idle and half-closed limits, whichever are on).
+    pub half_closed: Option<Duration>,
+    /// The handshake's deadline, and that of the client's preamble before it.
     pub handshake: Duration,
+}
+
+/// Where the client's preamble stands (see [`Env::client_preamble`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preamble {
+    /// None is expected, or it was read and taken off the input: the client's stream starts.
+    Done,
+    /// Incomplete: stage at most `limit` bytes of the client's input and read on.
+    Wait { limit: usize },
+    /// Unacceptable (the `Env` said why): the connection closes (`proxy_header`).
+    Failed,
 }
 
 /// A side's layer, as the core sees it: plain or sealed.
@@ -195,6 +229,9 @@ pub enum Action<'a, T> {
     },
     /// The handshake did not complete in time (the connection closes `handshake_failed`).
     HandshakeTimeout,
+    /// The client's preamble did not complete within the handshake timeout (the connection
+    /// closes `proxy_header`); `received`: the bytes the client sent.
+    PreambleTimeout { received: u64 },
     /// The session's OPEN arrived (a responder); the backend is connected for it next.
     SessionOpened(&'a OpenInfo),
     /// Reading paused for backpressure in this direction.
@@ -229,6 +266,12 @@ pub enum Action<'a, T> {
         asleep: bool,
         /// Bytes carried over its life, by direction and layer.
         bytes: ByteCounts,
+        /// The target it used last, if it got as far as choosing one.
+        target: Option<TargetId>,
+        /// The session's key and whether it had forward secrecy (none for plain, or before
+        /// the sealed side's hello).
+        key: Option<KeyId>,
+        forward_secrecy: Option<bool>,
     },
 }
 
@@ -257,8 +300,18 @@ pub trait Env<U: Layer, T: Transport> {
     /// the returned side (CONNECTED, ERROR, CONNECT_TIMEOUT).
     fn connect(&mut self, addr: TargetAddr, layer: U) -> BevCore<U, T>;
     /// Bytes to send the backend before anything of the client's, once the session's OPEN
-    /// arrived and the upstream side exists (a PROXY protocol header). None by default.
+    /// arrived and the upstream side exists (a PROXY protocol header). None by default. A
+    /// failed connect moves them back in front of the client's bytes, with those, so every
+    /// target tried gets them first, and once.
     fn upstream_preamble(&mut self, _open: &OpenInfo, _output: &mut Buffer) {}
+    /// The client's preamble (a PROXY header a load balancer puts ahead of its client's
+    /// bytes): reads what the client's `input` holds (`eof`: the client finished sending) and
+    /// takes the preamble off it once it is complete; on [`Preamble::Failed`] it says why (in
+    /// its logs). Asked when the connection starts, then on each client event until it is
+    /// [`Preamble::Done`]; nothing connects before. `Done` by default: none is expected.
+    fn client_preamble(&mut self, _input: &mut Buffer, _eof: bool) -> Preamble {
+        Preamble::Done
+    }
     /// The tunnel's targets (shared by the shard's connections).
     fn upstreams(&mut self) -> &mut Upstreams;
     /// The tunnel's timeouts now.
@@ -297,6 +350,8 @@ pub struct ConnCore<C: Layer, U: Layer, T> {
     connect_started: Instant,
     last_active: Instant,
     handshake_done: bool,
+    /// The client's preamble is still expected ([`Env::client_preamble`]).
+    awaiting_preamble: bool,
     /// Hibernating: quiet since `last_active + HIBERNATE_AFTER`; cleared by any activity.
     asleep: bool,
     client_eof: bool,
@@ -319,6 +374,7 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
             connect_started: now,
             last_active: now,
             handshake_done: !C::SEALED && !U::SEALED,
+            awaiting_preamble: false,
             asleep: false,
             client_eof: false,
             upstream_eof: false,
@@ -362,15 +418,25 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
     }
 
     /// The connection starts (its client side is registered): the handshake deadline, the
-    /// idle timer, and for a plaintext client the connect to the first target.
+    /// idle timer, and for a plaintext client the connect to the first target (once its
+    /// preamble, if one is expected, is in: until then the client's input stages no more
+    /// than the preamble's limit, and the handshake deadline is the preamble's).
     pub fn start(&mut self, now: Instant, env: &mut impl Env<U, T>) {
-        if C::SEALED || U::SEALED {
+        let preamble = env.client_preamble(&mut self.client.input, false);
+        self.awaiting_preamble = preamble != Preamble::Done;
+        if C::SEALED || U::SEALED || self.awaiting_preamble {
             let at = now + env.limits().handshake;
             env.act(Action::Timer(ConnTimer::Handshake, Some(at)));
         }
         self.arm_idle(env);
-        if !C::SEALED {
-            self.connect_upstream(now, env);
+        match preamble {
+            Preamble::Wait { limit } => self.client.set_watermarks(Watermarks {
+                read_high: limit,
+                ..WATERMARKS
+            }),
+            Preamble::Failed => self.finish(CloseReason::ProxyHeader, env),
+            Preamble::Done if !C::SEALED => self.connect_upstream(now, env),
+            Preamble::Done => {}
         }
     }
 
@@ -401,7 +467,10 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
         }
         match timer {
             ConnTimer::Idle => {
-                if now >= self.last_active + self.idle_limit(env) {
+                if self
+                    .idle_limit(env)
+                    .is_some_and(|l| now >= self.last_active + l)
+                {
                     self.finish(CloseReason::IdleTimeout, env);
                 } else {
                     if !self.asleep && now >= self.last_active + HIBERNATE_AFTER {
@@ -409,6 +478,11 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
                     }
                     self.arm_idle(env);
                 }
+            }
+            ConnTimer::Handshake if self.awaiting_preamble => {
+                let (received, _) = self.client.wire_bytes();
+                env.act(Action::PreambleTimeout { received });
+                self.finish(CloseReason::ProxyHeader, env);
             }
             ConnTimer::Handshake => {
                 if !self.handshake_done {
@@ -436,12 +510,25 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
         if let Some(id) = self.target {
             env.upstreams().release(id);
         }
+        let (key, forward_secrecy) = self.session();
         env.act(Action::Closed {
             reason,
             duration: now - self.started,
             asleep: self.asleep,
             bytes: self.counted,
+            target: self.target,
+            key,
+            forward_secrecy,
         });
+    }
+
+    /// The sealed side's session: its key and whether it has forward secrecy.
+    fn session(&self) -> (Option<KeyId>, Option<bool>) {
+        let up = self.upstream.as_deref();
+        let key = (self.client.filter().key_id()).or_else(|| up.and_then(|u| u.filter().key_id()));
+        let fs = (self.client.filter().forward_secrecy())
+            .or_else(|| up.and_then(|u| u.filter().forward_secrecy()));
+        (key, fs)
     }
 
     /// Connects to the next target (up ones first, then down ones: see `upstream`); closes
@@ -514,26 +601,28 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
         });
     }
 
-    /// The idle limit now: the half-closed one once a direction has ended.
-    fn idle_limit(&self, env: &impl Env<U, T>) -> Duration {
+    /// The idle limit now (the half-closed one once a direction has ended); `None`: off.
+    fn idle_limit(&self, env: &impl Env<U, T>) -> Option<Duration> {
         let l = env.limits();
         if self.client_eof || self.upstream_eof {
-            l.half_closed.min(l.idle)
+            l.half_closed
         } else {
             l.idle
         }
     }
 
     /// Arms the idle timer for `last_active + limit`, where the limit is [`HIBERNATE_AFTER`]
-    /// while awake (if shorter than the idle limit). Activity only stores `last_active`; the
-    /// timer re-arms itself when it finds the connection was busy (no timer work per read).
+    /// while awake (if shorter than the idle limit, or with none). Activity only stores
+    /// `last_active`; the timer re-arms itself when it finds the connection was busy (no timer
+    /// work per read). Asleep with no idle limit, nothing is armed: there is nothing to wait
+    /// for until the next activity, which wakes the connection and arms it again.
     fn arm_idle(&mut self, env: &mut impl Env<U, T>) {
         let mut t = self.idle_limit(env);
         if !self.asleep {
-            t = t.min(HIBERNATE_AFTER);
+            t = Some(t.map_or(HIBERNATE_AFTER, |t| t.min(HIBERNATE_AFTER)));
         }
-        let at = self.last_active + t.max(Duration::from_millis(1));
-        env.act(Action::Timer(ConnTimer::Idle, Some(at)));
+        let at = t.map(|t| self.last_active + t.max(Duration::from_millis(1)));
+        env.act(Action::Timer(ConnTimer::Idle, at));
     }
 
     /// The connection went quiet: drop the sealed side's keys and the buffers' spare lists.
@@ -642,6 +731,9 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
                 }
             }
         }
+        if self.awaiting_preamble && !self.preamble_read(ev.contains(BevEvents::EOF), now, env) {
+            return (c, u);
+        }
         if ev.contains(BevEvents::EOF) && !self.client_eof {
             self.client_eof = true;
             self.arm_idle(env);
@@ -742,6 +834,33 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
         (c, u)
     }
 
+    /// Reads the client's preamble ([`Env::client_preamble`]); once it is in, the client's
+    /// input is staged as usual, the handshake gets its own whole deadline from now, and the
+    /// upstream connect starts. False while it is incomplete, or if it failed (closing).
+    fn preamble_read(&mut self, eof: bool, now: Instant, env: &mut impl Env<U, T>) -> bool {
+        match env.client_preamble(&mut self.client.input, eof) {
+            Preamble::Wait { .. } => {
+                env.consumed(&mut self.client);
+                false
+            }
+            Preamble::Failed => {
+                self.finish(CloseReason::ProxyHeader, env);
+                false
+            }
+            Preamble::Done => {
+                self.awaiting_preamble = false;
+                self.client.set_watermarks(WATERMARKS);
+                env.consumed(&mut self.client);
+                let at = (C::SEALED || U::SEALED).then(|| now + env.limits().handshake);
+                env.act(Action::Timer(ConnTimer::Handshake, at));
+                if !C::SEALED {
+                    self.connect_upstream(now, env);
+                }
+                self.closed.is_none()
+            }
+        }
+    }
+
     /// Client input -> upstream output. Returns upstream events from the flush.
     fn pump_up(&mut self, env: &mut impl Env<U, T>) -> BevEvents {
         let Some(up) = self.upstream.as_mut() else {
@@ -789,21 +908,10 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
         }
         self.handshake_done = true;
         env.act(Action::Timer(ConnTimer::Handshake, None));
-        let up = self.upstream.as_deref();
-        let key = self
-            .client
-            .filter()
-            .key_id()
-            .or_else(|| up.and_then(|u| u.filter().key_id()));
-        let forward_secrecy = self
-            .client
-            .filter()
-            .forward_secrecy()
-            .or_else(|| up.and_then(|u| u.filter().forward_secrecy()))
-            .unwrap_or(false);
+        let (key, forward_secrecy) = self.session();
         env.act(Action::HandshakeOk {
             key,
-            forward_secrecy,
+            forward_secrecy: forward_secrecy.unwrap_or(false),
             took: now - self.started,
         });
     }

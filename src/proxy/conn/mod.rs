@@ -16,9 +16,13 @@
 //! apart: the responder names the check that failed; the initiator, which only sees the
 //! responder close, says what that most likely means.
 //!
-//! Extension points for what is built on the core: bytes for the backend before the client's
-//! (a PROXY protocol header) go in [`Env::upstream_preamble`]; the end of a connection, with its
-//! reason, duration and bytes each way (an access log record), is [`Action::Closed`].
+//! Client identity (`identity.rs`) joins through the core's extension points, with its state
+//! in an optional box beside the core (`None` for a tunnel that uses none of it): the client's
+//! PROXY header (`accept_proxy`) is [`Env::client_preamble`], and its timeout
+//! [`Action::PreambleTimeout`]; the OPEN an encrypt side seals comes from
+//! [`Env::upstream_layer`]; a decrypt side learns the session's OPEN from
+//! [`Action::SessionOpened`] and puts the backend's PROXY header (`send_proxy`) in
+//! [`Env::upstream_preamble`]; the access log line is written at [`Action::Closed`].
 
 pub mod core;
 #[cfg(test)]
@@ -32,34 +36,27 @@ use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 
-use crate::metrics::CloseReason;
+use crate::metrics::{Bytes, CloseReason};
 use crate::protocol::{AbortReason, ForwardSecrecy, KeyId, OpenInfo, ProtocolError, RandomSource};
 use crate::reactor::{
-    BevCore, BevEvents, BufferEvent, Context, Filter, Handler, NoFilter, Ready, Socket, Suspend,
-    Tag, Timeouts, TimerKey,
+    BevCore, BevEvents, Buffer, BufferEvent, Context, Filter, Handler, NoFilter, Ready, Socket,
+    Suspend, Tag, Timeouts, TimerKey,
 };
 
 pub use self::core::{Action, ConnCore, Env, HIBERNATE_AFTER, Layer, Side};
-use self::core::{Cause, ConnTimer, Failure, Limits};
+use self::core::{Cause, ConnTimer, Failure, Limits, Preamble};
 
 use super::codec::{Role, SealFilter};
+use super::identity::{self, ConnIdentity, HeaderError, HeaderStep};
 use super::listener::Ticket;
 use super::upstream::{ConnectOutcome, TargetId, Upstreams};
-use super::{ShardState, TargetAddr, TunnelIdx, TunnelRt};
+use super::{ByteCounts, OptError, ShardState, TargetAddr, TunnelIdx, TunnelRt};
 
 /// Timer tags of the connection itself (its BufferEvents' are theirs: see `reactor::tag`).
 const TAG_IDLE: Tag = Tag::new(1);
 const TAG_HANDSHAKE: Tag = Tag::new(2);
 /// Notify tag: the shard's drain deadline passed.
 pub const TAG_ABORT: Tag = Tag::new(3);
-
-/// An optional error as its message, for log fields.
-fn err_text(e: Option<&io::Error>) -> &dyn std::fmt::Display {
-    match e {
-        Some(e) => e,
-        None => &"unknown",
-    }
-}
 
 /// A target's address for log fields; a reload may have removed the target.
 struct Upstream(Option<TargetAddr>);
@@ -186,6 +183,9 @@ struct Shell {
     handshake_timer: Option<TimerKey>,
     /// Admission's hold on a pre-authentication slot, until the handshake completes.
     ticket: Option<Ticket>,
+    /// Client identity (PROXY headers in or out, the access log): `identity.rs`; `None` for
+    /// a tunnel that uses none of it.
+    ident: Option<Box<ConnIdentity>>,
 }
 
 /// A proxied connection.
@@ -198,6 +198,7 @@ impl<C: Make, U: Make> Conn<C, U> {
     /// Builds the handler for an accepted client socket.
     pub fn new(t: &TunnelRt, stream: TcpStream, now: Instant) -> Self {
         let filter = C::make(Role::Responder, t);
+        let ident = ConnIdentity::for_tunnel(&t.cfg.identity, || stream.peer_addr().ok());
         let client = BufferEvent::with_filter(stream, Side::Client as u8, filter, !C::SEALED);
         Conn {
             core: ConnCore::new(client, now),
@@ -206,6 +207,7 @@ impl<C: Make, U: Make> Conn<C, U> {
                 idle_timer: None,
                 handshake_timer: None,
                 ticket: None,
+                ident,
             },
         }
     }
@@ -346,7 +348,7 @@ impl<C: Make, U: Make> ConnEnv<'_, '_, C, U> {
         }
         let tunnel = &rt.cfg.name;
         let upstream = Upstream(addr);
-        let error = err_text(err);
+        let error = OptError(err);
         if outcome == ConnectOutcome::Exhausted {
             // Every other target would fail the same way: the core ends this client, and the
             // listener backs off so the freed fd does not just admit the next one to fail.
@@ -514,6 +516,42 @@ impl<C: Make, U: Make> ConnEnv<'_, '_, C, U> {
         m.closed(reason);
         m.duration.observe(duration.as_secs_f64());
     }
+
+    /// The client's PROXY header was refused, or did not come in time (`received`: the bytes
+    /// the client sent).
+    fn header_failed(&mut self, e: HeaderError, received: u64) {
+        let peer = self.shell.ident.as_ref().and_then(|i| i.peer());
+        identity::header_failed(self.cx, self.shell.tunnel, peer, e, received);
+    }
+
+    /// The access log line of this connection, if the tunnel keeps one (`identity.rs`).
+    fn log_access(
+        &mut self,
+        reason: CloseReason,
+        duration: Duration,
+        bytes: &ByteCounts,
+        session: (Option<TargetId>, Option<KeyId>, Option<bool>),
+    ) {
+        if self.rt().access_log.is_none() {
+            return;
+        }
+        let (target, key_id, fs) = session;
+        identity::log_close(
+            self.cx,
+            self.shell.tunnel,
+            identity::Ended {
+                reason,
+                duration,
+                target,
+                // Plaintext bytes (to, from) the backend: the client's side unless it is sealed.
+                plain: (bytes[Bytes::UpPlain], bytes[Bytes::DownPlain]),
+                relay: !C::SEALED && !U::SEALED,
+                key_id,
+                fs,
+                ident: self.shell.ident.as_deref(),
+            },
+        );
+    }
 }
 
 impl<C: Make, U: Make> Env<U, Socket> for ConnEnv<'_, '_, C, U> {
@@ -538,7 +576,10 @@ impl<C: Make, U: Make> Env<U, Socket> for ConnEnv<'_, '_, C, U> {
     fn upstream_layer(&mut self, client: &Socket) -> U {
         let mut layer = U::make(Role::Initiator, self.rt());
         if U::SEALED {
-            layer.set_open(client_open(client));
+            // The client's PROXY header's addresses if it sent one, else the socket's.
+            let open = client_open(client);
+            let ident = self.shell.ident.as_deref_mut();
+            layer.set_open(ident.map_or(open, |i| i.session_open(open)));
         }
         layer
     }
@@ -555,14 +596,41 @@ impl<C: Make, U: Make> Env<U, Socket> for ConnEnv<'_, '_, C, U> {
         }
         up
     }
+    fn upstream_preamble(&mut self, _open: &OpenInfo, output: &mut Buffer) {
+        // send_proxy: the backend's PROXY header, built from the OPEN (`SessionOpened`).
+        let Some(i) = self.shell.ident.as_deref_mut() else {
+            return;
+        };
+        let cfg = &self.cx.state.tunnels[self.shell.tunnel].cfg;
+        if let Some(h) = i.backend_header(&cfg.identity) {
+            output.append(h.as_bytes());
+        }
+    }
+    fn client_preamble(&mut self, input: &mut Buffer, eof: bool) -> Preamble {
+        // accept_proxy: the load balancer's PROXY header.
+        let Some(i) = (self.shell.ident.as_deref_mut()).filter(|i| i.awaiting_header()) else {
+            return Preamble::Done;
+        };
+        match i.read_header(input, eof) {
+            HeaderStep::Wait => Preamble::Wait {
+                limit: identity::MAX_HEADER_LEN,
+            },
+            HeaderStep::Ready => Preamble::Done,
+            HeaderStep::Failed(e) => {
+                // Nothing was taken off the input yet: it holds every byte the client sent.
+                self.header_failed(e, input.len() as u64);
+                Preamble::Failed
+            }
+        }
+    }
     fn upstreams(&mut self) -> &mut Upstreams {
         &mut self.rt().upstreams
     }
     fn limits(&self) -> Limits {
         let cfg = &self.cx.state.tunnels[self.shell.tunnel].cfg;
         Limits {
-            idle: cfg.idle_timeout,
-            half_closed: cfg.half_closed_timeout,
+            idle: cfg.idle_limit(false),
+            half_closed: cfg.idle_limit(true),
             handshake: cfg.handshake_timeout,
         }
     }
@@ -576,9 +644,15 @@ impl<C: Make, U: Make> Env<U, Socket> for ConnEnv<'_, '_, C, U> {
                 took,
             } => self.handshake_ok(key, forward_secrecy, took),
             Action::HandshakeTimeout => self.handshake_timeout(),
+            Action::PreambleTimeout { received } => {
+                self.header_failed(HeaderError::Timeout, received)
+            }
             Action::SessionOpened(open) => {
                 if let Some(a) = open.addrs {
                     tracing::trace!(client = %a.source, via = %a.destination, proxied = open.proxied, "session opened");
+                }
+                if let Some(i) = self.shell.ident.as_deref_mut() {
+                    i.opened(*open);
                 }
             }
             Action::FlowPaused(flow) => self.rt().metrics.flow_paused[flow as usize].inc(),
@@ -604,13 +678,18 @@ impl<C: Make, U: Make> Env<U, Socket> for ConnEnv<'_, '_, C, U> {
                 went_down,
             } => self.connect_failed(target, outcome, error, went_down),
             Action::Failed(f) => self.failed(f),
-            // The end of a connection: where an access log record would be written.
             Action::Closed {
                 reason,
                 duration,
                 asleep,
-                bytes: _,
-            } => self.closed(reason, duration, asleep),
+                bytes,
+                target,
+                key,
+                forward_secrecy,
+            } => {
+                self.closed(reason, duration, asleep);
+                self.log_access(reason, duration, &bytes, (target, key, forward_secrecy));
+            }
         }
     }
 }

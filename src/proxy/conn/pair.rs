@@ -17,6 +17,10 @@
 //! close with unread bytes, or bytes arriving at a closed end, turning into a RST; a refused
 //! connect reported as an error, an unanswered one resolved only by the connect timeout.
 //!
+//! The encrypt node may expect a PROXY header ahead of the client's bytes (`accept_proxy`,
+//! with the real `identity` parser behind `Env::client_preamble`, and the header's addresses
+//! in the OPEN it seals), and the decrypt node may send its backend a preamble first.
+//!
 //! Invariants: a world reads the system clock once, for its starting instant, and no system
 //! randomness (its time moves only by `advance`, its randomness is `TestRng`), so a schedule
 //! replays exactly; the
@@ -38,10 +42,12 @@ use crate::reactor::{
     BevCore, BevEvents, Buffer, Filter, NoFilter, Readiness, Ready, Suspend, Transport,
 };
 
+use super::super::cidr::CidrList;
 use super::super::codec::{Role, SealFilter};
+use super::super::identity::{self, ConnIdentity, HeaderError, HeaderStep, Identity};
 use super::super::upstream::{ConnectOutcome, Upstreams};
 use super::super::{ByteCounts, OUTPUT_HIGH, READ_HIGH, TargetAddr};
-use super::core::{Action, Cause, ConnCore, ConnTimer, Env, Flow, Layer, Limits, Side};
+use super::core::{Action, Cause, ConnCore, ConnTimer, Env, Flow, Layer, Limits, Preamble, Side};
 
 /// The documented bound on what one connection buffers (proxy/mod.rs): per direction
 /// `READ_HIGH + OUTPUT_HIGH + READ_HIGH` plus record framing, both directions.
@@ -464,6 +470,11 @@ pub enum Rec {
     },
     HandshakeTimeout,
     SessionOpened,
+    /// The client's PROXY header was refused.
+    PreambleFailed(HeaderError),
+    PreambleTimeout {
+        received: u64,
+    },
     FlowPaused(Flow),
     Hibernated {
         dropped_keys: bool,
@@ -538,6 +549,10 @@ pub struct NodeEnv {
     /// A timer was armed after the connection decided to close.
     timer_after_close: bool,
     preamble: Vec<u8>,
+    /// accept_proxy (the encrypt node): the client's PROXY header is read by `identity`.
+    ident: Option<ConnIdentity>,
+    /// The OPEN the session carried (the decrypt node).
+    pub opened: Option<OpenInfo>,
     /// Bytes carried, as reported by `Action::Bytes`.
     pub bytes: ByteCounts,
     /// Targets whose connect timed out.
@@ -552,6 +567,11 @@ fn timer_index(t: ConnTimer) -> usize {
 }
 
 impl NodeEnv {
+    /// When the connection's timer `t` is armed for, if it is.
+    pub fn timer(&self, t: ConnTimer) -> Option<Instant> {
+        self.timers[timer_index(t)]
+    }
+
     fn queue_redrive<F: Filter>(&mut self, bev: &mut BevCore<F, Pipe>) {
         let io = bev.io_mut();
         if !io.redrive_queued {
@@ -599,7 +619,11 @@ impl<U: Build> Env<U, Pipe> for NodeEnv {
         io.reset.set(true);
     }
     fn upstream_layer(&mut self, _client: &Pipe) -> U {
-        U::build(Role::Initiator, &mut self.layers)
+        let mut layer = U::build(Role::Initiator, &mut self.layers);
+        if let Some(i) = self.ident.as_mut() {
+            layer.set_open(i.session_open(self.layers.open));
+        }
+        layer
     }
     fn connect(&mut self, addr: TargetAddr, layer: U) -> BevCore<U, Pipe> {
         let addr = addr.get();
@@ -621,6 +645,21 @@ impl<U: Build> Env<U, Pipe> for NodeEnv {
     }
     fn upstream_preamble(&mut self, _open: &OpenInfo, output: &mut Buffer) {
         output.append(&self.preamble);
+    }
+    fn client_preamble(&mut self, input: &mut Buffer, eof: bool) -> Preamble {
+        let Some(i) = self.ident.as_mut().filter(|i| i.awaiting_header()) else {
+            return Preamble::Done;
+        };
+        match i.read_header(input, eof) {
+            HeaderStep::Wait => Preamble::Wait {
+                limit: identity::MAX_HEADER_LEN,
+            },
+            HeaderStep::Ready => Preamble::Done,
+            HeaderStep::Failed(e) => {
+                self.recs.push(Rec::PreambleFailed(e));
+                Preamble::Failed
+            }
+        }
     }
     fn upstreams(&mut self) -> &mut Upstreams {
         &mut self.upstreams
@@ -651,7 +690,11 @@ impl<U: Build> Env<U, Pipe> for NodeEnv {
                 forward_secrecy, ..
             } => Rec::HandshakeOk { forward_secrecy },
             Action::HandshakeTimeout => Rec::HandshakeTimeout,
-            Action::SessionOpened(_) => Rec::SessionOpened,
+            Action::PreambleTimeout { received } => Rec::PreambleTimeout { received },
+            Action::SessionOpened(open) => {
+                self.opened = Some(*open);
+                Rec::SessionOpened
+            }
             Action::FlowPaused(f) => Rec::FlowPaused(f),
             Action::Hibernated { dropped_keys } => Rec::Hibernated { dropped_keys },
             Action::Woke => Rec::Woke,
@@ -1016,6 +1059,9 @@ pub struct Opts {
     pub backend_data: Vec<u8>,
     /// Bytes the decrypt side sends its backend first (the PROXY header hook).
     pub preamble: Vec<u8>,
+    /// accept_proxy: the encrypt side expects a PROXY header, which the client sends ahead of
+    /// `client_data` (these bytes, valid or not); none if empty.
+    pub client_header: Vec<u8>,
 }
 
 /// `n` bytes of a stream that shows any reordering, loss or duplication.
@@ -1031,8 +1077,8 @@ impl Default for Opts {
             enc_targets: vec![Kind::Decrypt],
             dec_targets: vec![Kind::Backend],
             limits: Limits {
-                idle: Duration::from_secs(3600),
-                half_closed: Duration::from_secs(3600),
+                idle: Some(Duration::from_secs(3600)),
+                half_closed: Some(Duration::from_secs(3600)),
                 handshake: Duration::from_secs(3600),
             },
             connect_timeout: Duration::from_secs(3),
@@ -1043,6 +1089,7 @@ impl Default for Opts {
             client_data: pattern(3000, 1),
             backend_data: pattern(5000, 2),
             preamble: Vec::new(),
+            client_header: Vec::new(),
         }
     }
 }
@@ -1147,6 +1194,8 @@ impl World {
                 close: None,
                 timer_after_close: false,
                 preamble: Vec::new(),
+                ident: None,
+                opened: None,
                 bytes: ByteCounts::default(),
                 timed_out: Vec::new(),
             }
@@ -1158,7 +1207,7 @@ impl World {
                 link: link.clone(),
                 e: 0,
             },
-            opts.client_data.clone(),
+            [&opts.client_header[..], &opts.client_data].concat(),
         );
         let end = End {
             link: link.clone(),
@@ -1169,9 +1218,18 @@ impl World {
             ..Ready::default()
         });
         let pipe = Pipe::new(Side::Client, end, PipeState::Open);
+        let mut enc_env = env(0, &opts.enc_targets, 1000);
+        if !opts.client_header.is_empty() {
+            let accept_proxy = Identity {
+                trusted_proxies: Some(CidrList::parse(&["0.0.0.0/0"]).expect("literal")),
+                ..Identity::default()
+            };
+            let peer = open.addrs.map(|a| a.source);
+            enc_env.ident = ConnIdentity::for_tunnel(&accept_proxy, || peer).map(|b| *b);
+        }
         let enc = Node {
             core: ConnCore::new(BevCore::with_io(pipe, NoFilter, true), now),
-            env: env(0, &opts.enc_targets, 1000),
+            env: enc_env,
             closed: false,
         };
         let mut dec_env = env(1, &opts.dec_targets, 2000);
@@ -1556,13 +1614,16 @@ impl World {
         panic!("the world never settles");
     }
 
-    /// What the backend should get of what the client sent so far: the preamble, then it.
+    /// What the backend should get of what the client sent so far: the preamble, then it
+    /// (after its PROXY header, which the encrypt side takes off).
     fn upstream_sent(&self) -> Vec<u8> {
-        [
-            &self.opts.preamble[..],
-            &self.client.data[..self.client.sent],
-        ]
-        .concat()
+        let header = self.opts.client_header.len();
+        let sent = self
+            .client
+            .data
+            .get(header..self.client.sent)
+            .unwrap_or(&[]);
+        [&self.opts.preamble[..], sent].concat()
     }
 
     /// Whether a connect to a target that would have answered timed out (time ran past the
@@ -1577,6 +1638,12 @@ impl World {
         let dec = self.dec.iter().flat_map(|d| &d.env.timed_out);
         let dec = dec.map(|&a| self.opts.dec_targets[target_index(a)]);
         enc.chain(dec).any(|k| k != Kind::Blackhole)
+    }
+
+    /// The client ended before the whole PROXY header the encrypt side expects (which then
+    /// refuses it, as it must).
+    pub fn client_header_cut(&self) -> bool {
+        self.client.sent < self.opts.client_header.len()
     }
 
     /// The cores that exist.
@@ -1598,7 +1665,7 @@ impl World {
             "a connection buffers {b} bytes, over the bound of {MAX_BUFFERED}"
         );
         let backend_got = self.backend.as_ref().map_or(&[][..], |b| &b.got[..]);
-        let upstream: Vec<u8> = [&self.opts.preamble[..], &self.client.data].concat();
+        let upstream: Vec<u8> = [&self.opts.preamble[..], &self.opts.client_data].concat();
         assert!(
             upstream.starts_with(backend_got),
             "the backend got bytes the client never sent in that order"

@@ -5,11 +5,12 @@
 use std::mem::size_of;
 use std::time::Duration;
 
-use super::core::{Flow, Limits, Side};
+use super::core::{ConnTimer, Flow, Limits, Side};
 use super::pair::{Kind, Opts, Rec, World};
 use super::*;
 use crate::metrics::{Bytes, CloseReason};
 use crate::proxy::TargetIdx;
+use crate::proxy::proxy_header::Invalid;
 
 /// Runs a world to its end with nothing in the way.
 fn run(opts: Opts) -> World {
@@ -356,6 +357,105 @@ fn the_backend_gets_the_preamble_first_even_after_a_failover() {
     assert!(b.eof && w.client.eof);
 }
 
+/// A load balancer's PROXY header naming its client (accept_proxy).
+const CLIENT_HEADER: &[u8] = b"PROXY TCP4 192.0.2.7 10.0.0.1 40001 6379\r\n";
+
+fn accept_proxy(opts: Opts) -> Opts {
+    Opts {
+        client_header: CLIENT_HEADER.to_vec(),
+        ..opts
+    }
+}
+
+#[test]
+fn the_client_preamble_comes_off_first_and_names_the_client_in_the_open() {
+    let mut w = World::new(accept_proxy(Opts::default()));
+    // Part of the header: nothing connects yet.
+    assert!(w.client_write(20));
+    w.deliver(0, 0, usize::MAX);
+    w.ready(0, Side::Client);
+    assert!(w.enc.core.upstream().is_none() && !w.establish());
+    // The rest of it, and the client's bytes behind it in the same writes.
+    w.settle();
+    w.check_settled();
+    w.check_complete();
+    let b = w.backend.as_ref().unwrap();
+    assert!(
+        b.got == w.opts.client_data,
+        "the header never reaches the far side"
+    );
+    let open = w.dec.as_ref().unwrap().env.opened.expect("an OPEN");
+    assert!(open.proxied);
+    assert_eq!(
+        open.addrs.map(|a| a.source),
+        Some("192.0.2.7:40001".parse().unwrap())
+    );
+}
+
+#[test]
+fn a_bad_cut_or_late_client_preamble_closes_with_proxy_header_before_any_connect() {
+    let bad = |w: &World, e: Option<HeaderError>| {
+        assert_eq!(w.enc.reason(), Some(CloseReason::ProxyHeader));
+        if let Some(e) = e {
+            assert!(w.enc.recorded(&Rec::PreambleFailed(e)), "{e:?}");
+        }
+        assert!(w.client.reset, "the client is reset");
+        assert!(
+            w.dec.is_none() && w.enc.core.target().is_none(),
+            "no connect"
+        );
+    };
+    // Not a PROXY header at all.
+    let mut w = World::new(Opts {
+        client_header: b"GET / HTTP/1.1\r\n".to_vec(),
+        ..Opts::default()
+    });
+    w.settle();
+    w.check_settled();
+    bad(&w, Some(HeaderError::Invalid(Invalid::NotProxy)));
+    // The client ends in the middle of it.
+    let mut w = World::new(accept_proxy(Opts::default()));
+    assert!(w.client_write(20) && w.client_shut());
+    w.settle();
+    w.check_settled();
+    bad(&w, Some(HeaderError::Eof));
+    // Part of it, then silence: the handshake timeout is the header's.
+    let mut w = World::new(accept_proxy(timeout_opts()));
+    assert!(w.client_write(20));
+    w.deliver(0, 0, usize::MAX);
+    w.ready(0, Side::Client);
+    w.advance(Duration::from_millis(1_999));
+    assert!(!w.enc.closed, "not yet");
+    w.advance(Duration::from_millis(1));
+    assert!(w.enc.recorded(&Rec::PreambleTimeout { received: 20 }));
+    w.settle();
+    w.check_settled();
+    bad(&w, None);
+}
+
+#[test]
+fn after_the_client_preamble_the_handshake_gets_its_own_whole_timeout() {
+    let mut w = World::new(accept_proxy(timeout_opts()));
+    w.advance(Duration::from_millis(1_500));
+    assert!(w.client_write(CLIENT_HEADER.len()));
+    w.deliver(0, 0, usize::MAX);
+    w.ready(0, Side::Client);
+    assert!(
+        w.enc.core.upstream().is_some(),
+        "connecting once the header is in"
+    );
+    // The decrypt side accepts, and nothing ever crosses the wire.
+    assert!(w.establish());
+    w.ready(0, Side::Upstream);
+    w.advance(Duration::from_millis(1_999));
+    assert!(!w.enc.closed, "2 s from the header, not from the accept");
+    w.advance(Duration::from_millis(1));
+    assert!(w.enc.recorded(&Rec::HandshakeTimeout));
+    assert_eq!(w.enc.reason(), Some(CloseReason::HandshakeFailed));
+    w.settle();
+    w.check_settled();
+}
+
 /// Runs the network and lets both peers read, until nothing moves.
 fn exchange(w: &mut World) {
     loop {
@@ -414,8 +514,8 @@ fn half_close_flows_through_when_the_backend_ends_first() {
 fn timeout_opts() -> Opts {
     Opts {
         limits: Limits {
-            idle: Duration::from_secs(10),
-            half_closed: Duration::from_secs(4),
+            idle: Some(Duration::from_secs(10)),
+            half_closed: Some(Duration::from_secs(4)),
             handshake: Duration::from_secs(2),
         },
         ..Opts::default()
@@ -456,6 +556,58 @@ fn activity_moves_the_idle_deadline() {
 #[test]
 fn a_half_closed_connection_times_out_at_the_half_closed_limit() {
     let mut w = opened(timeout_opts());
+    assert!(w.client_write(100) && w.client_shut());
+    exchange(&mut w);
+    w.advance(Duration::from_millis(3_999));
+    assert!(!w.enc.closed, "not yet");
+    w.advance(Duration::from_millis(1));
+    assert_eq!(w.enc.reason(), Some(CloseReason::IdleTimeout));
+    w.settle();
+    w.check_settled();
+}
+
+#[test]
+fn an_idle_timeout_of_zero_never_fires() {
+    // 0 in the configuration: no limit (`config::Tunnel::idle_limit`).
+    let off = Limits {
+        idle: None,
+        half_closed: None,
+        handshake: Duration::from_secs(2),
+    };
+    let mut w = opened(Opts {
+        limits: off,
+        ..Opts::default()
+    });
+    assert!(w.client_write(100));
+    exchange(&mut w);
+    w.advance(Duration::from_secs(7 * 24 * 3600));
+    assert!(!w.enc.closed && !w.dec.as_ref().unwrap().closed);
+    // It hibernated, and then waits for nothing: no timer is armed until the next activity.
+    assert!(w.enc.core.is_asleep());
+    assert_eq!(w.enc.env.timer(ConnTimer::Idle), None);
+    // Half-closed, with no half-closed limit either.
+    assert!(w.client_write(100) && w.client_shut());
+    exchange(&mut w);
+    w.advance(Duration::from_secs(7 * 24 * 3600));
+    assert!(!w.enc.closed && !w.dec.as_ref().unwrap().closed);
+    // The stream is whole: the reply flows and both ends close cleanly.
+    w.settle();
+    w.check_settled();
+    w.check_complete();
+}
+
+#[test]
+fn with_the_idle_timeout_off_the_half_closed_one_still_applies() {
+    let mut w = opened(Opts {
+        limits: Limits {
+            idle: None,
+            half_closed: Some(Duration::from_secs(4)),
+            handshake: Duration::from_secs(2),
+        },
+        ..Opts::default()
+    });
+    w.advance(Duration::from_secs(24 * 3600));
+    assert!(!w.enc.closed, "open: no limit");
     assert!(w.client_write(100) && w.client_shut());
     exchange(&mut w);
     w.advance(Duration::from_millis(3_999));
@@ -571,6 +723,7 @@ mod schedules {
 
     use super::super::core::Limits;
     use super::super::pair::{Kind, Opts, Step, World, pattern};
+    use super::CLIENT_HEADER;
     use crate::protocol::{AeadKind, ForwardSecrecy};
 
     /// Schedules per `cargo test` run (CI runs them all).
@@ -621,15 +774,19 @@ mod schedules {
         let aead = prop_oneof![Just(AeadKind::Ring), Just(AeadKind::RustCrypto)];
         (
             (enc, dec, any::<bool>(), 500u64..3000),
-            (secrecy, aead, proptest::option::of(1u64..5)),
+            (secrecy, aead, proptest::option::of(1u64..5), any::<bool>()),
             (512usize..65536, 0usize..6000, 0usize..6000, any::<bool>()),
         )
             .prop_map(
-                |((enc, dec, short, connect_ms), (fs, aead, key_update), (cap, up, down, pre))| {
+                |(
+                    (enc, dec, short, connect_ms),
+                    (fs, aead, key_update, accept_proxy),
+                    (cap, up, down, pre),
+                )| {
                     let limits = if short {
                         Limits {
-                            idle: Duration::from_secs(2),
-                            half_closed: Duration::from_secs(1),
+                            idle: Some(Duration::from_secs(2)),
+                            half_closed: Some(Duration::from_secs(1)),
                             handshake: Duration::from_secs(1),
                         }
                     } else {
@@ -648,6 +805,11 @@ mod schedules {
                         backend_data: pattern(down, 2),
                         preamble: if pre {
                             b"PROXY\r\n".to_vec()
+                        } else {
+                            Vec::new()
+                        },
+                        client_header: if accept_proxy {
+                            CLIENT_HEADER.to_vec()
                         } else {
                             Vec::new()
                         },
@@ -671,7 +833,7 @@ mod schedules {
             opened in any::<bool>(),
             steps in vec(step(), 0..48),
         ) {
-            let long = opts.limits.idle > Duration::from_secs(60);
+            let long = opts.limits.idle > Some(Duration::from_secs(60));
             let mut w = World::new(opts);
             if opened {
                 // Half the schedules start with the session open and the backend connected,
@@ -684,7 +846,7 @@ mod schedules {
             }
             w.settle();
             w.check_settled();
-            if w.faults == 0 && long && !w.live_connect_timed_out() {
+            if w.faults == 0 && long && !w.live_connect_timed_out() && !w.client_header_cut() {
                 w.check_complete();
             }
         }
