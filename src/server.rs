@@ -215,6 +215,10 @@ pub struct Running {
     handoff: Option<HandoffServer>,
     /// Heap trims the shards ask the control thread for.
     trim: Arc<HeapTrim>,
+    /// Per tunnel: a duplicate of each shard's listening socket, on which a reload sets the
+    /// tunnel's new socket options (keepalive); dropped when draining starts, so that a
+    /// stopped process keeps no listening socket open.
+    listeners: Vec<Vec<OwnedFd>>,
 }
 
 /// Binds one listener per shard for `addr` (SO_REUSEPORT); a port of 0 is resolved by the
@@ -483,6 +487,7 @@ pub fn start_with(
     let mut listen_addrs = Vec::new();
     let mut per_shard: Vec<Vec<std::net::TcpListener>> = (0..nshards).map(|_| Vec::new()).collect();
     let mut dups: Vec<Vec<OwnedFd>> = Vec::new();
+    let mut listeners: Vec<Vec<OwnedFd>> = Vec::new();
     for (ti, t) in cfg.tunnels.iter().enumerate() {
         let got = inherited
             .as_mut()
@@ -494,18 +499,24 @@ pub fn start_with(
         }
         let (addr, ls) = bind_all(&t.name, t.listen, nshards, &cpus, got)?;
         listen_addrs.push(addr);
+        let listen_err = |source| ServerError::Listen {
+            tunnel: t.name.clone(),
+            addr,
+            source,
+        };
         let mut d = Vec::with_capacity(ls.len());
+        let mut own = Vec::with_capacity(ls.len());
         for (i, l) in ls.into_iter().enumerate() {
+            // Accepted sockets inherit these (see proxy::keepalive).
+            crate::proxy::keepalive::apply(&l, &t.keepalive).map_err(listen_err)?;
+            own.push(dup(&l).map_err(listen_err)?);
             if handoff.is_some() {
-                d.push(dup(&l).map_err(|source| ServerError::Listen {
-                    tunnel: t.name.clone(),
-                    addr,
-                    source,
-                })?);
+                d.push(dup(&l).map_err(listen_err)?);
             }
             per_shard[i].push(l);
         }
         dups.push(d);
+        listeners.push(own);
     }
     let mut metrics_fd = None;
     let metrics_addr = match cfg.metrics {
@@ -604,6 +615,7 @@ pub fn start_with(
         log,
         handoff,
         trim,
+        listeners,
     })
 }
 
@@ -776,6 +788,22 @@ impl Running {
         if let Some(l) = &self.log {
             (l.reload)(&new.log.level)?;
         }
+        for ((t, old), fds) in new
+            .tunnels
+            .iter()
+            .zip(&self.cfg.tunnels)
+            .zip(&self.listeners)
+        {
+            if t.keepalive == old.keepalive {
+                continue;
+            }
+            // Connections accepted from now on inherit the new settings; open ones keep theirs.
+            for fd in fds {
+                if let Err(e) = crate::proxy::keepalive::apply(fd, &t.keepalive) {
+                    tracing::warn!(tunnel = %t.name, error = %e, "cannot set the reloaded keepalive settings on a listener; new connections keep the previous ones");
+                }
+            }
+        }
         publish_keys(&self.metrics, &new, &keys);
         let limits = conn_shares(new.max_conns, self.shards.len());
         warn_idle_shards(&limits);
@@ -880,6 +908,7 @@ impl Running {
                 // Our copies of the listening sockets go now: after a handoff the successor
                 // holds them; after a stop, nobody must keep a socket open that no one accepts on.
                 self.handoff = None;
+                self.listeners.clear();
                 draining = true;
                 let t = self.cfg.drain_timeout;
                 tracing::info!(timeout = ?t, "draining: no new connections, waiting for open ones");

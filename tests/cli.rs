@@ -307,7 +307,12 @@ fn zero_durations_are_off_or_rejected_with_the_reason() {
         "0",
     ]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("handshake_timeout"));
+    // Worded as the flag it was given as (issue 19), not as a config file's key.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--handshake-timeout cannot be 0") && !err.contains("[limits]"),
+        "{err}"
+    );
 }
 
 /// `--idle-timeout 0` is "no idle timeout", not "close every connection at once": a

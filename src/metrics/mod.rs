@@ -34,10 +34,13 @@ pub enum CloseReason {
     ClientReset,
     /// The decrypt side's backend aborted (reset): told to the encrypt side by an ABORT record.
     UpstreamReset,
+    /// The kernel gave up on a peer that stopped answering (ETIMEDOUT): TCP keepalive's
+    /// probes or TCP_USER_TIMEOUT (`proxy::keepalive`), or its retransmissions ran out.
+    PeerTimeout,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 10] = [
+    pub const ALL: [CloseReason; 11] = [
         CloseReason::Clean,
         CloseReason::IdleTimeout,
         CloseReason::PeerReset,
@@ -48,6 +51,7 @@ impl CloseReason {
         CloseReason::DrainDeadline,
         CloseReason::ClientReset,
         CloseReason::UpstreamReset,
+        CloseReason::PeerTimeout,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -61,6 +65,7 @@ impl CloseReason {
             CloseReason::DrainDeadline => "drain_deadline",
             CloseReason::ClientReset => "client_reset",
             CloseReason::UpstreamReset => "upstream_reset",
+            CloseReason::PeerTimeout => "peer_timeout",
         }
     }
 }
@@ -555,7 +560,7 @@ pub struct TunnelMetrics {
     pub active: IntGauge,
     pub hibernating: IntGauge,
     pub rejected: [IntCounter; 6],
-    pub closed: [IntCounter; 10],
+    pub closed: [IntCounter; 11],
     pub duration: Histogram,
     pub handshakes: [IntCounter; 11],
     /// Sessions established: `[fs="yes", fs="no"]`.
