@@ -770,6 +770,24 @@ impl Target {
     }
 }
 
+/// `db.internal:5432 (::1 10.0.0.5)` for a name, the address alone for an address.
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.spec)?;
+        if self.host.is_none() {
+            return Ok(());
+        }
+        if self.addrs.is_empty() {
+            return f.write_str(" (not resolved)");
+        }
+        f.write_str(" (")?;
+        for (i, a) in self.addrs.iter().enumerate() {
+            write!(f, "{}{}", if i > 0 { " " } else { "" }, a.ip())?;
+        }
+        f.write_str(")")
+    }
+}
+
 /// Looks a host name up: every address, in the resolver's order. The system's resolver
 /// ([`SystemResolver`]: getaddrinfo, so /etc/hosts, DNS and nsswitch as configured) in
 /// production; tests may hand the server another.

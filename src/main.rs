@@ -497,7 +497,7 @@ fn main() -> ExitCode {
                         t.listen,
                         t.targets
                             .iter()
-                            .map(describe_target)
+                            .map(|t| t.to_string())
                             .collect::<Vec<_>>()
                             .join(", ")
                     ))
@@ -560,23 +560,6 @@ fn main() -> ExitCode {
             eprintln!("sealpipe: error: {msg}");
             ExitCode::from(code)
         }
-    }
-}
-
-/// A target as `check` shows it: the address, or the name and what it resolved to.
-fn describe_target(t: &sealpipe::config::Target) -> String {
-    match (&t.host, t.addrs.as_slice()) {
-        (None, _) => t.spec.clone(),
-        (Some(_), []) => format!("{} (not resolved)", t.spec),
-        (Some(_), addrs) => format!(
-            "{} ({})",
-            t.spec,
-            addrs
-                .iter()
-                .map(|a| a.ip().to_string())
-                .collect::<Vec<_>>()
-                .join(" ")
-        ),
     }
 }
 

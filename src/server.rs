@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Resolve, SystemResolver};
 use crate::metrics::Metrics;
 use crate::protocol::KeySet;
 use crate::proxy::conn::TAG_ABORT;
@@ -219,6 +219,8 @@ pub struct Running {
     /// tunnel's new socket options (keepalive); dropped when draining starts, so that a
     /// stopped process keeps no listening socket open.
     listeners: Vec<Vec<OwnedFd>>,
+    /// Target names resolved again while running (`resolver`).
+    refresher: crate::resolver::Refresher,
 }
 
 /// Binds one listener per shard for `addr` (SO_REUSEPORT); a port of 0 is resolved by the
@@ -450,6 +452,10 @@ pub fn start_with(
         );
         nshards = cfg.max_conns;
     }
+    let mut cfg = cfg;
+    if !cfg.resolved() {
+        cfg.resolve_targets(None, &SystemResolver)?;
+    }
     let keys = cfg.load_keys()?;
 
     let mut inherited = match handoff {
@@ -471,6 +477,9 @@ pub fn start_with(
     };
     let metrics = Metrics::new(nshards, cfg.tunnels.len());
     publish_keys(&metrics, &cfg, &keys);
+    crate::resolver::publish(&metrics, &cfg);
+    let refresher =
+        crate::resolver::Refresher::new(Arc::new(SystemResolver), &cfg, Instant::now());
 
     // Pinning and SO_INCOMING_CPU are opt-in: on a host shared with other work (a sidecar),
     // pinned shards fight the scheduler, and steering by receiving CPU collapses onto one
@@ -590,7 +599,8 @@ pub fn start_with(
         });
     }
     for (t, a) in cfg.tunnels.iter().zip(&listen_addrs) {
-        tracing::info!(tunnel = %t.name, mode = t.mode.as_str(), listen = %a, targets = ?t.targets, shards = nshards, pin = cfg.pin, incoming_cpu = cfg.incoming_cpu, "tunnel up");
+        let targets: Vec<String> = t.targets.iter().map(|x| x.to_string()).collect();
+        tracing::info!(tunnel = %t.name, mode = t.mode.as_str(), listen = %a, targets = %targets.join(", "), shards = nshards, pin = cfg.pin, incoming_cpu = cfg.incoming_cpu, "tunnel up");
     }
     if let Some(h) = inherited {
         // Our shards accept on the inherited sockets now: the predecessor may let go.
@@ -616,6 +626,7 @@ pub fn start_with(
         handoff,
         trim,
         listeners,
+        refresher,
     })
 }
 
@@ -758,10 +769,19 @@ impl Running {
 
     /// Reloads configuration and keys; on any error the old configuration stays.
     pub fn reload(&mut self) -> Result<(), String> {
-        let new = match &self.cfg.path {
-            Some(p) => Config::from_file(p).map_err(|e| e.to_string())?,
+        let mut new = match &self.cfg.path {
+            Some(p) => {
+                let mut c = Config::read(p).map_err(|e| e.to_string())?;
+                c.apply_overrides(self.cfg.overrides.clone())
+                    .map_err(|e| e.to_string())?;
+                c
+            }
             None => self.cfg.clone(),
         };
+        // Every name again; one that fails keeps the addresses it has now.
+        let failures = new
+            .resolve_targets(Some(&self.cfg), self.refresher.resolver())
+            .map_err(|e| e.to_string())?;
         if new.tunnels.len() != self.cfg.tunnels.len()
             || new
                 .tunnels
@@ -832,8 +852,47 @@ impl Running {
                 }
             });
         }
+        self.refresher
+            .reloaded(&new, &failures, &self.metrics, Instant::now());
         self.cfg = new;
         Ok(())
+    }
+
+    /// Resolves target names with `resolver` from now on (tests; the system's resolver is
+    /// the default).
+    pub fn set_resolver(&mut self, resolver: Arc<dyn Resolve>) {
+        self.refresher.set_resolver(resolver);
+    }
+
+    /// Applies a finished round of name resolutions: changed address lists go to the shards
+    /// (as a reload of the targets: no connection is dropped).
+    fn refresh_targets(&mut self, now: Instant) {
+        let Some(answers) = self.refresher.poll(&self.cfg, now) else {
+            return;
+        };
+        let changed = self
+            .refresher
+            .apply(&mut self.cfg, &answers, &self.metrics, now);
+        if changed.is_empty() {
+            return;
+        }
+        let tunnels: Vec<(usize, Arc<crate::config::Tunnel>)> = changed
+            .into_iter()
+            .map(|i| (i, Arc::new(self.cfg.tunnels[i].clone())))
+            .collect();
+        for s in &self.shards {
+            let tunnels = tunnels.clone();
+            let _ = s.handle.post(move |cx| {
+                let st = &mut *cx.state;
+                let metrics = st.metrics.clone();
+                let shard = st.shard;
+                for (i, t) in tunnels {
+                    if let Some(rt) = st.tunnels.get_mut(i) {
+                        rt.set_targets(t, &metrics, shard);
+                    }
+                }
+            });
+        }
     }
 
     /// Runs the control loop until the shards have drained (after SIGTERM/SIGINT, or after
@@ -865,6 +924,9 @@ impl Running {
         loop {
             base.loop_once(Some(Duration::from_millis(100)))
                 .map_err(ServerError::Control)?;
+            if !draining {
+                self.refresh_targets(Instant::now());
+            }
             if let Some(took) = self.trim.run_due(Instant::now(), &mut next_trim) {
                 tracing::debug!(?took, "heap trimmed");
             }

@@ -294,3 +294,237 @@ fn reloaded_keepalive_applies_to_new_connections_and_drops_none() {
     assert_eq!(metric(&r, "sealpipe_connections_active", &[]), 1.0);
     assert_eq!(metric(&r, "sealpipe_connections_closed_total", &[]), 1.0);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Targets by name.
+
+/// GET /metrics of a child process; `None` while its endpoint is not up.
+fn scrape(addr: SocketAddr) -> Option<String> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(TIMEOUT)).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.contains(" 200 ").then_some(out)
+}
+
+/// Waits until the child's metrics satisfy `f`.
+fn wait_scraped(addr: SocketAddr, what: &str, f: impl Fn(&str) -> bool) -> String {
+    let mut last = None;
+    wait_until(what, || {
+        last = scrape(addr);
+        last.as_deref().is_some_and(&f)
+    });
+    last.unwrap()
+}
+
+/// An echo backend on `addr` that counts its connections.
+fn counting_echo(addr: SocketAddr) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let l = TcpListener::bind(addr).unwrap();
+    let addr = l.local_addr().unwrap();
+    let n = std::sync::Arc::new(AtomicUsize::new(0));
+    let c = n.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            c.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let mut w = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut s, &mut w);
+                let _ = w.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    (addr, n)
+}
+
+fn count(n: &std::sync::atomic::AtomicUsize) -> usize {
+    n.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Runs `sealpipe run --config CFG` in a mount namespace of its own where /etc/hosts is
+/// `hosts` (bind-mounted; the test rewrites that file in place), so that the production
+/// resolver (getaddrinfo) answers what the test says. `None` when this user cannot.
+fn run_with_hosts(hosts: &std::path::Path, cfg: &std::path::Path) -> Option<Proc> {
+    let probe = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "true"])
+        .output();
+    match probe {
+        Ok(o) if o.status.success() => {}
+        other if sealpipe::sys::euid() != 0 => {
+            eprintln!("SKIPPED: cannot make a mount namespace as a non-root user ({other:?})");
+            return None;
+        }
+        other => panic!("unshare --mount fails as root: {other:?}"),
+    }
+    let child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$1" /etc/hosts && exec "$2" run --config "$3""#)
+        .arg("sh")
+        .arg(hosts)
+        .arg(env!("CARGO_BIN_EXE_sealpipe"))
+        .arg(cfg)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    Some(Proc(child))
+}
+
+/// Item 3 of issue 19, with the system's resolver: a target name stands for every address
+/// it resolves to, IPv6 and IPv4 in the resolver's order; a connect refused at the first
+/// (nothing listens on [::1]) fails over to the next address of the same name. SIGHUP
+/// resolves it again: new connections follow the new address, open ones stay; a name that
+/// stops resolving keeps its last good address, and the failure is counted.
+#[test]
+fn a_name_uses_every_address_it_resolves_to_and_sighup_resolves_it_again() {
+    let dir = temp_dir("dns");
+    let hosts = dir.join("hosts");
+    let name = "svc.sealpipe.test";
+    // Both loopback addresses of one port: IPv4 listens, IPv6 refuses.
+    let (b1, n1) = counting_echo("127.0.0.1:0".parse().unwrap());
+    let port = b1.port();
+    assert!(
+        TcpStream::connect(("::1", port)).is_err(),
+        "something listens on [::1]:{port}"
+    );
+    std::fs::write(
+        &hosts,
+        format!("127.0.0.1 localhost\n::1 {name}\n127.0.0.1 {name}\n"),
+    )
+    .unwrap();
+    let (entry, metrics) = (free_addr(), free_addr());
+    let cfg = dir.join("sealpipe.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[log]\nlevel = \"warn\"\n[metrics]\nlisten = \"{metrics}\"\n\
+             [limits]\nthreads = 1\nresolve_interval = 0\n\
+             [[tunnel]]\nname = \"dns\"\nmode = \"forward\"\nlisten = \"{entry}\"\n\
+             targets = [\"{name}:{port}\"]\n"
+        ),
+    )
+    .unwrap();
+    let Some(p) = run_with_hosts(&hosts, &cfg) else {
+        return;
+    };
+    wait_listening(entry);
+    let mut c1 = connect(entry);
+    ping(&mut c1);
+    // (wait_listening's probe connection reached the backend too.)
+    let at_b1 = count(&n1);
+    assert!(at_b1 >= 1);
+    let target = format!("{name}:{port}");
+    let text = wait_scraped(metrics, "both addresses of the name", |t| {
+        metric_in(t, "sealpipe_target_addresses", &[("target", &target)]) == 2.0
+    });
+    let v6 = format!("[::1]:{port}");
+    assert_eq!(
+        metric_in(
+            &text,
+            "sealpipe_upstream_connect_failures_total",
+            &[("upstream", &v6), ("reason", "refused")]
+        ),
+        at_b1 as f64,
+        "IPv6 first (the resolver's order), refused, then IPv4: {text}"
+    );
+
+    // The name moves to 127.0.0.2 (same port); SIGHUP.
+    let (_b2, n2) = counting_echo(format!("127.0.0.2:{port}").parse().unwrap());
+    std::fs::write(&hosts, format!("127.0.0.1 localhost\n127.0.0.2 {name}\n")).unwrap();
+    p.signal("HUP");
+    wait_scraped(metrics, "the reload", |t| {
+        metric_in(t, "sealpipe_config_reloads_total", &[("result", "ok")]) == 1.0
+    });
+    let mut c2 = connect(entry);
+    ping(&mut c2);
+    assert_eq!(
+        (count(&n1), count(&n2)),
+        (at_b1, 1),
+        "the new connection went to the new address"
+    );
+    ping(&mut c1);
+
+    // The name stops resolving: the last good address stays, the failure is counted.
+    std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+    p.signal("HUP");
+    let text = wait_scraped(metrics, "the second reload", |t| {
+        metric_in(t, "sealpipe_config_reloads_total", &[("result", "ok")]) == 2.0
+    });
+    assert_eq!(
+        metric_in(&text, "sealpipe_resolve_failures_total", &[("tunnel", "dns")]),
+        1.0
+    );
+    assert_eq!(metric_in(&text, "sealpipe_target_addresses", &[("target", &target)]), 1.0);
+    let mut c3 = connect(entry);
+    ping(&mut c3);
+    assert_eq!(count(&n2), 2);
+    ping(&mut c1);
+    ping(&mut c2);
+}
+
+/// A resolver the test controls: `name` resolves to what it holds now (`None`: fails).
+struct Switch(std::sync::Mutex<Option<Vec<std::net::IpAddr>>>);
+
+impl sealpipe::config::Resolve for Switch {
+    fn lookup(&self, _host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+        match &*self.0.lock().unwrap() {
+            Some(ips) => Ok(ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect()),
+            None => Err(std::io::Error::other("no such host (test)")),
+        }
+    }
+}
+
+/// Item 3 of issue 19, every `resolve_interval`: the control thread resolves the name again
+/// and pushes new addresses to the shards; open connections stay; a failure keeps the last
+/// good list and is counted. (The resolver here is the test's; the lookup path is the one
+/// the system's resolver takes, tested above.)
+#[test]
+fn names_are_resolved_again_every_interval_without_dropping_connections() {
+    use std::sync::Arc;
+    let (b1, n1) = counting_echo("127.0.0.1:0".parse().unwrap());
+    let port = b1.port();
+    let (_b2, n2) = counting_echo(format!("127.0.0.3:{port}").parse().unwrap());
+    let switch = Arc::new(Switch(std::sync::Mutex::new(Some(vec![b1.ip()]))));
+    let mut t = tunnel(Mode::Forward, &[], &[]);
+    t.targets = vec![format!("backend.test:{port}")];
+    t.resolve_interval = Some(0.05);
+    let mut cfg = config(t, limits());
+    cfg.resolve_targets(None, &*switch).unwrap();
+    let mut r = sealpipe::server::start(cfg, None).unwrap();
+    r.set_resolver(switch.clone());
+    let entry = r.listen_addrs[0];
+    let m = r.metrics().clone();
+    let control = std::thread::spawn(move || r.wait(Some(std::time::Duration::from_secs(60))));
+    let mut c1 = connect(entry);
+    ping(&mut c1);
+    assert_eq!(count(&n1), 1);
+    let addresses = |ip: &str| {
+        let text = String::from_utf8(m.render()).unwrap();
+        let up = format!("{ip}:{port}");
+        text.contains(&format!("upstream=\"{up}\""))
+    };
+
+    *switch.0.lock().unwrap() = Some(vec!["127.0.0.3".parse().unwrap()]);
+    wait_until("the shards use the new address", || {
+        addresses("127.0.0.3") && !addresses("127.0.0.1")
+    });
+    let mut c2 = connect(entry);
+    ping(&mut c2);
+    assert_eq!((count(&n1), count(&n2)), (1, 1));
+    ping(&mut c1);
+
+    *switch.0.lock().unwrap() = None;
+    let failures = || {
+        let text = String::from_utf8(m.render()).unwrap();
+        metric_in(&text, "sealpipe_resolve_failures_total", &[])
+    };
+    wait_until("resolution failures counted", || failures() >= 2.0);
+    let mut c3 = connect(entry);
+    ping(&mut c3);
+    assert_eq!(count(&n2), 2, "the last good address is kept");
+    ping(&mut c1);
+    ping(&mut c2);
+    drop(control);
+}

@@ -165,6 +165,10 @@ pub struct Metrics {
     pub draining: IntGauge,
     pub accept_errors: IntCounterVec,
     pub log_lines_dropped: IntCounter,
+    /// Target names that failed to resolve (the last good addresses were kept).
+    pub resolve_failures: IntCounterVec,
+    /// Addresses each configured target stands for now (1 for an IP address).
+    pub target_addresses: IntGaugeVec,
     pub health: Health,
 }
 
@@ -450,6 +454,26 @@ impl Metrics {
                     "log_lines_dropped_total",
                     "Log lines dropped because stderr did not keep up (the log queue was full)."
                 ))
+            ),
+            resolve_failures: reg!(
+                r,
+                IntCounterVec::new(
+                    opts(
+                        "resolve_failures_total",
+                        "Target name resolutions that failed (the target keeps its last good addresses)."
+                    ),
+                    &["tunnel"]
+                )
+            ),
+            target_addresses: reg!(
+                r,
+                IntGaugeVec::new(
+                    opts(
+                        "target_addresses",
+                        "Addresses a configured target stands for now (a name: what it last resolved to; an IP address: 1)."
+                    ),
+                    &["tunnel", "target"]
+                )
             ),
             health: Health::new(shards, tunnels),
             registry: r,
