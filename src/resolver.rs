@@ -77,7 +77,11 @@ impl Refresher {
         self.due = cfg
             .tunnels
             .iter()
-            .map(|t| t.resolve_interval.filter(|_| t.has_names()).map(|i| now + i))
+            .map(|t| {
+                t.resolve_interval
+                    .filter(|_| t.has_names())
+                    .map(|i| now + i)
+            })
             .collect();
     }
 
@@ -128,7 +132,9 @@ impl Refresher {
             });
         match spawned {
             Ok(_) => self.round = Some(rx),
-            Err(e) => tracing::warn!(error = %e, "cannot start a thread to resolve target names; trying again at the next interval"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start a thread to resolve target names; trying again at the next interval")
+            }
         }
         None
     }
@@ -204,7 +210,10 @@ impl Refresher {
     }
 
     fn recovered(&mut self, tunnel: &str, target: &str) {
-        if let Some(s) = self.failing.remove(&(tunnel.to_string(), target.to_string())) {
+        if let Some(s) = self
+            .failing
+            .remove(&(tunnel.to_string(), target.to_string()))
+        {
             tracing::info!(%tunnel, %target, failures = s.failures, failing_for = ?s.since.elapsed(), "target name resolves again");
         }
     }
@@ -229,8 +238,11 @@ impl Refresher {
                 }
             }
         }
-        self.failing
-            .retain(|(tn, ts), _| cfg.tunnels.iter().any(|t| &t.name == tn && t.targets.iter().any(|x| &x.spec == ts)));
+        self.failing.retain(|(tn, ts), _| {
+            cfg.tunnels
+                .iter()
+                .any(|t| &t.name == tn && t.targets.iter().any(|x| &x.spec == ts))
+        });
         self.schedule(cfg, now);
         metrics.target_addresses.reset();
         publish(metrics, cfg);

@@ -171,6 +171,8 @@ pub enum ServerError {
     Control(std::io::Error),
     #[error("handoff over {path}: {message}")]
     Handoff { path: PathBuf, message: String },
+    #[error("socket activation: {0}")]
+    Activation(String),
 }
 
 /// A callback the control thread runs on SIGHUP to change the log filter.
@@ -269,6 +271,63 @@ fn bind_all(
         }
         out.push(l);
     }
+    Ok((addr, out))
+}
+
+/// systemd's sockets (socket activation), each matched to the tunnel of its name: per tunnel,
+/// the socket and the address it listens on. A socket whose name is no tunnel's, or that is
+/// not a listening TCP socket, is an error: serving something else than what the unit says
+/// would be worse than not starting.
+fn activated_listeners(
+    cfg: &Config,
+) -> Result<Vec<Option<(SocketAddr, std::net::TcpListener)>>, ServerError> {
+    let mut out: Vec<Option<(SocketAddr, std::net::TcpListener)>> =
+        cfg.tunnels.iter().map(|_| None).collect();
+    let fds = crate::sys::listen_fds().map_err(|e| ServerError::Activation(e.to_string()))?;
+    for (name, fd) in fds {
+        let Some(ti) = cfg.tunnels.iter().position(|t| t.name == name) else {
+            let names: Vec<&str> = cfg.tunnels.iter().map(|t| t.name.as_str()).collect();
+            return Err(ServerError::Activation(format!(
+                "systemd passed a socket named {name:?} (FileDescriptorName=, LISTEN_FDNAMES) but no tunnel has that name (tunnels: {}); name each socket after the tunnel that serves it",
+                names.join(", ")
+            )));
+        };
+        let t = &cfg.tunnels[ti];
+        let addr = crate::sys::check_any_tcp_listener(fd.as_fd())
+            .map_err(|e| ServerError::Activation(format!("the socket named {name:?}: {e}")))?;
+        if out[ti].is_some() {
+            return Err(ServerError::Activation(format!(
+                "systemd passed two sockets named {name:?}; a tunnel serves one"
+            )));
+        }
+        if addr != t.listen {
+            tracing::info!(tunnel = %t.name, listen = %t.listen, socket = %addr, "serving the socket systemd passed; the configured listen address is not bound");
+        }
+        out[ti] = Some((addr, std::net::TcpListener::from(fd)));
+    }
+    Ok(out)
+}
+
+/// One socket, shared by every shard: each gets a duplicate (one accept queue; the shard
+/// whose loop is free first takes each connection). A socket systemd made cannot be split
+/// into per-shard SO_REUSEPORT sockets (a socket joins a reuseport group only when it binds,
+/// and binding would need the unit's privileges and address again).
+fn share_activated(
+    tunnel: &str,
+    addr: SocketAddr,
+    l: std::net::TcpListener,
+    shards: usize,
+) -> Result<(SocketAddr, Vec<std::net::TcpListener>), ServerError> {
+    let mut out = Vec::with_capacity(shards);
+    for _ in 1..shards {
+        out.push(l.try_clone().map_err(|source| ServerError::Listen {
+            tunnel: tunnel.into(),
+            addr,
+            source,
+        })?);
+    }
+    out.insert(0, l);
+    tracing::info!(%tunnel, %addr, shards, "listening on a socket passed by systemd");
     Ok((addr, out))
 }
 
@@ -478,8 +537,7 @@ pub fn start_with(
     let metrics = Metrics::new(nshards, cfg.tunnels.len());
     publish_keys(&metrics, &cfg, &keys);
     crate::resolver::publish(&metrics, &cfg);
-    let refresher =
-        crate::resolver::Refresher::new(Arc::new(SystemResolver), &cfg, Instant::now());
+    let refresher = crate::resolver::Refresher::new(Arc::new(SystemResolver), &cfg, Instant::now());
 
     // Pinning and SO_INCOMING_CPU are opt-in: on a host shared with other work (a sidecar),
     // pinned shards fight the scheduler, and steering by receiving CPU collapses onto one
@@ -493,6 +551,7 @@ pub fn start_with(
     let cpus: Vec<Option<usize>> = (0..nshards)
         .map(|i| core_of(i).filter(|_| cfg.incoming_cpu).map(|c| c.id))
         .collect();
+    let mut activated = activated_listeners(&cfg)?;
     let mut listen_addrs = Vec::new();
     let mut per_shard: Vec<Vec<std::net::TcpListener>> = (0..nshards).map(|_| Vec::new()).collect();
     let mut dups: Vec<Vec<OwnedFd>> = Vec::new();
@@ -502,11 +561,21 @@ pub fn start_with(
             .as_mut()
             .map(|h| std::mem::take(&mut h.tunnels[ti]))
             .unwrap_or_default();
-        if got.is_empty() {
-            // Not taking this address over by handoff: nobody else may be serving it.
-            check_not_served(&t.name, t.listen)?;
-        }
-        let (addr, ls) = bind_all(&t.name, t.listen, nshards, &cpus, got)?;
+        let (addr, ls) = match activated[ti].take() {
+            Some((addr, l)) => {
+                if !got.is_empty() {
+                    tracing::warn!(tunnel = %t.name, "systemd passed this tunnel's socket: serving it, not the one taken by handoff");
+                }
+                share_activated(&t.name, addr, l, nshards)?
+            }
+            None => {
+                if got.is_empty() {
+                    // Not taking this address over by handoff: nobody else may be serving it.
+                    check_not_served(&t.name, t.listen)?;
+                }
+                bind_all(&t.name, t.listen, nshards, &cpus, got)?
+            }
+        };
         listen_addrs.push(addr);
         let listen_err = |source| ServerError::Listen {
             tunnel: t.name.clone(),

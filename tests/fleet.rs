@@ -453,10 +453,17 @@ fn a_name_uses_every_address_it_resolves_to_and_sighup_resolves_it_again() {
         metric_in(t, "sealpipe_config_reloads_total", &[("result", "ok")]) == 2.0
     });
     assert_eq!(
-        metric_in(&text, "sealpipe_resolve_failures_total", &[("tunnel", "dns")]),
+        metric_in(
+            &text,
+            "sealpipe_resolve_failures_total",
+            &[("tunnel", "dns")]
+        ),
         1.0
     );
-    assert_eq!(metric_in(&text, "sealpipe_target_addresses", &[("target", &target)]), 1.0);
+    assert_eq!(
+        metric_in(&text, "sealpipe_target_addresses", &[("target", &target)]),
+        1.0
+    );
     let mut c3 = connect(entry);
     ping(&mut c3);
     assert_eq!(count(&n2), 2);
@@ -527,4 +534,138 @@ fn names_are_resolved_again_every_interval_without_dropping_connections() {
     ping(&mut c1);
     ping(&mut c2);
     drop(control);
+}
+
+// ---------------------------------------------------------------------------------------------
+// systemd socket activation.
+
+/// Plays systemd: `sealpipe run --config CFG` exec'd with `listener` as descriptor 3 and
+/// LISTEN_PID / LISTEN_FDS / LISTEN_FDNAMES set as systemd sets them (sh moves the socket from
+/// its stdin to descriptor 3, and names its own pid, which exec keeps).
+fn activate(listener: TcpListener, fdname: &str, cfg: &std::path::Path) -> Proc {
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(r#"exec 3<&0 0</dev/null; LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES="$1" exec "$2" run --config "$3""#)
+        .arg("sh")
+        .arg(fdname)
+        .arg(env!("CARGO_BIN_EXE_sealpipe"))
+        .arg(cfg)
+        .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(listener)))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    Proc(child)
+}
+
+fn forward_config(
+    dir: &std::path::Path,
+    name: &str,
+    listen: SocketAddr,
+    target: SocketAddr,
+) -> std::path::PathBuf {
+    let cfg = dir.join("sealpipe.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[limits]\nthreads = 2\n[[tunnel]]\nname = \"{name}\"\nmode = \"forward\"\n\
+             listen = \"{listen}\"\ntargets = [\"{target}\"]\n"
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+/// Item 2 of issue 19: a tunnel whose name matches the socket systemd passed serves that
+/// socket (shared by both shards) instead of binding its `listen` address, and a client
+/// that connected before sealpipe started, while systemd held the socket, is served.
+#[test]
+fn socket_activation_serves_the_socket_systemd_passed() {
+    let backend = echo_backend();
+    let dir = temp_dir("sa");
+    let configured = free_addr();
+    let cfg = forward_config(&dir, "web", configured, backend.addr);
+    let socket = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = socket.local_addr().unwrap();
+    // Queued in the socket's backlog before any sealpipe runs.
+    let mut early = connect(addr);
+    let mut p = activate(socket, "web", &cfg);
+    early.write_all(b"k").unwrap();
+    let mut b = [0u8; 1];
+    early.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"k", "the connection made before start is served");
+    for _ in 0..8 {
+        let mut c = connect(addr);
+        ping(&mut c);
+    }
+    assert!(
+        TcpStream::connect(configured).is_err(),
+        "the configured listen address {configured} is not bound"
+    );
+    drop(early);
+    p.signal("TERM");
+    let status = p.wait_exit(TIMEOUT);
+    assert!(status.success(), "{status:?}");
+}
+
+/// Item 2 of issue 19: a socket named after no tunnel is refused at start, naming it.
+#[test]
+fn socket_activation_refuses_a_socket_no_tunnel_is_named_after() {
+    let dir = temp_dir("sa-bad");
+    let cfg = forward_config(&dir, "web", free_addr(), free_addr());
+    let socket = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut p = activate(socket, "wbe", &cfg);
+    let status = p.wait_exit(TIMEOUT);
+    let mut err = String::new();
+    p.0.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("socket named \"wbe\"") && err.contains("tunnels: web"),
+        "{err}"
+    );
+}
+
+/// Item 2 of issue 19, with systemd's own tool, as docs/OPERATIONS.md shows it:
+/// `systemd-socket-activate -l ADDR --fdname=NAME sealpipe run --config FILE` (it execs
+/// sealpipe when the first client connects; that client is served).
+#[test]
+fn systemd_socket_activate_starts_sealpipe_on_the_first_connection() {
+    let Ok(tool) = which("systemd-socket-activate") else {
+        eprintln!("SKIPPED: systemd-socket-activate is not installed (package systemd)");
+        return;
+    };
+    let backend = echo_backend();
+    let dir = temp_dir("ssa");
+    let cfg = forward_config(&dir, "web", free_addr(), backend.addr);
+    let addr = free_addr();
+    let child = Command::new(tool)
+        .args(["-l", &addr.to_string(), "--fdname=web"])
+        .arg(env!("CARGO_BIN_EXE_sealpipe"))
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut p = Proc(child);
+    wait_until("systemd-socket-activate listening", || {
+        TcpStream::connect(addr).map(drop).is_ok()
+    });
+    let mut c = connect(addr);
+    ping(&mut c);
+    drop(c);
+    p.signal("TERM");
+    let status = p.wait_exit(TIMEOUT);
+    assert!(status.success(), "{status:?}");
+}
+
+/// The path of `prog` on PATH.
+fn which(prog: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(prog))
+                .find(|p| p.is_file())
+        })
+        .ok_or(())
 }
