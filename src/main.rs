@@ -473,7 +473,11 @@ fn main() -> ExitCode {
                     .map_err(|e| UsageError(e.into()))?;
             }
             if !no_key_files {
-                cfg.load_keys().map_err(|e| UsageError(e.into()))?;
+                cfg.load_keys().map_err(|e| {
+                    UsageError(anyhow!(
+                        "{e} (to check a config on a machine without its key files: sealpipe check --no-key-files)"
+                    ))
+                })?;
             }
             let skipped: Vec<&str> = [
                 (no_key_files, "key files not read"),
@@ -512,8 +516,16 @@ fn main() -> ExitCode {
             Ok(())
         }
         Cmd::Keygen { out } => {
+            let dir = out.parent().filter(|d| !d.as_os_str().is_empty());
+            let made = dir.filter(|d| !d.exists());
             let id = sealpipe::keyfile::generate_key_file(&out, &mut sealpipe::protocol::OsRandom)
                 .map_err(|e| UsageError(e.into()))?;
+            if let Some(d) = made {
+                println!(
+                    "created {} (mode 0700: only its owner can read the keys in it; docs/OPERATIONS.md, \"Rotate keys\", shows how to let the service's group in)",
+                    d.display()
+                );
+            }
             println!("wrote {} (key id {id})", out.display());
             Ok(())
         }
