@@ -162,7 +162,14 @@ impl Refresher {
                     Ok(addrs) => {
                         self.recovered(&t.name, &target.spec);
                         if *addrs != target.addrs {
-                            tracing::info!(tunnel = %t.name, target = %target.spec, addresses = ?addrs, previous = ?target.addrs, "target name resolves to new addresses");
+                            // DNS round robin reorders answers: only a new set is news.
+                            let same_set = addrs.len() == target.addrs.len()
+                                && addrs.iter().all(|a| target.addrs.contains(a));
+                            if same_set {
+                                tracing::debug!(tunnel = %t.name, target = %target.spec, addresses = ?addrs, "target name's addresses reordered");
+                            } else {
+                                tracing::info!(tunnel = %t.name, target = %target.spec, addresses = ?addrs, previous = ?target.addrs, "target name resolves to new addresses");
+                            }
                             target.addrs = addrs.clone();
                             if !changed.contains(&ti) {
                                 changed.push(ti);

@@ -419,16 +419,15 @@ fn a_name_uses_every_address_it_resolves_to_and_sighup_resolves_it_again() {
     let text = wait_scraped(metrics, "both addresses of the name", |t| {
         metric_in(t, "sealpipe_target_addresses", &[("target", &target)]) == 2.0
     });
+    // IPv6 first (the resolver's order), refused, then IPv4 (after one refusal [::1] is down
+    // for a backoff, and the next connections go to IPv4 at once).
     let v6 = format!("[::1]:{port}");
-    assert_eq!(
-        metric_in(
-            &text,
-            "sealpipe_upstream_connect_failures_total",
-            &[("upstream", &v6), ("reason", "refused")]
-        ),
-        at_b1 as f64,
-        "IPv6 first (the resolver's order), refused, then IPv4: {text}"
+    let refused = metric_in(
+        &text,
+        "sealpipe_upstream_connect_failures_total",
+        &[("upstream", &v6), ("reason", "refused")],
     );
+    assert!(refused >= 1.0, "[::1] never tried: {text}");
 
     // The name moves to 127.0.0.2 (same port); SIGHUP.
     let (_b2, n2) = counting_echo(format!("127.0.0.2:{port}").parse().unwrap());
