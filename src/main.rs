@@ -418,11 +418,13 @@ fn tunnel_config(
 
 fn serve(cfg: Config, handoff: Option<PathBuf>) -> Result<()> {
     let log = setup_logging(&cfg.log)?;
+    // Before the shards accept: a SIGTERM from then on drains instead of killing.
+    let signals = server::ControlSignals::install()?;
     let running = server::start_with(cfg, Some(log), handoff.as_deref())?;
     if let Some(m) = running.metrics_addr {
         tracing::info!(metrics = %format!("http://{m}/metrics"), "metrics endpoint up");
     }
-    running.wait(None)?;
+    running.wait_with(signals, None)?;
     Ok(())
 }
 

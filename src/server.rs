@@ -806,6 +806,35 @@ fn shard_loop(i: usize, base: &mut EventBase<ShardState>, trim: &HeapTrim) -> st
     }
 }
 
+/// The control thread's handler of SIGTERM, SIGINT and SIGHUP.
+type OnSignal = fn(&mut crate::reactor::Context<'_, Control>, i32);
+
+fn on_signal(cx: &mut crate::reactor::Context<'_, Control>, sig: i32) {
+    if sig == libc::SIGHUP {
+        cx.state.reload = true;
+    } else if cx.state.drain_started.is_some() {
+        cx.state.exit_now = true;
+    } else {
+        cx.state.drain_started = Some(cx.now());
+    }
+}
+
+/// SIGTERM, SIGINT and SIGHUP, caught from [`install`](Self::install) on and delivered to
+/// the control loop when [`Running::wait_with`] runs it. A process installs them before
+/// [`start_with`]: shards accept as soon as they start, and a stop or reload signal that
+/// arrived between then and the control loop would otherwise take its default action (a
+/// SIGTERM would kill the process instead of draining it).
+pub struct ControlSignals(SignalEvent<OnSignal>);
+
+impl ControlSignals {
+    pub fn install() -> Result<ControlSignals, ServerError> {
+        let handler: OnSignal = on_signal;
+        SignalEvent::new(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP], handler)
+            .map(ControlSignals)
+            .map_err(ServerError::Control)
+    }
+}
+
 /// Messages the control thread's loop reacts to.
 struct Control {
     drain_started: Option<Instant>,
@@ -966,27 +995,25 @@ impl Running {
 
     /// Runs the control loop until the shards have drained (after SIGTERM/SIGINT, or after
     /// `stop_after`). Returns when the process should exit 0.
-    pub fn wait(mut self, stop_after: Option<Duration>) -> Result<(), ServerError> {
+    pub fn wait(self, stop_after: Option<Duration>) -> Result<(), ServerError> {
+        let signals = ControlSignals::install()?;
+        self.wait_with(signals, stop_after)
+    }
+
+    /// [`wait`](Self::wait) with signals caught since before the server started (see
+    /// [`ControlSignals`]).
+    pub fn wait_with(
+        mut self,
+        signals: ControlSignals,
+        stop_after: Option<Duration>,
+    ) -> Result<(), ServerError> {
         let mut base = EventBase::new(Control {
             drain_started: None,
             reload: false,
             exit_now: false,
         })
         .map_err(ServerError::Control)?;
-        let signals = SignalEvent::new(
-            &[libc::SIGTERM, libc::SIGINT, libc::SIGHUP],
-            |cx: &mut crate::reactor::Context<'_, Control>, sig: i32| {
-                if sig == libc::SIGHUP {
-                    cx.state.reload = true;
-                } else if cx.state.drain_started.is_some() {
-                    cx.state.exit_now = true;
-                } else {
-                    cx.state.drain_started = Some(cx.now());
-                }
-            },
-        )
-        .map_err(ServerError::Control)?;
-        base.spawn(Box::new(signals));
+        base.spawn(Box::new(signals.0));
         let started = Instant::now();
         let mut draining = false;
         let mut next_trim = started;

@@ -915,3 +915,33 @@ fn completions_and_man_pages_are_generated_from_the_flags() {
         "run's page documents --log-level"
     );
 }
+
+/// A SIGTERM that arrives as soon as the listener accepts, before the control loop runs,
+/// drains and exits 0: the stop and reload signals are caught from before the shards start,
+/// never left to their default action (which kills the process).
+#[test]
+fn sigterm_right_after_start_drains_instead_of_killing() {
+    for _ in 0..10 {
+        let listen = free_addr();
+        let child = sealpipe()
+            .args([
+                "forward",
+                "--threads",
+                "1",
+                "--log-level",
+                "error",
+                "--listen",
+            ])
+            .arg(listen.to_string())
+            .args(["--target", "127.0.0.1:9"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut p = Proc(child);
+        wait_until("listening", || TcpStream::connect(listen).is_ok());
+        p.signal("TERM");
+        let status = p.wait_exit(TIMEOUT);
+        assert!(status.success(), "{status:?}");
+    }
+}
