@@ -320,10 +320,15 @@ impl<C: Layer, U: Layer> Conn<C, U> {
         // send_proxy: the backend's PROXY header goes first, before any client byte.
         let header = (self.ident.as_deref_mut()).and_then(|i| i.backend_header(&rt.cfg.identity));
         self.connect_started = now;
+        let keepalive = rt.cfg.keepalive;
         let mut up =
             BufferEvent::connect_filtered(cx, addr, UPSTREAM, filter, !U::SEALED, timeouts);
         if let Some(h) = header {
             up.output.append(h.as_bytes());
+        }
+        // Dead-peer detection on the upstream socket (the client's inherits its listener's).
+        if let Some(Err(e)) = up.stream().map(|s| super::keepalive::apply(s, &keepalive)) {
+            tracing::debug!(error = %e, "cannot set keepalive on the upstream socket");
         }
         up.set_watermarks(Watermarks {
             read_low: 0,
@@ -834,6 +839,13 @@ impl<C: Layer, U: Layer> Conn<C, U> {
             }
             Some(ProtocolError::Truncated) => CloseReason::Truncated,
             Some(_) => CloseReason::Tampered,
+            // The kernel gave up on the peer: keepalive or TCP_USER_TIMEOUT (`keepalive`).
+            None if err
+                .as_ref()
+                .is_some_and(|e| e.kind() == io::ErrorKind::TimedOut) =>
+            {
+                CloseReason::PeerTimeout
+            }
             None => CloseReason::PeerReset,
         };
         let in_handshake = sealed && !self.handshake_done;
