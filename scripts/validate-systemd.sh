@@ -5,7 +5,7 @@
 # usage: scripts/validate-systemd.sh [UNIT_DIR]     (default deploy/systemd)
 #
 # verify checks that ExecStart's binary exists and is executable. The units name the installed
-# path /usr/local/bin/sealpipe, which does not exist on a build machine, so the units are copied to
+# path /usr/bin/sealpipe (the package's), which may not exist on a build machine, so the units are copied to
 # a temp dir with that one path rewritten to a real binary: $SEALPIPE_BIN, else
 # target/release/sealpipe, else target/debug/sealpipe. Only when no binary was built does it use a
 # stub script, and it says so. Nothing else in the unit is changed.
@@ -29,16 +29,22 @@ fi
 
 mkdir "$tmp/units"
 shopt -s nullglob
-units=("$unit_dir"/*.service)
+units=("$unit_dir"/*.service "$unit_dir"/*.socket)
 [ ${#units[@]} -gt 0 ] || { echo "validate-systemd: no units in $unit_dir"; exit 1; }
 for u in "${units[@]}"; do
-  sed "s#/usr/local/bin/sealpipe#$bin#g" "$u" > "$tmp/units/$(basename "$u")"
+  sed "s#/usr/bin/sealpipe#$bin#g" "$u" > "$tmp/units/$(basename "$u")"
 done
 
 fail=0
-for u in "$tmp"/units/*.service; do
+for u in "$tmp"/units/*.service "$tmp"/units/*.socket; do
   name=$(basename "$u")
-  case $name in *@.service) inst="${name%@.service}@example.service" ;; *) inst=$name ;; esac
+  # A socket's instance needs its service's instance beside it (verify loads both).
+  case $name in
+    *@.service) inst="${name%@.service}@example.service" ;;
+    *@.socket) inst="${name%@.socket}@example.socket"
+               ln -s "${name%@.socket}@.service" "$tmp/units/${name%@.socket}@example.service" 2>/dev/null || true ;;
+    *) inst=$name ;;
+  esac
   # verify wants an instance of a template; an alias file in the same dir gives it one.
   ln -s "$name" "$tmp/units/$inst" 2>/dev/null || true
   out=$(cd "$tmp/units" && SYSTEMD_LOG_COLOR=0 systemd-analyze verify --man=no "$tmp/units/$inst" 2>&1) && rc=0 || rc=$?
@@ -59,6 +65,14 @@ if [ -f "$main" ] && [ -f "$hold" ]; then
     echo "validate-systemd: FAIL sealpipe-handoff@.service drifted from sealpipe@.service:"; cat "$tmp/diff"; fail=1
   fi
   grep -q '^Restart=no$' "$hold" || { echo "validate-systemd: FAIL handoff holder must have Restart=no"; fail=1; }
+fi
+# The socket unit: names its socket after the instance (the tunnel that serves it), leaves
+# accepting to sealpipe, and activates the service of the same instance.
+sock=$unit_dir/sealpipe@.socket
+if [ -f "$sock" ]; then
+  for want in '^FileDescriptorName=%i$' '^Accept=no$' '^ListenStream=' '^WantedBy=sockets.target$'; do
+    grep -qE "$want" "$sock" || { echo "validate-systemd: FAIL $sock lacks /$want/"; fail=1; }
+  done
 fi
 # Policy checks that verify cannot know about.
 if [ -f "$main" ]; then

@@ -190,6 +190,23 @@ pub struct Limits {
     /// The bucket's size: how many new connections one source may open at once.
     #[serde(default = "d_source_burst")]
     pub new_conns_per_source_burst: usize,
+    // -- dead peers (both sockets of every connection; see [`Keepalive`]) --
+    /// Seconds of quiet before the first keepalive probe; 0 = no keepalive.
+    #[serde(default = "d_ka_idle")]
+    pub keepalive_idle: f64,
+    /// Seconds between unanswered keepalive probes.
+    #[serde(default = "d_ka_interval")]
+    pub keepalive_interval: f64,
+    /// Unanswered probes before the connection is dropped.
+    #[serde(default = "d_ka_count")]
+    pub keepalive_count: u32,
+    /// TCP_USER_TIMEOUT, seconds: how long sent data may stay unacknowledged; 0 = the
+    /// kernel's retransmission limit (~15 min); absent = keepalive's own bound.
+    #[serde(default)]
+    pub tcp_user_timeout: Option<f64>,
+    /// Seconds between re-resolutions of target names; 0 = at start and on SIGHUP only.
+    #[serde(default = "d_resolve_interval")]
+    pub resolve_interval: f64,
 }
 
 fn d_max_handshakes() -> usize {
@@ -227,22 +244,29 @@ impl Default for Admission {
 }
 
 impl Limits {
-    fn admission(&self) -> Result<Admission, ConfigError> {
-        let bad = |m: &str| Err(ConfigError::Invalid(format!("[limits] {m}")));
+    fn admission(&self, scope: Scope<'_>) -> Result<Admission, ConfigError> {
+        let bad = |f: &str, m: String| Err(scope.error(f, m));
         if self.max_handshakes == 0 {
-            return bad("max_handshakes must be > 0");
+            return bad("max_handshakes", "must be > 0".into());
         }
         if self.max_handshakes_per_source == 0 {
-            return bad("max_handshakes_per_source must be > 0");
+            return bad("max_handshakes_per_source", "must be > 0".into());
         }
         let r = self.new_conns_per_source;
         if !r.is_finite() || !(0.0..=1e9).contains(&r) {
-            return bad(&format!(
-                "new_conns_per_source must be between 0 (no limit) and 1e9 per second, got {r}"
-            ));
+            return bad(
+                "new_conns_per_source",
+                format!("must be between 0 (no limit) and 1e9 per second, got {r}"),
+            );
         }
         if r > 0.0 && self.new_conns_per_source_burst == 0 {
-            return bad("new_conns_per_source_burst must be > 0 when new_conns_per_source is set");
+            return bad(
+                "new_conns_per_source_burst",
+                format!(
+                    "must be > 0 when {} is set",
+                    scope.name("new_conns_per_source")
+                ),
+            );
         }
         Ok(Admission {
             max_handshakes: self.max_handshakes,
@@ -288,8 +312,108 @@ impl Default for Limits {
             max_handshakes_per_source: d_per_source(),
             new_conns_per_source: d_source_rate(),
             new_conns_per_source_burst: d_source_burst(),
+            keepalive_idle: d_ka_idle(),
+            keepalive_interval: d_ka_interval(),
+            keepalive_count: d_ka_count(),
+            tcp_user_timeout: None,
+            resolve_interval: d_resolve_interval(),
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dead peers: TCP keepalive and TCP_USER_TIMEOUT (docs/OPERATIONS.md, "Dead peers").
+
+fn d_resolve_interval() -> f64 {
+    30.0
+}
+fn d_ka_idle() -> f64 {
+    60.0
+}
+fn d_ka_interval() -> f64 {
+    10.0
+}
+fn d_ka_count() -> u32 {
+    6
+}
+
+/// The kernel's limits on the keepalive options (`MAX_TCP_KEEPIDLE`, `MAX_TCP_KEEPINTVL`,
+/// `MAX_TCP_KEEPCNT`) and on TCP_USER_TIMEOUT (an `int` of milliseconds).
+const MAX_KEEPALIVE_SECS: f64 = 32_767.0;
+const MAX_KEEPALIVE_COUNT: u32 = 127;
+const MAX_USER_TIMEOUT_SECS: f64 = i32::MAX as f64 / 1000.0;
+
+/// How a connection notices a peer that vanished without a FIN or a reset (a host that lost
+/// power, a link or NAT entry that went away), set on both sockets of every connection: the
+/// accepted client socket (through its listener, whose options accepted sockets inherit)
+/// and the upstream socket (before its connect).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Quiet time before the first probe; `None`: keepalive off.
+    pub idle: Option<Duration>,
+    pub interval: Duration,
+    pub count: u32,
+    /// TCP_USER_TIMEOUT; `None`: the kernel's retransmission limit.
+    pub user_timeout: Option<Duration>,
+}
+
+/// Whole seconds within the kernel's keepalive range (it takes seconds only).
+fn keepalive_secs(scope: Scope<'_>, field: &str, v: f64, min: f64) -> Result<u32, ConfigError> {
+    if !v.is_finite() || v.fract() != 0.0 || !(min..=MAX_KEEPALIVE_SECS).contains(&v) {
+        return Err(scope.error(
+            field,
+            format!(
+                "must be whole seconds from {min} to {MAX_KEEPALIVE_SECS} (the kernel's range), got {v}"
+            ),
+        ));
+    }
+    Ok(v as u32)
+}
+
+/// The keepalive settings of one scope: `[limits]`'s, or a tunnel's over `base`.
+fn keepalive(
+    scope: Scope<'_>,
+    idle: f64,
+    interval: f64,
+    count: u32,
+    user_timeout: Option<f64>,
+) -> Result<Keepalive, ConfigError> {
+    let idle = keepalive_secs(scope, "keepalive_idle", idle, 0.0)?;
+    let interval = keepalive_secs(scope, "keepalive_interval", interval, 1.0)?;
+    if !(1..=MAX_KEEPALIVE_COUNT).contains(&count) {
+        return Err(scope.error(
+            "keepalive_count",
+            format!("must be from 1 to {MAX_KEEPALIVE_COUNT} (the kernel's range), got {count}"),
+        ));
+    }
+    let idle = (idle > 0).then(|| Duration::from_secs(idle.into()));
+    let interval = Duration::from_secs(interval.into());
+    let user_timeout = match user_timeout {
+        // Absent: as long as keepalive's probes take, so that a vanished peer is noticed in
+        // the same bound whether the connection was idle or had data in flight.
+        None => idle.map(|i| i + interval * count),
+        Some(v) if !v.is_finite() || !(0.0..=MAX_USER_TIMEOUT_SECS).contains(&v) => {
+            return Err(scope.error(
+                "tcp_user_timeout",
+                format!(
+                    "must be between 0 (the kernel's default) and {MAX_USER_TIMEOUT_SECS:.0} seconds, got {v}"
+                ),
+            ));
+        }
+        Some(v) if v > 0.0 && v < 0.001 => {
+            return Err(scope.error(
+                "tcp_user_timeout",
+                format!("must be 0 or at least 0.001 (the kernel counts milliseconds), got {v}"),
+            ));
+        }
+        Some(v) => (v > 0.0).then(|| Duration::from_millis((v * 1000.0).round() as u64)),
+    };
+    Ok(Keepalive {
+        idle,
+        interval,
+        count,
+        user_timeout,
+    })
 }
 
 /// `forward_secrecy` as written: a policy (`"require"`, `"allow"`, `"off"`), or the boolean of
@@ -373,6 +497,12 @@ pub struct TunnelFile {
     pub allow: Vec<String>,
     #[serde(default)]
     pub deny: Vec<String>,
+    /// Overrides of the `[limits]` keys of the same names.
+    pub keepalive_idle: Option<f64>,
+    pub keepalive_interval: Option<f64>,
+    pub keepalive_count: Option<u32>,
+    pub tcp_user_timeout: Option<f64>,
+    pub resolve_interval: Option<f64>,
 }
 
 impl TunnelFile {
@@ -399,6 +529,11 @@ impl TunnelFile {
             access_log: None,
             allow: Vec::new(),
             deny: Vec::new(),
+            keepalive_idle: None,
+            keepalive_interval: None,
+            keepalive_count: None,
+            tcp_user_timeout: None,
+            resolve_interval: None,
         }
     }
 }
@@ -423,7 +558,8 @@ pub struct Tunnel {
     pub name: String,
     pub mode: Mode,
     pub listen: SocketAddr,
-    pub targets: Vec<SocketAddr>,
+    /// In configured order; a name's addresses are filled by [`Config::resolve_targets`].
+    pub targets: Vec<Target>,
     pub key_files: Vec<PathBuf>,
     pub balance: Balance,
     pub forward_secrecy: ForwardSecrecy,
@@ -437,9 +573,22 @@ pub struct Tunnel {
     pub half_closed_timeout: Option<Duration>,
     /// PROXY headers in and out, the access log, the access lists.
     pub identity: crate::proxy::identity::Identity,
+    pub keepalive: Keepalive,
+    /// How often target names are resolved again; `None`: at start and on SIGHUP only.
+    pub resolve_interval: Option<Duration>,
 }
 
 impl Tunnel {
+    /// Every target's addresses, one list per target (what `proxy::upstream` balances over).
+    pub fn target_addrs(&self) -> Vec<Vec<SocketAddr>> {
+        self.targets.iter().map(|t| t.addrs.clone()).collect()
+    }
+
+    /// Whether any target is a name (resolved, and re-resolved while running).
+    pub fn has_names(&self) -> bool {
+        self.targets.iter().any(|t| t.host.is_some())
+    }
+
     /// How long a connection may be quiet before it is closed, if at all: the half-closed
     /// limit once one direction has ended (whichever of the two limits is shorter).
     pub fn idle_limit(&self, half_closed: bool) -> Option<Duration> {
@@ -467,24 +616,56 @@ pub struct Config {
     pub tunnels: Vec<Tunnel>,
     /// The file it came from (reloads read it again).
     pub path: Option<PathBuf>,
+    /// `sealpipe run`'s flags that win over the file (applied again on every reload).
+    pub overrides: CliOverrides,
+}
+
+/// Settings given on `sealpipe run`'s command line: they win over the file's `[log]`, at
+/// start and across reloads.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CliOverrides {
+    pub log_level: Option<String>,
+    pub log_format: Option<String>,
 }
 
 /// Where a setting is written, for error messages.
 #[derive(Clone, Copy)]
 enum Scope<'a> {
     Limits,
+    Log,
     Tunnel(&'a str),
+    /// The command line (`sealpipe encrypt --listen ...`): settings are flags.
+    Cli,
 }
 
 impl Scope<'_> {
-    fn error(self, field: &str, message: String) -> ConfigError {
+    /// `field` as the operator wrote it: the key in a file, the flag on the command line.
+    fn name(self, field: &str) -> String {
         match self {
-            Scope::Limits => ConfigError::Invalid(format!("[limits] {field} {message}")),
+            Scope::Cli => match field {
+                "keys" => "--key".into(),
+                "targets" => "--target".into(),
+                f => format!("--{}", f.replace('_', "-")),
+            },
+            _ => field.into(),
+        }
+    }
+
+    /// A message about this scope (it names the setting itself).
+    fn wrap(self, message: String) -> ConfigError {
+        match self {
+            Scope::Limits => ConfigError::Invalid(format!("[limits] {message}")),
+            Scope::Log => ConfigError::Invalid(format!("[log] {message}")),
             Scope::Tunnel(t) => ConfigError::Tunnel {
                 tunnel: t.into(),
-                message: format!("{field} {message}"),
+                message,
             },
+            Scope::Cli => ConfigError::Invalid(message),
         }
+    }
+
+    fn error(self, field: &str, message: String) -> ConfigError {
+        self.wrap(format!("{} {message}", self.name(field)))
     }
 }
 
@@ -517,17 +698,160 @@ fn timeout(scope: Scope<'_>, field: &str, v: f64, why: &str) -> Result<Duration,
 const CONNECT_NOT_ZERO: &str = "a connect that never gives up never tries the next target";
 const HANDSHAKE_NOT_ZERO: &str = "a peer that never completes its handshake must be closed, or it holds a connection slot forever";
 
-/// Resolves `host:port` (one address; the first the resolver returns).
+/// `HOST:PORT` split and checked, without resolving: `(host, port)`, the host without
+/// brackets. The messages say what is missing (the port, the host) rather than "invalid
+/// socket address".
+pub fn split_host_port(what: &str, s: &str) -> Result<(String, u16), String> {
+    let example = "write HOST:PORT, e.g. 127.0.0.1:7000, [::1]:7000 or db.internal:5432";
+    let (host, port) = match s.rsplit_once(':') {
+        // `[v6]:port`; a bare IPv6 address (`::1`) has colons but no port.
+        Some((h, p)) if !h.contains(':') || (h.starts_with('[') && h.ends_with(']')) => (h, p),
+        _ => return Err(format!("{what} {s:?} has no port: {example}")),
+    };
+    if port.is_empty() {
+        return Err(format!("{what} {s:?} has no port: {example}"));
+    }
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{what} {s:?}: the port {port:?} is not a number from 0 to 65535"))?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() {
+        return Err(format!("{what} {s:?} has no host: {example}"));
+    }
+    if host.parse::<std::net::IpAddr>().is_err() {
+        // A DNS name: labels of letters, digits, '-' and '_', joined by dots.
+        let ok = host.len() <= 253
+            && host.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            });
+        if !ok || s.starts_with('[') {
+            return Err(format!(
+                "{what} {s:?}: {host:?} is neither an IP address nor a host name"
+            ));
+        }
+    }
+    Ok((host.to_string(), port))
+}
+
+/// Resolves `host:port` to one address (the first the resolver returns): listen and metrics
+/// addresses, which are this machine's.
 pub fn resolve(what: &str, s: &str) -> Result<SocketAddr, String> {
     if let Ok(a) = s.parse() {
         return Ok(a);
     }
-    match s.to_socket_addrs() {
+    let (host, port) = split_host_port(what, s)?;
+    match (host.as_str(), port).to_socket_addrs() {
         Ok(mut it) => it
             .next()
             .ok_or_else(|| format!("{what} {s:?} resolves to no address")),
         Err(e) => Err(format!("{what} {s:?} cannot be resolved: {e}")),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Targets by name (docs/OPERATIONS.md, "Targets by name").
+
+/// One entry of a tunnel's `targets`: an IP address, or a host name that stands for every
+/// address it resolves to (IPv6 and IPv4, in the resolver's order), resolved at start, every
+/// `resolve_interval` and on SIGHUP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// As written (`db.internal:5432`); names it in logs and in `sealpipe_target_addresses`.
+    pub spec: String,
+    /// The name and port to resolve; `None` for an IP address.
+    pub host: Option<(String, u16)>,
+    /// Its addresses, in the resolver's order, without duplicates: the one address of an IP
+    /// target; empty for a name not resolved yet.
+    pub addrs: Vec<SocketAddr>,
+}
+
+impl Target {
+    /// Parses `HOST:PORT` (an IP address is final; a name is resolved later).
+    pub fn parse(s: &str) -> Result<Target, String> {
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            if a.port() == 0 {
+                return Err(format!("target {s:?}: port 0 is not a port to connect to"));
+            }
+            return Ok(Target {
+                spec: s.to_string(),
+                host: None,
+                addrs: vec![a],
+            });
+        }
+        let (host, port) = split_host_port("target", s)?;
+        if port == 0 {
+            return Err(format!("target {s:?}: port 0 is not a port to connect to"));
+        }
+        Ok(Target {
+            spec: s.to_string(),
+            host: Some((host, port)),
+            addrs: Vec::new(),
+        })
+    }
+}
+
+/// `db.internal:5432 (::1 10.0.0.5)` for a name, the address alone for an address.
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.spec)?;
+        if self.host.is_none() {
+            return Ok(());
+        }
+        if self.addrs.is_empty() {
+            return f.write_str(" (not resolved)");
+        }
+        f.write_str(" (")?;
+        for (i, a) in self.addrs.iter().enumerate() {
+            write!(f, "{}{}", if i > 0 { " " } else { "" }, a.ip())?;
+        }
+        f.write_str(")")
+    }
+}
+
+/// Looks a host name up: every address, in the resolver's order. The system's resolver
+/// ([`SystemResolver`]: getaddrinfo, so /etc/hosts, DNS and nsswitch as configured) in
+/// production; tests may hand the server another.
+pub trait Resolve: Send + Sync {
+    fn lookup(&self, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>>;
+}
+
+/// getaddrinfo(3), through std.
+pub struct SystemResolver;
+
+impl Resolve for SystemResolver {
+    fn lookup(&self, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+        Ok((host, port).to_socket_addrs()?.collect())
+    }
+}
+
+/// What a lookup gave: its addresses in order without duplicates (getaddrinfo lists an
+/// address once per /etc/hosts line naming it), or why there are none.
+pub fn lookup(r: &dyn Resolve, host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+    let got = r.lookup(host, port).map_err(|e| e.to_string())?;
+    let mut out: Vec<SocketAddr> = Vec::with_capacity(got.len());
+    for a in got {
+        if !out.contains(&a) {
+            out.push(a);
+        }
+    }
+    if out.is_empty() {
+        return Err("it resolves to no address".into());
+    }
+    Ok(out)
+}
+
+/// A name that did not resolve, whose previous addresses were kept.
+#[derive(Clone, Debug)]
+pub struct ResolveFailure {
+    pub tunnel: String,
+    pub target: String,
+    pub error: String,
 }
 
 impl ConfigFile {
@@ -547,8 +871,19 @@ impl ConfigFile {
     }
 
     pub fn validate(self, path: Option<PathBuf>) -> Result<Config, ConfigError> {
+        self.validate_in(path, false)
+    }
+
+    /// [`validate`](Self::validate) for a configuration the command line built
+    /// (`sealpipe encrypt --listen ...`): errors name the flags (`--connect-timeout`), not
+    /// the file's keys.
+    pub fn validate_cli(self) -> Result<Config, ConfigError> {
+        self.validate_in(None, true)
+    }
+
+    fn validate_in(self, path: Option<PathBuf>, cli: bool) -> Result<Config, ConfigError> {
         let l = &self.limits;
-        let g = Scope::Limits;
+        let g = if cli { Scope::Cli } else { Scope::Limits };
         let connect = timeout(g, "connect_timeout", l.connect_timeout, CONNECT_NOT_ZERO)?;
         let handshake = timeout(
             g,
@@ -560,40 +895,52 @@ impl ConfigFile {
         let half = seconds_or_off(g, "half_closed_timeout", l.half_closed_timeout)?;
         // 0: no drain wait; open connections are cut at once.
         let drain = seconds(g, "drain_timeout", l.drain_timeout)?;
-        let admission = l.admission()?;
+        let admission = l.admission(g)?;
+        // Checked here too, so that a bad [limits] value is named as [limits]'s even when
+        // every tunnel overrides it.
+        keepalive(
+            g,
+            l.keepalive_idle,
+            l.keepalive_interval,
+            l.keepalive_count,
+            l.tcp_user_timeout,
+        )?;
+        let resolve_every = seconds_or_off(g, "resolve_interval", l.resolve_interval)?;
         if l.max_conns == 0 {
-            return Err(ConfigError::Invalid(
-                "[limits] max_conns must be > 0".into(),
-            ));
+            return Err(g.error("max_conns", "must be > 0".into()));
         }
         if l.threads > 1024 {
-            return Err(ConfigError::Invalid(
-                "[limits] threads must be at most 1024".into(),
-            ));
+            return Err(g.error("threads", "must be at most 1024".into()));
         }
         if l.incoming_cpu && !l.pin {
-            return Err(ConfigError::Invalid(
-                "[limits] incoming_cpu = true needs pin = true: it hands a connection to the shard pinned on the CPU that received it".into(),
-            ));
+            return Err(g.wrap(format!(
+                "{} needs {}: it hands a connection to the shard pinned on the CPU that received it",
+                if cli { "--incoming-cpu" } else { "incoming_cpu = true" },
+                if cli { "--pin" } else { "pin = true" },
+            )));
         }
+        let lg = if cli { Scope::Cli } else { Scope::Log };
+        let level = if cli { "log_level" } else { "level" };
         match self.log.format.as_str() {
             "text" | "json" => {}
             f => {
-                return Err(ConfigError::Invalid(format!(
-                    "[log] format {f:?} is not text or json"
-                )));
+                let field = if cli { "log_format" } else { "format" };
+                return Err(lg.error(field, format!("{f:?} is not text or json")));
             }
         }
-        check_log_filter(&self.log.level)
-            .map_err(|e| ConfigError::Invalid(format!("[log] {e}")))?;
+        // check_log_filter's message starts "log level ...".
+        check_log_filter(&self.log.level).map_err(|e| match lg {
+            Scope::Cli => ConfigError::Invalid(format!("--{}", e.replacen(' ', "-", 1))),
+            _ => lg.wrap(e),
+        })?;
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            return Err(ConfigError::Invalid(format!(
-                "[log] level {:?}: {e}",
-                self.log.level
-            )));
+            return Err(lg.error(level, format!("{:?}: {e}", self.log.level)));
         }
         let metrics = match &self.metrics.listen {
-            Some(s) => Some(resolve("[metrics] listen", s).map_err(ConfigError::Invalid)?),
+            Some(s) => {
+                let what = if cli { "--metrics" } else { "[metrics] listen" };
+                Some(resolve(what, s).map_err(ConfigError::Invalid)?)
+            }
             None => None,
         };
         if self.tunnel.is_empty() {
@@ -604,43 +951,52 @@ impl ConfigFile {
         let mut tunnels: Vec<Tunnel> = Vec::new();
         for (i, t) in self.tunnel.into_iter().enumerate() {
             let name = t.name.clone().unwrap_or_else(|| format!("tunnel{i}"));
-            let bad = |message: String| ConfigError::Tunnel {
-                tunnel: name.clone(),
-                message,
+            let sc = if cli {
+                Scope::Cli
+            } else {
+                Scope::Tunnel(&name)
             };
+            let bad = |message: String| sc.wrap(message);
             if name.is_empty()
                 || !name
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
             {
-                return Err(bad(
-                    "name must be non-empty ASCII letters, digits, '-', '_' or '.'".into(),
+                return Err(sc.error(
+                    "name",
+                    format!("{name:?} must be non-empty ASCII letters, digits, '-', '_' or '.'"),
                 ));
             }
             if tunnels.iter().any(|o| o.name == name) {
                 return Err(bad("duplicate tunnel name".into()));
             }
-            let listen = resolve("listen", &t.listen).map_err(bad)?;
+            let listen = resolve(&sc.name("listen"), &t.listen).map_err(bad)?;
             if tunnels.iter().any(|o| o.listen == listen) {
                 return Err(bad(format!("listen address {listen} is used twice")));
             }
             if t.targets.is_empty() {
-                return Err(bad("targets is empty".into()));
+                return Err(sc.error("targets", "is empty".into()));
             }
             let mut targets = Vec::new();
             for s in &t.targets {
-                targets.push(resolve("target", s).map_err(bad)?);
+                let mut target = Target::parse(s);
+                if cli {
+                    target = target.map_err(|e| format!("--{e}"));
+                }
+                targets.push(target.map_err(bad)?);
             }
             match t.mode {
                 Mode::Forward if !t.keys.is_empty() => {
-                    return Err(bad(
-                        "forward mode carries plaintext and takes no keys".into()
-                    ));
+                    return Err(bad(format!(
+                        "forward mode carries plaintext and takes no {}",
+                        sc.name("keys")
+                    )));
                 }
                 Mode::Encrypt | Mode::Decrypt if t.keys.is_empty() => {
                     return Err(bad(format!(
-                        "{} mode needs at least one key file (sealpipe keygen --out FILE)",
-                        t.mode.as_str()
+                        "{} mode needs at least one key file ({}; sealpipe keygen --out FILE makes one)",
+                        t.mode.as_str(),
+                        sc.name("keys")
                     )));
                 }
                 _ => {}
@@ -649,15 +1005,27 @@ impl ConfigFile {
                 None => AeadKind::default(),
                 Some(s) => s
                     .parse()
-                    .map_err(|_| bad(format!("aead {s:?} is not ring or rustcrypto")))?,
+                    .map_err(|_| sc.error("aead", format!("{s:?} is not ring or rustcrypto")))?,
             };
             let forward_secrecy = match &t.forward_secrecy {
                 None => ForwardSecrecy::default(),
-                Some(s) => s.policy(t.mode).map_err(bad)?,
+                Some(s) => s.policy(t.mode).map_err(|e| match sc {
+                    Scope::Cli => ConfigError::Invalid(format!("--{}", e.replacen('_', "-", 1))),
+                    _ => bad(e),
+                })?,
             };
-            let sc = Scope::Tunnel(&name);
             let hc = seconds_or_off(sc, "health_check_interval", t.health_check_interval)?;
             let identity = crate::proxy::identity::Identity::validate(&t).map_err(bad)?;
+            let ka = keepalive(
+                sc,
+                t.keepalive_idle.unwrap_or(l.keepalive_idle),
+                t.keepalive_interval.unwrap_or(l.keepalive_interval),
+                t.keepalive_count.unwrap_or(l.keepalive_count),
+                t.tcp_user_timeout.or(l.tcp_user_timeout),
+            )?;
+            let resolve_interval = t.resolve_interval.map_or(Ok(resolve_every), |v| {
+                seconds_or_off(sc, "resolve_interval", v)
+            })?;
             tunnels.push(Tunnel {
                 identity,
                 mode: t.mode,
@@ -680,6 +1048,8 @@ impl ConfigFile {
                 half_closed_timeout: t
                     .half_closed_timeout
                     .map_or(Ok(half), |v| seconds_or_off(sc, "half_closed_timeout", v))?,
+                keepalive: ka,
+                resolve_interval,
                 name,
             });
         }
@@ -694,20 +1064,114 @@ impl ConfigFile {
             admission,
             tunnels,
             path,
+            overrides: CliOverrides::default(),
         })
     }
 }
 
 impl Config {
     /// Reads, parses and validates a config file (keys are checked too).
+    /// (Target names resolved, with the system's resolver.)
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let mut cfg = Config::read(path)?;
+        cfg.resolve_targets(None, &SystemResolver)?;
+        cfg.load_keys()?;
+        Ok(cfg)
+    }
+
+    /// [`from_file`](Self::from_file), with command-line settings over the file's.
+    pub fn from_file_with(path: &Path, overrides: CliOverrides) -> Result<Config, ConfigError> {
+        let mut cfg = Config::read(path)?;
+        cfg.apply_overrides(overrides)?;
+        cfg.resolve_targets(None, &SystemResolver)?;
+        cfg.load_keys()?;
+        Ok(cfg)
+    }
+
+    /// Puts command-line settings over the file's (errors name the flag) and keeps them for
+    /// reloads.
+    pub fn apply_overrides(&mut self, o: CliOverrides) -> Result<(), ConfigError> {
+        if let Some(level) = &o.log_level {
+            check_log_filter(level)
+                .map_err(|e| ConfigError::Invalid(format!("--{}", e.replacen(' ', "-", 1))))?;
+            self.log.level = level.clone();
+        }
+        if let Some(format) = &o.log_format {
+            if format != "text" && format != "json" {
+                return Err(ConfigError::Invalid(format!(
+                    "--log-format {format:?} is not text or json"
+                )));
+            }
+            self.log.format = format.clone();
+        }
+        self.overrides = o;
+        Ok(())
+    }
+
+    /// Reads, parses and validates a config file, without reading its key files or
+    /// resolving its target names.
+    pub fn read(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        let cfg = ConfigFile::parse(path, &text)?.validate(Some(path.to_owned()))?;
-        cfg.load_keys()?;
-        Ok(cfg)
+        ConfigFile::parse(path, &text)?.validate(Some(path.to_owned()))
+    }
+
+    /// Resolves every target name. A name that does not resolve keeps the addresses it has
+    /// in `previous` (the running configuration: same tunnel, same target as written), and
+    /// is returned as a failure to count and log; without previous addresses it is an error
+    /// (there would be nothing to connect to).
+    pub fn resolve_targets(
+        &mut self,
+        previous: Option<&Config>,
+        resolver: &dyn Resolve,
+    ) -> Result<Vec<ResolveFailure>, ConfigError> {
+        let mut failures = Vec::new();
+        for t in &mut self.tunnels {
+            for target in &mut t.targets {
+                let Some((host, port)) = &target.host else {
+                    continue;
+                };
+                match lookup(resolver, host, *port) {
+                    Ok(addrs) => target.addrs = addrs,
+                    Err(error) => {
+                        let kept = previous
+                            .and_then(|p| p.tunnels.iter().find(|o| o.name == t.name))
+                            .and_then(|o| o.targets.iter().find(|o| o.spec == target.spec))
+                            .map(|o| o.addrs.clone())
+                            .filter(|a| !a.is_empty());
+                        match kept {
+                            Some(addrs) => {
+                                target.addrs = addrs;
+                                failures.push(ResolveFailure {
+                                    tunnel: t.name.clone(),
+                                    target: target.spec.clone(),
+                                    error,
+                                });
+                            }
+                            None => {
+                                return Err(ConfigError::Tunnel {
+                                    tunnel: t.name.clone(),
+                                    message: format!(
+                                        "target {:?} cannot be resolved: {error}",
+                                        target.spec
+                                    ),
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(failures)
+    }
+
+    /// Whether every target has addresses (names resolved).
+    pub fn resolved(&self) -> bool {
+        self.tunnels
+            .iter()
+            .all(|t| t.targets.iter().all(|x| !x.addrs.is_empty()))
     }
 
     /// Loads every tunnel's key set (one per tunnel, in tunnel order; `None` for forward).
@@ -848,5 +1312,177 @@ mod tests {
         );
         let e = tunnel("decrypt", "forward_secrecy = 1").unwrap_err();
         assert!(e.to_string().contains("require"), "{e}");
+    }
+
+    const FWD: &str =
+        "[[tunnel]]\nmode = \"forward\"\nlisten = \"127.0.0.1:1\"\ntargets = [\"127.0.0.1:2\"]\n";
+
+    #[test]
+    fn keepalive_defaults_overrides_and_bad_values_named() {
+        let c = parse(FWD).unwrap();
+        let k = c.tunnels[0].keepalive;
+        assert_eq!(k.idle, Some(Duration::from_secs(60)));
+        assert_eq!((k.interval, k.count), (Duration::from_secs(10), 6));
+        assert_eq!(
+            k.user_timeout,
+            Some(Duration::from_secs(120)),
+            "idle + interval x count"
+        );
+        let c = parse(&format!("[limits]\nkeepalive_idle = 0\n{FWD}")).unwrap();
+        assert_eq!(c.tunnels[0].keepalive.idle, None);
+        assert_eq!(c.tunnels[0].keepalive.user_timeout, None, "kernel default");
+        let c = parse(&format!(
+            "{FWD}keepalive_idle = 5\ntcp_user_timeout = 0.5\n"
+        ))
+        .unwrap();
+        let k = c.tunnels[0].keepalive;
+        assert_eq!(k.idle, Some(Duration::from_secs(5)));
+        assert_eq!(k.user_timeout, Some(Duration::from_millis(500)));
+        let c = parse(&format!("{FWD}tcp_user_timeout = 0\n")).unwrap();
+        assert_eq!(c.tunnels[0].keepalive.user_timeout, None);
+        for (bad, key, why) in [
+            ("keepalive_idle = 1.5", "keepalive_idle", "whole seconds"),
+            ("keepalive_idle = 40000", "keepalive_idle", "32767"),
+            ("keepalive_interval = 0", "keepalive_interval", "from 1"),
+            ("keepalive_count = 0", "keepalive_count", "from 1 to 127"),
+            ("keepalive_count = 200", "keepalive_count", "from 1 to 127"),
+            ("tcp_user_timeout = -1", "tcp_user_timeout", "between 0"),
+            (
+                "tcp_user_timeout = 0.0001",
+                "tcp_user_timeout",
+                "milliseconds",
+            ),
+            ("resolve_interval = -1", "resolve_interval", "between 0"),
+        ] {
+            let e = parse(&format!("[limits]\n{bad}\n{FWD}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("[limits] {key}")) && e.contains(why),
+                "{bad}: {e}"
+            );
+            let e = parse(&format!("{FWD}{bad}\n")).unwrap_err().to_string();
+            assert!(
+                e.contains("tunnel0") && e.contains(key) && e.contains(why),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn targets_are_addresses_or_names_and_a_missing_port_is_named() {
+        let t = Target::parse("10.0.0.5:80").unwrap();
+        assert_eq!((t.host, t.addrs.len()), (None, 1));
+        let t = Target::parse("[::1]:80").unwrap();
+        assert_eq!(t.addrs, vec!["[::1]:80".parse().unwrap()]);
+        let t = Target::parse("db.internal:5432").unwrap();
+        assert_eq!(t.host, Some(("db.internal".into(), 5432)));
+        assert!(t.addrs.is_empty(), "resolved later");
+        for (bad, why) in [
+            ("10.0.0.5", "has no port"),
+            ("db.internal", "has no port"),
+            ("db.internal:", "has no port"),
+            ("::1", "has no port"),
+            ("[::1]", "has no port"),
+            (":80", "has no host"),
+            ("db:http", "is not a number"),
+            ("db:70000", "is not a number"),
+            ("db:0", "port 0"),
+            ("bad host:80", "neither an IP address nor a host name"),
+            ("[db.internal]:80", "neither an IP address nor a host name"),
+        ] {
+            let e = Target::parse(bad).unwrap_err();
+            assert!(e.contains(why) && e.contains(bad), "{bad}: {e}");
+        }
+        let e = resolve("listen", "127.0.0.1").unwrap_err();
+        assert!(e.contains("has no port"), "{e}");
+    }
+
+    /// Resolves names from a table; counts lookups.
+    struct Table(Vec<(&'static str, Result<Vec<SocketAddr>, ()>)>);
+
+    impl Resolve for Table {
+        fn lookup(&self, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+            match self.0.iter().find(|(h, _)| *h == host) {
+                Some((_, Ok(a))) => Ok(a.iter().map(|a| SocketAddr::new(a.ip(), port)).collect()),
+                _ => Err(std::io::Error::other("no such host")),
+            }
+        }
+    }
+
+    #[test]
+    fn names_resolve_to_every_address_and_a_failure_keeps_the_last_good_list() {
+        let text = "[[tunnel]]\nname = \"t\"\nmode = \"forward\"\nlisten = \"127.0.0.1:1\"\ntargets = [\"db:5432\", \"10.0.0.9:1\"]\n";
+        let a = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let mut c = parse(text).unwrap();
+        assert!(!c.resolved());
+        let both = Table(vec![(
+            "db",
+            Ok(vec![a("[::1]:0"), a("127.0.0.1:0"), a("[::1]:0")]),
+        )]);
+        assert!(c.resolve_targets(None, &both).unwrap().is_empty());
+        assert_eq!(
+            c.tunnels[0].targets[0].addrs,
+            vec![a("[::1]:5432"), a("127.0.0.1:5432")]
+        );
+        assert_eq!(c.tunnels[0].target_addrs()[1], vec![a("10.0.0.9:1")]);
+        // The name stops resolving: the running list is kept, and the failure reported.
+        let mut next = parse(text).unwrap();
+        let failures = next.resolve_targets(Some(&c), &Table(vec![])).unwrap();
+        assert_eq!(failures.len(), 1);
+        assert_eq!(
+            (failures[0].tunnel.as_str(), failures[0].target.as_str()),
+            ("t", "db:5432")
+        );
+        assert_eq!(
+            next.tunnels[0].targets[0].addrs,
+            c.tunnels[0].targets[0].addrs
+        );
+        // Without a previous list there is nothing to keep: an error naming the target.
+        let e = parse(text)
+            .unwrap()
+            .resolve_targets(None, &Table(vec![]))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("\"db:5432\" cannot be resolved"),
+            "{e}"
+        );
+        let empty = Table(vec![("db", Ok(vec![]))]);
+        let e = parse(text)
+            .unwrap()
+            .resolve_targets(None, &empty)
+            .unwrap_err();
+        assert!(e.to_string().contains("resolves to no address"), "{e}");
+    }
+
+    #[test]
+    fn cli_errors_name_the_flags() {
+        let mut f = ConfigFile::parse(Path::new("t.toml"), FWD).unwrap();
+        f.limits.connect_timeout = 0.0;
+        let e = f.validate_cli().unwrap_err().to_string();
+        assert!(e.starts_with("--connect-timeout cannot be 0"), "{e}");
+        let mut f = ConfigFile::parse(Path::new("t.toml"), FWD).unwrap();
+        f.limits.keepalive_count = 0;
+        let e = f.validate_cli().unwrap_err().to_string();
+        assert!(e.starts_with("--keepalive-count must be"), "{e}");
+        let mut f = ConfigFile::parse(Path::new("t.toml"), FWD).unwrap();
+        f.tunnel[0].listen = "127.0.0.1".into();
+        let e = f.validate_cli().unwrap_err().to_string();
+        assert!(e.starts_with("--listen \"127.0.0.1\" has no port"), "{e}");
+        let mut f = ConfigFile::parse(Path::new("t.toml"), FWD).unwrap();
+        f.tunnel[0].targets = vec!["db".into()];
+        let e = f.validate_cli().unwrap_err().to_string();
+        assert!(e.starts_with("--target \"db\" has no port"), "{e}");
+        let mut f = ConfigFile::parse(Path::new("t.toml"), FWD).unwrap();
+        f.log.level = "warning".into();
+        let e = f.validate_cli().unwrap_err().to_string();
+        assert!(e.starts_with("--log-level \"warning\""), "{e}");
+        let mut f = ConfigFile::parse(Path::new("t.toml"), FWD).unwrap();
+        f.limits.new_conns_per_source_burst = 0;
+        let e = f.validate_cli().unwrap_err().to_string();
+        assert!(
+            e.contains("--new-conns-per-source-burst must be > 0 when --new-conns-per-source"),
+            "{e}"
+        );
     }
 }

@@ -111,6 +111,16 @@ pub fn generate_key_file(path: &Path, rng: &mut dyn RandomSource) -> Result<KeyI
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
+    // A missing directory is made private (0700, and so are its missing parents): it holds
+    // keys. Whoever else must read them (the service's group) is granted that deliberately.
+    if !dir.exists() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(write_err)?;
+    }
     let name = path
         .file_name()
         .ok_or_else(|| write_err(io::Error::from(io::ErrorKind::InvalidInput)))?;

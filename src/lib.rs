@@ -9,13 +9,15 @@
 //!   handshake, sealed records. No sockets, no clock, no file system ([`keyfile`] reads keys).
 //! - [`proxy`]: joins the two: the per-connection pipeline, upstream selection, the codec layer.
 //! - [`metrics`]: per-shard counters and the Prometheus endpoint.
-//! - [`config`], [`server`]: configuration, shards, the control thread.
+//! - [`config`], [`server`], [`resolver`]: configuration, shards, the control thread and the
+//!   target names it resolves again.
 #![deny(unsafe_code)]
 
 pub mod config;
 pub mod keyfile;
 pub mod metrics;
 pub mod proxy;
+pub mod resolver;
 pub mod server;
 pub mod sys;
 

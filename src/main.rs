@@ -8,11 +8,12 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use tracing_subscriber::{EnvFilter, reload};
 
 use sealpipe::config::{
-    Balance, Config, ConfigFile, FsSetting, Limits, LogConfig, MetricsConfig, Mode, TunnelFile,
+    Balance, CliOverrides, Config, ConfigFile, FsSetting, Limits, LogConfig, MetricsConfig, Mode,
+    SystemResolver, TunnelFile,
 };
 use sealpipe::protocol::ForwardSecrecy;
 use sealpipe::server::{self, LogControl};
@@ -60,26 +61,40 @@ does not agree, the decrypt side's log names the cause; the encrypt side's says 
 enum Cmd {
     /// Accept plaintext on --listen, send sealed records to decrypt-side --target(s).
     #[command(after_help = PAIRING)]
-    Encrypt(TunnelArgs),
+    Encrypt(SealedArgs),
     /// Accept sealed records on --listen, send plaintext to backend --target(s).
     #[command(after_help = PAIRING)]
-    Decrypt(TunnelArgs),
+    Decrypt(SealedArgs),
     /// Plaintext relay from --listen to --target(s), no crypto.
     Forward(TunnelArgs),
     /// Run every tunnel of a TOML config file in one process.
     Run {
+        /// The config file (TOML; deploy/sealpipe.example.toml documents every key). SIGHUP
+        /// reads it again.
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
         #[command(flatten)]
+        log: LogArgs,
+        #[command(flatten)]
         handoff: HandoffArgs,
     },
-    /// Validate a config file (and its key files): exit 0, or 2 with the reason.
+    /// Validate a config file (and its key files, and that its target names resolve): exit
+    /// 0, or 2 with the reason.
     Check {
+        /// The config file to validate.
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+        /// Do not read the key files (check a config on a machine that does not hold its
+        /// keys, e.g. in CI): their paths must still be given.
+        #[arg(long)]
+        no_key_files: bool,
+        /// Do not resolve target names (check a config away from the network it runs in).
+        #[arg(long)]
+        no_resolve: bool,
     },
     /// Write a new random 256-bit key (hex, mode 0600); refuses to overwrite.
     Keygen {
+        /// Where to write the key. A missing parent directory is created with mode 0700.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
@@ -90,24 +105,45 @@ enum Cmd {
         #[arg(long, value_name = "SECS")]
         duration: Option<f64>,
     },
+    /// Print a shell completion script: `sealpipe completions bash >
+    /// /usr/share/bash-completion/completions/sealpipe` (zsh: a `_sealpipe` file on $fpath;
+    /// fish: ~/.config/fish/completions/sealpipe.fish).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) for `man -l -`, or write one page per subcommand into
+    /// --dir (sealpipe.1, sealpipe-run.1, ...).
+    Man {
+        /// Write sealpipe.1 and a page per subcommand here instead of printing sealpipe.1.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Args, Clone)]
 struct TunnelArgs {
-    /// Address to accept connections on, e.g. 127.0.0.1:7000.
+    /// Address to accept connections on, e.g. 127.0.0.1:7000 or [::1]:7000.
     #[arg(long, value_name = "ADDR")]
     listen: String,
-    /// Where to connect: one address or several, comma-separated.
+    /// Where to connect: HOST:PORT, or several, comma-separated. A host name stands for every
+    /// address it resolves to (tried in the resolver's order), resolved again every
+    /// --resolve-interval.
     #[arg(
         long,
-        value_name = "ADDR[,ADDR...]",
+        value_name = "HOST:PORT[,HOST:PORT...]",
         value_delimiter = ',',
         required = true
     )]
     target: Vec<String>,
-    /// Key file (repeatable). The first is the primary, the others are also accepted.
-    #[arg(long, value_name = "FILE")]
-    key: Vec<PathBuf>,
+    /// The tunnel's name: in logs and metric labels, and the name of a socket systemd passes
+    /// (socket activation: LISTEN_FDNAMES), which is then served instead of binding --listen.
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Seconds between active TCP health checks of each target; 0 = passive health only.
+    #[arg(long, value_name = "SECS", default_value_t = 0.0)]
+    health_check_interval: f64,
     #[command(flatten)]
     common: CommonArgs,
     #[command(flatten)]
@@ -144,12 +180,47 @@ struct IdentityArgs {
     deny: Vec<String>,
 }
 
+/// The tunnel and what only a sealed side (encrypt, decrypt) takes.
+#[derive(Args, Clone)]
+struct SealedArgs {
+    #[command(flatten)]
+    tunnel: TunnelArgs,
+    /// Key file (repeatable; at least one). The first is the primary, the others are also
+    /// accepted (key rotation). `sealpipe keygen --out FILE` makes one.
+    #[arg(long, value_name = "FILE", required = true)]
+    key: Vec<PathBuf>,
+    /// Forward secrecy (an ephemeral X25519 exchange per connection): require (default:
+    /// offer it, and as a decrypt side refuse peers without it), allow (offer it, and as a
+    /// decrypt side also accept peers without it, with a warning), off (do not offer it: cheaper
+    /// setup, and a later leak of the key exposes recorded traffic).
+    #[arg(long, value_name = "POLICY", conflicts_with = "no_forward_secrecy")]
+    forward_secrecy: Option<ForwardSecrecy>,
+    /// Same as --forward-secrecy off (kept for existing scripts).
+    #[arg(long)]
+    no_forward_secrecy: bool,
+    /// AEAD implementation: ring (fast) or rustcrypto (pure Rust).
+    #[arg(long, value_name = "IMPL", default_value = "ring")]
+    aead: String,
+}
+
 #[derive(Args, Clone)]
 struct HandoffArgs {
     /// Zero-downtime upgrades: take the listening sockets of the sealpipe listening on this
     /// Unix socket (if any), then listen on it to hand them to the next one.
     #[arg(long, value_name = "PATH")]
     handoff: Option<PathBuf>,
+}
+
+/// `run`'s logging flags: they override the file's `[log]` (across reloads too).
+#[derive(Args, Clone)]
+struct LogArgs {
+    /// Overrides the file's [log] level: error, warn, info, debug, trace or off; or a
+    /// comma-separated list of LEVEL and TARGET=LEVEL.
+    #[arg(long, value_name = "LEVEL", env = "SEALPIPE_LOG")]
+    log_level: Option<String>,
+    /// Overrides the file's [log] format: text or json.
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -214,21 +285,28 @@ struct CommonArgs {
     /// On SIGTERM, how long open connections may take to finish; 0 = cut them at once.
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     drain_timeout: f64,
+    /// TCP keepalive on both sockets of every connection: whole seconds of quiet before the
+    /// first probe; 0 = no keepalive. A peer that vanished (no FIN, no reset) is dropped
+    /// after idle + interval x count seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    keepalive_idle: f64,
+    /// Whole seconds between unanswered keepalive probes.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    keepalive_interval: f64,
+    /// Unanswered keepalive probes before the connection is dropped (1-127).
+    #[arg(long, value_name = "N", default_value_t = 6)]
+    keepalive_count: u32,
+    /// TCP_USER_TIMEOUT: drop a connection whose sent data stays unacknowledged this long
+    /// (a peer that vanished mid-transfer); 0 = the kernel's retransmission limit (~15 min).
+    /// Default: keepalive's bound, idle + interval x count.
+    #[arg(long, value_name = "SECS")]
+    tcp_user_timeout: Option<f64>,
+    /// Resolve target names again this often (seconds); 0 = at start and on SIGHUP only.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    resolve_interval: f64,
     /// round-robin or least-conn.
     #[arg(long, value_name = "POLICY", default_value = "round-robin")]
     balance: Balance,
-    /// Forward secrecy (an ephemeral X25519 exchange per connection): require (default:
-    /// offer it, and as a decrypt side refuse peers without it), allow (offer it, and as a
-    /// decrypt side also accept peers without it, with a warning), off (do not offer it: cheaper
-    /// setup, and a later leak of the key exposes recorded traffic).
-    #[arg(long, value_name = "POLICY", conflicts_with = "no_forward_secrecy")]
-    forward_secrecy: Option<ForwardSecrecy>,
-    /// Same as --forward-secrecy off (kept for existing scripts).
-    #[arg(long)]
-    no_forward_secrecy: bool,
-    /// AEAD implementation: ring (fast) or rustcrypto (pure Rust).
-    #[arg(long, value_name = "IMPL", default_value = "ring")]
-    aead: String,
     /// error, warn, info, debug, trace or off; or a comma-separated list of LEVEL and
     /// TARGET=LEVEL (e.g. `sealpipe::proxy=debug,warn`). Anything else is an error.
     #[arg(
@@ -287,8 +365,45 @@ fn setup_logging(log: &LogConfig) -> Result<LogControl> {
     })
 }
 
-fn tunnel_config(mode: Mode, a: TunnelArgs) -> std::result::Result<Config, UsageError> {
+/// The sealed side's settings, or none for forward.
+struct Crypto {
+    keys: Vec<PathBuf>,
+    forward_secrecy: ForwardSecrecy,
+    aead: String,
+}
+
+impl From<SealedArgs> for (TunnelArgs, Crypto) {
+    fn from(a: SealedArgs) -> Self {
+        let forward_secrecy = match (a.forward_secrecy, a.no_forward_secrecy) {
+            (_, true) => ForwardSecrecy::Off,
+            (Some(p), false) => p,
+            (None, false) => ForwardSecrecy::default(),
+        };
+        (
+            a.tunnel,
+            Crypto {
+                keys: a.key,
+                forward_secrecy,
+                aead: a.aead,
+            },
+        )
+    }
+}
+
+fn tunnel_config(
+    mode: Mode,
+    a: TunnelArgs,
+    crypto: Option<Crypto>,
+) -> std::result::Result<Config, UsageError> {
     let c = &a.common;
+    let (keys, fs, aead) = match crypto {
+        Some(k) => (
+            k.keys,
+            Some(FsSetting::Policy(k.forward_secrecy.as_str().to_owned())),
+            Some(k.aead),
+        ),
+        None => (Vec::new(), None, None),
+    };
     let file = ConfigFile {
         log: LogConfig {
             level: c.log_level.clone(),
@@ -311,40 +426,43 @@ fn tunnel_config(mode: Mode, a: TunnelArgs) -> std::result::Result<Config, Usage
             max_handshakes_per_source: c.max_handshakes_per_source,
             new_conns_per_source: c.new_conns_per_source,
             new_conns_per_source_burst: c.new_conns_per_source_burst,
+            keepalive_idle: c.keepalive_idle,
+            keepalive_interval: c.keepalive_interval,
+            keepalive_count: c.keepalive_count,
+            tcp_user_timeout: c.tcp_user_timeout,
+            resolve_interval: c.resolve_interval,
         },
         tunnel: vec![TunnelFile {
+            name: Some(a.name.clone().unwrap_or_else(|| mode.as_str().into())),
             balance: c.balance,
-            forward_secrecy: Some(FsSetting::Policy(
-                match (c.forward_secrecy, c.no_forward_secrecy) {
-                    (_, true) => ForwardSecrecy::Off,
-                    (Some(p), false) => p,
-                    (None, false) => ForwardSecrecy::default(),
-                }
-                .as_str()
-                .to_owned(),
-            )),
-            aead: Some(c.aead.clone()),
+            forward_secrecy: fs,
+            aead,
+            health_check_interval: a.health_check_interval,
             accept_proxy: a.identity.accept_proxy,
             trusted_proxies: a.identity.trusted_proxy.clone(),
             send_proxy: a.identity.send_proxy.clone(),
             access_log: a.identity.access_log.clone(),
             allow: a.identity.allow.clone(),
             deny: a.identity.deny.clone(),
-            ..TunnelFile::new(mode, a.listen.clone(), a.target.clone(), a.key.clone())
+            ..TunnelFile::new(mode, a.listen.clone(), a.target.clone(), keys)
         }],
     };
-    let cfg = file.validate(None).map_err(|e| UsageError(e.into()))?;
+    let mut cfg = file.validate_cli().map_err(|e| UsageError(e.into()))?;
+    cfg.resolve_targets(None, &SystemResolver)
+        .map_err(|e| UsageError(e.into()))?;
     cfg.load_keys().map_err(|e| UsageError(e.into()))?;
     Ok(cfg)
 }
 
 fn serve(cfg: Config, handoff: Option<PathBuf>) -> Result<()> {
     let log = setup_logging(&cfg.log)?;
+    // Before the shards accept: a SIGTERM from then on drains instead of killing.
+    let signals = server::ControlSignals::install()?;
     let running = server::start_with(cfg, Some(log), handoff.as_deref())?;
     if let Some(m) = running.metrics_addr {
         tracing::info!(metrics = %format!("http://{m}/metrics"), "metrics endpoint up");
     }
-    running.wait(None)?;
+    running.wait_with(signals, None)?;
     Ok(())
 }
 
@@ -358,51 +476,118 @@ fn main() -> ExitCode {
     }
     let result: std::result::Result<(), UsageError> = (|| match cli.cmd {
         Cmd::Encrypt(a) => {
+            let (a, crypto) = a.into();
             let h = a.common.handoff.handoff.clone();
-            serve(tunnel_config(Mode::Encrypt, a)?, h).map_err(runtime)
+            serve(tunnel_config(Mode::Encrypt, a, Some(crypto))?, h).map_err(runtime)
         }
         Cmd::Decrypt(a) => {
+            let (a, crypto) = a.into();
             let h = a.common.handoff.handoff.clone();
-            serve(tunnel_config(Mode::Decrypt, a)?, h).map_err(runtime)
+            serve(tunnel_config(Mode::Decrypt, a, Some(crypto))?, h).map_err(runtime)
         }
         Cmd::Forward(a) => {
-            if !a.key.is_empty() {
-                return Err(UsageError(anyhow!(
-                    "forward carries plaintext and takes no --key"
-                )));
-            }
             let h = a.common.handoff.handoff.clone();
-            serve(tunnel_config(Mode::Forward, a)?, h).map_err(runtime)
+            serve(tunnel_config(Mode::Forward, a, None)?, h).map_err(runtime)
         }
-        Cmd::Run { config, handoff } => {
-            let cfg = Config::from_file(&config).map_err(|e| UsageError(e.into()))?;
+        Cmd::Run {
+            config,
+            log,
+            handoff,
+        } => {
+            let overrides = CliOverrides {
+                log_level: log.log_level,
+                log_format: log.log_format,
+            };
+            let cfg =
+                Config::from_file_with(&config, overrides).map_err(|e| UsageError(e.into()))?;
             serve(cfg, handoff.handoff).map_err(runtime)
         }
-        Cmd::Check { config } => {
-            let cfg = Config::from_file(&config).map_err(|e| UsageError(e.into()))?;
+        Cmd::Check {
+            config,
+            no_key_files,
+            no_resolve,
+        } => {
+            let mut cfg = Config::read(&config).map_err(|e| UsageError(e.into()))?;
+            if !no_resolve {
+                cfg.resolve_targets(None, &SystemResolver)
+                    .map_err(|e| UsageError(e.into()))?;
+            }
+            if !no_key_files {
+                cfg.load_keys().map_err(|e| {
+                    UsageError(anyhow!(
+                        "{e} (to check a config on a machine without its key files: sealpipe check --no-key-files)"
+                    ))
+                })?;
+            }
+            let skipped: Vec<&str> = [
+                (no_key_files, "key files not read"),
+                (no_resolve, "target names not resolved"),
+            ]
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, what)| *what)
+            .collect();
             println!(
-                "{}: ok ({} tunnel{}: {})",
+                "{}: ok ({} tunnel{}: {}){}",
                 config.display(),
                 cfg.tunnels.len(),
                 if cfg.tunnels.len() == 1 { "" } else { "s" },
                 cfg.tunnels
                     .iter()
                     .map(|t| format!(
-                        "{} {} {} -> {:?}",
+                        "{} {} {} -> {}",
                         t.name,
                         t.mode.as_str(),
                         t.listen,
                         t.targets
+                            .iter()
+                            .map(|t| t.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ))
                     .collect::<Vec<_>>()
-                    .join("; ")
+                    .join("; "),
+                if skipped.is_empty() {
+                    String::new()
+                } else {
+                    format!(" [{}]", skipped.join(", "))
+                }
             );
             Ok(())
         }
         Cmd::Keygen { out } => {
+            let dir = out.parent().filter(|d| !d.as_os_str().is_empty());
+            let made = dir.filter(|d| !d.exists());
             let id = sealpipe::keyfile::generate_key_file(&out, &mut sealpipe::protocol::OsRandom)
                 .map_err(|e| UsageError(e.into()))?;
+            if let Some(d) = made {
+                println!(
+                    "created {} (mode 0700: only its owner can read the keys in it; docs/OPERATIONS.md, \"Rotate keys\", shows how to let the service's group in)",
+                    d.display()
+                );
+            }
             println!("wrote {} (key id {id})", out.display());
+            Ok(())
+        }
+        Cmd::Completions { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "sealpipe", &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Man { dir } => {
+            let cmd = Cli::command();
+            match dir {
+                Some(d) => {
+                    std::fs::create_dir_all(&d)
+                        .and_then(|()| clap_mangen::generate_to(cmd, &d))
+                        .with_context(|| format!("writing manual pages into {}", d.display()))
+                        .map_err(runtime)?;
+                }
+                None => clap_mangen::Man::new(cmd)
+                    .render(&mut std::io::stdout())
+                    .context("writing the manual page")
+                    .map_err(runtime)?,
+            }
             Ok(())
         }
         Cmd::Demo { duration } => demo(duration.map(Duration::from_secs_f64)).map_err(runtime),
@@ -551,10 +736,16 @@ fn demo(duration: Option<Duration>) -> Result<()> {
     if let Some(m) = metrics_addr {
         println!("  metrics            http://{m}/metrics   (also /healthz, /readyz)");
     }
+    // `nc -q1` is Debian's netcat only; `-N` is OpenBSD's; bash's /dev/tcp needs no netcat.
     println!(
-        "  try it:            echo hello | nc -q1 {} {}",
-        entry.ip(),
-        entry.port()
+        "  try it:            exec 3<>/dev/tcp/{ip}/{port}; echo hello >&3; head -n1 <&3; exec 3>&-",
+        ip = entry.ip(),
+        port = entry.port()
+    );
+    println!(
+        "                     (bash), or: echo hello | ncat {ip} {port}   or: socat - TCP:{ip}:{port}",
+        ip = entry.ip(),
+        port = entry.port()
     );
     println!();
 

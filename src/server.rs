@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Resolve, SystemResolver};
 use crate::metrics::Metrics;
 use crate::protocol::KeySet;
 use crate::proxy::conn::TAG_ABORT;
@@ -171,6 +171,8 @@ pub enum ServerError {
     Control(std::io::Error),
     #[error("handoff over {path}: {message}")]
     Handoff { path: PathBuf, message: String },
+    #[error("socket activation: {0}")]
+    Activation(String),
 }
 
 /// A callback the control thread runs on SIGHUP to change the log filter.
@@ -215,6 +217,12 @@ pub struct Running {
     handoff: Option<HandoffServer>,
     /// Heap trims the shards ask the control thread for.
     trim: Arc<HeapTrim>,
+    /// Per tunnel: a duplicate of each shard's listening socket, on which a reload sets the
+    /// tunnel's new socket options (keepalive); dropped when draining starts, so that a
+    /// stopped process keeps no listening socket open.
+    listeners: Vec<Vec<OwnedFd>>,
+    /// Target names resolved again while running (`resolver`).
+    refresher: crate::resolver::Refresher,
 }
 
 /// Binds one listener per shard for `addr` (SO_REUSEPORT); a port of 0 is resolved by the
@@ -263,6 +271,63 @@ fn bind_all(
         }
         out.push(l);
     }
+    Ok((addr, out))
+}
+
+/// systemd's sockets (socket activation), each matched to the tunnel of its name: per tunnel,
+/// the socket and the address it listens on. A socket whose name is no tunnel's, or that is
+/// not a listening TCP socket, is an error: serving something else than what the unit says
+/// would be worse than not starting.
+fn activated_listeners(
+    cfg: &Config,
+) -> Result<Vec<Option<(SocketAddr, std::net::TcpListener)>>, ServerError> {
+    let mut out: Vec<Option<(SocketAddr, std::net::TcpListener)>> =
+        cfg.tunnels.iter().map(|_| None).collect();
+    let fds = crate::sys::listen_fds().map_err(|e| ServerError::Activation(e.to_string()))?;
+    for (name, fd) in fds {
+        let Some(ti) = cfg.tunnels.iter().position(|t| t.name == name) else {
+            let names: Vec<&str> = cfg.tunnels.iter().map(|t| t.name.as_str()).collect();
+            return Err(ServerError::Activation(format!(
+                "systemd passed a socket named {name:?} (FileDescriptorName=, LISTEN_FDNAMES) but no tunnel has that name (tunnels: {}); name each socket after the tunnel that serves it",
+                names.join(", ")
+            )));
+        };
+        let t = &cfg.tunnels[ti];
+        let addr = crate::sys::check_any_tcp_listener(fd.as_fd())
+            .map_err(|e| ServerError::Activation(format!("the socket named {name:?}: {e}")))?;
+        if out[ti].is_some() {
+            return Err(ServerError::Activation(format!(
+                "systemd passed two sockets named {name:?}; a tunnel serves one"
+            )));
+        }
+        if addr != t.listen {
+            tracing::info!(tunnel = %t.name, listen = %t.listen, socket = %addr, "serving the socket systemd passed; the configured listen address is not bound");
+        }
+        out[ti] = Some((addr, std::net::TcpListener::from(fd)));
+    }
+    Ok(out)
+}
+
+/// One socket, shared by every shard: each gets a duplicate (one accept queue; the shard
+/// whose loop is free first takes each connection). A socket systemd made cannot be split
+/// into per-shard SO_REUSEPORT sockets (a socket joins a reuseport group only when it binds,
+/// and binding would need the unit's privileges and address again).
+fn share_activated(
+    tunnel: &str,
+    addr: SocketAddr,
+    l: std::net::TcpListener,
+    shards: usize,
+) -> Result<(SocketAddr, Vec<std::net::TcpListener>), ServerError> {
+    let mut out = Vec::with_capacity(shards);
+    for _ in 1..shards {
+        out.push(l.try_clone().map_err(|source| ServerError::Listen {
+            tunnel: tunnel.into(),
+            addr,
+            source,
+        })?);
+    }
+    out.insert(0, l);
+    tracing::info!(%tunnel, %addr, shards, "listening on a socket passed by systemd");
     Ok((addr, out))
 }
 
@@ -446,6 +511,10 @@ pub fn start_with(
         );
         nshards = cfg.max_conns;
     }
+    let mut cfg = cfg;
+    if !cfg.resolved() {
+        cfg.resolve_targets(None, &SystemResolver)?;
+    }
     let keys = cfg.load_keys()?;
     let access_logs = crate::proxy::access_log::open_all(&cfg)?;
 
@@ -468,6 +537,8 @@ pub fn start_with(
     };
     let metrics = Metrics::new(nshards, cfg.tunnels.len());
     publish_keys(&metrics, &cfg, &keys);
+    crate::resolver::publish(&metrics, &cfg);
+    let refresher = crate::resolver::Refresher::new(Arc::new(SystemResolver), &cfg, Instant::now());
 
     // Pinning and SO_INCOMING_CPU are opt-in: on a host shared with other work (a sidecar),
     // pinned shards fight the scheduler, and steering by receiving CPU collapses onto one
@@ -481,32 +552,50 @@ pub fn start_with(
     let cpus: Vec<Option<usize>> = (0..nshards)
         .map(|i| core_of(i).filter(|_| cfg.incoming_cpu).map(|c| c.id))
         .collect();
+    let mut activated = activated_listeners(&cfg)?;
     let mut listen_addrs = Vec::new();
     let mut per_shard: Vec<Vec<std::net::TcpListener>> = (0..nshards).map(|_| Vec::new()).collect();
     let mut dups: Vec<Vec<OwnedFd>> = Vec::new();
+    let mut listeners: Vec<Vec<OwnedFd>> = Vec::new();
     for (ti, t) in cfg.tunnels.iter().enumerate() {
         let got = inherited
             .as_mut()
             .map(|h| std::mem::take(&mut h.tunnels[ti]))
             .unwrap_or_default();
-        if got.is_empty() {
-            // Not taking this address over by handoff: nobody else may be serving it.
-            check_not_served(&t.name, t.listen)?;
-        }
-        let (addr, ls) = bind_all(&t.name, t.listen, nshards, &cpus, got)?;
+        let (addr, ls) = match activated[ti].take() {
+            Some((addr, l)) => {
+                if !got.is_empty() {
+                    tracing::warn!(tunnel = %t.name, "systemd passed this tunnel's socket: serving it, not the one taken by handoff");
+                }
+                share_activated(&t.name, addr, l, nshards)?
+            }
+            None => {
+                if got.is_empty() {
+                    // Not taking this address over by handoff: nobody else may be serving it.
+                    check_not_served(&t.name, t.listen)?;
+                }
+                bind_all(&t.name, t.listen, nshards, &cpus, got)?
+            }
+        };
         listen_addrs.push(addr);
+        let listen_err = |source| ServerError::Listen {
+            tunnel: t.name.clone(),
+            addr,
+            source,
+        };
         let mut d = Vec::with_capacity(ls.len());
+        let mut own = Vec::with_capacity(ls.len());
         for (i, l) in ls.into_iter().enumerate() {
+            // Accepted sockets inherit these (see proxy::keepalive).
+            crate::proxy::keepalive::apply(&l, &t.keepalive).map_err(listen_err)?;
+            own.push(dup(&l).map_err(listen_err)?);
             if handoff.is_some() {
-                d.push(dup(&l).map_err(|source| ServerError::Listen {
-                    tunnel: t.name.clone(),
-                    addr,
-                    source,
-                })?);
+                d.push(dup(&l).map_err(listen_err)?);
             }
             per_shard[i].push(l);
         }
         dups.push(d);
+        listeners.push(own);
     }
     let mut metrics_fd = None;
     let metrics_addr = match cfg.metrics {
@@ -590,7 +679,8 @@ pub fn start_with(
         });
     }
     for (t, a) in cfg.tunnels.iter().zip(&listen_addrs) {
-        tracing::info!(tunnel = %t.name, mode = t.mode.as_str(), listen = %a, targets = ?t.targets, shards = nshards, pin = cfg.pin, incoming_cpu = cfg.incoming_cpu, "tunnel up");
+        let targets: Vec<String> = t.targets.iter().map(|x| x.to_string()).collect();
+        tracing::info!(tunnel = %t.name, mode = t.mode.as_str(), listen = %a, targets = %targets.join(", "), shards = nshards, pin = cfg.pin, incoming_cpu = cfg.incoming_cpu, "tunnel up");
     }
     if let Some(h) = inherited {
         // Our shards accept on the inherited sockets now: the predecessor may let go.
@@ -615,6 +705,8 @@ pub fn start_with(
         log,
         handoff,
         trim,
+        listeners,
+        refresher,
     })
 }
 
@@ -725,6 +817,35 @@ fn shard_loop(i: usize, base: &mut EventBase<ShardState>, trim: &HeapTrim) -> st
     }
 }
 
+/// The control thread's handler of SIGTERM, SIGINT and SIGHUP.
+type OnSignal = fn(&mut crate::reactor::Context<'_, Control>, i32);
+
+fn on_signal(cx: &mut crate::reactor::Context<'_, Control>, sig: i32) {
+    if sig == libc::SIGHUP {
+        cx.state.reload = true;
+    } else if cx.state.drain_started.is_some() {
+        cx.state.exit_now = true;
+    } else {
+        cx.state.drain_started = Some(cx.now());
+    }
+}
+
+/// SIGTERM, SIGINT and SIGHUP, caught from [`install`](Self::install) on and delivered to
+/// the control loop when [`Running::wait_with`] runs it. A process installs them before
+/// [`start_with`]: shards accept as soon as they start, and a stop or reload signal that
+/// arrived between then and the control loop would otherwise take its default action (a
+/// SIGTERM would kill the process instead of draining it).
+pub struct ControlSignals(SignalEvent<OnSignal>);
+
+impl ControlSignals {
+    pub fn install() -> Result<ControlSignals, ServerError> {
+        let handler: OnSignal = on_signal;
+        SignalEvent::new(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP], handler)
+            .map(ControlSignals)
+            .map_err(ServerError::Control)
+    }
+}
+
 /// Messages the control thread's loop reacts to.
 struct Control {
     drain_started: Option<Instant>,
@@ -757,10 +878,19 @@ impl Running {
 
     /// Reloads configuration and keys; on any error the old configuration stays.
     pub fn reload(&mut self) -> Result<(), String> {
-        let new = match &self.cfg.path {
-            Some(p) => Config::from_file(p).map_err(|e| e.to_string())?,
+        let mut new = match &self.cfg.path {
+            Some(p) => {
+                let mut c = Config::read(p).map_err(|e| e.to_string())?;
+                c.apply_overrides(self.cfg.overrides.clone())
+                    .map_err(|e| e.to_string())?;
+                c
+            }
             None => self.cfg.clone(),
         };
+        // Every name again; one that fails keeps the addresses it has now.
+        let failures = new
+            .resolve_targets(Some(&self.cfg), self.refresher.resolver())
+            .map_err(|e| e.to_string())?;
         if new.tunnels.len() != self.cfg.tunnels.len()
             || new
                 .tunnels
@@ -788,6 +918,22 @@ impl Running {
         };
         if let Some(l) = &self.log {
             (l.reload)(&new.log.level)?;
+        }
+        for ((t, old), fds) in new
+            .tunnels
+            .iter()
+            .zip(&self.cfg.tunnels)
+            .zip(&self.listeners)
+        {
+            if t.keepalive == old.keepalive {
+                continue;
+            }
+            // Connections accepted from now on inherit the new settings; open ones keep theirs.
+            for fd in fds {
+                if let Err(e) = crate::proxy::keepalive::apply(fd, &t.keepalive) {
+                    tracing::warn!(tunnel = %t.name, error = %e, "cannot set the reloaded keepalive settings on a listener; new connections keep the previous ones");
+                }
+            }
         }
         publish_keys(&self.metrics, &new, &keys);
         let limits = conn_shares(new.max_conns, self.shards.len());
@@ -821,39 +967,79 @@ impl Running {
                 }
             });
         }
+        self.refresher
+            .reloaded(&new, &failures, &self.metrics, Instant::now());
         self.cfg = new;
         Ok(())
     }
 
+    /// Resolves target names with `resolver` from now on (tests; the system's resolver is
+    /// the default).
+    pub fn set_resolver(&mut self, resolver: Arc<dyn Resolve>) {
+        self.refresher.set_resolver(resolver);
+    }
+
+    /// Applies a finished round of name resolutions: changed address lists go to the shards
+    /// (as a reload of the targets: no connection is dropped).
+    fn refresh_targets(&mut self, now: Instant) {
+        let Some(answers) = self.refresher.poll(&self.cfg, now) else {
+            return;
+        };
+        let changed = self
+            .refresher
+            .apply(&mut self.cfg, &answers, &self.metrics, now);
+        if changed.is_empty() {
+            return;
+        }
+        let tunnels: Vec<(usize, Arc<crate::config::Tunnel>)> = changed
+            .into_iter()
+            .map(|i| (i, Arc::new(self.cfg.tunnels[i].clone())))
+            .collect();
+        for s in &self.shards {
+            let tunnels = tunnels.clone();
+            let _ = s.handle.post(move |cx| {
+                let st = &mut *cx.state;
+                let metrics = st.metrics.clone();
+                let shard = st.shard;
+                for (i, t) in tunnels {
+                    if let Some(rt) = st.tunnels.get_mut(i) {
+                        rt.set_targets(t, &metrics, shard);
+                    }
+                }
+            });
+        }
+    }
+
     /// Runs the control loop until the shards have drained (after SIGTERM/SIGINT, or after
     /// `stop_after`). Returns when the process should exit 0.
-    pub fn wait(mut self, stop_after: Option<Duration>) -> Result<(), ServerError> {
+    pub fn wait(self, stop_after: Option<Duration>) -> Result<(), ServerError> {
+        let signals = ControlSignals::install()?;
+        self.wait_with(signals, stop_after)
+    }
+
+    /// [`wait`](Self::wait) with signals caught since before the server started (see
+    /// [`ControlSignals`]).
+    pub fn wait_with(
+        mut self,
+        signals: ControlSignals,
+        stop_after: Option<Duration>,
+    ) -> Result<(), ServerError> {
         let mut base = EventBase::new(Control {
             drain_started: None,
             reload: false,
             exit_now: false,
         })
         .map_err(ServerError::Control)?;
-        let signals = SignalEvent::new(
-            &[libc::SIGTERM, libc::SIGINT, libc::SIGHUP],
-            |cx: &mut crate::reactor::Context<'_, Control>, sig: i32| {
-                if sig == libc::SIGHUP {
-                    cx.state.reload = true;
-                } else if cx.state.drain_started.is_some() {
-                    cx.state.exit_now = true;
-                } else {
-                    cx.state.drain_started = Some(cx.now());
-                }
-            },
-        )
-        .map_err(ServerError::Control)?;
-        base.spawn(Box::new(signals));
+        base.spawn(Box::new(signals.0));
         let started = Instant::now();
         let mut draining = false;
         let mut next_trim = started;
         loop {
             base.loop_once(Some(Duration::from_millis(100)))
                 .map_err(ServerError::Control)?;
+            if !draining {
+                self.refresh_targets(Instant::now());
+            }
             if let Some(took) = self.trim.run_due(Instant::now(), &mut next_trim) {
                 tracing::debug!(?took, "heap trimmed");
             }
@@ -897,6 +1083,7 @@ impl Running {
                 // Our copies of the listening sockets go now: after a handoff the successor
                 // holds them; after a stop, nobody must keep a socket open that no one accepts on.
                 self.handoff = None;
+                self.listeners.clear();
                 draining = true;
                 let t = self.cfg.drain_timeout;
                 tracing::info!(timeout = ?t, "draining: no new connections, waiting for open ones");

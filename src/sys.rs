@@ -6,9 +6,14 @@
 //! - Received descriptors become `OwnedFd`s inside rustix at once, so none leaks and none is
 //!   closed twice; a message whose descriptors were truncated is refused (and those that did
 //!   arrive are closed).
-//! - The one `unsafe` left in the crate is [`trim_heap`]: glibc's `malloc_trim` belongs to the
-//!   C library's allocator, which rustix does not wrap (it talks to the kernel, not to libc's
-//!   heap). It is allowed on that function alone, with its `// SAFETY:` line.
+//! - The `unsafe` left in the crate is in two functions, each allowed on that function alone
+//!   with its `// SAFETY:` lines: [`trim_heap`] (glibc's `malloc_trim` belongs to the C
+//!   library's allocator, which rustix does not wrap: it talks to the kernel, not to libc's
+//!   heap) and [`listen_fds`] (systemd passes sockets as bare descriptor numbers, and nothing
+//!   safe turns a number into an owned descriptor).
+//! - [`listen_fds`] takes systemd's descriptors once per process, only when `LISTEN_PID` names
+//!   this process, and only descriptors that are open: none is owned twice, none that belongs
+//!   to something else is wrapped.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
@@ -196,6 +201,86 @@ pub fn check_tcp_listener(
 /// Borrows each descriptor of `fds` (what [`send_fds`] takes).
 pub fn borrow_all(fds: &[OwnedFd]) -> Vec<BorrowedFd<'_>> {
     fds.iter().map(AsFd::as_fd).collect()
+}
+
+/// Why systemd's socket-activation variables cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivationError {
+    #[error("{var} is {value:?}, not a number")]
+    NotANumber { var: &'static str, value: String },
+    #[error("LISTEN_FDS says {count} sockets, but descriptor {fd} is not open")]
+    NotOpen { count: usize, fd: i32 },
+    #[error("descriptor {fd}: {source}")]
+    Io { fd: i32, source: io::Error },
+}
+
+/// systemd's first passed descriptor (`SD_LISTEN_FDS_START`).
+const LISTEN_FDS_START: i32 = 3;
+
+/// The sockets systemd passed to this process (socket activation, sd_listen_fds(3)): each
+/// with its name from `LISTEN_FDNAMES` (`FileDescriptorName=` in the .socket unit,
+/// `--fdname` of systemd-socket-activate; `unknown` when unnamed), owned and close-on-exec.
+/// Empty unless `LISTEN_PID` is this process's id, and on every call after the first. The
+/// variables are left in the environment (removing them is unsound once threads run);
+/// `LISTEN_PID` keeps any child from taking them.
+#[allow(unsafe_code)]
+pub fn listen_fds() -> Result<Vec<(String, OwnedFd)>, ActivationError> {
+    use std::os::fd::FromRawFd;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static TAKEN: AtomicBool = AtomicBool::new(false);
+    let var = |name| std::env::var(name).ok();
+    let number = |name: &'static str, value: String| {
+        value
+            .trim()
+            .parse::<usize>()
+            .map_err(|_| ActivationError::NotANumber { var: name, value })
+    };
+    let Some(pid) = var("LISTEN_PID") else {
+        return Ok(Vec::new());
+    };
+    if number("LISTEN_PID", pid)? != std::process::id() as usize
+        || TAKEN.swap(true, Ordering::AcqRel)
+    {
+        return Ok(Vec::new());
+    }
+    let count = number("LISTEN_FDS", var("LISTEN_FDS").unwrap_or_default())?;
+    let names: Vec<String> = match var("LISTEN_FDNAMES") {
+        Some(n) if n.split(':').count() == count => n.split(':').map(str::to_owned).collect(),
+        _ => vec!["unknown".to_owned(); count],
+    };
+    let mut out = Vec::with_capacity(count);
+    for (i, name) in names.into_iter().enumerate() {
+        let fd = LISTEN_FDS_START + i32::try_from(i).unwrap_or(i32::MAX - LISTEN_FDS_START);
+        // SAFETY: `fd` is only borrowed for the duration of this F_GETFD, which fails with
+        // EBADF rather than touching anything if it is not open.
+        let open = rustix::io::fcntl_getfd(unsafe { BorrowedFd::borrow_raw(fd) }).is_ok();
+        if !open {
+            return Err(ActivationError::NotOpen { count, fd });
+        }
+        // SAFETY: systemd hands descriptors LISTEN_FDS_START.. to the process LISTEN_PID
+        // names, which is this one (checked above), open (checked above) and used by nothing
+        // else in it: this function takes them at most once per process (TAKEN), and nothing
+        // else in sealpipe refers to descriptors by number.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC).map_err(|e| {
+            ActivationError::Io {
+                fd,
+                source: e.into(),
+            }
+        })?;
+        out.push((name, owned));
+    }
+    Ok(out)
+}
+
+/// Checks that `fd` is a listening TCP socket (what systemd passes for a `ListenStream=` of
+/// an IP address) and returns the address it listens on.
+pub fn check_any_tcp_listener(fd: BorrowedFd<'_>) -> Result<SocketAddr, ListenerCheck> {
+    let any = SocketAddr::from(([0, 0, 0, 0], 0));
+    match check_tcp_listener(fd, any) {
+        Err(ListenerCheck::WrongAddress { got, .. }) => Ok(got),
+        other => other,
+    }
 }
 
 /// Returns freed heap memory to the kernel (glibc keeps freed pages of its heap resident;

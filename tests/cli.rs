@@ -307,7 +307,12 @@ fn zero_durations_are_off_or_rejected_with_the_reason() {
         "0",
     ]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("handshake_timeout"));
+    // Worded as the flag it was given as (issue 19), not as a config file's key.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--handshake-timeout cannot be 0") && !err.contains("[limits]"),
+        "{err}"
+    );
 }
 
 /// `--idle-timeout 0` is "no idle timeout", not "close every connection at once": a
@@ -485,5 +490,459 @@ fn a_second_instance_on_a_served_address_refuses_to_start() {
         let mut b = [0u8; 5];
         c.read_exact(&mut b).unwrap();
         assert_eq!(&b, b"still");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// What a new operator tripped on (issue 19).
+
+/// `sealpipe ARGS` run to completion.
+fn run_cli(args: &[&str]) -> std::process::Output {
+    sealpipe().args(args).output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// README's quick start: `sealpipe check --no-key-files --config deploy/sealpipe.example.toml`
+/// works on a machine without the example's key files; without the flag the error says
+/// which key file is missing and how to check without it.
+#[test]
+fn check_validates_the_example_without_its_key_files() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/sealpipe.example.toml");
+    let out = run_cli(&["check", "--no-key-files", "--config", example]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("key files not read"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = run_cli(&["check", "--config", example]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("/etc/sealpipe/keys/") && err.contains("--no-key-files"),
+        "{err}"
+    );
+    // --no-resolve leaves target names alone (a name that resolves nowhere).
+    let dir = temp_dir("chk-nr");
+    let cfg = dir.join("c.toml");
+    std::fs::write(
+        &cfg,
+        "[[tunnel]]\nmode = \"forward\"\nlisten = \"127.0.0.1:0\"\ntargets = [\"db.invalid:5432\"]\n",
+    )
+    .unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let out = run_cli(&["check", "--config", cfg]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("\"db.invalid:5432\" cannot be resolved"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = run_cli(&["check", "--no-resolve", "--config", cfg]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("db.invalid:5432 (not resolved)"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+/// README's `sealpipe keygen --out /etc/sealpipe/redis.key` on a fresh machine: the missing
+/// directory is created, private (0700), and the output says so.
+#[test]
+fn keygen_creates_a_missing_directory_private() {
+    let base = temp_dir("kg-dir");
+    let key = base.join("etc-sealpipe").join("keys").join("redis.key");
+    let out = sealpipe()
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for d in [
+        key.parent().unwrap(),
+        key.parent().unwrap().parent().unwrap(),
+    ] {
+        let mode = std::fs::metadata(d).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & 0o077, 0, "{} is mode {mode:o}", d.display());
+    }
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(text(&out.stdout).contains("0700"), "{}", text(&out.stdout));
+}
+
+/// The option block of `flag` in `help`: its line and the indented lines under it.
+fn help_entry(help: &str, flag: &str) -> Option<String> {
+    let mut lines = help.lines();
+    let first = lines.find(|l| {
+        let t = l.trim_start();
+        t.starts_with(flag) && t[flag.len()..].starts_with([' ', ',', '\0']) || t == flag
+    })?;
+    let mut out = first.trim().to_string();
+    for l in lines {
+        if l.trim_start().starts_with('-') || l.trim().is_empty() {
+            break;
+        }
+        out.push(' ');
+        out.push_str(l.trim());
+    }
+    Some(out)
+}
+
+/// `--help`: every option of every subcommand says what it does; forward lists no key,
+/// forward-secrecy or AEAD option; --key is required for encrypt and decrypt.
+#[test]
+fn help_describes_every_option_and_lists_only_what_a_subcommand_takes() {
+    let subcommands = [
+        "encrypt",
+        "decrypt",
+        "forward",
+        "run",
+        "check",
+        "keygen",
+        "demo",
+        "completions",
+        "man",
+    ];
+    for sub in subcommands {
+        let out = run_cli(&[sub, "--help"]);
+        assert!(out.status.success(), "{sub} --help");
+        let help = text(&out.stdout);
+        for l in help.lines().filter(|l| l.trim_start().starts_with("--")) {
+            let flag = l.trim_start().split([' ', '\t']).next().unwrap();
+            let entry = help_entry(&help, flag).unwrap();
+            let described = entry
+                .split_once(flag)
+                .map(|(_, rest)| {
+                    rest.trim_start()
+                        .trim_start_matches(|c: char| c != ' ' && c != '>')
+                })
+                .is_some_and(|rest| rest.trim_start_matches('>').trim().len() > 3);
+            assert!(
+                described,
+                "`sealpipe {sub} --help`: {flag} has no description: {entry:?}"
+            );
+        }
+    }
+    let forward = text(&run_cli(&["forward", "--help"]).stdout);
+    for flag in [
+        "--key",
+        "--forward-secrecy",
+        "--no-forward-secrecy",
+        "--aead",
+    ] {
+        assert!(
+            help_entry(&forward, flag).is_none(),
+            "forward --help lists {flag}"
+        );
+    }
+    for sub in ["encrypt", "decrypt"] {
+        let help = text(&run_cli(&[sub, "--help"]).stdout);
+        let usage = help.lines().find(|l| l.starts_with("Usage:")).unwrap();
+        assert!(
+            usage.contains("--key <FILE>"),
+            "{sub}: --key not required: {usage}"
+        );
+        for flag in [
+            "--name",
+            "--health-check-interval",
+            "--keepalive-idle",
+            "--tcp-user-timeout",
+        ] {
+            assert!(
+                help_entry(&help, flag).is_some(),
+                "{sub} --help lacks {flag}"
+            );
+        }
+    }
+    let out = run_cli(&[
+        "forward",
+        "--listen",
+        "127.0.0.1:0",
+        "--target",
+        "127.0.0.1:9",
+        "--key",
+        "k",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--key"), "{}", text(&out.stderr));
+    let out = run_cli(&[
+        "encrypt",
+        "--listen",
+        "127.0.0.1:0",
+        "--target",
+        "127.0.0.1:9",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("--key <FILE>"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// Errors about command-line values name the flag, and a missing port says so.
+#[test]
+fn a_missing_port_is_named_as_such_on_the_flag_given() {
+    for (flag, value, want) in [
+        (
+            "--listen",
+            "127.0.0.1",
+            "--listen \"127.0.0.1\" has no port",
+        ),
+        (
+            "--target",
+            "backend.internal",
+            "--target \"backend.internal\" has no port",
+        ),
+        (
+            "--metrics",
+            "127.0.0.1",
+            "--metrics \"127.0.0.1\" has no port",
+        ),
+    ] {
+        let mut args = vec![
+            "forward",
+            "--listen",
+            "127.0.0.1:0",
+            "--target",
+            "127.0.0.1:9",
+        ];
+        match flag {
+            "--listen" => args[2] = value,
+            "--target" => args[4] = value,
+            _ => args.extend([flag, value]),
+        }
+        let out = run_cli(&args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains(want) && !err.contains("invalid socket address"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("tunnel \"") && !err.contains("[limits]"),
+            "{err}"
+        );
+    }
+    let out = run_cli(&[
+        "forward",
+        "--listen",
+        "127.0.0.1:0",
+        "--target",
+        "127.0.0.1:9",
+        "--keepalive-count",
+        "0",
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--keepalive-count must be from 1 to 127"),
+        "{err}"
+    );
+}
+
+/// Reads `child`'s stderr until a line contains `want`; returns every line read.
+fn stderr_until(child: &mut std::process::Child, want: &str) -> Result<String, String> {
+    use std::io::BufRead;
+    let err = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(err).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while let Ok(line) =
+        rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+    {
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains(want) {
+            return Ok(seen);
+        }
+    }
+    Err(seen)
+}
+
+/// `run --log-level` and `--log-format` win over the file's [log] (README: options work on
+/// the command line and in the file alike).
+#[test]
+fn run_takes_log_flags_over_the_file() {
+    let dir = temp_dir("run-log");
+    let cfg = dir.join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!("[log]\nlevel = \"error\"\nformat = \"text\"\n[limits]\nthreads = 1\n{FORWARD}"),
+    )
+    .unwrap();
+    let mut child = sealpipe()
+        .args([
+            "run",
+            "--log-level",
+            "info",
+            "--log-format",
+            "json",
+            "--config",
+        ])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let got = stderr_until(&mut child, "tunnel up");
+    let p = Proc(child);
+    let seen = got.unwrap_or_else(|seen| panic!("no info line with --log-level info: {seen}"));
+    let line = seen.lines().find(|l| l.contains("tunnel up")).unwrap();
+    assert!(line.starts_with('{'), "--log-format json: {line}");
+    drop(p);
+    let out = sealpipe()
+        .args(["run", "--log-level", "verbose", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("--log-level \"verbose\""),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// `encrypt --name` names the tunnel (metric labels); `--health-check-interval` probes the
+/// targets (a dead one is marked down before any client tried it).
+#[test]
+fn encrypt_takes_a_name_and_a_health_check_interval() {
+    let key = keygen("enc-name");
+    let dead = free_addr();
+    let metrics = free_addr();
+    let listen = free_addr();
+    let child = sealpipe()
+        .args([
+            "encrypt",
+            "--name",
+            "redis-east",
+            "--health-check-interval",
+            "0.2",
+        ])
+        .args([
+            "--listen",
+            &listen.to_string(),
+            "--target",
+            &dead.to_string(),
+        ])
+        .args(["--metrics", &metrics.to_string(), "--threads", "1", "--key"])
+        .arg(&key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _p = Proc(child);
+    let up =
+        format!("sealpipe_upstream_up{{shard=\"0\",tunnel=\"redis-east\",upstream=\"{dead}\"}} 0");
+    let failed =
+        "sealpipe_upstream_connect_failures_total{reason=\"refused\",tunnel=\"redis-east\"";
+    wait_until("the named tunnel's target probed and marked down", || {
+        let Ok(mut s) = TcpStream::connect(metrics) else {
+            return false;
+        };
+        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let mut t = String::new();
+        let _ = s.read_to_string(&mut t);
+        t.contains(&up) && t.contains(failed)
+    });
+}
+
+/// `sealpipe completions bash|zsh|fish` and `sealpipe man` (issue 19).
+#[test]
+fn completions_and_man_pages_are_generated_from_the_flags() {
+    for (shell, marker) in [
+        ("bash", "complete -F _sealpipe"),
+        ("zsh", "#compdef sealpipe"),
+        ("fish", "complete -c sealpipe"),
+    ] {
+        let out = run_cli(&["completions", shell]);
+        assert!(out.status.success(), "{shell}");
+        let script = text(&out.stdout);
+        assert!(script.contains(marker), "{shell}: {marker}");
+        assert!(
+            script.contains("keepalive-idle") && script.contains("no-key-files"),
+            "{shell}"
+        );
+    }
+    let out = run_cli(&["completions", "tcsh"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = run_cli(&["man"]);
+    assert!(out.status.success());
+    let page = text(&out.stdout);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH sealpipe 1"),
+        "{}",
+        &page[..page.len().min(200)]
+    );
+    assert!(page.contains("keygen"), "subcommands listed");
+    let dir = temp_dir("man");
+    let out = sealpipe()
+        .args(["man", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for page in [
+        "sealpipe.1",
+        "sealpipe-run.1",
+        "sealpipe-encrypt.1",
+        "sealpipe-check.1",
+    ] {
+        let p = dir.join(page);
+        assert!(
+            std::fs::metadata(&p).is_ok_and(|m| m.len() > 100),
+            "{}",
+            p.display()
+        );
+    }
+    let run = std::fs::read_to_string(dir.join("sealpipe-run.1")).unwrap();
+    assert!(
+        run.contains("log\\-level"),
+        "run's page documents --log-level"
+    );
+}
+
+/// A SIGTERM that arrives as soon as the listener accepts, before the control loop runs,
+/// drains and exits 0: the stop and reload signals are caught from before the shards start,
+/// never left to their default action (which kills the process).
+#[test]
+fn sigterm_right_after_start_drains_instead_of_killing() {
+    for _ in 0..10 {
+        let listen = free_addr();
+        let child = sealpipe()
+            .args([
+                "forward",
+                "--threads",
+                "1",
+                "--log-level",
+                "error",
+                "--listen",
+            ])
+            .arg(listen.to_string())
+            .args(["--target", "127.0.0.1:9"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut p = Proc(child);
+        wait_until("listening", || TcpStream::connect(listen).is_ok());
+        p.signal("TERM");
+        let status = p.wait_exit(TIMEOUT);
+        assert!(status.success(), "{status:?}");
     }
 }

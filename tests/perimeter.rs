@@ -389,8 +389,10 @@ fn the_metrics_endpoint_keeps_the_descriptor_reserve_and_does_not_spin_when_out_
         idle.push(TcpStream::connect(maddr).unwrap());
         most = most.max(fd_count(pid));
     }
+    // +2: the connection being decided on, and the directory handle the endpoint holds for an
+    // instant while it counts /proc/self/fd (seen here under a loaded full-suite run).
     assert!(
-        most <= LIMIT - RESERVE + 1,
+        most <= LIMIT - RESERVE + 2,
         "the metrics endpoint took the data path's reserve: {most} descriptors open (limit {LIMIT}, reserve {RESERVE})"
     );
     // ...which is there for the data path: a proxied connection still works end to end.

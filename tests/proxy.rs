@@ -532,6 +532,8 @@ fn live_scrape_matches_the_metrics_table() {
             "tunnel" => value == side,
             "shard" => value == "0" || value == "1",
             "upstream" => value == upstream.to_string(),
+            // A target as configured: here an address, so the same as `upstream`.
+            "target" => value == upstream.to_string(),
             "key_id" => value == key_id,
             "version" => value == env!("CARGO_PKG_VERSION"),
             _ => false,

@@ -3,6 +3,7 @@ mod alloc;
 mod cli;
 mod common;
 mod faults;
+mod fleet;
 mod identity;
 mod keyfile;
 mod lifecycle;

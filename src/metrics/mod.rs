@@ -133,7 +133,7 @@ const KEY_ID: Label = label("key_id");
 
 /// Why a connection ended (label values of `sealpipe_connections_closed_total`), in
 /// [`CloseReason`] order.
-pub const CLOSE_REASONS: [&str; 11] = [
+pub const CLOSE_REASONS: [&str; 12] = [
     "clean",
     "idle_timeout",
     "peer_reset",
@@ -145,6 +145,7 @@ pub const CLOSE_REASONS: [&str; 11] = [
     "client_reset",
     "upstream_reset",
     "proxy_header",
+    "peer_timeout",
 ];
 
 /// Why a connection was turned away, in [`RejectReason`] order.
@@ -358,6 +359,20 @@ pub const FAMILIES: &[Family] = &[
         labels: &[TUNNEL, UPSTREAM, one_of("reason", &CONNECT_FAILURES)],
         written: Written::Shared,
         help: "Failed connects to an upstream, by reason.",
+    },
+    Family {
+        name: "sealpipe_target_addresses",
+        kind: Kind::Gauge,
+        labels: &[TUNNEL, label("target")],
+        written: Written::Control,
+        help: "Addresses a configured target stands for now (a name: what it last resolved to; an IP address: 1).",
+    },
+    Family {
+        name: "sealpipe_resolve_failures_total",
+        kind: Kind::Counter,
+        labels: &[TUNNEL],
+        written: Written::Control,
+        help: "Target name resolutions that failed (the target keeps its last good addresses).",
     },
     Family {
         name: "sealpipe_upstream_connect_duration_seconds",
@@ -620,10 +635,13 @@ pub enum CloseReason {
     UpstreamReset,
     /// accept_proxy: the client's PROXY header was malformed, incomplete or late.
     ProxyHeader,
+    /// The kernel gave up on a peer that stopped answering (ETIMEDOUT): TCP keepalive's
+    /// probes or TCP_USER_TIMEOUT (`proxy::keepalive`), or its retransmissions ran out.
+    PeerTimeout,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 11] = [
+    pub const ALL: [CloseReason; 12] = [
         CloseReason::Clean,
         CloseReason::IdleTimeout,
         CloseReason::PeerReset,
@@ -635,6 +653,7 @@ impl CloseReason {
         CloseReason::ClientReset,
         CloseReason::UpstreamReset,
         CloseReason::ProxyHeader,
+        CloseReason::PeerTimeout,
     ];
     pub fn as_str(self) -> &'static str {
         CLOSE_REASONS[self as usize]
@@ -722,6 +741,10 @@ pub struct Metrics {
     /// The metrics endpoint's own series (written by its thread).
     pub endpoint_closed: IntCounterVec,
     pub endpoint_connections: IntGauge,
+    /// Target names that failed to resolve (the last good addresses were kept).
+    pub resolve_failures: IntCounterVec,
+    /// Addresses each configured target stands for now (1 for an IP address).
+    pub target_addresses: IntGaugeVec,
     pub health: Health,
     /// Names of the families registered, in order (each row of [`FAMILIES`] exactly once).
     registered: Vec<&'static str>,
@@ -766,6 +789,8 @@ impl Metrics {
             log_lines_dropped: b.family("sealpipe_log_lines_dropped_total"),
             endpoint_closed: b.family("sealpipe_metrics_endpoint_closed_total"),
             endpoint_connections: b.family("sealpipe_metrics_endpoint_connections"),
+            resolve_failures: b.family("sealpipe_resolve_failures_total"),
+            target_addresses: b.family("sealpipe_target_addresses"),
             health: Health::new(shards, tunnels),
             registered: Vec::new(),
         };
@@ -908,7 +933,7 @@ pub struct TunnelMetrics {
     pub active: IntGauge,
     pub hibernating: IntGauge,
     pub rejected: [IntCounter; 8],
-    pub closed: [IntCounter; 11],
+    pub closed: [IntCounter; 12],
     pub duration: Histogram,
     pub handshakes: [IntCounter; 11],
     /// Sessions established, in [`FS_VALUES`] order.
@@ -1289,6 +1314,10 @@ mod tests {
         m.key_sessions("t", "k").inc();
         m.keys_loaded
             .with_label_values(&["t", "k", "primary"])
+            .set(1);
+        m.resolve_failures.with_label_values(&["t"]);
+        m.target_addresses
+            .with_label_values(&["t", "db:5432"])
             .set(1);
         let gathered = m.registry.gather();
         assert_eq!(gathered.len(), want.len());

@@ -23,6 +23,7 @@ pub mod conn;
 pub mod health;
 pub mod identity;
 pub mod ids;
+pub mod keepalive;
 pub mod listener;
 pub mod upstream;
 
@@ -138,13 +139,13 @@ impl TunnelRt {
         metrics: &Metrics,
         shard: ShardIdx,
     ) -> TunnelRt {
-        let names: Vec<String> = cfg.targets.iter().map(|a| a.to_string()).collect();
+        let upstreams = Upstreams::with_groups(&cfg.target_addrs(), cfg.balance);
         TunnelRt {
             index,
             key_sessions: Self::key_sessions(&cfg, keys.as_deref(), metrics),
             handshake: Self::handshake_config(&cfg, keys),
-            upstreams: Upstreams::new(&cfg.targets, cfg.balance),
-            metrics: metrics.tunnel(&cfg.name, shard.get(), &names),
+            metrics: metrics.tunnel(&cfg.name, shard.get(), &upstream_names(&upstreams)),
+            upstreams,
             bytes: ByteCounts::default(),
             active: 0,
             listener: None,
@@ -215,14 +216,22 @@ impl TunnelRt {
         metrics: &Metrics,
         shard: ShardIdx,
     ) {
-        for gone in self.cfg.targets.iter().filter(|a| !cfg.targets.contains(a)) {
-            metrics.forget_upstream(&self.cfg.name, &gone.to_string());
-        }
-        let names: Vec<String> = cfg.targets.iter().map(|a| a.to_string()).collect();
-        self.metrics = metrics.tunnel(&cfg.name, shard.get(), &names);
-        self.upstreams.replace(&cfg.targets, cfg.balance);
         self.key_sessions = Self::key_sessions(&cfg, keys.as_deref(), metrics);
         self.handshake = Self::handshake_config(&cfg, keys);
+        self.set_targets(cfg, metrics, shard);
+    }
+
+    /// Applies new target addresses (a reload, or target names resolved again), keeping
+    /// every connection, and the id, health and counts of every address that stays.
+    pub fn set_targets(&mut self, cfg: Arc<Tunnel>, metrics: &Metrics, shard: ShardIdx) {
+        let old = upstream_names(&self.upstreams);
+        self.upstreams
+            .replace_groups(&cfg.target_addrs(), cfg.balance);
+        let names = upstream_names(&self.upstreams);
+        for gone in old.iter().filter(|a| !names.contains(a)) {
+            metrics.forget_upstream(&self.cfg.name, gone);
+        }
+        self.metrics = metrics.tunnel(&cfg.name, shard.get(), &names);
         self.cfg = cfg;
     }
 
@@ -234,6 +243,12 @@ impl TunnelRt {
             }
         }
     }
+}
+
+/// The `upstream` label of each address, in the list's order (index `i` of both is the same
+/// address: see `upstream`'s invariants).
+fn upstream_names(u: &Upstreams) -> Vec<String> {
+    u.targets().iter().map(|t| t.addr.to_string()).collect()
 }
 
 /// Where a handshake's ephemeral key came from: the `source` label of

@@ -2,7 +2,13 @@
 //! its own connects, and from active checks when configured).
 //!
 //! Choosing: a connection picks among the targets it has not tried yet, by the tunnel's
-//! balance (round robin or least connections), preferring targets that are up. A target is
+//! balance (round robin or least connections), preferring targets that are up. A configured
+//! target given by name stands for every address it resolves to: those addresses form one
+//! *group*, the unit the balance chooses among, and within a group addresses are tried in the
+//! resolver's order (IPv6 before IPv4 where the resolver says so). A connection whose connect
+//! to one address of a group failed tries the group's next address before any other group
+//! (happy eyeballs, sequential: RFC 8305's fallback without the race). Every address keeps
+//! its own health, so a dead address is skipped by the next connections while it is down. A target is
 //! *down* for a backoff after a failed TCP connect or a failed active check (1 s doubling to
 //! 30 s while it keeps failing); when the backoff ends it is up again and the next connect is
 //! its probe, and a successful connect clears the backoff at once. When no untried target is
@@ -25,6 +31,9 @@
 //! - [`Tried`] belongs to one generation of the list: after a reload a connection may try each
 //!   of the new targets once. Attempts per generation are bounded by the number of targets.
 //! - Counts saturate: no reload, close or failure order can wrap one.
+//! - `targets` lists each group's addresses contiguously, groups in configured order; a
+//!   re-resolution is a [`Upstreams::replace_groups`] like a reload, so an address that stays
+//!   keeps its id, health and counts, and no connection is dropped.
 //! - Index `i` of [`Upstreams::targets`] is index `i` of the tunnel's per-upstream metric
 //!   handles (`TunnelMetrics::upstreams`): both are built from the configured list, in one
 //!   reload (`TunnelRt::reload`).
@@ -49,6 +58,8 @@ pub struct TargetId(NonZeroU64);
 pub struct Target {
     pub addr: TargetAddr,
     id: TargetId,
+    /// The configured target (its index) this address belongs to.
+    group: usize,
     /// Down until this instant (passive or active check failure).
     down_until: Option<Instant>,
     backoff: Duration,
@@ -59,6 +70,9 @@ pub struct Target {
 impl Target {
     pub fn id(&self) -> TargetId {
         self.id
+    }
+    pub fn group(&self) -> usize {
+        self.group
     }
     pub fn active(&self) -> usize {
         self.active
@@ -78,6 +92,8 @@ pub struct Tried {
     mask: u64,
     generation: u32,
     attempts: u32,
+    /// The group of the last attempt, plus one (0: none yet): its next address comes first.
+    last_group: u32,
 }
 
 /// Why a connect failed: the `reason` label of `sealpipe_upstream_connect_failures_total`. The
@@ -169,8 +185,10 @@ impl ConnectOutcome {
 #[derive(Clone, Debug)]
 pub struct Upstreams {
     targets: Vec<Target>,
+    /// Per configured target (group): the range of `targets` holding its addresses.
+    groups: Vec<std::ops::Range<usize>>,
     balance: Balance,
-    /// Where the next choice starts looking (round robin; least-conn's tie-break).
+    /// The group where the next choice starts looking (round robin; least-conn's tie-break).
     next: usize,
     /// Ids handed out so far.
     issued: u64,
@@ -179,50 +197,72 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
+    /// One target per address (each its own group).
     pub fn new(addrs: &[SocketAddr], balance: Balance) -> Upstreams {
+        let groups: Vec<Vec<SocketAddr>> = addrs.iter().map(|a| vec![*a]).collect();
+        Upstreams::with_groups(&groups, balance)
+    }
+
+    /// One group per configured target, each with its addresses in the resolver's order.
+    pub fn with_groups(groups: &[Vec<SocketAddr>], balance: Balance) -> Upstreams {
         let mut u = Upstreams {
-            targets: Vec::with_capacity(addrs.len()),
+            targets: Vec::new(),
+            groups: Vec::new(),
             balance,
             next: 0,
             issued: 0,
             generation: 0,
         };
-        for &a in addrs {
-            let t = u.fresh(TargetAddr::new(a));
-            u.targets.push(t);
-        }
+        u.replace_groups(groups, balance);
+        u.generation = 0;
         u
     }
 
-    fn fresh(&mut self, addr: TargetAddr) -> Target {
+    fn fresh(&mut self, addr: TargetAddr, group: usize) -> Target {
         let id = TargetId(NonZeroU64::MIN.saturating_add(self.issued));
         self.issued += 1;
         Target {
             addr,
             id,
+            group,
             down_until: None,
             backoff: Duration::ZERO,
             active: 0,
         }
     }
 
-    /// Replaces the target list (reload). A target whose address stays keeps its id, health
-    /// and counts (each old target is kept at most once, so duplicates stay distinct);
-    /// connections to removed targets keep going, and find their target gone when they end.
+    /// Replaces the target list (reload), one address per target.
     pub fn replace(&mut self, addrs: &[SocketAddr], balance: Balance) {
+        let groups: Vec<Vec<SocketAddr>> = addrs.iter().map(|a| vec![*a]).collect();
+        self.replace_groups(&groups, balance);
+    }
+
+    /// Replaces the target list (reload, re-resolution). An address that stays keeps its id,
+    /// health and counts (each old address is kept at most once, so duplicates stay
+    /// distinct), even if it moved to another group; connections to removed addresses keep
+    /// going, and find their target gone when they end.
+    pub fn replace_groups(&mut self, groups: &[Vec<SocketAddr>], balance: Balance) {
         let mut old: Vec<Option<Target>> = std::mem::take(&mut self.targets)
             .into_iter()
             .map(Some)
             .collect();
-        let mut targets = Vec::with_capacity(addrs.len());
-        for &addr in addrs {
-            let kept = old
-                .iter_mut()
-                .find(|t| t.as_ref().is_some_and(|t| t.addr.get() == addr))
-                .and_then(Option::take);
-            targets.push(kept.unwrap_or_else(|| self.fresh(TargetAddr::new(addr))));
+        let mut targets = Vec::with_capacity(groups.iter().map(Vec::len).sum());
+        let mut ranges = Vec::with_capacity(groups.len());
+        for (g, addrs) in groups.iter().enumerate() {
+            let start = targets.len();
+            for &addr in addrs {
+                let kept = old
+                    .iter_mut()
+                    .find(|t| t.as_ref().is_some_and(|t| t.addr.get() == addr))
+                    .and_then(Option::take);
+                let mut t = kept.unwrap_or_else(|| self.fresh(TargetAddr::new(addr), g));
+                t.group = g;
+                targets.push(t);
+            }
+            ranges.push(start..targets.len());
         }
         self.targets = targets;
+        self.groups = ranges;
         self.balance = balance;
         self.next = 0;
         self.generation = self.generation.wrapping_add(1);
@@ -256,10 +296,12 @@ impl Upstreams {
         self.targets.iter().filter(|t| t.is_up(now)).count()
     }
 
-    /// Chooses the target of a connection's next connect: untried targets that are up first,
-    /// then untried ones that are down, each by the balance. Counts the choice as active (the
-    /// connection gives it back with [`release`](Self::release)) and notes it in `tried`.
-    /// `None` once the connection has tried every target.
+    /// Chooses the target of a connection's next connect: the next untried address of the
+    /// group its last attempt failed in, if up; else a group by the balance, among those with
+    /// an untried address that is up, and that group's first such address; then the same
+    /// with addresses that are down. Counts the choice as active (the connection gives it back
+    /// with [`release`](Self::release)) and notes it in `tried`. `None` once the connection
+    /// has tried every address.
     pub fn pick(&mut self, now: Instant, tried: &mut Tried) -> Option<(TargetId, TargetAddr)> {
         if tried.generation != self.generation {
             *tried = Tried {
@@ -272,33 +314,55 @@ impl Upstreams {
         }
         let mask = tried.mask;
         let untried = move |i: usize| i >= 64 || mask & (1 << i) == 0;
-        let i = self
-            .choose(|i, t| untried(i) && t.is_up(now))
+        let last = (tried.last_group as usize).checked_sub(1);
+        let i = last
+            .and_then(|g| self.first_in(g, |i, t| untried(i) && t.is_up(now)))
+            .or_else(|| self.choose(|i, t| untried(i) && t.is_up(now)))
+            .or_else(|| last.and_then(|g| self.first_in(g, |i, _| untried(i))))
             .or_else(|| self.choose(|i, _| untried(i)))?;
         tried.mask |= 1u64.checked_shl(i as u32).unwrap_or(0);
         tried.attempts += 1;
         let t = &mut self.targets[i];
+        tried.last_group = u32::try_from(t.group + 1).unwrap_or(0);
         t.active = t.active.saturating_add(1);
         Some((t.id, t.addr))
     }
 
-    /// The balance's choice among the targets `eligible` accepts; advances the cursor.
+    /// The first address of group `g`, in order, that `eligible` accepts.
+    fn first_in(&self, g: usize, eligible: impl Fn(usize, &Target) -> bool) -> Option<usize> {
+        self.groups
+            .get(g)?
+            .clone()
+            .find(|&i| eligible(i, &self.targets[i]))
+    }
+
+    /// The balance's choice among the groups with an address `eligible` accepts, and that
+    /// group's first such address; advances the cursor.
     fn choose(&mut self, eligible: impl Fn(usize, &Target) -> bool) -> Option<usize> {
-        let n = self.targets.len();
+        let n = self.groups.len();
         if n == 0 {
             return None;
         }
         let start = self.next % n;
         let mut order = (0..n)
             .map(|k| (start + k) % n)
-            .filter(|&i| eligible(i, &self.targets[i]));
-        let i = match self.balance {
+            .filter_map(|g| self.first_in(g, &eligible).map(|i| (g, i)));
+        let (g, i) = match self.balance {
             Balance::RoundRobin => order.next(),
             // The first of the least loaded, so ties rotate with the cursor.
-            Balance::LeastConn => order.min_by_key(|&i| self.targets[i].active),
+            Balance::LeastConn => order.min_by_key(|&(g, _)| self.group_active(g)),
         }?;
-        self.next = (i + 1) % n;
+        self.next = (g + 1) % n;
         Some(i)
+    }
+
+    /// Connections of this shard using any address of group `g`.
+    fn group_active(&self, g: usize) -> usize {
+        self.groups.get(g).map_or(0, |r| {
+            self.targets[r.clone()]
+                .iter()
+                .fold(0usize, |n, t| n.saturating_add(t.active))
+        })
     }
 
     /// A connection stops using target `id` (closed, or its connect failed).
@@ -568,6 +632,79 @@ mod tests {
         assert_eq!(
             crate::metrics::CONNECT_FAILURES.len(),
             ConnectFailure::ALL.len()
+        );
+    }
+
+    #[test]
+    fn a_name_is_one_group_tried_in_resolver_order_before_the_next_target() {
+        let now = Instant::now();
+        let v6: SocketAddr = "[::1]:1000".parse().unwrap();
+        // Target 0 is a name with two addresses (IPv6 first), target 1 an address.
+        let groups = vec![vec![v6, addr(0)], vec![addr(1)]];
+        let mut u = Upstreams::with_groups(&groups, Balance::RoundRobin);
+        // New connections alternate between the two targets, each name from its first address.
+        let firsts: Vec<SocketAddr> = (0..4)
+            .map(|_| {
+                let (id, a) = u.pick(now, &mut Tried::default()).unwrap();
+                u.release(id);
+                a.get()
+            })
+            .collect();
+        assert_eq!(firsts, vec![v6, addr(1), v6, addr(1)]);
+        // A connection whose connect to the IPv6 address fails tries the name's IPv4 address
+        // next, not the other target.
+        let mut tried = Tried::default();
+        let (a, got) = u.pick(now, &mut tried).unwrap();
+        assert_eq!(got.get(), v6);
+        u.release(a);
+        u.failed(a, now);
+        let (b, got) = u.pick(now, &mut tried).unwrap();
+        assert_eq!(got.get(), addr(0), "the same name's next address");
+        u.release(b);
+        u.failed(b, now);
+        assert_eq!(u.pick(now, &mut tried).map(|p| p.1.get()), Some(addr(1)));
+        assert_eq!(u.pick(now, &mut tried), None, "every address tried once");
+        // While the IPv6 address is down, new connections to the name start with IPv4.
+        u.succeeded(b);
+        let mut t = Tried::default();
+        let picks: Vec<SocketAddr> = (0..2)
+            .map(|_| u.pick(now, &mut t).unwrap().1.get())
+            .collect();
+        assert!(
+            picks.contains(&addr(0)) && !picks.contains(&v6),
+            "{picks:?}"
+        );
+    }
+
+    #[test]
+    fn least_conn_weighs_a_name_by_all_its_addresses() {
+        let now = Instant::now();
+        let groups = vec![vec![addr(0), addr(1)], vec![addr(2)]];
+        let mut u = Upstreams::with_groups(&groups, Balance::LeastConn);
+        u.targets[0].active = 1;
+        u.targets[1].active = 1;
+        u.targets[2].active = 1;
+        assert_eq!(first_pick(&mut u, now), Some(2), "2 < 1 + 1");
+    }
+
+    #[test]
+    fn a_re_resolution_keeps_the_health_of_addresses_that_stay() {
+        let now = Instant::now();
+        let mut u = Upstreams::with_groups(&[vec![addr(0), addr(1)]], Balance::RoundRobin);
+        let (a0, a1) = (id(&u, 0), id(&u, 1));
+        u.failed(a1, now);
+        let (busy, _) = u.pick(now, &mut Tried::default()).unwrap();
+        assert_eq!(busy, a0);
+        // The name now resolves to addr(1) and a new addr(2); addr(0) is gone.
+        u.replace_groups(&[vec![addr(1), addr(2)]], Balance::RoundRobin);
+        assert_eq!(u.index_of(a1), Some(TargetIdx::new(0)));
+        assert!(!u.is_up(TargetIdx::new(0), now), "addr(1) is still down");
+        assert_eq!(u.index_of(a0), None);
+        u.release(a0);
+        assert_eq!(
+            first_pick(&mut u, now),
+            Some(1),
+            "the up address of the name"
         );
     }
 }

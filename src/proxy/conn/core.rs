@@ -30,7 +30,8 @@
 //!   connection closes cleanly when both directions ended and both write halves are shut.
 //! - Failure: a FIN without END on a sealed side is a truncation, a bad record is tampering,
 //!   an authenticated ABORT is the far plaintext peer's reset (`client_reset`,
-//!   `upstream_reset`) or the far side giving up. Anything but a clean end resets the
+//!   `upstream_reset`) or the far side giving up, and a socket the kernel gave up on (ETIMEDOUT:
+//!   keepalive or TCP_USER_TIMEOUT) is `peer_timeout`. Anything but a clean end resets the
 //!   plaintext side(s); tampering resets both. A plaintext peer's reset, and this side giving
 //!   up on its own account (idle timeout, no backend, drain deadline), is told to the sealed
 //!   far side with an ABORT.
@@ -959,6 +960,13 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
                 Some(_) if !handshake_done => CloseReason::HandshakeFailed,
                 Some(ProtocolError::Truncated) => CloseReason::Truncated,
                 Some(_) => CloseReason::Tampered,
+                // The kernel gave up on the peer: keepalive or TCP_USER_TIMEOUT (`keepalive`).
+                None if err
+                    .as_ref()
+                    .is_some_and(|e| e.kind() == io::ErrorKind::TimedOut) =>
+                {
+                    CloseReason::PeerTimeout
+                }
                 None => CloseReason::PeerReset,
             };
             let cause = pe.map_or(Cause::Io(err.as_ref()), Cause::Protocol);

@@ -589,8 +589,13 @@ impl<C: Make, U: Make> Env<U, Socket> for ConnEnv<'_, '_, C, U> {
             ..Timeouts::default()
         };
         let source = Side::Upstream as u8;
+        let keepalive = self.rt().cfg.keepalive;
         let mut up =
             BufferEvent::connect_filtered(self.cx, addr.get(), source, layer, !U::SEALED, timeouts);
+        // Dead-peer detection on the upstream socket (the client's inherits its listener's).
+        if let Some(Err(e)) = up.stream().map(|s| super::keepalive::apply(s, &keepalive)) {
+            tracing::debug!(error = %e, "cannot set keepalive on the upstream socket");
+        }
         if let Err(e) = up.register(self.cx) {
             tracing::debug!(error = %e, "cannot register upstream socket");
         }

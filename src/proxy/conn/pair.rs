@@ -124,6 +124,9 @@ pub struct Link {
     /// Bytes a direction buffers (send and receive buffers together).
     cap: usize,
     closed: [bool; 2],
+    /// The kernel gave up on end `e`'s peer (keepalive, TCP_USER_TIMEOUT): once what arrived
+    /// is read, its reads and writes fail with ETIMEDOUT.
+    gave_up: [bool; 2],
 }
 
 type LinkRef = Rc<RefCell<Link>>;
@@ -157,6 +160,7 @@ impl Link {
             connect: Connect::Pending,
             cap: cap.max(1),
             closed: [false; 2],
+            gave_up: [false; 2],
         }))
     }
 
@@ -282,6 +286,10 @@ impl Read for End {
             }
             return Ok(n);
         }
+        if l.gave_up[self.e] {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        let dir = &l.dirs[from];
         if dir.rst_arrived {
             return Err(io::ErrorKind::ConnectionReset.into());
         }
@@ -296,6 +304,9 @@ impl Write for End {
     fn write(&mut self, src: &[u8]) -> io::Result<usize> {
         let mut l = self.link.borrow_mut();
         let cap = l.cap;
+        if l.gave_up[self.e] {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
         if l.dirs[1 - self.e].rst_arrived || l.dirs[self.e].rst_sent {
             return Err(io::ErrorKind::ConnectionReset.into());
         }
@@ -1456,6 +1467,23 @@ impl World {
         };
         wire.borrow_mut().cut();
         true
+    }
+
+    /// The client vanished without a FIN or a RST, and the encrypt side's kernel gave up on
+    /// it (keepalive or TCP_USER_TIMEOUT): its socket reports ETIMEDOUT.
+    pub fn client_vanishes(&mut self) {
+        let link = &self.links[0];
+        let mut l = link.borrow_mut();
+        l.gave_up[1] = true;
+        l.dirs[0].cut = true;
+        edge_or(
+            &mut l.edges[1],
+            Ready {
+                readable: true,
+                error: true,
+                ..Ready::default()
+            },
+        );
     }
 
     pub fn client_write(&mut self, n: usize) -> bool {
