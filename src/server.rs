@@ -39,7 +39,7 @@ use crate::metrics::Metrics;
 use crate::protocol::KeySet;
 use crate::proxy::conn::TAG_ABORT;
 use crate::proxy::listener::{TAG_DRAIN, TAG_RESUME, TunnelListener};
-use crate::proxy::{ShardState, TunnelRt};
+use crate::proxy::{ShardIdx, ShardState, TunnelIdx, TunnelRt};
 use crate::reactor::listener::{ConnListener, ListenerOptions};
 use crate::reactor::signal::SignalEvent;
 use crate::reactor::{EventBase, Handle, HandlerId, LoopStats, pool};
@@ -628,11 +628,18 @@ pub fn start_with(
             .iter()
             .enumerate()
             .map(|(ti, t)| {
-                TunnelRt::new(ti, Arc::new(t.clone()), keys[ti].clone(), &metrics, i)
-                    .with_access_log(access_logs[ti].clone())
+                let (ti, shard) = (TunnelIdx::new(ti), ShardIdx::new(i));
+                TunnelRt::new(
+                    ti,
+                    Arc::new(t.clone()),
+                    keys[ti.get()].clone(),
+                    &metrics,
+                    shard,
+                )
+                .with_access_log(access_logs[ti.get()].clone())
             })
             .collect();
-        let mut state = ShardState::new(i, tunnels, metrics.clone(), limits[i]);
+        let mut state = ShardState::new(ShardIdx::new(i), tunnels, metrics.clone(), limits[i]);
         state.admission = crate::proxy::listener::Admission::new(&cfg.admission, nshards);
         let core = core_of(i);
         let running = running.clone();
@@ -653,7 +660,7 @@ pub fn start_with(
                 base.set_idle(ShardState::wants_idle_work, ShardState::idle_step);
                 for (ti, l) in listeners.into_iter().enumerate() {
                     let cl = ConnListener::from_std(l, ListenerOptions::default(), 0);
-                    base.spawn(Box::new(TunnelListener::new(ti, cl)));
+                    base.spawn(Box::new(TunnelListener::new(TunnelIdx::new(ti), cl)));
                 }
                 let _ = tx.send(Ok(base.handle()));
                 shard_main(i, base, core, running, &trim, flush.as_deref())
@@ -1459,22 +1466,22 @@ impl HandoffServer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reactor::{Context, Handler, Ready};
+    use crate::reactor::{Context, Handler, Ready, Tag};
 
     /// Stalls its loop twice, in two turns (a timer each); the state counts the stalls done.
     struct Staller;
 
     impl Handler<u32> for Staller {
         fn on_start(&mut self, cx: &mut Context<'_, u32>) {
-            cx.timer(Duration::ZERO, 1);
+            cx.timer(Duration::ZERO, Tag::new(1));
         }
         fn on_ready(&mut self, _: &mut Context<'_, u32>, _: u8, _: Ready) {}
-        fn on_timer(&mut self, cx: &mut Context<'_, u32>, tag: u64) {
+        fn on_timer(&mut self, cx: &mut Context<'_, u32>, tag: Tag) {
             // The stall itself (not a wait for anything).
             std::thread::sleep(STALL + Duration::from_millis(20));
             *cx.state += 1;
-            if tag == 1 {
-                cx.timer(Duration::ZERO, 2);
+            if tag == Tag::new(1) {
+                cx.timer(Duration::ZERO, Tag::new(2));
             }
         }
     }

@@ -27,6 +27,12 @@
 //! it starts; a responder takes one only when the initiator's hello has verified, so garbage or
 //! a wrong key costs it no X25519 work.
 //!
+//! Randomness (handshake nonces, and X25519 keys made on the spot) comes from the
+//! [`RandomSource`] the filter is built with: the operating system's ([`OsRandom`], with X25519
+//! keys from the thread's pool, which [`SealFilter::new`] builds) or one a test fixes
+//! ([`SealFilter::with_rng`], which then also makes the X25519 keys from it, so a test's whole
+//! session is reproducible).
+//!
 //! This crate is the codec layer (libevent's `bufferevent_filter`): it joins the reactor and the
 //! protocol and nothing else (Architecture Invariant: no proxy policy, metrics or config), so
 //! the fuzz targets can drive it without the proxy's dependencies.
@@ -37,10 +43,10 @@ pub mod ephemeral;
 use std::fmt;
 use std::io;
 
-use sealpipe_protocol::keys::OsRandom;
 use sealpipe_protocol::{
-    AbortReason, HEADER_LEN, Handshake, HandshakeConfig, KeyId, MAX_OPEN_LEN, MAX_PAYLOAD,
-    OpenInfo, ProtocolError, RecordType, Sealer, Session, Status, TAG_LEN,
+    AbortReason, EphemeralSource, HEADER_LEN, Handshake, HandshakeConfig, KeyId, KeysFromRng,
+    MAX_OPEN_LEN, MAX_PAYLOAD, OpenInfo, OsRandom, ProtocolError, RandomSource, RecordType, Sealer,
+    Session, Status, TAG_LEN,
 };
 use sealpipe_reactor::{Buffer, Filter, FilterStatus};
 
@@ -62,8 +68,9 @@ pub enum Role {
     Responder,
 }
 
-/// The codec layer of one sealed connection.
-pub struct SealFilter {
+/// The codec layer of one sealed connection. `R` is where its randomness comes from (see the
+/// module doc): the operating system's unless a test fixes it.
+pub struct SealFilter<R: RandomSource = OsRandom> {
     phase: Phase,
     role: Role,
     /// The initiator's first hello, sent once the socket is writable.
@@ -77,6 +84,9 @@ pub struct SealFilter {
     /// An ABORT to seal after the pending output (see [`SealFilter::abort`]).
     abort: Option<AbortReason>,
     key_update_interval: Option<u64>,
+    rng: R,
+    /// X25519 keys come from the thread's pool ([`ephemeral`]), not from `rng`.
+    pooled: bool,
 }
 
 /// The protocol error inside an `io::Error` produced by the codec, if it is one.
@@ -107,15 +117,28 @@ fn fail(e: ProtocolError) -> io::Error {
 }
 
 impl SealFilter {
-    /// The codec of a new connection. An initiator with forward secrecy takes its ephemeral
-    /// key from the thread's pool ([`ephemeral::take`]) now, to send its hello; a responder
-    /// takes none until a hello verifies.
+    /// The codec of a new connection, with the operating system's randomness. An initiator
+    /// with forward secrecy takes its ephemeral key from the thread's pool
+    /// ([`ephemeral::take`]) now, to send its hello; a responder takes none until a hello
+    /// verifies.
     pub fn new(role: Role, cfg: &HandshakeConfig) -> SealFilter {
+        SealFilter::build(role, cfg, OsRandom, true)
+    }
+}
+
+impl<R: RandomSource> SealFilter<R> {
+    /// The codec of a new connection whose nonces and X25519 keys all come from `rng` (no
+    /// pool): a test's fixed source makes the whole session reproducible.
+    pub fn with_rng(role: Role, cfg: &HandshakeConfig, rng: R) -> SealFilter<R> {
+        SealFilter::build(role, cfg, rng, false)
+    }
+
+    fn build(role: Role, cfg: &HandshakeConfig, mut rng: R, pooled: bool) -> SealFilter<R> {
         let mut hello = Vec::new();
         let hs = match role {
             Role::Initiator => {
-                let eph = cfg.forward_secrecy.offers().then(ephemeral::take);
-                Handshake::initiator_with(cfg, &mut OsRandom, eph, &mut hello)
+                let eph = (pooled && cfg.forward_secrecy.offers()).then(ephemeral::take);
+                Handshake::initiator_with(cfg, &mut rng, eph, &mut hello)
             }
             Role::Responder => Handshake::responder(cfg),
         };
@@ -128,6 +151,8 @@ impl SealFilter {
             open: None,
             abort: None,
             key_update_interval: None,
+            rng,
+            pooled,
         }
     }
 
@@ -215,10 +240,13 @@ impl SealFilter {
         };
         let n = raw_in.len().min(Handshake::max_message_len());
         let mut out = Vec::new();
+        let keys: &mut dyn EphemeralSource = if self.pooled {
+            &mut ephemeral::ThreadPool
+        } else {
+            &mut KeysFromRng
+        };
         let status = match raw_in.pullup(n) {
-            Some(input) => {
-                hs.advance_with(input, &mut OsRandom, &mut ephemeral::ThreadPool, &mut out)
-            }
+            Some(input) => hs.advance_with(input, &mut self.rng, keys, &mut out),
             None => Ok(Status::NeedMore),
         };
         if !out.is_empty() {
@@ -285,7 +313,7 @@ fn seal_control(
     Ok(())
 }
 
-impl Filter for SealFilter {
+impl<R: RandomSource> Filter for SealFilter<R> {
     fn decode(
         &mut self,
         raw_in: &mut Buffer,
@@ -691,6 +719,60 @@ mod tests {
         // Before the session is open there is nothing to abort.
         let cfg = config(3, ForwardSecrecy::Off, AeadKind::Ring);
         assert!(!SealFilter::new(Role::Initiator, &cfg).abort(AbortReason::Reset));
+    }
+
+    /// A fixed random source: a counter's bytes.
+    struct Counter(u8);
+
+    impl RandomSource for Counter {
+        fn fill(&mut self, dst: &mut [u8]) {
+            for b in dst {
+                self.0 = self.0.wrapping_add(1);
+                *b = self.0;
+            }
+        }
+    }
+
+    /// The wire bytes of a whole session (both handshake directions and one record each
+    /// way) between filters built with `rng`.
+    fn session_bytes(rng: impl Fn(u8) -> Counter) -> Vec<u8> {
+        let cfg = config(3, ForwardSecrecy::Require, AeadKind::Ring);
+        let mut i = SealFilter::with_rng(Role::Initiator, &cfg, rng(1));
+        let mut r = SealFilter::with_rng(Role::Responder, &cfg, rng(100));
+        let (mut i2r, mut r2i, mut wire) = (Buffer::new(), Buffer::new(), Vec::new());
+        let (mut plain, mut got) = (Buffer::new(), Buffer::new());
+        plain.append(b"hello");
+        for _ in 0..4 {
+            i.encode(&mut plain, &mut i2r, false).unwrap();
+            wire.extend(contents(&i2r));
+            r.decode(&mut i2r, &mut got, &mut r2i, false).unwrap();
+            wire.extend(contents(&r2i));
+            i.decode(&mut r2i, &mut Buffer::new(), &mut i2r, false)
+                .unwrap();
+        }
+        assert!(i.is_open() && r.is_open());
+        assert_eq!(contents(&got), b"hello");
+        wire
+    }
+
+    #[test]
+    fn a_fixed_random_source_makes_the_whole_session_reproducible() {
+        let a = session_bytes(Counter);
+        assert_eq!(a, session_bytes(Counter), "same source, same bytes");
+        assert_ne!(
+            a,
+            session_bytes(|s| Counter(s + 1)),
+            "the nonces and keys come from the source"
+        );
+        // The default filter draws from the operating system: two sessions never match.
+        let cfg = config(3, ForwardSecrecy::Require, AeadKind::Ring);
+        let mut hellos = [Buffer::new(), Buffer::new()];
+        for h in &mut hellos {
+            SealFilter::new(Role::Initiator, &cfg)
+                .encode(&mut Buffer::new(), h, false)
+                .unwrap();
+        }
+        assert_ne!(contents(&hellos[0]), contents(&hellos[1]));
     }
 
     #[test]

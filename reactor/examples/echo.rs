@@ -10,7 +10,7 @@
 use std::net::SocketAddr;
 
 use sealpipe_reactor::listener::{ConnListener, ListenerOptions};
-use sealpipe_reactor::{BevEvents, BufferEvent, Context, EventBase, Handler, Ready, Suspend};
+use sealpipe_reactor::{BevEvents, BufferEvent, Context, EventBase, Handler, Ready, Suspend, Tag};
 
 /// Stop reading from a client once this much echo is waiting for it.
 const OUTPUT_HIGH: usize = 1 << 20;
@@ -29,12 +29,12 @@ impl Handler<()> for Acceptor {
         report(&pass);
     }
 
-    fn on_notify(&mut self, cx: &mut Context<'_, ()>, tag: u64) {
+    fn on_notify(&mut self, cx: &mut Context<'_, ()>, tag: Tag) {
         let pass = self.listener.on_tag(cx, tag, spawn_session);
         report(&pass);
     }
 
-    fn on_timer(&mut self, cx: &mut Context<'_, ()>, tag: u64) {
+    fn on_timer(&mut self, cx: &mut Context<'_, ()>, tag: Tag) {
         self.on_notify(cx, tag);
     }
 }
@@ -98,7 +98,7 @@ impl Handler<()> for Session {
         let ev = self.bev.on_ready(cx, ready);
         self.handle(cx, ev);
     }
-    fn on_notify(&mut self, cx: &mut Context<'_, ()>, tag: u64) {
+    fn on_notify(&mut self, cx: &mut Context<'_, ()>, tag: Tag) {
         if self.bev.owns_tag(tag) {
             let ev = self.bev.on_notify(cx, tag);
             self.handle(cx, ev);

@@ -24,6 +24,8 @@ use crossbeam_channel::{Receiver, Sender};
 use mio::event::Source;
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 
+use super::clock::Clock;
+use super::tag::Tag;
 use super::timer::{TimerKey, TimerWheel};
 
 /// Token reserved for the cross-thread waker.
@@ -99,10 +101,10 @@ pub trait Handler<S>: 'static {
     fn on_start(&mut self, _cx: &mut Context<'_, S>) {}
     /// One of this handler's sources became ready.
     fn on_ready(&mut self, cx: &mut Context<'_, S>, source: u8, ready: Ready);
-    /// A timer this handler armed with [`Context::timer`] fired.
-    fn on_timer(&mut self, _cx: &mut Context<'_, S>, _tag: u64) {}
+    /// A timer this handler (or a component it owns) armed with [`Context::timer`] fired.
+    fn on_timer(&mut self, _cx: &mut Context<'_, S>, _tag: Tag) {}
     /// Deferred work for this handler ([`Context::defer`] or [`Context::notify`]).
-    fn on_notify(&mut self, _cx: &mut Context<'_, S>, _tag: u64) {}
+    fn on_notify(&mut self, _cx: &mut Context<'_, S>, _tag: Tag) {}
     /// The handler is being removed; deregister sources and cancel timers here.
     fn on_close(&mut self, _cx: &mut Context<'_, S>) {}
 }
@@ -112,7 +114,7 @@ pub type Job<S> = Box<dyn FnOnce(&mut Context<'_, S>) + Send>;
 
 enum Deferred {
     Start(HandlerId),
-    Notify(HandlerId, u64),
+    Notify(HandlerId, Tag),
     Close(HandlerId),
 }
 
@@ -127,7 +129,7 @@ struct Slot<S> {
 #[derive(Clone, Copy)]
 struct TimerEntry {
     id: HandlerId,
-    tag: u64,
+    tag: Tag,
 }
 
 /// Counters a shard exports: how busy the loop is, how long its worst callback took, and how
@@ -212,12 +214,12 @@ impl<S> Context<'_, S> {
     }
 
     /// Arms a one-shot timer for this handler; `on_timer(tag)` runs at or after `now + after`.
-    pub fn timer(&mut self, after: Duration, tag: u64) -> TimerKey {
+    pub fn timer(&mut self, after: Duration, tag: Tag) -> TimerKey {
         let deadline = self.core.now + after;
         self.timer_at(deadline, tag)
     }
 
-    pub fn timer_at(&mut self, deadline: Instant, tag: u64) -> TimerKey {
+    pub fn timer_at(&mut self, deadline: Instant, tag: Tag) -> TimerKey {
         let id = self.id.expect("timers belong to a handler");
         self.core.timers.insert(deadline, TimerEntry { id, tag })
     }
@@ -228,14 +230,14 @@ impl<S> Context<'_, S> {
     }
 
     /// Runs this handler's `on_notify(tag)` after the current callback returns.
-    pub fn defer(&mut self, tag: u64) {
+    pub fn defer(&mut self, tag: Tag) {
         if let Some(id) = self.id {
             self.core.deferred.push_back(Deferred::Notify(id, tag));
         }
     }
 
     /// Runs another handler's `on_notify(tag)` after the current callback returns.
-    pub fn notify(&mut self, id: HandlerId, tag: u64) {
+    pub fn notify(&mut self, id: HandlerId, tag: Tag) {
         self.core.deferred.push_back(Deferred::Notify(id, tag));
     }
 
@@ -367,6 +369,8 @@ pub struct EventBase<S> {
     expired: Vec<(TimerKey, TimerEntry)>,
     idle: Option<IdleWork<S>>,
     idle_pending: bool,
+    /// Where `Context::now` comes from (see `clock`); `stats` always use the real clock.
+    clock: Clock,
     stall_threshold: Option<Duration>,
 }
 
@@ -377,10 +381,16 @@ impl<S: 'static> EventBase<S> {
 
     /// `events` bounds how many readiness events one `epoll_wait` returns.
     pub fn with_capacity(state: S, events: usize) -> io::Result<Self> {
+        Self::with_clock(state, events, Clock::System)
+    }
+
+    /// A loop that reads the time from `clock` (a [`ManualClock`](super::clock::ManualClock)
+    /// in tests: timers then fire when the test advances it, and the loop never waits for one).
+    pub fn with_clock(state: S, events: usize, clock: Clock) -> io::Result<Self> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER_TOKEN)?);
         let (tx, rx) = crossbeam_channel::unbounded();
-        let now = Instant::now();
+        let now = clock.now();
         Ok(EventBase {
             core: Core {
                 registry: poll.registry().try_clone()?,
@@ -405,8 +415,14 @@ impl<S: 'static> EventBase<S> {
             expired: Vec::new(),
             idle: None,
             idle_pending: false,
+            clock,
             stall_threshold: None,
         })
+    }
+
+    /// The clock this loop reads.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     pub fn handle(&self) -> Handle<S> {
@@ -497,7 +513,7 @@ impl<S: 'static> EventBase<S> {
     /// dispatch events, posted jobs, expired timers and deferred work.
     pub fn loop_once(&mut self, max_wait: Option<Duration>) -> io::Result<()> {
         let before = Instant::now();
-        self.core.now = before;
+        self.core.now = self.clock_at(before);
         let mut timeout = self.poll_timeout(max_wait);
         let idle_turn = self.idle_pending && timeout != Some(Duration::ZERO);
         if idle_turn {
@@ -511,7 +527,7 @@ impl<S: 'static> EventBase<S> {
         let woke = Instant::now();
         self.stats.waiting += woke - before;
         self.stats.turns += 1;
-        self.core.now = woke;
+        self.core.now = self.clock_at(woke);
 
         self.ready.clear();
         let mut wake = false;
@@ -547,7 +563,7 @@ impl<S: 'static> EventBase<S> {
             }
         }
 
-        self.core.now = Instant::now();
+        self.core.now = self.clock_at(Instant::now());
         self.expired.clear();
         self.core.timers.expire(self.core.now, &mut self.expired);
         let expired = std::mem::take(&mut self.expired);
@@ -568,6 +584,16 @@ impl<S: 'static> EventBase<S> {
         Ok(())
     }
 
+    /// The loop's time, given the real time just read (no second clock read on the system
+    /// clock).
+    #[inline]
+    fn clock_at(&self, real: Instant) -> Instant {
+        match &self.clock {
+            Clock::System => real,
+            c => c.now(),
+        }
+    }
+
     fn poll_timeout(&self, max_wait: Option<Duration>) -> Option<Duration> {
         if !self.core.deferred.is_empty() || self.core.break_now {
             return Some(Duration::ZERO);
@@ -576,6 +602,11 @@ impl<S: 'static> EventBase<S> {
         let mut deadline = self.core.timers.next_expiry();
         if let Some(exit) = self.core.exit_at {
             deadline = Some(deadline.map_or(exit, |d| d.min(exit)));
+        }
+        if self.clock.is_manual() {
+            // Waiting does not move a manual clock: a due deadline needs a turn now, a later
+            // one needs the test to advance time.
+            deadline = deadline.filter(|&d| d <= now);
         }
         // Round up to the next millisecond: epoll's resolution is 1 ms, and waking a hair early
         // would spin through a turn that finds nothing expired.
@@ -664,15 +695,15 @@ mod tests {
 
     impl Handler<u32> for Slow {
         fn on_start(&mut self, cx: &mut Context<'_, u32>) {
-            cx.timer(Duration::ZERO, 0);
+            cx.timer(Duration::ZERO, Tag::new(0));
         }
         fn on_ready(&mut self, _: &mut Context<'_, u32>, _: u8, _: Ready) {}
-        fn on_timer(&mut self, cx: &mut Context<'_, u32>, _: u64) {
+        fn on_timer(&mut self, cx: &mut Context<'_, u32>, _: Tag) {
             // The stall being measured, not a wait for anything.
             std::thread::sleep(Duration::from_millis(30));
             *cx.state += 1;
             if *cx.state < self.0 {
-                cx.timer(Duration::ZERO, 0);
+                cx.timer(Duration::ZERO, Tag::new(0));
             }
         }
     }
@@ -705,5 +736,40 @@ mod tests {
             assert_eq!(s, source);
             assert_ne!(id.token(source), WAKER_TOKEN);
         }
+    }
+
+    /// Counts its timer's firings.
+    struct Alarm(Duration);
+
+    impl Handler<Vec<Instant>> for Alarm {
+        fn on_start(&mut self, cx: &mut Context<'_, Vec<Instant>>) {
+            cx.timer(self.0, Tag::new(7));
+        }
+        fn on_ready(&mut self, _: &mut Context<'_, Vec<Instant>>, _: u8, _: Ready) {}
+        fn on_timer(&mut self, cx: &mut Context<'_, Vec<Instant>>, tag: Tag) {
+            assert_eq!(tag, Tag::new(7));
+            let now = cx.now();
+            cx.state.push(now);
+        }
+    }
+
+    #[test]
+    fn a_manual_clock_fires_timers_when_advanced_and_never_waits_for_them() {
+        use crate::clock::{Clock, ManualClock};
+        let clock = ManualClock::new();
+        let t0 = clock.now();
+        let mut base = EventBase::with_clock(Vec::new(), 16, Clock::Manual(clock.clone())).unwrap();
+        base.spawn(Box::new(Alarm(Duration::from_secs(5))));
+        for _ in 0..3 {
+            base.loop_once(Some(Duration::ZERO)).unwrap();
+        }
+        assert!(base.state().is_empty(), "fired before time moved");
+        clock.advance(Duration::from_millis(4_999));
+        base.loop_once(Some(Duration::ZERO)).unwrap();
+        assert!(base.state().is_empty(), "fired early");
+        clock.advance(Duration::from_millis(1));
+        // A due timer makes the loop turn without waiting, even with no bound.
+        base.loop_once(None).unwrap();
+        assert_eq!(base.state().as_slice(), &[t0 + Duration::from_secs(5)]);
     }
 }

@@ -12,6 +12,7 @@ use mio::Interest;
 use mio::event::Source;
 
 use super::base::{Context, Handler, Ready};
+use super::tag::Tag;
 use super::timer::TimerKey;
 
 /// Why the callback runs.
@@ -33,8 +34,8 @@ pub enum Next {
     Stop,
 }
 
-const TAG_TIMEOUT: u64 = 1;
-const TAG_AGAIN: u64 = 2;
+const TAG_TIMEOUT: Tag = Tag::new(1);
+const TAG_AGAIN: Tag = Tag::new(2);
 
 /// An I/O event (`source` is `Some`) or a pure timer (`source` is `None`).
 pub struct Event<T, F> {
@@ -119,12 +120,12 @@ where
         self.fire(cx, what);
     }
 
-    fn on_timer(&mut self, cx: &mut Context<'_, S>, _tag: u64) {
+    fn on_timer(&mut self, cx: &mut Context<'_, S>, _tag: Tag) {
         self.timer = None;
         self.fire(cx, What::Timeout);
     }
 
-    fn on_notify(&mut self, cx: &mut Context<'_, S>, tag: u64) {
+    fn on_notify(&mut self, cx: &mut Context<'_, S>, tag: Tag) {
         if tag == TAG_AGAIN {
             self.fire(cx, self.last);
         }

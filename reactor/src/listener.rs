@@ -20,13 +20,14 @@ use mio::net::{TcpListener, TcpStream};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::base::Context;
+use super::tag::{Component, Tag};
 use super::timer::TimerKey;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
-/// `on_notify`/`on_timer` tags used by a listener are `source | KIND << 8`.
-const TAG_REDRIVE: u64 = 1 << 8;
-const TAG_BACKOFF: u64 = 2 << 8;
+/// Kinds of the listener's own tags (see `tag`).
+const TAG_REDRIVE: u8 = 1;
+const TAG_BACKOFF: u8 = 2;
 
 /// How to open a listening socket.
 #[derive(Clone, Debug)]
@@ -202,13 +203,17 @@ impl ConnListener {
     fn queue_redrive<S>(&mut self, cx: &mut Context<'_, S>) {
         if !self.redrive_queued {
             self.redrive_queued = true;
-            cx.defer(TAG_REDRIVE | self.source as u64);
+            cx.defer(self.tag(TAG_REDRIVE));
         }
     }
 
+    fn tag(&self, kind: u8) -> Tag {
+        Tag::component(Component::Listener, self.source, kind)
+    }
+
     /// Is this tag (from `on_notify` or `on_timer`) this listener's?
-    pub fn owns_tag(&self, tag: u64) -> bool {
-        tag & 0xff == self.source as u64 && matches!(tag & !0xff, TAG_REDRIVE | TAG_BACKOFF)
+    pub fn owns_tag(&self, tag: Tag) -> bool {
+        tag.kind_for(Component::Listener, self.source).is_some()
     }
 
     /// Feed readiness for this listener's source; accepts a batch.
@@ -236,7 +241,7 @@ impl ConnListener {
     pub fn on_tag<S>(
         &mut self,
         cx: &mut Context<'_, S>,
-        tag: u64,
+        tag: Tag,
         on_accept: impl FnMut(&mut Context<'_, S>, TcpStream, SocketAddr),
     ) -> AcceptPass {
         self.on_tag_at_most(cx, tag, usize::MAX, on_accept)
@@ -247,13 +252,13 @@ impl ConnListener {
     pub fn on_tag_at_most<S>(
         &mut self,
         cx: &mut Context<'_, S>,
-        tag: u64,
+        tag: Tag,
         max: usize,
         on_accept: impl FnMut(&mut Context<'_, S>, TcpStream, SocketAddr),
     ) -> AcceptPass {
-        match tag & !0xff {
-            TAG_REDRIVE => self.redrive_queued = false,
-            TAG_BACKOFF => {
+        match tag.kind_for(Component::Listener, self.source) {
+            Some(TAG_REDRIVE) => self.redrive_queued = false,
+            Some(TAG_BACKOFF) => {
                 self.backoff_timer = None;
                 self.ready = true;
             }
@@ -307,7 +312,7 @@ impl ConnListener {
                 Err(e) if is_transient(&e) => continue,
                 Err(e) if is_resource_exhaustion(&e) => {
                     let wait = self.next_backoff(cx.now());
-                    self.backoff_timer = Some(cx.timer(wait, TAG_BACKOFF | self.source as u64));
+                    self.backoff_timer = Some(cx.timer(wait, self.tag(TAG_BACKOFF)));
                     pass.exhausted = Some(e);
                     return pass;
                 }
@@ -347,7 +352,7 @@ impl ConnListener {
             return None;
         }
         let wait = self.next_backoff(cx.now());
-        self.backoff_timer = Some(cx.timer(wait, TAG_BACKOFF | self.source as u64));
+        self.backoff_timer = Some(cx.timer(wait, self.tag(TAG_BACKOFF)));
         Some(wait)
     }
 

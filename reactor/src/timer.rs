@@ -24,6 +24,7 @@
 //!   reuses of one slot).
 
 use std::fmt;
+use std::num::NonZeroU32;
 use std::time::{Duration, Instant};
 
 const LEVELS: usize = 6;
@@ -41,11 +42,13 @@ const NIL: u32 = u32::MAX;
 const MAX_TICK: u64 = u64::MAX >> 2;
 const NANOS_PER_TICK: u128 = 1_000_000;
 
-/// Names one armed timer: its slab index and that entry's generation.
+/// Names one armed timer: its slab index and that entry's generation. Generations are never
+/// zero, so an `Option<TimerKey>` (which every connection holds a few of) costs no more than
+/// the key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TimerKey {
     index: u32,
-    generation: u32,
+    generation: NonZeroU32,
 }
 
 struct Entry<T> {
@@ -55,7 +58,7 @@ struct Entry<T> {
     prev: u32,
     /// Next in the slot list; for a free entry, the next free entry.
     next: u32,
-    generation: u32,
+    generation: NonZeroU32,
     /// Which list the entry is on: `level * SLOTS + slot`, `DUE`, or `FREE`.
     list: u16,
 }
@@ -127,7 +130,7 @@ impl<T> TimerWheel<T> {
                     when,
                     prev: NIL,
                     next: NIL,
-                    generation: 0,
+                    generation: NonZeroU32::MIN,
                     list: FREE,
                 });
                 index
@@ -372,7 +375,7 @@ impl<T> TimerWheel<T> {
     /// Frees an entry already off its list, returning its value.
     fn release(&mut self, index: u32) -> Option<T> {
         let e = &mut self.entries[index as usize];
-        e.generation = e.generation.wrapping_add(1);
+        e.generation = e.generation.checked_add(1).unwrap_or(NonZeroU32::MIN);
         e.list = FREE;
         e.prev = NIL;
         e.next = self.free_head;
@@ -396,6 +399,14 @@ impl<T> fmt::Debug for TimerWheel<T> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_optional_key_costs_nothing_more_than_a_key() {
+        assert_eq!(
+            std::mem::size_of::<Option<TimerKey>>(),
+            std::mem::size_of::<TimerKey>()
+        );
+    }
+
     use super::*;
     use proptest::prelude::*;
     use std::collections::{BTreeMap, HashSet};

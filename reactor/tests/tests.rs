@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sealpipe_reactor::listener::{ConnListener, ListenerOptions};
-use sealpipe_reactor::{BevEvents, BufferEvent, Context, EventBase, Handler, Ready, Timeouts};
+use sealpipe_reactor::{BevEvents, BufferEvent, Context, EventBase, Handler, Ready, Tag, Timeouts};
 
 mod support;
 use support::*;
@@ -144,11 +144,11 @@ impl Handler<Seen> for Connector {
         let ev = self.bev.as_mut().unwrap().on_ready(cx, r);
         self.handle(cx, ev);
     }
-    fn on_timer(&mut self, cx: &mut Context<'_, Seen>, tag: u64) {
+    fn on_timer(&mut self, cx: &mut Context<'_, Seen>, tag: Tag) {
         let ev = self.bev.as_mut().unwrap().on_timer(cx, tag);
         self.handle(cx, ev);
     }
-    fn on_notify(&mut self, cx: &mut Context<'_, Seen>, tag: u64) {
+    fn on_notify(&mut self, cx: &mut Context<'_, Seen>, tag: Tag) {
         let ev = self.bev.as_mut().unwrap().on_notify(cx, tag);
         self.handle(cx, ev);
     }
@@ -217,8 +217,8 @@ fn connect_timeout_arrives_as_an_event() {
 struct Counter;
 impl Handler<Vec<u64>> for Counter {
     fn on_ready(&mut self, _: &mut Context<'_, Vec<u64>>, _: u8, _: Ready) {}
-    fn on_notify(&mut self, cx: &mut Context<'_, Vec<u64>>, tag: u64) {
-        cx.state.push(tag);
+    fn on_notify(&mut self, cx: &mut Context<'_, Vec<u64>>, tag: Tag) {
+        cx.state.push(tag.value().unwrap().into());
     }
 }
 
@@ -234,8 +234,8 @@ fn stale_id_never_reaches_the_slot_reused_by_another_handler() {
     assert_ne!(old, new);
     base.with_context(|cx| {
         assert!(!cx.is_live(old));
-        cx.notify(old, 1);
-        cx.notify(new, 2);
+        cx.notify(old, Tag::new(1));
+        cx.notify(new, Tag::new(2));
     });
     base.loop_once(Some(Duration::ZERO)).unwrap();
     assert_eq!(base.state(), &vec![2]);
@@ -357,7 +357,7 @@ impl Handler<Seen> for Quiet {
         let ev = self.bev.as_mut().unwrap().on_ready(cx, r);
         self.handle(cx, ev);
     }
-    fn on_timer(&mut self, cx: &mut Context<'_, Seen>, tag: u64) {
+    fn on_timer(&mut self, cx: &mut Context<'_, Seen>, tag: Tag) {
         let ev = self.bev.as_mut().unwrap().on_timer(cx, tag);
         self.handle(cx, ev);
     }
@@ -551,7 +551,7 @@ impl Handler<Vec<u8>> for SlowUnframer {
         let ev = self.bev.on_ready(cx, r);
         self.take(cx, ev);
     }
-    fn on_notify(&mut self, cx: &mut Context<'_, Vec<u8>>, tag: u64) {
+    fn on_notify(&mut self, cx: &mut Context<'_, Vec<u8>>, tag: Tag) {
         let ev = self.bev.on_notify(cx, tag);
         self.take(cx, ev);
     }

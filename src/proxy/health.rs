@@ -5,19 +5,18 @@
 //! fail. Like every connect, probes name their target by [`TargetId`]: a probe that outlives
 //! its target (removed by a reload) changes nothing.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::reactor::{BevEvents, BufferEvent, Context, Handler, Ready, Timeouts};
+use crate::reactor::{BevEvents, BufferEvent, Context, Handler, Ready, Tag, Timeouts};
 
-use super::ShardState;
 use super::upstream::{ConnectOutcome, TargetId};
+use super::{ShardState, TargetAddr, TunnelIdx};
 
 /// One probe of one target.
 pub struct Probe {
-    tunnel: usize,
+    tunnel: TunnelIdx,
     target: TargetId,
-    addr: SocketAddr,
+    addr: TargetAddr,
     timeout: Duration,
     started: Instant,
     bev: Option<BufferEvent>,
@@ -25,9 +24,9 @@ pub struct Probe {
 
 impl Probe {
     pub fn new(
-        tunnel: usize,
+        tunnel: TunnelIdx,
         target: TargetId,
-        addr: SocketAddr,
+        addr: TargetAddr,
         timeout: Duration,
         now: Instant,
     ) -> Self {
@@ -62,13 +61,15 @@ impl Probe {
                     if rt.upstreams.succeeded(self.target) == Some(true) {
                         tracing::info!(%tunnel, %upstream, "health check: upstream is up");
                     }
-                    if let Some(m) = rt.metrics.upstreams.get(i) {
+                    if let Some(m) = rt.metrics.upstreams.get(i.get()) {
                         m.connect.observe((now - self.started).as_secs_f64());
                     }
                 }
                 Some(o) => {
-                    if let (Some(m), Some(r)) = (rt.metrics.upstreams.get(i), o.failure_reason()) {
-                        m.failures[r].inc();
+                    if let (Some(m), Some(r)) =
+                        (rt.metrics.upstreams.get(i.get()), o.failure_reason())
+                    {
+                        m.failures[r as usize].inc();
                     }
                     if o.marks_down() && rt.upstreams.failed(self.target, now) == Some(true) {
                         let error = err.as_ref().map(|e| e.to_string()).unwrap_or_default();
@@ -87,8 +88,14 @@ impl Handler<ShardState> for Probe {
             connect: Some(self.timeout),
             ..Timeouts::default()
         };
-        let mut bev =
-            BufferEvent::connect_filtered(cx, self.addr, 0, crate::reactor::NoFilter, true, t);
+        let mut bev = BufferEvent::connect_filtered(
+            cx,
+            self.addr.get(),
+            0,
+            crate::reactor::NoFilter,
+            true,
+            t,
+        );
         let _ = bev.register(cx);
         self.bev = Some(bev);
     }
@@ -100,14 +107,14 @@ impl Handler<ShardState> for Probe {
         }
     }
 
-    fn on_timer(&mut self, cx: &mut Context<'_, ShardState>, tag: u64) {
+    fn on_timer(&mut self, cx: &mut Context<'_, ShardState>, tag: Tag) {
         if let Some(b) = self.bev.as_mut() {
             let ev = b.on_timer(cx, tag);
             self.outcome(cx, ev);
         }
     }
 
-    fn on_notify(&mut self, cx: &mut Context<'_, ShardState>, tag: u64) {
+    fn on_notify(&mut self, cx: &mut Context<'_, ShardState>, tag: Tag) {
         if let Some(b) = self.bev.as_mut() {
             let ev = b.on_notify(cx, tag);
             self.outcome(cx, ev);

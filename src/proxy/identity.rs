@@ -13,30 +13,32 @@
 //!   (`rejected{reason="acl"}`).
 //! - **access_log**: see [`super::access_log`].
 //!
-//! The connection (`conn.rs`) keeps an optional [`ConnIdentity`] and calls in at four points:
-//! accept (the listener: [`admit_source`]), the first client bytes (encrypt side:
-//! [`ConnIdentity::read_header`]), the upstream connect (the OPEN to seal, or the header to
-//! send), and close (the access log line, [`log_close`]). Everything else about identity lives
-//! here.
+//! The connection (`conn/mod.rs`, through its core's extension points) keeps an optional
+//! [`ConnIdentity`] and calls in at four points: accept (the listener: [`admit_source`]), the
+//! first client bytes (encrypt side: [`ConnIdentity::read_header`] as the core's client
+//! preamble), the upstream connect (the OPEN to seal, or the header to send as the core's
+//! upstream preamble), and close (the access log line, [`log_close`]). Everything else about
+//! identity lives here.
 //!
 //! Invariants: at most [`MAX_HEADER_LEN`] client bytes are staged before the header is
 //! parsed; the decrypt side's header is at the front of the backend's stream on every connect
-//! attempt, once; nothing here allocates for a tunnel that uses none of these settings.
+//! attempt, once (the connection core moves it back in front of the client's bytes when a
+//! connect fails); nothing here allocates for a tunnel that uses none of these settings.
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use crate::config::{Mode, TunnelFile};
 use crate::metrics::{CloseReason, RejectReason};
 use crate::protocol::{ClientAddrs, KeyId, OpenInfo};
 use crate::reactor::{Buffer, Context};
 
-use super::ShardState;
 use super::access_log::{Dest, Record};
 use super::cidr::CidrList;
 pub use super::proxy_header::MAX_HEADER_LEN;
 use super::proxy_header::{self, Addrs, Command, Encoded, Invalid, Parse, Version};
 use super::upstream::TargetId;
+use super::{ShardState, TunnelIdx};
 
 /// A tunnel's identity settings, validated.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -131,7 +133,7 @@ pub fn admit_source(id: &Identity, source: IpAddr) -> Result<(), RejectReason> {
 /// Counts and logs (rate-limited) a connection [`admit_source`] refused.
 pub fn refused(
     cx: &mut Context<'_, ShardState>,
-    tunnel: usize,
+    tunnel: TunnelIdx,
     reason: RejectReason,
     peer: SocketAddr,
 ) {
@@ -162,7 +164,7 @@ pub fn refused(
 /// connection closed before a single byte (a TCP health check) is a debug line.
 pub fn header_failed(
     cx: &mut Context<'_, ShardState>,
-    tunnel: usize,
+    tunnel: TunnelIdx,
     peer: Option<SocketAddr>,
     e: HeaderError,
     got: u64,
@@ -192,7 +194,8 @@ pub fn header_failed(
 /// What a connection knows as it ends, for its access log line.
 pub struct Ended<'a> {
     pub reason: CloseReason,
-    pub started: Instant,
+    /// How long the connection lived.
+    pub duration: Duration,
     pub target: Option<TargetId>,
     /// Plaintext bytes (towards, from) the backend, as the wire counted them.
     pub plain: (u64, u64),
@@ -205,7 +208,7 @@ pub struct Ended<'a> {
 
 /// Writes the access log line of a connection that ended (the tunnel has an access log).
 /// Never blocks: a line the writer cannot take is dropped, counted and warned about.
-pub fn log_close(cx: &mut Context<'_, ShardState>, tunnel: usize, e: Ended<'_>) {
+pub fn log_close(cx: &mut Context<'_, ShardState>, tunnel: TunnelIdx, e: Ended<'_>) {
     let now = cx.now();
     let rt = &cx.state.tunnels[tunnel];
     let Some(log) = &rt.access_log else {
@@ -222,8 +225,8 @@ pub fn log_close(cx: &mut Context<'_, ShardState>, tunnel: usize, e: Ended<'_>) 
     let target = e
         .target
         .and_then(|id| rt.upstreams.index_of(id))
-        .and_then(|i| rt.upstreams.targets().get(i))
-        .map(|t| t.addr);
+        .and_then(|i| rt.upstreams.targets().get(i.get()))
+        .map(|t| t.addr.get());
     let line = Record {
         time: SystemTime::now(),
         tunnel: &rt.cfg.name,
@@ -234,7 +237,7 @@ pub fn log_close(cx: &mut Context<'_, ShardState>, tunnel: usize, e: Ended<'_>) 
         target,
         bytes_up: e.plain.0.saturating_sub((header_in + header_out) as u64),
         bytes_down: e.plain.1,
-        duration: now.saturating_duration_since(e.started),
+        duration: e.duration,
         reason: e.reason.as_str(),
         key_id: e.key_id.map(|k| k.to_string()),
         fs: e.fs,

@@ -6,7 +6,7 @@
 //!   sockets it accepts inherit from it (Linux copies SO_KEEPALIVE, TCP_KEEPIDLE,
 //!   TCP_KEEPINTVL, TCP_KEEPCNT and TCP_USER_TIMEOUT from the listener at accept, so accepting
 //!   costs no system call for them), and an upstream socket's, set right after its
-//!   non-blocking connect starts (`conn::Conn::connect_upstream`).
+//!   non-blocking connect starts (the connection's `Env::connect`, in `conn/mod.rs`).
 //! - A reload sets them again on the listeners (`server`): connections accepted afterwards get
 //!   the new values; open ones keep theirs.
 //! - When the kernel gives up on a peer, the socket reports ETIMEDOUT; the connection counts it

@@ -29,26 +29,26 @@ use mio::net::TcpStream;
 use crate::config::Mode;
 use crate::metrics::RejectReason;
 use crate::reactor::listener::{AcceptPass, ConnListener};
-use crate::reactor::{Context, Handler, NoFilter, Ready};
+use crate::reactor::{Context, Handler, NoFilter, Ready, Tag};
 
-use super::ShardState;
 use super::codec::SealFilter;
 use super::conn::Conn;
+use super::{ShardState, TunnelIdx};
 
 /// Notify tags for a tunnel listener.
-pub const TAG_RESUME: u64 = 0x20 << 8;
-pub const TAG_DRAIN: u64 = 0x21 << 8;
+pub const TAG_RESUME: Tag = Tag::new(1);
+pub const TAG_DRAIN: Tag = Tag::new(2);
 /// A connection of this shard met resource exhaustion after its accept (an upstream connect
 /// failed with EMFILE, say): pause accepting with the exhaustion backoff.
-pub const TAG_EXHAUSTED: u64 = 0x22 << 8;
+pub const TAG_EXHAUSTED: Tag = Tag::new(3);
 
 pub struct TunnelListener {
-    tunnel: usize,
+    tunnel: TunnelIdx,
     listener: ConnListener,
 }
 
 impl TunnelListener {
-    pub fn new(tunnel: usize, listener: ConnListener) -> Self {
+    pub fn new(tunnel: TunnelIdx, listener: ConnListener) -> Self {
         TunnelListener { tunnel, listener }
     }
 
@@ -224,7 +224,7 @@ impl Admission {
 /// was turned away instead.
 fn admit(
     cx: &mut Context<'_, ShardState>,
-    tunnel: usize,
+    tunnel: TunnelIdx,
     stream: TcpStream,
     peer: SocketAddr,
 ) -> bool {
@@ -269,7 +269,7 @@ fn admit(
 }
 
 impl TunnelListener {
-    fn accept(&mut self, cx: &mut Context<'_, ShardState>, tag: Option<u64>) {
+    fn accept(&mut self, cx: &mut Context<'_, ShardState>, tag: Option<Tag>) {
         let tunnel = self.tunnel;
         // The shard's share of max_conns is exact: a pass accepts only what still fits (none
         // with a share of 0). `conns` counts started handlers; spawned ones start after this
@@ -319,13 +319,13 @@ impl Handler<ShardState> for TunnelListener {
         self.accept(cx, None);
     }
 
-    fn on_timer(&mut self, cx: &mut Context<'_, ShardState>, tag: u64) {
+    fn on_timer(&mut self, cx: &mut Context<'_, ShardState>, tag: Tag) {
         if self.listener.owns_tag(tag) {
             self.accept(cx, Some(tag));
         }
     }
 
-    fn on_notify(&mut self, cx: &mut Context<'_, ShardState>, tag: u64) {
+    fn on_notify(&mut self, cx: &mut Context<'_, ShardState>, tag: Tag) {
         match tag {
             TAG_RESUME if cx.state.conns < cx.state.conn_limit && !cx.state.draining => {
                 cx.state.tunnels[self.tunnel].listener_paused = false;

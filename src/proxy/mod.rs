@@ -3,7 +3,8 @@
 //! Per connection, all on one shard: accept ([`listener::TunnelListener`]) -> client
 //! `BufferEvent` -> connect to an upstream (connect timeout; on failure the next healthy
 //! upstream) -> handshake on the sealed side (handshake timeout) -> pump both ways through the
-//! codec ([`codec::SealFilter`]), sealing in place ([`conn::Conn`]).
+//! codec ([`codec::SealFilter`]), sealing in place ([`conn::Conn`], whose decisions are its
+//! I/O-free [`conn::ConnCore`]'s).
 //!
 //! Bounded memory per connection: a side reads only while its input holds less than
 //! [`READ_HIGH`], and stops reading while the far side's output holds [`OUTPUT_HIGH`] or more,
@@ -11,6 +12,8 @@
 //! `READ_HIGH + OUTPUT_HIGH + READ_HIGH` (one read batch may land just as the far side crosses
 //! its mark) plus record framing (19 bytes per 16 KiB): 768 KiB, so 1.5 MiB per connection
 //! in the worst case, and nothing at all when idle (empty buffers hold no chunks).
+//! The pair harness's property tests hold every connection to this bound at every step
+//! (`conn/pair.rs`, `MAX_BUFFERED`).
 
 pub use sealpipe_codec as codec;
 pub use sealpipe_proxy_header as proxy_header;
@@ -19,6 +22,7 @@ pub mod cidr;
 pub mod conn;
 pub mod health;
 pub mod identity;
+pub mod ids;
 pub mod keepalive;
 pub mod listener;
 pub mod upstream;
@@ -28,11 +32,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::{Mode, Tunnel};
-use crate::metrics::{Metrics, TunnelMetrics};
+use crate::metrics::{Bytes, Metrics, TunnelMetrics};
 use crate::protocol::{HandshakeConfig, KeyId, KeySet};
 use crate::reactor::HandlerId;
 use prometheus::IntCounter;
 
+pub use ids::{ShardIdx, TargetAddr, TargetIdx, TunnelIdx};
 use upstream::Upstreams;
 
 /// Reading stops while this much input is pending.
@@ -49,16 +54,65 @@ pub const EPHEMERAL_KEYS_READY: usize = codec::ephemeral::KEYS_READY;
 /// (the next one says how many sessions it covers).
 pub const NO_FS_WARN_EVERY: Duration = Duration::from_secs(60);
 
+/// Bytes carried, by direction (upstream = client to backend) and layer: one count per label
+/// of `sealpipe_bytes_total`, indexed by the label ([`Bytes`]), not by a bare slot number.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ByteCounts([u64; 4]);
+
+impl ByteCounts {
+    /// Every label, in slot order.
+    pub const LABELS: [Bytes; 4] = [
+        Bytes::UpPlain,
+        Bytes::UpSealed,
+        Bytes::DownPlain,
+        Bytes::DownSealed,
+    ];
+
+    /// Each count less the same count of `earlier` (counts only grow).
+    pub fn since(&self, earlier: &ByteCounts) -> ByteCounts {
+        let mut d = *self;
+        for (a, b) in d.0.iter_mut().zip(earlier.0) {
+            *a -= b;
+        }
+        d
+    }
+
+    /// Adds each count of `other`.
+    pub fn add(&mut self, other: &ByteCounts) {
+        for (a, b) in self.0.iter_mut().zip(other.0) {
+            *a += b;
+        }
+    }
+
+    /// The counts with their labels.
+    pub fn iter(&self) -> impl Iterator<Item = (Bytes, u64)> + '_ {
+        Self::LABELS.into_iter().map(|l| (l, self[l]))
+    }
+}
+
+impl std::ops::Index<Bytes> for ByteCounts {
+    type Output = u64;
+    fn index(&self, b: Bytes) -> &u64 {
+        &self.0[b as usize]
+    }
+}
+
+impl std::ops::IndexMut<Bytes> for ByteCounts {
+    fn index_mut(&mut self, b: Bytes) -> &mut u64 {
+        &mut self.0[b as usize]
+    }
+}
+
 /// One tunnel as one shard runs it.
 pub struct TunnelRt {
-    pub index: usize,
+    pub index: TunnelIdx,
     pub cfg: Arc<Tunnel>,
     /// `None` for forward mode.
     pub handshake: Option<HandshakeConfig>,
     pub upstreams: Upstreams,
     pub metrics: TunnelMetrics,
     /// Shard-local byte counts not yet flushed to `metrics` (no atomics per read).
-    pub bytes: [u64; 4],
+    pub bytes: ByteCounts,
     /// Connections of this tunnel open on this shard.
     pub active: usize,
     pub listener: Option<HandlerId>,
@@ -79,20 +133,20 @@ pub struct TunnelRt {
 
 impl TunnelRt {
     pub fn new(
-        index: usize,
+        index: TunnelIdx,
         cfg: Arc<Tunnel>,
         keys: Option<Arc<KeySet>>,
         metrics: &Metrics,
-        shard: usize,
+        shard: ShardIdx,
     ) -> TunnelRt {
         let upstreams = Upstreams::with_groups(&cfg.target_addrs(), cfg.balance);
         TunnelRt {
             index,
             key_sessions: Self::key_sessions(&cfg, keys.as_deref(), metrics),
             handshake: Self::handshake_config(&cfg, keys),
-            metrics: metrics.tunnel(&cfg.name, shard, &upstream_names(&upstreams)),
+            metrics: metrics.tunnel(&cfg.name, shard.get(), &upstream_names(&upstreams)),
             upstreams,
-            bytes: [0; 4],
+            bytes: ByteCounts::default(),
             active: 0,
             listener: None,
             listener_paused: false,
@@ -160,7 +214,7 @@ impl TunnelRt {
         cfg: Arc<Tunnel>,
         keys: Option<Arc<KeySet>>,
         metrics: &Metrics,
-        shard: usize,
+        shard: ShardIdx,
     ) {
         self.key_sessions = Self::key_sessions(&cfg, keys.as_deref(), metrics);
         self.handshake = Self::handshake_config(&cfg, keys);
@@ -169,7 +223,7 @@ impl TunnelRt {
 
     /// Applies new target addresses (a reload, or target names resolved again), keeping
     /// every connection, and the id, health and counts of every address that stays.
-    pub fn set_targets(&mut self, cfg: Arc<Tunnel>, metrics: &Metrics, shard: usize) {
+    pub fn set_targets(&mut self, cfg: Arc<Tunnel>, metrics: &Metrics, shard: ShardIdx) {
         let old = upstream_names(&self.upstreams);
         self.upstreams
             .replace_groups(&cfg.target_addrs(), cfg.balance);
@@ -177,16 +231,15 @@ impl TunnelRt {
         for gone in old.iter().filter(|a| !names.contains(a)) {
             metrics.forget_upstream(&self.cfg.name, gone);
         }
-        self.metrics = metrics.tunnel(&cfg.name, shard, &names);
+        self.metrics = metrics.tunnel(&cfg.name, shard.get(), &names);
         self.cfg = cfg;
     }
 
     /// Moves shard-local byte counts into the Prometheus counters.
     pub fn flush(&mut self) {
-        for (i, b) in self.bytes.iter_mut().enumerate() {
-            if *b > 0 {
-                self.metrics.bytes[i].inc_by(*b);
-                *b = 0;
+        for (label, n) in std::mem::take(&mut self.bytes).iter() {
+            if n > 0 {
+                self.metrics.bytes[label as usize].inc_by(n);
             }
         }
     }
@@ -198,9 +251,31 @@ fn upstream_names(u: &Upstreams) -> Vec<String> {
     u.targets().iter().map(|t| t.addr.to_string()).collect()
 }
 
+/// Where a handshake's ephemeral key came from: the `source` label of
+/// `sealpipe_ephemeral_keys_total`; the discriminant is its slot in
+/// `metrics::EPHEMERAL_SOURCES` and in [`ShardState`]'s handles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeySource {
+    /// Made ahead of time in the shard's spare time.
+    Pool = 0,
+    /// Made when the handshake needed it.
+    OnDemand = 1,
+}
+
+impl KeySource {
+    pub const ALL: [KeySource; 2] = [KeySource::Pool, KeySource::OnDemand];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeySource::Pool => "pool",
+            KeySource::OnDemand => "on_demand",
+        }
+    }
+}
+
 /// A shard's state: what every callback on its loop reaches as `cx.state`.
 pub struct ShardState {
-    pub shard: usize,
+    pub shard: ShardIdx,
     pub tunnels: Vec<TunnelRt>,
     pub metrics: Arc<Metrics>,
     /// Proxied connections open on this shard.
@@ -227,7 +302,7 @@ pub struct ShardState {
 
 impl ShardState {
     pub fn new(
-        shard: usize,
+        shard: ShardIdx,
         tunnels: Vec<TunnelRt>,
         metrics: Arc<Metrics>,
         conn_limit: usize,
@@ -244,7 +319,7 @@ impl ShardState {
             next_warn: Instant::now(),
             suppressed_warnings: 0,
             admission: listener::Admission::new(&crate::config::Admission::default(), 1),
-            ephemeral_keys: metrics.ephemeral_keys(shard),
+            ephemeral_keys: metrics.ephemeral_keys(shard.get()),
             ephemeral_published: (0, 0),
             metrics,
         }
@@ -287,31 +362,100 @@ impl ShardState {
     pub fn flush(&mut self, now: Instant) {
         let (pool, on_demand) = codec::ephemeral::handed_out();
         let (p0, d0) = self.ephemeral_published;
-        self.ephemeral_keys[0].inc_by(pool.saturating_sub(p0));
-        self.ephemeral_keys[1].inc_by(on_demand.saturating_sub(d0));
+        self.ephemeral_keys[KeySource::Pool as usize].inc_by(pool.saturating_sub(p0));
+        self.ephemeral_keys[KeySource::OnDemand as usize].inc_by(on_demand.saturating_sub(d0));
         self.ephemeral_published = (pool, on_demand);
         for t in &mut self.tunnels {
             t.flush();
             let healthy = t.upstreams.healthy(now);
             self.metrics
                 .health
-                .set_healthy(t.index, self.shard, healthy);
+                .set_healthy(t.index.get(), self.shard.get(), healthy);
             for (i, u) in t.metrics.upstreams.iter().enumerate() {
-                u.up.set(t.upstreams.is_up(i, now) as i64);
+                u.up.set(t.upstreams.is_up(TargetIdx::new(i), now) as i64);
             }
         }
     }
 }
 
-/// An optional I/O error as a log field, by its message (`error = %OptError(&err)`): log
-/// lines show "Connection refused (os error 111)", never Rust's Debug form; `none` without one.
-pub struct OptError<'a>(pub &'a Option<std::io::Error>);
+/// An optional I/O error as a log field, by its message (`error = %OptError(err.as_ref())`):
+/// log lines show "Connection refused (os error 111)", never Rust's Debug form; `none` without
+/// one.
+pub struct OptError<'a>(pub Option<&'a std::io::Error>);
 
 impl std::fmt::Display for OptError<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.0 {
             Some(e) => e.fmt(f),
             None => f.write_str("none"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_enums_sit_in_their_metric_slots() {
+        for k in KeySource::ALL {
+            assert_eq!(crate::metrics::EPHEMERAL_SOURCES[k as usize], k.as_str());
+        }
+        let mut counts = ByteCounts::default();
+        counts[Bytes::DownSealed] += 5;
+        counts[Bytes::UpPlain] += 2;
+        let slots: Vec<(usize, u64)> = counts.iter().map(|(b, n)| (b as usize, n)).collect();
+        assert_eq!(slots, [(0, 2), (1, 0), (2, 0), (3, 5)]);
+        let later = ByteCounts([3, 1, 0, 5]);
+        assert_eq!(later.since(&counts), ByteCounts([1, 1, 0, 0]));
+    }
+
+    /// The values of `label` as the metric's row in `metrics::FAMILIES` declares them.
+    fn declared(family: &str, label: &str) -> &'static [&'static str] {
+        let f = crate::metrics::family(family).unwrap_or_else(|| panic!("no row {family}"));
+        let l = f.labels.iter().find(|l| l.name == label);
+        l.and_then(|l| l.values)
+            .unwrap_or_else(|| panic!("{family} declares no values of {label}"))
+    }
+
+    /// Each label enum's discriminant is its value's slot in the family's declared list, so
+    /// a handle array built from that list is indexed by the enum.
+    #[test]
+    fn label_enums_follow_the_declared_value_lists() {
+        let sources = declared("sealpipe_ephemeral_keys_total", "source");
+        assert_eq!(sources.len(), KeySource::ALL.len());
+        for k in KeySource::ALL {
+            assert_eq!(sources[k as usize], k.as_str());
+        }
+        let directions = declared("sealpipe_flow_control_paused_total", "direction");
+        assert_eq!(directions.len(), conn::core::Flow::ALL.len());
+        for f in conn::core::Flow::ALL {
+            assert_eq!(directions[f as usize], f.as_str());
+        }
+        let reasons = declared("sealpipe_upstream_connect_failures_total", "reason");
+        assert_eq!(reasons.len(), upstream::ConnectFailure::ALL.len());
+        for r in upstream::ConnectFailure::ALL {
+            assert_eq!(reasons[r as usize], r.as_str());
+        }
+        // Bytes: direction x layer, the direction major.
+        let (dirs, layers) = (
+            declared("sealpipe_bytes_total", "direction"),
+            declared("sealpipe_bytes_total", "layer"),
+        );
+        let want = [
+            (Bytes::UpPlain, "upstream", "plaintext"),
+            (Bytes::UpSealed, "upstream", "sealed"),
+            (Bytes::DownPlain, "downstream", "plaintext"),
+            (Bytes::DownSealed, "downstream", "sealed"),
+        ];
+        assert_eq!(want.len(), dirs.len() * layers.len());
+        for (i, (b, d, l)) in want.into_iter().enumerate() {
+            assert_eq!(ByteCounts::LABELS[i] as usize, b as usize);
+            let slot = b as usize;
+            assert_eq!(
+                (dirs[slot / layers.len()], layers[slot % layers.len()]),
+                (d, l)
+            );
         }
     }
 }

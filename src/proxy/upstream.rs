@@ -43,6 +43,7 @@ use std::net::SocketAddr;
 use std::num::NonZeroU64;
 use std::time::{Duration, Instant};
 
+use super::ids::{TargetAddr, TargetIdx};
 use crate::config::Balance;
 
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
@@ -55,7 +56,7 @@ pub struct TargetId(NonZeroU64);
 
 #[derive(Clone, Debug)]
 pub struct Target {
-    pub addr: SocketAddr,
+    pub addr: TargetAddr,
     id: TargetId,
     /// The configured target (its index) this address belongs to.
     group: usize,
@@ -93,6 +94,32 @@ pub struct Tried {
     attempts: u32,
     /// The group of the last attempt, plus one (0: none yet): its next address comes first.
     last_group: u32,
+}
+
+/// Why a connect failed: the `reason` label of `sealpipe_upstream_connect_failures_total`. The
+/// discriminant is the label's slot in `metrics::CONNECT_FAILURES` and in each upstream's
+/// `failures` handles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectFailure {
+    Refused = 0,
+    Timeout = 1,
+    Other = 2,
+}
+
+impl ConnectFailure {
+    pub const ALL: [ConnectFailure; 3] = [
+        ConnectFailure::Refused,
+        ConnectFailure::Timeout,
+        ConnectFailure::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectFailure::Refused => "refused",
+            ConnectFailure::Timeout => "timeout",
+            ConnectFailure::Other => "other",
+        }
+    }
 }
 
 /// How a connect attempt that produced no connection ended, as health sees it.
@@ -135,13 +162,12 @@ impl ConnectOutcome {
         }
     }
 
-    /// The index of its `reason` in `metrics::CONNECT_FAILURES`, for outcomes that are failed
-    /// connects.
-    pub fn failure_reason(self) -> Option<usize> {
+    /// Its `reason` label, for outcomes that are failed connects.
+    pub fn failure_reason(self) -> Option<ConnectFailure> {
         match self {
-            ConnectOutcome::Refused => Some(0),
-            ConnectOutcome::TimedOut => Some(1),
-            ConnectOutcome::Other | ConnectOutcome::Exhausted => Some(2),
+            ConnectOutcome::Refused => Some(ConnectFailure::Refused),
+            ConnectOutcome::TimedOut => Some(ConnectFailure::Timeout),
+            ConnectOutcome::Other | ConnectOutcome::Exhausted => Some(ConnectFailure::Other),
             ConnectOutcome::ResetAfterConnect => None,
         }
     }
@@ -192,7 +218,7 @@ impl Upstreams {
         u
     }
 
-    fn fresh(&mut self, addr: SocketAddr, group: usize) -> Target {
+    fn fresh(&mut self, addr: TargetAddr, group: usize) -> Target {
         let id = TargetId(NonZeroU64::MIN.saturating_add(self.issued));
         self.issued += 1;
         Target {
@@ -227,9 +253,9 @@ impl Upstreams {
             for &addr in addrs {
                 let kept = old
                     .iter_mut()
-                    .find(|t| t.as_ref().is_some_and(|t| t.addr == addr))
+                    .find(|t| t.as_ref().is_some_and(|t| t.addr.get() == addr))
                     .and_then(Option::take);
-                let mut t = kept.unwrap_or_else(|| self.fresh(addr, g));
+                let mut t = kept.unwrap_or_else(|| self.fresh(TargetAddr::new(addr), g));
                 t.group = g;
                 targets.push(t);
             }
@@ -247,8 +273,11 @@ impl Upstreams {
     }
 
     /// The current index of target `id`; `None` once a reload removed it.
-    pub fn index_of(&self, id: TargetId) -> Option<usize> {
-        self.targets.iter().position(|t| t.id == id)
+    pub fn index_of(&self, id: TargetId) -> Option<TargetIdx> {
+        self.targets
+            .iter()
+            .position(|t| t.id == id)
+            .map(TargetIdx::new)
     }
 
     pub fn get(&self, id: TargetId) -> Option<&Target> {
@@ -259,8 +288,8 @@ impl Upstreams {
         self.targets.iter_mut().find(|t| t.id == id)
     }
 
-    pub fn is_up(&self, i: usize, now: Instant) -> bool {
-        self.targets.get(i).is_some_and(|t| t.is_up(now))
+    pub fn is_up(&self, i: TargetIdx, now: Instant) -> bool {
+        self.targets.get(i.get()).is_some_and(|t| t.is_up(now))
     }
 
     pub fn healthy(&self, now: Instant) -> usize {
@@ -273,7 +302,7 @@ impl Upstreams {
     /// with addresses that are down. Counts the choice as active (the connection gives it back
     /// with [`release`](Self::release)) and notes it in `tried`. `None` once the connection
     /// has tried every address.
-    pub fn pick(&mut self, now: Instant, tried: &mut Tried) -> Option<(TargetId, SocketAddr)> {
+    pub fn pick(&mut self, now: Instant, tried: &mut Tried) -> Option<(TargetId, TargetAddr)> {
         if tried.generation != self.generation {
             *tried = Tried {
                 generation: self.generation,
@@ -386,7 +415,7 @@ mod tests {
     fn first_pick(u: &mut Upstreams, now: Instant) -> Option<usize> {
         let (id, _) = u.pick(now, &mut Tried::default())?;
         u.release(id);
-        u.index_of(id)
+        u.index_of(id).map(TargetIdx::get)
     }
 
     fn id(u: &Upstreams, i: usize) -> TargetId {
@@ -408,12 +437,12 @@ mod tests {
         let mut tried = Tried::default();
         let mut picks = Vec::new();
         while let Some((id, _)) = u.pick(now, &mut tried) {
-            picks.push(u.index_of(id).unwrap());
+            picks.push(u.index_of(id).unwrap().get());
         }
         assert_eq!(picks, vec![1, 0, 2]);
         // The backoff ends: up again, in the rotation.
         let later = now + Duration::from_secs(2);
-        assert!(u.is_up(2, later));
+        assert!(u.is_up(TargetIdx::new(2), later));
     }
 
     #[test]
@@ -436,8 +465,8 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(u.succeeded(b), Some(true));
         // ...and from then on it is preferred.
-        assert_eq!(first_pick(&mut u, now), u.index_of(b));
-        assert_eq!(first_pick(&mut u, now), u.index_of(b));
+        assert_eq!(first_pick(&mut u, now), u.index_of(b).map(TargetIdx::get));
+        assert_eq!(first_pick(&mut u, now), u.index_of(b).map(TargetIdx::get));
     }
 
     #[test]
@@ -476,7 +505,7 @@ mod tests {
         let mut got = Vec::new();
         for _ in 0..4 {
             let (id, _) = u.pick(now, &mut Tried::default()).unwrap();
-            got.push(u.index_of(id).unwrap());
+            got.push(u.index_of(id).unwrap().get());
         }
         assert_eq!(got, vec![0, 1, 0, 1]);
         assert_eq!(u.targets()[0].active(), 2);
@@ -494,7 +523,7 @@ mod tests {
             Some(now + Duration::from_secs(2))
         );
         assert_eq!(u.succeeded(a), Some(true));
-        assert!(u.is_up(0, now));
+        assert!(u.is_up(TargetIdx::new(0), now));
         assert_eq!(u.succeeded(a), Some(false));
     }
 
@@ -511,21 +540,21 @@ mod tests {
         u.failed(b, now);
         // Reload: the first target removed, a new one appended; the list keeps its length.
         u.replace(&[addr(1), addr(2)], Balance::LeastConn);
-        assert_eq!(u.index_of(b), Some(0));
+        assert_eq!(u.index_of(b), Some(TargetIdx::new(0)));
         assert_eq!(u.index_of(dead), None);
         let c = id(&u, 1);
         assert!(c != dead && c != b, "ids are never reused");
         assert_eq!(u.targets()[0].active(), 1, "b's count kept");
-        assert!(!u.is_up(0, now), "b's health kept");
+        assert!(!u.is_up(TargetIdx::new(0), now), "b's health kept");
         // The removed target's connect fails: nothing is charged to anyone.
         assert_eq!(u.failed(dead, now), None);
         u.release(dead);
         assert_eq!(u.targets()[0].active(), 1);
         assert_eq!(u.targets()[1].active(), 0);
-        assert!(u.is_up(1, now));
+        assert!(u.is_up(TargetIdx::new(1), now));
         // Its connection fails over within the new list, as a fresh generation.
         let (next, a) = u.pick(now, &mut t0).unwrap();
-        assert_eq!((next, a), (c, addr(2)));
+        assert_eq!((next, a), (c, TargetAddr::new(addr(2))));
         assert_eq!(u.succeeded(dead), None);
     }
 
@@ -547,7 +576,7 @@ mod tests {
         assert_eq!(u.targets().len(), 1);
         assert_eq!(u.targets()[0].active(), 0, "saturates");
         // Only the kept target (id 0) was charged.
-        assert!(!u.is_up(0, now));
+        assert!(!u.is_up(TargetIdx::new(0), now));
         // The stale `tried` mask (all three bits) does not hide the new list.
         assert!(u.pick(now, &mut tried).is_some());
         assert!(u.pick(now, &mut tried).is_none());
@@ -589,7 +618,21 @@ mod tests {
             ConnectOutcome::TimedOut
         );
         assert!(ConnectOutcome::Refused.marks_down());
-        assert_eq!(ConnectOutcome::TimedOut.failure_reason(), Some(1));
+        assert_eq!(
+            ConnectOutcome::TimedOut.failure_reason(),
+            Some(ConnectFailure::Timeout)
+        );
+    }
+
+    #[test]
+    fn connect_failure_labels_sit_in_their_metric_slots() {
+        for f in ConnectFailure::ALL {
+            assert_eq!(crate::metrics::CONNECT_FAILURES[f as usize], f.as_str());
+        }
+        assert_eq!(
+            crate::metrics::CONNECT_FAILURES.len(),
+            ConnectFailure::ALL.len()
+        );
     }
 
     #[test]
@@ -604,7 +647,7 @@ mod tests {
             .map(|_| {
                 let (id, a) = u.pick(now, &mut Tried::default()).unwrap();
                 u.release(id);
-                a
+                a.get()
             })
             .collect();
         assert_eq!(firsts, vec![v6, addr(1), v6, addr(1)]);
@@ -612,19 +655,21 @@ mod tests {
         // next, not the other target.
         let mut tried = Tried::default();
         let (a, got) = u.pick(now, &mut tried).unwrap();
-        assert_eq!(got, v6);
+        assert_eq!(got.get(), v6);
         u.release(a);
         u.failed(a, now);
         let (b, got) = u.pick(now, &mut tried).unwrap();
-        assert_eq!(got, addr(0), "the same name's next address");
+        assert_eq!(got.get(), addr(0), "the same name's next address");
         u.release(b);
         u.failed(b, now);
-        assert_eq!(u.pick(now, &mut tried).map(|p| p.1), Some(addr(1)));
+        assert_eq!(u.pick(now, &mut tried).map(|p| p.1.get()), Some(addr(1)));
         assert_eq!(u.pick(now, &mut tried), None, "every address tried once");
         // While the IPv6 address is down, new connections to the name start with IPv4.
         u.succeeded(b);
         let mut t = Tried::default();
-        let picks: Vec<SocketAddr> = (0..2).map(|_| u.pick(now, &mut t).unwrap().1).collect();
+        let picks: Vec<SocketAddr> = (0..2)
+            .map(|_| u.pick(now, &mut t).unwrap().1.get())
+            .collect();
         assert!(
             picks.contains(&addr(0)) && !picks.contains(&v6),
             "{picks:?}"
@@ -652,8 +697,8 @@ mod tests {
         assert_eq!(busy, a0);
         // The name now resolves to addr(1) and a new addr(2); addr(0) is gone.
         u.replace_groups(&[vec![addr(1), addr(2)]], Balance::RoundRobin);
-        assert_eq!(u.index_of(a1), Some(0));
-        assert!(!u.is_up(0, now), "addr(1) is still down");
+        assert_eq!(u.index_of(a1), Some(TargetIdx::new(0)));
+        assert!(!u.is_up(TargetIdx::new(0), now), "addr(1) is still down");
         assert_eq!(u.index_of(a0), None);
         u.release(a0);
         assert_eq!(

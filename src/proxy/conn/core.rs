@@ -1,0 +1,1042 @@
+//! The connection core: every per-connection decision, with no socket, no loop and no clock.
+//!
+//! [`ConnCore`] owns the two sides' I/O-free stream cores ([`BevCore`]: buffers, filter layer,
+//! watermarks, the `Suspend` mask, end-of-stream and shutdown state) and the connection's own
+//! state: which target it uses and which it tried, whether the handshake completed, which
+//! direction ended, whether it sleeps, the bytes it already accounted, why it closed. It is
+//! driven by what happened (a side's [`BevEvents`], a timer, the drain deadline, the end) and
+//! by `now`, which the caller hands it; it never reads a clock.
+//!
+//! What it decides it asks of an [`Env`]: I/O that must happen before the next decision (write
+//! side X now, re-drive side X's reads, connect to a target, reset side X when it closes) as
+//! methods, and everything else (arm a timer for T, close for reason R, the facts that metrics
+//! and logs are made of) as [`Action`]s handed to [`Env::act`]. `Conn` (the module above) is
+//! the `Env` over two sockets and the shard's `Context`; the pair harness (`pair.rs`, tests
+//! only) is one over in-memory pipes and a hand-driven clock, so every ordering of reads, EOFs,
+//! resets and timers can be run in microseconds. The write stays a call, not an action,
+//! because backpressure reads the output left *after* the write, as it always has: a pump
+//! moves the near side's input to the far side's output, writes it, and only then compares
+//! what is pending with [`OUTPUT_HIGH`].
+//!
+//! Decisions, as they were in `Conn`:
+//! - Connect and failover: the next target comes from the tunnel's [`Upstreams`] (by
+//!   [`TargetId`], never by index); a failed connect gives the target back, marks it down when
+//!   it is to blame, moves the bytes already handed to it back in front of the client's
+//!   input, and tries the next; with none left, or out of descriptors, the connection ends
+//!   (`upstream_failed`). A plaintext client connects at once; a sealed one once its session's
+//!   OPEN arrived (the handshake, Finished included, verified).
+//! - Half-close: a side's end (FIN; on a sealed side an authenticated END) shuts the far
+//!   side's write half once its output drained; the other direction keeps going; the
+//!   connection closes cleanly when both directions ended and both write halves are shut.
+//! - Failure: a FIN without END on a sealed side is a truncation, a bad record is tampering,
+//!   an authenticated ABORT is the far plaintext peer's reset (`client_reset`,
+//!   `upstream_reset`) or the far side giving up, and a socket the kernel gave up on (ETIMEDOUT:
+//!   keepalive or TCP_USER_TIMEOUT) is `peer_timeout`. Anything but a clean end resets the
+//!   plaintext side(s); tampering resets both. A plaintext peer's reset, and this side giving
+//!   up on its own account (idle timeout, no backend, drain deadline), is told to the sealed
+//!   far side with an ABORT.
+//! - Backpressure: a side stops reading while the far side's output holds [`OUTPUT_HIGH`] or
+//!   more, and resumes when that drains to [`OUTPUT_LOW`] (reads also stop at [`READ_HIGH`]
+//!   of pending input, in the stream core).
+//! - Client preamble: where the `Env` expects one (a PROXY header from a trusted load
+//!   balancer, `accept_proxy`), the client's input stages no more than its limit and nothing
+//!   connects until the `Env` says it is in ([`Env::client_preamble`]); a bad one, an end
+//!   before it, or none within the handshake timeout closes the connection (`proxy_header`).
+//!   Then the handshake gets its own whole timeout. The backend's preamble (`send_proxy`) is
+//!   [`Env::upstream_preamble`], in front of the client's bytes on every target tried.
+//! - Timers: one handshake deadline; one idle timer carrying both the idle (or, once a
+//!   direction ended, the half-closed) limit and, while awake, [`HIBERNATE_AFTER`]. Activity
+//!   only stores `last_active`; the timer re-arms itself when it finds the connection was
+//!   busy, so a read costs no timer work. A limit may be off (`None`): then only hibernation
+//!   arms the timer, and a sleeping connection arms none.
+//! - Hibernation: quiet for [`HIBERNATE_AFTER`], the sealed side drops its expanded keys and
+//!   both sides' empty buffers their chunk lists; the next activity wakes it.
+//!
+//! Invariants:
+//! - The core does no I/O and reads no clock: everything it learns arrives as an argument,
+//!   everything it does leaves through its `Env`.
+//! - Once `closed` is set nothing more is decided: events are ignored until
+//!   [`ConnCore::on_close`], which gives the target back and reports the end once.
+//! - Generic over both layers and the transport, with no `dyn`: each mode (and the harness)
+//!   is compiled to its own code.
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use crate::metrics::CloseReason;
+use crate::protocol::{AbortReason, KeyId, OpenInfo, ProtocolError};
+use crate::reactor::{BevCore, BevEvents, Buffer, Filter, Suspend, Transport, Watermarks};
+
+use super::super::codec::{peer_abort, protocol_error};
+use super::super::upstream::{ConnectOutcome, TargetId, Tried, Upstreams};
+use super::super::{ByteCounts, OUTPUT_HIGH, OUTPUT_LOW, READ_HIGH, TargetAddr};
+use crate::metrics::Bytes;
+
+/// A connection with no activity for this long hibernates (see the module doc): about 1.1 KiB
+/// of keys per sealed session and the buffers' chunk lists go back to the allocator. Long
+/// against a request/response exchange, so traffic with shorter pauses never pays for it and
+/// a chatty connection re-expands its keys (a microsecond or two) at most once per pause this
+/// long; short against the seconds to hours that pooled and keep-alive connections sit idle,
+/// which is where the memory of many connections is.
+pub const HIBERNATE_AFTER: Duration = Duration::from_millis(250);
+
+/// A side of a proxied connection. Its number is also the side's source number with the loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Side {
+    /// The accepted connection.
+    Client = 0,
+    /// The connection this side made to a target.
+    Upstream = 1,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+        }
+    }
+}
+
+/// A direction of traffic whose reading paused for backpressure: the `direction` label of
+/// `sealpipe_flow_control_paused_total`; the discriminant is its slot in the family's value
+/// list (`metrics::DIRECTIONS`) and in `TunnelMetrics::flow_paused`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// Client to backend: the upstream's output is full.
+    Upstream = 0,
+    /// Backend to client: the client's output is full.
+    Downstream = 1,
+}
+
+impl Flow {
+    pub const ALL: [Flow; 2] = [Flow::Upstream, Flow::Downstream];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Flow::Upstream => "upstream",
+            Flow::Downstream => "downstream",
+        }
+    }
+}
+
+/// The connection's own timers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnTimer {
+    /// The idle, half-closed and hibernation deadlines (one timer, lazily re-armed).
+    Idle,
+    /// The handshake must complete by then.
+    Handshake,
+}
+
+/// The tunnel's timeouts, as configured now (a reload may change them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// How long the connection may be quiet; `None`: as long as it likes (a 0 in the
+    /// configuration turns the limit off).
+    pub idle: Option<Duration>,
+    /// The same once one direction ended (`config::Tunnel::idle_limit`: the shorter of the
+    /// idle and half-closed limits, whichever are on).
+    pub half_closed: Option<Duration>,
+    /// The handshake's deadline, and that of the client's preamble before it.
+    pub handshake: Duration,
+}
+
+/// Where the client's preamble stands (see [`Env::client_preamble`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preamble {
+    /// None is expected, or it was read and taken off the input: the client's stream starts.
+    Done,
+    /// Incomplete: stage at most `limit` bytes of the client's input and read on.
+    Wait { limit: usize },
+    /// Unacceptable (the `Env` said why): the connection closes (`proxy_header`).
+    Failed,
+}
+
+/// A side's layer, as the core sees it: plain or sealed.
+pub trait Layer: Filter + Sized + 'static {
+    const SEALED: bool;
+    /// Handshake complete (always true for plain).
+    fn is_open(&self) -> bool;
+    /// The pre-shared key the session uses (none for plain).
+    fn key_id(&self) -> Option<KeyId> {
+        None
+    }
+    /// Whether the open session has forward secrecy (none for plain or before it opens).
+    fn forward_secrecy(&self) -> Option<bool> {
+        None
+    }
+    /// After a version mismatch: the version the peer spoke.
+    fn peer_version(&self) -> Option<u8> {
+        None
+    }
+    /// Initiator: the client's addresses for the session's OPEN record.
+    fn set_open(&mut self, _open: OpenInfo) {}
+    /// Responder: the OPEN record received, once.
+    fn take_open(&mut self) -> Option<OpenInfo> {
+        None
+    }
+    /// Queues an ABORT for the far side (flush to send it); false if there is no open session.
+    fn abort(&mut self, _reason: AbortReason) -> bool {
+        false
+    }
+    /// Drops what the layer can rebuild on its next use; true if it dropped keys.
+    fn hibernate(&mut self) -> bool {
+        false
+    }
+}
+
+/// Why a side failed.
+#[derive(Clone, Copy, Debug)]
+pub enum Cause<'a> {
+    /// The far sealpipe ended the session with an authenticated ABORT.
+    PeerAbort(AbortReason),
+    /// The sealed layer failed: the handshake, a bad or truncated record.
+    Protocol(ProtocolError),
+    /// The socket failed (a reset, mostly); `None` if it said nothing.
+    Io(Option<&'a io::Error>),
+}
+
+/// A side failed (see [`Action::Failed`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Failure<'a, T> {
+    pub side: Side,
+    /// The side's layer is sealed.
+    pub sealed: bool,
+    /// The handshake had completed before this failure.
+    pub handshake_done: bool,
+    /// How the connection ends for it.
+    pub reason: CloseReason,
+    pub cause: Cause<'a>,
+    /// The key the failing side's hello named, and the version its peer spoke (for the log).
+    pub key_id: Option<KeyId>,
+    pub peer_version: Option<u8>,
+    /// The failing side's transport (for the peer's address in a log line).
+    pub io: Option<&'a T>,
+}
+
+/// What the core decided, for the `Env` to carry out or record. None of these needs an answer.
+#[derive(Debug)]
+pub enum Action<'a, T> {
+    /// Arm (or move) a timer to fire at this instant, or cancel it (`None`).
+    Timer(ConnTimer, Option<Instant>),
+    /// The connection is over: remove it (its end, [`ConnCore::on_close`], follows).
+    Close(CloseReason),
+    /// The handshake completed: the admission ticket goes back.
+    HandshakeOk {
+        key: Option<KeyId>,
+        forward_secrecy: bool,
+        took: Duration,
+    },
+    /// The handshake did not complete in time (the connection closes `handshake_failed`).
+    HandshakeTimeout,
+    /// The client's preamble did not complete within the handshake timeout (the connection
+    /// closes `proxy_header`); `received`: the bytes the client sent.
+    PreambleTimeout { received: u64 },
+    /// The session's OPEN arrived (a responder); the backend is connected for it next.
+    SessionOpened(&'a OpenInfo),
+    /// Reading paused for backpressure in this direction.
+    FlowPaused(Flow),
+    /// Quiet: keys and spare buffer lists were dropped (`dropped_keys`: a session's keys).
+    Hibernated { dropped_keys: bool },
+    /// Activity after hibernation.
+    Woke,
+    /// Bytes carried since the last report, by direction and layer.
+    Bytes(ByteCounts),
+    /// The TCP connect to a target completed (`was_down`: it had been marked down).
+    UpstreamReached {
+        target: TargetId,
+        took: Duration,
+        was_down: bool,
+    },
+    /// A connect to a target failed; `went_down`: that marked it down. With
+    /// [`ConnectOutcome::Exhausted`] the connection ends instead of trying the next.
+    ConnectFailed {
+        target: TargetId,
+        outcome: ConnectOutcome,
+        error: Option<&'a io::Error>,
+        went_down: bool,
+    },
+    /// A side failed; the connection closes for `reason`.
+    Failed(Failure<'a, T>),
+    /// The connection ended (from [`ConnCore::on_close`], once): what an access log records.
+    Closed {
+        reason: CloseReason,
+        duration: Duration,
+        /// It was hibernating.
+        asleep: bool,
+        /// Bytes carried over its life, by direction and layer.
+        bytes: ByteCounts,
+        /// The target it used last, if it got as far as choosing one.
+        target: Option<TargetId>,
+        /// The session's key and whether it had forward secrecy (none for plain, or before
+        /// the sealed side's hello).
+        key: Option<KeyId>,
+        forward_secrecy: Option<bool>,
+    },
+}
+
+/// What the core asks of the world around it (see the module doc). `U` is the upstream
+/// side's layer, `T` both sides' transport.
+pub trait Env<U: Layer, T: Transport> {
+    /// Writes what `bev` has for the wire now (encoding through its filter), as far as the
+    /// transport takes it; returns the events that produced (WRITE, SHUTDOWN, ERROR).
+    fn flush<F: Filter>(&mut self, bev: &mut BevCore<F, T>) -> BevEvents;
+    /// Lifts a suspension of `bev`'s reading; if that was the last one and data may be
+    /// waiting, reading runs again later (never inside this call).
+    fn resume_read<F: Filter>(&mut self, bev: &mut BevCore<F, T>, why: Suspend);
+    /// The owner drained `bev`'s input: as `resume_read` for the high watermark.
+    fn consumed<F: Filter>(&mut self, bev: &mut BevCore<F, T>);
+    /// `bev` is given up (a failed connect): stop watching its transport.
+    fn close_side<F: Filter>(&mut self, bev: &mut BevCore<F, T>);
+    /// Reads and discards what the transport still holds, so that it closes with a FIN after
+    /// the queued bytes (an ABORT record) rather than a RST that would drop them.
+    fn discard_unread(&mut self, io: &mut T);
+    /// The transport sends a RST, not a FIN, when it closes.
+    fn reset_on_close(&mut self, io: &T);
+    /// The layer for a new upstream connection (an initiator's carries the client's addresses
+    /// from `client`, for its OPEN).
+    fn upstream_layer(&mut self, client: &T) -> U;
+    /// Starts connecting the upstream side to `addr`; every outcome arrives later as events of
+    /// the returned side (CONNECTED, ERROR, CONNECT_TIMEOUT).
+    fn connect(&mut self, addr: TargetAddr, layer: U) -> BevCore<U, T>;
+    /// Bytes to send the backend before anything of the client's, once the session's OPEN
+    /// arrived and the upstream side exists (a PROXY protocol header). None by default. A
+    /// failed connect moves them back in front of the client's bytes, with those, so every
+    /// target tried gets them first, and once.
+    fn upstream_preamble(&mut self, _open: &OpenInfo, _output: &mut Buffer) {}
+    /// The client's preamble (a PROXY header a load balancer puts ahead of its client's
+    /// bytes): reads what the client's `input` holds (`eof`: the client finished sending) and
+    /// takes the preamble off it once it is complete; on [`Preamble::Failed`] it says why (in
+    /// its logs). Asked when the connection starts, then on each client event until it is
+    /// [`Preamble::Done`]; nothing connects before. `Done` by default: none is expected.
+    fn client_preamble(&mut self, _input: &mut Buffer, _eof: bool) -> Preamble {
+        Preamble::Done
+    }
+    /// The tunnel's targets (shared by the shard's connections).
+    fn upstreams(&mut self) -> &mut Upstreams;
+    /// The tunnel's timeouts now.
+    fn limits(&self) -> Limits;
+    /// Carries out or records a decision.
+    fn act(&mut self, action: Action<'_, T>);
+}
+
+/// The abort a side sends its sealed peer when it closes for `reason` on its own account.
+fn abort_for(reason: CloseReason) -> Option<AbortReason> {
+    match reason {
+        CloseReason::UpstreamFailed => Some(AbortReason::Unreachable),
+        CloseReason::IdleTimeout => Some(AbortReason::Timeout),
+        CloseReason::DrainDeadline => Some(AbortReason::Shutdown),
+        _ => None,
+    }
+}
+
+/// Watermarks of both sides (see `proxy` for the bound they give).
+const WATERMARKS: Watermarks = Watermarks {
+    read_low: 0,
+    read_high: READ_HIGH,
+    write_low: OUTPUT_LOW,
+};
+
+/// The state of one proxied connection (see the module doc).
+pub struct ConnCore<C: Layer, U: Layer, T> {
+    client: BevCore<C, T>,
+    /// Boxed: a decrypt-side connection has none until its handshake verifies, and an inline
+    /// `None` would still cost every unauthenticated connection a stream core's size.
+    upstream: Option<Box<BevCore<U, T>>>,
+    /// The target in use (by id: a reload may rebuild the list meanwhile), and those tried.
+    target: Option<TargetId>,
+    tried: Tried,
+    started: Instant,
+    connect_started: Instant,
+    last_active: Instant,
+    handshake_done: bool,
+    /// The client's preamble is still expected ([`Env::client_preamble`]).
+    awaiting_preamble: bool,
+    /// Hibernating: quiet since `last_active + HIBERNATE_AFTER`; cleared by any activity.
+    asleep: bool,
+    client_eof: bool,
+    upstream_eof: bool,
+    /// Wire bytes already reported ([`Action::Bytes`]).
+    counted: ByteCounts,
+    closed: Option<CloseReason>,
+}
+
+impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
+    /// The core of a connection whose client side is `client` (accepted at `now`).
+    pub fn new(mut client: BevCore<C, T>, now: Instant) -> Self {
+        client.set_watermarks(WATERMARKS);
+        ConnCore {
+            client,
+            upstream: None,
+            target: None,
+            tried: Tried::default(),
+            started: now,
+            connect_started: now,
+            last_active: now,
+            handshake_done: !C::SEALED && !U::SEALED,
+            awaiting_preamble: false,
+            asleep: false,
+            client_eof: false,
+            upstream_eof: false,
+            counted: ByteCounts::default(),
+            closed: None,
+        }
+    }
+
+    pub fn client(&self) -> &BevCore<C, T> {
+        &self.client
+    }
+    pub fn client_mut(&mut self) -> &mut BevCore<C, T> {
+        &mut self.client
+    }
+    pub fn upstream(&self) -> Option<&BevCore<U, T>> {
+        self.upstream.as_deref()
+    }
+    pub fn upstream_mut(&mut self) -> Option<&mut BevCore<U, T>> {
+        self.upstream.as_deref_mut()
+    }
+    /// Why the connection closed, once it did.
+    pub fn closed(&self) -> Option<CloseReason> {
+        self.closed
+    }
+    pub fn is_asleep(&self) -> bool {
+        self.asleep
+    }
+    pub fn handshake_done(&self) -> bool {
+        self.handshake_done
+    }
+    /// The target in use.
+    pub fn target(&self) -> Option<TargetId> {
+        self.target
+    }
+    /// Whether the client (`Side::Client`) or the upstream finished sending.
+    pub fn ended(&self, side: Side) -> bool {
+        match side {
+            Side::Client => self.client_eof,
+            Side::Upstream => self.upstream_eof,
+        }
+    }
+
+    /// The connection starts (its client side is registered): the handshake deadline, the
+    /// idle timer, and for a plaintext client the connect to the first target (once its
+    /// preamble, if one is expected, is in: until then the client's input stages no more
+    /// than the preamble's limit, and the handshake deadline is the preamble's).
+    pub fn start(&mut self, now: Instant, env: &mut impl Env<U, T>) {
+        let preamble = env.client_preamble(&mut self.client.input, false);
+        self.awaiting_preamble = preamble != Preamble::Done;
+        if C::SEALED || U::SEALED || self.awaiting_preamble {
+            let at = now + env.limits().handshake;
+            env.act(Action::Timer(ConnTimer::Handshake, Some(at)));
+        }
+        self.arm_idle(env);
+        match preamble {
+            Preamble::Wait { limit } => self.client.set_watermarks(Watermarks {
+                read_high: limit,
+                ..WATERMARKS
+            }),
+            Preamble::Failed => self.finish(CloseReason::ProxyHeader, env),
+            Preamble::Done if !C::SEALED => self.connect_upstream(now, env),
+            Preamble::Done => {}
+        }
+    }
+
+    /// Something happened on one of the sockets at `now` (before its events are handled):
+    /// the connection is active, and awake.
+    pub fn activity(&mut self, now: Instant, env: &mut impl Env<U, T>) {
+        self.last_active = now;
+        if self.asleep {
+            // Awake again: watch for the next quiet spell (one timer move per wake-up).
+            self.asleep = false;
+            env.act(Action::Woke);
+            self.arm_idle(env);
+        }
+    }
+
+    /// Events of one side (from its readiness, a re-drive or its own timer).
+    pub fn handle(&mut self, side: Side, ev: BevEvents, now: Instant, env: &mut impl Env<U, T>) {
+        match side {
+            Side::Client => self.process(ev, BevEvents::empty(), now, env),
+            Side::Upstream => self.process(BevEvents::empty(), ev, now, env),
+        }
+    }
+
+    /// A timer of the connection's own fired (the `Env` forgets it: it is no longer armed).
+    pub fn on_timer(&mut self, timer: ConnTimer, now: Instant, env: &mut impl Env<U, T>) {
+        if self.closed.is_some() {
+            return;
+        }
+        match timer {
+            ConnTimer::Idle => {
+                if self
+                    .idle_limit(env)
+                    .is_some_and(|l| now >= self.last_active + l)
+                {
+                    self.finish(CloseReason::IdleTimeout, env);
+                } else {
+                    if !self.asleep && now >= self.last_active + HIBERNATE_AFTER {
+                        self.hibernate(env);
+                    }
+                    self.arm_idle(env);
+                }
+            }
+            ConnTimer::Handshake if self.awaiting_preamble => {
+                let (received, _) = self.client.wire_bytes();
+                env.act(Action::PreambleTimeout { received });
+                self.finish(CloseReason::ProxyHeader, env);
+            }
+            ConnTimer::Handshake => {
+                if !self.handshake_done {
+                    env.act(Action::HandshakeTimeout);
+                    self.finish(CloseReason::HandshakeFailed, env);
+                }
+            }
+        }
+    }
+
+    /// Ends the connection for a reason of this side's own (the drain deadline passed, a
+    /// socket could not be registered): the sealed far side is told with an ABORT where the
+    /// reason calls for one.
+    pub fn close(&mut self, reason: CloseReason, env: &mut impl Env<U, T>) {
+        self.finish(reason, env);
+    }
+
+    /// The connection is being removed (after [`Action::Close`], or by the loop): reports the
+    /// last bytes, gives the target back and reports the end ([`Action::Closed`]). The
+    /// transports are the caller's to close.
+    pub fn on_close(&mut self, now: Instant, env: &mut impl Env<U, T>) {
+        self.account(env);
+        let reason = self.closed.unwrap_or(CloseReason::DrainDeadline);
+        self.closed = Some(reason);
+        if let Some(id) = self.target {
+            env.upstreams().release(id);
+        }
+        let (key, forward_secrecy) = self.session();
+        env.act(Action::Closed {
+            reason,
+            duration: now - self.started,
+            asleep: self.asleep,
+            bytes: self.counted,
+            target: self.target,
+            key,
+            forward_secrecy,
+        });
+    }
+
+    /// The sealed side's session: its key and whether it has forward secrecy.
+    fn session(&self) -> (Option<KeyId>, Option<bool>) {
+        let up = self.upstream.as_deref();
+        let key = (self.client.filter().key_id()).or_else(|| up.and_then(|u| u.filter().key_id()));
+        let fs = (self.client.filter().forward_secrecy())
+            .or_else(|| up.and_then(|u| u.filter().forward_secrecy()));
+        (key, fs)
+    }
+
+    /// Connects to the next target (up ones first, then down ones: see `upstream`); closes
+    /// the connection once every target has been tried.
+    fn connect_upstream(&mut self, now: Instant, env: &mut impl Env<U, T>) {
+        let Some((id, addr)) = env.upstreams().pick(now, &mut self.tried) else {
+            return self.finish(CloseReason::UpstreamFailed, env);
+        };
+        self.target = Some(id);
+        let layer = env.upstream_layer(self.client.io());
+        self.connect_started = now;
+        let mut up = env.connect(addr, layer);
+        up.set_watermarks(WATERMARKS);
+        self.upstream = Some(Box::new(up));
+    }
+
+    /// The current upstream's connect failed: give the target back, mark it down when it is
+    /// to blame (see `upstream`), and try the next target.
+    fn connect_failed(
+        &mut self,
+        err: Option<io::Error>,
+        outcome: ConnectOutcome,
+        now: Instant,
+        env: &mut impl Env<U, T>,
+    ) {
+        if let Some(mut up) = self.upstream.take() {
+            // Client bytes already handed to this upstream go to the next one, in order.
+            let mut unsent = std::mem::take(&mut up.output);
+            self.client.input.move_all_to(&mut unsent);
+            self.client.input = unsent;
+            env.close_side(&mut up);
+        }
+        let Some(id) = self.target.take() else {
+            return;
+        };
+        let upstreams = env.upstreams();
+        upstreams.release(id);
+        // A reload may have removed the target while its connect was in flight: then nothing
+        // is charged to the target that took its place, and the connection tries the new list.
+        let went_down = outcome.marks_down() && upstreams.failed(id, now) == Some(true);
+        env.act(Action::ConnectFailed {
+            target: id,
+            outcome,
+            error: err.as_ref(),
+            went_down,
+        });
+        if outcome == ConnectOutcome::Exhausted {
+            // Every other target would fail the same way: end this client.
+            return self.finish(CloseReason::UpstreamFailed, env);
+        }
+        self.connect_upstream(now, env);
+    }
+
+    /// The TCP connect to the current target completed: the target is up, whatever happens
+    /// next on this connection.
+    fn upstream_reached(&mut self, now: Instant, env: &mut impl Env<U, T>) {
+        let took = now - self.connect_started;
+        let Some(id) = self.target else {
+            return;
+        };
+        let upstreams = env.upstreams();
+        if upstreams.index_of(id).is_none() {
+            return;
+        }
+        let was_down = upstreams.succeeded(id) == Some(true);
+        env.act(Action::UpstreamReached {
+            target: id,
+            took,
+            was_down,
+        });
+    }
+
+    /// The idle limit now (the half-closed one once a direction has ended); `None`: off.
+    fn idle_limit(&self, env: &impl Env<U, T>) -> Option<Duration> {
+        let l = env.limits();
+        if self.client_eof || self.upstream_eof {
+            l.half_closed
+        } else {
+            l.idle
+        }
+    }
+
+    /// Arms the idle timer for `last_active + limit`, where the limit is [`HIBERNATE_AFTER`]
+    /// while awake (if shorter than the idle limit, or with none). Activity only stores
+    /// `last_active`; the timer re-arms itself when it finds the connection was busy (no timer
+    /// work per read). Asleep with no idle limit, nothing is armed: there is nothing to wait
+    /// for until the next activity, which wakes the connection and arms it again.
+    fn arm_idle(&mut self, env: &mut impl Env<U, T>) {
+        let mut t = self.idle_limit(env);
+        if !self.asleep {
+            t = Some(t.map_or(HIBERNATE_AFTER, |t| t.min(HIBERNATE_AFTER)));
+        }
+        let at = t.map(|t| self.last_active + t.max(Duration::from_millis(1)));
+        env.act(Action::Timer(ConnTimer::Idle, at));
+    }
+
+    /// The connection went quiet: drop the sealed side's keys and the buffers' spare lists.
+    /// Everything dropped comes back on its next use, so this is safe at any point.
+    fn hibernate(&mut self, env: &mut impl Env<U, T>) {
+        self.asleep = true;
+        let mut dropped = self.client.filter_mut().hibernate();
+        self.client.shrink_to_fit();
+        if let Some(up) = self.upstream.as_mut() {
+            dropped |= up.filter_mut().hibernate();
+            up.shrink_to_fit();
+        }
+        env.act(Action::Hibernated {
+            dropped_keys: dropped,
+        });
+    }
+
+    /// Reports the wire bytes carried since the last report.
+    fn account(&mut self, env: &mut impl Env<U, T>) {
+        let (cr, cw) = self.client.wire_bytes();
+        let (ur, uw) = self.upstream.as_ref().map_or((0, 0), |u| u.wire_bytes());
+        let (up_c, down_c) = if C::SEALED {
+            (Bytes::UpSealed, Bytes::DownSealed)
+        } else {
+            (Bytes::UpPlain, Bytes::DownPlain)
+        };
+        let mut now = ByteCounts::default();
+        now[up_c] += cr;
+        now[down_c] += cw;
+        if U::SEALED != C::SEALED {
+            let (up_u, down_u) = if U::SEALED {
+                (Bytes::UpSealed, Bytes::DownSealed)
+            } else {
+                (Bytes::UpPlain, Bytes::DownPlain)
+            };
+            now[up_u] += uw;
+            now[down_u] += ur;
+        }
+        let delta = now.since(&self.counted);
+        self.counted = now;
+        env.act(Action::Bytes(delta));
+    }
+
+    /// Handles events from both sides until none are left (no recursion between sides).
+    fn process(
+        &mut self,
+        mut c: BevEvents,
+        mut u: BevEvents,
+        now: Instant,
+        env: &mut impl Env<U, T>,
+    ) {
+        let mut rounds = 0;
+        while (!c.is_empty() || !u.is_empty()) && self.closed.is_none() && rounds < 64 {
+            rounds += 1;
+            let (c2, u2) = self.client_events(c, now, env);
+            c = c2;
+            u |= u2;
+            if self.closed.is_some() {
+                break;
+            }
+            let (c3, u3) = self.upstream_events(u, now, env);
+            u = u3;
+            c |= c3;
+        }
+        if self.closed.is_none() {
+            self.account(env);
+            self.check_done(env);
+        }
+    }
+
+    /// Client-side events; returns follow-up events for (client, upstream).
+    fn client_events(
+        &mut self,
+        ev: BevEvents,
+        now: Instant,
+        env: &mut impl Env<U, T>,
+    ) -> (BevEvents, BevEvents) {
+        let (c, mut u) = (BevEvents::empty(), BevEvents::empty());
+        if ev.is_empty() {
+            return (c, u);
+        }
+        if ev.contains(BevEvents::ERROR) {
+            // The read that completed the handshake may also carry a bad record: the handshake
+            // still succeeded, and the failure is the record's (tampered), not the handshake's.
+            if C::SEALED && self.client.filter().is_open() {
+                self.handshake_ok(now, env);
+            }
+            // Bytes that arrived before the error (a reply, then a reset) still go on.
+            let _ = self.pump_up(env);
+            let err = self.client.take_error();
+            self.side_failed(Side::Client, err, env);
+            return (c, u);
+        }
+        if ev.contains(BevEvents::FILTER) && C::SEALED && self.client.filter().is_open() {
+            self.handshake_ok(now, env);
+            // The backend is connected for the session's OPEN (normally in the same read as
+            // Finished), once.
+            if let Some(open) = self.client.filter_mut().take_open() {
+                env.act(Action::SessionOpened(&open));
+                self.connect_upstream(now, env);
+                if let Some(up) = self.upstream.as_mut() {
+                    env.upstream_preamble(&open, &mut up.output);
+                }
+                if self.closed.is_some() {
+                    return (c, u);
+                }
+            }
+        }
+        if self.awaiting_preamble && !self.preamble_read(ev.contains(BevEvents::EOF), now, env) {
+            return (c, u);
+        }
+        if ev.contains(BevEvents::EOF) && !self.client_eof {
+            self.client_eof = true;
+            self.arm_idle(env);
+        }
+        if ev.contains(BevEvents::READ) || ev.contains(BevEvents::EOF) {
+            u |= self.pump_up(env);
+        }
+        if ev.contains(BevEvents::WRITE) {
+            if let Some(up) = self.upstream.as_mut() {
+                if self.client.output_pending() <= OUTPUT_LOW && up.is_suspended(Suspend::Peer) {
+                    env.resume_read(up, Suspend::Peer);
+                }
+            }
+        }
+        (c, u)
+    }
+
+    /// Upstream-side events; returns follow-up events for (client, upstream).
+    fn upstream_events(
+        &mut self,
+        ev: BevEvents,
+        now: Instant,
+        env: &mut impl Env<U, T>,
+    ) -> (BevEvents, BevEvents) {
+        let (mut c, mut u) = (BevEvents::empty(), BevEvents::empty());
+        if ev.is_empty() || self.upstream.is_none() {
+            return (c, u);
+        }
+        let connected = self
+            .upstream
+            .as_ref()
+            .is_some_and(|x| x.io().is_connected());
+        if ev.contains(BevEvents::CONNECT_TIMEOUT) {
+            let err = self.upstream.as_mut().and_then(|x| x.take_error());
+            self.connect_failed(err, ConnectOutcome::TimedOut, now, env);
+            return (c, u);
+        }
+        if ev.contains(BevEvents::ERROR) && !ev.contains(BevEvents::CONNECTED) && !connected {
+            let err = self.upstream.as_mut().and_then(|x| x.take_error());
+            let outcome = ConnectOutcome::classify(err.as_ref(), false);
+            if outcome != ConnectOutcome::ResetAfterConnect {
+                self.connect_failed(err, outcome, now, env);
+                return (c, u);
+            }
+            // The peer accepted and reset before the connect's outcome was read (a decrypt
+            // side whose backend refused, say): the target is up; this connection failed.
+            self.upstream_reached(now, env);
+            self.side_failed(Side::Upstream, err, env);
+            return (c, u);
+        }
+        if ev.contains(BevEvents::ERROR) {
+            if ev.contains(BevEvents::CONNECTED) {
+                self.upstream_reached(now, env);
+            }
+            // As on the client side: a handshake completed in the failing read still counts.
+            if U::SEALED && self.upstream.as_ref().is_some_and(|x| x.filter().is_open()) {
+                self.handshake_ok(now, env);
+            }
+            let _ = self.pump_down(env);
+            let err = self.upstream.as_mut().and_then(|x| x.take_error());
+            self.side_failed(Side::Upstream, err, env);
+            return (c, u);
+        }
+        if ev.contains(BevEvents::CONNECTED) {
+            self.upstream_reached(now, env);
+            if U::SEALED {
+                // The hello goes out now; client data waits in `output` until the session opens.
+                let up = self.upstream.as_mut().expect("checked above");
+                u |= env.flush(up);
+            }
+            u |= self.pump_up(env);
+        }
+        if ev.contains(BevEvents::FILTER)
+            && U::SEALED
+            && self.upstream.as_ref().is_some_and(|x| x.filter().is_open())
+        {
+            self.handshake_ok(now, env);
+            u |= self.pump_up(env);
+        }
+        if ev.contains(BevEvents::READ) || ev.contains(BevEvents::EOF) {
+            c |= self.pump_down(env);
+        }
+        if ev.contains(BevEvents::WRITE)
+            && self
+                .upstream
+                .as_ref()
+                .is_some_and(|x| x.output_pending() <= OUTPUT_LOW)
+            && self.client.is_suspended(Suspend::Peer)
+        {
+            env.resume_read(&mut self.client, Suspend::Peer);
+        }
+        if ev.contains(BevEvents::EOF) && !self.upstream_eof {
+            self.upstream_eof = true;
+            self.arm_idle(env);
+            self.client.request_shutdown();
+            c |= env.flush(&mut self.client);
+        }
+        (c, u)
+    }
+
+    /// Reads the client's preamble ([`Env::client_preamble`]); once it is in, the client's
+    /// input is staged as usual, the handshake gets its own whole deadline from now, and the
+    /// upstream connect starts. False while it is incomplete, or if it failed (closing).
+    fn preamble_read(&mut self, eof: bool, now: Instant, env: &mut impl Env<U, T>) -> bool {
+        match env.client_preamble(&mut self.client.input, eof) {
+            Preamble::Wait { .. } => {
+                env.consumed(&mut self.client);
+                false
+            }
+            Preamble::Failed => {
+                self.finish(CloseReason::ProxyHeader, env);
+                false
+            }
+            Preamble::Done => {
+                self.awaiting_preamble = false;
+                self.client.set_watermarks(WATERMARKS);
+                env.consumed(&mut self.client);
+                let at = (C::SEALED || U::SEALED).then(|| now + env.limits().handshake);
+                env.act(Action::Timer(ConnTimer::Handshake, at));
+                if !C::SEALED {
+                    self.connect_upstream(now, env);
+                }
+                self.closed.is_none()
+            }
+        }
+    }
+
+    /// Client input -> upstream output. Returns upstream events from the flush.
+    fn pump_up(&mut self, env: &mut impl Env<U, T>) -> BevEvents {
+        let Some(up) = self.upstream.as_mut() else {
+            return BevEvents::empty();
+        };
+        let mut ev = BevEvents::empty();
+        if !self.client.input.is_empty() {
+            self.client.input.move_all_to(&mut up.output);
+            ev |= env.flush(up);
+            if up.output_pending() >= OUTPUT_HIGH && !self.client.is_suspended(Suspend::Peer) {
+                self.client.suspend_read(Suspend::Peer);
+                env.act(Action::FlowPaused(Flow::Upstream));
+            }
+            env.consumed(&mut self.client);
+        }
+        let ready = !U::SEALED || up.filter().is_open();
+        if self.client_eof && up.io().is_connected() && ready && !up.write_shut() {
+            up.request_shutdown();
+            ev |= env.flush(up);
+        }
+        ev
+    }
+
+    /// Upstream input -> client output. Returns client events from the flush.
+    fn pump_down(&mut self, env: &mut impl Env<U, T>) -> BevEvents {
+        let Some(up) = self.upstream.as_mut() else {
+            return BevEvents::empty();
+        };
+        let mut ev = BevEvents::empty();
+        if !up.input.is_empty() {
+            up.input.move_all_to(&mut self.client.output);
+            ev |= env.flush(&mut self.client);
+            if self.client.output_pending() >= OUTPUT_HIGH && !up.is_suspended(Suspend::Peer) {
+                up.suspend_read(Suspend::Peer);
+                env.act(Action::FlowPaused(Flow::Downstream));
+            }
+            env.consumed(up);
+        }
+        ev
+    }
+
+    fn handshake_ok(&mut self, now: Instant, env: &mut impl Env<U, T>) {
+        if self.handshake_done {
+            return;
+        }
+        self.handshake_done = true;
+        env.act(Action::Timer(ConnTimer::Handshake, None));
+        let (key, forward_secrecy) = self.session();
+        env.act(Action::HandshakeOk {
+            key,
+            forward_secrecy: forward_secrecy.unwrap_or(false),
+            took: now - self.started,
+        });
+    }
+
+    /// A side failed after connecting: classify, tell the far side, reset what must be reset,
+    /// close.
+    fn side_failed(&mut self, side: Side, err: Option<io::Error>, env: &mut impl Env<U, T>) {
+        let (sealed, key_id, peer_version, io) = match side {
+            Side::Client => {
+                let f = self.client.filter();
+                (
+                    C::SEALED,
+                    f.key_id(),
+                    f.peer_version(),
+                    Some(self.client.io()),
+                )
+            }
+            Side::Upstream => {
+                let up = self.upstream.as_deref();
+                let f = up.map(|u| u.filter());
+                let key_id = f.and_then(|f| f.key_id());
+                (
+                    U::SEALED,
+                    key_id,
+                    f.and_then(|f| f.peer_version()),
+                    up.map(|u| u.io()),
+                )
+            }
+        };
+        let handshake_done = self.handshake_done;
+        let (reason, cause, abort) = if let Some(abort) = err.as_ref().and_then(peer_abort) {
+            // The far sealpipe ended the session in an authenticated record: its plaintext peer
+            // reset, it had no backend, or it gave up. Not an attack and not a truncation.
+            let reason = match abort {
+                AbortReason::Reset if side == Side::Client => CloseReason::ClientReset,
+                AbortReason::Reset => CloseReason::UpstreamReset,
+                AbortReason::Unreachable => CloseReason::UpstreamFailed,
+                AbortReason::Timeout => CloseReason::IdleTimeout,
+                AbortReason::Shutdown => CloseReason::PeerReset,
+            };
+            (reason, Cause::PeerAbort(abort), None)
+        } else {
+            let pe = err.as_ref().and_then(protocol_error);
+            let reason = match pe {
+                Some(_) if !handshake_done => CloseReason::HandshakeFailed,
+                Some(ProtocolError::Truncated) => CloseReason::Truncated,
+                Some(_) => CloseReason::Tampered,
+                // The kernel gave up on the peer: keepalive or TCP_USER_TIMEOUT (`keepalive`).
+                None if err
+                    .as_ref()
+                    .is_some_and(|e| e.kind() == io::ErrorKind::TimedOut) =>
+                {
+                    CloseReason::PeerTimeout
+                }
+                None => CloseReason::PeerReset,
+            };
+            let cause = pe.map_or(Cause::Io(err.as_ref()), Cause::Protocol);
+            // A plaintext peer's failure (a reset, mostly) is told to the sealed far side,
+            // which resets its own plaintext peer in turn.
+            (reason, cause, (!sealed).then_some(AbortReason::Reset))
+        };
+        env.act(Action::Failed(Failure {
+            side,
+            sealed,
+            handshake_done,
+            reason,
+            cause,
+            key_id,
+            peer_version,
+            io,
+        }));
+        self.finish_with(reason, abort, env)
+    }
+
+    /// Both directions ended cleanly and everything was written: close.
+    fn check_done(&mut self, env: &mut impl Env<U, T>) {
+        let up_done = self.upstream.as_ref().is_some_and(|u| u.write_shut());
+        if self.client_eof && self.upstream_eof && up_done && self.client.write_shut() {
+            self.finish(CloseReason::Clean, env);
+        }
+    }
+
+    /// Ends the connection with `reason`, telling the sealed far side with an ABORT when this
+    /// side gives up on its own account (idle timeout, no backend, drain deadline).
+    fn finish(&mut self, reason: CloseReason, env: &mut impl Env<U, T>) {
+        self.finish_with(reason, abort_for(reason), env);
+    }
+
+    /// Ends the connection with `reason`, first sending `abort` on the sealed side if its
+    /// session is open. Anything but a clean end resets the plaintext side(s) so their
+    /// applications see an error, never a truncated stream that looks complete.
+    fn finish_with(
+        &mut self,
+        reason: CloseReason,
+        abort: Option<AbortReason>,
+        env: &mut impl Env<U, T>,
+    ) {
+        if self.closed.is_some() {
+            return;
+        }
+        self.closed = Some(reason);
+        if let Some(a) = abort {
+            if C::SEALED && self.client.filter_mut().abort(a) {
+                let _ = env.flush(&mut self.client);
+                env.discard_unread(self.client.io_mut());
+            }
+            if let Some(up) = self.upstream.as_mut() {
+                if U::SEALED && up.filter_mut().abort(a) {
+                    let _ = env.flush(up);
+                    env.discard_unread(up.io_mut());
+                }
+            }
+        }
+        if reason != CloseReason::Clean {
+            let tampered = reason == CloseReason::Tampered;
+            if !C::SEALED || tampered {
+                env.reset_on_close(self.client.io());
+            }
+            if let Some(up) = &self.upstream {
+                if !U::SEALED || tampered {
+                    env.reset_on_close(up.io());
+                }
+            }
+        }
+        env.act(Action::Close(reason));
+    }
+}
