@@ -14,6 +14,7 @@
 #![deny(unsafe_code)]
 
 pub mod config;
+pub mod demo;
 pub mod keyfile;
 pub mod metrics;
 pub mod proxy;
