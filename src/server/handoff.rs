@@ -1,0 +1,373 @@
+//! Handoff: passing the listening sockets to a successor process (`--handoff PATH`,
+//! docs/OPERATIONS.md, "Upgrade without downtime").
+//!
+//! Invariants: descriptors cross only a Unix socket of mode 0600 between processes of the same
+//! uid (each end checks the other with SO_PEERCRED); the header is only a claim, and every
+//! received descriptor is checked with the kernel before it is served on; the holder lets go
+//! only after the successor said `OK`, so a failed successor leaves the holder serving.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::ServerError;
+use crate::config::Config;
+
+// ---------------------------------------------------------------------------------------------
+// Handoff: passing listening sockets to a successor process (docs/OPERATIONS.md).
+//
+// Protocol over the Unix stream socket at PATH (mode 0600), one exchange per connection:
+//   successor -> holder:  "sealpipe-handoff 1 take pid=N\n"
+//   holder -> successor:  one sendmsg: the header below + SCM_RIGHTS descriptors
+//       sealpipe-handoff 1
+//       shards K
+//       tunnel ADDR NAME        (one line per tunnel, in config order)
+//       metrics ADDR            (if the holder serves metrics)
+//       end
+//     descriptors: per tunnel, K listeners (shard order), then the metrics listener.
+//   successor -> holder:  "OK\n" once its shards accept on them (or "NO reason\n").
+// On OK the holder closes its copies (the kernel accept queues live on in the successor's)
+// and drains. Without OK (EOF, timeout, NO) the holder keeps serving as if nothing happened.
+// Trust: each end checks the other's uid (SO_PEERCRED) equals its own, and the successor asks
+// the kernel what each descriptor is (a listening TCP socket bound to the address its own
+// config names: SO_TYPE, SO_DOMAIN, SO_ACCEPTCONN, getsockname); the header is only a claim.
+// ---------------------------------------------------------------------------------------------
+
+const HANDOFF_MAGIC: &str = "sealpipe-handoff 1";
+/// Bound on every read and write of a handoff exchange.
+const HANDOFF_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on a header or a reply line.
+const HANDOFF_MAX_HEADER: usize = 64 * 1024;
+
+/// A close-on-exec duplicate of a socket, kept to be sent in a handoff.
+pub(super) fn dup(l: &impl AsFd) -> std::io::Result<OwnedFd> {
+    l.as_fd().try_clone_to_owned()
+}
+
+fn handoff_err(path: &Path, message: impl std::fmt::Display) -> ServerError {
+    ServerError::Handoff {
+        path: path.to_owned(),
+        message: message.to_string(),
+    }
+}
+
+/// Reads one `\n`-terminated line (bounded), without reading past it.
+fn read_line(s: &mut UnixStream) -> std::io::Result<String> {
+    let mut out = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match s.read(&mut b)? {
+            0 => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "peer closed the handoff socket",
+                ));
+            }
+            _ if b[0] == b'\n' => break,
+            _ if out.len() >= 512 => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "handoff line too long",
+                ));
+            }
+            _ => out.push(b[0]),
+        }
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Listening sockets received from a predecessor, not yet confirmed.
+pub(super) struct Inherited {
+    pub(super) shards: usize,
+    /// Per tunnel of our config: the predecessor's listeners, shard order.
+    pub(super) tunnels: Vec<Vec<std::net::TcpListener>>,
+    pub(super) metrics: Option<std::net::TcpListener>,
+    conn: UnixStream,
+}
+
+impl Inherited {
+    /// Tells the predecessor our shards accept on its sockets: it closes its copies and drains.
+    pub(super) fn confirm(mut self, path: &Path) {
+        match self.conn.write_all(b"OK\n") {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "handoff complete: the previous process drains")
+            }
+            // Both processes accept on the same sockets then; the old one keeps serving.
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "handoff: could not confirm; the previous process keeps serving too")
+            }
+        }
+    }
+}
+
+fn addr_matches(configured: SocketAddr, got: SocketAddr) -> bool {
+    configured == got || (configured.port() == 0 && configured.ip() == got.ip())
+}
+
+/// Asks the process listening on `path` for its listening sockets. `Ok(None)`: nobody
+/// listens there (first start): bind as usual. An error (the predecessor's tunnels differ from
+/// ours, a protocol failure) leaves the predecessor serving and stops this start.
+pub(super) fn take_listeners(path: &Path, cfg: &Config) -> Result<Option<Inherited>, ServerError> {
+    let mut conn = match UnixStream::connect(path) {
+        Ok(c) => c,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            tracing::info!(path = %path.display(), "no process to take listeners from; binding");
+            return Ok(None);
+        }
+        Err(e) => return Err(handoff_err(path, e)),
+    };
+    let io = |e: std::io::Error| handoff_err(path, e);
+    // Descriptors are accepted only from our own user: anyone else listening at PATH (a
+    // stale path in a shared directory, say) must not choose the sockets we serve on.
+    let (theirs, ours) = (crate::sys::peer_uid(&conn).map_err(io)?, crate::sys::euid());
+    if theirs != ours {
+        return Err(handoff_err(
+            path,
+            format!(
+                "the process listening there runs as uid {theirs}, this one as uid {ours}: refusing its descriptors (a handoff is only between processes of the same user)"
+            ),
+        ));
+    }
+    conn.set_read_timeout(Some(HANDOFF_TIMEOUT)).map_err(io)?;
+    conn.set_write_timeout(Some(HANDOFF_TIMEOUT)).map_err(io)?;
+    conn.write_all(format!("{HANDOFF_MAGIC} take pid={}\n", std::process::id()).as_bytes())
+        .map_err(io)?;
+    let mut buf = vec![0u8; HANDOFF_MAX_HEADER];
+    let (mut n, fds) = crate::sys::recv_fds(&conn, &mut buf).map_err(io)?;
+    // A stream may split the header; the descriptors came with its first byte.
+    while !buf[..n].ends_with(b"end\n") {
+        if n == buf.len() {
+            return Err(handoff_err(path, "header too long"));
+        }
+        match conn.read(&mut buf[n..]).map_err(io)? {
+            0 => return Err(handoff_err(path, "the other process closed the connection")),
+            k => n += k,
+        }
+    }
+    let header = String::from_utf8_lossy(&buf[..n]).into_owned();
+    match parse_and_match(&header, fds, cfg) {
+        Ok((shards, tunnels, metrics)) => {
+            tracing::info!(path = %path.display(), shards, "took listening sockets from the running process");
+            Ok(Some(Inherited {
+                shards,
+                tunnels,
+                metrics,
+                conn,
+            }))
+        }
+        Err(why) => {
+            let _ = conn.write_all(format!("NO {why}\n").as_bytes());
+            Err(handoff_err(path, why))
+        }
+    }
+}
+
+type Taken = (
+    usize,
+    Vec<Vec<std::net::TcpListener>>,
+    Option<std::net::TcpListener>,
+);
+
+fn parse_and_match(header: &str, fds: Vec<OwnedFd>, cfg: &Config) -> Result<Taken, String> {
+    let mut lines = header.lines();
+    if lines.next() != Some(HANDOFF_MAGIC) {
+        return Err("not a sealpipe handoff (or another version)".into());
+    }
+    let mut shards = 0usize;
+    let mut tunnels: Vec<(SocketAddr, String)> = Vec::new();
+    let mut metrics: Option<SocketAddr> = None;
+    for line in lines {
+        let (key, rest) = line.split_once(' ').unwrap_or((line, ""));
+        match key {
+            "shards" => shards = rest.parse().map_err(|_| format!("bad line {line:?}"))?,
+            "tunnel" => {
+                let (addr, name) = rest
+                    .split_once(' ')
+                    .ok_or_else(|| format!("bad line {line:?}"))?;
+                let addr = addr.parse().map_err(|_| format!("bad line {line:?}"))?;
+                tunnels.push((addr, name.to_string()));
+            }
+            "metrics" => metrics = Some(rest.parse().map_err(|_| format!("bad line {line:?}"))?),
+            "end" => break,
+            _ => return Err(format!("unknown header line {line:?}")),
+        }
+    }
+    let want = tunnels.len() * shards + usize::from(metrics.is_some());
+    if shards == 0 || fds.len() != want {
+        return Err(format!(
+            "got {} descriptors for {} tunnels x {shards} shards",
+            fds.len(),
+            tunnels.len()
+        ));
+    }
+    let ours: Vec<(SocketAddr, &str)> = cfg
+        .tunnels
+        .iter()
+        .map(|t| (t.listen, t.name.as_str()))
+        .collect();
+    let same = ours.len() == tunnels.len()
+        && ours
+            .iter()
+            .zip(&tunnels)
+            .all(|((la, ln), (ra, rn))| ln == rn && addr_matches(*la, *ra));
+    if !same {
+        return Err(format!(
+            "the running process serves tunnels {:?}, this config {:?}; hand over only between the same tunnels (same names and listen addresses), or stop the old process first",
+            tunnels, ours
+        ));
+    }
+    // The header only says what the sender claims: each descriptor itself must be a
+    // listening TCP socket bound where our configuration listens (the kernel says so), or we
+    // would serve a tunnel on whatever socket a confused or hostile holder passed.
+    let mut fds = fds.into_iter();
+    let mut out = Vec::with_capacity(tunnels.len());
+    for t in &cfg.tunnels {
+        let mut want = t.listen;
+        let mut ls = Vec::with_capacity(shards);
+        for (shard, fd) in fds.by_ref().take(shards).enumerate() {
+            // A configured port of 0 is resolved by the first listener; the others share it.
+            want = crate::sys::check_tcp_listener(fd.as_fd(), want).map_err(|e| {
+                format!(
+                    "descriptor for tunnel {:?} (shard {shard}, configured {}): {e}",
+                    t.name, t.listen
+                )
+            })?;
+            ls.push(std::net::TcpListener::from(fd));
+        }
+        out.push(ls);
+    }
+    let m = fds.next();
+    // The metrics socket is reused only if we serve metrics on the same address.
+    let m = match (m, metrics, cfg.metrics) {
+        (Some(fd), Some(theirs), Some(mine)) if addr_matches(mine, theirs) => {
+            crate::sys::check_tcp_listener(fd.as_fd(), mine)
+                .map_err(|e| format!("descriptor for the metrics endpoint ({mine}): {e}"))?;
+            Some(std::net::TcpListener::from(fd))
+        }
+        _ => None,
+    };
+    Ok((shards, out, m))
+}
+
+/// The running side: listens on the handoff path and answers a successor.
+pub(super) struct HandoffServer {
+    path: PathBuf,
+    listener: UnixListener,
+    header: String,
+    /// Duplicates of every listening socket (tunnel-major, shard order, then metrics): what
+    /// is sent. Dropped when this process hands over or drains, so that a drained process
+    /// does not keep a listening socket open that nobody accepts on.
+    fds: Vec<OwnedFd>,
+}
+
+impl HandoffServer {
+    pub(super) fn listen(
+        path: &Path,
+        cfg: &Config,
+        addrs: &[SocketAddr],
+        dups: Vec<Vec<OwnedFd>>,
+        metrics: Option<(SocketAddr, OwnedFd)>,
+        shards: usize,
+    ) -> std::io::Result<HandoffServer> {
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        // A stale socket from a process that is gone (the connect in `take_listeners`
+        // failed, or it handed over to us) is replaced; anything else at the path is not.
+        if let Ok(m) = std::fs::symlink_metadata(path) {
+            if !m.file_type().is_socket() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "path exists and is not a socket",
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        let listener = UnixListener::bind(path)?;
+        // Whoever connects takes our listeners: only our own user may.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        listener.set_nonblocking(true)?;
+        let mut header = format!("{HANDOFF_MAGIC}\nshards {shards}\n");
+        for (t, a) in cfg.tunnels.iter().zip(addrs) {
+            header.push_str(&format!("tunnel {a} {}\n", t.name));
+        }
+        let mut fds: Vec<OwnedFd> = dups.into_iter().flatten().collect();
+        if let Some((a, fd)) = metrics {
+            header.push_str(&format!("metrics {a}\n"));
+            fds.push(fd);
+        }
+        header.push_str("end\n");
+        tracing::info!(path = %path.display(), "listening for a handoff");
+        Ok(HandoffServer {
+            path: path.to_owned(),
+            listener,
+            header,
+            fds,
+        })
+    }
+
+    /// Answers a successor if one connected. True when it took the listeners.
+    pub(super) fn poll(&mut self) -> bool {
+        let mut conn = match self.listener.accept() {
+            Ok((c, _)) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "handoff: accept failed");
+                return false;
+            }
+        };
+        match self.answer(&mut conn) {
+            Ok(who) => {
+                tracing::info!(path = %self.path.display(), successor = %who, "listening sockets handed over; draining");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "handoff failed; still serving");
+                false
+            }
+        }
+    }
+
+    fn answer(&self, conn: &mut UnixStream) -> std::io::Result<String> {
+        // The socket's mode (0600) already keeps other users out; this holds even if the path
+        // or its directory were opened up by mistake.
+        let (theirs, ours) = (crate::sys::peer_uid(conn)?, crate::sys::euid());
+        if theirs != ours {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "refused a successor running as uid {theirs} (this process runs as uid {ours})"
+                ),
+            ));
+        }
+        conn.set_nonblocking(false)?;
+        conn.set_read_timeout(Some(HANDOFF_TIMEOUT))?;
+        conn.set_write_timeout(Some(HANDOFF_TIMEOUT))?;
+        let hello = read_line(conn)?;
+        let Some(who) = hello.strip_prefix(HANDOFF_MAGIC) else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("unexpected request {hello:?}"),
+            ));
+        };
+        crate::sys::send_fds(
+            conn,
+            self.header.as_bytes(),
+            &crate::sys::borrow_all(&self.fds),
+        )?;
+        let reply = read_line(conn)?;
+        if reply == "OK" {
+            Ok(who.trim().to_string())
+        } else {
+            Err(std::io::Error::other(format!(
+                "the successor declined: {reply}"
+            )))
+        }
+    }
+}
