@@ -176,37 +176,148 @@ type Taken = (
     Option<std::net::TcpListener>,
 );
 
-fn parse_and_match(header: &str, fds: Vec<OwnedFd>, cfg: &Config) -> Result<Taken, String> {
-    let mut lines = header.lines();
-    if lines.next() != Some(HANDOFF_MAGIC) {
-        return Err("not a sealpipe handoff (or another version)".into());
-    }
-    let mut shards = 0usize;
-    let mut tunnels: Vec<(SocketAddr, String)> = Vec::new();
-    let mut metrics: Option<SocketAddr> = None;
-    for line in lines {
-        let (key, rest) = line.split_once(' ').unwrap_or((line, ""));
-        match key {
-            "shards" => shards = rest.parse().map_err(|_| format!("bad line {line:?}"))?,
-            "tunnel" => {
-                let (addr, name) = rest
-                    .split_once(' ')
-                    .ok_or_else(|| format!("bad line {line:?}"))?;
-                let addr = addr.parse().map_err(|_| format!("bad line {line:?}"))?;
-                tunnels.push((addr, name.to_string()));
-            }
-            "metrics" => metrics = Some(rest.parse().map_err(|_| format!("bad line {line:?}"))?),
-            "end" => break,
-            _ => return Err(format!("unknown header line {line:?}")),
+/// Why a handoff header cannot be used. The header comes from another process: every way it
+/// can be wrong is one of these, never a panic.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub(super) enum HeaderError {
+    #[error("not a sealpipe handoff (or another version)")]
+    NotHandoff,
+    #[error("the header ends before its \"end\" line")]
+    Truncated,
+    #[error("bad line {0:?}")]
+    BadLine(String),
+    #[error("unknown header line {0:?}")]
+    UnknownLine(String),
+    #[error("{0:?} appears twice")]
+    Repeated(&'static str),
+    #[error(
+        "{shards} shards x {tunnels} tunnels: more listening sockets than one handoff carries ({max})"
+    )]
+    TooMany {
+        shards: usize,
+        tunnels: usize,
+        max: usize,
+    },
+    #[error("got {got} descriptors for {tunnels} tunnels x {shards} shards")]
+    Count {
+        got: usize,
+        tunnels: usize,
+        shards: usize,
+    },
+}
+
+/// What a holder says about the listening sockets it sends: its shard count, each tunnel's
+/// listen address and name (in its configuration's order), and its metrics address. The
+/// descriptors follow in that order: per tunnel one listener per shard, then the metrics one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Header {
+    pub shards: usize,
+    pub tunnels: Vec<(SocketAddr, String)>,
+    pub metrics: Option<SocketAddr>,
+}
+
+impl Header {
+    /// The header as sent: one line each, ending with `end`.
+    pub fn encode(&self) -> String {
+        let mut out = format!("{HANDOFF_MAGIC}\nshards {}\n", self.shards);
+        for (a, name) in &self.tunnels {
+            out.push_str(&format!("tunnel {a} {name}\n"));
         }
+        if let Some(a) = self.metrics {
+            out.push_str(&format!("metrics {a}\n"));
+        }
+        out.push_str("end\n");
+        out
     }
-    let want = tunnels.len() * shards + usize::from(metrics.is_some());
-    if shards == 0 || fds.len() != want {
-        return Err(format!(
-            "got {} descriptors for {} tunnels x {shards} shards",
-            fds.len(),
-            tunnels.len()
-        ));
+
+    /// Parses a header, refusing anything [`encode`](Self::encode) would not write: another
+    /// magic or version, an unknown or malformed line, a line twice, no `end`, no shards, or
+    /// more sockets than one message can carry.
+    pub fn parse(text: &str) -> Result<Header, HeaderError> {
+        // A last line without its newline was cut short, whatever it says.
+        if !text.ends_with('\n') {
+            return Err(HeaderError::Truncated);
+        }
+        let mut lines = text.lines();
+        if lines.next() != Some(HANDOFF_MAGIC) {
+            return Err(HeaderError::NotHandoff);
+        }
+        let bad = |line: &str| HeaderError::BadLine(line.to_string());
+        let (mut shards, mut tunnels, mut metrics) = (None, Vec::new(), None);
+        let mut ended = false;
+        for line in lines.by_ref() {
+            let (key, rest) = line.split_once(' ').unwrap_or((line, ""));
+            match key {
+                "shards" if shards.is_some() => return Err(HeaderError::Repeated("shards")),
+                "shards" => shards = Some(rest.parse::<usize>().map_err(|_| bad(line))?),
+                "tunnel" => {
+                    let (addr, name) = rest.split_once(' ').ok_or_else(|| bad(line))?;
+                    let addr = addr.parse().map_err(|_| bad(line))?;
+                    if name.is_empty() {
+                        return Err(bad(line));
+                    }
+                    tunnels.push((addr, name.to_string()));
+                }
+                "metrics" if metrics.is_some() => return Err(HeaderError::Repeated("metrics")),
+                "metrics" => metrics = Some(rest.parse().map_err(|_| bad(line))?),
+                "end" if rest.is_empty() => {
+                    ended = true;
+                    break;
+                }
+                _ => return Err(HeaderError::UnknownLine(line.to_string())),
+            }
+        }
+        if !ended {
+            return Err(HeaderError::Truncated);
+        }
+        let shards = match shards {
+            Some(0) | None => return Err(bad("shards 0")),
+            Some(n) => n,
+        };
+        let h = Header {
+            shards,
+            tunnels,
+            metrics,
+        };
+        if h.descriptors().is_none() {
+            return Err(HeaderError::TooMany {
+                shards,
+                tunnels: h.tunnels.len(),
+                max: crate::sys::MAX_FDS,
+            });
+        }
+        Ok(h)
+    }
+
+    /// The descriptors that come with this header; `None` if more than one message carries.
+    pub fn descriptors(&self) -> Option<usize> {
+        let n = self
+            .tunnels
+            .len()
+            .checked_mul(self.shards)?
+            .checked_add(usize::from(self.metrics.is_some()))?;
+        (n <= crate::sys::MAX_FDS).then_some(n)
+    }
+}
+
+fn parse_and_match(header: &str, fds: Vec<OwnedFd>, cfg: &Config) -> Result<Taken, String> {
+    let h = Header::parse(header).map_err(|e| e.to_string())?;
+    match_config(&h, fds, cfg).map_err(|e| e.to_string())
+}
+
+/// Matches a parsed header and its descriptors against our configuration: the same tunnels,
+/// each descriptor the listener the kernel says it is.
+fn match_config(h: &Header, fds: Vec<OwnedFd>, cfg: &Config) -> Result<Taken, String> {
+    let shards = h.shards;
+    let tunnels = &h.tunnels;
+    let metrics = h.metrics;
+    if h.descriptors() != Some(fds.len()) {
+        return Err(HeaderError::Count {
+            got: fds.len(),
+            tunnels: tunnels.len(),
+            shards,
+        }
+        .to_string());
     }
     let ours: Vec<(SocketAddr, &str)> = cfg
         .tunnels
@@ -216,7 +327,7 @@ fn parse_and_match(header: &str, fds: Vec<OwnedFd>, cfg: &Config) -> Result<Take
     let same = ours.len() == tunnels.len()
         && ours
             .iter()
-            .zip(&tunnels)
+            .zip(tunnels)
             .all(|((la, ln), (ra, rn))| ln == rn && addr_matches(*la, *ra));
     if !same {
         return Err(format!(
@@ -293,16 +404,17 @@ impl HandoffServer {
         // Whoever connects takes our listeners: only our own user may.
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         listener.set_nonblocking(true)?;
-        let mut header = format!("{HANDOFF_MAGIC}\nshards {shards}\n");
-        for (t, a) in cfg.tunnels.iter().zip(addrs) {
-            header.push_str(&format!("tunnel {a} {}\n", t.name));
-        }
         let mut fds: Vec<OwnedFd> = dups.into_iter().flatten().collect();
-        if let Some((a, fd)) = metrics {
-            header.push_str(&format!("metrics {a}\n"));
-            fds.push(fd);
+        let header = Header {
+            shards,
+            tunnels: (cfg.tunnels.iter())
+                .zip(addrs)
+                .map(|(t, a)| (*a, t.name.clone()))
+                .collect(),
+            metrics: metrics.as_ref().map(|(a, _)| *a),
         }
-        header.push_str("end\n");
+        .encode();
+        fds.extend(metrics.map(|(_, fd)| fd));
         tracing::info!(path = %path.display(), "listening for a handoff");
         Ok(HandoffServer {
             path: path.to_owned(),
@@ -369,5 +481,151 @@ impl HandoffServer {
                 "the successor declined: {reply}"
             )))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        let text = "[[tunnel]]\nname = \"a\"\nmode = \"forward\"\nlisten = \"127.0.0.1:1\"\ntargets = [\"127.0.0.1:2\"]\n[[tunnel]]\nname = \"b.c\"\nmode = \"forward\"\nlisten = \"127.0.0.1:3\"\ntargets = [\"127.0.0.1:2\"]\n";
+        crate::config::ConfigFile::parse(Path::new("t.toml"), text)
+            .unwrap()
+            .validate(None)
+            .unwrap()
+    }
+
+    fn header() -> Header {
+        Header {
+            shards: 3,
+            tunnels: vec![
+                ("127.0.0.1:1".parse().unwrap(), "a".into()),
+                ("[::1]:3".parse().unwrap(), "b.c".into()),
+            ],
+            metrics: Some("127.0.0.1:9".parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn a_header_round_trips() {
+        let h = header();
+        assert_eq!(Header::parse(&h.encode()), Ok(h.clone()));
+        assert_eq!(h.descriptors(), Some(7));
+        let bare = Header {
+            metrics: None,
+            tunnels: Vec::new(),
+            ..h
+        };
+        assert_eq!(Header::parse(&bare.encode()), Ok(bare));
+    }
+
+    #[test]
+    fn a_truncated_header_is_refused() {
+        let text = header().encode();
+        for cut in 0..text.len() {
+            let e = Header::parse(&text[..cut]);
+            assert_eq!(e, Err(HeaderError::Truncated), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn another_magic_or_version_is_refused() {
+        for first in [
+            "sealpipe-handoff 2",
+            "sealpipe-handoff",
+            "GET / HTTP/1.1",
+            "",
+        ] {
+            let text = header().encode().replacen(HANDOFF_MAGIC, first, 1);
+            assert_eq!(
+                Header::parse(&text),
+                Err(HeaderError::NotHandoff),
+                "{first:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_and_malformed_lines_are_refused() {
+        let text = header().encode();
+        let with = |extra: &str| text.replacen("end\n", &format!("{extra}\nend\n"), 1);
+        assert_eq!(
+            Header::parse(&with("conns 5")),
+            Err(HeaderError::UnknownLine("conns 5".into()))
+        );
+        for bad in [
+            "shards x",
+            "tunnel 127.0.0.1:1",
+            "tunnel nowhere a",
+            "tunnel 127.0.0.1:1 ",
+            "metrics 9",
+        ] {
+            let e = Header::parse(&with(bad)).unwrap_err();
+            assert!(
+                matches!(e, HeaderError::BadLine(_) | HeaderError::Repeated(_)),
+                "{bad:?}: {e:?}"
+            );
+        }
+        assert_eq!(
+            Header::parse(&text.replacen("shards 3", "shards 0", 1)),
+            Err(HeaderError::BadLine("shards 0".into()))
+        );
+    }
+
+    #[test]
+    fn absurd_numbers_are_refused_not_a_panic() {
+        for shards in [usize::MAX, usize::MAX / 2 + 1, 127, 254] {
+            let text = header()
+                .encode()
+                .replacen("shards 3", &format!("shards {shards}"), 1);
+            assert!(
+                matches!(Header::parse(&text), Err(HeaderError::TooMany { .. })),
+                "{shards}"
+            );
+        }
+        let huge = format!("{HANDOFF_MAGIC}\nshards 99999999999999999999999\nend\n");
+        assert!(matches!(Header::parse(&huge), Err(HeaderError::BadLine(_))));
+        let h = format!(
+            "{HANDOFF_MAGIC}\nshards {}\ntunnel 127.0.0.1:1 a\ntunnel 127.0.0.1:3 b.c\nend\n",
+            usize::MAX
+        );
+        assert!(parse_and_match(&h, Vec::new(), &config()).is_err());
+    }
+
+    #[test]
+    fn descriptor_counts_that_do_not_match_are_refused() {
+        let h = Header {
+            shards: 2,
+            tunnels: vec![
+                ("127.0.0.1:1".parse().unwrap(), "a".into()),
+                ("127.0.0.1:3".parse().unwrap(), "b.c".into()),
+            ],
+            metrics: None,
+        };
+        let fds: Vec<OwnedFd> = (0..3)
+            .map(|_| {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .unwrap()
+            })
+            .collect();
+        let e = match_config(&h, fds, &config()).unwrap_err();
+        assert_eq!(e, "got 3 descriptors for 2 tunnels x 2 shards");
+    }
+
+    #[test]
+    fn other_tunnels_are_refused_before_any_descriptor_is_looked_at() {
+        let mut h = header();
+        h.metrics = None;
+        h.shards = 1;
+        h.tunnels[1].1 = "renamed".into();
+        let fds: Vec<OwnedFd> = (0..2)
+            .map(|_| std::io::stdin().as_fd().try_clone_to_owned().unwrap())
+            .collect();
+        let e = match_config(&h, fds, &config()).unwrap_err();
+        assert!(e.contains("hand over only between the same tunnels"), "{e}");
     }
 }
