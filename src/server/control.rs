@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::{Running, ServerError, conn_shares, exit_now, publish_keys, warn_idle_shards};
+use super::{ExitReason, Running, ServerError, conn_shares, publish_keys, warn_idle_shards};
 use crate::config::{Config, Resolve};
 use crate::metrics::Metrics;
 use crate::protocol::KeySet;
@@ -212,8 +212,9 @@ impl Running {
     }
 
     /// Runs the control loop until the shards have drained (after SIGTERM/SIGINT, or after
-    /// `stop_after`). Returns when the process should exit 0.
-    pub fn wait(self, stop_after: Option<Duration>) -> Result<(), ServerError> {
+    /// `stop_after`), a second stop signal, or a shard's failure: returns why, for `main` to
+    /// turn into the exit status.
+    pub fn wait(self, stop_after: Option<Duration>) -> Result<ExitReason, ServerError> {
         let signals = ControlSignals::install()?;
         self.wait_with(signals, stop_after)
     }
@@ -224,7 +225,7 @@ impl Running {
         mut self,
         signals: ControlSignals,
         stop_after: Option<Duration>,
-    ) -> Result<(), ServerError> {
+    ) -> Result<ExitReason, ServerError> {
         let mut base = EventBase::new(Control {
             drain_started: None,
             reload: false,
@@ -251,9 +252,13 @@ impl Running {
                     self.metrics.log_lines_dropped.inc_by(dropped - counted);
                 }
             }
+            if let Some(reason) = self.failure.get() {
+                // The shard said why in its log line; the rest of the process goes with it.
+                return Ok(self.abandon(reason));
+            }
             if base.state().exit_now {
                 tracing::warn!("second stop signal: exiting at once");
-                exit_now(1, self.log.as_ref().map(|l| &*l.flush));
+                return Ok(self.abandon(ExitReason::SecondSignal));
             }
             if std::mem::take(&mut base.state_mut().reload) {
                 match self.reload() {
@@ -304,6 +309,15 @@ impl Running {
             tracing::warn!("access log writers still blocked after 5 s; exiting without them");
         }
         tracing::info!("all shards drained; exiting");
-        Ok(())
+        Ok(ExitReason::Drained)
+    }
+
+    /// Stops without waiting for the shards (they end with the process, which `main` exits
+    /// next): writes out the queued log lines first, so the line saying why is not lost.
+    fn abandon(self, reason: ExitReason) -> ExitReason {
+        if let Some(l) = &self.log {
+            (l.flush)();
+        }
+        reason
     }
 }

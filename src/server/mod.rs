@@ -11,7 +11,8 @@
 //!   `drain_deadline`); exit 0. A second SIGTERM/SIGINT exits at once (status 1).
 //! - SIGHUP: reload the config file (or, from the command line, the key files); a bad file is
 //!   rejected whole and the old configuration stays.
-//! - A shard that panics takes the process down (status 70) — never a half-alive process.
+//! - A shard that fails or panics ends the server ([`ExitReason`]; `main` exits 70) — never a
+//!   half-alive process. The library never calls `process::exit`: it returns why it stopped.
 //! - A listen address another socket already listens on is refused at start (naming the
 //!   process that holds it), unless this process takes that address over by handoff.
 //! - Handoff (`--handoff PATH`, [`start_with`]): a new process takes the listening sockets of
@@ -53,7 +54,7 @@ use crate::reactor::listener::{ConnListener, ListenerOptions};
 pub use control::ControlSignals;
 use handoff::{HandoffServer, dup, take_listeners};
 use listen::{activated_listeners, bind_all, check_not_served, share_activated};
-use shard::{HeapTrim, shard_base, shard_main};
+use shard::{HeapTrim, ShardFailure, shard_base, shard_main};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -107,12 +108,18 @@ pub struct LogControl {
     pub flush: Arc<dyn Fn() + Send + Sync>,
 }
 
-/// Exits at once with `code`, after flushing the logs.
-fn exit_now(code: i32, flush: Option<&(dyn Fn() + Send + Sync)>) -> ! {
-    if let Some(f) = flush {
-        f();
-    }
-    std::process::exit(code)
+/// Why a server stopped. The library never exits the process itself: `main` turns each
+/// reason into the exit status docs/OPERATIONS.md documents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// Every shard drained and exited (after SIGTERM/SIGINT, a handoff, or `stop_after`).
+    Drained,
+    /// A second SIGTERM/SIGINT during the drain: stop at once, open connections cut.
+    SecondSignal,
+    /// A shard's event loop failed (its poller returned an error).
+    ShardFailed,
+    /// A shard panicked.
+    ShardPanicked,
 }
 
 struct Shard {
@@ -129,6 +136,8 @@ pub struct Running {
     pub listen_addrs: Vec<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
     running: Arc<AtomicUsize>,
+    /// Set by a shard that failed or panicked: the control loop ends the process for it.
+    failure: Arc<ShardFailure>,
     log: Option<LogControl>,
     /// Present while this process can hand its listeners to a successor.
     handoff: Option<HandoffServer>,
@@ -319,6 +328,7 @@ pub fn start_with(
     let limits = conn_shares(cfg.max_conns, nshards);
     warn_idle_shards(&limits);
     let running = Arc::new(AtomicUsize::new(nshards));
+    let failure = Arc::new(ShardFailure::default());
     let trim = Arc::new(HeapTrim::default());
     let mut shards = Vec::with_capacity(nshards);
     for (i, listeners) in per_shard.into_iter().enumerate() {
@@ -343,7 +353,7 @@ pub fn start_with(
         let core = core_of(i);
         let running = running.clone();
         let trim = trim.clone();
-        let flush = log.as_ref().map(|l| l.flush.clone());
+        let failure = failure.clone();
         // The loop is built on its own thread (handlers are !Send); it hands back its Handle.
         let (tx, rx) = crossbeam_channel::bounded(1);
         let thread = std::thread::Builder::new()
@@ -362,7 +372,7 @@ pub fn start_with(
                     base.spawn(Box::new(TunnelListener::new(TunnelIdx::new(ti), cl)));
                 }
                 let _ = tx.send(Ok(base.handle()));
-                shard_main(i, base, core, running, &trim, flush.as_deref())
+                shard_main(i, base, core, running, &trim, &failure)
             })
             .map_err(|source| ServerError::Shard { shard: i, source })?;
         let handle = rx
@@ -401,6 +411,7 @@ pub fn start_with(
         listen_addrs,
         metrics_addr,
         running,
+        failure,
         log,
         handoff,
         trim,
@@ -423,5 +434,26 @@ mod tests {
             assert_eq!(s.len(), shards);
             assert_eq!(s.iter().sum::<usize>(), max, "{max} over {shards}");
         }
+    }
+}
+
+#[cfg(test)]
+mod exit_tests {
+    use super::*;
+
+    #[test]
+    fn a_shard_that_panics_ends_the_server_with_its_reason() {
+        let text = "[limits]\nthreads = 2\n[[tunnel]]\nname = \"t\"\nmode = \"forward\"\nlisten = \"127.0.0.1:0\"\ntargets = [\"127.0.0.1:9\"]\n";
+        let cfg = crate::config::ConfigFile::parse(Path::new("t.toml"), text)
+            .unwrap()
+            .validate(None)
+            .unwrap();
+        let running = start(cfg, None).unwrap();
+        running.shards[1]
+            .handle
+            .post(|_| panic!("test: a shard panics"))
+            .unwrap();
+        let r = running.wait(Some(std::time::Duration::from_secs(30)));
+        assert_eq!(r.unwrap(), ExitReason::ShardPanicked);
     }
 }

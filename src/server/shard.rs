@@ -2,14 +2,14 @@
 //! heartbeats, active health checks, giving memory back after bursts, the drain).
 //!
 //! Invariants: a shard reaches other threads only through atomics (its heartbeat, the heap
-//! trim it asks for) and its metric handles; a shard that fails or panics takes the process
-//! down (status 70) — never a half-alive process.
+//! trim it asks for, its failure) and its metric handles; a shard that fails or panics ends
+//! the server (the control loop returns [`ExitReason`] for it) — never a half-alive process.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use super::exit_now;
+use super::ExitReason;
 use crate::proxy::ShardState;
 use crate::proxy::conn::TAG_ABORT;
 use crate::reactor::{EventBase, LoopStats, pool};
@@ -108,13 +108,39 @@ impl MemoryKeeper {
 /// A callback that runs longer than this counts as a stall (`sealpipe_loop_stall_total`).
 const STALL: Duration = Duration::from_millis(100);
 
+/// How a shard ended, if it failed: set once by the shard, read by the control loop, which
+/// ends the process for it (a shard is never left dead in a running process).
+#[derive(Default)]
+pub(super) struct ShardFailure(AtomicU8);
+
+impl ShardFailure {
+    fn set(&self, r: ExitReason) {
+        let code = match r {
+            ExitReason::ShardPanicked => 2,
+            _ => 1,
+        };
+        let _ = self
+            .0
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// The first shard failure, if any.
+    pub(super) fn get(&self) -> Option<ExitReason> {
+        match self.0.load(Ordering::Acquire) {
+            0 => None,
+            2 => Some(ExitReason::ShardPanicked),
+            _ => Some(ExitReason::ShardFailed),
+        }
+    }
+}
+
 pub(super) fn shard_main(
     i: usize,
     mut base: EventBase<ShardState>,
     core: Option<core_affinity::CoreId>,
     running: Arc<AtomicUsize>,
     trim: &HeapTrim,
-    flush: Option<&(dyn Fn() + Send + Sync)>,
+    failure: &ShardFailure,
 ) {
     if let Some(c) = core {
         if !core_affinity::set_for_current(c) && i == 0 {
@@ -128,14 +154,14 @@ pub(super) fn shard_main(
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             tracing::error!(shard = i, error = %e, "shard loop failed; exiting");
-            exit_now(70, flush);
+            failure.set(ExitReason::ShardFailed);
         }
         Err(_) => {
             tracing::error!(
                 shard = i,
                 "shard panicked; exiting so the service manager restarts the process"
             );
-            exit_now(70, flush);
+            failure.set(ExitReason::ShardPanicked);
         }
     }
     running.fetch_sub(1, Ordering::AcqRel);
