@@ -33,7 +33,7 @@ fn on_signal(cx: &mut crate::reactor::Context<'_, Control>, sig: i32) {
 
 /// SIGTERM, SIGINT and SIGHUP, caught from [`install`](Self::install) on and delivered to
 /// the control loop when [`Running::wait_with`] runs it. A process installs them before
-/// [`start_with`]: shards accept as soon as they start, and a stop or reload signal that
+/// [`start_with`](super::start_with): shards accept as soon as they start, and a stop or reload signal that
 /// arrived between then and the control loop would otherwise take its default action (a
 /// SIGTERM would kill the process instead of draining it).
 pub struct ControlSignals(SignalEvent<OnSignal>);

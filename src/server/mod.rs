@@ -194,7 +194,7 @@ pub fn start(cfg: Config, log: Option<LogControl>) -> Result<Running, ServerErro
 }
 
 /// [`start`], with a handoff socket: if a running sealpipe listens on `handoff`, its
-/// listening sockets are taken over instead of bound (see [`take_listeners`]); either way
+/// listening sockets are taken over instead of bound (see `handoff.rs`); either way
 /// this process then listens on `handoff` for its own successor.
 pub fn start_with(
     cfg: Config,
