@@ -37,7 +37,7 @@ use crate::protocol::{HandshakeConfig, KeyId, KeySet};
 use crate::reactor::HandlerId;
 use prometheus::IntCounter;
 
-pub use ids::{ShardIdx, TargetAddr, TargetIdx, TunnelIdx};
+pub use ids::{ListenAddr, ShardIdx, TargetAddr, TargetIdx, TunnelIdx};
 use upstream::Upstreams;
 
 /// Reading stops while this much input is pending.

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use super::ServerError;
 use crate::config::Config;
+use crate::proxy::ListenAddr;
 
 // ---------------------------------------------------------------------------------------------
 // Handoff: passing listening sockets to a successor process (docs/OPERATIONS.md).
@@ -101,10 +102,6 @@ impl Inherited {
             }
         }
     }
-}
-
-fn addr_matches(configured: SocketAddr, got: SocketAddr) -> bool {
-    configured == got || (configured.port() == 0 && configured.ip() == got.ip())
 }
 
 /// Asks the process listening on `path` for its listening sockets. `Ok(None)`: nobody
@@ -319,7 +316,7 @@ fn match_config(h: &Header, fds: Vec<OwnedFd>, cfg: &Config) -> Result<Taken, St
         }
         .to_string());
     }
-    let ours: Vec<(SocketAddr, &str)> = cfg
+    let ours: Vec<(ListenAddr, &str)> = cfg
         .tunnels
         .iter()
         .map(|t| (t.listen, t.name.as_str()))
@@ -328,11 +325,21 @@ fn match_config(h: &Header, fds: Vec<OwnedFd>, cfg: &Config) -> Result<Taken, St
         && ours
             .iter()
             .zip(tunnels)
-            .all(|((la, ln), (ra, rn))| ln == rn && addr_matches(*la, *ra));
+            .all(|((la, ln), (ra, rn))| ln == rn && la.matches(*ra));
     if !same {
+        let list = |t: Vec<(String, String)>| {
+            let t: Vec<String> = t
+                .into_iter()
+                .map(|(n, a)| format!("{n:?} on {a}"))
+                .collect();
+            t.join(", ")
+        };
+        let theirs = tunnels.iter().map(|(a, n)| (n.clone(), a.to_string()));
+        let ours = ours.iter().map(|(a, n)| (n.to_string(), a.to_string()));
         return Err(format!(
-            "the running process serves tunnels {:?}, this config {:?}; hand over only between the same tunnels (same names and listen addresses), or stop the old process first",
-            tunnels, ours
+            "the running process serves tunnels [{}], this config [{}]; hand over only between the same tunnels (same names and listen addresses), or stop the old process first",
+            list(theirs.collect()),
+            list(ours.collect())
         ));
     }
     // The header only says what the sender claims: each descriptor itself must be a
@@ -341,7 +348,7 @@ fn match_config(h: &Header, fds: Vec<OwnedFd>, cfg: &Config) -> Result<Taken, St
     let mut fds = fds.into_iter();
     let mut out = Vec::with_capacity(tunnels.len());
     for t in &cfg.tunnels {
-        let mut want = t.listen;
+        let mut want = t.listen.get();
         let mut ls = Vec::with_capacity(shards);
         for (shard, fd) in fds.by_ref().take(shards).enumerate() {
             // A configured port of 0 is resolved by the first listener; the others share it.
@@ -358,7 +365,7 @@ fn match_config(h: &Header, fds: Vec<OwnedFd>, cfg: &Config) -> Result<Taken, St
     let m = fds.next();
     // The metrics socket is reused only if we serve metrics on the same address.
     let m = match (m, metrics, cfg.metrics) {
-        (Some(fd), Some(theirs), Some(mine)) if addr_matches(mine, theirs) => {
+        (Some(fd), Some(theirs), Some(mine)) if ListenAddr::new(mine).matches(theirs) => {
             crate::sys::check_tcp_listener(fd.as_fd(), mine)
                 .map_err(|e| format!("descriptor for the metrics endpoint ({mine}): {e}"))?;
             Some(std::net::TcpListener::from(fd))

@@ -11,6 +11,7 @@ use std::os::fd::AsFd;
 
 use super::ServerError;
 use crate::config::Config;
+use crate::proxy::ListenAddr;
 use crate::reactor::listener::ListenerOptions;
 
 /// Binds one listener per shard for `addr` (SO_REUSEPORT); a port of 0 is resolved by the
@@ -20,13 +21,14 @@ use crate::reactor::listener::ListenerOptions;
 /// Inherited ones get this process's SO_INCOMING_CPU choice too (the previous one may differ).
 pub(super) fn bind_all(
     tunnel: &str,
-    addr: SocketAddr,
+    addr: ListenAddr,
     shards: usize,
     cpus: &[Option<usize>],
     inherited: Vec<std::net::TcpListener>,
 ) -> Result<(SocketAddr, Vec<std::net::TcpListener>), ServerError> {
     let mut out = Vec::with_capacity(shards);
-    let mut addr = addr;
+    // The address bound (a port of 0 resolved by the first bind, or by the inherited socket).
+    let mut addr = addr.get();
     if let Some(first) = inherited.first() {
         addr = first.local_addr().map_err(|source| ServerError::Listen {
             tunnel: tunnel.into(),
@@ -88,7 +90,7 @@ pub(super) fn activated_listeners(
                 "systemd passed two sockets named {name:?}; a tunnel serves one"
             )));
         }
-        if addr != t.listen {
+        if addr != t.listen.get() {
             tracing::info!(tunnel = %t.name, listen = %t.listen, socket = %addr, "serving the socket systemd passed; the configured listen address is not bound");
         }
         out[ti] = Some((addr, std::net::TcpListener::from(fd)));
@@ -124,8 +126,9 @@ pub(super) fn share_activated(
 /// group silently and the kernel would split clients between two configurations. A probe bind
 /// without SO_REUSEPORT (with SO_REUSEADDR, so sockets in TIME_WAIT do not count) fails with
 /// EADDRINUSE exactly when someone listens on the address (or on the wildcard address).
-pub(super) fn check_not_served(tunnel: &str, addr: SocketAddr) -> Result<(), ServerError> {
+pub(super) fn check_not_served(tunnel: &str, addr: ListenAddr) -> Result<(), ServerError> {
     use socket2::{Domain, Protocol, Socket, Type};
+    let addr = addr.get();
     if addr.port() == 0 {
         return Ok(());
     }
