@@ -37,3 +37,5 @@ pub use handshake::{ForwardSecrecy, Handshake, HandshakeConfig, Session, Status}
 pub use keys::{Key, KeyId, KeySet, KeyTextError, OsRandom, RandomSource};
 pub use migrate::{SessionState, StateError};
 pub use record::{HEADER_LEN, MAX_PAYLOAD, MAX_RECORD_LEN, Opener, RecordType, Sealer, TAG_LEN};
+/// Storage zeroed when dropped, which [`SessionState::encode`] writes secrets into.
+pub use zeroize::Zeroizing;
