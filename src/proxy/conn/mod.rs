@@ -26,6 +26,8 @@
 
 pub mod core;
 #[cfg(test)]
+mod migrate_tests;
+#[cfg(test)]
 mod pair;
 #[cfg(test)]
 mod tests;
