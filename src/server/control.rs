@@ -273,7 +273,13 @@ impl Running {
                 }
             }
             let timed_out = stop_after.is_some_and(|d| started.elapsed() >= d);
-            let handed_off = !draining && self.handoff.as_mut().is_some_and(|h| h.poll());
+            // A process still taking connections from its predecessor answers no successor yet.
+            let taking = self.transfer.as_ref().is_some_and(|t| !t.is_finished());
+            let successor = match self.handoff.as_mut() {
+                Some(h) if !draining && !taking => h.poll(),
+                _ => None,
+            };
+            let handed_off = successor.is_some();
             if handed_off {
                 // The metrics endpoint stops accepting after one more request; the successor
                 // holds the other copy of its socket.
@@ -294,6 +300,9 @@ impl Running {
                 let t = self.cfg.drain_timeout;
                 tracing::info!(timeout = ?t, "draining: no new connections, waiting for open ones");
                 self.drain(t);
+                if let Some(s) = successor {
+                    self.hand_over_connections(s);
+                }
             }
             if self.running.load(Ordering::Acquire) == 0 {
                 break;
@@ -304,12 +313,54 @@ impl Running {
                 let _ = t.join();
             }
         }
+        // Every connection was resolved (the shards waited for theirs): the transfer thread
+        // has posted its last outcome.
+        if let Some(t) = self.transfer.take() {
+            let _ = t.join();
+        }
         // The shards' access log handles are gone: let the writers write what is queued.
         if !crate::proxy::access_log::finish_writers(Duration::from_secs(5)) {
             tracing::warn!("access log writers still blocked after 5 s; exiting without them");
         }
         tracing::info!("all shards drained; exiting");
         Ok(ExitReason::Drained)
+    }
+
+    /// After a handoff: the established connections go to the successor too, if it can read
+    /// their state; else they stay and drain here.
+    fn hand_over_connections(&mut self, s: super::handoff::Successor) {
+        use crate::proxy::conn::core::migrate::STATE_VERSION;
+        if !s.hello.reads(STATE_VERSION) {
+            tracing::info!(
+                successor_reads = ?s.hello.conn_versions,
+                this_writes = STATE_VERSION,
+                "live upgrade: the successor cannot read this release's connection state; established connections stay here and drain"
+            );
+            for h in &self.shards {
+                let _ = h.handle.post(|cx| {
+                    let n = cx.state.conns as u64;
+                    cx.state
+                        .metrics
+                        .handoff_conns
+                        .with_label_values(&["kept"])
+                        .inc_by(n);
+                });
+            }
+            return;
+        }
+        // A predecessor's transfer that is still running ends with it (it has to be done
+        // for a successor to be answered at all: see `wait_with`).
+        if let Some(t) = self.transfer.take() {
+            let _ = t.join();
+        }
+        let handles = self.shards.iter().map(|s| s.handle.clone()).collect();
+        let window = super::transfer::window(&self.cfg);
+        match super::transfer::send_connections(s.conn, handles, window) {
+            Ok(t) => self.transfer = Some(t),
+            Err(e) => {
+                tracing::warn!(error = %e, "live upgrade: cannot start handing over established connections; they stay here and drain")
+            }
+        }
     }
 
     /// Stops without waiting for the shards (they end with the process, which `main` exits

@@ -91,14 +91,18 @@ pub(super) struct Inherited {
 
 impl Inherited {
     /// Tells the predecessor our shards accept on its sockets: it closes its copies and drains.
-    pub(super) fn confirm(mut self, path: &Path) {
+    /// Returns the socket, on which the predecessor then hands over its established
+    /// connections (`transfer.rs`), if it can.
+    pub(super) fn confirm(mut self, path: &Path) -> Option<UnixStream> {
         match self.conn.write_all(b"OK\n") {
             Ok(()) => {
-                tracing::info!(path = %path.display(), "handoff complete: the previous process drains")
+                tracing::info!(path = %path.display(), "handoff complete: the previous process hands over its connections and drains");
+                Some(self.conn)
             }
             // Both processes accept on the same sockets then; the old one keeps serving.
             Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "handoff: could not confirm; the previous process keeps serving too")
+                tracing::warn!(path = %path.display(), error = %e, "handoff: could not confirm; the previous process keeps serving too");
+                None
             }
         }
     }
@@ -135,7 +139,7 @@ pub(super) fn take_listeners(path: &Path, cfg: &Config) -> Result<Option<Inherit
     }
     conn.set_read_timeout(Some(HANDOFF_TIMEOUT)).map_err(io)?;
     conn.set_write_timeout(Some(HANDOFF_TIMEOUT)).map_err(io)?;
-    conn.write_all(format!("{HANDOFF_MAGIC} take pid={}\n", std::process::id()).as_bytes())
+    conn.write_all(Hello::ours().encode().as_bytes())
         .map_err(io)?;
     let mut buf = vec![0u8; HANDOFF_MAX_HEADER];
     let (mut n, fds) = crate::sys::recv_fds(&conn, &mut buf).map_err(io)?;
@@ -375,6 +379,79 @@ fn match_config(h: &Header, fds: Vec<OwnedFd>, cfg: &Config) -> Result<Taken, St
     Ok((shards, out, m))
 }
 
+/// A successor that took the listening sockets: the socket it asked on, on which the
+/// established connections go next (`transfer.rs`), and what it said it can read.
+pub(super) struct Successor {
+    pub conn: UnixStream,
+    pub hello: Hello,
+}
+
+/// What a successor says first: `sealpipe-handoff 1 take pid=N [conns=V,...]`, the versions
+/// of connection state it reads (`conn::core::migrate`). A successor of an earlier release
+/// lists none: it takes the listening sockets only, and the old process drains.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Hello {
+    pub pid: u32,
+    pub conn_versions: Vec<u16>,
+}
+
+impl Hello {
+    /// This process's hello.
+    pub fn ours() -> Hello {
+        Hello {
+            pid: std::process::id(),
+            conn_versions: vec![crate::proxy::conn::core::migrate::STATE_VERSION],
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut s = format!("{HANDOFF_MAGIC} take pid={}", self.pid);
+        if !self.conn_versions.is_empty() {
+            let v: Vec<String> = self.conn_versions.iter().map(u16::to_string).collect();
+            s.push_str(&format!(" conns={}", v.join(",")));
+        }
+        s.push('\n');
+        s
+    }
+
+    /// Parses a hello line (without its newline). Unknown `key=value` words are ignored: a
+    /// later release may say more.
+    pub fn parse(line: &str) -> Result<Hello, HeaderError> {
+        let rest = line
+            .strip_prefix(HANDOFF_MAGIC)
+            .and_then(|r| r.strip_prefix(" take"))
+            .ok_or(HeaderError::NotHandoff)?;
+        let bad = || HeaderError::BadLine(line.to_string());
+        let (mut pid, mut conn_versions) = (None, Vec::new());
+        for word in rest.split_whitespace() {
+            match word.split_once('=') {
+                Some(("pid", v)) => pid = Some(v.parse().map_err(|_| bad())?),
+                Some(("conns", v)) => {
+                    conn_versions = v
+                        .split(',')
+                        .map(|v| v.parse::<u16>())
+                        .collect::<Result<_, _>>()
+                        .map_err(|_| bad())?;
+                    if conn_versions.len() > 16 {
+                        return Err(bad());
+                    }
+                }
+                Some(_) => {}
+                None => return Err(bad()),
+            }
+        }
+        Ok(Hello {
+            pid: pid.ok_or_else(bad)?,
+            conn_versions,
+        })
+    }
+
+    /// Whether the successor reads connection state of `version`.
+    pub fn reads(&self, version: u16) -> bool {
+        self.conn_versions.contains(&version)
+    }
+}
+
 /// The running side: listens on the handoff path and answers a successor.
 pub(super) struct HandoffServer {
     path: PathBuf,
@@ -431,29 +508,29 @@ impl HandoffServer {
         })
     }
 
-    /// Answers a successor if one connected. True when it took the listeners.
-    pub(super) fn poll(&mut self) -> bool {
+    /// Answers a successor if one connected: `Some` when it took the listeners.
+    pub(super) fn poll(&mut self) -> Option<Successor> {
         let mut conn = match self.listener.accept() {
             Ok((c, _)) => c,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
             Err(e) => {
                 tracing::warn!(path = %self.path.display(), error = %e, "handoff: accept failed");
-                return false;
+                return None;
             }
         };
         match self.answer(&mut conn) {
-            Ok(who) => {
-                tracing::info!(path = %self.path.display(), successor = %who, "listening sockets handed over; draining");
-                true
+            Ok(hello) => {
+                tracing::info!(path = %self.path.display(), successor_pid = hello.pid, "listening sockets handed over; draining");
+                Some(Successor { conn, hello })
             }
             Err(e) => {
                 tracing::warn!(path = %self.path.display(), error = %e, "handoff failed; still serving");
-                false
+                None
             }
         }
     }
 
-    fn answer(&self, conn: &mut UnixStream) -> std::io::Result<String> {
+    fn answer(&self, conn: &mut UnixStream) -> std::io::Result<Hello> {
         // The socket's mode (0600) already keeps other users out; this holds even if the path
         // or its directory were opened up by mistake.
         let (theirs, ours) = (crate::sys::peer_uid(conn)?, crate::sys::euid());
@@ -468,13 +545,13 @@ impl HandoffServer {
         conn.set_nonblocking(false)?;
         conn.set_read_timeout(Some(HANDOFF_TIMEOUT))?;
         conn.set_write_timeout(Some(HANDOFF_TIMEOUT))?;
-        let hello = read_line(conn)?;
-        let Some(who) = hello.strip_prefix(HANDOFF_MAGIC) else {
-            return Err(std::io::Error::new(
+        let line = read_line(conn)?;
+        let hello = Hello::parse(&line).map_err(|e| {
+            std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
-                format!("unexpected request {hello:?}"),
-            ));
-        };
+                format!("unexpected request {line:?}: {e}"),
+            )
+        })?;
         crate::sys::send_fds(
             conn,
             self.header.as_bytes(),
@@ -482,7 +559,7 @@ impl HandoffServer {
         )?;
         let reply = read_line(conn)?;
         if reply == "OK" {
-            Ok(who.trim().to_string())
+            Ok(hello)
         } else {
             Err(std::io::Error::other(format!(
                 "the successor declined: {reply}"
@@ -511,6 +588,31 @@ mod tests {
                 ("[::1]:3".parse().unwrap(), "b.c".into()),
             ],
             metrics: Some("127.0.0.1:9".parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn a_hello_round_trips_and_an_older_one_moves_no_connection() {
+        let ours = Hello::ours();
+        let line = ours.encode();
+        assert!(line.ends_with('\n'));
+        assert_eq!(Hello::parse(line.trim_end()), Ok(ours));
+        // Today's release before this one: listeners only.
+        let old = Hello::parse(&format!("{HANDOFF_MAGIC} take pid=42")).unwrap();
+        assert_eq!(old.pid, 42);
+        assert!(!old.reads(crate::proxy::conn::core::migrate::STATE_VERSION));
+        // A later one, saying more.
+        let later = Hello::parse(&format!("{HANDOFF_MAGIC} take pid=7 conns=1,2 x=y")).unwrap();
+        assert!(later.reads(1) && later.reads(2));
+        for bad in [
+            "GET /".to_string(),
+            format!("{HANDOFF_MAGIC} take"),
+            format!("{HANDOFF_MAGIC} take pid=x"),
+            format!("{HANDOFF_MAGIC} take pid=1 conns=70000"),
+            format!("{HANDOFF_MAGIC} take pid=1 conns="),
+            format!("{HANDOFF_MAGIC} take pid=1 junk"),
+        ] {
+            assert!(Hello::parse(&bad).is_err(), "{bad:?}");
         }
     }
 

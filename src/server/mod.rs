@@ -34,6 +34,7 @@ mod control;
 mod handoff;
 mod listen;
 mod shard;
+mod transfer;
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -149,6 +150,9 @@ pub struct Running {
     listeners: Vec<Vec<OwnedFd>>,
     /// Target names resolved again while running (`resolver`).
     refresher: crate::resolver::Refresher,
+    /// A live upgrade's transfer of established connections (`transfer.rs`): from the
+    /// predecessor while this process starts, to the successor once it took over.
+    transfer: Option<JoinHandle<()>>,
 }
 
 /// Splits the process-wide `max_conns` into per-shard limits that add up to it exactly: the
@@ -391,9 +395,26 @@ pub fn start_with(
         let targets: Vec<String> = t.targets.iter().map(|x| x.to_string()).collect();
         tracing::info!(tunnel = %t.name, mode = t.mode.as_str(), listen = %a, targets = %targets.join(", "), shards = nshards, pin = cfg.pin, incoming_cpu = cfg.incoming_cpu, "tunnel up");
     }
+    let mut transfer = None;
     if let Some(h) = inherited {
-        // Our shards accept on the inherited sockets now: the predecessor may let go.
-        h.confirm(handoff.unwrap_or(Path::new("")));
+        // Our shards accept on the inherited sockets now: the predecessor may let go, and
+        // hand us its established connections.
+        if let Some(conn) = h.confirm(handoff.unwrap_or(Path::new(""))) {
+            let handles = shards.iter().map(|s| s.handle.clone()).collect();
+            let tunnels = transfer::Tunnels::of(&cfg);
+            match transfer::receive_connections(
+                conn,
+                handles,
+                tunnels,
+                metrics.clone(),
+                cfg.max_conns,
+            ) {
+                Ok(t) => transfer = Some(t),
+                Err(e) => {
+                    tracing::warn!(error = %e, "live upgrade: cannot start taking established connections; they stay with the previous process")
+                }
+            }
+        }
     }
     let handoff = handoff.and_then(|path| {
         match HandoffServer::listen(path, &cfg, &listen_addrs, dups, metrics_fd, nshards) {
@@ -417,6 +438,7 @@ pub fn start_with(
         trim,
         listeners,
         refresher,
+        transfer,
     })
 }
 

@@ -195,6 +195,13 @@ fn shard_loop(i: usize, base: &mut EventBase<ShardState>, trim: &HeapTrim) -> st
         base.loop_once(Some(HOUSEKEEPING))?;
         let now = Instant::now();
         m.health.beat(i, now);
+        let st = base.state();
+        if st.drain_deadline.is_some() && st.conns == 0 {
+            // Drained (its last connection closed or moved to a successor): exit now, not
+            // at the next housekeeping tick.
+            base.state_mut().flush(now);
+            return Ok(());
+        }
         if now < next_flush {
             continue;
         }
@@ -213,6 +220,9 @@ fn shard_loop(i: usize, base: &mut EventBase<ShardState>, trim: &HeapTrim) -> st
         live.set((p.live_chunks * pool::CHUNK_SIZE) as i64);
         if !base.state().draining {
             base.with_context(|cx| crate::proxy::health::run_due(cx, now));
+        }
+        if base.state().export.is_some() {
+            base.with_context(|cx| crate::proxy::handoff::tick(cx, now));
         }
         let st = base.state_mut();
         st.flush(now);
