@@ -412,7 +412,7 @@ impl Receiver {
                 self.fds.pop_front().expect("counted above"),
                 self.fds.pop_front().expect("counted above"),
             ];
-            match self.check(state, &fds) {
+            match self.check(state, &fds, taken.len()) {
                 Ok(state) => {
                     answer.push(0);
                     taken.push(Taken { state, fds });
@@ -456,14 +456,15 @@ impl Receiver {
 
     /// Whether a connection can be taken: its state reads, its tunnel is one of ours in the
     /// same mode, its descriptors are connected TCP sockets, and there is room for it.
-    fn check(&self, state: &[u8], fds: &[OwnedFd; 2]) -> Result<ConnState, String> {
+    /// `taken`: connections of this batch taken so far.
+    fn check(&self, state: &[u8], fds: &[OwnedFd; 2], taken: usize) -> Result<ConnState, String> {
         let st = ConnState::decode(state).map_err(|e| e.to_string())?;
         self.tunnels.check(&st)?;
         for fd in fds {
             crate::sys::check_tcp_connection(fd.as_fd())
                 .map_err(|e| format!("a moved socket: {e}"))?;
         }
-        if self.budget == 0 {
+        if taken >= self.budget {
             return Err("max_conns reached in this process".into());
         }
         Ok(st)
@@ -535,5 +536,88 @@ mod tests {
         let (k, p) = read_frame(&b, &mut fds).unwrap().unwrap();
         assert_eq!((k, &p[..], fds.len()), (BATCH, &b"hello"[..], 2));
         assert_eq!(read_frame(&b, &mut fds).unwrap().unwrap().0, END);
+    }
+
+    fn receiver(budget: usize) -> Receiver {
+        let (conn, _) = UnixStream::pair().unwrap();
+        Receiver {
+            conn,
+            shards: Vec::new(),
+            tunnels: Tunnels(vec![
+                ("t".into(), Mode::Forward),
+                ("s".into(), Mode::Encrypt),
+            ]),
+            metrics: Metrics::new(1, 1),
+            budget,
+            fds: VecDeque::new(),
+            tally: Tally::default(),
+        }
+    }
+
+    fn forward_state(tunnel: &str, mode: Mode) -> Zeroizing<Vec<u8>> {
+        use crate::proxy::conn::core::migrate::{CoreState, SideState};
+        ConnState {
+            tunnel: tunnel.into(),
+            mode,
+            shard: 0,
+            core: CoreState {
+                age: Duration::from_secs(1),
+                quiet: Duration::ZERO,
+                asleep: false,
+                client_eof: false,
+                upstream_eof: false,
+                counted: Default::default(),
+                target: None,
+                client: SideState::default(),
+                upstream: SideState::default(),
+                client_seal: None,
+                upstream_seal: None,
+            },
+            ident: None,
+        }
+        .encode()
+    }
+
+    fn sockets() -> ([OwnedFd; 2], std::net::TcpListener) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (a, _) = l.accept().unwrap();
+        ([OwnedFd::from(c), OwnedFd::from(a)], l)
+    }
+
+    /// A successor refuses what it cannot run, saying why; the predecessor keeps it.
+    #[test]
+    fn the_successor_refuses_what_it_cannot_run() {
+        let r = receiver(1);
+        let (fds, l) = sockets();
+        assert!(r.check(&forward_state("t", Mode::Forward), &fds, 0).is_ok());
+        let mut later = forward_state("t", Mode::Forward);
+        later[5] = 2;
+        let e = r.check(&later, &fds, 0).unwrap_err();
+        assert!(e.contains("version 2; this build reads version 1"), "{e}");
+        let e = r
+            .check(&forward_state("u", Mode::Forward), &fds, 0)
+            .unwrap_err();
+        assert!(e.contains("no tunnel named \"u\""), "{e}");
+        let e = r
+            .check(&forward_state("s", Mode::Forward), &fds, 0)
+            .unwrap_err();
+        assert!(
+            e.contains("is encrypt here, forward in the previous process"),
+            "{e}"
+        );
+        let e = r
+            .check(&forward_state("t", Mode::Forward), &fds, 1)
+            .unwrap_err();
+        assert!(e.contains("max_conns"), "{e}");
+        let listening = [
+            l.as_fd().try_clone_to_owned().unwrap(),
+            fds[1].try_clone().unwrap(),
+        ];
+        let e = r
+            .check(&forward_state("t", Mode::Forward), &listening, 0)
+            .unwrap_err();
+        assert!(e.contains("a moved socket"), "{e}");
+        assert!(r.check(b"garbage", &fds, 0).is_err());
     }
 }

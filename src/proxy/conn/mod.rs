@@ -736,7 +736,12 @@ impl<C: Make, U: Make> Handler<ShardState> for Conn<C, U> {
             return;
         }
         let now = cx.now();
-        {
+        // A sleeping connection with nothing to write is not woken by a writable edge alone:
+        // one comes only when its socket is registered (a connection moved here asleep).
+        let pending = self.core.client().output_pending()
+            + self.core.upstream().map_or(0, |u| u.output_pending());
+        let quiet = !ready.readable && !ready.read_closed && !ready.error && pending == 0;
+        if !(quiet && self.core.is_asleep()) {
             let (core, mut env) = self.parts(cx);
             core.activity(now, &mut env);
         }
