@@ -153,6 +153,45 @@ fn forward_connections_move_to_the_new_process() {
     assert_eq!(new.wait_exit(TIMEOUT).code(), Some(0));
 }
 
+/// More connections than a shard freezes at once (`proxy::handoff::MAX_IN_FLIGHT`, 512) move
+/// in waves, all of them, with one shard on each side.
+#[test]
+fn many_connections_move_in_waves() {
+    let _ = sealpipe::sys::raise_nofile_limit();
+    let echo_b = echo_backend();
+    let (listen, m1, m2) = (free_addr(), free_addr(), free_addr());
+    let sock = temp_dir("upgrade-waves").join("h.sock");
+    let one_shard = |m| {
+        let mut a = forward_args(listen, echo_b.addr, m, &sock);
+        let i = a.iter().position(|x| x == "--threads").unwrap();
+        a[i + 1] = "1".into();
+        a
+    };
+    let mut old = spawn(sealpipe().args(one_shard(m1)));
+    wait_listening(listen);
+    wait_socket(&sock);
+    let n = 1100;
+    let mut conns: Vec<TcpStream> = (0..n).map(|_| connect(listen)).collect();
+    for (i, c) in conns.iter_mut().enumerate() {
+        echo(c, i as u64, 10).unwrap();
+    }
+    wait_metrics(m1, "every connection open", |t| {
+        metric_in(t, "sealpipe_connections_active", &[]) == n as f64
+    });
+    let mut new = spawn(sealpipe().args(one_shard(m2)));
+    assert_eq!(old.wait_exit(Duration::from_secs(60)).code(), Some(0));
+    let t = wait_metrics(m2, "the moved connections", |t| {
+        handoff_count(t, "moved") >= n as f64
+    });
+    assert_eq!(handoff_count(&t, "moved"), n as f64);
+    for (i, c) in conns.iter_mut().enumerate() {
+        echo(c, n as u64 + i as u64, 10).unwrap();
+    }
+    new.signal("TERM");
+    drop(conns);
+    assert_eq!(new.wait_exit(TIMEOUT).code(), Some(0));
+}
+
 /// A successor that refuses some connections (here: it has room for only 4) leaves them to
 /// the old process, which resumes them exactly where they were and drains them as it always
 /// did: none is dropped, and every one still echoes.

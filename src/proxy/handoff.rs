@@ -39,6 +39,10 @@ pub const TAG_FAILED: Tag = Tag::new(13);
 
 /// The longest an export window stays open, whatever the timeouts.
 pub const MAX_WINDOW: Duration = Duration::from_secs(30);
+/// Connections of one shard frozen at once, waiting for their outcome: each holds two more
+/// descriptors (the duplicates on their way) and its encoded state, so a shard with many
+/// connections moves them in waves rather than doubling its descriptors at once.
+pub const MAX_IN_FLIGHT: usize = 512;
 
 /// A frozen connection on its way to the successor.
 pub struct Exported {
@@ -97,12 +101,24 @@ pub struct ExportCtx {
     pub frozen: usize,
     /// Connections that stay here: refused, or started after the window closed.
     pub kept: usize,
+    /// Connections that were ready while [`MAX_IN_FLIGHT`] were frozen: offered again as
+    /// outcomes come back.
+    waiting: Vec<HandlerId>,
 }
 
 impl ExportCtx {
     /// Whether connections may still move.
     pub fn open(&self) -> bool {
         self.tx.is_some()
+    }
+
+    /// Whether another connection may be frozen now; if not, `id` is offered again later.
+    pub fn room_for(&mut self, id: HandlerId) -> bool {
+        if self.frozen < MAX_IN_FLIGHT {
+            return true;
+        }
+        self.waiting.push(id);
+        false
     }
 
     /// Sends a frozen connection to the transfer thread; gives it back if the thread is gone.
@@ -128,6 +144,7 @@ pub fn begin(cx: &mut Context<'_, ShardState>, tx: Sender<ExportMsg>, window: Du
         deadline: now + window.min(MAX_WINDOW),
         frozen: 0,
         kept: 0,
+        waiting: Vec::new(),
     });
     let ids: Vec<HandlerId> = cx.state.live_conns.iter().copied().collect();
     for id in ids {
@@ -138,8 +155,30 @@ pub fn begin(cx: &mut Context<'_, ShardState>, tx: Sender<ExportMsg>, window: Du
 
 /// The successor's answers for some of this shard's frozen connections.
 pub fn apply(cx: &mut Context<'_, ShardState>, outcomes: Vec<(HandlerId, Outcome)>) {
+    let n = outcomes.len();
     for (id, o) in outcomes {
         cx.notify(id, o.tag());
+    }
+    // Queued connections are offered again for the room these outcomes free (their
+    // notifications run after the outcomes', which free it); one that finds none queues
+    // again.
+    let room = cx.state.export.as_ref().map_or(0, |e| {
+        MAX_IN_FLIGHT.saturating_sub(e.frozen.saturating_sub(n))
+    });
+    offer_queued(cx, room);
+}
+
+/// Offers up to `room` queued connections again.
+fn offer_queued(cx: &mut Context<'_, ShardState>, room: usize) {
+    let again: Vec<HandlerId> = match cx.state.export.as_mut() {
+        Some(e) => {
+            let k = e.waiting.len().min(room);
+            e.waiting.drain(..k).collect()
+        }
+        None => Vec::new(),
+    };
+    for id in again {
+        cx.notify(id, TAG_EXPORT);
     }
 }
 
@@ -151,6 +190,10 @@ pub fn tick(cx: &mut Context<'_, ShardState>, now: Instant) {
     if e.open() && now >= e.deadline {
         close_window(cx);
     } else {
+        // A safety net: nothing frozen, yet some queued (they went quiet meanwhile).
+        if e.frozen == 0 && !e.waiting.is_empty() {
+            offer_queued(cx, MAX_IN_FLIGHT);
+        }
         check_done(cx);
     }
 }

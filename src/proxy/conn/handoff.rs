@@ -36,6 +36,9 @@ use super::{Conn, Make, Shell};
 pub(super) enum Moving {
     /// Running here as usual.
     Live,
+    /// Running here as usual, ready to move and queued for room (see
+    /// `proxy::handoff::MAX_IN_FLIGHT`): offered again with a notification.
+    Queued,
     /// Moved here from a predecessor, not yet started.
     Imported,
     /// Handed to the transfer thread, waiting for the successor's answer; `aborted`: the
@@ -64,14 +67,25 @@ impl<C: Make, U: Make> Conn<C, U> {
 
     /// Freezes the connection and hands it to the transfer thread, if it can move now.
     pub(super) fn try_export(&mut self, cx: &mut Context<'_, ShardState>) {
-        if self.shell.moving != Moving::Live || cx.id().is_none() {
+        if self.shell.moving != Moving::Live {
             return;
         }
+        let Some(id) = cx.id() else {
+            return;
+        };
         let now = cx.now();
         let rt = &cx.state.tunnels[self.shell.tunnel];
         let Ok(core) = self.core.export(now, &rt.upstreams) else {
             return;
         };
+        match cx.state.export.as_mut().map(|e| e.room_for(id)) {
+            Some(true) => {}
+            Some(false) => {
+                self.shell.moving = Moving::Queued;
+                return;
+            }
+            None => return,
+        }
         let state = ConnState {
             tunnel: rt.cfg.name.clone(),
             mode: rt.cfg.mode,
@@ -104,7 +118,7 @@ impl<C: Make, U: Make> Conn<C, U> {
         env.set_timer(ConnTimer::Handshake, None);
         let e = Exported {
             shard: cx.state.shard,
-            conn: cx.id().expect("checked above"),
+            conn: id,
             state: bytes,
             fds,
         };
@@ -174,6 +188,9 @@ impl<C: Make, U: Make> Conn<C, U> {
     ) -> bool {
         let outcome = match tag {
             handoff::TAG_EXPORT => {
+                if self.shell.moving == Moving::Queued {
+                    self.shell.moving = Moving::Live;
+                }
                 self.try_export(cx);
                 return true;
             }
