@@ -2,17 +2,19 @@
 """Measures a live upgrade (--handoff moving established connections, issue 17).
 
 For each connection count N (default 1000, 2000, 4000): a sealpipe pair (encrypt -> decrypt,
-2 shards each) in front of a backend in this script; N idle connections (one echo each, then
-quiet long enough to hibernate), a paced bulk echo stream and a pub/sub subscriber (one message
-every 10 ms); then each side is upgraded in turn (a new process with --handoff on the same
-socket path). Reports, per side and N:
+2 shards each) in front of a backend in this script; N connections, of which 100 "active" ones
+send a ping every 10 ms and time its echo, and the rest are idle (one echo each, then quiet long
+enough to hibernate); besides them a paced bulk echo stream and a pub/sub subscriber (one
+message every 10 ms). Then each side is upgraded in turn (a new process with --handoff on the
+same socket path). Reports, per side and N:
 
   exit_ms      new process started -> old process exited (it exits once its connections moved)
   rss_fresh    the side's RSS with the connections made fresh (all idle and hibernated)
   rss_moved    the new process's RSS with the same connections moved in (hibernated again)
   moved        sealpipe_handoff_connections_total{result="moved"} of the new process
-and, over the whole run: the longest pause and p99 between reads of the bulk stream, the
-pub/sub delay p99 and max, and whether every idle connection still echoes afterwards.
+and, over the whole run: each active connection's longest round trip (its pause: p50, p99 and
+max over the active connections), the longest gap between reads of the bulk stream, the
+longest pub/sub delay, and whether every connection still echoes afterwards.
 
 These are timings on whatever machine runs it: report them with the machine's load, never
 assert them in a test.
@@ -34,6 +36,8 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The sealpipe processes' logs: $SEALPIPE_MEASURE_LOG (a file), else nowhere.
+LOG = open(os.environ["SEALPIPE_MEASURE_LOG"], "ab") if os.environ.get("SEALPIPE_MEASURE_LOG") else subprocess.DEVNULL
 
 
 def free_port():
@@ -166,21 +170,21 @@ class Side:
     def args(self):
         a = [self.binary, self.mode, "--listen", f"127.0.0.1:{self.listen}", "--target",
              f"127.0.0.1:{self.target}", "--threads", "2", "--metrics",
-             f"127.0.0.1:{self.metrics}", "--drain-timeout", "120", "--log-level", "warn",
+             f"127.0.0.1:{self.metrics}", "--drain-timeout", "120", "--log-level", os.environ.get("SEALPIPE_LOG", "warn"),
              "--max-conns", "20000", "--handoff", self.sock]
         for k in self.keys:
             a += ["--key", k]
         return a
 
     def start(self):
-        self.proc = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL, stderr=LOG)
         wait(f"{self.mode} metrics", lambda: scrape(self.metrics) != "")
         return self.proc
 
     def upgrade(self):
         old = self.proc
         t0 = time.monotonic()
-        self.proc = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL, stderr=LOG)
         old.wait(timeout=120)
         took = time.monotonic() - t0
         if old.returncode != 0:
@@ -250,17 +254,85 @@ def run(binary, n):
             expect = seq + 1
             delays.append((time.monotonic_ns() - t) / 1e9)
 
-    threads = [threading.Thread(target=bulk, daemon=True), threading.Thread(target=sub, daemon=True)]
+    active = idle[:min(100, n)]
+    slow = []  # (sent at, connection, round trip) of every ping slower than 2 ms
+    windows = []  # (from, to) of each upgrade: its new process's start to 0.5 s after the old exits
+
+    def pinger():
+        # One thread for every active connection: a ping each 10 ms, its echo timed.
+        sel = selectors.DefaultSelector()
+        for i, c in enumerate(active):
+            c.setblocking(False)
+            sel.register(c, selectors.EVENT_READ, i)
+        sent = {}
+        buf = {i: b"" for i in range(len(active))}
+        next_round = time.monotonic()
+        while not stop.is_set():
+            now = time.monotonic()
+            if now >= next_round:
+                for i, c in enumerate(active):
+                    if i not in sent:
+                        try:
+                            c.send(b"p%07d\n" % i)
+                            sent[i] = now
+                        except OSError as e:
+                            errors.append(f"ping: {e}")
+                            return
+                next_round += 0.010
+            for key, _ in sel.select(max(0.0, next_round - time.monotonic())):
+                i = key.data
+                try:
+                    data = key.fileobj.recv(4096)
+                except BlockingIOError:
+                    continue
+                except OSError as e:
+                    errors.append(f"ping: {e}")
+                    return
+                if not data:
+                    errors.append("ping: closed")
+                    return
+                buf[i] += data
+                while len(buf[i]) >= 9:
+                    msg, buf[i] = buf[i][:9], buf[i][9:]
+                    if msg != b"p%07d\n" % i:
+                        errors.append(f"ping: {msg!r}")
+                        return
+                    at = sent.pop(i)
+                    rtt = time.monotonic() - at
+                    if rtt > 0.002:
+                        slow.append((at, i, rtt))
+        # The last pings' echoes, so every connection is quiet again for the final check.
+        end = time.monotonic() + 10
+        while sent and time.monotonic() < end:
+            for key, _ in sel.select(0.1):
+                i = key.data
+                try:
+                    buf[i] += key.fileobj.recv(4096)
+                except BlockingIOError:
+                    continue
+                if len(buf[i]) >= 9:
+                    buf[i] = buf[i][9:]
+                    sent.pop(i, None)
+        for c in active:
+            sel.unregister(c)
+            c.setblocking(True)
+
+    threads = [threading.Thread(target=bulk, daemon=True), threading.Thread(target=sub, daemon=True),
+               threading.Thread(target=pinger, daemon=True)]
     for t in threads:
         t.start()
     time.sleep(1)
     out = {"connections": n}
     for side in (enc, dec):
-        wait(f"{side.mode} hibernating", lambda: metric(scrape(side.metrics), "sealpipe_connections_hibernating") >= n)
+        quiet = n - len(active)
+        wait(f"{side.mode} hibernating", lambda: metric(scrape(side.metrics), "sealpipe_connections_hibernating") >= quiet)
+        time.sleep(2.5)  # the memory keeper's trim after the burst (at most once a second)
         fresh = rss_kib(side.proc.pid)
+        t0 = time.monotonic()
         took = side.upgrade()
+        windows.append((t0, time.monotonic() + 0.5))
         wait(f"{side.mode} moved", lambda: metric(scrape(side.metrics), "sealpipe_handoff_connections_total", {"result": "moved"}) >= n + 2)
-        wait(f"{side.mode} hibernating again", lambda: metric(scrape(side.metrics), "sealpipe_connections_hibernating") >= n)
+        wait(f"{side.mode} hibernating again", lambda: metric(scrape(side.metrics), "sealpipe_connections_hibernating") >= quiet)
         time.sleep(2.5)  # the memory keeper's trim after the burst (at most once a second)
         text = scrape(side.metrics)
         out[side.mode] = {
@@ -293,6 +365,18 @@ def run(binary, n):
     gaps.sort()
     delays.sort()
     pct = lambda v, p: v[min(len(v) - 1, int(len(v) * p))] if v else 0.0
+    # Each active connection's longest round trip in an upgrade's window, and outside them.
+    inside, outside = {i: 0.0 for i in range(len(active))}, {i: 0.0 for i in range(len(active))}
+    for at, i, rtt in slow:
+        d = inside if any(a <= at <= b for a, b in windows) else outside
+        d[i] = max(d[i], rtt)
+    pauses = sorted(inside.values())
+    quiet_pauses = sorted(outside.values())
+    out["quiet_p99_ms"] = round(pct(quiet_pauses, 0.99) * 1000, 1)
+    out["active"] = len(pauses)
+    out["pause_p50_ms"] = round(pct(pauses, 0.50) * 1000, 1)
+    out["pause_p99_ms"] = round(pct(pauses, 0.99) * 1000, 1)
+    out["pause_max_ms"] = round((pauses[-1] if pauses else 0) * 1000, 1)
     out["bulk_gap_p99_ms"] = round(pct(gaps, 0.99) * 1000, 1)
     out["bulk_gap_max_ms"] = round((gaps[-1] if gaps else 0) * 1000, 1)
     out["pubsub_delay_p99_ms"] = round(pct(delays, 0.99) * 1000, 1)
@@ -327,7 +411,10 @@ def main():
                   f"| {s['rss_moved_kib'] / 1024:.1f} MiB ({(s['rss_moved_kib'] / s['rss_fresh_kib'] - 1) * 100:+.1f}%) "
                   f"| {s['moved']:.0f}/{s['kept']:.0f}/{s['failed']:.0f} |")
     for r in rows:
-        print(f"{r['connections']} connections: bulk gap p99 {r['bulk_gap_p99_ms']} ms (max {r['bulk_gap_max_ms']}), "
+        print(f"{r['connections']} connections: longest round trip of {r['active']} active connections "
+              f"in an upgrade: p50 {r['pause_p50_ms']} ms, p99 {r['pause_p99_ms']} ms, max {r['pause_max_ms']} ms "
+              f"(outside the upgrades: p99 {r['quiet_p99_ms']} ms); "
+              f"bulk gap p99 {r['bulk_gap_p99_ms']} ms (max {r['bulk_gap_max_ms']}), "
               f"pub/sub delay p99 {r['pubsub_delay_p99_ms']} ms (max {r['pubsub_delay_max_ms']}), "
               f"idle not echoing {r['idle_not_echoing']}, errors {r['errors']}")
     ok = all(not r["errors"] and r["idle_not_echoing"] == 0 for r in rows)

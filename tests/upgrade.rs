@@ -153,7 +153,7 @@ fn forward_connections_move_to_the_new_process() {
     assert_eq!(new.wait_exit(TIMEOUT).code(), Some(0));
 }
 
-/// More connections than a shard freezes at once (`proxy::handoff::MAX_IN_FLIGHT`, 512) move
+/// More connections than a shard freezes at once (`proxy::handoff::MAX_IN_FLIGHT`, 252) move
 /// in waves, all of them, with one shard on each side.
 #[test]
 fn many_connections_move_in_waves() {

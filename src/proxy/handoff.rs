@@ -39,10 +39,12 @@ pub const TAG_FAILED: Tag = Tag::new(13);
 
 /// The longest an export window stays open, whatever the timeouts.
 pub const MAX_WINDOW: Duration = Duration::from_secs(30);
-/// Connections of one shard frozen at once, waiting for their outcome: each holds two more
-/// descriptors (the duplicates on their way) and its encoded state, so a shard with many
-/// connections moves them in waves rather than doubling its descriptors at once.
-pub const MAX_IN_FLIGHT: usize = 512;
+/// Connections of one shard frozen at once, waiting for their outcome: two batches of the
+/// transfer (`server/transfer.rs`). More would not move faster (the transfer sends one batch
+/// at a time) but would leave each frozen longer, and each holds two more descriptors (the
+/// duplicates on their way) and its encoded state: a shard with many connections moves them
+/// in waves.
+pub const MAX_IN_FLIGHT: usize = 252;
 
 /// A frozen connection on its way to the successor.
 pub struct Exported {
@@ -52,6 +54,8 @@ pub struct Exported {
     pub state: Zeroizing<Vec<u8>>,
     /// Duplicates of its client and upstream sockets.
     pub fds: Vec<OwnedFd>,
+    /// When it stopped running here (its pause starts).
+    pub frozen_at: Instant,
 }
 
 /// What a shard tells the transfer thread.

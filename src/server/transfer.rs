@@ -135,6 +135,8 @@ struct Tally {
     moved: usize,
     kept: usize,
     failed: usize,
+    /// The longest a connection stood frozen here before the successor was told to start it.
+    longest_pause: Duration,
 }
 
 /// Hands every established connection of `shards` to the successor on `conn`, on a thread of
@@ -186,7 +188,11 @@ pub(super) fn send_connections(
                         }
                     },
                 };
-                for o in &outcomes {
+                let now = Instant::now();
+                for (o, e) in outcomes.iter().zip(&batch) {
+                    if *o == Outcome::Moved {
+                        tally.longest_pause = tally.longest_pause.max(now - e.frozen_at);
+                    }
                     match o {
                         Outcome::Moved => tally.moved += 1,
                         Outcome::Kept => tally.kept += 1,
@@ -203,6 +209,7 @@ pub(super) fn send_connections(
                 kept = tally.kept,
                 failed = tally.failed,
                 took = ?started.elapsed(),
+                longest_pause = ?tally.longest_pause,
                 "live upgrade: established connections handed over"
             );
         })

@@ -121,6 +121,7 @@ impl<C: Make, U: Make> Conn<C, U> {
             conn: id,
             state: bytes,
             fds,
+            frozen_at: now,
         };
         let sent = cx.state.export.as_mut().map(|x| x.send(e));
         match sent {
