@@ -1,6 +1,7 @@
 //! What std and socket2 lack, through rustix's safe wrappers: process resource limits, the
 //! process's protection against dumps and tracing, passing descriptors over a Unix socket
-//! (SCM_RIGHTS) for the listener handoff, and the checks a received descriptor must pass.
+//! (SCM_RIGHTS) for the handoff of listeners and established connections, and the checks a
+//! received descriptor must pass.
 //!
 //! Invariants:
 //! - Received descriptors become `OwnedFd`s inside rustix at once, so none leaks and none is
