@@ -217,10 +217,7 @@ impl<R: RandomSource> SealFilter<R> {
         let Phase::Open(session) = &self.phase else {
             return None;
         };
-        if self.abort.is_some() || self.open.is_some() || !self.hello.is_empty() {
-            return None;
-        }
-        if self.role == Role::Initiator && session.sealer.open_due() {
+        if !self.movable() {
             return None;
         }
         Some(SealState {
@@ -228,6 +225,17 @@ impl<R: RandomSource> SealFilter<R> {
             session: session.export(),
             key_update_interval: self.key_update_interval,
         })
+    }
+
+    /// Whether [`export`](Self::export) would give the session's state now (without making
+    /// it).
+    pub fn movable(&self) -> bool {
+        let Phase::Open(session) = &self.phase else {
+            return false;
+        };
+        let open_pending =
+            self.open.is_some() || (self.role == Role::Initiator && session.sealer.open_due());
+        self.abort.is_none() && !open_pending && self.hello.is_empty()
     }
 
     /// [`SealFilter::resume`] with randomness from `rng` (`pooled`: X25519 keys would come

@@ -73,11 +73,9 @@ impl<C: Make, U: Make> Conn<C, U> {
         let Some(id) = cx.id() else {
             return;
         };
-        let now = cx.now();
-        let rt = &cx.state.tunnels[self.shell.tunnel];
-        let Ok(core) = self.core.export(now, &rt.upstreams) else {
+        if self.core.movable().is_err() {
             return;
-        };
+        }
         match cx.state.export.as_mut().map(|e| e.room_for(id)) {
             Some(true) => {}
             Some(false) => {
@@ -86,6 +84,11 @@ impl<C: Make, U: Make> Conn<C, U> {
             }
             None => return,
         }
+        let now = cx.now();
+        let rt = &cx.state.tunnels[self.shell.tunnel];
+        let Ok(core) = self.core.export(now, &rt.upstreams) else {
+            return;
+        };
         let state = ConnState {
             tunnel: rt.cfg.name.clone(),
             mode: rt.cfg.mode,

@@ -177,6 +177,9 @@ impl std::fmt::Debug for ConnState {
 /// A layer that can move to a successor process: plain has nothing to carry, sealed its
 /// session.
 pub trait Migrate: Layer {
+    /// Whether the layer can move now (what [`export_layer`](Self::export_layer) checks,
+    /// without copying anything).
+    fn movable(&self) -> bool;
     /// The layer's state, if it can move now.
     fn export_layer(&self) -> Result<Option<SealState>, NotReady>;
     /// The layer that goes on from `seal` (what [`export_layer`](Self::export_layer) gave).
@@ -184,6 +187,9 @@ pub trait Migrate: Layer {
 }
 
 impl Migrate for NoFilter {
+    fn movable(&self) -> bool {
+        true
+    }
     fn export_layer(&self) -> Result<Option<SealState>, NotReady> {
         Ok(None)
     }
@@ -196,6 +202,9 @@ impl Migrate for NoFilter {
 }
 
 impl Migrate for SealFilter {
+    fn movable(&self) -> bool {
+        SealFilter::movable(self)
+    }
     fn export_layer(&self) -> Result<Option<SealState>, NotReady> {
         self.export().map(Some).ok_or(NotReady::Layer)
     }
@@ -258,19 +267,8 @@ impl<C: Migrate, U: Migrate, T: Transport> ConnCore<C, U, T> {
     /// The connection's state at `now`, if it can move now (see the module doc); the core is
     /// left as it was. `upstreams` names the target's address.
     pub fn export(&self, now: Instant, upstreams: &Upstreams) -> Result<CoreState, NotReady> {
-        if self.closed.is_some() || self.client.has_error() {
-            return Err(NotReady::Closing);
-        }
-        if !self.handshake_done || self.awaiting_preamble {
-            return Err(NotReady::Handshake);
-        }
+        self.movable()?;
         let up = self.upstream.as_deref().ok_or(NotReady::Connecting)?;
-        if !up.io().is_connected() {
-            return Err(NotReady::Connecting);
-        }
-        if up.has_error() {
-            return Err(NotReady::Closing);
-        }
         let client_seal = self.client.filter().export_layer()?;
         let upstream_seal = up.filter().export_layer()?;
         Ok(CoreState {
@@ -286,6 +284,27 @@ impl<C: Migrate, U: Migrate, T: Transport> ConnCore<C, U, T> {
             client_seal,
             upstream_seal,
         })
+    }
+
+    /// Whether the connection can move now (see the module doc), without copying anything.
+    pub fn movable(&self) -> Result<(), NotReady> {
+        if self.closed.is_some() || self.client.has_error() {
+            return Err(NotReady::Closing);
+        }
+        if !self.handshake_done || self.awaiting_preamble {
+            return Err(NotReady::Handshake);
+        }
+        let up = self.upstream.as_deref().ok_or(NotReady::Connecting)?;
+        if !up.io().is_connected() {
+            return Err(NotReady::Connecting);
+        }
+        if up.has_error() {
+            return Err(NotReady::Closing);
+        }
+        if !self.client.filter().movable() || !up.filter().movable() {
+            return Err(NotReady::Layer);
+        }
+        Ok(())
     }
 
     /// The core of a connection moved from a predecessor: `client` and `upstream` build each

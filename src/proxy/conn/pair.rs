@@ -1793,6 +1793,9 @@ fn target_index(a: SocketAddr) -> usize {
 // Live upgrade: a node's connection moves to a "successor process"
 
 impl super::core::migrate::Migrate for Sealed {
+    fn movable(&self) -> bool {
+        SealFilter::movable(self)
+    }
     fn export_layer(
         &self,
     ) -> Result<Option<super::super::codec::SealState>, super::core::migrate::NotReady> {
