@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use crate::keyfile::KeyError;
 use crate::protocol::{AeadKind, ForwardSecrecy, KeySet};
+use crate::proxy::ListenAddr;
 
 /// Everything that can be wrong with a configuration.
 #[derive(Debug, thiserror::Error)]
@@ -557,7 +558,7 @@ pub struct ConfigFile {
 pub struct Tunnel {
     pub name: String,
     pub mode: Mode,
-    pub listen: SocketAddr,
+    pub listen: ListenAddr,
     /// In configured order; a name's addresses are filled by [`Config::resolve_targets`].
     pub targets: Vec<Target>,
     pub key_files: Vec<PathBuf>,
@@ -970,7 +971,7 @@ impl ConfigFile {
             if tunnels.iter().any(|o| o.name == name) {
                 return Err(bad("duplicate tunnel name".into()));
             }
-            let listen = resolve(&sc.name("listen"), &t.listen).map_err(bad)?;
+            let listen = ListenAddr::new(resolve(&sc.name("listen"), &t.listen).map_err(bad)?);
             if tunnels.iter().any(|o| o.listen == listen) {
                 return Err(bad(format!("listen address {listen} is used twice")));
             }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::{ConfigError, ConfigFile, Limits, LogConfig, MetricsConfig, Mode, TunnelFile};
 use crate::keyfile::KeyError;
-use crate::server::{self, LogControl, ServerError};
+use crate::server::{self, ExitReason, LogControl, ServerError};
 
 /// Why the demo could not run.
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +41,8 @@ fn pick_addr(preferred: u16) -> SocketAddr {
 /// of that, in this process on loopback; prints the addresses and commands to try, runs a
 /// byte-checked traffic check, then serves for `duration` (or until SIGINT/SIGTERM). `log` is
 /// the process's log control (the command line sets logging up), handed to the encrypt side.
-pub fn run(duration: Option<Duration>, log: LogControl) -> Result<(), DemoError> {
+/// Returns why the encrypt side stopped (the command line turns it into the exit status).
+pub fn run(duration: Option<Duration>, log: LogControl) -> Result<ExitReason, DemoError> {
     let dir = std::env::temp_dir().join(format!("sealpipe-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)
         .map_err(|e| DemoError::Io(format!("creating {}", dir.display()), e))?;
@@ -167,10 +168,10 @@ pub fn run(duration: Option<Duration>, log: LogControl) -> Result<(), DemoError>
     let stop = duration.unwrap_or(Duration::MAX / 4);
     // The control thread drives the encrypt side; the decrypt side drains with it.
     let dec_thread = std::thread::spawn(move || dec.wait(Some(stop)));
-    enc.wait(Some(stop))?;
+    let reason = enc.wait(Some(stop))?;
     let _ = dec_thread.join();
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    Ok(reason)
 }
 
 struct Report {

@@ -15,7 +15,7 @@ use sealpipe::config::{
     SystemResolver, TunnelFile,
 };
 use sealpipe::protocol::ForwardSecrecy;
-use sealpipe::server::{self, LogControl};
+use sealpipe::server::{self, ExitReason, LogControl};
 
 #[derive(Parser)]
 #[command(
@@ -453,7 +453,17 @@ fn tunnel_config(
     Ok(cfg)
 }
 
-fn serve(cfg: Config, handoff: Option<PathBuf>) -> Result<()> {
+/// The exit status for why the server stopped (docs/OPERATIONS.md, "Exit statuses").
+fn exit_status(reason: ExitReason) -> u8 {
+    match reason {
+        ExitReason::Drained => 0,
+        ExitReason::SecondSignal => 1,
+        // EX_SOFTWARE: an internal error; the service manager restarts the process.
+        ExitReason::ShardFailed | ExitReason::ShardPanicked => 70,
+    }
+}
+
+fn serve(cfg: Config, handoff: Option<PathBuf>) -> Result<u8> {
     let log = setup_logging(&cfg.log)?;
     // Before the shards accept: a SIGTERM from then on drains instead of killing.
     let signals = server::ControlSignals::install()?;
@@ -461,8 +471,7 @@ fn serve(cfg: Config, handoff: Option<PathBuf>) -> Result<()> {
     if let Some(m) = running.metrics_addr {
         tracing::info!(metrics = %format!("http://{m}/metrics"), "metrics endpoint up");
     }
-    running.wait_with(signals, None)?;
-    Ok(())
+    Ok(exit_status(running.wait_with(signals, None)?))
 }
 
 fn main() -> ExitCode {
@@ -473,7 +482,7 @@ fn main() -> ExitCode {
             eprintln!("sealpipe: warning: cannot make the process non-dumpable: {e}");
         }
     }
-    let result: std::result::Result<(), UsageError> = (|| match cli.cmd {
+    let result: std::result::Result<u8, UsageError> = (|| match cli.cmd {
         Cmd::Encrypt(a) => {
             let (a, crypto) = a.into();
             let h = a.common.handoff.handoff.clone();
@@ -552,7 +561,7 @@ fn main() -> ExitCode {
                     format!(" [{}]", skipped.join(", "))
                 }
             );
-            Ok(())
+            Ok(0)
         }
         Cmd::Keygen { out } => {
             let dir = out.parent().filter(|d| !d.as_os_str().is_empty());
@@ -566,12 +575,12 @@ fn main() -> ExitCode {
                 );
             }
             println!("wrote {} (key id {id})", out.display());
-            Ok(())
+            Ok(0)
         }
         Cmd::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(shell, &mut cmd, "sealpipe", &mut std::io::stdout());
-            Ok(())
+            Ok(0)
         }
         Cmd::Man { dir } => {
             let cmd = Cli::command();
@@ -587,19 +596,21 @@ fn main() -> ExitCode {
                     .context("writing the manual page")
                     .map_err(runtime)?,
             }
-            Ok(())
+            Ok(0)
         }
         Cmd::Demo { duration } => setup_logging(&LogConfig {
             level: "warn".into(),
             format: "text".into(),
         })
         .and_then(|log| {
-            sealpipe::demo::run(duration.map(Duration::from_secs_f64), log).map_err(Into::into)
+            sealpipe::demo::run(duration.map(Duration::from_secs_f64), log)
+                .map(exit_status)
+                .map_err(Into::into)
         })
         .map_err(runtime),
     })();
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(status) => ExitCode::from(status),
         Err(UsageError(e)) => {
             let code = if e.downcast_ref::<Runtime>().is_some() {
                 1
@@ -639,4 +650,19 @@ fn runtime(e: anyhow::Error) -> UsageError {
         return UsageError(e);
     }
     UsageError(anyhow::Error::new(Runtime(e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The statuses README.md documents: 0 after a drain, 1 for a second stop signal, 70 when
+    /// a shard fails.
+    #[test]
+    fn exit_reasons_map_to_the_documented_statuses() {
+        assert_eq!(exit_status(ExitReason::Drained), 0);
+        assert_eq!(exit_status(ExitReason::SecondSignal), 1);
+        assert_eq!(exit_status(ExitReason::ShardFailed), 70);
+        assert_eq!(exit_status(ExitReason::ShardPanicked), 70);
+    }
 }

@@ -1,6 +1,7 @@
 //! What std and socket2 lack, through rustix's safe wrappers: process resource limits, the
 //! process's protection against dumps and tracing, passing descriptors over a Unix socket
-//! (SCM_RIGHTS) for the listener handoff, and the checks a received descriptor must pass.
+//! (SCM_RIGHTS) for the handoff of listeners and established connections, and the checks a
+//! received descriptor must pass.
 //!
 //! Invariants:
 //! - Received descriptors become `OwnedFd`s inside rustix at once, so none leaks and none is
@@ -113,6 +114,41 @@ pub fn send_fds(sock: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::R
     }
 }
 
+/// Sends all of `data` with `fds` (SCM_RIGHTS, at most [`MAX_FDS`]) attached to its first
+/// bytes: one `sendmsg`, and plain writes for whatever a blocking socket did not take at once
+/// (a large message, a send timeout). The caller keeps its own copies of the descriptors.
+pub fn send_all_with_fds(sock: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    use std::io::Write;
+    if fds.len() > MAX_FDS || data.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "send_all_with_fds: no data or too many descriptors",
+        ));
+    }
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len().max(1)))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::other(
+            "send_all_with_fds: control buffer too small",
+        ));
+    }
+    let sent = loop {
+        match rustix::net::sendmsg(
+            sock,
+            &[IoSlice::new(data)],
+            &mut control,
+            SendFlags::NOSIGNAL,
+        ) {
+            Ok(n) => break n,
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    // The descriptors went with the first byte; the rest is a plain byte stream.
+    let mut s = sock;
+    s.write_all(&data[sent..])
+}
+
 /// Receives one message sent by [`send_fds`]: its bytes into `buf` and its descriptors,
 /// which are owned (closed on drop) and close-on-exec. Returns (bytes read, descriptors).
 /// A message whose descriptors did not fit is an error (and those that did arrive are closed).
@@ -157,7 +193,8 @@ pub fn euid() -> u32 {
     rustix::process::geteuid().as_raw()
 }
 
-/// Why a descriptor received in a handoff is not the listener the configuration expects.
+/// Why a descriptor received in a handoff is not what it should be (the listener the
+/// configuration expects, or an established connection).
 #[derive(Debug, thiserror::Error)]
 pub enum ListenerCheck {
     #[error("cannot inspect it: {0}")]
@@ -166,6 +203,8 @@ pub enum ListenerCheck {
     NotTcp(SocketType, AddressFamily),
     #[error("it is a TCP socket that does not listen (SO_ACCEPTCONN is 0)")]
     NotListening,
+    #[error("it is a listening socket, not a connection")]
+    Listening,
     #[error("it listens on {got}, not on {want}")]
     WrongAddress { got: SocketAddr, want: SocketAddr },
 }
@@ -196,6 +235,27 @@ pub fn check_tcp_listener(
         return Err(ListenerCheck::WrongAddress { got, want });
     }
     Ok(got)
+}
+
+/// Checks that `fd` is a connected TCP socket (an established connection a predecessor
+/// handed over: SO_TYPE, SO_DOMAIN, not listening, and a peer address the kernel knows);
+/// returns its peer's address.
+pub fn check_tcp_connection(fd: BorrowedFd<'_>) -> Result<SocketAddr, ListenerCheck> {
+    let ty = sockopt::socket_type(fd).map_err(io::Error::from)?;
+    let family = sockopt::socket_domain(fd).map_err(io::Error::from)?;
+    if ty != SocketType::STREAM
+        || !(family == AddressFamily::INET || family == AddressFamily::INET6)
+    {
+        return Err(ListenerCheck::NotTcp(ty, family));
+    }
+    if sockopt::socket_acceptconn(fd).map_err(io::Error::from)? {
+        return Err(ListenerCheck::Listening);
+    }
+    let peer = socket2::SockRef::from(&fd)
+        .peer_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("getpeername returned no IP address"))?;
+    Ok(peer)
 }
 
 /// Borrows each descriptor of `fds` (what [`send_fds`] takes).
@@ -342,6 +402,44 @@ mod tests {
         ));
         let any_port = SocketAddr::new(addr.ip(), 0);
         assert_eq!(check_tcp_listener(l.as_fd(), any_port).unwrap(), addr);
+    }
+
+    #[test]
+    fn a_large_message_and_its_descriptors_cross_whole() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let sender = {
+            let data = data.clone();
+            let fd = c.as_fd().try_clone_to_owned().unwrap();
+            std::thread::spawn(move || send_all_with_fds(&a, &data, &[fd.as_fd()]).unwrap())
+        };
+        let mut got = vec![0u8; data.len()];
+        let mut fds = Vec::new();
+        let mut n = 0;
+        while n < got.len() {
+            let (k, f) = recv_fds(&b, &mut got[n..]).unwrap();
+            assert!(k > 0);
+            fds.extend(f);
+            n += k;
+        }
+        sender.join().unwrap();
+        assert!(got == data);
+        assert_eq!(fds.len(), 1);
+        assert_eq!(
+            check_tcp_connection(fds[0].as_fd()).unwrap(),
+            l.local_addr().unwrap()
+        );
+        assert!(matches!(
+            check_tcp_connection(l.as_fd()),
+            Err(ListenerCheck::Listening)
+        ));
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert!(matches!(
+            check_tcp_connection(udp.as_fd()),
+            Err(ListenerCheck::NotTcp(..))
+        ));
     }
 
     #[test]

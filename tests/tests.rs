@@ -10,4 +10,5 @@ mod lifecycle;
 mod perimeter;
 mod protocol_v2;
 mod proxy;
+mod upgrade;
 mod upstreams;

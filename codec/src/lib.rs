@@ -33,6 +33,11 @@
 //! ([`SealFilter::with_rng`], which then also makes the X25519 keys from it, so a test's whole
 //! session is reproducible).
 //!
+//! Live upgrade: [`SealFilter::export`] gives an open session's state ([`SealState`]) to a
+//! successor process, whose [`SealFilter::resume`] seals the next record with the next
+//! counter and opens the peer's next record; only a session with nothing of its own still
+//! pending (its OPEN sealed or taken, no ABORT queued) moves.
+//!
 //! This crate is the codec layer (libevent's `bufferevent_filter`): it joins the reactor and the
 //! protocol and nothing else (Architecture Invariant: no proxy policy, metrics or config), so
 //! the fuzz targets can drive it without the proxy's dependencies.
@@ -46,7 +51,7 @@ use std::io;
 use sealpipe_protocol::{
     AbortReason, EphemeralSource, HEADER_LEN, Handshake, HandshakeConfig, KeyId, KeysFromRng,
     MAX_OPEN_LEN, MAX_PAYLOAD, OpenInfo, OsRandom, ProtocolError, RandomSource, RecordType, Sealer,
-    Session, Status, TAG_LEN,
+    Session, SessionState, Status, TAG_LEN,
 };
 use sealpipe_reactor::{Buffer, Filter, FilterStatus};
 
@@ -87,6 +92,26 @@ pub struct SealFilter<R: RandomSource = OsRandom> {
     rng: R,
     /// X25519 keys come from the thread's pool ([`ephemeral`]), not from `rng`.
     pooled: bool,
+}
+
+/// A sealed connection's codec state on its way to a successor process (see the module doc).
+/// `Debug` shows no secret.
+#[derive(Debug)]
+pub struct SealState {
+    pub role: Role,
+    pub session: SessionState,
+    /// The rekey interval a test set ([`SealFilter::set_key_update_interval`]); the session
+    /// itself carries the interval in force.
+    pub key_update_interval: Option<u64>,
+}
+
+impl SealFilter {
+    /// The codec of a connection moved from a predecessor process: its session goes on where
+    /// [`SealFilter::export`] left it, with the operating system's randomness (a session needs
+    /// none, but a test's filter keeps its own: [`SealFilter::resume_with`]).
+    pub fn resume(state: SealState) -> SealFilter {
+        SealFilter::resume_with(state, OsRandom, true)
+    }
 }
 
 /// The protocol error inside an `io::Error` produced by the codec, if it is one.
@@ -182,6 +207,52 @@ impl<R: RandomSource> SealFilter<R> {
                 true
             }
             _ => false,
+        }
+    }
+
+    /// The open session's state for a successor process, if it can move now: its handshake
+    /// is done, its OPEN sealed (initiator) or taken (responder), and no ABORT is queued.
+    /// `None` otherwise (it may later). The filter is left as it was.
+    pub fn export(&self) -> Option<SealState> {
+        let Phase::Open(session) = &self.phase else {
+            return None;
+        };
+        if !self.movable() {
+            return None;
+        }
+        Some(SealState {
+            role: self.role,
+            session: session.export(),
+            key_update_interval: self.key_update_interval,
+        })
+    }
+
+    /// Whether [`export`](Self::export) would give the session's state now (without making
+    /// it).
+    pub fn movable(&self) -> bool {
+        let Phase::Open(session) = &self.phase else {
+            return false;
+        };
+        let open_pending =
+            self.open.is_some() || (self.role == Role::Initiator && session.sealer.open_due());
+        self.abort.is_none() && !open_pending && self.hello.is_empty()
+    }
+
+    /// [`SealFilter::resume`] with randomness from `rng` (`pooled`: X25519 keys would come
+    /// from the thread's pool; a resumed session makes none).
+    pub fn resume_with(state: SealState, rng: R, pooled: bool) -> SealFilter<R> {
+        let session = Session::import(state.session);
+        SealFilter {
+            key_id: Some(session.key_id),
+            peer_version: None,
+            phase: Phase::Open(Box::new(session)),
+            role: state.role,
+            hello: Vec::new(),
+            open: None,
+            abort: None,
+            key_update_interval: state.key_update_interval,
+            rng,
+            pooled,
         }
     }
 
@@ -800,5 +871,80 @@ mod tests {
         let e = r.decode(&mut raw, &mut input, &mut out, false).unwrap_err();
         assert_eq!(protocol_error(&e), Some(ProtocolError::UnknownKey));
         assert_eq!(r.key_id(), Some(other.keys.primary().id()));
+    }
+
+    /// The filter as a successor process gets it: exported, encoded, decoded, resumed.
+    fn moved(f: &SealFilter) -> SealFilter {
+        let st = f.export().expect("movable");
+        let mut bytes = sealpipe_protocol::Zeroizing::new(Vec::new());
+        st.session.encode(&mut bytes);
+        let session = SessionState::decode(&bytes).unwrap();
+        SealFilter::resume(SealState {
+            role: st.role,
+            session,
+            key_update_interval: st.key_update_interval,
+        })
+    }
+
+    #[test]
+    fn a_moved_filter_continues_mid_record_and_across_key_updates() {
+        let (mut tx, mut rx) = open_pair(AeadKind::Ring);
+        rx.take_open();
+        tx.set_key_update_interval(3);
+        let data = pattern(200_000, 9);
+        let bytes = wire(&mut tx, &data[..100_000], &[1000; 100]);
+        let (mut raw, mut input, mut none) = (Buffer::new(), Buffer::new(), Buffer::new());
+        // Half of the stream, cut inside a record: the opener moves with a partial record
+        // in its raw buffer, which travels as bytes.
+        let cut = bytes.len() / 2 + 7;
+        raw.append(&bytes[..cut]);
+        rx.decode(&mut raw, &mut input, &mut none, false).unwrap();
+        assert!(!raw.is_empty(), "a partial record waits");
+        let mut rx = moved(&rx);
+        raw.append(&bytes[cut..]);
+        rx.decode(&mut raw, &mut input, &mut none, false).unwrap();
+        // The sealer moves too, and goes on with the next counter and key.
+        let mut tx = moved(&tx);
+        let rest = wire(&mut tx, &data[100_000..], &[5000; 20]);
+        raw.append(&rest);
+        rx.decode(&mut raw, &mut input, &mut none, false).unwrap();
+        assert!(raw.is_empty());
+        assert!(contents(&input) == data);
+        // And the end.
+        let (mut plain, mut out) = (Buffer::new(), Buffer::new());
+        tx.encode(&mut plain, &mut out, true).unwrap();
+        let st = rx.decode(&mut out, &mut input, &mut none, true).unwrap();
+        assert!(st.end);
+    }
+
+    #[test]
+    fn only_a_session_with_nothing_pending_moves() {
+        let cfg = config(3, ForwardSecrecy::Off, AeadKind::Ring);
+        let i = SealFilter::new(Role::Initiator, &cfg);
+        assert!(i.export().is_none(), "still in its handshake");
+        let (mut tx, _) = open_pair(AeadKind::Ring);
+        assert!(tx.export().is_some());
+        tx.abort(AbortReason::Reset);
+        assert!(tx.export().is_none(), "an ABORT is queued");
+        // A responder whose OPEN was not taken yet.
+        let (mut i, mut r) = (
+            SealFilter::new(Role::Initiator, &cfg),
+            SealFilter::new(Role::Responder, &cfg),
+        );
+        let (mut i2r, mut r2i, mut none) = (Buffer::new(), Buffer::new(), Buffer::new());
+        for _ in 0..4 {
+            i.encode(&mut none, &mut i2r, false).unwrap();
+            r.decode(&mut i2r, &mut none, &mut r2i, false).unwrap();
+            i.decode(&mut r2i, &mut none, &mut i2r, false).unwrap();
+        }
+        assert!(
+            r.is_open() && r.export().is_none(),
+            "its OPEN waits to be taken"
+        );
+        r.take_open();
+        let st = r.export().unwrap();
+        assert_eq!(st.role, Role::Responder);
+        assert_eq!(st.session.key_id(), r.key_id().unwrap());
+        assert!(!format!("{st:?}").is_empty());
     }
 }

@@ -13,6 +13,10 @@
 //! never appears in `Debug` output and is zeroed when dropped (except inside ring's own key
 //! types, which it does not wipe); sealing and opening a record never allocate, except to
 //! expand a fresh key (after a KEY_UPDATE, or the first record after a hibernation).
+//!
+//! A session can leave this process for a successor ([`migrate`]: a live upgrade): its
+//! secrets, counters and key-update epochs, encoded in a versioned layout that the successor
+//! checks field by field, so the sealed stream goes on with the next record.
 #![forbid(unsafe_code)]
 
 pub mod aead;
@@ -22,6 +26,7 @@ pub mod error;
 pub mod handshake;
 pub mod kdf;
 pub mod keys;
+pub mod migrate;
 pub mod record;
 
 pub use aead::{AeadKey, AeadKind};
@@ -30,4 +35,7 @@ pub use ephemeral::{EphemeralKey, EphemeralPool, EphemeralSource, KeysFromRng};
 pub use error::ProtocolError;
 pub use handshake::{ForwardSecrecy, Handshake, HandshakeConfig, Session, Status};
 pub use keys::{Key, KeyId, KeySet, KeyTextError, OsRandom, RandomSource};
+pub use migrate::{SessionState, StateError};
 pub use record::{HEADER_LEN, MAX_PAYLOAD, MAX_RECORD_LEN, Opener, RecordType, Sealer, TAG_LEN};
+/// Storage zeroed when dropped, which [`SessionState::encode`] writes secrets into.
+pub use zeroize::Zeroizing;

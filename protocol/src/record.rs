@@ -133,6 +133,8 @@ struct Direction {
     secret: Secret,
     /// Records processed under the current key; the next record's counter.
     seq: u64,
+    /// KEY_UPDATEs so far: the current key is the `epoch`-th after the handshake's.
+    epoch: u32,
     /// END or ABORT went through: nothing more.
     ended: bool,
     /// The next record must be OPEN (the initiator's direction, before its first record).
@@ -148,8 +150,38 @@ impl Direction {
             iv,
             secret,
             seq: 0,
+            epoch: 0,
             ended: false,
             open_next: open_first,
+        }
+    }
+
+    /// The state a successor process needs to go on where this direction is
+    /// (`crate::migrate`); the secret is copied into storage that is zeroed when dropped.
+    fn parts(&self) -> DirectionParts {
+        DirectionParts {
+            kind: self.kind,
+            secret: Secret::new(*self.secret),
+            seq: self.seq,
+            epoch: self.epoch,
+            ended: self.ended,
+            open_next: self.open_next,
+        }
+    }
+
+    /// The direction again from [`Direction::parts`]: the IV (and, unless `hibernating`, the
+    /// key) derived from the secret as the handshake or the last KEY_UPDATE did.
+    fn from_parts(p: DirectionParts, hibernating: bool) -> Direction {
+        let (aead, iv) = derive_key_iv(p.kind, &p.secret);
+        Direction {
+            aead: (!hibernating).then_some(aead),
+            kind: p.kind,
+            iv,
+            secret: p.secret,
+            seq: p.seq,
+            epoch: p.epoch,
+            ended: p.ended,
+            open_next: p.open_next,
         }
     }
 
@@ -184,6 +216,7 @@ impl Direction {
             .field("aead", &self.kind)
             .field("hibernating", &self.aead.is_none())
             .field("seq", &self.seq)
+            .field("epoch", &self.epoch)
             .field("ended", &self.ended)
             .finish_non_exhaustive()
     }
@@ -214,6 +247,7 @@ impl Direction {
         self.aead = Some(aead);
         self.iv = iv;
         self.seq = 0;
+        self.epoch = self.epoch.wrapping_add(1);
     }
 }
 
@@ -232,6 +266,17 @@ fn derive_key_iv(kind: AeadKind, secret: &Secret) -> (AeadKey, [u8; NONCE_LEN]) 
     expand_label(&prk, LABEL_KEY, &[], &mut key[..]);
     expand_label(&prk, LABEL_IV, &[], &mut iv);
     (AeadKey::new(kind, &key), iv)
+}
+
+/// One direction's keying state on its way to a successor process (`crate::migrate`): what
+/// [`Direction`] holds apart from what derives from it. The secret is zeroed when dropped.
+pub(crate) struct DirectionParts {
+    pub(crate) kind: AeadKind,
+    pub(crate) secret: Secret,
+    pub(crate) seq: u64,
+    pub(crate) epoch: u32,
+    pub(crate) ended: bool,
+    pub(crate) open_next: bool,
 }
 
 /// Seals the records this side sends.
@@ -293,6 +338,21 @@ impl Sealer {
         tag_out.copy_from_slice(&tag);
         self.dir.advanced(ty);
         Ok(total)
+    }
+
+    /// This direction's state for a successor process, with the key-update interval.
+    pub(crate) fn parts(&self) -> (DirectionParts, u64) {
+        (self.dir.parts(), self.interval)
+    }
+
+    /// A sealer that goes on from [`Sealer::parts`]: the next record gets the next counter.
+    pub(crate) fn from_parts(p: DirectionParts, interval: u64, hibernating: bool) -> Sealer {
+        let mut s = Sealer {
+            dir: Direction::from_parts(p, hibernating),
+            interval: DEFAULT_KEY_UPDATE_INTERVAL,
+        };
+        s.set_key_update_interval(interval);
+        s
     }
 
     /// True while the next record must be OPEN (the initiator's direction, before anything
@@ -478,6 +538,18 @@ impl Opener {
         debug_assert_eq!(n, payload_len);
         self.opened(ty, buf.get(..n).unwrap_or_default())?;
         Ok((ty, n))
+    }
+
+    /// This direction's state for a successor process.
+    pub(crate) fn parts(&self) -> DirectionParts {
+        self.dir.parts()
+    }
+
+    /// An opener that goes on from [`Opener::parts`]: it expects the next counter.
+    pub(crate) fn from_parts(p: DirectionParts, hibernating: bool) -> Opener {
+        Opener {
+            dir: Direction::from_parts(p, hibernating),
+        }
     }
 
     /// True once an authenticated END (or ABORT) has been opened.

@@ -27,8 +27,8 @@ pub mod timer;
 pub use base::{Context, EventBase, Handle, Handler, HandlerId, LoopStats, Ready};
 pub use buffer::Buffer;
 pub use bufferevent::{
-    BevCore, BevEvents, BufferEvent, Filter, FilterStatus, NoFilter, Readiness, Socket, Suspend,
-    Timeouts, Transport, Watermarks,
+    BevCore, BevEvents, BevState, BufferEvent, Filter, FilterStatus, NoFilter, Readiness, Socket,
+    Suspend, Timeouts, Transport, Watermarks,
 };
 pub use clock::{Clock, ManualClock};
 pub use listener::{ConnListener, ListenerOptions};

@@ -205,6 +205,7 @@ pub const LAYERS: [&str; 2] = ["plaintext", "sealed"];
 pub const POOL_STATES: [&str; 2] = ["cached", "live"];
 pub const KEY_ROLES: [&str; 2] = ["primary", "accepted"];
 pub const RELOAD_RESULTS: [&str; 2] = ["ok", "error"];
+pub const HANDOFF_RESULTS: [&str; 3] = ["moved", "kept", "failed"];
 pub const ACCEPT_ERROR_KINDS: [&str; 2] = ["exhausted", "other"];
 
 /// Seconds: 100 µs to 10 s (handshakes, connects).
@@ -332,6 +333,13 @@ pub const FAMILIES: &[Family] = &[
         labels: &[one_of("result", &RELOAD_RESULTS)],
         written: Written::Control,
         help: "Configuration reloads (SIGHUP), by result.",
+    },
+    Family {
+        name: "sealpipe_handoff_connections_total",
+        kind: Kind::Counter,
+        labels: &[one_of("result", &HANDOFF_RESULTS)],
+        written: Written::Shared,
+        help: "Established connections in a live upgrade (--handoff), by result, as this process saw it: moved (to the successor), kept (refused by the successor, or not settled in time: the old process keeps and drains it), failed (lost in the move).",
     },
     // Traffic
     Family {
@@ -735,6 +743,8 @@ pub struct Metrics {
     pub keys_loaded: IntGaugeVec,
     key_sessions: IntCounterVec,
     pub reloads: IntCounterVec,
+    /// Connections handed to (or taken from) another process in a live upgrade.
+    pub handoff_conns: IntCounterVec,
     pub draining: IntGauge,
     pub accept_errors: IntCounterVec,
     pub log_lines_dropped: IntCounter,
@@ -776,6 +786,7 @@ impl Metrics {
             key_hibernations: b.family("sealpipe_key_hibernations_total"),
             keys_loaded: b.family("sealpipe_keys_loaded"),
             reloads: b.family("sealpipe_config_reloads_total"),
+            handoff_conns: b.family("sealpipe_handoff_connections_total"),
             bytes: b.family("sealpipe_bytes_total"),
             upstream_up: b.family("sealpipe_upstream_up"),
             upstream_failures: b.family("sealpipe_upstream_connect_failures_total"),
@@ -802,6 +813,9 @@ impl Metrics {
         ));
         for r in RELOAD_RESULTS {
             m.reloads.with_label_values(&[r]);
+        }
+        for r in HANDOFF_RESULTS {
+            m.handoff_conns.with_label_values(&[r]);
         }
         for r in ENDPOINT_CLOSE_REASONS {
             m.endpoint_closed.with_label_values(&[r]);

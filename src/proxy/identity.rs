@@ -35,6 +35,7 @@ use crate::reactor::{Buffer, Context};
 
 use super::access_log::{Dest, Record};
 use super::cidr::CidrList;
+use super::conn::core::migrate::IdentState;
 pub use super::proxy_header::MAX_HEADER_LEN;
 use super::proxy_header::{self, Addrs, Command, Encoded, Invalid, Parse, Version};
 use super::upstream::TargetId;
@@ -390,6 +391,28 @@ impl ConnIdentity {
     /// off the wire counts for the access log.
     pub fn header_bytes(&self) -> (usize, usize) {
         (self.header_in, self.header_out)
+    }
+
+    /// The state a successor process needs for this connection (a live upgrade moves only
+    /// connections whose header, if any, was read).
+    pub fn export(&self) -> IdentState {
+        IdentState {
+            peer: self.peer,
+            header_in: u32::try_from(self.header_in).unwrap_or(u32::MAX),
+            header_out: u32::try_from(self.header_out).unwrap_or(u32::MAX),
+            open: self.open,
+        }
+    }
+
+    /// A moved connection's identity, from [`ConnIdentity::export`].
+    pub fn import(st: IdentState) -> ConnIdentity {
+        ConnIdentity {
+            awaiting: false,
+            header_in: st.header_in as usize,
+            header_out: st.header_out as usize,
+            open: st.open,
+            peer: st.peer,
+        }
     }
 }
 

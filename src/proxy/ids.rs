@@ -98,3 +98,43 @@ impl fmt::Display for TargetAddr {
         self.0.fmt(f)
     }
 }
+
+/// An address a tunnel listens on, as configured (a port of 0: any free port, which the first
+/// bind resolves), never one it connects to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ListenAddr(SocketAddr);
+
+impl ListenAddr {
+    pub const fn new(a: SocketAddr) -> ListenAddr {
+        ListenAddr(a)
+    }
+    pub const fn get(self) -> SocketAddr {
+        self.0
+    }
+    /// Whether a socket bound to `bound` serves this address: the same, or any port of the
+    /// same IP when the configured port is 0.
+    pub fn matches(self, bound: SocketAddr) -> bool {
+        self.0 == bound || (self.0.port() == 0 && self.0.ip() == bound.ip())
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listen_address_with_port_0_matches_any_port_of_its_ip() {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let fixed: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        assert!(ListenAddr::new(any).matches(fixed));
+        assert!(ListenAddr::new(fixed).matches(fixed));
+        assert!(!ListenAddr::new(fixed).matches("127.0.0.1:7001".parse().unwrap()));
+        assert!(!ListenAddr::new(any).matches("127.0.0.2:7000".parse().unwrap()));
+    }
+}

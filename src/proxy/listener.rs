@@ -366,6 +366,8 @@ impl Handler<ShardState> for TunnelListener {
             .health
             .listeners_up
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        // A live upgrade's export window waits for the last accept.
+        super::handoff::check_done(cx);
     }
 }
 

@@ -20,6 +20,7 @@ pub use sealpipe_proxy_header as proxy_header;
 pub mod access_log;
 pub mod cidr;
 pub mod conn;
+pub mod handoff;
 pub mod health;
 pub mod identity;
 pub mod ids;
@@ -37,7 +38,7 @@ use crate::protocol::{HandshakeConfig, KeyId, KeySet};
 use crate::reactor::HandlerId;
 use prometheus::IntCounter;
 
-pub use ids::{ShardIdx, TargetAddr, TargetIdx, TunnelIdx};
+pub use ids::{ListenAddr, ShardIdx, TargetAddr, TargetIdx, TunnelIdx};
 use upstream::Upstreams;
 
 /// Reading stops while this much input is pending.
@@ -294,6 +295,8 @@ pub struct ShardState {
     pub suppressed_warnings: u64,
     /// Pre-authentication admission: handshake and per-source caps (`listener::Admission`).
     pub admission: listener::Admission,
+    /// A live upgrade's export window, while this shard hands its connections over.
+    pub export: Option<handoff::ExportCtx>,
     /// `sealpipe_ephemeral_keys_total` of this shard (pool, on demand), and the counts of the
     /// thread's pool ([`codec::ephemeral::handed_out`]) already added to them.
     ephemeral_keys: [IntCounter; 2],
@@ -319,6 +322,7 @@ impl ShardState {
             next_warn: Instant::now(),
             suppressed_warnings: 0,
             admission: listener::Admission::new(&crate::config::Admission::default(), 1),
+            export: None,
             ephemeral_keys: metrics.ephemeral_keys(shard.get()),
             ephemeral_published: (0, 0),
             metrics,

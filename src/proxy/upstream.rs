@@ -365,6 +365,15 @@ impl Upstreams {
         })
     }
 
+    /// A connection moved here from a predecessor process uses the target at `addr`, if it
+    /// is still one of this list's: counted as active (least-conn), as a pick would. `None`
+    /// if the address is no longer a target (the connection goes on; it has no target here).
+    pub fn adopt(&mut self, addr: TargetAddr) -> Option<TargetId> {
+        let t = self.targets.iter_mut().find(|t| t.addr == addr)?;
+        t.active = t.active.saturating_add(1);
+        Some(t.id)
+    }
+
     /// A connection stops using target `id` (closed, or its connect failed).
     pub fn release(&mut self, id: TargetId) {
         if let Some(t) = self.get_mut(id) {

@@ -80,6 +80,30 @@ pub struct BevCore<F: Filter, T> {
     pub(super) io: T,
 }
 
+/// A stream core's state apart from its transport and filter: what a live upgrade carries to
+/// a successor process, which puts it into a core over the same (passed) socket with
+/// [`BevCore::restore`]. The old process reads it through the core's getters
+/// ([`BevCore::raw_buffers`], [`BevCore::wire_bytes`], ...), so a handoff refused by the
+/// successor leaves its core as it was.
+#[derive(Default)]
+pub struct BevState {
+    pub input: Buffer,
+    pub output: Buffer,
+    /// Read from the transport, not yet decoded (a partial frame).
+    pub raw_in: Buffer,
+    /// Encoded, not yet written (whole frames; the first possibly partly written already).
+    pub raw_out: Buffer,
+    pub eof: bool,
+    pub shutdown_requested: bool,
+    pub write_shut: bool,
+    /// [`Suspend`] reasons (as `Suspend as u8` bits). Only those that belong to the data —
+    /// `User`, `HighWatermark`, `Peer` — are restored; `Connecting` and `Timeout` belong to
+    /// the transport and its timers.
+    pub suspend: u8,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+}
+
 /// How a read step ended.
 enum Got {
     /// `n` bytes; `drained`: a short read proved the stream empty for now.
@@ -184,6 +208,33 @@ impl<F: Filter, T> BevCore<F, T> {
     pub fn request_shutdown(&mut self) {
         self.shutdown_requested = true;
     }
+    /// The filter layer's own buffers: read but not yet decoded, and encoded but not yet
+    /// written (both empty for a passthrough stream).
+    pub fn raw_buffers(&self) -> (&Buffer, &Buffer) {
+        (&self.raw_in, &self.raw_out)
+    }
+
+    /// The [`Suspend`] reasons set now, as `Suspend as u8` bits.
+    pub fn suspend_mask(&self) -> u8 {
+        self.suspend
+    }
+
+    /// Puts a predecessor's state into this core (see [`BevState`]): its buffers replace
+    /// this core's, and its flags and counts are taken as they were.
+    pub fn restore(&mut self, st: BevState) {
+        const DATA: u8 = Suspend::User as u8 | Suspend::HighWatermark as u8 | Suspend::Peer as u8;
+        self.input = st.input;
+        self.output = st.output;
+        self.raw_in = st.raw_in;
+        self.raw_out = st.raw_out;
+        self.eof = st.eof;
+        self.shutdown_requested = st.shutdown_requested;
+        self.write_shut = st.write_shut;
+        self.suspend = (self.suspend & !DATA) | (st.suspend & DATA);
+        self.bytes_read = st.bytes_read;
+        self.bytes_written = st.bytes_written;
+    }
+
     /// Bytes read from / written to the transport (the wire, after the filter).
     pub fn wire_bytes(&self) -> (u64, u64) {
         (self.bytes_read, self.bytes_written)

@@ -46,7 +46,7 @@ use std::time::Duration;
 
 use super::buffer::Buffer;
 
-pub use bevcore::{BevCore, Readiness, Transport};
+pub use bevcore::{BevCore, BevState, Readiness, Transport};
 pub use socket::{BufferEvent, Socket};
 
 /// Events the owner receives from [`BufferEvent::on_ready`] and friends (libevent's callback

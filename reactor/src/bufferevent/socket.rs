@@ -8,8 +8,10 @@
 //! bookkeeping around them.
 //!
 //! Invariants: the socket is registered once, for read and write, and deregistered once (a
-//! failed connect or `close`); a connect's every outcome, an immediate failure included,
-//! arrives as an event, never as a return value; at most one re-drive is queued at a time.
+//! failed connect or `close`) — or, between [`BufferEvent::detach`] and
+//! [`BufferEvent::attach`], not at all, and then nothing reads or writes it; a connect's every
+//! outcome, an immediate failure included, arrives as an event, never as a return value; at
+//! most one re-drive is queued at a time.
 
 use std::io;
 use std::net::{Shutdown, SocketAddr};
@@ -58,6 +60,8 @@ pub struct Socket {
     state: State,
     ready: Readiness,
     redrive_queued: bool,
+    /// Deregistered and idle: another process may be using the socket (a live upgrade).
+    detached: bool,
     /// `None` until a read or write timeout is set.
     io_timeouts: Option<Box<IoTimeouts>>,
     connect_timer: Option<TimerKey>,
@@ -83,6 +87,7 @@ impl Socket {
             state: State::Open,
             ready: Readiness::default(),
             redrive_queued: false,
+            detached: false,
             io_timeouts: None,
             connect_timer: None,
         }
@@ -205,12 +210,45 @@ impl<F: Filter> BevCore<F, Socket> {
             cx.cancel_timer(t);
         }
         if let Some(s) = io.stream.as_mut() {
-            if io.state != State::Closed {
+            if io.state != State::Closed && !io.detached {
                 let _ = cx.deregister(s);
             }
         }
         io.state = State::Closed;
         self.clear();
+    }
+
+    /// Stops all I/O on an open socket and deregisters it, keeping everything else: a live
+    /// upgrade hands the socket (a duplicate of it) to another process, which may use it
+    /// meanwhile. Until [`attach`](Self::attach) readiness and timers are ignored, a queued
+    /// re-drive is dropped when it comes, and flushes do nothing. Not for a socket still
+    /// connecting.
+    pub fn detach<S>(&mut self, cx: &mut Context<'_, S>) -> io::Result<()> {
+        let io = &mut self.io;
+        if io.detached || io.state != State::Open {
+            return Ok(());
+        }
+        if let Some(s) = io.stream.as_mut() {
+            cx.deregister(s)?;
+        }
+        io.detached = true;
+        Ok(())
+    }
+
+    /// Resumes a detached socket: registers it again (the registration reports its current
+    /// readiness, which drives it as usual) and re-arms its timeouts.
+    pub fn attach<S>(&mut self, cx: &mut Context<'_, S>) -> io::Result<()> {
+        if !self.io.detached {
+            return Ok(());
+        }
+        self.io.detached = false;
+        self.io.ready = Readiness::default();
+        self.register(cx)
+    }
+
+    /// Whether the socket is detached (see [`detach`](Self::detach)).
+    pub fn is_detached(&self) -> bool {
+        self.io.detached
     }
 
     /// Sends a TCP RST instead of a FIN when the socket closes (SO_LINGER 0).
@@ -299,6 +337,9 @@ impl<F: Filter> BevCore<F, Socket> {
     pub fn on_notify<S>(&mut self, cx: &mut Context<'_, S>, tag: Tag) -> BevEvents {
         if self.kind_of(tag) == Some(REDRIVE) {
             self.io.redrive_queued = false;
+            if self.io.detached {
+                return BevEvents::empty();
+            }
             return self.drive(cx, false);
         }
         BevEvents::empty()
@@ -306,6 +347,18 @@ impl<F: Filter> BevCore<F, Socket> {
 
     /// Feed an `on_timer` tag that [`owns_tag`](Self::owns_tag) accepted.
     pub fn on_timer<S>(&mut self, cx: &mut Context<'_, S>, tag: Tag) -> BevEvents {
+        if self.io.detached {
+            // Forgotten; `attach` arms the timeouts again.
+            let kind = self.kind_of(tag);
+            if let Some(io) = self.io.io_timeouts.as_deref_mut() {
+                match kind {
+                    Some(TIMER_READ) => io.read_timer = None,
+                    Some(TIMER_WRITE) => io.write_timer = None,
+                    _ => {}
+                }
+            }
+            return BevEvents::empty();
+        }
         let now = cx.now();
         let (read_tag, write_tag) = (self.io.tag(TIMER_READ), self.io.tag(TIMER_WRITE));
         match self.kind_of(tag) {
@@ -375,6 +428,9 @@ impl<F: Filter> BevCore<F, Socket> {
 
     /// Feed readiness the loop reported for this BufferEvent's source.
     pub fn on_ready<S>(&mut self, cx: &mut Context<'_, S>, ready: Ready) -> BevEvents {
+        if self.io.detached {
+            return BevEvents::empty();
+        }
         let cache = &mut self.io.ready;
         if ready.readable || ready.read_closed || ready.error {
             cache.readable = true;
@@ -391,7 +447,7 @@ impl<F: Filter> BevCore<F, Socket> {
     /// Runs the write path now (call after appending to `output`).
     pub fn flush<S>(&mut self, cx: &mut Context<'_, S>) -> BevEvents {
         let mut ev = BevEvents::empty();
-        if self.io.state == State::Open {
+        if self.io.state == State::Open && !self.io.detached {
             self.write_path(cx, &mut ev);
         }
         ev

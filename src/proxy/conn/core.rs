@@ -72,6 +72,10 @@ use super::super::upstream::{ConnectOutcome, TargetId, Tried, Upstreams};
 use super::super::{ByteCounts, OUTPUT_HIGH, OUTPUT_LOW, READ_HIGH, TargetAddr};
 use crate::metrics::Bytes;
 
+/// Export and import of the core's state, for a live upgrade (its own file: `migrate.rs`).
+#[path = "migrate.rs"]
+pub mod migrate;
+
 /// A connection with no activity for this long hibernates (see the module doc): about 1.1 KiB
 /// of keys per sealed session and the buffers' chunk lists go back to the allocator. Long
 /// against a request/response exchange, so traffic with shorter pauses never pays for it and

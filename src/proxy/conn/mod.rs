@@ -25,6 +25,9 @@
 //! [`Env::upstream_preamble`]; the access log line is written at [`Action::Closed`].
 
 pub mod core;
+mod handoff;
+#[cfg(test)]
+mod migrate_tests;
 #[cfg(test)]
 mod pair;
 #[cfg(test)]
@@ -43,8 +46,11 @@ use crate::reactor::{
     Suspend, Tag, Timeouts, TimerKey,
 };
 
+use self::core::migrate::Migrate;
 pub use self::core::{Action, ConnCore, Env, HIBERNATE_AFTER, Layer, Side};
 use self::core::{Cause, ConnTimer, Failure, Limits, Preamble};
+use self::handoff::Moving;
+pub use self::handoff::{ImportError, spawn_imported, tunnel_for};
 
 use super::codec::{Role, SealFilter};
 use super::identity::{self, ConnIdentity, HeaderError, HeaderStep};
@@ -70,8 +76,8 @@ impl std::fmt::Display for Upstream {
     }
 }
 
-/// A layer the shard can make for a tunnel's connection.
-pub trait Make: Layer {
+/// A layer the shard can make for a tunnel's connection (and move to a successor process).
+pub trait Make: Layer + Migrate {
     /// The layer for a new connection (a sealed initiator takes an ephemeral key from the
     /// shard's pool; a responder only once a hello verifies).
     fn make(role: Role, t: &TunnelRt) -> Self;
@@ -186,6 +192,8 @@ struct Shell {
     /// Client identity (PROXY headers in or out, the access log): `identity.rs`; `None` for
     /// a tunnel that uses none of it.
     ident: Option<Box<ConnIdentity>>,
+    /// Where it stands in a live upgrade (`handoff.rs`).
+    moving: Moving,
 }
 
 /// A proxied connection.
@@ -208,6 +216,7 @@ impl<C: Make, U: Make> Conn<C, U> {
                 handshake_timer: None,
                 ticket: None,
                 ident,
+                moving: Moving::Live,
             },
         }
     }
@@ -701,6 +710,9 @@ impl<C: Make, U: Make> Env<U, Socket> for ConnEnv<'_, '_, C, U> {
 
 impl<C: Make, U: Make> Handler<ShardState> for Conn<C, U> {
     fn on_start(&mut self, cx: &mut Context<'_, ShardState>) {
+        if self.shell.moving == Moving::Imported {
+            return self.start_imported(cx);
+        }
         let rt = &mut cx.state.tunnels[self.shell.tunnel];
         rt.active += 1;
         rt.metrics.accepted.inc();
@@ -720,8 +732,16 @@ impl<C: Make, U: Make> Handler<ShardState> for Conn<C, U> {
     }
 
     fn on_ready(&mut self, cx: &mut Context<'_, ShardState>, source: u8, ready: Ready) {
+        if self.shell.frozen() {
+            return;
+        }
         let now = cx.now();
-        {
+        // A sleeping connection with nothing to write is not woken by a writable edge alone:
+        // one comes only when its socket is registered (a connection moved here asleep).
+        let pending = self.core.client().output_pending()
+            + self.core.upstream().map_or(0, |u| u.output_pending());
+        let quiet = !ready.readable && !ready.read_closed && !ready.error && pending == 0;
+        if !(quiet && self.core.is_asleep()) {
             let (core, mut env) = self.parts(cx);
             core.activity(now, &mut env);
         }
@@ -732,9 +752,13 @@ impl<C: Make, U: Make> Handler<ShardState> for Conn<C, U> {
             let ev = up.on_ready(cx, ready);
             self.handle(cx, Side::Upstream, ev);
         }
+        self.after_event(cx);
     }
 
     fn on_notify(&mut self, cx: &mut Context<'_, ShardState>, tag: Tag) {
+        if self.handoff_notify(cx, tag) {
+            return;
+        }
         if tag == TAG_ABORT {
             let (core, mut env) = self.parts(cx);
             return core.close(CloseReason::DrainDeadline, &mut env);
@@ -748,9 +772,21 @@ impl<C: Make, U: Make> Handler<ShardState> for Conn<C, U> {
                 self.handle(cx, Side::Upstream, ev);
             }
         }
+        self.after_event(cx);
     }
 
     fn on_timer(&mut self, cx: &mut Context<'_, ShardState>, tag: Tag) {
+        if self.shell.frozen() {
+            // Its own timers were cancelled; a socket's is forgotten by the detached socket.
+            if self.core.client().owns_tag(tag) {
+                self.core.client_mut().on_timer(cx, tag);
+            } else if let Some(up) = self.core.upstream_mut() {
+                if up.owns_tag(tag) {
+                    up.on_timer(cx, tag);
+                }
+            }
+            return;
+        }
         let timer = match tag {
             TAG_IDLE => {
                 self.shell.idle_timer = None;
@@ -776,9 +812,13 @@ impl<C: Make, U: Make> Handler<ShardState> for Conn<C, U> {
         let now = cx.now();
         let (core, mut env) = self.parts(cx);
         core.on_timer(timer, now, &mut env);
+        self.after_event(cx);
     }
 
     fn on_close(&mut self, cx: &mut Context<'_, ShardState>) {
+        if let Moving::Gone(_) = self.shell.moving {
+            return self.gone(cx);
+        }
         let now = cx.now();
         {
             let (core, mut env) = self.parts(cx);
@@ -803,5 +843,11 @@ impl<C: Make, U: Make> Handler<ShardState> for Conn<C, U> {
                 cx.notify(l, super::listener::TAG_RESUME);
             }
         }
+        if self.shell.moving == Moving::Kept {
+            if let Some(e) = cx.state.export.as_mut() {
+                e.kept = e.kept.saturating_sub(1);
+            }
+        }
+        super::handoff::check_done(cx);
     }
 }

@@ -1788,3 +1788,123 @@ fn target_index(a: SocketAddr) -> usize {
         std::net::IpAddr::V6(_) => unreachable!("the harness uses IPv4 targets"),
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Live upgrade: a node's connection moves to a "successor process"
+
+impl super::core::migrate::Migrate for Sealed {
+    fn movable(&self) -> bool {
+        SealFilter::movable(self)
+    }
+    fn export_layer(
+        &self,
+    ) -> Result<Option<super::super::codec::SealState>, super::core::migrate::NotReady> {
+        self.export()
+            .map(Some)
+            .ok_or(super::core::migrate::NotReady::Layer)
+    }
+    fn import_layer(
+        seal: Option<super::super::codec::SealState>,
+    ) -> Result<Self, super::core::migrate::StateError> {
+        let seal = seal.ok_or(super::core::migrate::StateError::Missing("session"))?;
+        Ok(SealFilter::resume_with(seal, TestRng::new(0), false))
+    }
+}
+
+impl<C, U> Node<C, U>
+where
+    C: Build + super::core::migrate::Migrate,
+    U: Build + super::core::migrate::Migrate,
+{
+    /// The connection moves, as a live upgrade moves it: its state is exported (at this point
+    /// between two callbacks), encoded and decoded, and a new core over the same transports
+    /// goes on from it; the old core is dropped without closing anything. The new "process"
+    /// registers the transports afresh: its loop has no re-drive queued and no timer armed,
+    /// and the registration reports the transports' readiness. False (nothing changed) if the
+    /// connection cannot move now.
+    pub fn migrate(&mut self, now: Instant) -> bool {
+        use super::core::migrate::ConnState;
+        if self.closed {
+            return false;
+        }
+        let Ok(core) = self.core.export(now, &self.env.upstreams) else {
+            return false;
+        };
+        let mode = match (C::SEALED, U::SEALED) {
+            (false, true) => crate::config::Mode::Encrypt,
+            (true, false) => crate::config::Mode::Decrypt,
+            _ => crate::config::Mode::Forward,
+        };
+        let bytes = ConnState {
+            tunnel: "t".into(),
+            mode,
+            shard: 0,
+            core,
+            ident: None,
+        }
+        .encode();
+        let st = ConnState::decode(&bytes).expect("a state decodes as encoded");
+        let placeholder = |side| {
+            Pipe::new(
+                side,
+                End {
+                    link: Link::new(1),
+                    e: 0,
+                },
+                PipeState::Closed,
+            )
+        };
+        let mut client =
+            std::mem::replace(self.core.client_mut().io_mut(), placeholder(Side::Client));
+        let up = self
+            .core
+            .upstream_mut()
+            .expect("a settled connection has one");
+        let mut upstream = std::mem::replace(up.io_mut(), placeholder(Side::Upstream));
+        for p in [&mut client, &mut upstream] {
+            p.ready = Readiness::default();
+            p.redrive_queued = false;
+            let closed = {
+                let l = p.end.link.borrow();
+                let d = &l.dirs[1 - p.end.e];
+                d.fin_arrived || d.rst_arrived
+            };
+            p.end.add_edge(Ready {
+                readable: true,
+                writable: true,
+                read_closed: closed,
+                ..Ready::default()
+            });
+        }
+        self.env.deferred.retain(|d| *d == Deferred::Close);
+        self.env.timers = [None, None];
+        self.env.now = now;
+        let target = st
+            .core
+            .target
+            .and_then(|a| self.env.upstreams.targets().iter().find(|t| t.addr == a))
+            .map(|t| t.id());
+        self.core = ConnCore::import(
+            st.core,
+            target,
+            now,
+            |l| BevCore::with_io(client, l, !C::SEALED),
+            |l| BevCore::with_io(upstream, l, !U::SEALED),
+        )
+        .expect("a state imports as exported");
+        self.core.resume(&mut self.env);
+        true
+    }
+}
+
+impl World {
+    /// The encrypt (node 0) or decrypt (node 1) side's connection moves to a successor (see
+    /// `Node::migrate`). True if it could.
+    pub fn migrate(&mut self, node: usize) -> bool {
+        let now = self.now;
+        match node % 2 {
+            0 => self.enc.migrate(now),
+            _ => self.dec.as_mut().is_some_and(|d| d.migrate(now)),
+        }
+    }
+}
