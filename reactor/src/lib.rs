@@ -25,10 +25,10 @@ pub mod tag;
 pub mod timer;
 
 pub use base::{Context, EventBase, Handle, Handler, HandlerId, LoopStats, Ready};
-pub use buffer::Buffer;
+pub use buffer::{Buffer, FrameSlots};
 pub use bufferevent::{
-    BevCore, BevEvents, BufferEvent, Filter, FilterStatus, NoFilter, Readiness, Socket, Suspend,
-    Timeouts, Transport, Watermarks,
+    BevCore, BevEvents, BufferEvent, Filter, FilterStatus, NoFilter, Readiness, Relay, Socket,
+    Suspend, Timeouts, Transport, Watermarks,
 };
 pub use clock::{Clock, ManualClock};
 pub use listener::{ConnListener, ListenerOptions};
