@@ -109,6 +109,9 @@ pub struct BevCore<F: Filter, T> {
     /// The user asked to shut down writing once output drains.
     pub(super) shutdown_requested: bool,
     pub(super) write_shut: bool,
+    /// The last read took less than a chunk: the stream carries small messages, so the next
+    /// pass's first read offers one chunk, not a whole batch (see `read_some_via`).
+    pub(super) small_reads: bool,
     pub(super) watermarks: Watermarks,
     pub(super) error: Option<io::Error>,
     pub(super) bytes_read: u64,
@@ -148,6 +151,7 @@ impl<F: Filter, T> BevCore<F, T> {
             error: None,
             bytes_read: 0,
             bytes_written: 0,
+            small_reads: true,
             io,
         }
     }
@@ -352,6 +356,15 @@ impl<F: Filter, T: Transport> BevCore<F, T> {
             relay = None;
         }
         let mut relayed = false;
+        // A stream of small messages (requests, replies) is offered one chunk at first, not
+        // a batch of them: a read that fills it proves there is more, and the next offers the
+        // whole batch. Taking and planning eight chunks to read 64 bytes into one of them
+        // costs more than the rare extra read of a stream that turns to bulk.
+        let mut offer_cap = if self.small_reads {
+            CHUNK_SIZE
+        } else {
+            usize::MAX
+        };
         loop {
             let high = self.watermarks.read_high;
             let pending = self.input_pending();
@@ -378,7 +391,7 @@ impl<F: Filter, T: Transport> BevCore<F, T> {
                 yielded = true;
                 break;
             }
-            let mut max = READ_BATCH.min(budget);
+            let mut max = READ_BATCH.min(budget).min(offer_cap);
             if high != 0 {
                 max = max.min(high - pending);
             }
@@ -470,6 +483,10 @@ impl<F: Filter, T: Transport> BevCore<F, T> {
                     break;
                 }
                 Got::Bytes { n, drained } => {
+                    self.small_reads = n < CHUNK_SIZE;
+                    if !drained {
+                        offer_cap = usize::MAX;
+                    }
                     self.bytes_read += n as u64;
                     budget = budget.saturating_sub(n);
                     if !self.passthrough {
@@ -568,6 +585,8 @@ mod tests {
         sent: Vec<u8>,
         room: usize,
         reads: usize,
+        /// Bytes each vectored read offered.
+        offers: Vec<usize>,
     }
 
     impl Read for Mem {
@@ -596,6 +615,7 @@ mod tests {
         /// A `readv`: at most `per_read` bytes in all, filling the buffers in order.
         fn read_each(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
             self.reads += 1;
+            self.offers.push(bufs.iter().map(|b| b.len()).sum());
             if self.inbound.is_empty() {
                 return if self.fin {
                     Ok(0)
@@ -901,5 +921,41 @@ mod tests {
         assert!(ev.contains(BevEvents::READ) && near.input.is_empty());
         unframe(&mut far.raw_out, &mut got);
         assert_eq!(got, b"firstsecondthirdfourth");
+    }
+
+    #[test]
+    fn a_small_message_stream_is_offered_one_chunk_and_a_bulk_one_a_batch() {
+        let mut c = core();
+        c.io.0.per_read = usize::MAX;
+        // A request: the first read of a fresh stream offers one chunk.
+        c.io.0.inbound.extend([1u8; 100]);
+        c.io.1.readable = true;
+        c.read_some(&mut BevEvents::empty());
+        assert_eq!(c.io.0.offers, [CHUNK_SIZE]);
+        assert_eq!(c.input.len(), 100);
+        // Bulk arrives: the one-chunk read fills, so the same pass goes on with whole batches,
+        // and the next pass starts with one.
+        c.input.clear();
+        c.io.0.offers.clear();
+        c.io.0.inbound.extend(vec![2u8; 600_000]);
+        c.io.1.readable = true;
+        c.read_some(&mut BevEvents::empty());
+        assert_eq!(c.io.0.offers[0], CHUNK_SIZE);
+        assert!(
+            c.io.0.offers[1..]
+                .iter()
+                .all(|&o| o >= READ_BATCH - CHUNK_SIZE)
+        );
+        assert_eq!(c.input.len(), 600_000, "read to the end in one pass");
+        c.input.clear();
+        c.io.0.offers.clear();
+        c.io.0.inbound.extend(vec![3u8; 300_000]);
+        c.io.1.readable = true;
+        c.read_some(&mut BevEvents::empty());
+        assert!(
+            c.io.0.offers[0] >= READ_BATCH - CHUNK_SIZE,
+            "{:?}",
+            c.io.0.offers
+        );
     }
 }
