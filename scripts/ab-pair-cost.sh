@@ -12,12 +12,16 @@
 #   rr    the same pair carries RR_N1, then (a fresh pair) RR_N2 round trips of 64 bytes on one
 #         connection; the difference of the two sums over RR_N2 - RR_N1 is the instructions per
 #         request, start-up and connection setup cancelled out.
+#   conn  likewise CONN_N1 and CONN_N2 connections, one after another (connect, one 64-byte
+#         round trip, close): instructions and heap allocations (calls to malloc, calloc,
+#         realloc and the aligned allocators, counted by callgrind) per connection.
 # Then, unless SYSCALLS=0, once per build without valgrind: `strace -c -f` on both processes
 # while RR_N2 round trips run on one connection: system calls per request, by name.
 #
 # usage: scripts/ab-pair-cost.sh A_BIN B_BIN [MIB] [REPS]      (defaults 32 and 2)
 #   ARGS_A / ARGS_B  extra arguments for each build's two processes (e.g. "--io-backend uring")
-#   RR_N1 [1000]  RR_N2 [4000]  SECTIONS [bulk rr]  SYSCALLS [1]  OUT [a temporary dir]
+#   RR_N1 [1000]  RR_N2 [4000]  CONN_N1 [100]  CONN_N2 [400]  SECTIONS [bulk rr conn]
+#   SYSCALLS [1]  OUT [a temporary dir]
 # needs: valgrind, strace, python3. Kills only the processes it started (their PIDs), on any
 # exit. Results: a summary on stdout; the callgrind and strace outputs stay in OUT if given.
 set -euo pipefail
@@ -29,7 +33,9 @@ mib=${3:-32}
 reps=${4:-2}
 rr1=${RR_N1:-1000}
 rr2=${RR_N2:-4000}
-sections=${SECTIONS:-bulk rr}
+cn1=${CONN_N1:-100}
+cn2=${CONN_N2:-400}
+sections=${SECTIONS:-bulk rr conn}
 for t in valgrind python3 callgrind_annotate; do
   command -v $t >/dev/null || { echo "ab-pair-cost: $t not found"; exit 1; }
 done
@@ -80,6 +86,40 @@ for _ in range(n):
     assert got == req
 c.close()
 PY
+cat > "$tmp/conn.py" <<'PY'
+import socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+for _ in range(n):
+    c = socket.create_connection(("127.0.0.1", port), timeout=900)
+    c.sendall(b"x" * 64)
+    got = b""
+    while len(got) < 64:
+        b = c.recv(4096)
+        assert b, "closed early"
+        got += b
+    c.close()
+PY
+# calls to the allocator's entry points in a callgrind output
+allocs_of() {
+  python3 - "$1" <<'PYA'
+import re, sys
+names, total, cur = {}, 0, None
+alloc = {"malloc", "calloc", "realloc", "posix_memalign", "aligned_alloc", "memalign"}
+for line in open(sys.argv[1], errors="replace"):
+    m = re.match(r"(c?)fn=\((\d+)\)(?: (.*))?", line)
+    if m:
+        if m.group(3):
+            names[m.group(2)] = m.group(3).strip()
+        if m.group(1):
+            cur = names.get(m.group(2), "")
+        continue
+    m = re.match(r"calls=(\d+)", line)
+    if m and cur in alloc:
+        total += int(m.group(1))
+        cur = None
+print(total)
+PYA
+}
 
 "$a_bin" keygen --out "$tmp/k.key" >/dev/null
 
@@ -125,8 +165,10 @@ run_cg() {
   echo "$((d + e)) $e $(mem_of "$tmp/$tag.enc.out")"
 }
 
-declare -A bulk_ir bulk_mem rr_ir
-for side in A B; do bulk_ir[$side]=""; bulk_mem[$side]=""; rr_ir[$side]=""; done
+declare -A bulk_ir bulk_mem rr_ir conn_ir conn_al
+for side in A B; do
+  bulk_ir[$side]=""; bulk_mem[$side]=""; rr_ir[$side]=""; conn_ir[$side]=""; conn_al[$side]=""
+done
 for r in $(seq 1 "$reps"); do
   for side in A B; do
     if [ $side = A ]; then bin=$a_bin; args=${ARGS_A:-}; else bin=$b_bin; args=${ARGS_B:-}; fi
@@ -143,6 +185,16 @@ for r in $(seq 1 "$reps"); do
       per=$(( (t2 - t1) / (rr2 - rr1) ))
       echo "rr $side run $r: $per instructions per 64-byte request/response (both processes; $rr1 vs $rr2 requests)"
       rr_ir[$side]+="$per "
+    fi
+    if [[ " $sections " == *" conn "* ]]; then
+      read -r t1 _ _ <<<"$(run_cg "$bin" "$args" "conn1$side$r" "$tmp/conn.py" "$cn1")"
+      a1=$(( $(allocs_of "$tmp/conn1$side$r.dec.out") + $(allocs_of "$tmp/conn1$side$r.enc.out") ))
+      read -r t2 _ _ <<<"$(run_cg "$bin" "$args" "conn2$side$r" "$tmp/conn.py" "$cn2")"
+      a2=$(( $(allocs_of "$tmp/conn2$side$r.dec.out") + $(allocs_of "$tmp/conn2$side$r.enc.out") ))
+      per=$(( (t2 - t1) / (cn2 - cn1) ))
+      al=$(python3 -c "print(f'{($a2 - $a1) / ($cn2 - $cn1):.2f}')")
+      echo "conn $side run $r: $per instructions and $al heap allocations per connection (both processes; $cn1 vs $cn2 connections)"
+      conn_ir[$side]+="$per "; conn_al[$side]+="$al "
     fi
   done
 done
@@ -162,10 +214,11 @@ if [ "${SYSCALLS:-1}" = 1 ] && command -v strace >/dev/null; then
   done
 fi
 
-python3 - "${bulk_ir[A]}" "${bulk_ir[B]}" "${bulk_mem[A]}" "${bulk_mem[B]}" "${rr_ir[A]}" "${rr_ir[B]}" <<'PY'
+python3 - "${bulk_ir[A]}" "${bulk_ir[B]}" "${bulk_mem[A]}" "${bulk_mem[B]}" "${rr_ir[A]}" "${rr_ir[B]}" \
+  "${conn_ir[A]}" "${conn_ir[B]}" "${conn_al[A]}" "${conn_al[B]}" <<'PY'
 import sys, statistics as st
 def nums(s): return [float(x) for x in s.split()]
-ba, bb, ma, mb, ra, rb = map(nums, sys.argv[1:])
+ba, bb, ma, mb, ra, rb, ca, cb, la, lb = map(nums, sys.argv[1:])
 def line(name, a, b, unit):
     if not a or not b: return
     ma_, mb_ = st.mean(a), st.mean(b)
@@ -175,4 +228,7 @@ line("bulk instructions per GiB", ba, bb, "")
 if ma and mb:
     print(f"encrypt process memmove/memcpy share: A {st.mean(ma):.2f}%, B {st.mean(mb):.2f}%")
 line("instructions per request", ra, rb, "")
+line("instructions per connection", ca, cb, "")
+if la and lb:
+    print(f"heap allocations per connection: A {st.mean(la):.2f}, B {st.mean(lb):.2f}")
 PY
