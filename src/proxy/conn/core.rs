@@ -37,7 +37,10 @@
 //!   far side with an ABORT.
 //! - Backpressure: a side stops reading while the far side's output holds [`OUTPUT_HIGH`] or
 //!   more, and resumes when that drains to [`OUTPUT_LOW`] (reads also stop at [`READ_HIGH`]
-//!   of pending input, in the stream core).
+//!   of pending input, in the stream core). A plain side feeding a sealed one reads straight
+//!   into the sealed side's records while nothing waits ahead of the bytes ([`Relay`], handed
+//!   out with the side by [`ConnCore::client_reader`] / [`ConnCore::upstream_reader`]); the
+//!   pumps treat those bytes as moved ones: flush, then the same mark.
 //! - Client preamble: where the `Env` expects one (a PROXY header from a trusted load
 //!   balancer, `accept_proxy`), the client's input stages no more than its limit and nothing
 //!   connects until the `Env` says it is in ([`Env::client_preamble`]); a bad one, an end
@@ -403,7 +406,7 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
     }
 
     /// The client side, to read from, with where its reads may go straight to (see
-    /// [`ConnCore::relay`]).
+    /// `relays`).
     pub fn client_reader(&mut self) -> Reader<'_, C, U, T> {
         let relays = self.relays();
         let relay = match self.upstream.as_deref_mut() {
@@ -414,7 +417,7 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
     }
 
     /// The upstream side (if there is one), to read from, with where its reads may go
-    /// straight to (see [`ConnCore::relay`]).
+    /// straight to (see `relays`).
     pub fn upstream_reader(&mut self) -> Option<Reader<'_, U, C, T>> {
         let relays = self.relays();
         let up = self.upstream.as_deref_mut()?;
@@ -436,6 +439,7 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
     fn relays(&self) -> bool {
         (C::SEALED || U::SEALED) && !self.awaiting_preamble && self.closed.is_none()
     }
+
     /// Why the connection closed, once it did.
     pub fn closed(&self) -> Option<CloseReason> {
         self.closed
