@@ -1,8 +1,13 @@
 //! The seal/open codec as a reactor [`Filter`]: it runs the handshake on the sealed side of a
 //! connection, then seals what the user writes and opens what the socket delivers.
 //!
-//! Sealing is in place: the record's header, payload and tag are laid out in one reservation of
-//! the wire buffer's tail chunk, the payload copied in once and encrypted where it lies.
+//! Sealing is in place, and usually copies nothing: a plain side's reads go straight into the
+//! payload slots of records laid out at the end of the wire buffer ([`Filter::frame_slots`],
+//! a full record then one that fills the chunk's rest, as `encode` tiles them), and each slot
+//! is sealed where it lies ([`Filter::frame_in_place`]; the reactor's `Relay`). Bytes that
+//! had to wait in the user's output (before the session opened, behind the OPEN, or while the
+//! far side was full) go through `encode`, which lays out the record in one reservation of
+//! the wire buffer's tail chunk, copies the payload in once and encrypts it where it lies.
 //!
 //! Opening copies no plaintext: the whole records of the read buffer's front chunk are opened
 //! where they lie, each decryption also moving its plaintext down to follow the previous
@@ -53,7 +58,7 @@ use sealpipe_protocol::{
     MAX_OPEN_LEN, MAX_PAYLOAD, OpenInfo, OsRandom, ProtocolError, RandomSource, RecordType, Sealer,
     Session, SessionState, Status, TAG_LEN,
 };
-use sealpipe_reactor::{Buffer, Filter, FilterStatus};
+use sealpipe_reactor::{Buffer, Filter, FilterStatus, FrameSlots};
 
 /// A record smaller than this is not worth splitting bulk data for (to fill a chunk's tail).
 const MIN_SPLIT: usize = 4096;
@@ -486,6 +491,43 @@ impl<R: RandomSource> Filter for SealFilter<R> {
             (Phase::Handshake(_), Role::Responder) => Some(Handshake::max_message_len()),
             _ => None,
         }
+    }
+
+    fn frame_slots(&mut self, raw_out: &mut Buffer) -> Option<FrameSlots> {
+        // Only an open session with nothing to seal ahead of the user's bytes: the hello, the
+        // OPEN and an ABORT go through `encode`; after END or ABORT nothing more is sealed.
+        if !self.hello.is_empty() || self.abort.is_some() {
+            return None;
+        }
+        let Phase::Open(session) = &mut self.phase else {
+            return None;
+        };
+        let sealer = &mut session.sealer;
+        if sealer.end_sent() || sealer.open_due() {
+            return None;
+        }
+        if sealer.key_update_due() {
+            seal_empty(sealer, raw_out, RecordType::KeyUpdate).ok()?;
+        }
+        // Records tile chunks as `encode`'s do: a full one, then one that fills the rest.
+        Some(FrameSlots {
+            head: HEADER_LEN,
+            body: MAX_PAYLOAD,
+            tail: TAG_LEN,
+            min_body: MIN_SPLIT,
+            frames: usize::try_from(sealer.records_before_key_update()).unwrap_or(usize::MAX),
+        })
+    }
+
+    fn frame_in_place(&mut self, frame: &mut [u8], len: usize) -> io::Result<()> {
+        let Phase::Open(session) = &mut self.phase else {
+            return Err(fail(ProtocolError::Malformed));
+        };
+        session
+            .sealer
+            .seal_in_place(RecordType::Data, frame, len)
+            .map_err(fail)?;
+        Ok(())
     }
 
     fn frame_rest(&self, raw_in: &Buffer) -> Option<usize> {

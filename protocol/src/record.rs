@@ -367,6 +367,11 @@ impl Sealer {
         self.dir.seq >= self.interval
     }
 
+    /// How many more records may be sealed before [`Sealer::key_update_due`] (0 when it is).
+    pub fn records_before_key_update(&self) -> u64 {
+        self.interval.saturating_sub(self.dir.seq)
+    }
+
     /// Records sealed under one key before [`Sealer::key_update_due`]; clamped to
     /// `1..RECORD_LIMIT` so the KEY_UPDATE itself always fits under the hard limit.
     pub fn set_key_update_interval(&mut self, records: u64) {

@@ -40,6 +40,26 @@ pub const WRITE_IOVECS: usize = 16;
 /// than starting a new chunk: a short memcpy is cheaper than holding a second 32 KiB chunk.
 const COMPACT_MAX: usize = 4 * 1024;
 
+/// Most frames one [`Buffer::read_into_frames`] offers: two per fresh chunk of
+/// [`READ_IOVECS`], and two in the current tail.
+const FRAME_IOVECS: usize = 2 * READ_IOVECS + 2;
+
+/// The layout of the frames [`Buffer::read_into_frames`] reads into: each is `head` bytes
+/// reserved for a header, a body of at most `body` bytes that the read fills, and `tail` bytes
+/// reserved after the body's end (a record's header, payload and tag).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameSlots {
+    pub head: usize,
+    pub body: usize,
+    pub tail: usize,
+    /// A chunk's leftover room becomes a frame only if its body can hold this many bytes
+    /// (so bulk data is not cut into uselessly small frames to fill a chunk's last bytes).
+    pub min_body: usize,
+    /// The most frames this read may fill (e.g. until the framer must put something else
+    /// between them).
+    pub frames: usize,
+}
+
 /// A byte queue over a chain of pooled [`CHUNK_SIZE`] chunks.
 #[derive(Default)]
 pub struct Buffer {
@@ -467,6 +487,162 @@ impl Buffer {
         }
         self.len += n;
         Ok(n)
+    }
+
+    /// Reads once from `r`, at most `max` bytes, straight into frames laid out at the end of
+    /// the buffer (see [`FrameSlots`]), and frames each one where it lies: for a reader whose
+    /// bytes are sealed into records on their way out, this is the whole copy-free path (read
+    /// into the record's payload slot, seal in place, commit).
+    ///
+    /// The read is one `read_vectored` call whose iovecs are the frames' body slots: first in
+    /// the tail chunk's room, then in up to [`READ_IOVECS`] fresh chunks, each chunk carved
+    /// into frames from its end of data (a frame's body is at most `slots.body`, and a chunk's
+    /// leftover room becomes a frame only if its body can hold at least `slots.min_body`, so
+    /// no chunk but the last is less than `CHUNK_SIZE - head - tail - min_body` full; a stream
+    /// of tiny reads fills one chunk before it takes the next).
+    /// The kernel fills the slots in order, so every frame but the last filled one is full;
+    /// `frame(slot, len)` is then called, in order, for each frame with `len > 0` body bytes,
+    /// on the frame's `head + len + tail` bytes with the body at `slot[head..head + len]`; it
+    /// fills the head and tail (and may transform the body) in place, and the whole frame is
+    /// committed. Returns the body bytes read and the body bytes the read offered (less than
+    /// `max` when the frames or iovecs ran out first: a read shorter than `max` does not by
+    /// itself prove the reader drained).
+    ///
+    /// Errors: as [`read_from`](Buffer::read_from) — a read that fails (`WouldBlock`
+    /// included) or hits EOF leaves the buffer exactly as it was, fresh chunks that receive
+    /// nothing go straight back to the pool. An error from `frame` ends the call at that
+    /// frame, with the frames before it committed and its bytes and those after it dropped
+    /// (the reader consumed them: the caller's stream is broken and must close).
+    pub fn read_into_frames<R: Read + ?Sized>(
+        &mut self,
+        r: &mut R,
+        max: usize,
+        slots: FrameSlots,
+        mut frame: impl FnMut(&mut [u8], usize) -> io::Result<()>,
+    ) -> io::Result<(usize, usize)> {
+        let overhead = slots.head + slots.tail;
+        if max == 0 || slots.frames == 0 || slots.body == 0 || overhead >= CHUNK_SIZE {
+            return Ok((0, 0));
+        }
+        let min_body = slots.min_body.clamp(1, slots.body);
+        // The plan: which chunk each frame is in (0: the current tail, k > 0: fresh[k - 1])
+        // and its body length; frames of one chunk lie back to back from its end of data.
+        let mut plan = [(0usize, 0usize); FRAME_IOVECS];
+        let mut nplan = 0;
+        let mut offered = 0;
+        let limit = slots.frames.min(FRAME_IOVECS);
+        // Carves frames out of `room` bytes of chunk `at` into the plan; false if none fit.
+        let mut carve = |at: usize, mut room: usize| {
+            let before = nplan;
+            while nplan < limit && offered < max {
+                let Some(body) = room.checked_sub(overhead).filter(|&b| b >= min_body) else {
+                    break;
+                };
+                let body = body.min(slots.body).min(max - offered);
+                plan[nplan] = (at, body);
+                nplan += 1;
+                offered += body;
+                room -= body + overhead;
+            }
+            nplan > before
+        };
+        let mut fresh: [Option<Chunk>; READ_IOVECS] = [const { None }; READ_IOVECS];
+        let mut nfresh = 0;
+        carve(0, self.tail_room());
+        while nfresh < READ_IOVECS && carve(nfresh + 1, CHUNK_SIZE) {
+            fresh[nfresh] = Some(pool::take());
+            nfresh += 1;
+        }
+        let plan = &plan[..nplan];
+        if plan.is_empty() {
+            return Ok((0, 0));
+        }
+
+        let result = loop {
+            let mut iov: [IoSliceMut<'_>; FRAME_IOVECS] =
+                std::array::from_fn(|_| IoSliceMut::new(&mut []));
+            let mut used = 0;
+            let mut rest: &mut [u8] = match self.chunks.back_mut() {
+                Some(last) => last.tail_mut(),
+                None => &mut [],
+            };
+            let mut fresh_iter = fresh.iter_mut().flatten();
+            let mut cur = 0;
+            for &(at, body) in plan {
+                while cur != at {
+                    rest = match fresh_iter.next() {
+                        Some(c) => c.tail_mut(),
+                        None => &mut [],
+                    };
+                    cur += 1;
+                }
+                let (_, after_head) = std::mem::take(&mut rest).split_at_mut(slots.head);
+                let (b, after_body) = after_head.split_at_mut(body);
+                rest = after_body.get_mut(slots.tail..).unwrap_or_default();
+                iov[used] = IoSliceMut::new(b);
+                used += 1;
+            }
+            match r.read_vectored(&mut iov[..used]) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => break other,
+            }
+        };
+        let n = match result {
+            Ok(n) => n.min(offered), // a misbehaving reader must not make us panic
+            Err(e) => {
+                for c in fresh.into_iter().flatten() {
+                    pool::give(c);
+                }
+                return Err(e);
+            }
+        };
+
+        // Frame and commit, in order: each frame starts at its chunk's (new) end of data.
+        let mut left = n;
+        let mut failed = None;
+        let mut committed_fresh = 0;
+        for &(at, body) in plan {
+            let len = left.min(body);
+            if len == 0 || failed.is_some() {
+                break;
+            }
+            left -= len;
+            let chunk = if at == 0 {
+                self.chunks.back_mut()
+            } else {
+                if committed_fresh < at {
+                    if let Some(c) = fresh[at - 1].take() {
+                        self.chunks.push_back(c);
+                    }
+                    committed_fresh = at;
+                }
+                self.chunks.back_mut()
+            };
+            let Some(chunk) = chunk else {
+                break;
+            };
+            match frame(&mut chunk.tail_mut()[..len + overhead], len) {
+                Ok(()) => {
+                    chunk.commit(len + overhead);
+                    self.len += len + overhead;
+                }
+                Err(e) => failed = Some(e),
+            }
+        }
+        for c in fresh.into_iter().flatten() {
+            pool::give(c);
+        }
+        // A fresh chunk pushed for a frame that then failed holds nothing: never leave an
+        // empty chunk behind.
+        if self.chunks.back().is_some_and(Chunk::is_empty) {
+            if let Some(c) = self.chunks.pop_back() {
+                pool::give(c);
+            }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok((n, offered)),
+        }
     }
 
     /// Reads once from `r`, at most `max` bytes, into the tail chunk only — which, for an
@@ -1017,6 +1193,169 @@ mod tests {
         assert_eq!(pool::stats().live_chunks, live0);
     }
 
+    /// Records as a sealer lays them out: a 3-byte header, at most 16 KiB, a 16-byte tag.
+    const RECORDS: FrameSlots = FrameSlots {
+        head: 3,
+        body: 16384,
+        tail: 16,
+        min_body: 4096,
+        frames: usize::MAX,
+    };
+
+    /// Frames in place as a test framer: the body length in the head, 0xEE in the tail.
+    fn frame_test(f: &mut [u8], len: usize) -> io::Result<()> {
+        assert_eq!(f.len(), len + 19);
+        f[..3].copy_from_slice(&[0xAA, (len >> 8) as u8, len as u8]);
+        f[3 + len..].fill(0xEE);
+        Ok(())
+    }
+
+    /// The bodies of the test frames in `b`, checked, and each frame's length.
+    fn unframe_test(b: &Buffer) -> (Vec<u8>, Vec<usize>) {
+        let bytes = contents(b);
+        let (mut body, mut lens, mut at) = (Vec::new(), Vec::new(), 0);
+        while at < bytes.len() {
+            assert_eq!(bytes[at], 0xAA, "a frame starts at {at}");
+            let len = usize::from(bytes[at + 1]) << 8 | usize::from(bytes[at + 2]);
+            assert!(
+                bytes[at + 3 + len..at + 19 + len]
+                    .iter()
+                    .all(|&x| x == 0xEE)
+            );
+            body.extend_from_slice(&bytes[at + 3..at + 3 + len]);
+            lens.push(len + 19);
+            at += len + 19;
+        }
+        (body, lens)
+    }
+
+    #[test]
+    fn framed_reads_tile_chunks_with_whole_frames() {
+        let data = pattern(300_000, 6);
+        let live0 = pool::stats().live_chunks;
+        let mut r = Script {
+            data: data.clone(),
+            pos: 0,
+            steps: vec![Ok(100_000), Ok(5), Ok(usize::MAX)],
+        };
+        let mut b = Buffer::new();
+        let (n, offered) = b
+            .read_into_frames(&mut r, 1 << 20, RECORDS, frame_test)
+            .unwrap();
+        assert_eq!(n, 100_000);
+        assert_eq!(
+            offered,
+            READ_IOVECS * (16384 + 16346),
+            "two frames per fresh chunk"
+        );
+        b.check_invariants();
+        // Each full chunk holds a full frame and one that fills it exactly.
+        let (body, lens) = unframe_test(&b);
+        assert_eq!(body, &data[..100_000]);
+        assert_eq!(&lens[..6], &[16403, 16365, 16403, 16365, 16403, 16365]);
+        assert_eq!(b.chunk_count(), 4);
+        // A tiny read finishes nothing: it is a frame of its own in the tail's room.
+        assert_eq!(
+            b.read_into_frames(&mut r, 1 << 20, RECORDS, frame_test)
+                .unwrap()
+                .0,
+            5
+        );
+        assert_eq!(b.chunk_count(), 4);
+        let (body, _) = unframe_test(&b);
+        assert_eq!(body, &data[..100_005]);
+        // `max` and `frames` bound what is offered.
+        let few = FrameSlots {
+            frames: 2,
+            ..RECORDS
+        };
+        let frames_before = unframe_test(&b).1.len();
+        let (n, offered) = b
+            .read_into_frames(&mut r, 1 << 20, few, frame_test)
+            .unwrap();
+        assert!(n == offered && n <= 2 * 16384, "{n} of {offered}");
+        assert_eq!(unframe_test(&b).1.len(), frames_before + 2);
+        let (n2, offered2) = b
+            .read_into_frames(&mut r, 777, RECORDS, frame_test)
+            .unwrap();
+        assert_eq!((n2, offered2), (777, 777));
+        let (body, _) = unframe_test(&b);
+        assert_eq!(body, &data[..100_005 + n + 777]);
+        b.check_invariants();
+        drop(b);
+        assert_eq!(pool::stats().live_chunks, live0);
+    }
+
+    #[test]
+    fn tiny_framed_reads_fill_a_chunk_before_taking_another() {
+        let data = pattern(50_000, 8);
+        let mut b = Buffer::new();
+        let mut src = &data[..];
+        let mut total = 0;
+        while total < data.len() {
+            // Reads of 1 to 97 bytes, as a chatty peer's requests arrive.
+            let n = (total * 31 % 97) + 1;
+            let mut piece = &src[..n.min(src.len())];
+            let (got, _) = b
+                .read_into_frames(&mut piece, 1 << 20, RECORDS, frame_test)
+                .unwrap();
+            src = &src[got..];
+            total += got;
+        }
+        let (body, _) = unframe_test(&b);
+        assert!(body == data);
+        // Every chunk but the last is full to within a frame's minimum.
+        let bound = b.len().div_ceil(CHUNK_SIZE - 4096 - 19) + 1;
+        assert!(
+            b.chunk_count() <= bound,
+            "{} chunks for {}",
+            b.chunk_count(),
+            b.len()
+        );
+        b.check_invariants();
+    }
+
+    #[test]
+    fn a_failed_framed_read_or_framer_leaves_no_stray_chunk() {
+        let live0 = pool::stats().live_chunks;
+        let mut b = Buffer::new();
+        let mut r = Script {
+            data: pattern(100_000, 9),
+            pos: 0,
+            steps: vec![Err(io::ErrorKind::WouldBlock.into()), Ok(40_000)],
+        };
+        let e = b
+            .read_into_frames(&mut r, 1 << 20, RECORDS, frame_test)
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        assert_eq!((b.len(), b.chunk_count()), (0, 0));
+        assert_eq!(pool::stats().live_chunks, live0);
+        // The framer fails on the third frame: the two before it stay, nothing else.
+        let mut calls = 0;
+        let e = b
+            .read_into_frames(&mut r, 1 << 20, RECORDS, |f, len| {
+                calls += 1;
+                if calls == 3 {
+                    return Err(io::ErrorKind::InvalidData.into());
+                }
+                frame_test(f, len)
+            })
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(b.len(), 16403 + 16365);
+        assert_eq!(b.chunk_count(), 1);
+        b.check_invariants();
+        // EOF: nothing changes.
+        let mut empty: &[u8] = &[];
+        let got = b
+            .read_into_frames(&mut empty, 1 << 20, RECORDS, frame_test)
+            .unwrap();
+        assert_eq!(got, (0, READ_IOVECS * (16384 + 16346)));
+        assert_eq!((b.len(), b.chunk_count()), (16403 + 16365, 1));
+        drop(b);
+        assert_eq!(pool::stats().live_chunks, live0);
+    }
+
     #[test]
     fn read_from_empty_would_block_takes_nothing() {
         let (mut a, _peer) = UnixStream::pair().unwrap();
@@ -1181,6 +1520,7 @@ mod tests {
         Remove(usize),
         SplitFront(usize, usize),
         ReadLimited(usize, usize),
+        ReadFrames(usize, usize, usize),
         Clear,
     }
 
@@ -1194,9 +1534,11 @@ mod tests {
             2 => size.clone().prop_map(Op::MoveBack),
             2 => (0usize..=CHUNK_SIZE).prop_map(Op::Pullup),
             2 => (0usize..=CHUNK_SIZE, 0usize..=CHUNK_SIZE).prop_map(|(r, c)| Op::ReserveCommit(r, c)),
-            2 => size.prop_map(Op::Remove),
+            2 => size.clone().prop_map(Op::Remove),
             2 => (0usize..=CHUNK_SIZE, 0usize..=CHUNK_SIZE).prop_map(|(p, c)| Op::SplitFront(p, c)),
             2 => (0usize..300, 1usize..300).prop_map(|(m, c)| Op::ReadLimited(m, c)),
+            2 => (size, 1usize..20_000, 1usize..20)
+                .prop_map(|(m, body, frames)| Op::ReadFrames(m, body, frames)),
             1 => Just(Op::Clear),
         ]
     }
@@ -1279,6 +1621,34 @@ mod tests {
                             let d = pattern(max, seed);
                             let got = a.read_limited(&mut &d[..], max, cap).unwrap();
                             ma.extend_from_slice(&d[..got]);
+                        }
+                        Op::ReadFrames(max, body, frames) => {
+                            // Frames of a 2-byte head (the body's length) and a 1-byte tail.
+                            let d = pattern(max, seed);
+                            let slots = FrameSlots { head: 2, body, tail: 1, min_body: 50, frames };
+                            let (got, offered) = a
+                                .read_into_frames(&mut &d[..], max, slots, |f, len| {
+                                    f[..2].copy_from_slice(&(len as u16).to_be_bytes());
+                                    f[2 + len] = 0xEE;
+                                    Ok(())
+                                })
+                                .unwrap();
+                            // The reader holds `max` bytes: the read takes all it is offered.
+                            prop_assert!(got == offered && offered <= max);
+                            // A frame may hold less than `body` (a chunk's end): read each
+                            // frame's length from the buffer.
+                            let mut at = 0;
+                            let bytes = contents(&a);
+                            let mut pos = ma.len();
+                            while at < got {
+                                let len = usize::from(u16::from_be_bytes([bytes[pos], bytes[pos + 1]]));
+                                prop_assert!(len >= 1 && len <= body);
+                                prop_assert_eq!(&bytes[pos + 2..pos + 2 + len], &d[at..at + len]);
+                                prop_assert_eq!(bytes[pos + 2 + len], 0xEE);
+                                ma.extend_from_slice(&bytes[pos..pos + 3 + len]);
+                                pos += 3 + len;
+                                at += len;
+                            }
                         }
                         Op::Clear => {
                             a.clear();

@@ -25,9 +25,10 @@ pub mod tag;
 pub mod timer;
 
 pub use base::{Context, EventBase, Handle, Handler, HandlerId, LoopStats, Ready};
-pub use buffer::Buffer;
+pub use buffer::{Buffer, FrameSlots};
 pub use bufferevent::{
-    BevCore, BevEvents, BevState, BufferEvent, Filter, FilterStatus, NoFilter, Readiness, Socket,
+    BevCore, BevEvents, BevState, BufferEvent, Filter, FilterStatus, NoFilter, Readiness, Relay,
+    Socket,
     Suspend, Timeouts, Transport, Watermarks,
 };
 pub use clock::{Clock, ManualClock};

@@ -18,11 +18,16 @@
 //!   end of file, an error, or a short read while the peer has not closed.
 //! - Pending bytes (what watermarks compare) count the filter's raw buffers too, so a filter
 //!   cannot hide buffered bytes from backpressure.
+//! - A pass-through stream reads into another stream's frames ([`Relay`]) only while nothing
+//!   waits ahead of the bytes (its input and the far output are empty) and the far stream is
+//!   under the relay's mark; a pass that filled the far stream to it stops suspended as at the
+//!   high watermark, so the owner's next `consumed` resumes it (no stranded bytes, no spin).
 
 use std::io::{self, Read, Write};
 
-use super::{BevEvents, Filter, Suspend, Watermarks};
-use crate::buffer::Buffer;
+use super::{BevEvents, Filter, NoFilter, Suspend, Watermarks};
+use crate::buffer::{Buffer, FrameSlots};
+use crate::pool::CHUNK_SIZE;
 
 /// Most bytes one read pass takes before yielding to other connections.
 const READ_BUDGET: usize = 1 << 20;
@@ -55,6 +60,37 @@ pub trait Transport {
     fn is_connected(&self) -> bool;
 }
 
+/// Where a pass-through stream's reads may go instead of its own input: straight into the
+/// frames at the end of another stream's `raw_out`, which that stream's filter frames where
+/// they lie ([`Filter::frame_slots`], [`Filter::frame_in_place`]) — a sealer's records,
+/// so a proxy's plaintext is read into the payload slot of the record that carries it and
+/// never copied. Made by [`BevCore::relay`] on the far stream; used by
+/// [`BevCore::read_some_via`] on the near one.
+///
+/// Invariant: bytes take this way only while nothing is waiting ahead of them (the near
+/// stream's input and the far stream's output are empty), so the order of the stream is
+/// kept; and only while the far stream holds less than its `high` mark pending.
+pub struct Relay<'a, G> {
+    raw_out: &'a mut Buffer,
+    filter: &'a mut G,
+    high: usize,
+}
+
+impl<G: Filter> Relay<'_, G> {
+    /// The frames the far stream takes now, and how many more bytes it may hold; `None` if
+    /// its filter cannot take bytes in place now.
+    fn slots(&mut self) -> Option<(FrameSlots, usize)> {
+        // A layout no fresh chunk can hold a frame of would offer the read nothing, which
+        // would read as an end of file: not a relay then.
+        let slots = self.filter.frame_slots(self.raw_out).filter(|s| {
+            s.frames > 0
+                && s.body > 0
+                && s.head + s.tail + s.min_body.clamp(1, s.body) <= CHUNK_SIZE
+        })?;
+        Some((slots, self.high.saturating_sub(self.raw_out.len())))
+    }
+}
+
 /// The I/O-free part of a buffered stream: buffers, filter, watermarks and state, carrying its
 /// transport `T` (see the module doc). `F` is the filter layer.
 pub struct BevCore<F: Filter, T> {
@@ -73,6 +109,9 @@ pub struct BevCore<F: Filter, T> {
     /// The user asked to shut down writing once output drains.
     pub(super) shutdown_requested: bool,
     pub(super) write_shut: bool,
+    /// The last read took less than a chunk: the stream carries small messages, so the next
+    /// pass's first read offers one chunk, not a whole batch (see `read_some_via`).
+    pub(super) small_reads: bool,
     pub(super) watermarks: Watermarks,
     pub(super) error: Option<io::Error>,
     pub(super) bytes_read: u64,
@@ -136,6 +175,7 @@ impl<F: Filter, T> BevCore<F, T> {
             error: None,
             bytes_read: 0,
             bytes_written: 0,
+            small_reads: true,
             io,
         }
     }
@@ -288,6 +328,26 @@ impl<F: Filter, T> BevCore<F, T> {
         !self.passthrough && !self.raw_out.is_empty()
     }
 
+    /// This stream as a [`Relay`] for a pass-through stream's reads, while it may be one: its
+    /// filter transforms (and may frame in place), its user's output is empty, its write side
+    /// is neither shut nor shutting, and it has not failed. Reads through it stop once `high`
+    /// bytes are pending here (as [`BevCore::output_pending`] counts them).
+    pub fn relay(&mut self, high: usize) -> Option<Relay<'_, F>> {
+        if self.passthrough
+            || !self.output.is_empty()
+            || self.shutdown_requested
+            || self.write_shut
+            || self.error.is_some()
+        {
+            return None;
+        }
+        Some(Relay {
+            raw_out: &mut self.raw_out,
+            filter: &mut self.filter,
+            high,
+        })
+    }
+
     /// Runs the filter's decode over what `raw_in` holds (`eof`: the transport ended).
     fn decode(&mut self, eof: bool, ev: &mut BevEvents) {
         if self.passthrough {
@@ -321,10 +381,41 @@ impl<F: Filter, T: Transport> BevCore<F, T> {
     /// true if it stopped for the budget alone: the owner re-drives it later, after other
     /// connections had their turn.
     pub fn read_some(&mut self, ev: &mut BevEvents) -> bool {
+        self.read_some_via::<NoFilter>(ev, None)
+    }
+
+    /// [`read_some`](Self::read_some) for a pass-through stream whose bytes go on to the far
+    /// stream that made `relay`: while the relay takes them (nothing waits ahead of them, the
+    /// far stream has room and its filter frames in place), reads go straight into the far
+    /// stream's frames instead of this stream's input, and READ reports that bytes went
+    /// through; the owner then flushes the far stream as it would after moving the input
+    /// there. A pass that read into the far stream and found it full stops as at the high
+    /// watermark, so the owner's next [`consumed`](Self::input_drained) lifts it and reading
+    /// resumes (or stays stopped while the owner holds it back for the far side). Otherwise,
+    /// and for a stream that is not pass-through or has a read low watermark, exactly
+    /// `read_some`.
+    pub fn read_some_via<G: Filter>(
+        &mut self,
+        ev: &mut BevEvents,
+        mut relay: Option<Relay<'_, G>>,
+    ) -> bool {
         let mut budget = READ_BUDGET;
         let mut yielded = false;
         let before = self.input.len();
         let read_at_start = self.bytes_read;
+        if !self.passthrough || self.watermarks.read_low != 0 {
+            relay = None;
+        }
+        let mut relayed = false;
+        // A stream of small messages (requests, replies) is offered one chunk at first, not
+        // a batch of them: a read that fills it proves there is more, and the next offers the
+        // whole batch. Taking and planning eight chunks to read 64 bytes into one of them
+        // costs more than the rare extra read of a stream that turns to bulk.
+        let mut offer_cap = if self.small_reads {
+            CHUNK_SIZE
+        } else {
+            usize::MAX
+        };
         loop {
             let high = self.watermarks.read_high;
             let pending = self.input_pending();
@@ -351,7 +442,7 @@ impl<F: Filter, T: Transport> BevCore<F, T> {
                 yielded = true;
                 break;
             }
-            let mut max = READ_BATCH.min(budget);
+            let mut max = READ_BATCH.min(budget).min(offer_cap);
             if high != 0 {
                 max = max.min(high - pending);
             }
@@ -373,6 +464,20 @@ impl<F: Filter, T: Transport> BevCore<F, T> {
             } else {
                 self.filter.frame_rest(&self.raw_in)
             };
+            // Straight into the far stream's frames, while nothing waits ahead of the bytes.
+            let frames = match relay.as_mut() {
+                Some(r) if self.input.is_empty() => r.slots(),
+                _ => None,
+            };
+            if let Some((_, 0)) = frames {
+                if relayed {
+                    // The far stream is full: stop as at the watermark (see the doc).
+                    self.suspend_read(Suspend::HighWatermark);
+                    break;
+                }
+                // Full before this pass read anything: read into the input as usual, so the
+                // owner sees the bytes and holds reading back for the far side.
+            }
             let target = if self.passthrough {
                 &mut self.input
             } else {
@@ -382,9 +487,23 @@ impl<F: Filter, T: Transport> BevCore<F, T> {
             let Some(stream) = stream else {
                 break;
             };
-            let got = match limit {
-                Some(cap) => target.read_limited(stream, max, cap),
-                None => target.read_from_framed(stream, max, frame_rest),
+            let got = match (frames, relay.as_mut(), limit) {
+                (Some((slots, room)), Some(r), _) if room > 0 => {
+                    let Relay {
+                        raw_out, filter, ..
+                    } = r;
+                    let got = raw_out.read_into_frames(stream, max.min(room), slots, |f, len| {
+                        filter.frame_in_place(f, len)
+                    });
+                    got.map(|(n, offered)| {
+                        // Drained only if the read fell short of what it was offered.
+                        max = offered;
+                        relayed |= n > 0;
+                        n
+                    })
+                }
+                (_, _, Some(cap)) => target.read_limited(stream, max, cap),
+                _ => target.read_from_framed(stream, max, frame_rest),
             };
             let got = match got {
                 Ok(0) => {
@@ -415,6 +534,10 @@ impl<F: Filter, T: Transport> BevCore<F, T> {
                     break;
                 }
                 Got::Bytes { n, drained } => {
+                    self.small_reads = n < CHUNK_SIZE;
+                    if !drained {
+                        offer_cap = usize::MAX;
+                    }
                     self.bytes_read += n as u64;
                     budget = budget.saturating_sub(n);
                     if !self.passthrough {
@@ -437,7 +560,7 @@ impl<F: Filter, T: Transport> BevCore<F, T> {
                 }
             }
         }
-        if self.input.len() > before && self.input.len() >= self.watermarks.read_low {
+        if relayed || (self.input.len() > before && self.input.len() >= self.watermarks.read_low) {
             *ev |= BevEvents::READ;
         }
         yielded
@@ -513,6 +636,8 @@ mod tests {
         sent: Vec<u8>,
         room: usize,
         reads: usize,
+        /// Bytes each vectored read offered.
+        offers: Vec<usize>,
     }
 
     impl Read for Mem {
@@ -528,6 +653,36 @@ mod tests {
             let n = dst.len().min(self.per_read).min(self.inbound.len());
             for (d, b) in dst.iter_mut().zip(self.inbound.drain(..n)) {
                 *d = b;
+            }
+            Ok(n)
+        }
+
+        fn read_vectored(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+            self.read_each(bufs)
+        }
+    }
+
+    impl Mem {
+        /// A `readv`: at most `per_read` bytes in all, filling the buffers in order.
+        fn read_each(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+            self.reads += 1;
+            self.offers.push(bufs.iter().map(|b| b.len()).sum());
+            if self.inbound.is_empty() {
+                return if self.fin {
+                    Ok(0)
+                } else {
+                    Err(io::ErrorKind::WouldBlock.into())
+                };
+            }
+            let mut left = self.per_read.min(self.inbound.len());
+            let mut n = 0;
+            for b in bufs.iter_mut() {
+                let k = b.len().min(left);
+                for (d, x) in b.iter_mut().zip(self.inbound.drain(..k)) {
+                    *d = x;
+                }
+                left -= k;
+                n += k;
             }
             Ok(n)
         }
@@ -673,5 +828,185 @@ mod tests {
         let mut ev = BevEvents::empty();
         c.write_some(&mut ev);
         assert!(ev.is_empty());
+    }
+
+    /// A toy framer: frames of a 2-byte big-endian length, at most `BODY` bytes, and a 0xEE
+    /// tail byte, made in place (a relay's reads) or by copying (`encode`), the same either way.
+    struct Frames;
+
+    const BODY: usize = 100;
+
+    fn frame_into(frame: &mut [u8], len: usize) {
+        frame[..2].copy_from_slice(&(len as u16).to_be_bytes());
+        frame[2 + len] = 0xEE;
+    }
+
+    impl Filter for Frames {
+        fn decode(
+            &mut self,
+            _: &mut Buffer,
+            _: &mut Buffer,
+            _: &mut Buffer,
+            _: bool,
+        ) -> io::Result<FilterStatus> {
+            Ok(FilterStatus::default())
+        }
+        fn encode(&mut self, output: &mut Buffer, raw_out: &mut Buffer, _: bool) -> io::Result<()> {
+            while !output.is_empty() {
+                let n = output.len().min(BODY);
+                let f = raw_out.reserve(n + 3);
+                output.copy_out(&mut f[2..2 + n]);
+                frame_into(f, n);
+                raw_out.commit(n + 3);
+                output.drain(n);
+            }
+            Ok(())
+        }
+        fn frame_slots(&mut self, _: &mut Buffer) -> Option<FrameSlots> {
+            Some(FrameSlots {
+                head: 2,
+                body: BODY,
+                tail: 1,
+                min_body: 10,
+                frames: usize::MAX,
+            })
+        }
+        fn frame_in_place(&mut self, frame: &mut [u8], len: usize) -> io::Result<()> {
+            assert_eq!(frame.len(), len + 3);
+            frame_into(frame, len);
+            Ok(())
+        }
+    }
+
+    /// Takes the whole frames off `raw`, checking each, and appends their bodies to `out`.
+    fn unframe(raw: &mut Buffer, out: &mut Vec<u8>) {
+        let bytes = contents(raw);
+        let mut at = 0;
+        while at < bytes.len() {
+            let len = usize::from(u16::from_be_bytes([bytes[at], bytes[at + 1]]));
+            assert!(len > 0 && len <= BODY, "frame body {len}");
+            assert_eq!(bytes[at + 2 + len], 0xEE, "frame tail");
+            out.extend_from_slice(&bytes[at + 2..at + 2 + len]);
+            at += len + 3;
+        }
+        assert_eq!(at, bytes.len(), "whole frames only");
+        raw.clear();
+    }
+
+    use super::super::FilterStatus;
+
+    #[test]
+    fn relayed_reads_fill_the_far_frames_and_stop_at_its_mark_until_consumed() {
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i * 7 + i / 300) as u8).collect();
+        let mut near = core();
+        near.set_watermarks(Watermarks {
+            read_low: 0,
+            read_high: 1 << 20,
+            write_low: 0,
+        });
+        near.io.0.inbound.extend(&data);
+        // Reads cut frames anywhere: a partial frame is finished at the next read.
+        near.io.0.per_read = 37;
+        near.io.1.readable = true;
+        near.io.1.peer_closed = true;
+        let mut far = BevCore::with_io(MemIo(Mem::default(), Readiness::default()), Frames, false);
+        let (high, mut got, mut passes) = (1000, Vec::new(), 0);
+        while got.len() < data.len() {
+            passes += 1;
+            assert!(passes < 1000, "reading stalled at {} bytes", got.len());
+            let mut ev = BevEvents::empty();
+            near.read_some_via(&mut ev, far.relay(high));
+            assert!(near.input.is_empty(), "nothing was copied into the input");
+            if got.len() + far.raw_out.len() * BODY / (BODY + 3) + BODY < data.len() {
+                // The far side filled to its mark (a read may land a frame past it).
+                assert!(ev.contains(BevEvents::READ), "{ev:?}");
+                assert!(far.raw_out.len() >= high && far.raw_out.len() < high + 37 + 3 * 37);
+                assert!(
+                    near.is_suspended(Suspend::HighWatermark),
+                    "a full relay stops the pass as the watermark does"
+                );
+            }
+            // The owner flushes the far side and says it consumed: reading may run again.
+            unframe(&mut far.raw_out, &mut got);
+            if near.is_suspended(Suspend::HighWatermark) {
+                assert!(near.input_drained(), "consumed lifts the stop");
+            }
+        }
+        assert!(got == data, "the stream arrived whole and in order");
+        assert_eq!(near.wire_bytes().0, data.len() as u64);
+    }
+
+    #[test]
+    fn a_relay_never_overtakes_bytes_already_waiting() {
+        let mut near = core();
+        near.io.0.per_read = 1000;
+        near.io.1.readable = true;
+        near.io.1.peer_closed = true;
+        let mut far = BevCore::with_io(MemIo(Mem::default(), Readiness::default()), Frames, false);
+        let mut got = Vec::new();
+        // Bytes in the near input go first: the relay stays unused until they moved on.
+        near.input.append(b"first");
+        near.io.0.inbound.extend(b"second");
+        let mut ev = BevEvents::empty();
+        near.read_some_via(&mut ev, far.relay(1 << 20));
+        assert_eq!(contents(&near.input), b"firstsecond");
+        assert!(far.raw_out.is_empty());
+        // And bytes in the far output (not yet framed) go before relayed ones: no relay then.
+        near.input.move_all_to(&mut far.output);
+        assert!(far.relay(1 << 20).is_none());
+        let mut ev = BevEvents::empty();
+        far.write_some(&mut ev);
+        assert!(far.output.is_empty());
+        // Full before the pass read anything: the bytes go to the input, for the owner to
+        // see and hold reading back.
+        near.io.0.inbound.extend(b"third");
+        let mut ev = BevEvents::empty();
+        near.read_some_via(&mut ev, far.relay(10));
+        assert_eq!(contents(&near.input), b"third");
+        assert!(ev.contains(BevEvents::READ));
+        near.input.move_all_to(&mut far.output);
+        far.write_some(&mut BevEvents::empty());
+        near.io.0.inbound.extend(b"fourth");
+        let mut ev = BevEvents::empty();
+        near.read_some_via(&mut ev, far.relay(1 << 20));
+        assert!(ev.contains(BevEvents::READ) && near.input.is_empty());
+        unframe(&mut far.raw_out, &mut got);
+        assert_eq!(got, b"firstsecondthirdfourth");
+    }
+
+    #[test]
+    fn a_small_message_stream_is_offered_one_chunk_and_a_bulk_one_a_batch() {
+        let mut c = core();
+        c.io.0.per_read = usize::MAX;
+        // A request: the first read of a fresh stream offers one chunk.
+        c.io.0.inbound.extend([1u8; 100]);
+        c.io.1.readable = true;
+        c.read_some(&mut BevEvents::empty());
+        assert_eq!(c.io.0.offers, [CHUNK_SIZE]);
+        assert_eq!(c.input.len(), 100);
+        // Bulk arrives: the one-chunk read fills, so the same pass goes on with whole batches,
+        // and the next pass starts with one.
+        c.input.clear();
+        c.io.0.offers.clear();
+        c.io.0.inbound.extend(vec![2u8; 600_000]);
+        c.io.1.readable = true;
+        c.read_some(&mut BevEvents::empty());
+        assert_eq!(c.io.0.offers[0], CHUNK_SIZE);
+        assert!(
+            c.io.0.offers[1..]
+                .iter()
+                .all(|&o| o >= READ_BATCH - CHUNK_SIZE)
+        );
+        assert_eq!(c.input.len(), 600_000, "read to the end in one pass");
+        c.input.clear();
+        c.io.0.offers.clear();
+        c.io.0.inbound.extend(vec![3u8; 300_000]);
+        c.io.1.readable = true;
+        c.read_some(&mut BevEvents::empty());
+        assert!(
+            c.io.0.offers[0] >= READ_BATCH - CHUNK_SIZE,
+            "{:?}",
+            c.io.0.offers
+        );
     }
 }

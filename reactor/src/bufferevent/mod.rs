@@ -44,9 +44,9 @@ mod socket;
 use std::io;
 use std::time::Duration;
 
-use super::buffer::Buffer;
+use super::buffer::{Buffer, FrameSlots};
 
-pub use bevcore::{BevCore, BevState, Readiness, Transport};
+pub use bevcore::{BevCore, BevState, Readiness, Relay, Transport};
 pub use socket::{BufferEvent, Socket};
 
 /// Events the owner receives from [`BufferEvent::on_ready`] and friends (libevent's callback
@@ -179,6 +179,23 @@ pub trait Filter {
     /// no limit beyond the watermarks.
     fn read_limit(&self) -> Option<usize> {
         None
+    }
+
+    /// For a filter that encodes by framing the user's bytes where they lie (a sealer): the
+    /// layout of frames that a pass-through stream's reads may go straight into, at the end of
+    /// `raw_out`, skipping `output` ([`BevCore::relay`]); `None` (the default) when it cannot
+    /// take bytes that way now (it frames nothing in place, or something else must be encoded
+    /// first). It may first add to `raw_out` what must come before those frames (a key
+    /// update), exactly as `encode` would have.
+    fn frame_slots(&mut self, _raw_out: &mut Buffer) -> Option<FrameSlots> {
+        None
+    }
+
+    /// Frames one slot that [`Filter::frame_slots`] laid out, in place: `frame` is the slot's
+    /// head, its `len` body bytes, and its tail. Called in order, once per filled slot; an
+    /// error fails the stream, as one from `encode` does.
+    fn frame_in_place(&mut self, _frame: &mut [u8], _len: usize) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
     }
 }
 

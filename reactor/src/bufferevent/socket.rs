@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use mio::Interest;
 use mio::net::TcpStream;
 
-use super::bevcore::{BevCore, Readiness, Transport};
+use super::bevcore::{BevCore, Readiness, Relay, Transport};
 use super::{BevEvents, Filter, NoFilter, Suspend, Timeouts};
 use crate::base::{Context, Ready};
 use crate::tag::{Component, Tag};
@@ -335,12 +335,23 @@ impl<F: Filter> BevCore<F, Socket> {
 
     /// Feed an `on_notify` tag that [`owns_tag`](Self::owns_tag) accepted.
     pub fn on_notify<S>(&mut self, cx: &mut Context<'_, S>, tag: Tag) -> BevEvents {
+        self.on_notify_via::<S, NoFilter>(cx, tag, None)
+    }
+
+    /// [`on_notify`](Self::on_notify), with reads going through `relay` while it takes them
+    /// (see [`BevCore::read_some_via`]).
+    pub fn on_notify_via<S, G: Filter>(
+        &mut self,
+        cx: &mut Context<'_, S>,
+        tag: Tag,
+        relay: Option<Relay<'_, G>>,
+    ) -> BevEvents {
         if self.kind_of(tag) == Some(REDRIVE) {
             self.io.redrive_queued = false;
             if self.io.detached {
                 return BevEvents::empty();
             }
-            return self.drive(cx, false);
+            return self.drive(cx, false, relay);
         }
         BevEvents::empty()
     }
@@ -428,6 +439,17 @@ impl<F: Filter> BevCore<F, Socket> {
 
     /// Feed readiness the loop reported for this BufferEvent's source.
     pub fn on_ready<S>(&mut self, cx: &mut Context<'_, S>, ready: Ready) -> BevEvents {
+        self.on_ready_via::<S, NoFilter>(cx, ready, None)
+    }
+
+    /// [`on_ready`](Self::on_ready), with reads going through `relay` while it takes them
+    /// (see [`BevCore::read_some_via`]).
+    pub fn on_ready_via<S, G: Filter>(
+        &mut self,
+        cx: &mut Context<'_, S>,
+        ready: Ready,
+        relay: Option<Relay<'_, G>>,
+    ) -> BevEvents {
         if self.io.detached {
             return BevEvents::empty();
         }
@@ -441,7 +463,7 @@ impl<F: Filter> BevCore<F, Socket> {
         if ready.writable || ready.write_closed || ready.error {
             cache.writable = true;
         }
-        self.drive(cx, ready.error)
+        self.drive(cx, ready.error, relay)
     }
 
     /// Runs the write path now (call after appending to `output`).
@@ -460,7 +482,12 @@ impl<F: Filter> BevCore<F, Socket> {
         self.flush(cx)
     }
 
-    fn drive<S>(&mut self, cx: &mut Context<'_, S>, error: bool) -> BevEvents {
+    fn drive<S, G: Filter>(
+        &mut self,
+        cx: &mut Context<'_, S>,
+        error: bool,
+        relay: Option<Relay<'_, G>>,
+    ) -> BevEvents {
         let mut ev = BevEvents::empty();
         match self.io.state {
             State::Closed => {
@@ -505,14 +532,19 @@ impl<F: Filter> BevCore<F, Socket> {
         }
         if self.io.ready.readable && self.suspend == 0 && !self.eof && self.io.state == State::Open
         {
-            self.read_path(cx, &mut ev);
+            self.read_path(cx, &mut ev, relay);
         }
         ev
     }
 
-    fn read_path<S>(&mut self, cx: &mut Context<'_, S>, ev: &mut BevEvents) {
+    fn read_path<S, G: Filter>(
+        &mut self,
+        cx: &mut Context<'_, S>,
+        ev: &mut BevEvents,
+        relay: Option<Relay<'_, G>>,
+    ) {
         let read_before = self.bytes_read;
-        if self.read_some(ev) {
+        if self.read_some_via(ev, relay) {
             // The budget ran out: yield to other connections; come back on a deferred pass.
             self.queue_redrive(cx);
         }

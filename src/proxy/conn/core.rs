@@ -37,7 +37,10 @@
 //!   far side with an ABORT.
 //! - Backpressure: a side stops reading while the far side's output holds [`OUTPUT_HIGH`] or
 //!   more, and resumes when that drains to [`OUTPUT_LOW`] (reads also stop at [`READ_HIGH`]
-//!   of pending input, in the stream core).
+//!   of pending input, in the stream core). A plain side feeding a sealed one reads straight
+//!   into the sealed side's records while nothing waits ahead of the bytes ([`Relay`], handed
+//!   out with the side by [`ConnCore::client_reader`] / [`ConnCore::upstream_reader`]); the
+//!   pumps treat those bytes as moved ones: flush, then the same mark.
 //! - Client preamble: where the `Env` expects one (a PROXY header from a trusted load
 //!   balancer, `accept_proxy`), the client's input stages no more than its limit and nothing
 //!   connects until the `Env` says it is in ([`Env::client_preamble`]); a bad one, an end
@@ -65,7 +68,7 @@ use std::time::{Duration, Instant};
 
 use crate::metrics::CloseReason;
 use crate::protocol::{AbortReason, KeyId, OpenInfo, ProtocolError};
-use crate::reactor::{BevCore, BevEvents, Buffer, Filter, Suspend, Transport, Watermarks};
+use crate::reactor::{BevCore, BevEvents, Buffer, Filter, Relay, Suspend, Transport, Watermarks};
 
 use super::super::codec::{peer_abort, protocol_error};
 use super::super::upstream::{ConnectOutcome, TargetId, Tried, Upstreams};
@@ -342,6 +345,11 @@ const WATERMARKS: Watermarks = Watermarks {
     write_low: OUTPUT_LOW,
 };
 
+/// A side to read from, and where its reads may go straight to ([`ConnCore::client_reader`],
+/// [`ConnCore::upstream_reader`]): the side's stream core (layer `F`) and, if the far side
+/// (layer `G`) takes them, the relay into it.
+pub type Reader<'a, F, G, T> = (&'a mut BevCore<F, T>, Option<Relay<'a, G>>);
+
 /// The state of one proxied connection (see the module doc).
 pub struct ConnCore<C: Layer, U: Layer, T> {
     client: BevCore<C, T>,
@@ -400,6 +408,42 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
     pub fn upstream_mut(&mut self) -> Option<&mut BevCore<U, T>> {
         self.upstream.as_deref_mut()
     }
+
+    /// The client side, to read from, with where its reads may go straight to (see
+    /// `relays`).
+    pub fn client_reader(&mut self) -> Reader<'_, C, U, T> {
+        let relays = self.relays();
+        let relay = match self.upstream.as_deref_mut() {
+            Some(up) if relays => up.relay(OUTPUT_HIGH),
+            _ => None,
+        };
+        (&mut self.client, relay)
+    }
+
+    /// The upstream side (if there is one), to read from, with where its reads may go
+    /// straight to (see `relays`).
+    pub fn upstream_reader(&mut self) -> Option<Reader<'_, U, C, T>> {
+        let relays = self.relays();
+        let up = self.upstream.as_deref_mut()?;
+        let relay = if relays {
+            self.client.relay(OUTPUT_HIGH)
+        } else {
+            None
+        };
+        Some((up, relay))
+    }
+
+    /// Whether a plain side's reads may go straight into the sealed far side's records (the
+    /// copy-free path: read into the record's payload slot, seal in place). The streams
+    /// decide when bytes can take it (nothing waiting ahead of them, the far side open and
+    /// under [`OUTPUT_HIGH`]: `BevCore::read_some_via`); the core rules out only the times
+    /// its pumps must see the bytes: while the client's preamble is read, and once closed.
+    /// A relayed read reports READ like any other, and the pump then flushes the far side
+    /// and holds reading back for it exactly as for bytes it moved.
+    fn relays(&self) -> bool {
+        (C::SEALED || U::SEALED) && !self.awaiting_preamble && self.closed.is_none()
+    }
+
     /// Why the connection closed, once it did.
     pub fn closed(&self) -> Option<CloseReason> {
         self.closed
@@ -872,7 +916,9 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
             return BevEvents::empty();
         };
         let mut ev = BevEvents::empty();
-        if !self.client.input.is_empty() {
+        // Bytes the client's reads relayed straight into the upstream's records are pending
+        // there as if they had been moved: flushed, and counted for backpressure, the same.
+        if !self.client.input.is_empty() || up.output_pending() > 0 {
             self.client.input.move_all_to(&mut up.output);
             ev |= env.flush(up);
             if up.output_pending() >= OUTPUT_HIGH && !self.client.is_suspended(Suspend::Peer) {
@@ -895,7 +941,8 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
             return BevEvents::empty();
         };
         let mut ev = BevEvents::empty();
-        if !up.input.is_empty() {
+        // As in `pump_up`, for bytes relayed straight into the client's records.
+        if !up.input.is_empty() || self.client.output_pending() > 0 {
             up.input.move_all_to(&mut self.client.output);
             ev |= env.flush(&mut self.client);
             if self.client.output_pending() >= OUTPUT_HIGH && !up.is_suspended(Suspend::Peer) {

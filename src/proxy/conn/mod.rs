@@ -746,10 +746,11 @@ impl<C: Make, U: Make> Handler<ShardState> for Conn<C, U> {
             core.activity(now, &mut env);
         }
         if source == Side::Client as u8 {
-            let ev = self.core.client_mut().on_ready(cx, ready);
+            let (client, relay) = self.core.client_reader();
+            let ev = client.on_ready_via(cx, ready, relay);
             self.handle(cx, Side::Client, ev);
-        } else if let Some(up) = self.core.upstream_mut() {
-            let ev = up.on_ready(cx, ready);
+        } else if let Some((up, relay)) = self.core.upstream_reader() {
+            let ev = up.on_ready_via(cx, ready, relay);
             self.handle(cx, Side::Upstream, ev);
         }
         self.after_event(cx);
@@ -764,11 +765,12 @@ impl<C: Make, U: Make> Handler<ShardState> for Conn<C, U> {
             return core.close(CloseReason::DrainDeadline, &mut env);
         }
         if self.core.client().owns_tag(tag) {
-            let ev = self.core.client_mut().on_notify(cx, tag);
+            let (client, relay) = self.core.client_reader();
+            let ev = client.on_notify_via(cx, tag, relay);
             self.handle(cx, Side::Client, ev);
-        } else if let Some(up) = self.core.upstream_mut() {
+        } else if let Some((up, relay)) = self.core.upstream_reader() {
             if up.owns_tag(tag) {
-                let ev = up.on_notify(cx, tag);
+                let ev = up.on_notify_via(cx, tag, relay);
                 self.handle(cx, Side::Upstream, ev);
             }
         }

@@ -39,7 +39,7 @@ use crate::metrics::CloseReason;
 use crate::protocol::keys::{Key, KeySet};
 use crate::protocol::{AeadKind, ForwardSecrecy, HandshakeConfig, OpenInfo, RandomSource};
 use crate::reactor::{
-    BevCore, BevEvents, Buffer, Filter, NoFilter, Readiness, Ready, Suspend, Transport,
+    BevCore, BevEvents, Buffer, Filter, NoFilter, Readiness, Ready, Relay, Suspend, Transport,
 };
 
 use super::super::cidr::CidrList;
@@ -268,6 +268,10 @@ impl End {
 }
 
 impl Read for End {
+    fn read_vectored(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+        self.read_each(bufs)
+    }
+
     fn read(&mut self, dst: &mut [u8]) -> io::Result<usize> {
         let mut l = self.link.borrow_mut();
         let cap = l.cap;
@@ -297,6 +301,28 @@ impl Read for End {
             return Ok(0);
         }
         Err(io::ErrorKind::WouldBlock.into())
+    }
+}
+
+impl End {
+    /// Like a socket's `readv`: fills the buffers in order with what has arrived, and answers
+    /// as a plain read does when nothing has (so a vectored read proves "drained" exactly as
+    /// a kernel's would: by falling short of what it offered).
+    fn read_each(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+        let mut total = 0;
+        for b in bufs.iter_mut().filter(|b| !b.is_empty()) {
+            match self.read(b) {
+                Ok(n) => {
+                    total += n;
+                    if n < b.len() {
+                        break;
+                    }
+                }
+                Err(_) if total > 0 => break,
+                other => return other,
+            }
+        }
+        Ok(total)
     }
 }
 
@@ -400,9 +426,10 @@ fn write_path<F: Filter>(bev: &mut BevCore<F, Pipe>, ev: &mut BevEvents) {
 
 /// `BufferEvent::drive` over a pipe: applies a readiness edge, completes a connect, writes,
 /// reads.
-fn drive<F: Filter>(
+fn drive<F: Filter, G: Filter>(
     bev: &mut BevCore<F, Pipe>,
     edge: Ready,
+    relay: Option<Relay<'_, G>>,
     deferred: &mut VecDeque<Deferred>,
 ) -> BevEvents {
     let cache = &mut bev.io_mut().ready;
@@ -458,7 +485,7 @@ fn drive<F: Filter>(
     }
     let r = bev.io().ready;
     if r.readable && !bev.read_suspended() && !bev.eof_seen() && bev.io().state == PipeState::Open {
-        if bev.read_some(&mut ev) && !bev.io().redrive_queued {
+        if bev.read_some_via(&mut ev, relay) && !bev.io().redrive_queued {
             bev.io_mut().redrive_queued = true;
             deferred.push_back(Deferred::Redrive(bev.io().side));
         }
@@ -568,6 +595,10 @@ pub struct NodeEnv {
     pub bytes: ByteCounts,
     /// Targets whose connect timed out.
     pub timed_out: Vec<SocketAddr>,
+    /// The most bytes a side's input held right after one of its reads, by side: what a
+    /// read staged there rather than passing straight on (0 for a plain side whose reads
+    /// went into the sealed far side's records).
+    pub input_peak: [usize; 2],
 }
 
 fn timer_index(t: ConnTimer) -> usize {
@@ -768,15 +799,29 @@ impl<C: Build, U: Build> Node<C, U> {
         self.env.now = now;
         self.core.activity(now, &mut self.env);
         let ev = match side {
-            Side::Client => drive(self.core.client_mut(), edge, &mut self.env.deferred),
-            Side::Upstream => match self.core.upstream_mut() {
-                Some(up) => drive(up, edge, &mut self.env.deferred),
+            Side::Client => {
+                let (c, relay) = self.core.client_reader();
+                drive(c, edge, relay, &mut self.env.deferred)
+            }
+            Side::Upstream => match self.core.upstream_reader() {
+                Some((up, relay)) => drive(up, edge, relay, &mut self.env.deferred),
                 None => return true,
             },
         };
+        self.note_input(side);
         self.core.handle(side, ev, now, &mut self.env);
         self.run_deferred(now);
         true
+    }
+
+    /// Records what a read left in `side`'s input ([`NodeEnv::input_peak`]).
+    fn note_input(&mut self, side: Side) {
+        let held = match side {
+            Side::Client => self.core.client().input.len(),
+            Side::Upstream => self.core.upstream().map_or(0, |u| u.input.len()),
+        };
+        let peak = &mut self.env.input_peak[side as usize];
+        *peak = (*peak).max(held);
     }
 
     /// The loop's deferred queue, drained after every callback.
@@ -792,18 +837,19 @@ impl<C: Build, U: Build> Node<C, U> {
                 Deferred::Redrive(side) => {
                     let ev = match side {
                         Side::Client => {
-                            let c = self.core.client_mut();
+                            let (c, relay) = self.core.client_reader();
                             c.io_mut().redrive_queued = false;
-                            drive(c, Ready::default(), &mut self.env.deferred)
+                            drive(c, Ready::default(), relay, &mut self.env.deferred)
                         }
-                        Side::Upstream => match self.core.upstream_mut() {
-                            Some(up) => {
+                        Side::Upstream => match self.core.upstream_reader() {
+                            Some((up, relay)) => {
                                 up.io_mut().redrive_queued = false;
-                                drive(up, Ready::default(), &mut self.env.deferred)
+                                drive(up, Ready::default(), relay, &mut self.env.deferred)
                             }
                             None => continue,
                         },
                     };
+                    self.note_input(side);
                     self.core.handle(side, ev, now, &mut self.env);
                 }
                 Deferred::Close => self.on_close(now),
@@ -1209,6 +1255,7 @@ impl World {
                 opened: None,
                 bytes: ByteCounts::default(),
                 timed_out: Vec::new(),
+                input_peak: [0; 2],
             }
         };
         let link = Link::new(opts.cap);

@@ -729,6 +729,100 @@ fn a_backend_that_stops_reading_stalls_the_client_within_the_memory_bound() {
     w.check_complete();
 }
 
+#[test]
+fn the_sealing_sides_read_plaintext_straight_into_their_records() {
+    let big = 1 << 20;
+    let mut w = opened(Opts {
+        client_data: super::pair::pattern(big + 100, 9),
+        backend_data: super::pair::pattern(big + 100, 10),
+        ..Opts::default()
+    });
+    for (n, from_client) in [(100, true), (big, true), (100, false), (big, false)] {
+        if from_client {
+            assert!(w.client_write(n));
+        } else {
+            assert!(w.backend_write(n));
+        }
+        // Everything moves through, both peers reading.
+        loop {
+            w.net();
+            let (c, b) = (w.client_read(), w.backend_read());
+            if !c && !b {
+                break;
+            }
+        }
+    }
+    // The plain side of each sealing core read its peer's bytes into the payload slots of
+    // the records that carry them, sealed where they lie: none was staged in its input (from
+    // where the sealer would have copied it into a record).
+    assert_eq!(w.enc.env.input_peak[Side::Client as usize], 0, "encrypt");
+    let dec = &w.dec.as_ref().unwrap().env;
+    assert_eq!(dec.input_peak[Side::Upstream as usize], 0, "decrypt");
+    // The other directions still stage what they opened (or read plain) in the input.
+    assert!(w.enc.env.input_peak[Side::Upstream as usize] > 0);
+    assert!(dec.input_peak[Side::Client as usize] > 0);
+    w.settle();
+    w.check_settled();
+    w.check_complete();
+}
+
+/// The case a first attempt at reading into record slots hung on: reads that cut record
+/// slots anywhere while the sealed side's output fills to its mark and drains again. A client
+/// that sends a burst and waits for an answer gives no later edge (no more bytes, no FIN)
+/// that would rescue bytes stranded on the way: once the network is quiet, the backend must
+/// have every byte sent, whatever the pieces and the link sizes.
+#[test]
+fn partial_reads_into_record_slots_across_the_far_mark_never_strand_bytes() {
+    // (bytes in all, link capacity, bytes per delivery to the encrypt side, burst)
+    for (total, cap, piece, burst) in [
+        (2 << 20, 1 << 20, usize::MAX, 600_000),
+        (2 << 20, 300_000, 65_521, 100_000),
+        (1 << 20, 270_000, 262_147, 1 << 20),
+        (1 << 20, 65_536, 4093, 300_000),
+        (20_000, 20_000, 1, 7_000),
+    ] {
+        let mut w = opened(Opts {
+            cap,
+            client_data: super::pair::pattern(total, 11),
+            ..Opts::default()
+        });
+        while w.client.sent < total {
+            let until = (w.client.sent + burst).min(total);
+            while w.client.sent < until {
+                // The burst goes out as the link takes it and arrives in pieces, each read
+                // by the encrypt side as it comes.
+                loop {
+                    let wrote = w.client_write(until - w.client.sent);
+                    let arrived = w.deliver(0, 0, piece);
+                    if arrived {
+                        w.ready(0, Side::Client);
+                        w.check_always();
+                    }
+                    if !wrote && !arrived {
+                        break;
+                    }
+                }
+                // The rest of the network moves on; the backend reads.
+                loop {
+                    w.net();
+                    if !w.backend_read() {
+                        break;
+                    }
+                }
+                w.check_always();
+            }
+            let got = w.backend.as_ref().map_or(0, |b| b.got.len());
+            assert_eq!(
+                got, w.client.sent,
+                "bytes stranded on the way (links of {cap}, pieces of {piece}, bursts of {burst})"
+            );
+        }
+        w.settle();
+        w.check_settled();
+        w.check_complete();
+    }
+}
+
 mod schedules {
     //! The property test: random schedules of deliveries (any sizes), readiness in any order,
     //! connects answered or not, peers writing, reading, half-closing and resetting, time
