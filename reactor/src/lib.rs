@@ -28,8 +28,7 @@ pub use base::{Context, EventBase, Handle, Handler, HandlerId, LoopStats, Ready}
 pub use buffer::{Buffer, FrameSlots};
 pub use bufferevent::{
     BevCore, BevEvents, BevState, BufferEvent, Filter, FilterStatus, NoFilter, Readiness, Relay,
-    Socket,
-    Suspend, Timeouts, Transport, Watermarks,
+    Socket, Suspend, Timeouts, Transport, Watermarks,
 };
 pub use clock::{Clock, ManualClock};
 pub use listener::{ConnListener, ListenerOptions};
