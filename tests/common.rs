@@ -217,6 +217,20 @@ pub fn read_to_end(s: &mut TcpStream) -> (Vec<u8>, Option<std::io::ErrorKind>) {
     }
 }
 
+/// Writes `data` (ignoring a failed write), then [`read_to_end`]. A proxy that resets the
+/// connection may do so before the write: the write then reports the reset and the read after
+/// it sees only the end of a stream already reset (Linux reports a reset once), so a reset the
+/// write saw is the error returned.
+pub fn write_then_read_to_end(
+    s: &mut TcpStream,
+    data: &[u8],
+) -> (Vec<u8>, Option<std::io::ErrorKind>) {
+    let wrote = s.write_all(data).err().map(|e| e.kind());
+    let (got, err) = read_to_end(s);
+    let reset = wrote.filter(|k| *k == std::io::ErrorKind::ConnectionReset);
+    (got, reset.or(err))
+}
+
 /// An encrypt -> decrypt pair in front of `backend`, both with limits `l`.
 pub fn pair_with(backend: SocketAddr, l: Limits) -> (SocketAddr, Running, Running) {
     let key = keygen("pairw");

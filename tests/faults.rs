@@ -121,8 +121,7 @@ fn backend_refuses_client_is_reset_promptly() {
     let (entry, _e, d) = pair_with(dead, l);
     let t = Instant::now();
     let mut c = connect(entry);
-    let _ = c.write_all(b"hello?");
-    let (got, err) = read_to_end(&mut c);
+    let (got, err) = write_then_read_to_end(&mut c, b"hello?");
     assert!(got.is_empty());
     assert_eq!(
         err,
@@ -446,8 +445,7 @@ fn oversized_record_length_after_handshake_is_rejected() {
     });
     let (enc, _e) = start(tunnel(Mode::Encrypt, &[relay], &[key]), limits());
     let mut c = connect(enc);
-    let _ = c.write_all(&[1u8; 5000]);
-    let (got, err) = read_to_end(&mut c);
+    let (got, err) = write_then_read_to_end(&mut c, &[1u8; 5000]);
     assert!(got.is_empty());
     assert_eq!(err, Some(ErrorKind::ConnectionReset));
     assert_eq!(
@@ -485,8 +483,7 @@ fn bit_flips_in_the_handshake_never_reach_the_backend() {
             limits(),
         );
         let mut c = connect(enc);
-        let _ = c.write_all(b"must not arrive");
-        let (got, err) = read_to_end(&mut c);
+        let (got, err) = write_then_read_to_end(&mut c, b"must not arrive");
         assert!(got.is_empty(), "flip at {at}");
         assert_eq!(err, Some(ErrorKind::ConnectionReset), "flip at {at}");
     }

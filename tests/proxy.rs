@@ -70,8 +70,7 @@ fn wrong_key_never_reaches_the_backend() {
     );
     let (enc, _e) = start(tunnel(Mode::Encrypt, &[dec], &[keygen("b")]), limits());
     let mut c = connect(enc);
-    let _ = c.write_all(b"secret request");
-    let (got, err) = read_to_end(&mut c);
+    let (got, err) = write_then_read_to_end(&mut c, b"secret request");
     assert!(got.is_empty());
     assert_eq!(
         err,
@@ -104,8 +103,7 @@ fn tampered_record_resets_the_client() {
     let (enc, _e) = start(tunnel(Mode::Encrypt, &[relay], &[key]), limits());
     let mut c = connect(enc);
     let data = vec![7u8; 100_000];
-    let _ = c.write_all(&data);
-    let (got, err) = read_to_end(&mut c);
+    let (got, err) = write_then_read_to_end(&mut c, &data);
     assert!(
         got.len() < 5000,
         "nothing past the tampered record comes back"
