@@ -411,8 +411,8 @@ impl Opener {
     /// more bytes are needed to know, `Ok(Some(total))` with the record's whole length.
     ///
     /// Errors: `TooLarge` for a length above `MAX_PAYLOAD`; `Malformed` for an unknown type, a
-    /// record out of order (not OPEN or END first in the initiator's direction, OPEN anywhere else) or
-    /// any byte after END or ABORT.
+    /// record out of order (not OPEN or END first in the initiator's direction, OPEN anywhere
+    /// else) or any byte after END or ABORT.
     pub fn record_len(&self, header: &[u8]) -> Result<Option<usize>, ProtocolError> {
         let Some(&ty) = header.first() else {
             return Ok(None);
