@@ -469,10 +469,11 @@ impl<R: RandomSource> Filter for SealFilter<R> {
             return Ok(());
         }
         if sealer.open_due() && self.held {
-            // A warm session waits for its client: nothing of its own to send, and closed
-            // unused it ends with END alone (docs/PROTOCOL.md, "Warm sessions").
-            output.clear();
+            // A warm session waits for its client: what the client already sent stays in
+            // `output` for the OPEN to lead; closed unused, the session ends with END alone
+            // (docs/PROTOCOL.md, "Warm sessions").
             if finish {
+                output.clear();
                 seal_empty(sealer, raw_out, RecordType::End)?;
             }
             return Ok(());
@@ -893,9 +894,15 @@ mod tests {
             "192.0.2.9:4000".parse().unwrap(),
             "192.0.2.1:80".parse().unwrap(),
         );
-        i.set_open(info);
+        // Its first bytes may reach the layer before it is named: they wait.
         let (mut plain, mut wire) = (Buffer::new(), Buffer::new());
         plain.append(b"PING");
+        i.encode(&mut plain, &mut wire, false).unwrap();
+        assert!(
+            wire.is_empty() && plain.len() == 4,
+            "held: nothing sealed, nothing lost"
+        );
+        i.set_open(info);
         i.encode(&mut plain, &mut wire, false).unwrap();
         let types: Vec<u8> = {
             let w = contents(&wire);
