@@ -274,6 +274,24 @@ struct CommonArgs {
     /// applies.
     #[arg(long, value_name = "N", default_value_t = 4000)]
     new_conns_per_source_burst: usize,
+    /// Encrypt side: most warm sessions (connected and handshaken ahead of clients, so a new
+    /// client's first bytes leave at once: one round trip instead of three) per shard and
+    /// target; fewer while new connections are rare, none for an idle tunnel. 0 = off.
+    /// Default 4.
+    #[arg(long, value_name = "N")]
+    warm_max: Option<usize>,
+    /// Encrypt side: replace an unused warm session after this many seconds; keep it well
+    /// below the decrypt side's --warm-idle-timeout and any idle limit of a NAT or load
+    /// balancer in between. Default 25.
+    #[arg(long, value_name = "SECS")]
+    warm_refresh: Option<f64>,
+    /// Decrypt side: close a session still waiting for its OPEN (a warm session) after this
+    /// many seconds (> 0). Default 60.
+    #[arg(long, value_name = "SECS")]
+    warm_idle_timeout: Option<f64>,
+    /// Decrypt side: most warm sessions one source address may hold, per shard. Default 256.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    max_unopened_per_source: usize,
     /// Close a connection with no traffic for this long; 0 = never.
     #[arg(long, value_name = "SECS", default_value_t = 300.0)]
     idle_timeout: f64,
@@ -425,6 +443,7 @@ fn tunnel_config(
             max_handshakes_per_source: c.max_handshakes_per_source,
             new_conns_per_source: c.new_conns_per_source,
             new_conns_per_source_burst: c.new_conns_per_source_burst,
+            max_unopened_per_source: c.max_unopened_per_source,
             keepalive_idle: c.keepalive_idle,
             keepalive_interval: c.keepalive_interval,
             keepalive_count: c.keepalive_count,
@@ -443,6 +462,9 @@ fn tunnel_config(
             access_log: a.identity.access_log.clone(),
             allow: a.identity.allow.clone(),
             deny: a.identity.deny.clone(),
+            warm_max: c.warm_max,
+            warm_refresh: c.warm_refresh,
+            warm_idle_timeout: c.warm_idle_timeout,
             ..TunnelFile::new(mode, a.listen.clone(), a.target.clone(), keys)
         }],
     };

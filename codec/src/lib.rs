@@ -472,7 +472,7 @@ impl<R: RandomSource> Filter for SealFilter<R> {
             // A warm session waits for its client: what the client already sent stays in
             // `output` for the OPEN to lead; closed unused, the session ends with END alone
             // (docs/PROTOCOL.md, "Warm sessions").
-            if finish {
+            if finish || self.abort.take().is_some() {
                 output.clear();
                 seal_empty(sealer, raw_out, RecordType::End)?;
             }

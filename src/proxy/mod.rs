@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use crate::config::{Mode, Tunnel};
 use crate::metrics::{Bytes, Metrics, TunnelMetrics};
 use crate::protocol::{HandshakeConfig, KeyId, KeySet};
-use crate::reactor::HandlerId;
+use crate::reactor::{Context, HandlerId};
 use prometheus::IntCounter;
 
 pub use ids::{ShardIdx, TargetAddr, TargetIdx, TunnelIdx};
@@ -144,7 +144,12 @@ impl TunnelRt {
             index,
             key_sessions: Self::key_sessions(&cfg, keys.as_deref(), metrics),
             handshake: Self::handshake_config(&cfg, keys),
-            metrics: metrics.tunnel(&cfg.name, shard.get(), &upstream_names(&upstreams)),
+            metrics: metrics.tunnel(
+                &cfg.name,
+                shard.get(),
+                &upstream_names(&upstreams),
+                warm_side(cfg.mode),
+            ),
             upstreams,
             bytes: ByteCounts::default(),
             active: 0,
@@ -231,7 +236,7 @@ impl TunnelRt {
         for gone in old.iter().filter(|a| !names.contains(a)) {
             metrics.forget_upstream(&self.cfg.name, gone);
         }
-        self.metrics = metrics.tunnel(&cfg.name, shard.get(), &names);
+        self.metrics = metrics.tunnel(&cfg.name, shard.get(), &names, warm_side(cfg.mode));
         self.cfg = cfg;
     }
 
@@ -242,6 +247,15 @@ impl TunnelRt {
                 self.metrics.bytes[label as usize].inc_by(n);
             }
         }
+    }
+}
+
+/// The side of a pair a tunnel's warm sessions count on (`sealpipe_warm_sessions{side}`).
+fn warm_side(mode: Mode) -> Option<&'static str> {
+    match mode {
+        Mode::Encrypt => Some(crate::metrics::WARM_SIDES[0]),
+        Mode::Decrypt => Some(crate::metrics::WARM_SIDES[1]),
+        Mode::Forward => None,
     }
 }
 
@@ -339,7 +353,8 @@ impl ShardState {
     }
 
     /// One step of spare-time work: one ephemeral key pair (~40 µs).
-    pub fn idle_step(&mut self) {
+    pub fn idle_step(cx: &mut Context<'_, ShardState>) {
+        let _ = &cx.state;
         codec::ephemeral::refill_one();
     }
 
