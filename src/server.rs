@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use crate::config::{Config, ConfigError, Resolve, SystemResolver};
 use crate::metrics::Metrics;
 use crate::protocol::KeySet;
-use crate::proxy::conn::TAG_ABORT;
+use crate::proxy::conn::{TAG_ABORT, TAG_DRAIN_STARTED};
 use crate::proxy::listener::{TAG_DRAIN, TAG_RESUME, TunnelListener};
 use crate::proxy::{ShardIdx, ShardState, TunnelIdx, TunnelRt};
 use crate::reactor::listener::{ConnListener, ListenerOptions};
@@ -789,6 +789,7 @@ fn shard_loop(i: usize, base: &mut EventBase<ShardState>, trim: &HeapTrim) -> st
         live.set((p.live_chunks * pool::CHUNK_SIZE) as i64);
         if !base.state().draining {
             base.with_context(|cx| crate::proxy::health::run_due(cx, now));
+            base.with_context(|cx| crate::proxy::warm::housekeep(cx, now));
         }
         let st = base.state_mut();
         st.flush(now);
@@ -871,6 +872,14 @@ impl Running {
                 let ids: Vec<HandlerId> = st.tunnels.iter().filter_map(|t| t.listener).collect();
                 for id in ids {
                     cx.notify(id, TAG_DRAIN);
+                }
+                // Warm sessions: an encrypt side retires its own; a decrypt side closes those
+                // still waiting for their OPEN (ABORT unopened), so their encrypt sides
+                // replace them elsewhere before a client takes one.
+                crate::proxy::warm::drain(cx);
+                let conns: Vec<HandlerId> = cx.state.live_conns.iter().copied().collect();
+                for id in conns {
+                    cx.notify(id, TAG_DRAIN_STARTED);
                 }
             });
         }

@@ -295,6 +295,15 @@ fn admit(
     } else {
         None
     };
+    // An encrypt side's client takes a warm session if one is ready (proxy::warm).
+    let stream = if rt.cfg.mode == Mode::Encrypt {
+        match super::warm::take(cx, tunnel, stream, now) {
+            Ok(()) => return true,
+            Err(stream) => stream,
+        }
+    } else {
+        stream
+    };
     let rt = &cx.state.tunnels[tunnel];
     let conn: Box<dyn Handler<ShardState>> = match rt.cfg.mode {
         Mode::Encrypt => Box::new(Conn::<NoFilter, SealFilter>::new(rt, stream, now)),

@@ -26,6 +26,7 @@ pub mod ids;
 pub mod keepalive;
 pub mod listener;
 pub mod upstream;
+pub mod warm;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -129,6 +130,8 @@ pub struct TunnelRt {
     pub no_fs_unwarned: u64,
     /// The tunnel's access log writer (`access_log`; opened by the server, replaced on reload).
     pub access_log: Option<access_log::AccessLog>,
+    /// An encrypt tunnel's warm sessions on this shard (`warm`).
+    pub warm: warm::Pool,
 }
 
 impl TunnelRt {
@@ -160,6 +163,7 @@ impl TunnelRt {
             next_no_fs_warn: Instant::now(),
             no_fs_unwarned: 0,
             access_log: None,
+            warm: warm::Pool::default(),
             cfg,
         }
     }
@@ -312,6 +316,9 @@ pub struct ShardState {
     /// thread's pool ([`codec::ephemeral::handed_out`]) already added to them.
     ephemeral_keys: [IntCounter; 2],
     ephemeral_published: (u64, u64),
+    /// Clients' sockets on their way to the ready warm sessions that take them
+    /// (`warm::take`), each for one notification.
+    pub warm_handoffs: Vec<(HandlerId, warm::Handoff)>,
 }
 
 impl ShardState {
@@ -335,13 +342,18 @@ impl ShardState {
             admission: listener::Admission::new(&crate::config::Admission::default(), 1),
             ephemeral_keys: metrics.ephemeral_keys(shard.get()),
             ephemeral_published: (0, 0),
+            warm_handoffs: Vec::new(),
             metrics,
         }
     }
 
-    /// Whether the shard has spare-time work (see `EventBase::set_idle`): ephemeral key pairs
-    /// to make, if any tunnel may use forward secrecy and the thread's pool is below its target.
+    /// Whether the shard has spare-time work (see `EventBase::set_idle`): warm sessions to
+    /// make (`warm`), or ephemeral key pairs, if any tunnel may use forward secrecy and the
+    /// thread's pool is below its target.
     pub fn wants_idle_work(&self) -> bool {
+        if warm::wants(self) {
+            return true;
+        }
         codec::ephemeral::wants_refill()
             && self.tunnels.iter().any(|t| {
                 t.handshake.as_ref().is_some_and(|h| {
@@ -352,9 +364,12 @@ impl ShardState {
             })
     }
 
-    /// One step of spare-time work: one ephemeral key pair (~40 µs).
+    /// One step of spare-time work: one warm session started (a connect; its key pair comes
+    /// from the pool), or one ephemeral key pair (~40 µs).
     pub fn idle_step(cx: &mut Context<'_, ShardState>) {
-        let _ = &cx.state;
+        if warm::wants(cx.state) {
+            return warm::idle_step(cx);
+        }
         codec::ephemeral::refill_one();
     }
 

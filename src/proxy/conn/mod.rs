@@ -150,7 +150,7 @@ fn client_open(client: &Socket) -> OpenInfo {
 /// Reads and discards what a socket that is about to close still holds, so that the kernel
 /// closes it with a FIN after the queued bytes (an ABORT record) instead of a RST that would
 /// drop them. Bounded: a peer that keeps sending is cut by the RST it then earns.
-fn discard_unread(stream: Option<&TcpStream>) {
+pub(crate) fn discard_unread(stream: Option<&TcpStream>) {
     let Some(mut s) = stream else {
         return;
     };

@@ -34,7 +34,7 @@ use crate::reactor::{BevCore, BevEvents, Filter, Transport};
 use super::super::codec::peer_abort;
 use super::super::upstream::{ConnectOutcome, TargetId, Upstreams};
 use super::core::Layer;
-use crate::protocol::AbortReason;
+use crate::protocol::{AbortReason, KeyId};
 
 /// How a warm session ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,17 +69,24 @@ pub enum WarmCause<'a> {
 pub enum WarmAction<'a> {
     /// Arm (or move) its timer to fire at this instant, or cancel it.
     Timer(Option<Instant>),
-    /// The TCP connect completed (`was_down`: the target had been marked down).
-    Reached { took: Duration, was_down: bool },
-    /// The TCP connect failed; `went_down`: that marked the target down.
+    /// The TCP connect to `target` completed (`was_down`: it had been marked down).
+    Reached {
+        target: TargetId,
+        took: Duration,
+        was_down: bool,
+    },
+    /// The TCP connect to `target` failed; `went_down`: that marked it down.
     ConnectFailed {
+        target: TargetId,
         outcome: ConnectOutcome,
         error: Option<&'a io::Error>,
         went_down: bool,
     },
-    /// The handshake completed: the session is ready for a client.
+    /// The handshake completed: the session is ready for a client. Quiet until then, it has
+    /// already dropped its expanded keys (as a hibernating connection does).
     Ready {
         took: Duration,
+        key: Option<KeyId>,
         forward_secrecy: bool,
     },
     /// It was lost or failed after connecting, and why.
@@ -194,8 +201,13 @@ impl<U: Layer, T: Transport> WarmCore<U, T> {
         }
         if ev.contains(BevEvents::FILTER) && self.ready_at.is_none() && self.up.filter().is_open() {
             self.ready_at = Some(now);
+            // Nothing happens until a client comes: the session keeps its traffic secrets,
+            // not its expanded keys, and no spare buffer memory.
+            self.up.filter_mut().hibernate();
+            self.up.shrink_to_fit();
             env.act(WarmAction::Ready {
                 took: now - self.started,
+                key: self.up.filter().key_id(),
                 forward_secrecy: self.up.filter().forward_secrecy() == Some(true),
             });
             let at = env.refresh_at(now);
@@ -257,6 +269,7 @@ impl<U: Layer, T: Transport> WarmCore<U, T> {
             return;
         };
         env.act(WarmAction::Reached {
+            target: self.target,
             took: now - self.started,
             was_down,
         });
@@ -272,6 +285,7 @@ impl<U: Layer, T: Transport> WarmCore<U, T> {
         let upstreams = env.upstreams();
         let went_down = outcome.marks_down() && upstreams.failed(self.target, now) == Some(true);
         env.act(WarmAction::ConnectFailed {
+            target: self.target,
             outcome,
             error: err.as_ref(),
             went_down,
