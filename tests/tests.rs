@@ -11,3 +11,4 @@ mod perimeter;
 mod protocol_v2;
 mod proxy;
 mod upstreams;
+mod warm;

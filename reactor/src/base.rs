@@ -477,14 +477,19 @@ impl<S: 'static> EventBase<S> {
         self.idle_pending = wants(&self.state);
     }
 
-    /// Runs `f` with a handler-less context, as a posted job would.
+    /// Runs `f` with a handler-less context, as a posted job would (spare-time work is
+    /// asked about again afterwards, as after a job).
     pub fn with_context<R>(&mut self, f: impl FnOnce(&mut Context<'_, S>) -> R) -> R {
         let mut cx = Context {
             state: &mut self.state,
             core: &mut self.core,
             id: None,
         };
-        f(&mut cx)
+        let r = f(&mut cx);
+        if let Some((wants, _)) = self.idle {
+            self.idle_pending = wants(&self.state);
+        }
+        r
     }
 
     pub fn loop_exit(&mut self, after: Duration) {

@@ -479,13 +479,19 @@ fn idle_work_runs_only_in_turns_with_nothing_ready() {
     t.join().unwrap();
     assert_eq!(base.state().jobs, [0, 3]);
 
+    // New work that a context (the owner's housekeeping) made is seen at the next turn.
+    base.with_context(|cx| cx.state.want = 5);
+    base.loop_once(Some(TIMEOUT)).unwrap();
+    base.loop_once(Some(TIMEOUT)).unwrap();
+    assert_eq!(base.state().steps, 5);
+
     // New work becomes visible after a dispatched turn.
-    base.state_mut().want = 4;
+    base.state_mut().want = 6;
     let h = base.handle();
     h.post(|_| {}).unwrap();
     base.loop_once(Some(TIMEOUT)).unwrap();
     base.loop_once(Some(TIMEOUT)).unwrap();
-    assert_eq!(base.state().steps, 4);
+    assert_eq!(base.state().steps, 6);
 }
 
 /// Accepts and records each accepted socket's TCP_NODELAY.

@@ -218,11 +218,16 @@ impl Pool {
         out
     }
 
-    fn remove(&mut self, id: HandlerId) {
+    /// Forgets session `id`; true if it was ready (the gauge counts ready sessions).
+    fn remove(&mut self, id: HandlerId) -> bool {
+        let mut was_ready = false;
         for t in &mut self.targets {
             t.sessions.retain(|&s| s != id);
+            let before = t.ready.len();
             t.ready.retain(|&s| s != id);
+            was_ready |= t.ready.len() != before;
         }
+        was_ready
     }
 }
 
@@ -286,6 +291,7 @@ pub fn take(
             return Err(stream);
         }
     }
+    rt.metrics.warm_add(-1);
     let cfg = warm_cfg(rt);
     rt.warm.refresh(now, &cfg, &rt.upstreams);
     st.warm_handoffs.push((
@@ -353,7 +359,12 @@ pub fn housekeep(cx: &mut Context<'_, ShardState>, now: Instant) {
 /// The shard drains: every warm session retires (END before OPEN), and none is made again.
 pub fn drain(cx: &mut Context<'_, ShardState>) {
     let ids: Vec<HandlerId> = (cx.state.tunnels.iter())
-        .flat_map(|t| t.warm.targets.iter().flat_map(|p| p.sessions.iter().copied()))
+        .flat_map(|t| {
+            t.warm
+                .targets
+                .iter()
+                .flat_map(|p| p.sessions.iter().copied())
+        })
         .collect();
     for id in ids {
         cx.notify(id, TAG_RETIRE);
@@ -443,9 +454,11 @@ impl WarmConn {
         let (up, target) = core.into_parts(&mut env);
         debug_assert_eq!(target, h.target);
         let rt = self.rt(cx);
+        // (Taken off the ready list, and the gauge, by `take`.)
         rt.warm.remove(me);
-        rt.metrics.warm_add(-1);
         rt.metrics.warm_event(WarmEvent::Used);
+        let cfg = warm_cfg(rt);
+        rt.warm.refresh(now, &cfg, &rt.upstreams);
         let conn = Conn::adopt(rt, h.stream, up, target, h.tried, now);
         self.state = State::Live(Box::new(conn));
         if let State::Live(conn) = &mut self.state {
@@ -467,7 +480,12 @@ impl Env<'_, '_> {
         &mut self.cx.state.tunnels[self.tunnel]
     }
 
-    fn ready(&mut self, took: Duration, forward_secrecy: bool, key: Option<crate::protocol::KeyId>) {
+    fn ready(
+        &mut self,
+        took: Duration,
+        forward_secrecy: bool,
+        key: Option<crate::protocol::KeyId>,
+    ) {
         let Some(me) = self.cx.id() else {
             return;
         };
@@ -479,7 +497,11 @@ impl Env<'_, '_> {
         m.warm_event(WarmEvent::Made);
         m.warm_add(1);
         rt.count_session(key);
-        let target = rt.warm.targets.iter_mut().find(|t| t.sessions.contains(&me));
+        let target = rt
+            .warm
+            .targets
+            .iter_mut()
+            .find(|t| t.sessions.contains(&me));
         if let Some(t) = target {
             t.ready.push_back(me);
             // Smoothed, a quarter each time: a few sessions settle it.
@@ -489,9 +511,19 @@ impl Env<'_, '_> {
                 (t.fill * 3 + took) / 4
             };
         }
+        let now = self.cx.now();
+        let rt = self.rt();
+        let cfg = warm_cfg(rt);
+        rt.warm.refresh(now, &cfg, &rt.upstreams);
     }
 
-    fn connect_failed(&mut self, outcome: ConnectOutcome, error: Option<&std::io::Error>, went_down: bool, target: TargetId) {
+    fn connect_failed(
+        &mut self,
+        outcome: ConnectOutcome,
+        error: Option<&std::io::Error>,
+        went_down: bool,
+        target: TargetId,
+    ) {
         let now = self.cx.now();
         let warn = self.cx.state.may_warn(now);
         let rt = self.rt();
@@ -628,9 +660,8 @@ impl Handler<ShardState> for WarmConn {
             timeouts,
         );
         if let Some(s) = up.stream() {
-            let set = super::keepalive::apply(s, &keepalive).and_then(|()| {
-                socket2::SockRef::from(s).set_tcp_user_timeout(Some(short))
-            });
+            let set = super::keepalive::apply(s, &keepalive)
+                .and_then(|()| socket2::SockRef::from(s).set_tcp_user_timeout(Some(short)));
             if let Err(e) = set {
                 tracing::debug!(error = %e, "cannot set keepalive on a warm session's socket");
             }
@@ -688,7 +719,10 @@ impl Handler<ShardState> for WarmConn {
             State::Warm(_) if tag == TAG_ADOPT => self.adopt(cx),
             State::Warm(core) if tag == TAG_RETIRE => {
                 if let Some(me) = cx.id() {
-                    cx.state.tunnels[self.tunnel].warm.remove(me);
+                    let rt = &mut cx.state.tunnels[self.tunnel];
+                    if rt.warm.remove(me) {
+                        rt.metrics.warm_add(-1);
+                    }
                 }
                 let mut env = Env {
                     cx,
@@ -717,10 +751,9 @@ impl Handler<ShardState> for WarmConn {
         let now = cx.now();
         let rt = &mut cx.state.tunnels[self.tunnel];
         if let Some(me) = me {
-            if rt.warm.targets.iter().any(|t| t.ready.contains(&me)) {
+            if rt.warm.remove(me) {
                 rt.metrics.warm_add(-1);
             }
-            rt.warm.remove(me);
         }
         if let State::Warm(core) = &mut self.state {
             let event = match core.closed() {
@@ -760,7 +793,10 @@ mod tests {
     #[test]
     fn no_clients_want_no_warm_sessions() {
         let t0 = Instant::now();
-        assert_eq!(wanted(&Demand::default(), t0, 4, REFRESH, Duration::ZERO), 0);
+        assert_eq!(
+            wanted(&Demand::default(), t0, 4, REFRESH, Duration::ZERO),
+            0
+        );
     }
 
     #[test]
@@ -794,7 +830,16 @@ mod tests {
         let later = end + REFRESH;
         assert_eq!(wanted(&d, later, 64, REFRESH, fill), 13);
         // ...and after two refresh intervals without a client, none.
-        assert_eq!(wanted(&d, end + 2 * REFRESH + Duration::from_secs(1), 64, REFRESH, fill), 0);
+        assert_eq!(
+            wanted(
+                &d,
+                end + 2 * REFRESH + Duration::from_secs(1),
+                64,
+                REFRESH,
+                fill
+            ),
+            0
+        );
         assert_eq!(wanted(&d, end, 0, REFRESH, fill), 0, "warm_max = 0: off");
     }
 }
