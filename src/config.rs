@@ -632,7 +632,7 @@ fn warm_settings(
         scope.error(
             field,
             format!(
-                "is an {} side setting (this tunnel is {})",
+                "belongs to the {} side (this tunnel is {}): remove it here",
                 want.as_str(),
                 mode.as_str()
             ),
