@@ -60,13 +60,18 @@ pub const TAG_RETIRE: Tag = Tag::new(10);
 /// The shortest demand window: ready sessions for about this long of new clients.
 const COVER_MIN: Duration = Duration::from_secs(1);
 
-/// New clients per second sent to one target, as an exponentially weighted rate with time
-/// constant `tau` (`warm_refresh`): each arrival adds `1/tau`, and the rate decays by
-/// `e^(-t/tau)` in between. Read at any instant with [`Demand::rate`].
+/// The time constant of the fast rate (see [`Demand`]).
+const FAST: Duration = Duration::from_secs(1);
+
+/// New clients per second sent to one target, as two exponentially weighted rates: a fast one
+/// (time constant one second), which follows a burst at once, and a slow one (time constant
+/// `tau`, `warm_refresh`), which remembers it between bursts. Each arrival adds `1/tau` to a
+/// rate, which decays by `e^(-t/tau)` in between. Read at any instant with [`Demand::rate`]:
+/// the larger of the two, so the pool grows as fast as clients come and shrinks slowly.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Demand {
-    /// The rate as of `last`.
-    rate: f64,
+    /// The rates (fast, slow) as of `last`.
+    rates: (f64, f64),
     /// The last arrival.
     last: Option<Instant>,
 }
@@ -74,19 +79,27 @@ pub struct Demand {
 impl Demand {
     /// A new client came at `now`.
     pub fn arrival(&mut self, now: Instant, tau: Duration) {
-        self.rate = self.rate(now, tau) + 1.0 / tau.as_secs_f64();
+        let (fast, slow) = self.rates_at(now, tau);
+        self.rates = (
+            fast + 1.0 / FAST.as_secs_f64(),
+            slow + 1.0 / tau.as_secs_f64(),
+        );
         self.last = Some(now);
+    }
+
+    fn rates_at(&self, now: Instant, tau: Duration) -> (f64, f64) {
+        let Some(t) = self.last else {
+            return (0.0, 0.0);
+        };
+        let dt = now.saturating_duration_since(t).as_secs_f64();
+        let decay = |tau: Duration| (-dt / tau.as_secs_f64()).exp();
+        (self.rates.0 * decay(FAST), self.rates.1 * decay(tau))
     }
 
     /// The rate at `now`.
     pub fn rate(&self, now: Instant, tau: Duration) -> f64 {
-        match self.last {
-            None => 0.0,
-            Some(t) => {
-                let dt = now.saturating_duration_since(t).as_secs_f64();
-                self.rate * (-dt / tau.as_secs_f64()).exp()
-            }
-        }
+        let (fast, slow) = self.rates_at(now, tau);
+        fast.max(slow)
     }
 
     /// The last arrival.
@@ -800,6 +813,24 @@ mod tests {
     }
 
     #[test]
+    fn a_burst_wants_more_at_once_and_the_slow_rate_keeps_some() {
+        let t0 = Instant::now();
+        let mut d = Demand::default();
+        let fill = Duration::from_millis(40);
+        // A client every 20 ms (a WAN client reconnecting each round trip), half a second.
+        for i in 0..25u64 {
+            d.arrival(t0 + Duration::from_millis(20 * i), REFRESH);
+        }
+        let end = t0 + Duration::from_millis(480);
+        assert_eq!(wanted(&d, end, 4, REFRESH, fill), 4);
+        // Ten seconds later the burst is forgotten by the fast rate, not by the slow one.
+        assert_eq!(
+            wanted(&d, end + Duration::from_secs(10), 4, REFRESH, fill),
+            1
+        );
+    }
+
+    #[test]
     fn one_client_wants_one_until_two_refresh_intervals_pass() {
         let t0 = Instant::now();
         let mut d = Demand::default();
@@ -821,14 +852,24 @@ mod tests {
         let end = t0 + Duration::from_secs(10);
         let fill = Duration::from_millis(40);
         let rate = d.rate(end, REFRESH);
-        assert!((30.0..35.0).contains(&rate), "{rate}: 100 x (1 - e^-0.4)");
+        assert!(
+            (99.0..101.0).contains(&rate),
+            "{rate}: the fast rate follows at once"
+        );
         assert_eq!(wanted(&d, end, 4, REFRESH, fill), 4, "capped at warm_max");
-        assert_eq!(wanted(&d, end, 64, REFRESH, fill), 33);
+        assert_eq!(wanted(&d, end, 128, REFRESH, fill), 100);
         // A slow link (a session takes 2 s to make) wants more for the same rate.
-        assert_eq!(wanted(&d, end, 64, REFRESH, Duration::from_secs(2)), 64);
-        // Quiet: the rate decays with warm_refresh as its time constant...
+        let slow_link = wanted(&d, end, 1000, REFRESH, Duration::from_secs(2));
+        assert!((395..=400).contains(&slow_link), "{slow_link}: four seconds of clients");
+        // Quiet: the fast rate is gone within seconds; the slow one (what ten seconds at 100
+        // a second left: 100 x (1 - e^-0.4) = 33) decays with warm_refresh as its time
+        // constant...
         let later = end + REFRESH;
-        assert_eq!(wanted(&d, later, 64, REFRESH, fill), 13);
+        assert_eq!(
+            wanted(&d, end + Duration::from_secs(10), 128, REFRESH, fill),
+            23
+        );
+        assert_eq!(wanted(&d, later, 128, REFRESH, fill), 13);
         // ...and after two refresh intervals without a client, none.
         assert_eq!(
             wanted(
