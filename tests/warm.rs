@@ -149,6 +149,80 @@ fn the_pool_grows_to_warm_max_under_load_and_empties_when_the_tunnel_goes_idle()
 }
 
 #[test]
+fn the_access_log_has_a_line_per_client_and_none_for_warm_sessions() {
+    let echo = echo_backend();
+    let key = keygen("warm-log");
+    let dir = temp_dir("warm-log");
+    let (enc_log, dec_log) = (dir.join("enc.log"), dir.join("dec.log"));
+    let (dec, rd) = start(
+        decrypt(echo.addr, &key, |t| {
+            t.access_log = Some(dec_log.to_str().unwrap().into());
+        }),
+        limits(),
+    );
+    let mut e = encrypt(dec, &key, 2, 0.5);
+    e.access_log = Some(enc_log.to_str().unwrap().into());
+    e.accept_proxy = true;
+    e.trusted_proxies = vec!["127.0.0.1".into()];
+    let (enc, re) = start(e, limits());
+    let header = b"PROXY TCP4 203.0.113.9 198.51.100.1 5555 6379\r\n";
+    let request = |s: &mut TcpStream| {
+        s.write_all(header).unwrap();
+        s.write_all(b"hello").unwrap();
+        let mut b = [0u8; 5];
+        s.read_exact(&mut b).unwrap();
+    };
+    let mut s = connect(enc);
+    request(&mut s);
+    drop(s);
+    wait_until("a ready warm session", || {
+        warm_sessions(&re, "encrypt") >= 1.0
+    });
+    // A client whose load balancer header is refused takes a session and fails before its
+    // OPEN: the decrypt side sees that session end unused, not lost.
+    let mut bad = connect(enc);
+    bad.write_all(b"PROXY BOGUS\r\n").unwrap();
+    let _ = read_to_end(&mut bad);
+    wait_until("the decrypt side saw it unused", || {
+        warm_event(&rd, "unused") >= 1.0
+    });
+    let mut s = connect(enc);
+    request(&mut s);
+    drop(s);
+    // Idle: every warm session retires (the decrypt side closes them `unopened`).
+    wait_until("all warm sessions gone", || {
+        warm_sessions(&re, "encrypt") == 0.0 && warm_sessions(&rd, "decrypt") == 0.0
+    });
+    assert!(
+        metric(
+            &rd,
+            "sealpipe_connections_closed_total",
+            &[("reason", "unopened")]
+        ) >= 2.0
+    );
+    // A last client: its line comes after any line of those sessions (one writer, in order).
+    let mut s = connect(enc);
+    request(&mut s);
+    drop(s);
+    let lines = |p: &std::path::Path| -> Vec<String> {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    wait_until("the last client's line", || lines(&dec_log).len() >= 3);
+    let dec_lines = lines(&dec_log);
+    assert_eq!(dec_lines.len(), 3, "one line per client: {dec_lines:#?}");
+    for l in &dec_lines {
+        assert!(l.contains("\"client\":\"203.0.113.9:5555\""), "{l}");
+    }
+    // The encrypt side logs its clients, the refused one included, and no warm session.
+    wait_until("the encrypt side's lines", || lines(&enc_log).len() >= 4);
+    assert_eq!(lines(&enc_log).len(), 4);
+}
+
+#[test]
 fn the_decrypt_side_expires_unopened_sessions_and_the_encrypt_side_replaces_them() {
     let echo = echo_backend();
     let key = keygen("warm-idle");

@@ -860,7 +860,10 @@ mod tests {
         assert_eq!(wanted(&d, end, 128, REFRESH, fill), 100);
         // A slow link (a session takes 2 s to make) wants more for the same rate.
         let slow_link = wanted(&d, end, 1000, REFRESH, Duration::from_secs(2));
-        assert!((395..=400).contains(&slow_link), "{slow_link}: four seconds of clients");
+        assert!(
+            (395..=400).contains(&slow_link),
+            "{slow_link}: four seconds of clients"
+        );
         // Quiet: the fast rate is gone within seconds; the slow one (what ten seconds at 100
         // a second left: 100 x (1 - e^-0.4) = 33) decays with warm_refresh as its time
         // constant...

@@ -1326,6 +1326,16 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
             Some(_) if C::SEALED && self.unopened => Some(AbortReason::Unopened),
             a => a,
         };
+        if U::SEALED && self.unopened {
+            // An adopted warm session whose client failed before its OPEN went (a bad PROXY
+            // header, a reset): it ends unused, END before OPEN, so the decrypt side forgets
+            // it as such.
+            if let Some(up) = self.upstream.as_mut() {
+                up.request_shutdown();
+                let _ = env.flush(up);
+                env.discard_unread(up.io_mut());
+            }
+        }
         if let Some(a) = abort {
             if C::SEALED && self.client.filter_mut().abort(a) {
                 let _ = env.flush(&mut self.client);

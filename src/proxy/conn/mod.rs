@@ -610,7 +610,9 @@ impl<C: Make, U: Make> ConnEnv<'_, '_, C, U> {
         bytes: &ByteCounts,
         session: (Option<TargetId>, Option<KeyId>, Option<bool>),
     ) {
-        if self.rt().access_log.is_none() {
+        // A warm session that closed before its OPEN (a decrypt side's `unopened`) served no
+        // client: the access log is one line per client connection.
+        if self.rt().access_log.is_none() || reason == CloseReason::Unopened {
             return;
         }
         let (target, key_id, fs) = session;

@@ -1345,3 +1345,42 @@ fn an_adopted_session_is_ordinary_once_answered_or_after_its_grace() {
     assert!(w.ready(0, Side::Client));
     assert!(!w.enc.core.replayable());
 }
+
+#[test]
+fn an_adopted_session_whose_client_fails_before_its_open_ends_unused() {
+    // A client reset, and a load balancer's PROXY header that is refused: no OPEN ever goes,
+    // and the decrypt side learns the session ended unused (END before OPEN), not lost.
+    for bad_header in [false, true] {
+        let opts = if bad_header {
+            Opts {
+                client_header: b"PROXY BOGUS\r\n".to_vec(),
+                ..Opts::default()
+            }
+        } else {
+            Opts::default()
+        };
+        let mut w = warm_ready(opts);
+        w.adopt();
+        if bad_header {
+            assert!(w.client_write(usize::MAX));
+        } else {
+            assert!(w.client_reset());
+        }
+        w.settle();
+        w.check_settled();
+        let want = if bad_header {
+            CloseReason::ProxyHeader
+        } else {
+            CloseReason::PeerReset
+        };
+        assert_eq!(w.enc.reason(), Some(want));
+        let dec = w.dec.as_ref().unwrap();
+        assert!(
+            dec.recorded(&Rec::Warm(WarmStep::Closed(UnopenedEnd::Unused))),
+            "bad header {bad_header}: {:?}",
+            dec.env.recs
+        );
+        assert!(!dec.recorded(&Rec::SessionOpened));
+        assert!(w.backend.is_none());
+    }
+}
