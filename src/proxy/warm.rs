@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 
 use crate::metrics::WarmEvent;
+use crate::protocol::RandomSource;
 use crate::reactor::{
     BevEvents, BufferEvent, Context, Handler, HandlerId, NoFilter, Ready, Socket, Tag, Timeouts,
     TimerKey,
@@ -404,10 +405,11 @@ enum State {
 
 impl WarmConn {
     fn new(tunnel: TunnelIdx, target: TargetId, addr: TargetAddr) -> WarmConn {
-        // 75-100% of warm_refresh, from the clock's low bits (no need for better randomness:
-        // it only spreads expiries).
-        let nanos = Instant::now().elapsed().subsec_nanos() ^ (std::process::id() << 7);
-        let spread = 0.75 + 0.25 * f64::from(nanos % 1024) / 1024.0;
+        // 75-100% of warm_refresh, at random, so that sessions made together do not expire
+        // together.
+        let mut r = [0u8; 2];
+        crate::protocol::OsRandom.fill(&mut r);
+        let spread = 0.75 + 0.25 * f64::from(u16::from_le_bytes(r)) / f64::from(u16::MAX);
         WarmConn {
             tunnel,
             state: State::Start(target, addr),

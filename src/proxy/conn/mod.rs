@@ -323,6 +323,12 @@ impl<C: Make, U: Make> ConnEnv<'_, '_, C, U> {
             m.warm_add(held);
         }
         m.warm_event(event);
+        if step == WarmStep::Retried {
+            if let Some(skipped) = may_log(self.cx, tracing::Level::DEBUG) {
+                let tunnel = &self.rt().cfg.name;
+                tracing::debug!(%tunnel, skipped, "a warm session was declined (ABORT unopened) as its client's OPEN left: the client's bytes go again on a fresh session");
+            }
+        }
         if matches!(step, WarmStep::Closed(UnopenedEnd::OverCap)) {
             let now = self.cx.now();
             if let Some(skipped) = self.cx.state.may_warn(now) {
