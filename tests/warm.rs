@@ -276,6 +276,15 @@ fn a_source_over_its_unopened_cap_is_refused_and_its_clients_still_served() {
     for _ in 0..5 {
         exchange(enc, 10).unwrap();
     }
+    // And the encrypt side does not make session after session to be refused: it backs off.
+    // (A window of time to count in, not a wait for an event.)
+    let before = warm_event(&rd, "over_cap");
+    std::thread::sleep(Duration::from_secs(2));
+    let refused = warm_event(&rd, "over_cap") - before;
+    assert!(
+        refused <= 4.0,
+        "{refused} sessions refused in 2 s: no back-off"
+    );
 }
 
 /// A decrypt process as a child: `decrypt --listen dec --target backend --key key`, one

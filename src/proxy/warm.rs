@@ -60,6 +60,12 @@ pub const TAG_RETIRE: Tag = Tag::new(10);
 
 /// The shortest demand window: ready sessions for about this long of new clients.
 const COVER_MIN: Duration = Duration::from_secs(1);
+/// After a session failed, or was lost within [`QUICK_LOSS`] of its start (refused by the
+/// decrypt side's cap, say), its target gets no new one for this long, doubling while that
+/// goes on, up to [`BACKOFF_MAX`]: never a loop of sessions made only to be refused.
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+const QUICK_LOSS: Duration = Duration::from_secs(1);
 
 /// The time constant of the fast rate (see [`Demand`]).
 const FAST: Duration = Duration::from_secs(1);
@@ -143,6 +149,9 @@ struct TargetPool {
     demand: Demand,
     /// How long one takes to make (connect and handshake), smoothed; zero until one was.
     fill: Duration,
+    /// The back-off after failures ([`BACKOFF_MIN`]): the current step, and until when.
+    backoff: Duration,
+    paused_until: Option<Instant>,
 }
 
 impl TargetPool {
@@ -153,7 +162,25 @@ impl TargetPool {
             ready: VecDeque::new(),
             demand: Demand::default(),
             fill: Duration::ZERO,
+            backoff: Duration::ZERO,
+            paused_until: None,
         }
+    }
+
+    /// A session ended: `trouble` (failed, or lost soon after it started) backs off making
+    /// the next; anything else (used, retired, lost after a long life) clears the back-off.
+    fn ended(&mut self, trouble: bool, now: Instant) {
+        if trouble {
+            self.backoff = (self.backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
+            self.paused_until = Some(now + self.backoff);
+        } else {
+            self.backoff = Duration::ZERO;
+            self.paused_until = None;
+        }
+    }
+
+    fn paused(&self, now: Instant) -> bool {
+        self.paused_until.is_some_and(|t| now < t)
     }
 }
 
@@ -205,7 +232,7 @@ impl Pool {
             let want = wanted(&t.demand, now, cfg.max, cfg.refresh, t.fill);
             // Those being made count as coming.
             let n = want.saturating_sub(t.sessions.len());
-            if n > 0 && target.is_up(now) {
+            if n > 0 && target.is_up(now) && !t.paused(now) {
                 short += n;
                 if best.is_none_or(|(m, _)| n > m) {
                     best = Some((n, t.id));
@@ -471,6 +498,7 @@ impl WarmConn {
         let rt = self.rt(cx);
         // (Taken off the ready list, and the gauge, by `take`.)
         rt.warm.remove(me);
+        rt.warm.target(target).ended(false, now);
         rt.metrics.warm_event(WarmEvent::Used);
         let cfg = warm_cfg(rt);
         rt.warm.refresh(now, &cfg, &rt.upstreams);
@@ -771,7 +799,8 @@ impl Handler<ShardState> for WarmConn {
             }
         }
         if let State::Warm(core) = &mut self.state {
-            let event = match core.closed() {
+            let end = core.closed();
+            let event = match end {
                 Some(WarmEnd::Retired) => Some(WarmEvent::Retired),
                 Some(WarmEnd::Lost) => Some(WarmEvent::Lost),
                 Some(WarmEnd::Failed) | None => Some(WarmEvent::Failed),
@@ -779,6 +808,16 @@ impl Handler<ShardState> for WarmConn {
             };
             if let Some(e) = event {
                 rt.metrics.warm_event(e);
+            }
+            let quick = now.saturating_duration_since(core.started()) < QUICK_LOSS;
+            let trouble = match end {
+                Some(WarmEnd::Failed) | None => true,
+                Some(WarmEnd::Lost) => quick,
+                _ => false,
+            };
+            let target = core.target();
+            if let Some(t) = rt.warm.targets.iter_mut().find(|t| t.id == target) {
+                t.ended(trouble, now);
             }
             core.stream_mut().close(cx);
         }
@@ -804,6 +843,45 @@ mod tests {
     use super::*;
 
     const REFRESH: Duration = Duration::from_secs(25);
+
+    #[test]
+    fn troubled_targets_back_off_doubling_and_a_good_session_clears_it() {
+        let t0 = Instant::now();
+        let mut t = TargetPool::new(
+            Upstreams::new(&["127.0.0.1:1".parse().unwrap()], Default::default()).targets()[0].id(),
+        );
+        assert!(!t.paused(t0));
+        let mut at = t0;
+        for want in [1u64, 2, 4, 8, 16, 30, 30] {
+            t.ended(true, at);
+            assert!(t.paused(at + Duration::from_secs(want) - Duration::from_millis(1)));
+            assert!(!t.paused(at + Duration::from_secs(want)), "{want}");
+            at += Duration::from_secs(want);
+        }
+        t.ended(false, at);
+        assert!(!t.paused(at));
+        t.ended(true, at);
+        assert!(!t.paused(at + BACKOFF_MIN), "back to the first step");
+    }
+
+    #[test]
+    fn a_paused_target_wants_nothing_made() {
+        let t0 = Instant::now();
+        let up = Upstreams::new(&["127.0.0.1:1".parse().unwrap()], Default::default());
+        let id = up.targets()[0].id();
+        let cfg = WarmCfg {
+            max: 4,
+            refresh: REFRESH,
+        };
+        let mut pool = Pool::default();
+        pool.target(id).demand.arrival(t0, REFRESH);
+        assert_eq!(pool.refresh(t0, &cfg, &up), Some(id));
+        assert!(pool.wants());
+        pool.target(id).ended(true, t0);
+        assert_eq!(pool.refresh(t0, &cfg, &up), None);
+        assert!(!pool.wants(), "the idle hook has nothing to do: no spin");
+        assert_eq!(pool.refresh(t0 + BACKOFF_MIN, &cfg, &up), Some(id));
+    }
 
     #[test]
     fn no_clients_want_no_warm_sessions() {

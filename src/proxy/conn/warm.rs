@@ -145,6 +145,10 @@ impl<U: Layer, T: Transport> WarmCore<U, T> {
     pub fn target(&self) -> TargetId {
         self.target
     }
+    /// When it started connecting.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
     /// Connected and handshaken, not taken, not closed: a client may take it.
     pub fn is_ready(&self) -> bool {
         self.ready_at.is_some() && self.closed.is_none()
