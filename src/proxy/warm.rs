@@ -60,9 +60,11 @@ pub const TAG_RETIRE: Tag = Tag::new(10);
 
 /// The shortest demand window: ready sessions for about this long of new clients.
 const COVER_MIN: Duration = Duration::from_secs(1);
-/// After a session failed, or was lost within [`QUICK_LOSS`] of its start (refused by the
-/// decrypt side's cap, say), its target gets no new one for this long, doubling while that
-/// goes on, up to [`BACKOFF_MAX`]: never a loop of sessions made only to be refused.
+/// When more sessions of a target than a whole pool (`warm_max`) in a row failed, or were lost
+/// within [`QUICK_LOSS`] of their start (refused by the decrypt side's cap, say), the target
+/// gets no new one for this long, doubling while that goes on, up to [`BACKOFF_MAX`]: never a
+/// loop of sessions made only to be refused. (A whole pool lost at once — its decrypt side
+/// drained — is replaced at once.)
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const QUICK_LOSS: Duration = Duration::from_secs(1);
@@ -149,7 +151,9 @@ struct TargetPool {
     demand: Demand,
     /// How long one takes to make (connect and handshake), smoothed; zero until one was.
     fill: Duration,
-    /// The back-off after failures ([`BACKOFF_MIN`]): the current step, and until when.
+    /// Sessions in a row that failed or were lost at once; the back-off after too many
+    /// ([`BACKOFF_MIN`]): the current step, and until when.
+    troubles: usize,
     backoff: Duration,
     paused_until: Option<Instant>,
 }
@@ -162,20 +166,26 @@ impl TargetPool {
             ready: VecDeque::new(),
             demand: Demand::default(),
             fill: Duration::ZERO,
+            troubles: 0,
             backoff: Duration::ZERO,
             paused_until: None,
         }
     }
 
-    /// A session ended: `trouble` (failed, or lost soon after it started) backs off making
-    /// the next; anything else (used, retired, lost after a long life) clears the back-off.
-    fn ended(&mut self, trouble: bool, now: Instant) {
-        if trouble {
-            self.backoff = (self.backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
-            self.paused_until = Some(now + self.backoff);
-        } else {
+    /// A session ended: `trouble` (it failed, or was lost soon after it started) counts, and
+    /// past `allowed` in a row backs off making the next; anything else (used, retired, lost
+    /// after a long life) clears the count and the back-off.
+    fn ended(&mut self, trouble: bool, allowed: usize, now: Instant) {
+        if !trouble {
+            self.troubles = 0;
             self.backoff = Duration::ZERO;
             self.paused_until = None;
+            return;
+        }
+        self.troubles += 1;
+        if self.troubles > allowed {
+            self.backoff = (self.backoff * 2).clamp(BACKOFF_MIN, BACKOFF_MAX);
+            self.paused_until = Some(now + self.backoff);
         }
     }
 
@@ -498,7 +508,7 @@ impl WarmConn {
         let rt = self.rt(cx);
         // (Taken off the ready list, and the gauge, by `take`.)
         rt.warm.remove(me);
-        rt.warm.target(target).ended(false, now);
+        rt.warm.target(target).ended(false, 0, now);
         rt.metrics.warm_event(WarmEvent::Used);
         let cfg = warm_cfg(rt);
         rt.warm.refresh(now, &cfg, &rt.upstreams);
@@ -815,9 +825,9 @@ impl Handler<ShardState> for WarmConn {
                 Some(WarmEnd::Lost) => quick,
                 _ => false,
             };
-            let target = core.target();
+            let (target, allowed) = (core.target(), rt.cfg.warm_max);
             if let Some(t) = rt.warm.targets.iter_mut().find(|t| t.id == target) {
-                t.ended(trouble, now);
+                t.ended(trouble, allowed, now);
             }
             core.stream_mut().close(cx);
         }
@@ -847,20 +857,27 @@ mod tests {
     #[test]
     fn troubled_targets_back_off_doubling_and_a_good_session_clears_it() {
         let t0 = Instant::now();
-        let mut t = TargetPool::new(
-            Upstreams::new(&["127.0.0.1:1".parse().unwrap()], Default::default()).targets()[0].id(),
-        );
-        assert!(!t.paused(t0));
+        let up = Upstreams::new(&["127.0.0.1:1".parse().unwrap()], Default::default());
+        let mut t = TargetPool::new(up.targets()[0].id());
+        // A whole pool (4) lost at once, as when its decrypt side drains: no pause.
+        for _ in 0..4 {
+            t.ended(true, 4, t0);
+            assert!(!t.paused(t0));
+        }
+        // One more in a row: a loop; it backs off, doubling.
         let mut at = t0;
         for want in [1u64, 2, 4, 8, 16, 30, 30] {
-            t.ended(true, at);
+            t.ended(true, 4, at);
             assert!(t.paused(at + Duration::from_secs(want) - Duration::from_millis(1)));
             assert!(!t.paused(at + Duration::from_secs(want)), "{want}");
             at += Duration::from_secs(want);
         }
-        t.ended(false, at);
+        // A good session clears it.
+        t.ended(false, 4, at);
         assert!(!t.paused(at));
-        t.ended(true, at);
+        for _ in 0..5 {
+            t.ended(true, 4, at);
+        }
         assert!(!t.paused(at + BACKOFF_MIN), "back to the first step");
     }
 
@@ -877,7 +894,7 @@ mod tests {
         pool.target(id).demand.arrival(t0, REFRESH);
         assert_eq!(pool.refresh(t0, &cfg, &up), Some(id));
         assert!(pool.wants());
-        pool.target(id).ended(true, t0);
+        pool.target(id).ended(true, 0, t0);
         assert_eq!(pool.refresh(t0, &cfg, &up), None);
         assert!(!pool.wants(), "the idle hook has nothing to do: no spin");
         assert_eq!(pool.refresh(t0 + BACKOFF_MIN, &cfg, &up), Some(id));
