@@ -325,7 +325,8 @@ pub trait Env<U: Layer, T: Transport> {
     fn resume_read<F: Filter>(&mut self, bev: &mut BevCore<F, T>, why: Suspend);
     /// The owner drained `bev`'s input: as `resume_read` for the high watermark.
     fn consumed<F: Filter>(&mut self, bev: &mut BevCore<F, T>);
-    /// `bev` is given up (a failed connect): stop watching its transport.
+    /// `bev` is given up (a failed connect): stop watching its transport, which closes with
+    /// a RST if [`Env::reset_on_close`] asked for one.
     fn close_side<F: Filter>(&mut self, bev: &mut BevCore<F, T>);
     /// Reads and discards what the transport still holds, so that it closes with a FIN after
     /// the queued bytes (an ABORT record) rather than a RST that would drop them.
@@ -783,6 +784,11 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
             let mut unsent = std::mem::take(&mut up.output);
             self.client.input.move_all_to(&mut unsent);
             self.client.input = unsent;
+            // A connect given up at its timeout may have completed in the kernel meanwhile
+            // (the answer landed after the loop's last poll): the target then holds an
+            // accepted connection that a FIN would end as an empty, clean stream. A RST says
+            // it was cut (and still sends nothing to a target that never answered).
+            env.reset_on_close(up.io());
             env.close_side(&mut up);
         }
         let Some(id) = self.target.take() else {

@@ -647,7 +647,8 @@ impl<U: Build> Env<U, Pipe> for NodeEnv {
         let io = bev.io_mut();
         io.state = PipeState::Closed;
         io.connect_deadline = None;
-        io.end.close(false);
+        // As a socket does: its SO_LINGER 0, if set, makes its close a RST.
+        io.end.close(io.reset_on_close());
         bev.clear();
     }
     fn discard_unread(&mut self, io: &mut Pipe) {

@@ -363,6 +363,51 @@ fn every_target_refusing_ends_the_client_with_upstream_failed() {
 }
 
 #[test]
+fn a_connect_given_up_at_its_timeout_resets_a_backend_that_accepted_it_late() {
+    // The backend's kernel completes the handshake just as the connect timeout fires (the
+    // SYN-ACK lands after the loop's last poll): the decrypt side gives the connect up with
+    // the socket connected underneath. The backend must see a reset, never an empty stream
+    // that ends cleanly (without its PROXY header, and before the client ended).
+    let mut w = World::new(Opts {
+        connect_timeout: Duration::from_millis(500),
+        preamble: b"PROXY\r\n".to_vec(),
+        ..Opts::default()
+    });
+    assert!(w.client_write(100));
+    let mut opened = false;
+    for _ in 0..100 {
+        opened = w
+            .dec
+            .as_ref()
+            .is_some_and(|d| d.recorded(&Rec::SessionOpened));
+        if opened {
+            break;
+        }
+        w.establish_from(0);
+        w.deliver_all();
+        w.ready_all();
+    }
+    assert!(opened, "the decrypt side connects to the backend");
+    assert!(w.establish_from(1), "the backend accepts");
+    w.advance(Duration::from_millis(500));
+    let d = w.dec.as_ref().unwrap();
+    assert!(d.recorded(&Rec::ConnectFailed {
+        outcome: ConnectOutcome::TimedOut,
+        went_down: true
+    }));
+    assert_eq!(d.reason(), Some(CloseReason::UpstreamFailed));
+    w.settle();
+    w.check_settled();
+    let b = w.backend.as_ref().unwrap();
+    assert!(b.got.is_empty(), "nothing was written to it");
+    assert!(
+        b.reset && !b.eof,
+        "the backend saw a reset, not a clean end"
+    );
+    assert!(w.client.reset, "and the client a reset");
+}
+
+#[test]
 fn the_backend_gets_the_preamble_first_even_after_a_failover() {
     let preamble = b"PROXY TCP4 192.0.2.10 192.0.2.1 5555 80\r\n".to_vec();
     let w = run(Opts {
