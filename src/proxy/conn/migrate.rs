@@ -340,6 +340,8 @@ impl<C: Migrate, U: Migrate, T: Transport> ConnCore<C, U, T> {
             upstream_eof: st.upstream_eof,
             counted: st.counted,
             closed: None,
+            unopened: false,
+            replay: None,
         })
     }
 
