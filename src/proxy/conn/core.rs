@@ -543,11 +543,17 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
     /// copy-free path: read into the record's payload slot, seal in place). The streams
     /// decide when bytes can take it (nothing waiting ahead of them, the far side open and
     /// under [`OUTPUT_HIGH`]: `BevCore::read_some_via`); the core rules out only the times
-    /// its pumps must see the bytes: while the client's preamble is read, and once closed.
-    /// A relayed read reports READ like any other, and the pump then flushes the far side
-    /// and holds reading back for it exactly as for bytes it moved.
+    /// its pumps must see the bytes: while the client's preamble is read, while an adopted
+    /// warm session's OPEN is held or the client's bytes are kept for a replay ([`Replay`]:
+    /// a relayed byte would be sealed without a copy kept, and lost if the session is
+    /// declined), and once closed. A relayed read reports READ like any other, and the pump
+    /// then flushes the far side and holds reading back for it exactly as for bytes it moved.
     fn relays(&self) -> bool {
-        (C::SEALED || U::SEALED) && !self.awaiting_preamble && self.closed.is_none()
+        (C::SEALED || U::SEALED)
+            && !self.awaiting_preamble
+            && !self.unopened
+            && self.replay.is_none()
+            && self.closed.is_none()
     }
 
     /// Why the connection closed, once it did.
@@ -1204,6 +1210,8 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
         let mut ev = BevEvents::empty();
         // Bytes the client's reads relayed straight into the upstream's records are pending
         // there as if they had been moved: flushed, and counted for backpressure, the same.
+        // (No read relays while an adopted session keeps the client's bytes for a replay:
+        // see `relays`.)
         if !self.client.input.is_empty() || up.output_pending() > 0 {
             if let Some(r) = self.replay.as_mut().filter(|r| !r.overflowed) {
                 if r.bytes.len() + self.client.input.len() > REPLAY_MAX {

@@ -1400,6 +1400,33 @@ fn a_decline_racing_the_open_sends_the_clients_bytes_again_on_a_fresh_session_on
     assert_eq!(b.got, w.client.data);
 }
 
+/// What a client sends after its OPEN left, while the session may still be declined, is kept
+/// for the replay as its first bytes are: such a read is never relayed straight into sealed
+/// records (sealing in place, issue 20), which would send it with no copy kept, lost to a
+/// decline.
+#[test]
+fn bytes_sent_after_the_open_are_kept_for_a_decline_too() {
+    let mut w = warm_ready(Opts::default());
+    assert!(w.client_write(10));
+    w.deliver(0, 0, usize::MAX);
+    w.adopt();
+    assert!(w.ready(0, Side::Client), "OPEN and the first bytes go");
+    assert!(w.client_write(usize::MAX));
+    w.deliver(0, 0, usize::MAX);
+    assert!(w.ready(0, Side::Client), "the rest is read");
+    assert!(w.enc.core.replayable(), "nothing came back yet");
+    assert!(w.drain_started());
+    w.settle();
+    w.check_settled();
+    assert!(w.enc.recorded(&Rec::Warm(WarmStep::Retried)));
+    w.check_complete();
+    assert_eq!(
+        w.backend.as_ref().unwrap().got,
+        w.client.data,
+        "all of it, once"
+    );
+}
+
 #[test]
 fn an_open_that_was_acted_on_is_never_sent_again() {
     let mut w = warm_ready(Opts::default());
