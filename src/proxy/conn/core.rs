@@ -365,6 +365,12 @@ pub trait Env<U: Layer, T: Transport> {
     fn hold_unopened(&mut self) -> bool {
         true
     }
+    /// This side drains (a stop, or a live upgrade's handoff): a session whose handshake
+    /// completes without an OPEN from now on is not held for a client, but closed as those
+    /// held when the drain started were ([`ConnCore::drain_started`]).
+    fn draining(&self) -> bool {
+        false
+    }
     /// An initiator's adopted (warm) session: the OPEN for the client on `client` (its PROXY
     /// header's addresses if it sent one, else the socket's).
     fn session_open(&mut self, client: &T) -> OpenInfo;
@@ -1031,6 +1037,12 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
                     return (c, u);
                 }
                 env.act(Action::Warm(WarmStep::Held));
+                if env.draining() {
+                    // Its handshake completed after the drain's notice went round (it was in
+                    // its handshake then): no client is to come to this process on it.
+                    self.close_unopened(UnopenedEnd::Shutdown, env);
+                    return (c, u);
+                }
                 // The unopened limit applies from now (and the quiet session hibernates).
                 self.arm_idle(env);
             }

@@ -690,6 +690,9 @@ impl<C: Make, U: Make> Env<U, Socket> for ConnEnv<'_, '_, C, U> {
             None => true,
         }
     }
+    fn draining(&self) -> bool {
+        self.cx.state.draining
+    }
     fn confirmed(&mut self, io: &Socket) {
         // Back from the warm session's short TCP_USER_TIMEOUT to the tunnel's own.
         let keepalive = self.rt().cfg.keepalive;

@@ -611,6 +611,8 @@ pub struct NodeEnv {
     pub input_peak: [usize; 2],
     /// `Env::hold_unopened` says no (the source is over its cap).
     pub refuse_unopened: bool,
+    /// `Env::draining`: the node's "process" started to drain ([`World::drain_started`]).
+    pub draining: bool,
     /// A warm session's `warm_refresh`.
     warm_refresh: Duration,
 }
@@ -690,6 +692,9 @@ impl<U: Build> Env<U, Pipe> for NodeEnv {
     }
     fn hold_unopened(&mut self) -> bool {
         !self.refuse_unopened
+    }
+    fn draining(&self) -> bool {
+        self.draining
     }
     fn confirmed(&mut self, _io: &Pipe) {
         self.recs.push(Rec::Confirmed);
@@ -1448,6 +1453,7 @@ impl World {
                 timed_out: Vec::new(),
                 input_peak: [0; 2],
                 refuse_unopened: false,
+                draining: false,
                 warm_refresh: opts.warm_refresh,
             }
         };
@@ -1898,14 +1904,15 @@ impl World {
         }
     }
 
-    /// The decrypt side starts to drain: an unopened (warm) session of it closes now. True
-    /// if it had an open core.
+    /// The decrypt side starts to drain: an unopened (warm) session of it closes now, and one
+    /// whose handshake completes later is not held. True if it had an open core.
     pub fn drain_started(&mut self) -> bool {
         let now = self.now;
         let Some(d) = self.dec.as_mut().filter(|d| !d.closed) else {
             return false;
         };
         d.env.now = now;
+        d.env.draining = true;
         d.core.drain_started(&mut d.env);
         d.run_deferred(now);
         true
