@@ -43,7 +43,8 @@
 //! Live upgrade: [`SealFilter::export`] gives an open session's state ([`SealState`]) to a
 //! successor process, whose [`SealFilter::resume`] seals the next record with the next
 //! counter and opens the peer's next record; only a session with nothing of its own still
-//! pending (its OPEN sealed or taken, no ABORT queued) moves.
+//! pending (its OPEN sealed or taken, no ABORT queued) moves, so a warm session held unopened
+//! never does (its held state does not travel).
 //!
 //! This crate is the codec layer (libevent's `bufferevent_filter`): it joins the reactor and the
 //! protocol and nothing else (Architecture Invariant: no proxy policy, metrics or config), so
@@ -1109,6 +1110,43 @@ mod tests {
         assert!(st.notify);
         assert_eq!(r.take_open(), Some(info));
         assert_eq!(contents(&got), b"PING");
+    }
+
+    /// A live upgrade never moves a warm session while it is held: its OPEN is still to be
+    /// sealed (ahead of whatever its client sent meanwhile, which waits in the output), and
+    /// a successor's filter would not know it holds one. Once its client is named and the
+    /// OPEN sealed with the first bytes, it moves like any session.
+    #[test]
+    fn a_held_session_does_not_move_until_its_open_is_sealed() {
+        let cfg = config(5, ForwardSecrecy::Off, AeadKind::Ring);
+        let (mut i, mut r) = (
+            SealFilter::new(Role::Initiator, &cfg),
+            SealFilter::new(Role::Responder, &cfg),
+        );
+        i.hold_open();
+        handshake_with(&mut i, &mut r, &mut Buffer::new());
+        assert!(i.is_open() && !i.movable() && i.export().is_none(), "held");
+        let (mut plain, mut wire) = (Buffer::new(), Buffer::new());
+        plain.append(b"first bytes");
+        i.encode(&mut plain, &mut wire, false).unwrap();
+        assert!(
+            !plain.is_empty() && !i.movable(),
+            "held, its client's bytes pending"
+        );
+        i.set_open(OpenInfo::default());
+        assert!(!i.movable(), "named, its OPEN not sealed yet");
+        i.encode(&mut plain, &mut wire, false).unwrap();
+        assert!(plain.is_empty() && i.movable());
+        let mut tx = moved(&i);
+        assert!(!tx.is_held());
+        // The responder takes the OPEN and the bytes, then what the moved sealer sends.
+        let (mut got, mut none) = (Buffer::new(), Buffer::new());
+        r.decode(&mut wire, &mut got, &mut none, false).unwrap();
+        assert!(r.take_open().is_some());
+        plain.append(b", then more");
+        tx.encode(&mut plain, &mut wire, false).unwrap();
+        r.decode(&mut wire, &mut got, &mut none, false).unwrap();
+        assert_eq!(contents(&got), b"first bytes, then more");
     }
 
     #[test]
