@@ -1,9 +1,11 @@
 //! Warm sessions end to end (docs/OPERATIONS.md, "Warm sessions"): a real pair and a real
 //! backend on loopback. A new client takes a session made ahead of it; the pool follows
 //! demand (up to `warm_max` under load, none for an idle tunnel); the decrypt side's warm idle
-//! limit and per-source cap; a decrypt side that drains (its warm sessions are replaced with
-//! no failed client, nothing sent twice) or is killed with SIGKILL (clients reset promptly).
-//! Every wait polls a condition with a deadline.
+//! limit and per-source cap; a decrypt side upgraded live (its warm sessions are declined and
+//! replaced, its connections move, no failed client, nothing sent twice) or killed with
+//! SIGKILL (clients reset promptly); an encrypt side upgraded live (its warm sessions end
+//! unused, its connections move, the new process makes its own). Every wait polls a
+//! condition with a deadline.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -313,31 +315,14 @@ fn decrypt_process(dec: SocketAddr, backend: SocketAddr, key: &PathBuf, extra: &
     )
 }
 
-#[test]
-fn warm_sessions_move_to_a_new_decrypt_process_across_an_upgrade_with_no_failed_client() {
-    let echo = echo_backend();
-    let key = keygen("warm-drain");
-    let (dec, m_old, m_new) = (free_addr(), free_addr(), free_addr());
-    let sock = temp_dir("warm-handoff").join("h.sock");
-    let flags = |m: SocketAddr| {
-        [
-            "--metrics".to_string(),
-            m.to_string(),
-            "--drain-timeout".into(),
-            "10".into(),
-            "--handoff".into(),
-            sock.to_string_lossy().into_owned(),
-        ]
-    };
-    let f_old = flags(m_old);
-    let f_old: Vec<&str> = f_old.iter().map(String::as_str).collect();
-    let mut old = decrypt_process(dec, echo.addr, &key, &f_old);
-    wait_listening(dec);
-    wait_until("the handoff socket", || sock.exists());
-    let (enc, re) = start(encrypt(dec, &key, 4, 25.0), limits());
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicUsize::new(0));
-    let workers: Vec<_> = (0..2)
+/// Two exchange threads against `enc` until `stop` (or a minute): each counts its successes
+/// in `ok` and returns its failures.
+fn churn(
+    enc: SocketAddr,
+    stop: &Arc<AtomicBool>,
+    ok: &Arc<AtomicUsize>,
+) -> Vec<std::thread::JoinHandle<Vec<String>>> {
+    (0..2)
         .map(|_| {
             let (stop, ok) = (stop.clone(), ok.clone());
             std::thread::spawn(move || {
@@ -354,25 +339,77 @@ fn warm_sessions_move_to_a_new_decrypt_process_across_an_upgrade_with_no_failed_
                 errors
             })
         })
-        .collect();
-    let wait_ok = |n: usize| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while ok.load(Ordering::Relaxed) < n {
-            assert!(Instant::now() < deadline, "churn too slow");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        .collect()
+}
+
+/// Waits until `ok` reaches `n`.
+fn wait_ok(ok: &AtomicUsize, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ok.load(Ordering::Relaxed) < n {
+        assert!(Instant::now() < deadline, "churn too slow");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A decrypt side upgraded under churn (a live upgrade: the new process takes the listening
+/// socket and every established connection). The old process's warm sessions, held unopened,
+/// do not move: the drain the upgrade starts with closes them with an ABORT `unopened` (and
+/// any that completes its handshake later, at once), so the encrypt side replaces them with
+/// the new process's and sends no client on them; a client racing that decline is sent again
+/// on a fresh session. A connection made through a warm session before the upgrade moves.
+/// No client fails, nothing reaches the backend twice, and the old process exits long before
+/// its drain timeout: it holds no session for a client that would keep it (the encrypt side
+/// would replace one only after its `warm_refresh` of 300 s).
+#[test]
+fn warm_sessions_move_to_a_new_decrypt_process_across_an_upgrade_with_no_failed_client() {
+    let echo = echo_backend();
+    let key = keygen("warm-drain");
+    let (dec, m_old, m_new) = (free_addr(), free_addr(), free_addr());
+    let sock = temp_dir("warm-handoff").join("h.sock");
+    let flags = |m: SocketAddr| {
+        [
+            "--metrics".to_string(),
+            m.to_string(),
+            "--drain-timeout".into(),
+            "120".into(),
+            "--handoff".into(),
+            sock.to_string_lossy().into_owned(),
+        ]
     };
-    wait_ok(200);
+    let f_old = flags(m_old);
+    let f_old: Vec<&str> = f_old.iter().map(String::as_str).collect();
+    let mut old = decrypt_process(dec, echo.addr, &key, &f_old);
+    wait_listening(dec);
+    wait_until("the handoff socket", || sock.exists());
+    let (enc, re) = start(encrypt(dec, &key, 4, 300.0), limits());
+    // A connection that lives across the upgrade, opened through a warm session.
+    exchange(enc, 10).unwrap();
+    wait_until("a warm session", || warm_sessions(&re, "encrypt") >= 1.0);
+    let used = warm_event(&re, "used");
+    let mut long = connect(enc);
+    crate::upgrade::echo(&mut long, 1, 1000).unwrap();
+    assert_eq!(
+        warm_event(&re, "used"),
+        used + 1.0,
+        "it took a warm session"
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let workers = churn(enc, &stop, &ok);
+    wait_ok(&ok, 200);
     assert!(warm_event(&re, "used") > 0.0, "clients take warm sessions");
-    // The upgrade: the new process takes the listening socket, the old one drains, closing
-    // its warm sessions at once (ABORT unopened), and exits.
+    // The upgrade.
     let f_new = flags(m_new);
     let f_new: Vec<&str> = f_new.iter().map(String::as_str).collect();
     let _new = decrypt_process(dec, echo.addr, &key, &f_new);
-    assert_eq!(old.wait_exit(Duration::from_secs(30)).code(), Some(0));
+    assert_eq!(
+        old.wait_exit(Duration::from_secs(30)).code(),
+        Some(0),
+        "the old process exits once its connections moved (its drain would take 120 s)"
+    );
     let at_exit = ok.load(Ordering::Relaxed);
     let used_at_exit = warm_event(&re, "used");
-    wait_ok(at_exit + 300);
+    wait_ok(&ok, at_exit + 300);
     stop.store(true, Ordering::Relaxed);
     let errors: Vec<String> = workers
         .into_iter()
@@ -394,16 +431,136 @@ fn warm_sessions_move_to_a_new_decrypt_process_across_an_upgrade_with_no_failed_
     );
     assert!(
         warm_event(&re, "lost") >= 1.0,
-        "the old process's sessions were discarded"
+        "the old process's sessions were declined"
     );
     assert!(
         warm_event(&re, "used") > used_at_exit,
         "the new process's are used"
     );
+    // The long-lived connection moved with its session and goes on.
+    crate::upgrade::echo(&mut long, 2, 5000).unwrap();
+    let t = crate::upgrade::wait_metrics(m_new, "the moved connection", |t| {
+        crate::upgrade::handoff_count(t, "moved") >= 1.0
+    });
+    assert_eq!(crate::upgrade::handoff_count(&t, "failed"), 0.0);
+    drop(long);
     // Nothing was sent twice: the backend got exactly the clients' bytes.
     wait_until("the backend's count settles", || {
-        echo.bytes.load(Ordering::SeqCst) == 200 * n
+        echo.bytes.load(Ordering::SeqCst) == 10 + 6000 + 200 * n
     });
+}
+
+/// An encrypt process with warm sessions, itself upgraded under churn. The old process
+/// retires its warm sessions as its drain starts (END before OPEN: the decrypt side counts
+/// them `unused`, none `lost`), and takes none for a client after; its established
+/// connections move, one made through a warm session among them; the new process makes its
+/// own pool as clients come and hands them out. No client fails, nothing is sent twice.
+#[test]
+fn an_encrypt_process_with_warm_sessions_is_upgraded_with_no_failed_client() {
+    let echo = echo_backend();
+    let key = keygen("warm-enc-upgrade");
+    let (dec, rd) = start(decrypt(echo.addr, &key, |_| {}), limits());
+    let (enc, m_old, m_new) = (free_addr(), free_addr(), free_addr());
+    let sock = temp_dir("warm-enc-handoff").join("h.sock");
+    let args = |m: SocketAddr| {
+        let mut c = sealpipe();
+        c.args([
+            "encrypt",
+            "--listen",
+            &enc.to_string(),
+            "--target",
+            &dec.to_string(),
+            "--threads",
+            "1",
+            "--warm-max",
+            "4",
+            "--warm-refresh",
+            "300",
+            "--metrics",
+            &m.to_string(),
+            "--drain-timeout",
+            "120",
+            "--log-level",
+            "warn",
+            "--handoff",
+        ])
+        .arg(&sock)
+        .arg("--key")
+        .arg(&key);
+        c
+    };
+    let mut old = crate::upgrade::spawn(&mut args(m_old));
+    wait_listening(enc);
+    wait_until("the handoff socket", || sock.exists());
+    let warm_in = |m: SocketAddr, what: &str| {
+        crate::upgrade::scrape(m).map_or(0.0, |t| {
+            metric_in(&t, "sealpipe_warm_events_total", &[("event", what)])
+        })
+    };
+    let ready_in = |m: SocketAddr| {
+        crate::upgrade::scrape(m).map_or(0.0, |t| {
+            metric_in(&t, "sealpipe_warm_sessions", &[("side", "encrypt")])
+        })
+    };
+    exchange(enc, 10).unwrap();
+    wait_until("a warm session", || ready_in(m_old) >= 1.0);
+    let used = warm_in(m_old, "used");
+    let mut long = connect(enc);
+    crate::upgrade::echo(&mut long, 1, 1000).unwrap();
+    assert_eq!(warm_in(m_old, "used"), used + 1.0, "it took a warm session");
+    let (lost, unused) = (warm_event(&rd, "lost"), warm_event(&rd, "unused"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let workers = churn(enc, &stop, &ok);
+    wait_ok(&ok, 200);
+    assert!(
+        warm_in(m_old, "used") > used + 1.0,
+        "clients take warm sessions"
+    );
+    let mut new = crate::upgrade::spawn(&mut args(m_new));
+    assert_eq!(
+        old.wait_exit(Duration::from_secs(30)).code(),
+        Some(0),
+        "the old process exits once its connections moved (its drain would take 120 s)"
+    );
+    let at_exit = ok.load(Ordering::Relaxed);
+    wait_ok(&ok, at_exit + 300);
+    stop.store(true, Ordering::Relaxed);
+    let errors: Vec<String> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    let n = ok.load(Ordering::Relaxed);
+    assert!(
+        errors.is_empty(),
+        "failed clients: {:?}",
+        &errors[..errors.len().min(5)]
+    );
+    crate::upgrade::echo(&mut long, 2, 5000).unwrap();
+    let t = crate::upgrade::wait_metrics(m_new, "the moved connection", |t| {
+        crate::upgrade::handoff_count(t, "moved") >= 1.0
+    });
+    assert_eq!(crate::upgrade::handoff_count(&t, "failed"), 0.0);
+    assert!(
+        warm_in(m_new, "used") > 0.0,
+        "the new process's pool is used"
+    );
+    // The old process's sessions ended as retired ones do; none vanished without a word.
+    // Once quiet, the decrypt side holds exactly the new process's ready sessions.
+    assert!(warm_event(&rd, "unused") > unused, "END before OPEN");
+    assert_eq!(warm_event(&rd, "lost"), lost, "no session was abandoned");
+    wait_until("the decrypt side holds the new process's sessions", || {
+        crate::upgrade::scrape(m_new).is_some_and(|t| {
+            let ready = metric_in(&t, "sealpipe_warm_sessions", &[("side", "encrypt")]);
+            warm_sessions(&rd, "decrypt") == ready
+        })
+    });
+    drop(long);
+    wait_until("the backend's count settles", || {
+        echo.bytes.load(Ordering::SeqCst) == 10 + 6000 + 200 * n
+    });
+    new.signal("TERM");
+    assert_eq!(new.wait_exit(TIMEOUT).code(), Some(0));
 }
 
 #[test]
