@@ -191,6 +191,10 @@ pub struct Limits {
     /// The bucket's size: how many new connections one source may open at once.
     #[serde(default = "d_source_burst")]
     pub new_conns_per_source_burst: usize,
+    /// Warm sessions (handshaken, no OPEN yet) one source may hold open, per shard; more are
+    /// closed with an ABORT `unopened` (their encrypt side replaces them elsewhere).
+    #[serde(default = "d_unopened_per_source")]
+    pub max_unopened_per_source: usize,
     // -- dead peers (both sockets of every connection; see [`Keepalive`]) --
     /// Seconds of quiet before the first keepalive probe; 0 = no keepalive.
     #[serde(default = "d_ka_idle")]
@@ -222,6 +226,9 @@ fn d_source_rate() -> f64 {
 fn d_source_burst() -> usize {
     4000
 }
+fn d_unopened_per_source() -> usize {
+    256
+}
 
 /// Validated pre-authentication admission limits (the `[limits]` keys above).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -231,6 +238,7 @@ pub struct Admission {
     /// Per second; 0 = no limit.
     pub new_conns_per_source: f64,
     pub new_conns_per_source_burst: usize,
+    pub max_unopened_per_source: usize,
 }
 
 impl Default for Admission {
@@ -240,6 +248,7 @@ impl Default for Admission {
             max_handshakes_per_source: d_per_source(),
             new_conns_per_source: d_source_rate(),
             new_conns_per_source_burst: d_source_burst(),
+            max_unopened_per_source: d_unopened_per_source(),
         }
     }
 }
@@ -252,6 +261,12 @@ impl Limits {
         }
         if self.max_handshakes_per_source == 0 {
             return bad("max_handshakes_per_source", "must be > 0".into());
+        }
+        if self.max_unopened_per_source == 0 {
+            return bad(
+                "max_unopened_per_source",
+                "must be > 0 (an encrypt side's warm sessions need room; turn them off there with warm_max = 0)".into(),
+            );
         }
         let r = self.new_conns_per_source;
         if !r.is_finite() || !(0.0..=1e9).contains(&r) {
@@ -274,6 +289,7 @@ impl Limits {
             max_handshakes_per_source: self.max_handshakes_per_source,
             new_conns_per_source: r,
             new_conns_per_source_burst: self.new_conns_per_source_burst,
+            max_unopened_per_source: self.max_unopened_per_source,
         })
     }
 }
@@ -313,6 +329,7 @@ impl Default for Limits {
             max_handshakes_per_source: d_per_source(),
             new_conns_per_source: d_source_rate(),
             new_conns_per_source_burst: d_source_burst(),
+            max_unopened_per_source: d_unopened_per_source(),
             keepalive_idle: d_ka_idle(),
             keepalive_interval: d_ka_interval(),
             keepalive_count: d_ka_count(),
@@ -504,6 +521,13 @@ pub struct TunnelFile {
     pub keepalive_count: Option<u32>,
     pub tcp_user_timeout: Option<f64>,
     pub resolve_interval: Option<f64>,
+    // -- warm sessions (docs/OPERATIONS.md, "Warm sessions") --
+    /// Encrypt side: most warm sessions per shard and target (0 = none).
+    pub warm_max: Option<usize>,
+    /// Encrypt side: seconds after which an unused warm session is replaced.
+    pub warm_refresh: Option<f64>,
+    /// Decrypt side: seconds a session may wait for its OPEN.
+    pub warm_idle_timeout: Option<f64>,
 }
 
 impl TunnelFile {
@@ -535,6 +559,9 @@ impl TunnelFile {
             keepalive_count: None,
             tcp_user_timeout: None,
             resolve_interval: None,
+            warm_max: None,
+            warm_refresh: None,
+            warm_idle_timeout: None,
         }
     }
 }
@@ -577,6 +604,82 @@ pub struct Tunnel {
     pub keepalive: Keepalive,
     /// How often target names are resolved again; `None`: at start and on SIGHUP only.
     pub resolve_interval: Option<Duration>,
+    /// Encrypt side: most warm sessions per shard and target (0: off; always 0 elsewhere).
+    pub warm_max: usize,
+    /// Encrypt side: an unused warm session is replaced after this long.
+    pub warm_refresh: Duration,
+    /// Decrypt side: how long a session may wait for its OPEN.
+    pub warm_idle_timeout: Duration,
+}
+
+/// Warm sessions an encrypt side keeps per shard and target, at most, by default.
+pub const WARM_MAX_DEFAULT: usize = 4;
+/// The most `warm_max` may be: warm sessions are a latency tool, not a connection pool.
+pub const WARM_MAX_LIMIT: usize = 64;
+/// Default `warm_refresh`: well below the decrypt side's default `warm_idle_timeout` and the
+/// shortest idle limits of NAT devices and load balancers in the path (docs/OPERATIONS.md).
+pub const WARM_REFRESH_DEFAULT: Duration = Duration::from_secs(25);
+/// Default `warm_idle_timeout`.
+pub const WARM_IDLE_DEFAULT: Duration = Duration::from_secs(60);
+
+/// The warm session settings of one tunnel: each belongs to one side, and is refused on the
+/// other (where it would do nothing).
+fn warm_settings(
+    scope: Scope<'_>,
+    mode: Mode,
+    t: &TunnelFile,
+) -> Result<(usize, Duration, Duration), ConfigError> {
+    let side = |field: &str, want: Mode| {
+        scope.error(
+            field,
+            format!(
+                "belongs to the {} side (this tunnel is {}): remove it here",
+                want.as_str(),
+                mode.as_str()
+            ),
+        )
+    };
+    if mode != Mode::Encrypt {
+        if t.warm_max.is_some() {
+            return Err(side("warm_max", Mode::Encrypt));
+        }
+        if t.warm_refresh.is_some() {
+            return Err(side("warm_refresh", Mode::Encrypt));
+        }
+    }
+    if mode != Mode::Decrypt && t.warm_idle_timeout.is_some() {
+        return Err(side("warm_idle_timeout", Mode::Decrypt));
+    }
+    let max = match (mode, t.warm_max) {
+        (Mode::Encrypt, None) => WARM_MAX_DEFAULT,
+        (Mode::Encrypt, Some(n)) if n <= WARM_MAX_LIMIT => n,
+        (Mode::Encrypt, Some(n)) => {
+            return Err(scope.error(
+                "warm_max",
+                format!("must be from 0 (off) to {WARM_MAX_LIMIT}, got {n}"),
+            ));
+        }
+        _ => 0,
+    };
+    let refresh = match t.warm_refresh {
+        None => WARM_REFRESH_DEFAULT,
+        Some(v) => timeout(
+            scope,
+            "warm_refresh",
+            v,
+            "an unused warm session must be replaced before an idle limit in the path kills it",
+        )?,
+    };
+    let idle = match t.warm_idle_timeout {
+        None => WARM_IDLE_DEFAULT,
+        Some(v) => timeout(
+            scope,
+            "warm_idle_timeout",
+            v,
+            "a session waiting for its OPEN must be closed some time, or it holds a slot forever",
+        )?,
+    };
+    Ok((max, refresh, idle))
 }
 
 impl Tunnel {
@@ -1027,6 +1130,7 @@ impl ConfigFile {
             let resolve_interval = t.resolve_interval.map_or(Ok(resolve_every), |v| {
                 seconds_or_off(sc, "resolve_interval", v)
             })?;
+            let (warm_max, warm_refresh, warm_idle_timeout) = warm_settings(sc, t.mode, &t)?;
             tunnels.push(Tunnel {
                 identity,
                 mode: t.mode,
@@ -1051,6 +1155,9 @@ impl ConfigFile {
                     .map_or(Ok(half), |v| seconds_or_off(sc, "half_closed_timeout", v))?,
                 keepalive: ka,
                 resolve_interval,
+                warm_max,
+                warm_refresh,
+                warm_idle_timeout,
                 name,
             });
         }
@@ -1317,6 +1424,43 @@ mod tests {
 
     const FWD: &str =
         "[[tunnel]]\nmode = \"forward\"\nlisten = \"127.0.0.1:1\"\ntargets = [\"127.0.0.1:2\"]\n";
+
+    #[test]
+    fn warm_settings_have_defaults_ranges_and_a_side() {
+        let tunnel = |mode: &str, extra: &str| {
+            parse(&format!(
+                "[[tunnel]]\nmode = \"{mode}\"\nlisten = \"127.0.0.1:1\"\ntargets = [\"127.0.0.1:2\"]\nkeys = [\"k\"]\n{extra}"
+            ))
+        };
+        // On by default on an encrypt side, with a small pool; the decrypt side's limit.
+        let e = tunnel("encrypt", "").unwrap();
+        assert_eq!(e.tunnels[0].warm_max, 4);
+        assert_eq!(e.tunnels[0].warm_refresh, Duration::from_secs(25));
+        let d = tunnel("decrypt", "").unwrap();
+        assert_eq!(d.tunnels[0].warm_idle_timeout, Duration::from_secs(60));
+        assert_eq!(d.admission.max_unopened_per_source, 256);
+        assert_eq!(d.tunnels[0].warm_max, 0, "a decrypt side makes none");
+        // 0 turns them off.
+        let off = tunnel("encrypt", "warm_max = 0").unwrap();
+        assert_eq!(off.tunnels[0].warm_max, 0);
+        let c = tunnel("encrypt", "warm_max = 8\nwarm_refresh = 0.5").unwrap();
+        assert_eq!(c.tunnels[0].warm_max, 8);
+        assert_eq!(c.tunnels[0].warm_refresh, Duration::from_millis(500));
+        for (mode, bad, says) in [
+            ("encrypt", "warm_max = 65", "warm_max"),
+            ("encrypt", "warm_refresh = 0", "warm_refresh"),
+            ("encrypt", "warm_refresh = -1", "warm_refresh"),
+            ("decrypt", "warm_idle_timeout = 0", "warm_idle_timeout"),
+            ("decrypt", "warm_max = 2", "encrypt side"),
+            ("decrypt", "warm_refresh = 10", "encrypt side"),
+            ("encrypt", "warm_idle_timeout = 10", "decrypt side"),
+        ] {
+            let e = tunnel(mode, bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{mode} {bad}: {e}");
+        }
+        let e = parse(&format!("[limits]\nmax_unopened_per_source = 0\n{FWD}")).unwrap_err();
+        assert!(e.to_string().contains("max_unopened_per_source"), "{e}");
+    }
 
     #[test]
     fn keepalive_defaults_overrides_and_bad_values_named() {

@@ -200,6 +200,21 @@ struct SealedArgs {
     /// AEAD implementation: ring (fast) or rustcrypto (pure Rust).
     #[arg(long, value_name = "IMPL", default_value = "ring")]
     aead: String,
+    /// Encrypt side: most warm sessions (connected and handshaken ahead of clients, so a new
+    /// client's first bytes leave at once: one round trip across a WAN instead of three) per
+    /// shard and target; fewer while new connections are rare, none for an idle tunnel.
+    /// 0 = off. [default: 4]
+    #[arg(long, value_name = "N")]
+    warm_max: Option<usize>,
+    /// Encrypt side: replace an unused warm session after this many seconds; keep it well
+    /// below the decrypt side's --warm-idle-timeout and any idle limit of a NAT or load
+    /// balancer in between. [default: 25]
+    #[arg(long, value_name = "SECS")]
+    warm_refresh: Option<f64>,
+    /// Decrypt side: close a session still waiting for its OPEN (a warm session) after this
+    /// many seconds (> 0). [default: 60]
+    #[arg(long, value_name = "SECS")]
+    warm_idle_timeout: Option<f64>,
 }
 
 #[derive(Args, Clone)]
@@ -274,6 +289,11 @@ struct CommonArgs {
     /// applies.
     #[arg(long, value_name = "N", default_value_t = 4000)]
     new_conns_per_source_burst: usize,
+    /// Decrypt side: most warm sessions (handshaken, waiting for their OPEN) one source
+    /// address may hold, per shard; more are closed at once, and their encrypt side replaces
+    /// them.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    max_unopened_per_source: usize,
     /// Close a connection with no traffic for this long; 0 = never.
     #[arg(long, value_name = "SECS", default_value_t = 300.0)]
     idle_timeout: f64,
@@ -369,6 +389,9 @@ struct Crypto {
     keys: Vec<PathBuf>,
     forward_secrecy: ForwardSecrecy,
     aead: String,
+    warm_max: Option<usize>,
+    warm_refresh: Option<f64>,
+    warm_idle_timeout: Option<f64>,
 }
 
 impl From<SealedArgs> for (TunnelArgs, Crypto) {
@@ -384,6 +407,9 @@ impl From<SealedArgs> for (TunnelArgs, Crypto) {
                 keys: a.key,
                 forward_secrecy,
                 aead: a.aead,
+                warm_max: a.warm_max,
+                warm_refresh: a.warm_refresh,
+                warm_idle_timeout: a.warm_idle_timeout,
             },
         )
     }
@@ -395,13 +421,14 @@ fn tunnel_config(
     crypto: Option<Crypto>,
 ) -> std::result::Result<Config, UsageError> {
     let c = &a.common;
-    let (keys, fs, aead) = match crypto {
+    let (keys, fs, aead, warm) = match crypto {
         Some(k) => (
             k.keys,
             Some(FsSetting::Policy(k.forward_secrecy.as_str().to_owned())),
             Some(k.aead),
+            (k.warm_max, k.warm_refresh, k.warm_idle_timeout),
         ),
-        None => (Vec::new(), None, None),
+        None => (Vec::new(), None, None, (None, None, None)),
     };
     let file = ConfigFile {
         log: LogConfig {
@@ -425,6 +452,7 @@ fn tunnel_config(
             max_handshakes_per_source: c.max_handshakes_per_source,
             new_conns_per_source: c.new_conns_per_source,
             new_conns_per_source_burst: c.new_conns_per_source_burst,
+            max_unopened_per_source: c.max_unopened_per_source,
             keepalive_idle: c.keepalive_idle,
             keepalive_interval: c.keepalive_interval,
             keepalive_count: c.keepalive_count,
@@ -443,6 +471,9 @@ fn tunnel_config(
             access_log: a.identity.access_log.clone(),
             allow: a.identity.allow.clone(),
             deny: a.identity.deny.clone(),
+            warm_max: warm.0,
+            warm_refresh: warm.1,
+            warm_idle_timeout: warm.2,
             ..TunnelFile::new(mode, a.listen.clone(), a.target.clone(), keys)
         }],
     };

@@ -686,6 +686,72 @@ fn help_describes_every_option_and_lists_only_what_a_subcommand_takes() {
     );
 }
 
+/// Warm session settings: on the side they belong to, in range, named as given.
+#[test]
+fn warm_settings_are_checked_on_their_side_and_named() {
+    let sealed = |sub: &str, extra: &[&str]| {
+        let mut args = vec![
+            sub,
+            "--listen",
+            "127.0.0.1:0",
+            "--target",
+            "127.0.0.1:9",
+            "--key",
+            "/nonexistent/k.key",
+        ];
+        args.extend_from_slice(extra);
+        let out = run_cli(&args);
+        (out.status.code(), text(&out.stderr))
+    };
+    for (sub, extra, says) in [
+        (
+            "encrypt",
+            &["--warm-max", "65"][..],
+            "--warm-max must be from 0 (off) to 64",
+        ),
+        (
+            "encrypt",
+            &["--warm-refresh", "0"][..],
+            "--warm-refresh cannot be 0",
+        ),
+        (
+            "decrypt",
+            &["--warm-idle-timeout", "0"][..],
+            "--warm-idle-timeout cannot be 0",
+        ),
+        (
+            "decrypt",
+            &["--warm-max", "2"][..],
+            "--warm-max belongs to the encrypt side",
+        ),
+        (
+            "encrypt",
+            &["--warm-idle-timeout", "9"][..],
+            "belongs to the decrypt side",
+        ),
+    ] {
+        let (code, err) = sealed(sub, extra);
+        assert_eq!(code, Some(2), "{sub} {extra:?}: {err}");
+        assert!(err.contains(says), "{sub} {extra:?}: {err}");
+    }
+    // In range, the next error is the missing key file: the warm settings passed.
+    let (code, err) = sealed("encrypt", &["--warm-max", "0", "--warm-refresh", "5"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("k.key") && !err.contains("warm"), "{err}");
+    let forward = text(&run_cli(&["forward", "--help"]).stdout);
+    assert!(
+        help_entry(&forward, "--warm-max").is_none(),
+        "forward lists --warm-max"
+    );
+    let out = check("warm-check", &format!("{FORWARD}warm_idle_timeout = 5\n"));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("warm_idle_timeout belongs to the decrypt side"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 /// Errors about command-line values name the flag, and a missing port says so.
 #[test]
 fn a_missing_port_is_named_as_such_on_the_flag_given() {

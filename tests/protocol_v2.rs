@@ -31,6 +31,13 @@ impl Side {
         let listen = free_addr();
         let metrics = free_addr();
         let log = temp_dir("v2log").join(format!("{mode}.log"));
+        // These tests count sessions, handshakes and connections one per client: an encrypt
+        // side here makes no warm sessions (tests/warm.rs is about those).
+        let warm_off: &[&str] = if mode == "encrypt" {
+            &["--warm-max", "0"]
+        } else {
+            &[]
+        };
         let child = sealpipe()
             .arg(mode)
             .args(["--listen", &listen.to_string()])
@@ -39,6 +46,7 @@ impl Side {
             .arg(key)
             .args(["--metrics", &metrics.to_string()])
             .args(["--threads", "1", "--log-format", "json"])
+            .args(warm_off)
             .args(extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())

@@ -12,3 +12,4 @@ mod protocol_v2;
 mod proxy;
 mod upgrade;
 mod upstreams;
+mod warm;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use crate::common::*;
 
 /// Children's logs go nowhere, or to files under `$SEALPIPE_TEST_LOGS` when debugging.
-fn spawn(cmd: &mut Command) -> Proc {
+pub(crate) fn spawn(cmd: &mut Command) -> Proc {
     let err = match std::env::var_os("SEALPIPE_TEST_LOGS") {
         Some(d) => {
             static N: AtomicUsize = AtomicUsize::new(0);
@@ -27,7 +27,7 @@ fn spawn(cmd: &mut Command) -> Proc {
 }
 
 /// GET /metrics; None while the endpoint is not up.
-fn scrape(addr: SocketAddr) -> Option<String> {
+pub(crate) fn scrape(addr: SocketAddr) -> Option<String> {
     let mut s = TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(TIMEOUT)).ok()?;
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -38,7 +38,7 @@ fn scrape(addr: SocketAddr) -> Option<String> {
 }
 
 /// Polls the metrics endpoint until `f(text)` holds; returns that text.
-fn wait_metrics(addr: SocketAddr, what: &str, f: impl Fn(&str) -> bool) -> String {
+pub(crate) fn wait_metrics(addr: SocketAddr, what: &str, f: impl Fn(&str) -> bool) -> String {
     let deadline = Instant::now() + TIMEOUT;
     loop {
         if let Some(t) = scrape(addr) {
@@ -51,7 +51,7 @@ fn wait_metrics(addr: SocketAddr, what: &str, f: impl Fn(&str) -> bool) -> Strin
     }
 }
 
-fn handoff_count(text: &str, result: &str) -> f64 {
+pub(crate) fn handoff_count(text: &str, result: &str) -> f64 {
     metric_in(
         text,
         "sealpipe_handoff_connections_total",
@@ -65,7 +65,7 @@ fn wait_socket(path: &Path) {
 }
 
 /// One round trip of `n` bytes of stream `seed` on an open connection.
-fn echo(s: &mut TcpStream, seed: u64, n: usize) -> std::io::Result<()> {
+pub(crate) fn echo(s: &mut TcpStream, seed: u64, n: usize) -> std::io::Result<()> {
     let mut out = vec![0u8; n];
     pattern(seed, 0, &mut out);
     s.write_all(&out)?;

@@ -26,7 +26,9 @@
 //! Control records: an initiator seals OPEN (the client's addresses, [`SealFilter::set_open`])
 //! before anything else of the session; a responder reports the OPEN it received
 //! ([`SealFilter::take_open`], with a notify). [`SealFilter::abort`] seals an ABORT after
-//! whatever output is pending.
+//! whatever output is pending. A warm session's initiator ([`SealFilter::hold_open`]) completes
+//! its handshake and then sends nothing until its client is named: then OPEN and the client's
+//! first bytes go in one encode; closed before, it sends END alone.
 //!
 //! Forward secrecy: an initiator takes its X25519 key from the thread's pool ([`ephemeral`]) as
 //! it starts; a responder takes one only when the initiator's hello has verified, so garbage or
@@ -41,7 +43,8 @@
 //! Live upgrade: [`SealFilter::export`] gives an open session's state ([`SealState`]) to a
 //! successor process, whose [`SealFilter::resume`] seals the next record with the next
 //! counter and opens the peer's next record; only a session with nothing of its own still
-//! pending (its OPEN sealed or taken, no ABORT queued) moves.
+//! pending (its OPEN sealed or taken, no ABORT queued) moves, so a warm session held unopened
+//! never does (its held state does not travel).
 //!
 //! This crate is the codec layer (libevent's `bufferevent_filter`): it joins the reactor and the
 //! protocol and nothing else (Architecture Invariant: no proxy policy, metrics or config), so
@@ -97,6 +100,8 @@ pub struct SealFilter<R: RandomSource = OsRandom> {
     rng: R,
     /// X25519 keys come from the thread's pool ([`ephemeral`]), not from `rng`.
     pooled: bool,
+    /// Initiator: a warm session, unopened until its client is named (see `hold_open`).
+    held: bool,
 }
 
 /// A sealed connection's codec state on its way to a successor process (see the module doc).
@@ -183,6 +188,7 @@ impl<R: RandomSource> SealFilter<R> {
             key_update_interval: None,
             rng,
             pooled,
+            held: false,
         }
     }
 
@@ -191,7 +197,23 @@ impl<R: RandomSource> SealFilter<R> {
     pub fn set_open(&mut self, open: OpenInfo) {
         if self.role == Role::Initiator {
             self.open = Some(Box::new(open));
+            self.held = false;
         }
+    }
+
+    /// Initiator: a warm session. Once the handshake completes, the session stays unopened
+    /// (Finished goes out, no OPEN) until [`SealFilter::set_open`] names its client; the OPEN
+    /// then leads the client's first bytes in one encode. Closed before that (a finishing
+    /// encode), it sends END alone: a session the responder may forget without a trace.
+    pub fn hold_open(&mut self) {
+        if self.role == Role::Initiator {
+            self.held = true;
+        }
+    }
+
+    /// Initiator: the session is held unopened ([`SealFilter::hold_open`]).
+    pub fn is_held(&self) -> bool {
+        self.held
     }
 
     /// Responder: the OPEN the initiator sent, once (the decode that received it notifies).
@@ -258,6 +280,7 @@ impl<R: RandomSource> SealFilter<R> {
             key_update_interval: state.key_update_interval,
             rng,
             pooled,
+            held: false,
         }
     }
 
@@ -560,6 +583,16 @@ impl<R: RandomSource> Filter for SealFilter<R> {
             output.clear();
             return Ok(());
         }
+        if sealer.open_due() && self.held {
+            // A warm session waits for its client: what the client already sent stays in
+            // `output` for the OPEN to lead; closed unused, the session ends with END alone
+            // (docs/PROTOCOL.md, "Warm sessions").
+            if finish || self.abort.take().is_some() {
+                output.clear();
+                seal_empty(sealer, raw_out, RecordType::End)?;
+            }
+            return Ok(());
+        }
         if sealer.open_due() {
             let mut payload = [0u8; MAX_OPEN_LEN];
             let n = self
@@ -810,7 +843,11 @@ mod tests {
 
     #[test]
     fn abort_reaches_the_peer_after_the_data_before_it() {
-        for reason in AbortReason::ALL {
+        // (`unopened` is only a responder's first record: the next test.)
+        let after_data = AbortReason::ALL
+            .into_iter()
+            .filter(|r| *r != AbortReason::Unopened);
+        for reason in after_data {
             let (mut tx, mut rx) = open_pair(AeadKind::Ring);
             let (mut plain, mut wire, mut got, mut none) =
                 (Buffer::new(), Buffer::new(), Buffer::new(), Buffer::new());
@@ -832,6 +869,24 @@ mod tests {
         // Before the session is open there is nothing to abort.
         let cfg = config(3, ForwardSecrecy::Off, AeadKind::Ring);
         assert!(!SealFilter::new(Role::Initiator, &cfg).abort(AbortReason::Reset));
+    }
+
+    #[test]
+    fn a_responder_closes_an_unopened_session_with_abort_unopened() {
+        let cfg = config(5, ForwardSecrecy::Off, AeadKind::Ring);
+        let (mut i, mut r) = (
+            SealFilter::new(Role::Initiator, &cfg),
+            SealFilter::new(Role::Responder, &cfg),
+        );
+        i.hold_open();
+        handshake_with(&mut i, &mut r, &mut Buffer::new());
+        assert!(r.abort(AbortReason::Unopened));
+        let mut wire = Buffer::new();
+        r.encode(&mut Buffer::new(), &mut wire, false).unwrap();
+        let e = i
+            .decode(&mut wire, &mut Buffer::new(), &mut Buffer::new(), false)
+            .unwrap_err();
+        assert_eq!(peer_abort(&e), Some(AbortReason::Unopened));
     }
 
     /// A fixed random source: a counter's bytes.
@@ -988,5 +1043,128 @@ mod tests {
         assert_eq!(st.role, Role::Responder);
         assert_eq!(st.session.key_id(), r.key_id().unwrap());
         assert!(!format!("{st:?}").is_empty());
+    }
+
+    /// Runs the handshake between `i` and `r` (an initiator and a responder) to completion,
+    /// `plain` waiting in the initiator's output; returns the bytes the responder decoded and
+    /// whether it was notified of an OPEN.
+    fn handshake_with(
+        i: &mut SealFilter,
+        r: &mut SealFilter,
+        plain: &mut Buffer,
+    ) -> (Buffer, bool) {
+        let (mut i2r, mut r2i, mut got) = (Buffer::new(), Buffer::new(), Buffer::new());
+        let mut notified = false;
+        for _ in 0..4 {
+            i.encode(plain, &mut i2r, false).unwrap();
+            notified |= r
+                .decode(&mut i2r, &mut got, &mut r2i, false)
+                .unwrap()
+                .notify;
+            i.decode(&mut r2i, &mut Buffer::new(), &mut i2r, false)
+                .unwrap();
+        }
+        (got, notified)
+    }
+
+    #[test]
+    fn a_held_open_waits_for_its_client_then_leads_its_first_bytes() {
+        let cfg = config(5, ForwardSecrecy::Require, AeadKind::Ring);
+        let (mut i, mut r) = (
+            SealFilter::new(Role::Initiator, &cfg),
+            SealFilter::new(Role::Responder, &cfg),
+        );
+        i.hold_open();
+        let (got, _) = handshake_with(&mut i, &mut r, &mut Buffer::new());
+        assert!(i.is_open() && r.is_open(), "the handshake completes");
+        assert!(got.is_empty(), "nothing while held");
+        assert_eq!(r.take_open(), None, "no OPEN while held");
+        // A client arrives: its OPEN and first bytes are sealed by one encode, OPEN first.
+        let info = OpenInfo::from_socket(
+            "192.0.2.9:4000".parse().unwrap(),
+            "192.0.2.1:80".parse().unwrap(),
+        );
+        // Its first bytes may reach the layer before it is named: they wait.
+        let (mut plain, mut wire) = (Buffer::new(), Buffer::new());
+        plain.append(b"PING");
+        i.encode(&mut plain, &mut wire, false).unwrap();
+        assert!(
+            wire.is_empty() && plain.len() == 4,
+            "held: nothing sealed, nothing lost"
+        );
+        i.set_open(info);
+        i.encode(&mut plain, &mut wire, false).unwrap();
+        let types: Vec<u8> = {
+            let w = contents(&wire);
+            let mut at = 0;
+            let mut t = Vec::new();
+            while at < w.len() {
+                t.push(w[at]);
+                at += 3 + usize::from(u16::from_be_bytes([w[at + 1], w[at + 2]])) + 16;
+            }
+            t
+        };
+        assert_eq!(types, [0x05, 0x01], "OPEN, then DATA, in one write");
+        let (mut got, mut none) = (Buffer::new(), Buffer::new());
+        let st = r.decode(&mut wire, &mut got, &mut none, false).unwrap();
+        assert!(st.notify);
+        assert_eq!(r.take_open(), Some(info));
+        assert_eq!(contents(&got), b"PING");
+    }
+
+    /// A live upgrade never moves a warm session while it is held: its OPEN is still to be
+    /// sealed (ahead of whatever its client sent meanwhile, which waits in the output), and
+    /// a successor's filter would not know it holds one. Once its client is named and the
+    /// OPEN sealed with the first bytes, it moves like any session.
+    #[test]
+    fn a_held_session_does_not_move_until_its_open_is_sealed() {
+        let cfg = config(5, ForwardSecrecy::Off, AeadKind::Ring);
+        let (mut i, mut r) = (
+            SealFilter::new(Role::Initiator, &cfg),
+            SealFilter::new(Role::Responder, &cfg),
+        );
+        i.hold_open();
+        handshake_with(&mut i, &mut r, &mut Buffer::new());
+        assert!(i.is_open() && !i.movable() && i.export().is_none(), "held");
+        let (mut plain, mut wire) = (Buffer::new(), Buffer::new());
+        plain.append(b"first bytes");
+        i.encode(&mut plain, &mut wire, false).unwrap();
+        assert!(
+            !plain.is_empty() && !i.movable(),
+            "held, its client's bytes pending"
+        );
+        i.set_open(OpenInfo::default());
+        assert!(!i.movable(), "named, its OPEN not sealed yet");
+        i.encode(&mut plain, &mut wire, false).unwrap();
+        assert!(plain.is_empty() && i.movable());
+        let mut tx = moved(&i);
+        assert!(!tx.is_held());
+        // The responder takes the OPEN and the bytes, then what the moved sealer sends.
+        let (mut got, mut none) = (Buffer::new(), Buffer::new());
+        r.decode(&mut wire, &mut got, &mut none, false).unwrap();
+        assert!(r.take_open().is_some());
+        plain.append(b", then more");
+        tx.encode(&mut plain, &mut wire, false).unwrap();
+        r.decode(&mut wire, &mut got, &mut none, false).unwrap();
+        assert_eq!(contents(&got), b"first bytes, then more");
+    }
+
+    #[test]
+    fn a_held_session_closed_unused_sends_end_alone() {
+        let cfg = config(5, ForwardSecrecy::Off, AeadKind::Ring);
+        let (mut i, mut r) = (
+            SealFilter::new(Role::Initiator, &cfg),
+            SealFilter::new(Role::Responder, &cfg),
+        );
+        i.hold_open();
+        handshake_with(&mut i, &mut r, &mut Buffer::new());
+        let mut wire = Buffer::new();
+        i.encode(&mut Buffer::new(), &mut wire, true).unwrap();
+        let w = contents(&wire);
+        assert_eq!(w.first(), Some(&0x02), "END, with no OPEN before it");
+        let (mut got, mut none) = (Buffer::new(), Buffer::new());
+        let st = r.decode(&mut wire, &mut got, &mut none, true).unwrap();
+        assert!(st.end && got.is_empty());
+        assert_eq!(r.take_open(), None);
     }
 }

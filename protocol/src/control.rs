@@ -30,15 +30,22 @@ pub enum AbortReason {
     /// The sender closed for another reason of its own (a drain deadline at shutdown, a local
     /// error).
     Shutdown,
+    /// (A responder only, as the first and last record of its direction.) The session never
+    /// opened: the responder closes it (drain, restart, its warm idle limit, a per-source cap)
+    /// without having acted on any OPEN, so nothing the initiator sent on it was delivered,
+    /// and the initiator may send the same bytes again on another session. docs/PROTOCOL.md,
+    /// "Warm sessions".
+    Unopened,
 }
 
 impl AbortReason {
     /// Every reason, in code order.
-    pub const ALL: [AbortReason; 4] = [
+    pub const ALL: [AbortReason; 5] = [
         AbortReason::Reset,
         AbortReason::Unreachable,
         AbortReason::Timeout,
         AbortReason::Shutdown,
+        AbortReason::Unopened,
     ];
 
     /// The byte on the wire.
@@ -48,6 +55,7 @@ impl AbortReason {
             AbortReason::Unreachable => 0x02,
             AbortReason::Timeout => 0x03,
             AbortReason::Shutdown => 0x04,
+            AbortReason::Unopened => 0x05,
         }
     }
 
@@ -71,6 +79,7 @@ impl AbortReason {
             AbortReason::Unreachable => "unreachable",
             AbortReason::Timeout => "timeout",
             AbortReason::Shutdown => "shutdown",
+            AbortReason::Unopened => "unopened",
         }
     }
 }
@@ -292,7 +301,7 @@ mod tests {
         for r in AbortReason::ALL {
             assert_eq!(AbortReason::decode(&[r.to_byte()]), Ok(r));
         }
-        for b in [0u8, 5, 0x80, 0xff] {
+        for b in [0u8, 6, 0x80, 0xff] {
             assert_eq!(AbortReason::decode(&[b]), Err(ProtocolError::Malformed));
         }
         assert_eq!(AbortReason::decode(&[]), Err(ProtocolError::Malformed));

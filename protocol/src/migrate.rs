@@ -9,6 +9,9 @@
 //! refuses anything [`encode`](SessionState::encode) would not write; [`Session::import`]
 //! rebuilds the session. The IV, and the AEAD key unless the session was hibernating, are
 //! derived from the secret again, exactly as the handshake or the last KEY_UPDATE derived them.
+//! Whether an ABORT `unopened` may still come (a warm session's decline, only as the
+//! responder's first record) is not carried: it follows from the counter, the epoch and the
+//! flags (see `record::Direction::from_parts`).
 //!
 //! Layout (format 1, [`STATE_LEN`] bytes; integers big-endian):
 //!
@@ -378,6 +381,36 @@ mod tests {
         assert!(!slept.sealer.open_due());
         assert_eq!(slept.key_id, i.key_id);
         assert!(slept.forward_secrecy);
+    }
+
+    /// A warm session's decline (an ABORT `unopened`: docs/PROTOCOL.md, "Warm sessions") is
+    /// allowed only as the responder's first record; that rule survives a move on both ends.
+    #[test]
+    fn an_abort_unopened_stays_allowed_first_and_only_first_after_a_move() {
+        let unopened = [crate::AbortReason::Unopened.to_byte()];
+        let (mut i, mut r) = pair(AeadKind::Ring);
+        let mut w = seal(&mut i, RecordType::Open, &open_payload());
+        open(&mut r, &mut w);
+        let (mut i, mut r) = (moved(&i), moved(&r));
+        let mut abort = seal(&mut r, RecordType::Abort, &unopened);
+        let n = i
+            .opener
+            .open_batch_in_place(&mut abort, |ty, _| assert_eq!(ty, RecordType::Abort))
+            .unwrap();
+        assert_eq!(n, abort.len(), "the moved initiator takes the decline");
+        // Once the responder sealed anything, never again: not after a move either.
+        let (mut i, mut r) = pair(AeadKind::Ring);
+        let mut w = seal(&mut i, RecordType::Open, &open_payload());
+        open(&mut r, &mut w);
+        let mut d = seal(&mut r, RecordType::Data, b"answer");
+        open(&mut i, &mut d);
+        let mut r = moved(&r);
+        let mut buf = vec![0u8; record_len_for(1)];
+        buf[HEADER_LEN] = unopened[0];
+        assert_eq!(
+            r.sealer.seal_in_place(RecordType::Abort, &mut buf, 1),
+            Err(crate::ProtocolError::Malformed)
+        );
     }
 
     fn encoded() -> Zeroizing<Vec<u8>> {

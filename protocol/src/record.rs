@@ -24,8 +24,12 @@
 //!   after a KEY_UPDATE or after a hibernation); lengths read from the wire are checked before
 //!   any slice is taken, and bad input returns an error, never panics.
 //! - After END or ABORT, a direction accepts nothing more.
-//! - The initiator-to-responder direction starts with exactly one OPEN; a record of any other
-//!   type first, or an OPEN later (or in the other direction), is refused by sealer and opener.
+//! - The initiator-to-responder direction starts with exactly one OPEN, or ends at once with
+//!   END (an initiator closing a session it never opened); a record of any other type first,
+//!   or an OPEN later (or in the other direction), is refused by sealer and opener.
+//! - An ABORT `unopened` is only ever the first record of the responder-to-initiator
+//!   direction (a responder closing a session whose OPEN it never acted on: docs/PROTOCOL.md,
+//!   "Warm sessions"); anywhere else sealer and opener refuse it.
 //! - Control records carry exactly their payload: END and KEY_UPDATE none, ABORT one known
 //!   code, OPEN a strictly valid address block; anything else is `Malformed` (the sealer
 //!   refuses to make one, the opener to accept one).
@@ -137,8 +141,11 @@ struct Direction {
     epoch: u32,
     /// END or ABORT went through: nothing more.
     ended: bool,
-    /// The next record must be OPEN (the initiator's direction, before its first record).
+    /// The next record must be OPEN (the initiator's direction, before its first record), or
+    /// END: an initiator may close a session it never opened (a warm session).
     open_next: bool,
+    /// An ABORT `unopened` may come next: the responder's direction, before its first record.
+    unopened_ok: bool,
 }
 
 impl Direction {
@@ -153,6 +160,7 @@ impl Direction {
             epoch: 0,
             ended: false,
             open_next: open_first,
+            unopened_ok: !open_first,
         }
     }
 
@@ -182,18 +190,43 @@ impl Direction {
             epoch: p.epoch,
             ended: p.ended,
             open_next: p.open_next,
+            // Not carried: it holds exactly while the responder's direction has sealed
+            // nothing yet (the initiator's starts with OPEN due, so at counter 0 of epoch 0
+            // with no OPEN due a direction can only be the responder's, untouched).
+            unopened_ok: !p.open_next && p.seq == 0 && p.epoch == 0 && !p.ended,
         }
     }
 
     /// Whether a record of type `ty` may come next (before its payload is known).
     fn allows(&self, ty: RecordType) -> bool {
-        !self.ended && self.open_next == (ty == RecordType::Open)
+        if self.ended {
+            return false;
+        }
+        if self.open_next {
+            matches!(ty, RecordType::Open | RecordType::End)
+        } else {
+            ty != RecordType::Open
+        }
+    }
+
+    /// [`check_payload`], and where in the direction the record may be: an ABORT `unopened`
+    /// only as the responder's first record.
+    fn check_control(&self, ty: RecordType, payload: &[u8]) -> Result<(), ProtocolError> {
+        check_payload(ty, payload)?;
+        if ty == RecordType::Abort
+            && AbortReason::decode(payload) == Ok(AbortReason::Unopened)
+            && !self.unopened_ok
+        {
+            return Err(ProtocolError::Malformed);
+        }
+        Ok(())
     }
 
     /// Bookkeeping after a record went through: counter, end, open, key update.
     fn advanced(&mut self, ty: RecordType) {
         self.seq += 1;
         self.open_next = false;
+        self.unopened_ok = false;
         match ty {
             RecordType::Data | RecordType::Open => {}
             RecordType::End | RecordType::Abort => self.ended = true,
@@ -305,8 +338,9 @@ impl Sealer {
     /// Errors: `TooLarge` if `payload_len > MAX_PAYLOAD`, or if [`Sealer::key_update_due`] and
     /// `ty` is not `KeyUpdate` (the caller must seal the KEY_UPDATE first); `Malformed` if
     /// `record` is too short, a control record's payload is not exactly what its type carries,
-    /// the record is out of order (OPEN first in the initiator's direction, nowhere else), or
-    /// END or ABORT was already sealed. On error nothing is sealed and the counter does not move.
+    /// the record is out of order (OPEN first in the initiator's direction, or END there to
+    /// close a session never opened; OPEN nowhere else; ABORT `unopened` only as the first
+    /// record of the responder's direction), or END or ABORT was already sealed. On error nothing is sealed and the counter does not move.
     pub fn seal_in_place(
         &mut self,
         ty: RecordType,
@@ -326,7 +360,7 @@ impl Sealer {
         let record = record.get_mut(..total).ok_or(ProtocolError::Malformed)?;
         let (header, rest) = record.split_at_mut(HEADER_LEN);
         let (payload, tag_out) = rest.split_at_mut(payload_len);
-        check_payload(ty, payload)?;
+        self.dir.check_control(ty, payload)?;
         header[0] = ty.to_byte();
         // payload_len <= MAX_PAYLOAD < 2^16, checked above.
         header[1..].copy_from_slice(&(payload_len as u16).to_be_bytes());
@@ -356,7 +390,7 @@ impl Sealer {
     }
 
     /// True while the next record must be OPEN (the initiator's direction, before anything
-    /// else was sealed).
+    /// else was sealed; END is the one alternative: the session closes unopened).
     pub fn open_due(&self) -> bool {
         self.dir.open_next
     }
@@ -446,8 +480,8 @@ impl Opener {
     /// more bytes are needed to know, `Ok(Some(total))` with the record's whole length.
     ///
     /// Errors: `TooLarge` for a length above `MAX_PAYLOAD`; `Malformed` for an unknown type, a
-    /// record out of order (not OPEN first in the initiator's direction, OPEN anywhere else) or
-    /// any byte after END or ABORT.
+    /// record out of order (not OPEN or END first in the initiator's direction, OPEN anywhere
+    /// else) or any byte after END or ABORT.
     pub fn record_len(&self, header: &[u8]) -> Result<Option<usize>, ProtocolError> {
         let Some(&ty) = header.first() else {
             return Ok(None);
@@ -512,7 +546,7 @@ impl Opener {
     fn opened(&mut self, ty: RecordType, payload: &[u8]) -> Result<(), ProtocolError> {
         // The tag verified, so the peer really sent this payload: a wrong one is a protocol
         // violation, not tampering.
-        check_payload(ty, payload)?;
+        self.dir.check_control(ty, payload)?;
         self.dir.advanced(ty);
         Ok(())
     }
@@ -955,11 +989,12 @@ mod tests {
 
     #[test]
     fn open_comes_first_in_the_initiators_direction_and_nowhere_else() {
-        // The sealer refuses anything before OPEN, and OPEN after the first record.
+        // The sealer refuses anything before OPEN (but END: see the next test), and OPEN
+        // after the first record.
         let (mut s, mut o) = opening_pair();
         assert!(s.open_due());
         let mut buf = [0u8; 64];
-        for ty in [RecordType::Data, RecordType::End, RecordType::KeyUpdate] {
+        for ty in [RecordType::Data, RecordType::KeyUpdate] {
             assert_eq!(
                 s.seal_in_place(ty, &mut buf, 0),
                 Err(ProtocolError::Malformed),
@@ -1012,7 +1047,7 @@ mod tests {
         o.open_in_place(&mut d).unwrap();
         // Bad payloads are refused by the sealer (nothing sealed, counter unmoved).
         let mut buf = [0u8; 64];
-        for payload in [&[][..], &[0u8][..], &[5u8][..], &[1u8, 1][..]] {
+        for payload in [&[][..], &[0u8][..], &[6u8][..], &[1u8, 1][..]] {
             buf[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(payload);
             assert_eq!(
                 s.seal_in_place(RecordType::Abort, &mut buf, payload.len()),
@@ -1068,5 +1103,90 @@ mod tests {
                 Err(ProtocolError::Malformed)
             );
         }
+    }
+
+    #[test]
+    fn an_unopened_session_may_end_before_its_open() {
+        // The initiator closes a warm session it never used: END is its first record, and
+        // nothing follows (no OPEN, no DATA).
+        let (mut s, mut o) = opening_pair();
+        let mut end = seal(&mut s, RecordType::End, b"");
+        assert!(s.end_sent());
+        let mut buf = [0u8; 64];
+        assert_eq!(
+            s.seal_in_place(RecordType::Data, &mut buf, 1),
+            Err(ProtocolError::Malformed)
+        );
+        assert_eq!(o.open_in_place(&mut end).unwrap().0, RecordType::End);
+        assert!(o.end_received());
+        assert_eq!(o.record_len(&[0x05]), Err(ProtocolError::Malformed));
+        // KEY_UPDATE and ABORT still may not come before OPEN.
+        let (mut s, _) = opening_pair();
+        for (ty, p) in [
+            (RecordType::KeyUpdate, &[][..]),
+            (RecordType::Abort, &[1u8][..]),
+        ] {
+            buf[HEADER_LEN..HEADER_LEN + p.len()].copy_from_slice(p);
+            assert_eq!(
+                s.seal_in_place(ty, &mut buf, p.len()),
+                Err(ProtocolError::Malformed),
+                "{ty:?} before OPEN"
+            );
+        }
+    }
+
+    /// A record of `ty` with `payload`, sealed by a sealer that checks nothing (a buggy or
+    /// hostile peer holding the key), as the next record of `raw`'s direction.
+    fn forge(raw: &mut Sealer, ty: RecordType, payload: &[u8]) -> Vec<u8> {
+        let mut rec = vec![0u8; record_len_for(payload.len())];
+        rec[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(payload);
+        rec[0] = ty.to_byte();
+        rec[1..3].copy_from_slice(&(payload.len() as u16).to_be_bytes());
+        let nonce = raw.dir.nonce();
+        let (header, rest) = rec.split_at_mut(HEADER_LEN);
+        let (body, tag) = rest.split_at_mut(payload.len());
+        tag.copy_from_slice(
+            &raw.dir
+                .key()
+                .seal_in_place_separate_tag(&nonce, header, body),
+        );
+        raw.dir.advanced(ty);
+        rec
+    }
+
+    #[test]
+    fn abort_unopened_is_only_the_responders_first_record() {
+        let unopened = [AbortReason::Unopened.to_byte()];
+        // The responder's direction, first record: sealed and opened.
+        let (mut s, mut o) = pair();
+        let mut a = seal(&mut s, RecordType::Abort, &unopened);
+        let (ty, range) = o.open_in_place(&mut a).unwrap();
+        assert_eq!(ty, RecordType::Abort);
+        assert_eq!(AbortReason::decode(&a[range]), Ok(AbortReason::Unopened));
+        // After any record of the direction (a KEY_UPDATE included) it is refused both ways.
+        for first in [RecordType::Data, RecordType::KeyUpdate] {
+            let (mut s, mut o) = pair();
+            let mut r = seal(&mut s, first, b"");
+            o.open_in_place(&mut r).unwrap();
+            let mut buf = [0u8; 64];
+            buf[HEADER_LEN] = unopened[0];
+            assert_eq!(
+                s.seal_in_place(RecordType::Abort, &mut buf, 1),
+                Err(ProtocolError::Malformed),
+                "sealed after {first:?}"
+            );
+            let mut forged = forge(&mut s, RecordType::Abort, &unopened);
+            assert_eq!(
+                o.open_in_place(&mut forged),
+                Err(ProtocolError::Malformed),
+                "opened after {first:?}"
+            );
+        }
+        // The initiator's direction never carries it, not even after its OPEN.
+        let (mut s, mut o) = opening_pair();
+        let mut open = seal(&mut s, RecordType::Open, &open_payload());
+        o.open_in_place(&mut open).unwrap();
+        let mut forged = forge(&mut s, RecordType::Abort, &unopened);
+        assert_eq!(o.open_in_place(&mut forged), Err(ProtocolError::Malformed));
     }
 }

@@ -321,6 +321,33 @@ fn compute_vector(fs: bool) -> Vec<(String, String)> {
     }
     assert_eq!(got, b"hello, client");
     assert_eq!(aborted, Some(abort));
+    // The same session as a warm one closed unused from either side (docs/PROTOCOL.md 6.7):
+    // the initiator's first record is END (no OPEN), the responder's an ABORT `unopened`.
+    let (mut wi, mut wr, _) = handshake(
+        &config(&[psk], fs, AeadKind::Ring),
+        &config(&[psk], fs, AeadKind::RustCrypto),
+        &mut FixedRandom::new(irand.clone()),
+        &mut FixedRandom::new(rrand.clone()),
+    )
+    .unwrap();
+    let mut end = seal(&mut wi.sealer, RecordType::End, b"");
+    let mut unopened = seal(
+        &mut wr.sealer,
+        RecordType::Abort,
+        &[AbortReason::Unopened.to_byte()],
+    );
+    v.push((format!("{p}warm.i2r.0"), hex(&end)));
+    v.push((format!("{p}warm.r2i.0"), hex(&unopened)));
+    assert_eq!(
+        wr.opener.open_in_place(&mut end).unwrap().0,
+        RecordType::End
+    );
+    let (ty, range) = wi.opener.open_in_place(&mut unopened).unwrap();
+    assert_eq!(ty, RecordType::Abort);
+    assert_eq!(
+        AbortReason::decode(&unopened[range]),
+        Ok(AbortReason::Unopened)
+    );
     v
 }
 
@@ -389,6 +416,16 @@ fn committed_vectors_parse_as_the_spec_says() {
     assert_eq!(get("fs.i2r.3")[..3], [0x02, 0, 0], "END header");
     assert_eq!(get("fs.r2i.0")[..3], [0x03, 0, 0], "KEY_UPDATE header");
     assert_eq!(get("fs.r2i.2")[..3], [0x04, 0, 1], "ABORT header");
+    assert_eq!(
+        get("fs.warm.i2r.0")[..3],
+        [0x02, 0, 0],
+        "END first: closed unopened"
+    );
+    assert_eq!(
+        get("fs.warm.r2i.0")[..3],
+        [0x04, 0, 1],
+        "ABORT unopened header"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -353,7 +353,7 @@ impl<S> Handle<S> {
 
 /// One event loop. `S` is the owner's state, reachable from every callback as `cx.state`.
 /// Spare-time work: (whether there is some, one step of it). See [`EventBase::set_idle`].
-type IdleWork<S> = (fn(&S) -> bool, fn(&mut S));
+type IdleWork<S> = (fn(&S) -> bool, fn(&mut Context<'_, S>));
 
 pub struct EventBase<S> {
     poll: Poll,
@@ -469,20 +469,27 @@ impl<S: 'static> EventBase<S> {
     /// some, the loop only peeks for readiness (a zero timeout) instead of blocking, and a turn
     /// that finds nothing ready runs one `step`; so no event waits longer than one step, and
     /// steps should be small (tens of microseconds). `wants` is asked again after each step and
-    /// after each turn that dispatched something, so it must be cheap.
-    pub fn set_idle(&mut self, wants: fn(&S) -> bool, step: fn(&mut S)) {
+    /// after each turn that dispatched something, so it must be cheap. A step acts through a
+    /// handler-less context (it may spawn handlers, arm nothing of its own); what it defers
+    /// runs in the same turn.
+    pub fn set_idle(&mut self, wants: fn(&S) -> bool, step: fn(&mut Context<'_, S>)) {
         self.idle = Some((wants, step));
         self.idle_pending = wants(&self.state);
     }
 
-    /// Runs `f` with a handler-less context, as a posted job would.
+    /// Runs `f` with a handler-less context, as a posted job would (spare-time work is
+    /// asked about again afterwards, as after a job).
     pub fn with_context<R>(&mut self, f: impl FnOnce(&mut Context<'_, S>) -> R) -> R {
         let mut cx = Context {
             state: &mut self.state,
             core: &mut self.core,
             id: None,
         };
-        f(&mut cx)
+        let r = f(&mut cx);
+        if let Some((wants, _)) = self.idle {
+            self.idle_pending = wants(&self.state);
+        }
+        r
     }
 
     pub fn loop_exit(&mut self, after: Duration) {
@@ -539,14 +546,15 @@ impl<S: 'static> EventBase<S> {
             }
         }
         self.stats.events += self.ready.len() as u64;
+        let mut mark = woke;
         if idle_turn && self.events.is_empty() {
             if let Some((wants, step)) = self.idle {
-                step(&mut self.state);
+                self.with_context(step);
+                self.run_deferred(&mut mark);
                 self.idle_pending = wants(&self.state);
             }
         }
 
-        let mut mark = woke;
         let ready = std::mem::take(&mut self.ready);
         for &(token, r) in &ready {
             let (id, source) = HandlerId::from_token(token);

@@ -412,6 +412,19 @@ struct Spare {
     steps: u32,
     want: u32,
     jobs: Vec<u32>,
+    /// Handlers a step spawned that started.
+    started: u32,
+}
+
+/// A handler a spare-time step spawns: it starts, counts itself and closes.
+struct Spawned;
+
+impl Handler<Spare> for Spawned {
+    fn on_start(&mut self, cx: &mut Context<'_, Spare>) {
+        cx.state.started += 1;
+        cx.close();
+    }
+    fn on_ready(&mut self, _: &mut Context<'_, Spare>, _: u8, _: Ready) {}
 }
 
 #[test]
@@ -421,7 +434,14 @@ fn idle_work_runs_only_in_turns_with_nothing_ready() {
         ..Spare::default()
     })
     .unwrap();
-    base.set_idle(|s| s.steps < s.want, |s| s.steps += 1);
+    // Each step may act through a context: it spawns a handler, which starts in that turn.
+    base.set_idle(
+        |s| s.steps < s.want,
+        |cx| {
+            cx.state.steps += 1;
+            cx.spawn(Box::new(Spawned));
+        },
+    );
 
     // A posted job is ready: the turn runs it, not a step.
     let h = base.handle();
@@ -439,7 +459,13 @@ fn idle_work_runs_only_in_turns_with_nothing_ready() {
     for n in 1..=3 {
         base.loop_once(Some(TIMEOUT)).unwrap();
         assert_eq!(base.state().steps, n);
+        assert_eq!(
+            base.state().started,
+            n,
+            "the step's handler started in its turn"
+        );
     }
+    assert_eq!(base.handlers(), 0, "and closed");
 
     // Done: the loop blocks again, and a job wakes it without a step.
     let t = std::thread::spawn(move || {
@@ -453,13 +479,19 @@ fn idle_work_runs_only_in_turns_with_nothing_ready() {
     t.join().unwrap();
     assert_eq!(base.state().jobs, [0, 3]);
 
+    // New work that a context (the owner's housekeeping) made is seen at the next turn.
+    base.with_context(|cx| cx.state.want = 5);
+    base.loop_once(Some(TIMEOUT)).unwrap();
+    base.loop_once(Some(TIMEOUT)).unwrap();
+    assert_eq!(base.state().steps, 5);
+
     // New work becomes visible after a dispatched turn.
-    base.state_mut().want = 4;
+    base.state_mut().want = 6;
     let h = base.handle();
     h.post(|_| {}).unwrap();
     base.loop_once(Some(TIMEOUT)).unwrap();
     base.loop_once(Some(TIMEOUT)).unwrap();
-    assert_eq!(base.state().steps, 4);
+    assert_eq!(base.state().steps, 6);
 }
 
 /// Accepts and records each accepted socket's TCP_NODELAY.

@@ -2,6 +2,8 @@
 #   sealmet   the sealpipe pair with --metrics on both sides (the cost of metrics)
 #   sealnofs  the sealpipe pair with --no-forward-secrecy (cheaper connection setup)
 #   seal1     the sealpipe pair with --threads 1 on both sides
+#   sealcold  the sealpipe pair without warm sessions (--warm-max 0 on the encrypt side: each new
+#             client waits for its own connect and handshake, as before warm sessions)
 #   sealfwd1  sealpipe forward --threads 1 (one shard; compare with sealfwd = all CPUs)
 start_sealmet() {
   local mid; mid=$(mid_port "$1")
@@ -16,6 +18,7 @@ start_sealmet() {
 }
 start_sealnofs() { SEALPIPE_ARGS="$SEALPIPE_ARGS --no-forward-secrecy" start_sealpipe "$@"; }
 start_seal1() { SEALPIPE_ARGS="$SEALPIPE_ARGS --threads 1" start_sealpipe "$@"; }
+start_sealcold() { SEALPIPE_ENC_ARGS="${SEALPIPE_ENC_ARGS:-} --warm-max 0" start_sealpipe "$@"; }
 start_sealfwd1() { SEALPIPE_ARGS="$SEALPIPE_ARGS --threads 1" start_sealfwd "$@"; }
 #   sealpin      the pair with shards pinned (--pin)
 #   sealpinicpu  the pair pinned and steered by receiving CPU (--pin --incoming-cpu)

@@ -241,7 +241,8 @@ EOF
 }
 
 # sealpipe, built from the project: SEALPIPE_BIN (default ./target/release/sealpipe, relative to
-# the directory the harness is started from, i.e. the project root). SEALPIPE_ARGS adds options
+# the directory the harness is started from, i.e. the project root). SEALPIPE_ENC_ARGS adds
+# options to the encrypt side alone (e.g. --warm-max 0). SEALPIPE_ARGS adds options
 # to both sides (e.g. "--threads 2" or "--no-forward-secrecy").
 SEALPIPE_BIN=${SEALPIPE_BIN:-$PWD/target/release/sealpipe}
 SEALPIPE_ARGS=${SEALPIPE_ARGS:-}
@@ -255,7 +256,7 @@ start_sealpipe() {  # pair: sealpipe encrypt (LPORT) -> sealpipe decrypt (MID) -
       $SEALPIPE_ARGS >>"$RUN/sealpipe.log" 2>&1 &
   track $!
   "$SEALPIPE_BIN" encrypt --listen "127.0.0.1:$1" --target "127.0.0.1:$mid" --key "$CONF/sealpipe.key" \
-      $SEALPIPE_ARGS >>"$RUN/sealpipe.log" 2>&1 &
+      $SEALPIPE_ARGS ${SEALPIPE_ENC_ARGS:-} >>"$RUN/sealpipe.log" 2>&1 &
   track $!
   need_listen "$mid" && need_listen "$1"
 }

@@ -133,7 +133,7 @@ const KEY_ID: Label = label("key_id");
 
 /// Why a connection ended (label values of `sealpipe_connections_closed_total`), in
 /// [`CloseReason`] order.
-pub const CLOSE_REASONS: [&str; 12] = [
+pub const CLOSE_REASONS: [&str; 13] = [
     "clean",
     "idle_timeout",
     "peer_reset",
@@ -146,6 +146,7 @@ pub const CLOSE_REASONS: [&str; 12] = [
     "upstream_reset",
     "proxy_header",
     "peer_timeout",
+    "unopened",
 ];
 
 /// Why a connection was turned away, in [`RejectReason`] order.
@@ -195,6 +196,17 @@ pub const ENDPOINT_CLOSE_REASONS: [&str; 5] = [
     "evicted",
     "fd_reserve",
     "accept_error",
+];
+
+/// Which side of a pair a warm session is counted on (`sealpipe_warm_sessions{side}`): the
+/// encrypt side's ready sessions, the decrypt side's unopened ones.
+pub const WARM_SIDES: [&str; 2] = ["encrypt", "decrypt"];
+
+/// What happened to warm sessions (`sealpipe_warm_events_total{event}`), in [`WarmEvent`]
+/// order: the encrypt side's events, then the decrypt side's.
+pub const WARM_EVENTS: [&str; 13] = [
+    "made", "used", "missed", "retired", "lost", "failed", "retried", "held", "opened", "unused",
+    "expired", "shutdown", "over_cap",
 ];
 
 /// Why a connect to an upstream failed, in the order of [`UpstreamMetrics::failures`].
@@ -269,6 +281,20 @@ pub const FAMILIES: &[Family] = &[
         labels: &[TUNNEL],
         written: Written::Shared,
         help: "Lifetime of proxied connections.",
+    },
+    Family {
+        name: "sealpipe_warm_sessions",
+        kind: Kind::Gauge,
+        labels: &[TUNNEL, SHARD, one_of("side", &WARM_SIDES)],
+        written: Written::Shard,
+        help: "Warm sessions held now: on an encrypt side, connected and handshaken sessions ready for new clients; on a decrypt side, sessions handshaken without an OPEN yet.",
+    },
+    Family {
+        name: "sealpipe_warm_events_total",
+        kind: Kind::Counter,
+        labels: &[TUNNEL, one_of("event", &WARM_EVENTS)],
+        written: Written::Shared,
+        help: "Warm sessions, by event. Encrypt side: made (ready), used (a new client took one), missed (a new client found none: it connected as usual), retired (closed unused: refresh, less demand, drain), lost (closed by the decrypt side or the network before use), failed (connect or handshake failed), retried (declined before its OPEN was acted on: the client's bytes went again on a fresh session). Decrypt side: held (handshaken without an OPEN), opened (its OPEN came), unused (closed unused by the encrypt side), expired (warm_idle_timeout), shutdown (closed at drain), over_cap (max_unopened_per_source).",
     },
     Family {
         name: "sealpipe_flow_control_paused_total",
@@ -646,10 +672,14 @@ pub enum CloseReason {
     /// The kernel gave up on a peer that stopped answering (ETIMEDOUT): TCP keepalive's
     /// probes or TCP_USER_TIMEOUT (`proxy::keepalive`), or its retransmissions ran out.
     PeerTimeout,
+    /// (A decrypt side.) A warm session closed before its OPEN: unused by the encrypt side,
+    /// or by this side (`warm_idle_timeout`, drain, `max_unopened_per_source`); no client and
+    /// no backend was involved (`sealpipe_warm_events_total` says which).
+    Unopened,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 12] = [
+    pub const ALL: [CloseReason; 13] = [
         CloseReason::Clean,
         CloseReason::IdleTimeout,
         CloseReason::PeerReset,
@@ -662,6 +692,7 @@ impl CloseReason {
         CloseReason::UpstreamReset,
         CloseReason::ProxyHeader,
         CloseReason::PeerTimeout,
+        CloseReason::Unopened,
     ];
     pub fn as_str(self) -> &'static str {
         CLOSE_REASONS[self as usize]
@@ -702,6 +733,46 @@ impl RejectReason {
     }
 }
 
+/// What happened to a warm session: the `event` label of `sealpipe_warm_events_total`, its
+/// discriminant the value's slot in [`WARM_EVENTS`] (see that family's help).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WarmEvent {
+    Made,
+    Used,
+    Missed,
+    Retired,
+    Lost,
+    Failed,
+    Retried,
+    Held,
+    Opened,
+    Unused,
+    Expired,
+    Shutdown,
+    OverCap,
+}
+
+impl WarmEvent {
+    pub const ALL: [WarmEvent; 13] = [
+        WarmEvent::Made,
+        WarmEvent::Used,
+        WarmEvent::Missed,
+        WarmEvent::Retired,
+        WarmEvent::Lost,
+        WarmEvent::Failed,
+        WarmEvent::Retried,
+        WarmEvent::Held,
+        WarmEvent::Opened,
+        WarmEvent::Unused,
+        WarmEvent::Expired,
+        WarmEvent::Shutdown,
+        WarmEvent::OverCap,
+    ];
+    pub fn as_str(self) -> &'static str {
+        WARM_EVENTS[self as usize]
+    }
+}
+
 /// Byte counter slots: direction (upstream = client to backend) x layer, in the order of
 /// [`DIRECTIONS`] x [`LAYERS`].
 #[derive(Clone, Copy, Debug)]
@@ -735,6 +806,8 @@ pub struct Metrics {
     upstream_connect: HistogramVec,
     flow_paused: IntCounterVec,
     key_hibernations: IntCounterVec,
+    warm_sessions: IntGaugeVec,
+    warm_events: IntCounterVec,
     pub pool_bytes: IntGaugeVec,
     pub loop_busy: CounterVec,
     pub loop_idle: CounterVec,
@@ -777,6 +850,8 @@ impl Metrics {
             accept_errors: b.family("sealpipe_accept_errors_total"),
             duration: b.family("sealpipe_connection_duration_seconds"),
             flow_paused: b.family("sealpipe_flow_control_paused_total"),
+            warm_sessions: b.family("sealpipe_warm_sessions"),
+            warm_events: b.family("sealpipe_warm_events_total"),
             handshakes: b.family("sealpipe_handshakes_total"),
             sessions: b.family("sealpipe_sessions_total"),
             access_log_dropped: b.family("sealpipe_access_log_dropped_total"),
@@ -850,10 +925,20 @@ impl Metrics {
     }
 
     /// Resolves every handle a shard needs for one tunnel (all label values pre-created, so
-    /// queries return zeros instead of nothing before the first event).
-    pub fn tunnel(&self, tunnel: &str, shard: usize, upstreams: &[String]) -> TunnelMetrics {
+    /// queries return zeros instead of nothing before the first event). `side`: the tunnel's
+    /// side of a pair for its warm sessions ([`WARM_SIDES`]; none for forward).
+    pub fn tunnel(
+        &self,
+        tunnel: &str,
+        shard: usize,
+        upstreams: &[String],
+        side: Option<&str>,
+    ) -> TunnelMetrics {
         let s = shard.to_string();
         TunnelMetrics {
+            warm: side.map(|side| self.warm_sessions.with_label_values(&[tunnel, &s, side])),
+            warm_events: side
+                .map(|_| WARM_EVENTS.map(|e| self.warm_events.with_label_values(&[tunnel, e]))),
             accepted: self.accepted.with_label_values(&[tunnel, &s]),
             active: self.active.with_label_values(&[tunnel, &s]),
             hibernating: self.hibernating.with_label_values(&[tunnel, &s]),
@@ -943,11 +1028,15 @@ pub struct UpstreamMetrics {
 /// One tunnel's handles, resolved for one shard.
 #[derive(Clone)]
 pub struct TunnelMetrics {
+    /// Warm sessions held by this shard (none for a forward tunnel).
+    pub warm: Option<IntGauge>,
+    /// Warm session events, by [`WARM_EVENTS`] (none for a forward tunnel).
+    pub warm_events: Option<[IntCounter; 13]>,
     pub accepted: IntCounter,
     pub active: IntGauge,
     pub hibernating: IntGauge,
     pub rejected: [IntCounter; 8],
-    pub closed: [IntCounter; 12],
+    pub closed: [IntCounter; 13],
     pub duration: Histogram,
     pub handshakes: [IntCounter; 11],
     /// Sessions established, in [`FS_VALUES`] order.
@@ -964,6 +1053,18 @@ pub struct TunnelMetrics {
 }
 
 impl TunnelMetrics {
+    /// Counts a warm session event.
+    pub fn warm_event(&self, e: WarmEvent) {
+        if let Some(w) = &self.warm_events {
+            w[e as usize].inc();
+        }
+    }
+    /// Moves the warm session gauge by `d`.
+    pub fn warm_add(&self, d: i64) {
+        if let Some(w) = &self.warm {
+            w.add(d);
+        }
+    }
     pub fn closed(&self, r: CloseReason) {
         self.closed[r as usize].inc();
     }
@@ -1323,7 +1424,7 @@ mod tests {
         want.sort_unstable();
         assert_eq!(got, want);
         // What the registry exports carries the row's type and help.
-        let t = m.tunnel("t", 0, &["u:1".into()]);
+        let t = m.tunnel("t", 0, &["u:1".into()], Some("encrypt"));
         t.handshake("ok");
         m.key_sessions("t", "k").inc();
         m.keys_loaded
@@ -1383,7 +1484,7 @@ mod tests {
     fn upstream_health_is_one_series_per_shard() {
         let m = Metrics::new(2, 1);
         let ups = ["10.0.0.1:80".to_string()];
-        let (s0, s1) = (m.tunnel("t", 0, &ups), m.tunnel("t", 1, &ups));
+        let (s0, s1) = (m.tunnel("t", 0, &ups, None), m.tunnel("t", 1, &ups, None));
         s0.upstreams[0].up.set(0);
         s1.upstreams[0].up.set(1);
         s0.upstreams[0].up.set(0);

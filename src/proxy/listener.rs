@@ -16,9 +16,13 @@
 //! second from its source address (a token bucket), its source's connections still in their
 //! handshake, and the shard's. A connection over one is reset at once and counted as
 //! `rejected{reason="per_source_rate"|"per_source_handshakes"|"max_handshakes"}`; an admitted
-//! one carries a [`Ticket`] that it hands back when its handshake completes or it closes.
+//! one carries a [`Ticket`] that it hands back when its handshake completes or it closes. A
+//! session whose handshake completes without an OPEN (a warm session, waiting for its client)
+//! moves from its source's handshake count to its unopened count, under its own cap
+//! (`max_unopened_per_source`), until its OPEN comes or it closes.
 //! Sources are IPv4 addresses or IPv6 /64s; the per-source table is pruned of sources with
-//! no handshake and a full bucket, so its size is bounded by the caps, not by the peers.
+//! no handshake, no unopened session and a full bucket, so its size is bounded by the caps,
+//! not by the peers.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -100,6 +104,8 @@ impl SourceKey {
 struct Source {
     /// Its connections still in their handshake.
     handshakes: u32,
+    /// Its sessions handshaken without an OPEN yet (warm sessions).
+    unopened: u32,
     /// Token bucket for new connections, refilled at `last`.
     tokens: f64,
     last: Instant,
@@ -117,6 +123,7 @@ pub struct Admission {
     /// This shard's share of `[limits] max_handshakes`.
     max_handshakes: usize,
     per_source: u32,
+    unopened_per_source: u32,
     rate: f64,
     burst: f64,
     /// Connections of this shard still in their handshake.
@@ -135,6 +142,7 @@ impl Admission {
         Admission {
             max_handshakes: limits.max_handshakes.div_ceil(shards.max(1)).max(1),
             per_source: u32::try_from(limits.max_handshakes_per_source).unwrap_or(u32::MAX),
+            unopened_per_source: u32::try_from(limits.max_unopened_per_source).unwrap_or(u32::MAX),
             rate: limits.new_conns_per_source,
             burst: limits.new_conns_per_source_burst as f64,
             handshakes: 0,
@@ -150,11 +158,17 @@ impl Admission {
         let fresh = Admission::new(limits, shards);
         self.max_handshakes = fresh.max_handshakes;
         self.per_source = fresh.per_source;
+        self.unopened_per_source = fresh.unopened_per_source;
         self.rate = fresh.rate;
         self.burst = fresh.burst;
         for s in self.sources.values_mut() {
             s.tokens = s.tokens.min(self.burst);
         }
+    }
+
+    /// `max_unopened_per_source`.
+    pub fn unopened_per_source(&self) -> u32 {
+        self.unopened_per_source
     }
 
     /// Connections of this shard in their handshake now.
@@ -177,6 +191,7 @@ impl Admission {
         let burst = self.burst;
         let src = self.sources.entry(key).or_insert(Source {
             handshakes: 0,
+            unopened: 0,
             tokens: burst,
             last: now,
         });
@@ -200,6 +215,30 @@ impl Admission {
         Ok(Ticket(key))
     }
 
+    /// The connection holding `t` completed its handshake without an OPEN (a warm session):
+    /// it leaves the handshake counts for its source's unopened count, if that is below
+    /// `max_unopened_per_source`. False if not: the ticket still holds a handshake slot, and
+    /// the session is to be closed.
+    pub fn hold_unopened(&mut self, t: &Ticket) -> bool {
+        let Some(src) = self.sources.get_mut(&t.0) else {
+            return false;
+        };
+        if src.unopened >= self.unopened_per_source {
+            return false;
+        }
+        src.unopened += 1;
+        src.handshakes = src.handshakes.saturating_sub(1);
+        self.handshakes = self.handshakes.saturating_sub(1);
+        true
+    }
+
+    /// The unopened session holding `t` ([`Admission::hold_unopened`]) opened or closed.
+    pub fn release_unopened(&mut self, t: Ticket) {
+        if let Some(src) = self.sources.get_mut(&t.0) {
+            src.unopened = src.unopened.saturating_sub(1);
+        }
+    }
+
     /// The connection holding `t` finished its handshake or closed.
     pub fn release(&mut self, t: Ticket) {
         self.handshakes = self.handshakes.saturating_sub(1);
@@ -214,7 +253,7 @@ impl Admission {
         self.sources.retain(|_, s| {
             let full = rate <= 0.0
                 || s.tokens + now.saturating_duration_since(s.last).as_secs_f64() * rate >= burst;
-            s.handshakes > 0 || !full
+            s.handshakes > 0 || s.unopened > 0 || !full
         });
         self.prune_at = (self.sources.len() * 2).max(PRUNE_MIN);
     }
@@ -255,6 +294,15 @@ fn admit(
         }
     } else {
         None
+    };
+    // An encrypt side's client takes a warm session if one is ready (proxy::warm).
+    let stream = if rt.cfg.mode == Mode::Encrypt {
+        match super::warm::take(cx, tunnel, stream, now) {
+            Ok(()) => return true,
+            Err(stream) => stream,
+        }
+    } else {
+        stream
     };
     let rt = &cx.state.tunnels[tunnel];
     let conn: Box<dyn Handler<ShardState>> = match rt.cfg.mode {
@@ -383,9 +431,66 @@ mod tests {
                 max_handshakes_per_source: per_source,
                 new_conns_per_source: rate,
                 new_conns_per_source_burst: burst,
+                max_unopened_per_source: 2,
             },
             1,
         )
+    }
+
+    #[test]
+    fn an_unopened_session_moves_from_the_handshake_count_to_its_own_cap() {
+        let now = Instant::now();
+        let mut a = limits(3, 3, 0.0, 0);
+        let t: Vec<Ticket> = (0..3)
+            .map(|_| a.admit(ip("10.0.0.1"), now).unwrap())
+            .collect();
+        assert_eq!(a.handshakes(), 3);
+        // Two may wait for their OPEN (max_unopened_per_source = 2); each frees its
+        // handshake slot, so new handshakes are admitted meanwhile.
+        assert!(a.hold_unopened(&t[0]));
+        assert!(a.hold_unopened(&t[1]));
+        assert_eq!(a.handshakes(), 1);
+        assert!(
+            !a.hold_unopened(&t[2]),
+            "the source's third is over its cap"
+        );
+        assert_eq!(
+            a.handshakes(),
+            1,
+            "a refused one still holds its handshake slot"
+        );
+        a.admit(ip("10.0.0.1"), now).unwrap();
+        // Another source has its own cap.
+        let other = a.admit(ip("10.0.0.2"), now).unwrap();
+        assert!(a.hold_unopened(&other));
+        // An OPEN (or a close) frees the slot: the source may hold another.
+        let mut t = t.into_iter();
+        a.release_unopened(t.next().unwrap());
+        let next = a.admit(ip("10.0.0.3"), now).unwrap();
+        a.release(next);
+        let again = a.admit(ip("10.0.0.1"), now).unwrap();
+        assert!(a.hold_unopened(&again));
+    }
+
+    #[test]
+    fn sources_holding_unopened_sessions_are_not_forgotten() {
+        let t0 = Instant::now();
+        let mut a = limits(1 << 20, 4, 100.0, 10);
+        let held = a.admit(ip("192.0.2.1"), t0).unwrap();
+        assert!(a.hold_unopened(&held));
+        for i in 0..(4 * PRUNE_MIN as u32) {
+            let now = t0 + Duration::from_secs(10);
+            let t = a
+                .admit(IpAddr::from(((i + 1) << 8).to_be_bytes()), now)
+                .unwrap();
+            a.release(t);
+        }
+        // The held source still counts its session: two more fit, not three.
+        let now = t0 + Duration::from_secs(20);
+        let b = a.admit(ip("192.0.2.1"), now).unwrap();
+        assert!(a.hold_unopened(&b));
+        let c = a.admit(ip("192.0.2.1"), now).unwrap();
+        assert!(!a.hold_unopened(&c));
     }
 
     fn ip(s: &str) -> IpAddr {
@@ -425,6 +530,7 @@ mod tests {
                 max_handshakes_per_source: 3,
                 new_conns_per_source: 0.0,
                 new_conns_per_source_burst: 0,
+                max_unopened_per_source: 2,
             },
             1,
         );

@@ -27,6 +27,7 @@ pub mod ids;
 pub mod keepalive;
 pub mod listener;
 pub mod upstream;
+pub mod warm;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -35,7 +36,7 @@ use std::time::{Duration, Instant};
 use crate::config::{Mode, Tunnel};
 use crate::metrics::{Bytes, Metrics, TunnelMetrics};
 use crate::protocol::{HandshakeConfig, KeyId, KeySet};
-use crate::reactor::HandlerId;
+use crate::reactor::{Context, HandlerId};
 use prometheus::IntCounter;
 
 pub use ids::{ListenAddr, ShardIdx, TargetAddr, TargetIdx, TunnelIdx};
@@ -130,6 +131,8 @@ pub struct TunnelRt {
     pub no_fs_unwarned: u64,
     /// The tunnel's access log writer (`access_log`; opened by the server, replaced on reload).
     pub access_log: Option<access_log::AccessLog>,
+    /// An encrypt tunnel's warm sessions on this shard (`warm`).
+    pub warm: warm::Pool,
 }
 
 impl TunnelRt {
@@ -145,7 +148,12 @@ impl TunnelRt {
             index,
             key_sessions: Self::key_sessions(&cfg, keys.as_deref(), metrics),
             handshake: Self::handshake_config(&cfg, keys),
-            metrics: metrics.tunnel(&cfg.name, shard.get(), &upstream_names(&upstreams)),
+            metrics: metrics.tunnel(
+                &cfg.name,
+                shard.get(),
+                &upstream_names(&upstreams),
+                warm_side(cfg.mode),
+            ),
             upstreams,
             bytes: ByteCounts::default(),
             active: 0,
@@ -156,6 +164,7 @@ impl TunnelRt {
             next_no_fs_warn: Instant::now(),
             no_fs_unwarned: 0,
             access_log: None,
+            warm: warm::Pool::default(),
             cfg,
         }
     }
@@ -232,7 +241,7 @@ impl TunnelRt {
         for gone in old.iter().filter(|a| !names.contains(a)) {
             metrics.forget_upstream(&self.cfg.name, gone);
         }
-        self.metrics = metrics.tunnel(&cfg.name, shard.get(), &names);
+        self.metrics = metrics.tunnel(&cfg.name, shard.get(), &names, warm_side(cfg.mode));
         self.cfg = cfg;
     }
 
@@ -243,6 +252,15 @@ impl TunnelRt {
                 self.metrics.bytes[label as usize].inc_by(n);
             }
         }
+    }
+}
+
+/// The side of a pair a tunnel's warm sessions count on (`sealpipe_warm_sessions{side}`).
+fn warm_side(mode: Mode) -> Option<&'static str> {
+    match mode {
+        Mode::Encrypt => Some(crate::metrics::WARM_SIDES[0]),
+        Mode::Decrypt => Some(crate::metrics::WARM_SIDES[1]),
+        Mode::Forward => None,
     }
 }
 
@@ -301,6 +319,9 @@ pub struct ShardState {
     /// thread's pool ([`codec::ephemeral::handed_out`]) already added to them.
     ephemeral_keys: [IntCounter; 2],
     ephemeral_published: (u64, u64),
+    /// Clients' sockets on their way to the ready warm sessions that take them
+    /// (`warm::take`), each for one notification.
+    pub warm_handoffs: Vec<(HandlerId, warm::Handoff)>,
 }
 
 impl ShardState {
@@ -325,13 +346,18 @@ impl ShardState {
             export: None,
             ephemeral_keys: metrics.ephemeral_keys(shard.get()),
             ephemeral_published: (0, 0),
+            warm_handoffs: Vec::new(),
             metrics,
         }
     }
 
-    /// Whether the shard has spare-time work (see `EventBase::set_idle`): ephemeral key pairs
-    /// to make, if any tunnel may use forward secrecy and the thread's pool is below its target.
+    /// Whether the shard has spare-time work (see `EventBase::set_idle`): warm sessions to
+    /// make (`warm`), or ephemeral key pairs, if any tunnel may use forward secrecy and the
+    /// thread's pool is below its target.
     pub fn wants_idle_work(&self) -> bool {
+        if warm::wants(self) {
+            return true;
+        }
         codec::ephemeral::wants_refill()
             && self.tunnels.iter().any(|t| {
                 t.handshake.as_ref().is_some_and(|h| {
@@ -342,8 +368,12 @@ impl ShardState {
             })
     }
 
-    /// One step of spare-time work: one ephemeral key pair (~40 µs).
-    pub fn idle_step(&mut self) {
+    /// One step of spare-time work: one warm session started (a connect; its key pair comes
+    /// from the pool), or one ephemeral key pair (~40 µs).
+    pub fn idle_step(cx: &mut Context<'_, ShardState>) {
+        if warm::wants(cx.state) {
+            return warm::idle_step(cx);
+        }
         codec::ephemeral::refill_one();
     }
 

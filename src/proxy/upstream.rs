@@ -328,6 +328,16 @@ impl Upstreams {
         Some((t.id, t.addr))
     }
 
+    /// The target a fresh connection's first [`pick`](Self::pick) would choose now, without
+    /// choosing it (nothing moves, nothing is counted): where a warm session would serve the
+    /// next client.
+    pub fn peek(&self, now: Instant) -> Option<TargetId> {
+        let (_, i) = self
+            .choice(|_, t| t.is_up(now))
+            .or_else(|| self.choice(|_, _| true))?;
+        Some(self.targets[i].id)
+    }
+
     /// The first address of group `g`, in order, that `eligible` accepts.
     fn first_in(&self, g: usize, eligible: impl Fn(usize, &Target) -> bool) -> Option<usize> {
         self.groups
@@ -339,6 +349,14 @@ impl Upstreams {
     /// The balance's choice among the groups with an address `eligible` accepts, and that
     /// group's first such address; advances the cursor.
     fn choose(&mut self, eligible: impl Fn(usize, &Target) -> bool) -> Option<usize> {
+        let (g, i) = self.choice(eligible)?;
+        self.next = (g + 1) % self.groups.len();
+        Some(i)
+    }
+
+    /// The balance's choice (group, address) among the groups with an address `eligible`
+    /// accepts, the cursor unmoved.
+    fn choice(&self, eligible: impl Fn(usize, &Target) -> bool) -> Option<(usize, usize)> {
         let n = self.groups.len();
         if n == 0 {
             return None;
@@ -347,13 +365,11 @@ impl Upstreams {
         let mut order = (0..n)
             .map(|k| (start + k) % n)
             .filter_map(|g| self.first_in(g, &eligible).map(|i| (g, i)));
-        let (g, i) = match self.balance {
+        match self.balance {
             Balance::RoundRobin => order.next(),
             // The first of the least loaded, so ties rotate with the cursor.
             Balance::LeastConn => order.min_by_key(|&(g, _)| self.group_active(g)),
-        }?;
-        self.next = (g + 1) % n;
-        Some(i)
+        }
     }
 
     /// Connections of this shard using any address of group `g`.
@@ -429,6 +445,26 @@ mod tests {
 
     fn id(u: &Upstreams, i: usize) -> TargetId {
         u.targets()[i].id()
+    }
+
+    #[test]
+    fn peek_names_the_next_first_pick_without_taking_it() {
+        let t0 = Instant::now();
+        for balance in [Balance::RoundRobin, Balance::LeastConn] {
+            let mut u = Upstreams::new(&addrs(3), balance);
+            let down = u.targets()[1].id();
+            u.failed(down, t0);
+            let mut held = Vec::new();
+            for _ in 0..7 {
+                let peeked = u.peek(t0);
+                assert_eq!(u.peek(t0), peeked, "peeking moves nothing");
+                let (id, _) = u.pick(t0, &mut Tried::default()).unwrap();
+                assert_eq!(peeked, Some(id), "{balance:?}");
+                assert_ne!(id, down, "a down target is not chosen while others are up");
+                held.push(id);
+            }
+        }
+        assert_eq!(Upstreams::new(&[], Balance::RoundRobin).peek(t0), None);
     }
 
     #[test]

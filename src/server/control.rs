@@ -14,6 +14,7 @@ use super::{ExitReason, Running, ServerError, conn_shares, publish_keys, warn_id
 use crate::config::{Config, Resolve};
 use crate::metrics::Metrics;
 use crate::protocol::KeySet;
+use crate::proxy::conn::TAG_DRAIN_STARTED;
 use crate::proxy::listener::{TAG_DRAIN, TAG_RESUME};
 use crate::reactor::signal::SignalEvent;
 use crate::reactor::{EventBase, HandlerId};
@@ -72,6 +73,14 @@ impl Running {
                 let ids: Vec<HandlerId> = st.tunnels.iter().filter_map(|t| t.listener).collect();
                 for id in ids {
                     cx.notify(id, TAG_DRAIN);
+                }
+                // Warm sessions: an encrypt side retires its own; a decrypt side closes those
+                // still waiting for their OPEN (ABORT unopened), so their encrypt sides
+                // replace them elsewhere before a client takes one.
+                crate::proxy::warm::drain(cx);
+                let conns: Vec<HandlerId> = cx.state.live_conns.iter().copied().collect();
+                for id in conns {
+                    cx.notify(id, TAG_DRAIN_STARTED);
                 }
             });
         }

@@ -220,6 +220,7 @@ fn shard_loop(i: usize, base: &mut EventBase<ShardState>, trim: &HeapTrim) -> st
         live.set((p.live_chunks * pool::CHUNK_SIZE) as i64);
         if !base.state().draining {
             base.with_context(|cx| crate::proxy::health::run_due(cx, now));
+            base.with_context(|cx| crate::proxy::warm::housekeep(cx, now));
         }
         if base.state().export.is_some() {
             base.with_context(|cx| crate::proxy::handoff::tick(cx, now));

@@ -277,6 +277,10 @@ def check_vector(v, p, fs):
                (END, b'')])
     direction(v, p + 'r2i', expand_label(prk, b'r2i traffic', th, 32),
               [(KEY_UPDATE, b''), (DATA, b'hello, client'), (ABORT, bytes([r['abort']]))])
+    # The same session as a warm one closed unused (section 6.7): END first from the initiator,
+    # ABORT `unopened` (0x05) first from the responder.
+    direction(v, p + 'warm.i2r', expand_label(prk, b'i2r traffic', th, 32), [(END, b'')])
+    direction(v, p + 'warm.r2i', expand_label(prk, b'r2i traffic', th, 32), [(ABORT, bytes([5]))])
 
 
 def main():

@@ -147,6 +147,9 @@ pub struct Limits {
     pub half_closed: Option<Duration>,
     /// The handshake's deadline, and that of the client's preamble before it.
     pub handshake: Duration,
+    /// How long a decrypt side holds a session whose handshake completed without an OPEN (a
+    /// warm session, waiting for its client): `warm_idle_timeout`.
+    pub unopened: Duration,
 }
 
 /// Where the client's preamble stands (see [`Env::client_preamble`]).
@@ -193,6 +196,36 @@ pub trait Layer: Filter + Sized + 'static {
     }
 }
 
+/// A step in a warm session's life that a connection core sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WarmStep {
+    /// (A responder.) The handshake completed without an OPEN: a warm session, held
+    /// unopened (`warm_idle_timeout`) until its client comes.
+    Held,
+    /// (A responder.) A held session's OPEN came: it is an ordinary session from now on.
+    Opened,
+    /// (A responder.) A held session closed without opening, and why.
+    Closed(UnopenedEnd),
+    /// (An initiator.) An adopted session was declined before its OPEN was acted on (an ABORT
+    /// `unopened`): what the client sent goes again on a fresh session.
+    Retried,
+}
+
+/// How a responder's unopened (warm) session ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnopenedEnd {
+    /// The initiator closed it unused (END before OPEN).
+    Unused,
+    /// Its `warm_idle_timeout` passed.
+    Expired,
+    /// This side closed it: the drain started, or its deadline passed.
+    Shutdown,
+    /// Its source holds as many unopened sessions as it may (`max_unopened_per_source`).
+    OverCap,
+    /// The initiator went away without a word (a reset, a FIN without END, a timeout).
+    Lost,
+}
+
 /// Why a side failed.
 #[derive(Clone, Copy, Debug)]
 pub enum Cause<'a> {
@@ -229,11 +262,14 @@ pub enum Action<'a, T> {
     Timer(ConnTimer, Option<Instant>),
     /// The connection is over: remove it (its end, [`ConnCore::on_close`], follows).
     Close(CloseReason),
-    /// The handshake completed: the admission ticket goes back.
+    /// The handshake completed: the admission ticket goes back, unless the session is `held`
+    /// unopened ([`Env::hold_unopened`] said yes: the ticket now counts it as unopened, until
+    /// its OPEN or its end).
     HandshakeOk {
         key: Option<KeyId>,
         forward_secrecy: bool,
         took: Duration,
+        held: bool,
     },
     /// The handshake did not complete in time (the connection closes `handshake_failed`).
     HandshakeTimeout,
@@ -242,6 +278,8 @@ pub enum Action<'a, T> {
     PreambleTimeout { received: u64 },
     /// The session's OPEN arrived (a responder); the backend is connected for it next.
     SessionOpened(&'a OpenInfo),
+    /// A warm session's step (see [`WarmStep`]).
+    Warm(WarmStep),
     /// Reading paused for backpressure in this direction.
     FlowPaused(Flow),
     /// Quiet: keys and spare buffer lists were dropped (`dropped_keys`: a session's keys).
@@ -294,7 +332,8 @@ pub trait Env<U: Layer, T: Transport> {
     fn resume_read<F: Filter>(&mut self, bev: &mut BevCore<F, T>, why: Suspend);
     /// The owner drained `bev`'s input: as `resume_read` for the high watermark.
     fn consumed<F: Filter>(&mut self, bev: &mut BevCore<F, T>);
-    /// `bev` is given up (a failed connect): stop watching its transport.
+    /// `bev` is given up (a failed connect): stop watching its transport, which closes with
+    /// a RST if [`Env::reset_on_close`] asked for one.
     fn close_side<F: Filter>(&mut self, bev: &mut BevCore<F, T>);
     /// Reads and discards what the transport still holds, so that it closes with a FIN after
     /// the queued bytes (an ABORT record) rather than a RST that would drop them.
@@ -320,6 +359,24 @@ pub trait Env<U: Layer, T: Transport> {
     fn client_preamble(&mut self, _input: &mut Buffer, _eof: bool) -> Preamble {
         Preamble::Done
     }
+    /// A responder's session completed its handshake without an OPEN (a warm session): may
+    /// it be held unopened? False when its source holds too many (`max_unopened_per_source`);
+    /// the session then closes with an ABORT `unopened`. Asked before [`Action::HandshakeOk`].
+    fn hold_unopened(&mut self) -> bool {
+        true
+    }
+    /// This side drains (a stop, or a live upgrade's handoff): a session whose handshake
+    /// completes without an OPEN from now on is not held for a client, but closed as those
+    /// held when the drain started were ([`ConnCore::drain_started`]).
+    fn draining(&self) -> bool {
+        false
+    }
+    /// An initiator's adopted (warm) session: the OPEN for the client on `client` (its PROXY
+    /// header's addresses if it sent one, else the socket's).
+    fn session_open(&mut self, client: &T) -> OpenInfo;
+    /// An adopted session's first bytes were answered (or their grace passed): the upstream
+    /// socket `io` goes back to the tunnel's own dead-peer settings.
+    fn confirmed(&mut self, _io: &T) {}
     /// The tunnel's targets (shared by the shard's connections).
     fn upstreams(&mut self) -> &mut Upstreams;
     /// The tunnel's timeouts now.
@@ -334,6 +391,7 @@ fn abort_for(reason: CloseReason) -> Option<AbortReason> {
         CloseReason::UpstreamFailed => Some(AbortReason::Unreachable),
         CloseReason::IdleTimeout => Some(AbortReason::Timeout),
         CloseReason::DrainDeadline => Some(AbortReason::Shutdown),
+        CloseReason::Unopened => Some(AbortReason::Unopened),
         _ => None,
     }
 }
@@ -372,6 +430,30 @@ pub struct ConnCore<C: Layer, U: Layer, T> {
     /// Wire bytes already reported ([`Action::Bytes`]).
     counted: ByteCounts,
     closed: Option<CloseReason>,
+    /// The session's OPEN is yet to be sent (an initiator: an adopted warm session, until the
+    /// client's first event) or received (a responder: a warm session, until its client).
+    unopened: bool,
+    /// An initiator's adopted session that may still be declined: see [`Replay`].
+    replay: Option<Box<Replay>>,
+}
+
+/// Most bytes of the client's an adopted session keeps for sending again (see [`Replay`]).
+/// A request's first flight; beyond it the session is not replayable, and a decline resets
+/// the client as a dead host would.
+pub const REPLAY_MAX: usize = 64 * 1024;
+/// Fresh sessions a client's first bytes may go on after declines.
+const RETRIES_MAX: u8 = 2;
+
+/// What an initiator keeps of an adopted (warm) session until the responder has shown it
+/// acted on the OPEN (its first record back, anything but an ABORT `unopened`) or the grace
+/// of twice the handshake timeout passed: every byte the client sent since, so that a decline
+/// (an ABORT `unopened`, which promises that nothing of the session was delivered) sends them
+/// again on a fresh session, once, in order, and never after anything came back.
+struct Replay {
+    bytes: Buffer,
+    /// More than [`REPLAY_MAX`] went: not replayable any more.
+    overflowed: bool,
+    retries: u8,
 }
 
 impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
@@ -393,7 +475,37 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
             upstream_eof: false,
             counted: ByteCounts::default(),
             closed: None,
+            unopened: false,
+            replay: None,
         }
+    }
+
+    /// The core of an encrypt side's connection whose client (`client`, accepted at `now`)
+    /// takes a warm session: `upstream`, connected to `target` and handshaken, its OPEN held
+    /// ([`crate::proxy::codec::SealFilter::hold_open`]). `tried` is the balance's choice that
+    /// named the target (the target counts the connection as active). Nothing connects: the
+    /// OPEN leads the client's first bytes at the client's first event (see
+    /// [`ConnCore::start`]).
+    pub fn adopt(
+        client: BevCore<C, T>,
+        mut upstream: BevCore<U, T>,
+        target: TargetId,
+        tried: Tried,
+        now: Instant,
+    ) -> Self {
+        let mut core = ConnCore::new(client, now);
+        upstream.set_watermarks(WATERMARKS);
+        core.upstream = Some(Box::new(upstream));
+        core.target = Some(target);
+        core.tried = tried;
+        core.handshake_done = true;
+        core.unopened = true;
+        core.replay = Some(Box::new(Replay {
+            bytes: Buffer::new(),
+            overflowed: false,
+            retries: 0,
+        }));
+        core
     }
 
     pub fn client(&self) -> &BevCore<C, T> {
@@ -437,11 +549,17 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
     /// copy-free path: read into the record's payload slot, seal in place). The streams
     /// decide when bytes can take it (nothing waiting ahead of them, the far side open and
     /// under [`OUTPUT_HIGH`]: `BevCore::read_some_via`); the core rules out only the times
-    /// its pumps must see the bytes: while the client's preamble is read, and once closed.
-    /// A relayed read reports READ like any other, and the pump then flushes the far side
-    /// and holds reading back for it exactly as for bytes it moved.
+    /// its pumps must see the bytes: while the client's preamble is read, while an adopted
+    /// warm session's OPEN is held or the client's bytes are kept for a replay ([`Replay`]:
+    /// a relayed byte would be sealed without a copy kept, and lost if the session is
+    /// declined), and once closed. A relayed read reports READ like any other, and the pump
+    /// then flushes the far side and holds reading back for it exactly as for bytes it moved.
     fn relays(&self) -> bool {
-        (C::SEALED || U::SEALED) && !self.awaiting_preamble && self.closed.is_none()
+        (C::SEALED || U::SEALED)
+            && !self.awaiting_preamble
+            && !self.unopened
+            && self.replay.is_none()
+            && self.closed.is_none()
     }
 
     /// Why the connection closed, once it did.
@@ -453,6 +571,15 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
     }
     pub fn handshake_done(&self) -> bool {
         self.handshake_done
+    }
+    /// The session's OPEN is yet to be sent (an adopted warm session) or received (a held
+    /// one, on a decrypt side).
+    pub fn is_unopened(&self) -> bool {
+        self.unopened
+    }
+    /// An adopted session keeps the client's bytes for a fresh session (see [`Replay`]).
+    pub fn replayable(&self) -> bool {
+        self.replay.as_ref().is_some_and(|r| !r.overflowed)
     }
     /// The target in use.
     pub fn target(&self) -> Option<TargetId> {
@@ -473,7 +600,8 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
     pub fn start(&mut self, now: Instant, env: &mut impl Env<U, T>) {
         let preamble = env.client_preamble(&mut self.client.input, false);
         self.awaiting_preamble = preamble != Preamble::Done;
-        if C::SEALED || U::SEALED || self.awaiting_preamble {
+        // (An adopted warm session's handshake is done: only a preamble has a deadline.)
+        if !self.handshake_done || self.awaiting_preamble {
             let at = now + env.limits().handshake;
             env.act(Action::Timer(ConnTimer::Handshake, Some(at)));
         }
@@ -484,7 +612,9 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
                 ..WATERMARKS
             }),
             Preamble::Failed => self.finish(CloseReason::ProxyHeader, env),
-            Preamble::Done if !C::SEALED => self.connect_upstream(now, env),
+            Preamble::Done if !C::SEALED && self.upstream.is_none() => {
+                self.connect_upstream(now, env)
+            }
             Preamble::Done => {}
         }
     }
@@ -504,8 +634,47 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
     /// Events of one side (from its readiness, a re-drive or its own timer).
     pub fn handle(&mut self, side: Side, ev: BevEvents, now: Instant, env: &mut impl Env<U, T>) {
         match side {
-            Side::Client => self.process(ev, BevEvents::empty(), now, env),
+            Side::Client => {
+                self.process(ev, BevEvents::empty(), now, env);
+                if U::SEALED && self.unopened {
+                    self.send_open(now, env);
+                }
+            }
             Side::Upstream => self.process(BevEvents::empty(), ev, now, env),
+        }
+    }
+
+    /// An adopted warm session's OPEN goes, at the client's first event (its first readiness
+    /// comes as soon as its socket is registered): with the client's first bytes if that
+    /// event brought them, so OPEN and data leave in one write; alone otherwise (a protocol
+    /// whose server speaks first), since waiting for bytes that may never come would stall
+    /// it. Not while the client's preamble is still expected: the OPEN carries its addresses.
+    fn send_open(&mut self, now: Instant, env: &mut impl Env<U, T>) {
+        if self.closed.is_some() || self.awaiting_preamble {
+            return;
+        }
+        let Some(up) = self.upstream.as_mut() else {
+            return;
+        };
+        self.unopened = false;
+        let open = env.session_open(self.client.io());
+        up.filter_mut().set_open(open);
+        // The client's first bytes are already in `output` (pump_up kept them, held).
+        let mut u = env.flush(up);
+        u |= self.pump_up(env);
+        // Until the decrypt side shows it acted on the OPEN, what the client sends is kept
+        // for a fresh session ([`Replay`]); the grace ends this long after the OPEN left.
+        let grace = now + 2 * env.limits().handshake;
+        env.act(Action::Timer(ConnTimer::Handshake, Some(grace)));
+        self.process(BevEvents::empty(), u, now, env);
+    }
+
+    /// The drain started: a decrypt side's unopened (warm) session closes now, with an ABORT
+    /// `unopened`, so its encrypt side replaces it elsewhere before a client takes it. Others
+    /// go on until they end or the drain deadline passes.
+    pub fn drain_started(&mut self, env: &mut impl Env<U, T>) {
+        if C::SEALED && self.unopened && self.closed.is_none() {
+            self.close_unopened(UnopenedEnd::Shutdown, env);
         }
     }
 
@@ -520,6 +689,9 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
                     .idle_limit(env)
                     .is_some_and(|l| now >= self.last_active + l)
                 {
+                    if C::SEALED && self.unopened {
+                        return self.close_unopened(UnopenedEnd::Expired, env);
+                    }
                     self.finish(CloseReason::IdleTimeout, env);
                 } else {
                     if !self.asleep && now >= self.last_active + HIBERNATE_AFTER {
@@ -537,6 +709,9 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
                 if !self.handshake_done {
                     env.act(Action::HandshakeTimeout);
                     self.finish(CloseReason::HandshakeFailed, env);
+                } else if self.replay.is_some() {
+                    // An adopted session's grace passed: it is an ordinary one from now on.
+                    self.confirm(env);
                 }
             }
         }
@@ -546,6 +721,9 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
     /// socket could not be registered): the sealed far side is told with an ABORT where the
     /// reason calls for one.
     pub fn close(&mut self, reason: CloseReason, env: &mut impl Env<U, T>) {
+        if C::SEALED && self.unopened && reason == CloseReason::DrainDeadline {
+            return self.close_unopened(UnopenedEnd::Shutdown, env);
+        }
         self.finish(reason, env);
     }
 
@@ -580,6 +758,64 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
         (key, fs)
     }
 
+    /// Ends a responder's unopened (warm) session: an ABORT `unopened` when this side gives
+    /// up on it (nothing of it was acted on, so its initiator may use the bytes it sent on
+    /// it elsewhere); nothing more when the initiator ended it or went away.
+    fn close_unopened(&mut self, end: UnopenedEnd, env: &mut impl Env<U, T>) {
+        env.act(Action::Warm(WarmStep::Closed(end)));
+        let abort = match end {
+            UnopenedEnd::Unused | UnopenedEnd::Lost => None,
+            _ => Some(AbortReason::Unopened),
+        };
+        self.finish_with(CloseReason::Unopened, abort, env);
+    }
+
+    /// An adopted session's OPEN was acted on (or its grace passed): no replay from now on,
+    /// and its socket gets the tunnel's own dead-peer settings back.
+    fn confirm(&mut self, env: &mut impl Env<U, T>) {
+        if self.replay.take().is_none() {
+            return;
+        }
+        env.act(Action::Timer(ConnTimer::Handshake, None));
+        if let Some(up) = self.upstream.as_deref() {
+            env.confirmed(up.io());
+        }
+    }
+
+    /// The decrypt side declined an adopted session (an ABORT `unopened`: none of it was
+    /// delivered): everything the client sent on it goes again, in order, on a fresh session
+    /// (today's path: connect, handshake, OPEN with Finished) to the balance's next choice.
+    fn retry(&mut self, now: Instant, env: &mut impl Env<U, T>) {
+        let Some(mut r) = self.replay.take() else {
+            return;
+        };
+        env.act(Action::Warm(WarmStep::Retried));
+        // Its wire bytes stay reported; the next session's count from zero on top.
+        self.account(env);
+        if let Some(mut up) = self.upstream.take() {
+            self.forget_upstream_bytes(&up);
+            env.close_side(&mut up);
+        }
+        let mut again = std::mem::take(&mut r.bytes);
+        self.client.input.move_all_to(&mut again);
+        self.client.input = again;
+        if let Some(id) = self.target.take() {
+            env.upstreams().release(id);
+        }
+        self.tried = Tried::default();
+        self.handshake_done = false;
+        self.unopened = false;
+        if r.retries + 1 < RETRIES_MAX {
+            // The fresh session may be declined too (a drain between its Finished and OPEN).
+            r.retries += 1;
+            r.overflowed = false;
+            self.replay = Some(r);
+        }
+        let at = now + env.limits().handshake;
+        env.act(Action::Timer(ConnTimer::Handshake, Some(at)));
+        self.connect_upstream(now, env);
+    }
+
     /// Connects to the next target (up ones first, then down ones: see `upstream`); closes
     /// the connection once every target has been tried.
     fn connect_upstream(&mut self, now: Instant, env: &mut impl Env<U, T>) {
@@ -608,6 +844,11 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
             let mut unsent = std::mem::take(&mut up.output);
             self.client.input.move_all_to(&mut unsent);
             self.client.input = unsent;
+            // A connect given up at its timeout may have completed in the kernel meanwhile
+            // (the answer landed after the loop's last poll): the target then holds an
+            // accepted connection that a FIN would end as an empty, clean stream. A RST says
+            // it was cut (and still sends nothing to a target that never answered).
+            env.reset_on_close(up.io());
             env.close_side(&mut up);
         }
         let Some(id) = self.target.take() else {
@@ -653,6 +894,9 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
     /// The idle limit now (the half-closed one once a direction has ended); `None`: off.
     fn idle_limit(&self, env: &impl Env<U, T>) -> Option<Duration> {
         let l = env.limits();
+        if C::SEALED && self.unopened {
+            return Some(l.unopened);
+        }
         if self.client_eof || self.upstream_eof {
             l.half_closed
         } else {
@@ -687,6 +931,22 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
         env.act(Action::Hibernated {
             dropped_keys: dropped,
         });
+    }
+
+    /// The upstream side `up`, accounted, is replaced by another (a declined warm session's):
+    /// its counts leave the running totals, so that the next upstream side's, counted from
+    /// zero, add on.
+    fn forget_upstream_bytes(&mut self, up: &BevCore<U, T>) {
+        let (ur, uw) = up.wire_bytes();
+        if U::SEALED != C::SEALED {
+            let (up_u, down_u) = if U::SEALED {
+                (Bytes::UpSealed, Bytes::DownSealed)
+            } else {
+                (Bytes::UpPlain, Bytes::DownPlain)
+            };
+            self.counted[up_u] -= uw;
+            self.counted[down_u] -= ur;
+        }
     }
 
     /// Reports the wire bytes carried since the last report.
@@ -766,10 +1026,35 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
             return (c, u);
         }
         if ev.contains(BevEvents::FILTER) && C::SEALED && self.client.filter().is_open() {
+            let open = self.client.filter_mut().take_open();
+            if open.is_none() && !self.handshake_done {
+                // A warm session: handshaken, its OPEN to come with its client.
+                self.unopened = true;
+                let held = env.hold_unopened();
+                self.handshake_ok_held(now, held, env);
+                if !held {
+                    self.close_unopened(UnopenedEnd::OverCap, env);
+                    return (c, u);
+                }
+                env.act(Action::Warm(WarmStep::Held));
+                if env.draining() {
+                    // Its handshake completed after the drain's notice went round (it was in
+                    // its handshake then): no client is to come to this process on it.
+                    self.close_unopened(UnopenedEnd::Shutdown, env);
+                    return (c, u);
+                }
+                // The unopened limit applies from now (and the quiet session hibernates).
+                self.arm_idle(env);
+            }
             self.handshake_ok(now, env);
             // The backend is connected for the session's OPEN (normally in the same read as
-            // Finished), once.
-            if let Some(open) = self.client.filter_mut().take_open() {
+            // Finished; a warm session's when its client comes), once.
+            if let Some(open) = open {
+                if self.unopened {
+                    self.unopened = false;
+                    env.act(Action::Warm(WarmStep::Opened));
+                    self.arm_idle(env);
+                }
                 env.act(Action::SessionOpened(&open));
                 self.connect_upstream(now, env);
                 if let Some(up) = self.upstream.as_mut() {
@@ -781,6 +1066,12 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
             }
         }
         if self.awaiting_preamble && !self.preamble_read(ev.contains(BevEvents::EOF), now, env) {
+            return (c, u);
+        }
+        if C::SEALED && self.unopened && ev.contains(BevEvents::EOF) {
+            // The encrypt side closed its warm session unused (END before OPEN).
+            self.client_eof = true;
+            self.close_unopened(UnopenedEnd::Unused, env);
             return (c, u);
         }
         if ev.contains(BevEvents::EOF) && !self.client_eof {
@@ -833,6 +1124,17 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
             self.side_failed(Side::Upstream, err, env);
             return (c, u);
         }
+        if ev.contains(BevEvents::ERROR) && self.replayable() {
+            let up = self.upstream.as_mut().expect("checked above");
+            match up.take_error() {
+                Some(e) if peer_abort(&e) == Some(AbortReason::Unopened) => {
+                    self.retry(now, env);
+                    return (c, u);
+                }
+                Some(e) => up.set_error(e),
+                None => {}
+            }
+        }
         if ev.contains(BevEvents::ERROR) {
             if ev.contains(BevEvents::CONNECTED) {
                 self.upstream_reached(now, env);
@@ -863,6 +1165,8 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
             u |= self.pump_up(env);
         }
         if ev.contains(BevEvents::READ) || ev.contains(BevEvents::EOF) {
+            // The decrypt side acted on the OPEN: nothing will be sent again.
+            self.confirm(env);
             c |= self.pump_down(env);
         }
         if ev.contains(BevEvents::WRITE)
@@ -902,7 +1206,7 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
                 env.consumed(&mut self.client);
                 let at = (C::SEALED || U::SEALED).then(|| now + env.limits().handshake);
                 env.act(Action::Timer(ConnTimer::Handshake, at));
-                if !C::SEALED {
+                if !C::SEALED && self.upstream.is_none() {
                     self.connect_upstream(now, env);
                 }
                 self.closed.is_none()
@@ -918,7 +1222,19 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
         let mut ev = BevEvents::empty();
         // Bytes the client's reads relayed straight into the upstream's records are pending
         // there as if they had been moved: flushed, and counted for backpressure, the same.
+        // (No read relays while an adopted session keeps the client's bytes for a replay:
+        // see `relays`.)
         if !self.client.input.is_empty() || up.output_pending() > 0 {
+            if let Some(r) = self.replay.as_mut().filter(|r| !r.overflowed) {
+                if r.bytes.len() + self.client.input.len() > REPLAY_MAX {
+                    r.overflowed = true;
+                    r.bytes = Buffer::new();
+                } else {
+                    for s in self.client.input.slices() {
+                        r.bytes.append(s);
+                    }
+                }
+            }
             self.client.input.move_all_to(&mut up.output);
             ev |= env.flush(up);
             if up.output_pending() >= OUTPUT_HIGH && !self.client.is_suspended(Suspend::Peer) {
@@ -927,7 +1243,8 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
             }
             env.consumed(&mut self.client);
         }
-        let ready = !U::SEALED || up.filter().is_open();
+        // A held OPEN must lead the end of the stream too.
+        let ready = !U::SEALED || (up.filter().is_open() && !self.unopened);
         if self.client_eof && up.io().is_connected() && ready && !up.write_shut() {
             up.request_shutdown();
             ev |= env.flush(up);
@@ -955,6 +1272,11 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
     }
 
     fn handshake_ok(&mut self, now: Instant, env: &mut impl Env<U, T>) {
+        self.handshake_ok_held(now, false, env);
+    }
+
+    /// The handshake completed; `held`: the session waits unopened for its OPEN.
+    fn handshake_ok_held(&mut self, now: Instant, held: bool, env: &mut impl Env<U, T>) {
         if self.handshake_done {
             return;
         }
@@ -965,12 +1287,21 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
             key,
             forward_secrecy: forward_secrecy.unwrap_or(false),
             took: now - self.started,
+            held,
         });
     }
 
     /// A side failed after connecting: classify, tell the far side, reset what must be reset,
     /// close.
     fn side_failed(&mut self, side: Side, err: Option<io::Error>, env: &mut impl Env<U, T>) {
+        if C::SEALED && self.unopened && side == Side::Client {
+            let pe = err.as_ref().and_then(protocol_error);
+            if matches!(pe, None | Some(ProtocolError::Truncated)) {
+                // A warm session whose encrypt side went away (its process died, a reset):
+                // nothing was opened, nothing is lost.
+                return self.close_unopened(UnopenedEnd::Lost, env);
+            }
+        }
         let (sealed, key_id, peer_version, io) = match side {
             Side::Client => {
                 let f = self.client.filter();
@@ -1002,7 +1333,8 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
                 AbortReason::Reset => CloseReason::UpstreamReset,
                 AbortReason::Unreachable => CloseReason::UpstreamFailed,
                 AbortReason::Timeout => CloseReason::IdleTimeout,
-                AbortReason::Shutdown => CloseReason::PeerReset,
+                // Declined before its OPEN, and not replayable: as a peer that reset.
+                AbortReason::Shutdown | AbortReason::Unopened => CloseReason::PeerReset,
             };
             (reason, Cause::PeerAbort(abort), None)
         } else {
@@ -1065,6 +1397,22 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
             return;
         }
         self.closed = Some(reason);
+        // A responder that never acted on an OPEN says exactly that, whatever else it would
+        // have said: the initiator may then send the same bytes on another session.
+        let abort = match abort {
+            Some(_) if C::SEALED && self.unopened => Some(AbortReason::Unopened),
+            a => a,
+        };
+        if U::SEALED && self.unopened {
+            // An adopted warm session whose client failed before its OPEN went (a bad PROXY
+            // header, a reset): it ends unused, END before OPEN, so the decrypt side forgets
+            // it as such.
+            if let Some(up) = self.upstream.as_mut() {
+                up.request_shutdown();
+                let _ = env.flush(up);
+                env.discard_unread(up.io_mut());
+            }
+        }
         if let Some(a) = abort {
             if C::SEALED && self.client.filter_mut().abort(a) {
                 let _ = env.flush(&mut self.client);

@@ -37,8 +37,9 @@
 //!   ([`Zeroizing`]); the encoding is sized before it is written, so no reallocation leaves a
 //!   copy behind; nothing here logs, and `Debug` shows no buffer or secret.
 //! - Only a connection that is settled moves ([`NotReady`] otherwise): handshake done, no
-//!   client preamble awaited, upstream connected, nothing closing, no layer with something of
-//!   its own pending (an ABORT queued, an OPEN not yet sealed or taken).
+//!   client preamble awaited, no warm session unopened or unanswered, upstream connected,
+//!   nothing closing, no layer with something of its own pending (an ABORT queued, an OPEN
+//!   not yet sealed or taken).
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -109,6 +110,12 @@ pub enum NotReady {
     Connecting,
     /// Its sealed layer has something of its own pending (an OPEN, an ABORT).
     Layer,
+    /// A warm session not settled yet (docs/PROTOCOL.md, "Warm sessions"): a decrypt side's
+    /// held one, its OPEN still to come (it closes with an ABORT `unopened` at the drain a
+    /// handoff starts with, and never moves); or an encrypt side's adopted one whose client's
+    /// bytes are kept to go again if the decrypt side declines it, until it answers (that
+    /// copy does not travel).
+    Warm,
 }
 
 /// One side's stream, as it travels (see [`BevState`]).
@@ -294,6 +301,9 @@ impl<C: Migrate, U: Migrate, T: Transport> ConnCore<C, U, T> {
         if !self.handshake_done || self.awaiting_preamble {
             return Err(NotReady::Handshake);
         }
+        if self.unopened || self.replay.is_some() {
+            return Err(NotReady::Warm);
+        }
         let up = self.upstream.as_deref().ok_or(NotReady::Connecting)?;
         if !up.io().is_connected() {
             return Err(NotReady::Connecting);
@@ -340,6 +350,8 @@ impl<C: Migrate, U: Migrate, T: Transport> ConnCore<C, U, T> {
             upstream_eof: st.upstream_eof,
             counted: st.counted,
             closed: None,
+            unopened: false,
+            replay: None,
         })
     }
 

@@ -7,17 +7,21 @@
 
 use std::time::Duration;
 
-use super::core::Side;
+use super::core::{Side, UnopenedEnd, WarmStep};
 use super::pair::{Kind, Opts, Rec, World, pattern};
+use super::warm::WarmEnd;
 use crate::metrics::CloseReason;
 use crate::protocol::AeadKind;
 
 /// The bytes the node's `Action::Bytes` reported over its life, across every move, match
-/// those its end reported (`Action::Closed`): nothing counted twice, nothing lost.
+/// those its end reported (`Action::Closed`): nothing counted twice, nothing lost. (Not for
+/// an encrypt side whose warm session was declined and its client's bytes sent again: the
+/// declined session's wire bytes stay reported, and its end reports the last session's.)
 fn accounted_once(w: &World) {
     for env in [&w.enc.env]
         .into_iter()
         .chain(w.dec.as_ref().map(|d| &d.env))
+        .filter(|e| !e.recs.contains(&Rec::Warm(WarmStep::Retried)))
     {
         let closed = env.recs.iter().find_map(|r| match r {
             Rec::Closed { bytes, .. } => Some(*bytes),
@@ -191,4 +195,142 @@ mod properties {
             accounted_once(&w);
         }
     }
+
+    fn warm_step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            12 => step(),
+            1 => Just(Step::DrainStart),
+        ]
+    }
+
+    /// Applies `steps`, moving the encrypt side's connection, the decrypt side's, or both
+    /// after each as its number says (each only if it can move then).
+    fn run(w: &mut World, steps: &[(Step, u8)]) {
+        for (s, mv) in steps {
+            w.apply(s);
+            if mv & 1 != 0 {
+                w.migrate(0);
+            }
+            if mv & 2 != 0 {
+                w.migrate(1);
+            }
+            w.check_always();
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: CASES / 4,
+            max_shrink_iters: 20_000,
+            rng_algorithm: proptest::test_runner::RngAlgorithm::XorShift,
+            .. ProptestConfig::default()
+        })]
+
+        /// Warm sessions and live upgrade: a warm session is made, some of the schedule runs
+        /// before a client takes it (if it is still there), the rest after; the connection's
+        /// two sides move at any point they can (an adopted session once answered, a held one
+        /// never), and the decrypt side may start to drain at any point, racing the OPEN.
+        /// Every byte still arrives once and in order, and each end's bytes add up.
+        #[test]
+        fn warm_sessions_with_moves_at_any_point_change_nothing(
+            before in vec((warm_step(), 0u8..4), 0..8),
+            steps in vec((warm_step(), 0u8..4), 0..48),
+            key_update in proptest::option::of(1u64..5),
+            cap in 512usize..65536,
+            up in 0usize..40_000,
+            down in 0usize..40_000,
+        ) {
+            let mut w = World::warm(Opts {
+                key_update,
+                cap,
+                client_data: pattern(up, 5),
+                backend_data: pattern(down, 6),
+                ..Opts::default()
+            });
+            w.net();
+            run(&mut w, &before);
+            let adopted = w.warm.as_ref().is_some_and(|x| x.core.is_ready());
+            if adopted {
+                w.adopt();
+            }
+            run(&mut w, &steps);
+            w.settle();
+            w.check_settled();
+            if adopted && w.faults == 0 && !w.live_connect_timed_out() {
+                w.check_complete();
+            }
+            accounted_once(&w);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Live upgrade and warm sessions (issue 18)
+
+/// An encrypt side's adopted warm session moves only once the decrypt side answered it: until
+/// then its client's bytes are kept to go again on a fresh session if the session is declined
+/// (an ABORT `unopened`), and that copy is not part of what moves. Answered, it moves as any
+/// connection does, and both ends finish as if nothing happened.
+#[test]
+fn an_adopted_warm_session_moves_only_once_answered() {
+    let mut w = World::warm(Opts::default());
+    w.net();
+    assert!(w.client_write(100));
+    w.deliver(0, 0, usize::MAX);
+    w.adopt();
+    assert!(!w.migrate(0), "its OPEN is still held");
+    assert!(w.ready(0, Side::Client));
+    assert!(w.enc.core.replayable());
+    assert!(!w.migrate(0), "its client's bytes are kept for a decline");
+    w.net();
+    assert!(w.backend_read() && w.backend_write(100));
+    w.net();
+    assert!(!w.enc.core.replayable(), "answered");
+    assert!(w.migrate(0) && w.migrate(1), "both sides move now");
+    w.settle();
+    w.check_settled();
+    w.check_complete();
+    accounted_once(&w);
+}
+
+/// A decrypt side's held (unopened) session does not move: the drain a live upgrade starts
+/// with closes it with an ABORT `unopened`, so its encrypt side never sends a client on it
+/// (and replaces it, with the successor that holds the listening socket now).
+#[test]
+fn a_held_warm_session_never_moves_and_closes_unopened_at_the_drain() {
+    let mut w = World::warm(Opts::default());
+    w.net();
+    assert!(w.warm.as_ref().unwrap().core.is_ready());
+    assert!(!w.migrate(1), "held, unopened");
+    assert!(w.drain_started());
+    w.net();
+    let dec = w.dec.as_ref().unwrap();
+    assert!(dec.recorded(&Rec::Warm(WarmStep::Closed(UnopenedEnd::Shutdown))));
+    let warm = w.warm.as_ref().unwrap();
+    assert!(warm.env.recs.contains(&Rec::WarmEnded("unopened")));
+    assert!(warm.env.recs.contains(&Rec::WarmClosed(WarmEnd::Lost)));
+}
+
+/// A session whose handshake completes after the drain started (it was in its handshake when
+/// the drain's notice went round) is not held for a client either: it closes at once, with
+/// an ABORT `unopened`, as those held then did.
+#[test]
+fn a_session_handshaken_after_the_drain_started_is_not_held() {
+    let mut w = World::warm(Opts::default());
+    assert!(
+        w.establish(),
+        "the warm session's connect reaches the decrypt side"
+    );
+    assert!(
+        w.drain_started(),
+        "which starts to drain during the handshake"
+    );
+    w.net();
+    let dec = w.dec.as_ref().unwrap();
+    assert!(dec.recorded(&Rec::Warm(WarmStep::Held)));
+    assert!(dec.recorded(&Rec::Warm(WarmStep::Closed(UnopenedEnd::Shutdown))));
+    assert_eq!(dec.reason(), Some(CloseReason::Unopened));
+    let warm = w.warm.as_ref().unwrap();
+    assert!(warm.env.recs.contains(&Rec::WarmEnded("unopened")));
+    assert!(!warm.core.is_ready());
 }

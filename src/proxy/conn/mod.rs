@@ -32,6 +32,7 @@ mod migrate_tests;
 mod pair;
 #[cfg(test)]
 mod tests;
+pub mod warm;
 
 use std::io::{self, Read};
 use std::marker::PhantomData;
@@ -48,14 +49,15 @@ use crate::reactor::{
 
 use self::core::migrate::Migrate;
 pub use self::core::{Action, ConnCore, Env, HIBERNATE_AFTER, Layer, Side};
-use self::core::{Cause, ConnTimer, Failure, Limits, Preamble};
+use self::core::{Cause, ConnTimer, Failure, Limits, Preamble, UnopenedEnd, WarmStep};
 use self::handoff::Moving;
 pub use self::handoff::{ImportError, spawn_imported, tunnel_for};
+use crate::metrics::WarmEvent;
 
 use super::codec::{Role, SealFilter};
 use super::identity::{self, ConnIdentity, HeaderError, HeaderStep};
 use super::listener::Ticket;
-use super::upstream::{ConnectOutcome, TargetId, Upstreams};
+use super::upstream::{ConnectOutcome, TargetId, Tried, Upstreams};
 use super::{ByteCounts, OptError, ShardState, TargetAddr, TunnelIdx, TunnelRt};
 
 /// Timer tags of the connection itself (its BufferEvents' are theirs: see `reactor::tag`).
@@ -63,6 +65,8 @@ const TAG_IDLE: Tag = Tag::new(1);
 const TAG_HANDSHAKE: Tag = Tag::new(2);
 /// Notify tag: the shard's drain deadline passed.
 pub const TAG_ABORT: Tag = Tag::new(3);
+/// Notify tag: the shard started to drain (a decrypt side's unopened warm session closes now).
+pub const TAG_DRAIN_STARTED: Tag = Tag::new(4);
 
 /// A target's address for log fields; a reload may have removed the target.
 struct Upstream(Option<TargetAddr>);
@@ -152,7 +156,7 @@ fn client_open(client: &Socket) -> OpenInfo {
 /// Reads and discards what a socket that is about to close still holds, so that the kernel
 /// closes it with a FIN after the queued bytes (an ABORT record) instead of a RST that would
 /// drop them. Bounded: a peer that keeps sending is cut by the RST it then earns.
-fn discard_unread(stream: Option<&TcpStream>) {
+pub(crate) fn discard_unread(stream: Option<&TcpStream>) {
     let Some(mut s) = stream else {
         return;
     };
@@ -226,7 +230,37 @@ impl<C: Make, U: Make> Conn<C, U> {
         self.shell.ticket = ticket;
         self
     }
+}
 
+impl Conn<NoFilter, SealFilter> {
+    /// An encrypt side's connection for an accepted client that takes a warm session
+    /// (`proxy::warm`): `upstream`, connected to `target` and handshaken, its OPEN held.
+    /// `tried` is the balance's choice that named the target.
+    pub fn adopt(
+        t: &TunnelRt,
+        stream: TcpStream,
+        upstream: BufferEvent<SealFilter>,
+        target: TargetId,
+        tried: Tried,
+        now: Instant,
+    ) -> Self {
+        let ident = ConnIdentity::for_tunnel(&t.cfg.identity, || stream.peer_addr().ok());
+        let client = BufferEvent::with_filter(stream, Side::Client as u8, NoFilter, true);
+        Conn {
+            core: ConnCore::adopt(client, upstream, target, tried, now),
+            shell: Shell {
+                tunnel: t.index,
+                idle_timer: None,
+                handshake_timer: None,
+                ticket: None,
+                ident,
+                moving: Moving::Live,
+            },
+        }
+    }
+}
+
+impl<C: Make, U: Make> Conn<C, U> {
     /// The core, and the `Env` it acts through.
     fn parts<'s, 'b>(
         &'s mut self,
@@ -260,9 +294,58 @@ impl<C: Make, U: Make> ConnEnv<'_, '_, C, U> {
         &mut self.cx.state.tunnels[self.shell.tunnel]
     }
 
-    fn release_ticket(&mut self) {
+    /// Gives the admission ticket back: a handshake slot, or (`unopened`: the handshake
+    /// completed and the ticket was kept) an unopened session's slot.
+    fn release_ticket(&mut self, unopened: bool) {
         if let Some(t) = self.shell.ticket.take() {
-            self.cx.state.admission.release(t);
+            if unopened {
+                self.cx.state.admission.release_unopened(t);
+            } else {
+                self.cx.state.admission.release(t);
+            }
+        }
+    }
+
+    /// A step of a warm session's life (see `WarmStep`): the gauge, the counters, and an
+    /// unopened session's admission slot.
+    fn warm_step(&mut self, step: WarmStep) {
+        // (gauge move, event); a session refused over its cap was never held.
+        let (held, event) = match step {
+            WarmStep::Held => (1, WarmEvent::Held),
+            WarmStep::Opened => {
+                self.release_ticket(true);
+                (-1, WarmEvent::Opened)
+            }
+            WarmStep::Closed(UnopenedEnd::OverCap) => (0, WarmEvent::OverCap),
+            WarmStep::Closed(end) => (
+                -1,
+                match end {
+                    UnopenedEnd::Unused => WarmEvent::Unused,
+                    UnopenedEnd::Expired => WarmEvent::Expired,
+                    UnopenedEnd::Shutdown => WarmEvent::Shutdown,
+                    UnopenedEnd::OverCap | UnopenedEnd::Lost => WarmEvent::Lost,
+                },
+            ),
+            WarmStep::Retried => (0, WarmEvent::Retried),
+        };
+        let m = &self.rt().metrics;
+        if held != 0 {
+            m.warm_add(held);
+        }
+        m.warm_event(event);
+        if step == WarmStep::Retried {
+            if let Some(skipped) = may_log(self.cx, tracing::Level::DEBUG) {
+                let tunnel = &self.rt().cfg.name;
+                tracing::debug!(%tunnel, skipped, "a warm session was declined (ABORT unopened) as its client's OPEN left: the client's bytes go again on a fresh session");
+            }
+        }
+        if matches!(step, WarmStep::Closed(UnopenedEnd::OverCap)) {
+            let now = self.cx.now();
+            if let Some(skipped) = self.cx.state.may_warn(now) {
+                let rt = &self.cx.state.tunnels[self.shell.tunnel];
+                let cap = self.cx.state.admission.unopened_per_source();
+                tracing::warn!(tunnel = %rt.cfg.name, cap, skipped, "warm session refused: its source holds max_unopened_per_source sessions without an OPEN; its encrypt side replaces it elsewhere (raise the cap, or lower warm_max there)");
+            }
         }
     }
 
@@ -279,8 +362,10 @@ impl<C: Make, U: Make> ConnEnv<'_, '_, C, U> {
         }
     }
 
-    fn handshake_ok(&mut self, key: Option<KeyId>, fs: bool, took: Duration) {
-        self.release_ticket();
+    fn handshake_ok(&mut self, key: Option<KeyId>, fs: bool, took: Duration, held: bool) {
+        if !held {
+            self.release_ticket(false);
+        }
         let now = self.cx.now();
         let rt = self.rt();
         rt.count_session(key);
@@ -541,7 +626,9 @@ impl<C: Make, U: Make> ConnEnv<'_, '_, C, U> {
         bytes: &ByteCounts,
         session: (Option<TargetId>, Option<KeyId>, Option<bool>),
     ) {
-        if self.rt().access_log.is_none() {
+        // A warm session that closed before its OPEN (a decrypt side's `unopened`) served no
+        // client: the access log is one line per client connection.
+        if self.rt().access_log.is_none() || reason == CloseReason::Unopened {
             return;
         }
         let (target, key_id, fs) = session;
@@ -585,12 +672,36 @@ impl<C: Make, U: Make> Env<U, Socket> for ConnEnv<'_, '_, C, U> {
     fn upstream_layer(&mut self, client: &Socket) -> U {
         let mut layer = U::make(Role::Initiator, self.rt());
         if U::SEALED {
-            // The client's PROXY header's addresses if it sent one, else the socket's.
-            let open = client_open(client);
-            let ident = self.shell.ident.as_deref_mut();
-            layer.set_open(ident.map_or(open, |i| i.session_open(open)));
+            layer.set_open(self.session_open(client));
         }
         layer
+    }
+    fn session_open(&mut self, client: &Socket) -> OpenInfo {
+        // The client's PROXY header's addresses if it sent one, else the socket's.
+        let open = client_open(client);
+        let ident = self.shell.ident.as_deref_mut();
+        ident.map_or(open, |i| i.session_open(open))
+    }
+    fn hold_unopened(&mut self) -> bool {
+        // Its source's unopened count (listener::Admission), or no slot at all (a
+        // connection admitted without a ticket: none is counted).
+        match &self.shell.ticket {
+            Some(t) => self.cx.state.admission.hold_unopened(t),
+            None => true,
+        }
+    }
+    fn draining(&self) -> bool {
+        self.cx.state.draining
+    }
+    fn confirmed(&mut self, io: &Socket) {
+        // Back from the warm session's short TCP_USER_TIMEOUT to the tunnel's own.
+        let keepalive = self.rt().cfg.keepalive;
+        if let Some(Err(e)) = io
+            .stream()
+            .map(|s| socket2::SockRef::from(s).set_tcp_user_timeout(keepalive.user_timeout))
+        {
+            tracing::debug!(error = %e, "cannot restore TCP_USER_TIMEOUT on an adopted warm session");
+        }
     }
     fn connect(&mut self, addr: TargetAddr, layer: U) -> BevCore<U, Socket> {
         let timeouts = Timeouts {
@@ -646,6 +757,7 @@ impl<C: Make, U: Make> Env<U, Socket> for ConnEnv<'_, '_, C, U> {
             idle: cfg.idle_limit(false),
             half_closed: cfg.idle_limit(true),
             handshake: cfg.handshake_timeout,
+            unopened: cfg.warm_idle_timeout,
         }
     }
     fn act(&mut self, action: Action<'_, Socket>) {
@@ -656,7 +768,9 @@ impl<C: Make, U: Make> Env<U, Socket> for ConnEnv<'_, '_, C, U> {
                 key,
                 forward_secrecy,
                 took,
-            } => self.handshake_ok(key, forward_secrecy, took),
+                held,
+            } => self.handshake_ok(key, forward_secrecy, took, held),
+            Action::Warm(step) => self.warm_step(step),
             Action::HandshakeTimeout => self.handshake_timeout(),
             Action::PreambleTimeout { received } => {
                 self.header_failed(HeaderError::Timeout, received)
@@ -764,6 +878,10 @@ impl<C: Make, U: Make> Handler<ShardState> for Conn<C, U> {
             let (core, mut env) = self.parts(cx);
             return core.close(CloseReason::DrainDeadline, &mut env);
         }
+        if tag == TAG_DRAIN_STARTED {
+            let (core, mut env) = self.parts(cx);
+            return core.drain_started(&mut env);
+        }
         if self.core.client().owns_tag(tag) {
             let (client, relay) = self.core.client_reader();
             let ev = client.on_notify_via(cx, tag, relay);
@@ -824,7 +942,9 @@ impl<C: Make, U: Make> Handler<ShardState> for Conn<C, U> {
         let now = cx.now();
         {
             let (core, mut env) = self.parts(cx);
-            env.release_ticket();
+            // A ticket kept past the handshake is an unopened session's.
+            let unopened = core.handshake_done();
+            env.release_ticket(unopened);
             core.on_close(now, &mut env);
             env.set_timer(ConnTimer::Idle, None);
             env.set_timer(ConnTimer::Handshake, None);

@@ -45,9 +45,12 @@ use crate::reactor::{
 use super::super::cidr::CidrList;
 use super::super::codec::{Role, SealFilter};
 use super::super::identity::{self, ConnIdentity, HeaderError, HeaderStep, Identity};
-use super::super::upstream::{ConnectOutcome, Upstreams};
+use super::super::upstream::{ConnectOutcome, Tried, Upstreams};
 use super::super::{ByteCounts, OUTPUT_HIGH, READ_HIGH, TargetAddr};
-use super::core::{Action, Cause, ConnCore, ConnTimer, Env, Flow, Layer, Limits, Preamble, Side};
+use super::core::{
+    Action, Cause, ConnCore, ConnTimer, Env, Flow, Layer, Limits, Preamble, Side, WarmStep,
+};
+use super::warm::{WarmAction, WarmCause, WarmCore, WarmEnd, WarmEnv};
 
 /// The documented bound on what one connection buffers (proxy/mod.rs): per direction
 /// `READ_HIGH + OUTPUT_HIGH + READ_HIGH` plus record framing, both directions.
@@ -535,6 +538,13 @@ pub enum Rec {
         asleep: bool,
         bytes: ByteCounts,
     },
+    Warm(WarmStep),
+    /// An adopted session's socket went back to its dead-peer settings (`Env::confirmed`).
+    Confirmed,
+    /// A warm session (before its client): ready, ended (how it was lost or failed), closed.
+    WarmReady,
+    WarmEnded(&'static str),
+    WarmClosed(WarmEnd),
 }
 
 /// How a layer is built in the harness.
@@ -599,6 +609,12 @@ pub struct NodeEnv {
     /// read staged there rather than passing straight on (0 for a plain side whose reads
     /// went into the sealed far side's records).
     pub input_peak: [usize; 2],
+    /// `Env::hold_unopened` says no (the source is over its cap).
+    pub refuse_unopened: bool,
+    /// `Env::draining`: the node's "process" started to drain ([`World::drain_started`]).
+    pub draining: bool,
+    /// A warm session's `warm_refresh`.
+    warm_refresh: Duration,
 }
 
 fn timer_index(t: ConnTimer) -> usize {
@@ -645,7 +661,8 @@ impl<U: Build> Env<U, Pipe> for NodeEnv {
         let io = bev.io_mut();
         io.state = PipeState::Closed;
         io.connect_deadline = None;
-        io.end.close(false);
+        // As a socket does: its SO_LINGER 0, if set, makes its close a RST.
+        io.end.close(io.reset_on_close());
         bev.clear();
     }
     fn discard_unread(&mut self, io: &mut Pipe) {
@@ -660,12 +677,27 @@ impl<U: Build> Env<U, Pipe> for NodeEnv {
     fn reset_on_close(&mut self, io: &Pipe) {
         io.reset.set(true);
     }
-    fn upstream_layer(&mut self, _client: &Pipe) -> U {
+    fn upstream_layer(&mut self, client: &Pipe) -> U {
         let mut layer = U::build(Role::Initiator, &mut self.layers);
-        if let Some(i) = self.ident.as_mut() {
-            layer.set_open(i.session_open(self.layers.open));
+        if self.ident.is_some() {
+            layer.set_open(<Self as Env<U, Pipe>>::session_open(self, client));
         }
         layer
+    }
+    fn session_open(&mut self, _client: &Pipe) -> OpenInfo {
+        match self.ident.as_mut() {
+            Some(i) => i.session_open(self.layers.open),
+            None => self.layers.open,
+        }
+    }
+    fn hold_unopened(&mut self) -> bool {
+        !self.refuse_unopened
+    }
+    fn draining(&self) -> bool {
+        self.draining
+    }
+    fn confirmed(&mut self, _io: &Pipe) {
+        self.recs.push(Rec::Confirmed);
     }
     fn connect(&mut self, addr: TargetAddr, layer: U) -> BevCore<U, Pipe> {
         let addr = addr.get();
@@ -737,6 +769,7 @@ impl<U: Build> Env<U, Pipe> for NodeEnv {
                 self.opened = Some(*open);
                 Rec::SessionOpened
             }
+            Action::Warm(step) => Rec::Warm(step),
             Action::FlowPaused(f) => Rec::FlowPaused(f),
             Action::Hibernated { dropped_keys } => Rec::Hibernated { dropped_keys },
             Action::Woke => Rec::Woke,
@@ -765,6 +798,141 @@ impl<U: Build> Env<U, Pipe> for NodeEnv {
             },
         };
         self.recs.push(rec);
+    }
+}
+
+/// A warm session's `Env` is its node's: the same loop bookkeeping and targets, handed to the
+/// connection that adopts it.
+impl WarmEnv<Sealed, Pipe> for NodeEnv {
+    fn flush(&mut self, bev: &mut BevCore<Sealed, Pipe>) -> BevEvents {
+        <Self as Env<Sealed, Pipe>>::flush(self, bev)
+    }
+    fn discard_unread(&mut self, io: &mut Pipe) {
+        <Self as Env<Sealed, Pipe>>::discard_unread(self, io);
+    }
+    fn upstreams(&mut self) -> &mut Upstreams {
+        &mut self.upstreams
+    }
+    fn handshake_timeout(&self) -> Duration {
+        self.limits.handshake
+    }
+    fn refresh_at(&mut self, now: Instant) -> Instant {
+        now + self.warm_refresh
+    }
+    fn act(&mut self, action: WarmAction<'_>) {
+        let rec = match action {
+            WarmAction::Timer(at) => {
+                self.timers[0] = at;
+                return;
+            }
+            WarmAction::Reached { was_down, .. } => Rec::Reached { was_down },
+            WarmAction::ConnectFailed {
+                outcome, went_down, ..
+            } => Rec::ConnectFailed { outcome, went_down },
+            WarmAction::Ready { .. } => Rec::WarmReady,
+            WarmAction::Ended(cause) => Rec::WarmEnded(match cause {
+                WarmCause::Abort(a) => a.as_str(),
+                WarmCause::Error(_) => "error",
+                WarmCause::Ended => "ended",
+                WarmCause::Timeout => "timeout",
+            }),
+            WarmAction::Close(end) => {
+                self.deferred.push_back(Deferred::Close);
+                Rec::WarmClosed(end)
+            }
+        };
+        self.recs.push(rec);
+    }
+}
+
+/// An encrypt side's warm session before its client, run as the loop runs its handler.
+pub struct WarmNode {
+    pub core: WarmCore<Sealed, Pipe>,
+    pub env: NodeEnv,
+    pub closed: bool,
+}
+
+impl WarmNode {
+    /// `Handler::on_ready` for its stream, if it has a pending edge. True if it had.
+    fn dispatch(&mut self, now: Instant) -> bool {
+        if self.closed {
+            return false;
+        }
+        let edge = self.core.stream().io().end.take_edge();
+        if no_edge(edge) {
+            return false;
+        }
+        self.env.now = now;
+        let ev = drive(
+            self.core.stream_mut(),
+            edge,
+            None::<Relay<'_, Sealed>>,
+            &mut self.env.deferred,
+        );
+        self.core.handle(ev, now, &mut self.env);
+        self.run_deferred(now);
+        true
+    }
+
+    fn run_deferred(&mut self, now: Instant) {
+        while let Some(d) = self.env.deferred.pop_front() {
+            if self.closed {
+                continue;
+            }
+            match d {
+                Deferred::Redrive(_) => {
+                    let up = self.core.stream_mut();
+                    up.io_mut().redrive_queued = false;
+                    let ev = drive(
+                        up,
+                        Ready::default(),
+                        None::<Relay<'_, Sealed>>,
+                        &mut self.env.deferred,
+                    );
+                    self.core.handle(ev, now, &mut self.env);
+                }
+                Deferred::Close => {
+                    self.closed = true;
+                    self.env.timers = [None, None];
+                    let p = self.core.stream().io();
+                    if p.state != PipeState::Closed {
+                        p.end.close(p.reset_on_close());
+                    }
+                }
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        if self.closed {
+            return None;
+        }
+        let up = self.core.stream().io();
+        let connect = (up.state == PipeState::Connecting)
+            .then_some(up.connect_deadline)
+            .flatten();
+        self.env.timers[0].into_iter().chain(connect).min()
+    }
+
+    fn fire_due(&mut self, now: Instant) -> bool {
+        let Some(at) = self.next_deadline().filter(|&t| t <= now) else {
+            return false;
+        };
+        self.env.now = now;
+        if self.env.timers[0] == Some(at) {
+            self.env.timers[0] = None;
+            self.core.on_timer(now, &mut self.env);
+        } else {
+            let up = self.core.stream_mut();
+            let io = up.io_mut();
+            io.connect_deadline = None;
+            io.state = PipeState::Closed;
+            up.set_error(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"));
+            self.core
+                .handle(BevEvents::CONNECT_TIMEOUT, now, &mut self.env);
+        }
+        self.run_deferred(now);
+        true
     }
 }
 
@@ -1119,6 +1287,8 @@ pub struct Opts {
     /// accept_proxy: the encrypt side expects a PROXY header, which the client sends ahead of
     /// `client_data` (these bytes, valid or not); none if empty.
     pub client_header: Vec<u8>,
+    /// A warm session's refresh interval ([`World::warm`]).
+    pub warm_refresh: Duration,
 }
 
 /// `n` bytes of a stream that shows any reordering, loss or duplication.
@@ -1137,6 +1307,7 @@ impl Default for Opts {
                 idle: Some(Duration::from_secs(3600)),
                 half_closed: Some(Duration::from_secs(3600)),
                 handshake: Duration::from_secs(3600),
+                unopened: Duration::from_secs(60),
             },
             connect_timeout: Duration::from_secs(3),
             fs: ForwardSecrecy::Require,
@@ -1147,6 +1318,7 @@ impl Default for Opts {
             backend_data: pattern(5000, 2),
             preamble: Vec::new(),
             client_header: Vec::new(),
+            warm_refresh: Duration::from_secs(25),
         }
     }
 }
@@ -1171,6 +1343,16 @@ pub struct World {
     pub faults: u32,
     /// The decrypt node's `Env`, until a connect reaches it.
     dec_env: Option<NodeEnv>,
+    /// A second decrypt node's `Env`: a connect that comes once the first decrypt node has
+    /// closed (a warm session's client sent again on a fresh session) reaches it.
+    dec_spare: Option<NodeEnv>,
+    /// The first decrypt node, once a second replaced it.
+    pub dec_old: Option<Node<Sealed, NoFilter>>,
+    /// A warm world's session before its client ([`World::warm`]); the encrypt node is a
+    /// closed stand-in until [`World::adopt`].
+    pub warm: Option<WarmNode>,
+    /// A warm world's client end, until it is accepted ([`World::adopt`]).
+    pending_client: Option<End>,
 }
 
 /// One step of a schedule.
@@ -1215,10 +1397,24 @@ pub enum Step {
     Drain {
         node: u8,
     },
+    /// The decrypt side starts to drain (its unopened sessions close).
+    DrainStart,
 }
 
 impl World {
     pub fn new(opts: Opts) -> World {
+        World::build(opts, false)
+    }
+
+    /// A world whose encrypt side first makes a warm session to its first target (connect,
+    /// handshake, OPEN held: run [`World::net`] to get it ready); its client is accepted and
+    /// takes it at [`World::adopt`]. Until then the encrypt node is a closed stand-in, and the
+    /// client may already send (its bytes wait in its link).
+    pub fn warm(opts: Opts) -> World {
+        World::build(opts, true)
+    }
+
+    fn build(opts: Opts, warm: bool) -> World {
         let now = Instant::now();
         let keys = Arc::new(KeySet::new(Key::from_bytes([7; 32]), vec![]));
         let cfg = HandshakeConfig {
@@ -1256,6 +1452,9 @@ impl World {
                 bytes: ByteCounts::default(),
                 timed_out: Vec::new(),
                 input_peak: [0; 2],
+                refuse_unopened: false,
+                draining: false,
+                warm_refresh: opts.warm_refresh,
             }
         };
         let link = Link::new(opts.cap);
@@ -1285,13 +1484,46 @@ impl World {
             let peer = open.addrs.map(|a| a.source);
             enc_env.ident = ConnIdentity::for_tunnel(&accept_proxy, || peer).map(|b| *b);
         }
-        let enc = Node {
-            core: ConnCore::new(BevCore::with_io(pipe, NoFilter, true), now),
-            env: enc_env,
-            closed: false,
+        let (enc, warm, pending_client) = if warm {
+            // The warm session: a sealed initiator to the first target, its OPEN held.
+            let t = &enc_env.upstreams.targets()[0];
+            let (target, to) = (t.id(), t.addr);
+            let mut layer = Sealed::build(Role::Initiator, &mut enc_env.layers);
+            layer.hold_open();
+            let bev = <NodeEnv as Env<Sealed, Pipe>>::connect(&mut enc_env, to, layer);
+            let mut node = WarmNode {
+                core: WarmCore::new(bev, target, now),
+                env: enc_env,
+                closed: false,
+            };
+            node.core.start(now, &mut node.env);
+            // The encrypt node until the client is accepted: closed, on a link of its own.
+            let stand_in = Pipe::new(
+                Side::Client,
+                End {
+                    link: Link::new(1),
+                    e: 1,
+                },
+                PipeState::Open,
+            );
+            let enc = Node {
+                core: ConnCore::new(BevCore::with_io(stand_in, NoFilter, true), now),
+                env: env(0, &opts.enc_targets, 1000),
+                closed: true,
+            };
+            (enc, Some(node), Some(pipe.end))
+        } else {
+            let enc = Node {
+                core: ConnCore::new(BevCore::with_io(pipe, NoFilter, true), now),
+                env: enc_env,
+                closed: false,
+            };
+            (enc, None, None)
         };
         let mut dec_env = env(1, &opts.dec_targets, 2000);
         dec_env.preamble = opts.preamble.clone();
+        let mut dec_spare = env(1, &opts.dec_targets, 3000);
+        dec_spare.preamble = opts.preamble.clone();
         let mut w = World {
             now,
             enc,
@@ -1302,14 +1534,59 @@ impl World {
             wire: None,
             faults: 0,
             dec_env: Some(dec_env),
+            dec_spare: Some(dec_spare),
+            dec_old: None,
+            warm,
+            pending_client,
             opts,
         };
-        w.enc.start(now);
+        if w.warm.is_none() {
+            w.enc.start(now);
+        }
         w
+    }
+
+    /// A warm world's client is accepted and takes the ready warm session (the balance
+    /// names its target, as the listener's choice would).
+    pub fn adopt(&mut self) {
+        let mut warm = self.warm.take().expect("a warm world");
+        assert!(warm.core.is_ready(), "the warm session is not ready");
+        let now = self.now;
+        let (bev, target) = warm.core.into_parts(&mut warm.env);
+        let mut tried = Tried::default();
+        let picked = warm.env.upstreams.pick(now, &mut tried).map(|p| p.0);
+        assert_eq!(
+            picked,
+            Some(target),
+            "the balance names the warm session's target"
+        );
+        let end = self
+            .pending_client
+            .take()
+            .expect("the client is not accepted yet");
+        let pipe = Pipe::new(Side::Client, end, PipeState::Open);
+        self.enc = Node {
+            core: ConnCore::adopt(
+                BevCore::with_io(pipe, NoFilter, true),
+                bev,
+                target,
+                tried,
+                now,
+            ),
+            env: warm.env,
+            closed: false,
+        };
+        self.enc.start(now);
     }
 
     /// Answers the oldest unanswered connect of either core. True if there was one.
     pub fn establish(&mut self) -> bool {
+        let warm = self.warm.as_mut().and_then(|w| w.env.connects.pop_front());
+        if let Some((to, end)) = warm {
+            let kind = self.opts.enc_targets[target_index(to)];
+            self.answer(kind, end);
+            return true;
+        }
         if let Some((to, end)) = self.enc.env.connects.pop_front() {
             let kind = self.opts.enc_targets[target_index(to)];
             self.answer(kind, end);
@@ -1339,7 +1616,14 @@ impl World {
             Kind::Blackhole => return,
             Kind::Refused => false,
             // One decrypt side per world: a second connect to it is refused.
-            Kind::Decrypt => self.dec_env.is_some(),
+            Kind::Decrypt => {
+                let replace = self.dec.as_ref().is_some_and(|d| d.closed);
+                if self.dec_env.is_none() && replace && self.dec_spare.is_some() {
+                    self.dec_env = self.dec_spare.take();
+                    self.dec_old = self.dec.take();
+                }
+                self.dec_env.is_some()
+            }
             Kind::Backend => true,
         };
         if !accepted {
@@ -1361,6 +1645,17 @@ impl World {
         });
         self.links.push(link.clone());
         if kind == Kind::Backend {
+            if let Some(prev) = &self.backend {
+                // Only a client's bytes sent again on a fresh session make a second backend
+                // connection, and only if none reached the first: anything there was sent
+                // twice.
+                let l = prev.end.link.borrow();
+                let pending = l.dirs[0].in_flight.len() + l.dirs[0].arrived.len();
+                assert!(
+                    prev.got.is_empty() && pending == 0,
+                    "a second backend connection after the first got bytes: sent twice"
+                );
+            }
             self.backend = Some(Peer::new(end, self.opts.backend_data.clone()));
             return;
         }
@@ -1375,6 +1670,52 @@ impl World {
         node.start(self.now);
         self.wire = Some(link);
         self.dec = Some(node);
+    }
+
+    /// Answers the oldest unanswered connect of the encrypt side (`node` 0: its warm session's
+    /// or its connection's) or of the decrypt side (1). True if there was one.
+    pub fn establish_from(&mut self, node: usize) -> bool {
+        let pending = if node == 0 {
+            let warm = self.warm.as_mut().and_then(|w| w.env.connects.pop_front());
+            warm.or_else(|| self.enc.env.connects.pop_front())
+                .map(|(to, end)| (self.opts.enc_targets[target_index(to)], end))
+        } else {
+            let dec = self.dec.as_mut().and_then(|d| d.env.connects.pop_front());
+            dec.map(|(to, end)| (self.opts.dec_targets[target_index(to)], end))
+        };
+        match pending {
+            Some((kind, end)) => {
+                self.answer(kind, end);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Everything in flight on the wire between the encrypt and the decrypt side arrives
+    /// (both directions). True if anything did.
+    pub fn deliver_wire(&mut self) -> bool {
+        let Some(wire) = self.wire.clone() else {
+            return false;
+        };
+        let mut l = wire.borrow_mut();
+        let a = l.deliver(0, usize::MAX);
+        let b = l.deliver(1, usize::MAX);
+        a || b
+    }
+
+    /// Everything in flight on every link but the wire arrives. True if anything did.
+    pub fn deliver_local(&mut self) -> bool {
+        let mut progress = false;
+        for l in &self.links {
+            if self.wire.as_ref().is_some_and(|w| Rc::ptr_eq(w, l)) {
+                continue;
+            }
+            for d in 0..2 {
+                progress |= l.borrow_mut().deliver(d, usize::MAX);
+            }
+        }
+        progress
     }
 
     /// Up to `max` bytes of direction `dir` of link `link` (both taken modulo what exists)
@@ -1406,7 +1747,8 @@ impl World {
 
     /// Dispatches every pending readiness, encrypt side first. True if there was some.
     pub fn ready_all(&mut self) -> bool {
-        let mut progress = false;
+        let now = self.now;
+        let mut progress = self.warm.as_mut().is_some_and(|w| w.dispatch(now));
         for node in 0..2 {
             for side in [Side::Client, Side::Upstream] {
                 progress |= self.ready(node, side);
@@ -1454,19 +1796,15 @@ impl World {
     pub fn advance(&mut self, d: Duration) {
         let until = self.now + d;
         loop {
-            let next = [
-                self.enc.next_deadline(),
-                self.dec.as_ref().and_then(|n| n.next_deadline()),
-            ]
-            .into_iter()
-            .flatten()
-            .min()
-            .filter(|&t| t <= until);
+            let next = self.next_deadline().filter(|&t| t <= until);
             let Some(at) = next else {
                 break;
             };
             self.now = self.now.max(at);
             let now = self.now;
+            if self.warm.as_mut().is_some_and(|w| w.fire_due(now)) {
+                continue;
+            }
             if !self.enc.fire_due(now) {
                 if let Some(dec) = self.dec.as_mut() {
                     dec.fire_due(now);
@@ -1481,6 +1819,7 @@ impl World {
         [
             self.enc.next_deadline(),
             self.dec.as_ref().and_then(|n| n.next_deadline()),
+            self.warm.as_ref().and_then(|w| w.next_deadline()),
         ]
         .into_iter()
         .flatten()
@@ -1556,6 +1895,50 @@ impl World {
     }
     pub fn backend_shut(&mut self) -> bool {
         self.backend.as_mut().is_some_and(|b| b.shut())
+    }
+
+    /// The decrypt side refuses to hold unopened sessions (its source is over its cap).
+    pub fn refuse_unopened(&mut self) {
+        for e in self.dec_env.iter_mut().chain(self.dec_spare.iter_mut()) {
+            e.refuse_unopened = true;
+        }
+    }
+
+    /// The decrypt side starts to drain: an unopened (warm) session of it closes now, and one
+    /// whose handshake completes later is not held. True if it had an open core.
+    pub fn drain_started(&mut self) -> bool {
+        let now = self.now;
+        let Some(d) = self.dec.as_mut().filter(|d| !d.closed) else {
+            return false;
+        };
+        d.env.now = now;
+        d.env.draining = true;
+        d.core.drain_started(&mut d.env);
+        d.run_deferred(now);
+        true
+    }
+
+    /// The decrypt host vanished without a word: what the encrypt side sends on the wire is
+    /// lost from now on, nothing comes back; once its kernel gives up (TCP_USER_TIMEOUT),
+    /// its socket reports ETIMEDOUT. True if there was a wire.
+    pub fn decrypt_vanishes(&mut self) -> bool {
+        let Some(wire) = self.wire.clone() else {
+            return false;
+        };
+        let mut l = wire.borrow_mut();
+        l.dirs[0].cut = true;
+        l.dirs[0].in_flight.clear();
+        l.dirs[1].in_flight.clear();
+        l.gave_up[0] = true;
+        edge_or(
+            &mut l.edges[0],
+            Ready {
+                readable: true,
+                error: true,
+                ..Ready::default()
+            },
+        );
+        true
     }
 
     /// The drain deadline passed on a node (0: encrypt, 1: decrypt). True if it was open.
@@ -1649,6 +2032,7 @@ impl World {
             Step::Tamper { dir, at } => self.tamper(dir.into(), at.into()),
             Step::Cut => self.cut(),
             Step::Drain { node } => self.drain(node.into()),
+            Step::DrainStart => self.drain_started(),
         };
         if fault {
             self.faults += 1;
@@ -1723,7 +2107,9 @@ impl World {
 
     /// The cores that exist.
     pub fn closed(&self) -> bool {
-        self.enc.closed && self.dec.as_ref().is_none_or(|d| d.closed)
+        self.enc.closed
+            && self.dec.as_ref().is_none_or(|d| d.closed)
+            && self.warm.as_ref().is_none_or(|w| w.closed)
     }
 
     /// Bytes the busiest core buffers now.
@@ -1764,6 +2150,7 @@ impl World {
         for n in [&self.enc.env]
             .into_iter()
             .chain(self.dec.as_ref().map(|d| &d.env))
+            .chain(self.dec_old.as_ref().map(|d| &d.env))
         {
             assert!(!n.timer_after_close, "a timer armed after the close");
             assert_eq!(n.timers, [None, None], "a timer outlived its connection");
@@ -1775,7 +2162,11 @@ impl World {
                 assert_eq!(t.active(), 0, "a target still counts a closed connection");
             }
         }
-        assert!(self.client.ended(), "the client never saw an end");
+        // (A warm world's client that was never accepted has nothing to end.)
+        assert!(
+            self.client.ended() || self.pending_client.is_some(),
+            "the client never saw an end"
+        );
         if let Some(b) = &self.backend {
             assert!(b.ended(), "the backend never saw an end");
         }
