@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use crate::keyfile::KeyError;
 use crate::protocol::{AeadKind, ForwardSecrecy, KeySet};
+pub use crate::proxy::conn::core::Lifetime;
 
 /// Everything that can be wrong with a configuration.
 #[derive(Debug, thiserror::Error)]
@@ -503,6 +504,13 @@ pub struct TunnelFile {
     pub keepalive_count: Option<u32>,
     pub tcp_user_timeout: Option<f64>,
     pub resolve_interval: Option<f64>,
+    // -- fleet policy (docs/OPERATIONS.md, "Connection lifetime") --
+    /// Seconds after which a connection ends at its next quiet moment (±10% per connection);
+    /// 0 or absent = no limit.
+    pub max_lifetime: Option<f64>,
+    /// Seconds a connection past `max_lifetime` may wait for a quiet moment, and its peers
+    /// then have to close, before it is reset.
+    pub max_lifetime_grace: Option<f64>,
 }
 
 impl TunnelFile {
@@ -534,6 +542,8 @@ impl TunnelFile {
             keepalive_count: None,
             tcp_user_timeout: None,
             resolve_interval: None,
+            max_lifetime: None,
+            max_lifetime_grace: None,
         }
     }
 }
@@ -576,6 +586,8 @@ pub struct Tunnel {
     pub keepalive: Keepalive,
     /// How often target names are resolved again; `None`: at start and on SIGHUP only.
     pub resolve_interval: Option<Duration>,
+    /// `max_lifetime` and its grace; `None`: no limit.
+    pub lifetime: Option<Lifetime>,
 }
 
 impl Tunnel {
@@ -693,6 +705,42 @@ fn timeout(scope: Scope<'_>, field: &str, v: f64, why: &str) -> Result<Duration,
         return Err(scope.error(field, format!("cannot be 0: {why}")));
     }
     Ok(d)
+}
+
+/// `max_lifetime_grace` when not given.
+pub const DEFAULT_LIFETIME_GRACE: Duration = Duration::from_secs(60);
+
+/// `max_lifetime` and `max_lifetime_grace` of one tunnel.
+fn lifetime(
+    sc: Scope<'_>,
+    max: Option<f64>,
+    grace: Option<f64>,
+) -> Result<Option<Lifetime>, ConfigError> {
+    let max = max.map_or(Ok(None), |v| seconds_or_off(sc, "max_lifetime", v))?;
+    let grace = grace
+        .map(|v| seconds(sc, "max_lifetime_grace", v))
+        .transpose()?;
+    match (max, grace) {
+        (None, Some(_)) => Err(sc.error(
+            "max_lifetime_grace",
+            format!(
+                "has no effect without {}: set both, or neither",
+                sc.name("max_lifetime")
+            ),
+        )),
+        (Some(m), _) if m < Duration::from_secs(1) => Err(sc.error(
+            "max_lifetime",
+            format!(
+                "must be 0 (no limit) or at least 1 second, got {}: a connection ends only after 250 ms of quiet, so shorter lifetimes would end every connection at its first pause",
+                m.as_secs_f64()
+            ),
+        )),
+        (Some(max), grace) => Ok(Some(Lifetime {
+            max,
+            grace: grace.unwrap_or(DEFAULT_LIFETIME_GRACE),
+        })),
+        (None, None) => Ok(None),
+    }
 }
 
 const CONNECT_NOT_ZERO: &str = "a connect that never gives up never tries the next target";
@@ -1026,6 +1074,7 @@ impl ConfigFile {
             let resolve_interval = t.resolve_interval.map_or(Ok(resolve_every), |v| {
                 seconds_or_off(sc, "resolve_interval", v)
             })?;
+            let lifetime = lifetime(sc, t.max_lifetime, t.max_lifetime_grace)?;
             tunnels.push(Tunnel {
                 identity,
                 mode: t.mode,
@@ -1050,6 +1099,7 @@ impl ConfigFile {
                     .map_or(Ok(half), |v| seconds_or_off(sc, "half_closed_timeout", v))?,
                 keepalive: ka,
                 resolve_interval,
+                lifetime,
                 name,
             });
         }
@@ -1367,6 +1417,55 @@ mod tests {
                 "{bad}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn max_lifetime_defaults_overrides_and_bad_values_named() {
+        let c = parse(FWD).unwrap();
+        assert_eq!(c.tunnels[0].lifetime, None, "no limit by default");
+        let c = parse(&format!("{FWD}max_lifetime = 0\n")).unwrap();
+        assert_eq!(c.tunnels[0].lifetime, None, "0 = no limit");
+        let c = parse(&format!("{FWD}max_lifetime = 3600\n")).unwrap();
+        assert_eq!(
+            c.tunnels[0].lifetime,
+            Some(Lifetime {
+                max: Duration::from_secs(3600),
+                grace: DEFAULT_LIFETIME_GRACE
+            })
+        );
+        let c = parse(&format!("{FWD}max_lifetime = 60\nmax_lifetime_grace = 0\n")).unwrap();
+        assert_eq!(c.tunnels[0].lifetime.unwrap().grace, Duration::ZERO);
+        for (bad, key, why) in [
+            (
+                "max_lifetime = -1",
+                "max_lifetime",
+                "between 0 and one year",
+            ),
+            ("max_lifetime = 0.5", "max_lifetime", "at least 1 second"),
+            (
+                "max_lifetime_grace = 10",
+                "max_lifetime_grace",
+                "no effect without max_lifetime",
+            ),
+            (
+                "max_lifetime = 60\nmax_lifetime_grace = -5",
+                "max_lifetime_grace",
+                "between 0 and one year",
+            ),
+        ] {
+            let e = parse(&format!("{FWD}{bad}\n")).unwrap_err().to_string();
+            assert!(
+                e.contains("tunnel0") && e.contains(key) && e.contains(why),
+                "{bad}: {e}"
+            );
+        }
+        let mut f = ConfigFile::parse(Path::new("t.toml"), FWD).unwrap();
+        f.tunnel[0].max_lifetime_grace = Some(5.0);
+        let e = f.validate_cli().unwrap_err().to_string();
+        assert!(
+            e.starts_with("--max-lifetime-grace has no effect without --max-lifetime"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -147,6 +147,23 @@ struct TunnelArgs {
     common: CommonArgs,
     #[command(flatten)]
     identity: IdentityArgs,
+    #[command(flatten)]
+    policy: PolicyArgs,
+}
+
+/// Fleet policy of the tunnel (the `[[tunnel]]` keys of the same names; docs/OPERATIONS.md,
+/// "Connection lifetime").
+#[derive(Args, Clone)]
+struct PolicyArgs {
+    /// End each connection once it is this old (seconds, moved by up to ±10% per connection
+    /// so a fleet does not reconnect at once), at its first quiet moment: the backend reads an
+    /// end of stream, closes, and the client then reads one too. 0 = no limit.
+    #[arg(long, value_name = "SECS", default_value_t = 0.0)]
+    max_lifetime: f64,
+    /// With --max-lifetime: how long a connection may wait for a quiet moment (and its peers
+    /// then have to close) before it is reset instead. Default 60.
+    #[arg(long, value_name = "SECS")]
+    max_lifetime_grace: Option<f64>,
 }
 
 /// Client identity and access (the `[[tunnel]]` keys accept_proxy, trusted_proxies,
@@ -443,6 +460,8 @@ fn tunnel_config(
             access_log: a.identity.access_log.clone(),
             allow: a.identity.allow.clone(),
             deny: a.identity.deny.clone(),
+            max_lifetime: Some(a.policy.max_lifetime),
+            max_lifetime_grace: a.policy.max_lifetime_grace,
             ..TunnelFile::new(mode, a.listen.clone(), a.target.clone(), keys)
         }],
     };

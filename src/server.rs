@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use crate::config::{Config, ConfigError, Resolve, SystemResolver};
 use crate::metrics::Metrics;
 use crate::protocol::KeySet;
-use crate::proxy::conn::TAG_ABORT;
+use crate::proxy::conn::{TAG_ABORT, TAG_LIMITS};
 use crate::proxy::listener::{TAG_DRAIN, TAG_RESUME, TunnelListener};
 use crate::proxy::{ShardIdx, ShardState, TunnelIdx, TunnelRt};
 use crate::reactor::listener::{ConnListener, ListenerOptions};
@@ -954,9 +954,19 @@ impl Running {
                 st.admission.set_limits(&admission, nshards);
                 let metrics = st.metrics.clone();
                 let shard = st.shard;
+                let lifetimes = st
+                    .tunnels
+                    .iter()
+                    .zip(&tunnels)
+                    .any(|(rt, (t, _))| rt.cfg.lifetime != t.lifetime);
                 for (rt, (t, k)) in st.tunnels.iter_mut().zip(tunnels) {
                     rt.reload(t, k, &metrics, shard);
                 }
+                // Open connections take the new max_lifetime (a shorter one ends them).
+                let conns: Vec<HandlerId> = match lifetimes {
+                    true => st.live_conns.iter().copied().collect(),
+                    false => Vec::new(),
+                };
                 for (rt, log) in st.tunnels.iter_mut().zip(logs) {
                     rt.access_log = log;
                 }
@@ -964,6 +974,9 @@ impl Running {
                 let ids: Vec<HandlerId> = st.tunnels.iter().filter_map(|t| t.listener).collect();
                 for id in ids {
                     cx.notify(id, TAG_RESUME);
+                }
+                for id in conns {
+                    cx.notify(id, TAG_LIMITS);
                 }
             });
         }

@@ -298,6 +298,8 @@ pub struct ShardState {
     /// thread's pool ([`codec::ephemeral::handed_out`]) already added to them.
     ephemeral_keys: [IntCounter; 2],
     ephemeral_published: (u64, u64),
+    /// xorshift64 state for `max_lifetime`'s jitter (spread, not secrecy).
+    jitter_state: u64,
 }
 
 impl ShardState {
@@ -322,7 +324,20 @@ impl ShardState {
             ephemeral_keys: metrics.ephemeral_keys(shard.get()),
             ephemeral_published: (0, 0),
             metrics,
+            // Any nonzero seed; shards differ, so do their draws.
+            jitter_state: 0x9e37_79b9_7f4a_7c15 ^ (shard.get() as u64 + 1),
         }
+    }
+
+    /// A connection's `max_lifetime` jitter, in thousandths: uniform from -100 to 100.
+    pub fn lifetime_jitter(&mut self) -> i8 {
+        let x = &mut self.jitter_state;
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        let max = i16::from(conn::core::MAX_JITTER_PERMILLE);
+        let drawn = (*x % (2 * max as u64 + 1)) as i16 - max;
+        drawn as i8
     }
 
     /// Whether the shard has spare-time work (see `EventBase::set_idle`): ephemeral key pairs
@@ -416,6 +431,28 @@ mod tests {
         let l = f.labels.iter().find(|l| l.name == label);
         l.and_then(|l| l.values)
             .unwrap_or_else(|| panic!("{family} declares no values of {label}"))
+    }
+
+    #[test]
+    fn lifetime_jitter_is_spread_over_plus_minus_ten_percent() {
+        let metrics = Metrics::new(1, 0);
+        let mut st = ShardState::new(ShardIdx::new(0), Vec::new(), metrics, 1);
+        let draws: Vec<i8> = (0..20_000).map(|_| st.lifetime_jitter()).collect();
+        let (lo, hi) = (draws.iter().min().unwrap(), draws.iter().max().unwrap());
+        assert_eq!(
+            (*lo, *hi),
+            (-100, 100),
+            "the whole range, and nothing beyond"
+        );
+        // Spread: each tenth of the range gets its share (2,000 expected; ±25%).
+        for tenth in 0..10 {
+            let from = -100 + tenth * 20;
+            let n = draws
+                .iter()
+                .filter(|&&d| i32::from(d) >= from && i32::from(d) < from + 20)
+                .count();
+            assert!((1500..2500).contains(&n), "[{from}, {}): {n}", from + 20);
+        }
     }
 
     /// Each label enum's discriminant is its value's slot in the family's declared list, so

@@ -57,6 +57,9 @@ const TAG_IDLE: Tag = Tag::new(1);
 const TAG_HANDSHAKE: Tag = Tag::new(2);
 /// Notify tag: the shard's drain deadline passed.
 pub const TAG_ABORT: Tag = Tag::new(3);
+const TAG_LIFETIME: Tag = Tag::new(4);
+/// Notify tag: a reload changed the tunnel's limits (`max_lifetime`): timers are armed again.
+pub const TAG_LIMITS: Tag = Tag::new(5);
 
 /// A target's address for log fields; a reload may have removed the target.
 struct Upstream(Option<TargetAddr>);
@@ -180,7 +183,9 @@ fn may_log(cx: &mut Context<'_, ShardState>, level: tracing::Level) -> Option<u6
 struct Shell {
     tunnel: TunnelIdx,
     idle_timer: Option<TimerKey>,
-    handshake_timer: Option<TimerKey>,
+    /// The handshake's timer, then `max_lifetime`'s: the core never arms both at once
+    /// ([`ConnTimer::Lifetime`]), and one slot keeps the connection's size.
+    deadline_timer: Option<TimerKey>,
     /// Admission's hold on a pre-authentication slot, until the handshake completes.
     ticket: Option<Ticket>,
     /// Client identity (PROXY headers in or out, the access log): `identity.rs`; `None` for
@@ -205,7 +210,7 @@ impl<C: Make, U: Make> Conn<C, U> {
             shell: Shell {
                 tunnel: t.index,
                 idle_timer: None,
-                handshake_timer: None,
+                deadline_timer: None,
                 ticket: None,
                 ident,
             },
@@ -260,7 +265,8 @@ impl<C: Make, U: Make> ConnEnv<'_, '_, C, U> {
     fn set_timer(&mut self, which: ConnTimer, at: Option<Instant>) {
         let (slot, tag) = match which {
             ConnTimer::Idle => (&mut self.shell.idle_timer, TAG_IDLE),
-            ConnTimer::Handshake => (&mut self.shell.handshake_timer, TAG_HANDSHAKE),
+            ConnTimer::Handshake => (&mut self.shell.deadline_timer, TAG_HANDSHAKE),
+            ConnTimer::Lifetime => (&mut self.shell.deadline_timer, TAG_LIFETIME),
         };
         if let Some(k) = slot.take() {
             self.cx.cancel_timer(k);
@@ -507,6 +513,26 @@ impl<C: Make, U: Make> ConnEnv<'_, '_, C, U> {
         }
     }
 
+    /// `max_lifetime` ended the connection (gracefully, or by a reset: see the core).
+    fn lifetime_end(&mut self, graceful: bool) {
+        let level = if graceful {
+            tracing::Level::DEBUG
+        } else {
+            tracing::Level::INFO
+        };
+        let log = may_log(self.cx, level);
+        let rt = self.rt();
+        rt.metrics.lifetime_end(graceful);
+        if let Some(skipped) = log {
+            let tunnel = &rt.cfg.name;
+            if graceful {
+                tracing::debug!(%tunnel, skipped, "max_lifetime: ended at a quiet moment");
+            } else {
+                tracing::info!(%tunnel, skipped, "max_lifetime: reset, as the connection did not end gracefully within max_lifetime_grace (never quiet, bytes after the end, or a peer that did not close)");
+            }
+        }
+    }
+
     fn closed(&mut self, reason: CloseReason, duration: Duration, asleep: bool) {
         let m = &self.rt().metrics;
         m.active.dec();
@@ -637,7 +663,11 @@ impl<C: Make, U: Make> Env<U, Socket> for ConnEnv<'_, '_, C, U> {
             idle: cfg.idle_limit(false),
             half_closed: cfg.idle_limit(true),
             handshake: cfg.handshake_timeout,
+            lifetime: cfg.lifetime,
         }
+    }
+    fn lifetime_jitter(&mut self) -> i8 {
+        self.cx.state.lifetime_jitter()
     }
     fn act(&mut self, action: Action<'_, Socket>) {
         match action {
@@ -670,6 +700,7 @@ impl<C: Make, U: Make> Env<U, Socket> for ConnEnv<'_, '_, C, U> {
                 }
             }
             Action::Woke => self.rt().metrics.hibernating.dec(),
+            Action::LifetimeEnd { graceful } => self.lifetime_end(graceful),
             Action::Bytes(delta) => self.rt().bytes.add(&delta),
             Action::UpstreamReached {
                 target,
@@ -739,6 +770,11 @@ impl<C: Make, U: Make> Handler<ShardState> for Conn<C, U> {
             let (core, mut env) = self.parts(cx);
             return core.close(CloseReason::DrainDeadline, &mut env);
         }
+        if tag == TAG_LIMITS {
+            let now = cx.now();
+            let (core, mut env) = self.parts(cx);
+            return core.limits_changed(now, &mut env);
+        }
         if self.core.client().owns_tag(tag) {
             let ev = self.core.client_mut().on_notify(cx, tag);
             self.handle(cx, Side::Client, ev);
@@ -757,8 +793,12 @@ impl<C: Make, U: Make> Handler<ShardState> for Conn<C, U> {
                 ConnTimer::Idle
             }
             TAG_HANDSHAKE => {
-                self.shell.handshake_timer = None;
+                self.shell.deadline_timer = None;
                 ConnTimer::Handshake
+            }
+            TAG_LIFETIME => {
+                self.shell.deadline_timer = None;
+                ConnTimer::Lifetime
             }
             _ => {
                 if self.core.client().owns_tag(tag) {
@@ -785,6 +825,7 @@ impl<C: Make, U: Make> Handler<ShardState> for Conn<C, U> {
             env.release_ticket();
             core.on_close(now, &mut env);
             env.set_timer(ConnTimer::Idle, None);
+            // The handshake's and the lifetime's share one slot.
             env.set_timer(ConnTimer::Handshake, None);
         }
         self.core.client_mut().close(cx);
