@@ -18,6 +18,10 @@
 //!   end of file, an error, or a short read while the peer has not closed.
 //! - Pending bytes (what watermarks compare) count the filter's raw buffers too, so a filter
 //!   cannot hide buffered bytes from backpressure.
+//! - The read path never takes more from the transport than the read allowance the owner set
+//!   (a rate limit's tokens); with none left it suspends ([`Suspend::Bandwidth`]) without a
+//!   system call. An allowance is one counter compared per read, not a clock or a bucket: the
+//!   owner keeps those.
 
 use std::io::{self, Read, Write};
 
@@ -77,8 +81,13 @@ pub struct BevCore<F: Filter, T> {
     pub(super) error: Option<io::Error>,
     pub(super) bytes_read: u64,
     pub(super) bytes_written: u64,
+    /// Bytes the read path may still take from the transport ([`UNLIMITED`]: no limit).
+    pub(super) read_allowance: u32,
     pub(super) io: T,
 }
+
+/// A read allowance of no limit (see [`BevCore::set_read_allowance`]).
+const UNLIMITED: u32 = u32::MAX;
 
 /// How a read step ended.
 enum Got {
@@ -112,6 +121,7 @@ impl<F: Filter, T> BevCore<F, T> {
             error: None,
             bytes_read: 0,
             bytes_written: 0,
+            read_allowance: UNLIMITED,
             io,
         }
     }
@@ -183,6 +193,19 @@ impl<F: Filter, T> BevCore<F, T> {
     /// end-of-stream marker); the next write step does it.
     pub fn request_shutdown(&mut self) {
         self.shutdown_requested = true;
+    }
+    /// Limits what the read path takes from the transport from now on to `bytes` (`None`, the
+    /// default: no limit; at most `u32::MAX - 1`): each read is capped by what is left, and
+    /// when none is, reading suspends with [`Suspend::Bandwidth`] until the owner grants more
+    /// and lifts it. A rate limit in the owner's hands (libevent's `bufferevent_ratelim`):
+    /// the owner decides how many bytes its bucket can spare before a read pass, and takes
+    /// back what the pass left ([`read_allowance`](Self::read_allowance)).
+    pub fn set_read_allowance(&mut self, bytes: Option<u32>) {
+        self.read_allowance = bytes.map_or(UNLIMITED, |b| b.min(UNLIMITED - 1));
+    }
+    /// What is left of the read allowance (`None`: no limit).
+    pub fn read_allowance(&self) -> Option<u32> {
+        (self.read_allowance != UNLIMITED).then_some(self.read_allowance)
     }
     /// Bytes read from / written to the transport (the wire, after the filter).
     pub fn wire_bytes(&self) -> (u64, u64) {
@@ -300,7 +323,15 @@ impl<F: Filter, T: Transport> BevCore<F, T> {
                 yielded = true;
                 break;
             }
+            if self.read_allowance == 0 {
+                // The owner's rate limit: it lifts this when its bucket refills.
+                self.suspend_read(Suspend::Bandwidth);
+                break;
+            }
             let mut max = READ_BATCH.min(budget);
+            if self.read_allowance != UNLIMITED {
+                max = max.min(self.read_allowance as usize);
+            }
             if high != 0 {
                 max = max.min(high - pending);
             }
@@ -366,6 +397,10 @@ impl<F: Filter, T: Transport> BevCore<F, T> {
                 Got::Bytes { n, drained } => {
                     self.bytes_read += n as u64;
                     budget = budget.saturating_sub(n);
+                    if self.read_allowance != UNLIMITED {
+                        // `max` was capped by it: n fits.
+                        self.read_allowance -= n as u32;
+                    }
                     if !self.passthrough {
                         self.decode(false, ev);
                         if ev.contains(BevEvents::ERROR) {
@@ -586,6 +621,56 @@ mod tests {
         c.read_some(&mut ev);
         assert_eq!(c.input.len(), 10);
         assert!(ev.contains(BevEvents::EOF));
+    }
+
+    #[test]
+    fn a_read_allowance_caps_reading_and_suspends_for_bandwidth() {
+        let mut c = core();
+        c.io.0.inbound.extend([5u8; 10_000]);
+        c.io.0.per_read = 4096;
+        c.io.0.fin = true;
+        c.io.1.readable = true;
+        c.io.1.peer_closed = true;
+        c.set_read_allowance(Some(6000));
+        let mut ev = BevEvents::empty();
+        c.read_some(&mut ev);
+        assert_eq!(c.input.len(), 6000, "exactly the allowance");
+        assert_eq!(c.read_allowance(), Some(0));
+        assert!(
+            c.is_suspended(Suspend::Bandwidth),
+            "out of allowance: suspended"
+        );
+        assert!(ev.contains(BevEvents::READ) && !ev.contains(BevEvents::EOF));
+        assert!(c.io.1.readable, "the rest is still there");
+        // No allowance: a pass reads nothing, and says why.
+        let mut c2 = core();
+        c2.io.0.inbound.extend([1u8; 10]);
+        c2.io.0.per_read = 10;
+        c2.io.1.readable = true;
+        c2.set_read_allowance(Some(0));
+        let mut ev = BevEvents::empty();
+        c2.read_some(&mut ev);
+        assert_eq!(
+            (c2.input.len(), c2.io.0.reads),
+            (0, 0),
+            "not even a syscall"
+        );
+        assert!(c2.is_suspended(Suspend::Bandwidth));
+        // The owner grants more and lifts the suspension: reading goes on to the end.
+        c.set_read_allowance(Some(100_000));
+        assert!(c.unsuspend(Suspend::Bandwidth));
+        let mut ev = BevEvents::empty();
+        c.read_some(&mut ev);
+        assert_eq!(c.input.len(), 10_000);
+        assert!(ev.contains(BevEvents::EOF));
+        assert_eq!(
+            c.read_allowance(),
+            Some(96_000),
+            "what it did not use is left"
+        );
+        // Unlimited (the default) counts nothing down.
+        c.set_read_allowance(None);
+        assert_eq!(c.read_allowance(), None);
     }
 
     #[test]

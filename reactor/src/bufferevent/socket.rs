@@ -9,7 +9,9 @@
 //!
 //! Invariants: the socket is registered once, for read and write, and deregistered once (a
 //! failed connect or `close`); a connect's every outcome, an immediate failure included,
-//! arrives as an event, never as a return value; at most one re-drive is queued at a time.
+//! arrives as an event, never as a return value; at most one re-drive is queued at a time; a
+//! read throttled for bandwidth ([`BufferEvent::throttle_until`]) wakes by its own timer, in
+//! the slot the connect timer used (a socket never waits for both), and re-drives itself.
 
 use std::io;
 use std::net::{Shutdown, SocketAddr};
@@ -37,6 +39,8 @@ const TIMER_WRITE: u8 = 2;
 const TIMER_CONNECT: u8 = 3;
 /// Deferred work: a re-drive.
 const REDRIVE: u8 = 4;
+/// A read throttled for bandwidth may go on.
+const TIMER_BANDWIDTH: u8 = 5;
 
 /// The read/write timeout state of a BufferEvent that has one. Boxed, and only when a read or
 /// write timeout is set: most BufferEvents (a proxy's) never set one, and an idle connection
@@ -60,7 +64,9 @@ pub struct Socket {
     redrive_queued: bool,
     /// `None` until a read or write timeout is set.
     io_timeouts: Option<Box<IoTimeouts>>,
-    connect_timer: Option<TimerKey>,
+    /// The connect timeout while connecting; once open, the wake-up of a read throttled for
+    /// bandwidth ([`BufferEvent::throttle_until`]). One slot: a socket is never both.
+    timer: Option<TimerKey>,
 }
 
 impl Transport for Socket {
@@ -84,7 +90,7 @@ impl Socket {
             ready: Readiness::default(),
             redrive_queued: false,
             io_timeouts: None,
-            connect_timer: None,
+            timer: None,
         }
     }
 
@@ -168,7 +174,7 @@ impl<F: Filter> BevCore<F, Socket> {
             cx.defer(bev.io.tag(REDRIVE));
             bev.io.redrive_queued = true;
         } else if let Some(t) = timeouts.connect {
-            bev.io.connect_timer = Some(cx.timer(t, bev.io.tag(TIMER_CONNECT)));
+            bev.io.timer = Some(cx.timer(t, bev.io.tag(TIMER_CONNECT)));
         }
         bev
     }
@@ -198,7 +204,7 @@ impl<F: Filter> BevCore<F, Socket> {
         let (read_timer, write_timer) = io.io_timeouts.as_deref_mut().map_or((None, None), |t| {
             (t.read_timer.take(), t.write_timer.take())
         });
-        for t in [read_timer, write_timer, io.connect_timer.take()]
+        for t in [read_timer, write_timer, io.timer.take()]
             .into_iter()
             .flatten()
         {
@@ -268,6 +274,27 @@ impl<F: Filter> BevCore<F, Socket> {
         }
     }
 
+    /// Suspends reading for bandwidth ([`Suspend::Bandwidth`]) until `at`, when it resumes by
+    /// itself (a re-drive, as [`resume_read`](Self::resume_read) does): the owner's rate limit
+    /// has no bytes to grant before then. The owner sets the read allowance the read at `at`
+    /// may use now ([`BevCore::set_read_allowance`]). A later call moves the wake-up.
+    pub fn throttle_until<S>(&mut self, cx: &mut Context<'_, S>, at: Instant) {
+        if self.io.state != State::Open {
+            // Connecting (the slot holds the connect timer) or closed: nothing reads anyway.
+            return;
+        }
+        self.suspend_read(Suspend::Bandwidth);
+        if let Some(t) = self.io.timer.take() {
+            cx.cancel_timer(t);
+        }
+        self.io.timer = Some(cx.timer_at(at, self.io.tag(TIMER_BANDWIDTH)));
+    }
+
+    /// Whether a wake-up of [`throttle_until`](Self::throttle_until) is pending.
+    pub fn is_throttled(&self) -> bool {
+        self.io.state == State::Open && self.io.timer.is_some()
+    }
+
     pub fn enable_read<S>(&mut self, cx: &mut Context<'_, S>) {
         self.resume_read(cx, Suspend::User);
     }
@@ -310,7 +337,7 @@ impl<F: Filter> BevCore<F, Socket> {
         let (read_tag, write_tag) = (self.io.tag(TIMER_READ), self.io.tag(TIMER_WRITE));
         match self.kind_of(tag) {
             Some(TIMER_CONNECT) => {
-                self.io.connect_timer = None;
+                self.io.timer = None;
                 if self.io.state == State::Connecting {
                     self.io.state = State::Closed;
                     if let Some(s) = self.io.stream.as_mut() {
@@ -319,6 +346,10 @@ impl<F: Filter> BevCore<F, Socket> {
                     self.error = Some(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"));
                     return BevEvents::CONNECT_TIMEOUT;
                 }
+            }
+            Some(TIMER_BANDWIDTH) => {
+                self.io.timer = None;
+                self.resume_read(cx, Suspend::Bandwidth);
             }
             Some(TIMER_READ) => {
                 let reading = self.io.state == State::Open && !self.eof;
@@ -421,7 +452,7 @@ impl<F: Filter> BevCore<F, Socket> {
                 match self.io.connect_result() {
                     Ok(true) => {
                         self.io.state = State::Open;
-                        if let Some(t) = self.io.connect_timer.take() {
+                        if let Some(t) = self.io.timer.take() {
                             cx.cancel_timer(t);
                         }
                         self.unsuspend(Suspend::Connecting);
@@ -430,7 +461,7 @@ impl<F: Filter> BevCore<F, Socket> {
                     }
                     Ok(false) => return ev,
                     Err(e) => {
-                        if let Some(t) = self.io.connect_timer.take() {
+                        if let Some(t) = self.io.timer.take() {
                             cx.cancel_timer(t);
                         }
                         self.io.state = State::Closed;
