@@ -14,6 +14,7 @@ use serde::Deserialize;
 use crate::keyfile::KeyError;
 use crate::protocol::{AeadKind, ForwardSecrecy, KeySet};
 pub use crate::proxy::conn::core::Lifetime;
+pub use crate::proxy::ratelimit::{Limit, RateLimits};
 
 /// Everything that can be wrong with a configuration.
 #[derive(Debug, thiserror::Error)]
@@ -511,6 +512,82 @@ pub struct TunnelFile {
     /// Seconds a connection past `max_lifetime` may wait for a quiet moment, and its peers
     /// then have to close, before it is reset.
     pub max_lifetime_grace: Option<f64>,
+    /// New connections per second, whole tunnel (over it: refused at accept); 0 = no limit.
+    pub conn_rate: Option<f64>,
+    /// How many new connections may arrive at once (default: one second's worth).
+    pub conn_rate_burst: Option<f64>,
+    /// Bytes per second client to backend, and back, whole tunnel: a number of bytes or a
+    /// string with a unit ("100Mbit", "12.5MB"); 0 = no limit.
+    pub upstream_rate: Option<Amount>,
+    pub downstream_rate: Option<Amount>,
+    /// Bytes either direction may carry at once beyond its rate (default: one second of it).
+    pub rate_burst: Option<Amount>,
+}
+
+/// A byte amount as written: a number of bytes, or a string with a unit (see [`bytes`]).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum Amount {
+    Number(f64),
+    Text(String),
+}
+
+impl From<&str> for Amount {
+    fn from(s: &str) -> Amount {
+        Amount::Text(s.to_string())
+    }
+}
+
+/// The units a byte amount may carry, and what each is worth in bytes.
+const BYTE_UNITS: [(&str, f64); 14] = [
+    ("B", 1.0),
+    ("kB", 1e3),
+    ("KB", 1e3),
+    ("MB", 1e6),
+    ("GB", 1e9),
+    ("KiB", 1024.0),
+    ("MiB", 1048576.0),
+    ("GiB", 1073741824.0),
+    ("bit", 0.125),
+    ("kbit", 125.0),
+    ("Kbit", 125.0),
+    ("Mbit", 125e3),
+    ("Gbit", 125e6),
+    ("", 1.0),
+];
+
+/// Bytes (`per_second`: per second, and a `/s` suffix is allowed) from a number or a string:
+/// `12500000`, `"100Mbit"`, `"12.5MB/s"`, `"64KiB"`. Decimal units are powers of 1000, binary
+/// ones of 1024; bits are an eighth of a byte.
+pub fn bytes(v: &Amount, per_second: bool) -> Result<f64, String> {
+    let s = match v {
+        Amount::Number(n) => return Ok(*n),
+        Amount::Text(s) => s.trim(),
+    };
+    let s = if per_second {
+        s.strip_suffix("/s").unwrap_or(s)
+    } else {
+        s
+    };
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '_'))
+        .unwrap_or(s.len());
+    let (num, unit) = (&s[..split], s[split..].trim());
+    let units = || {
+        let names: Vec<&str> = BYTE_UNITS
+            .iter()
+            .map(|u| u.0)
+            .filter(|u| !u.is_empty())
+            .collect();
+        names.join(", ")
+    };
+    let n: f64 = num.replace('_', "").parse().map_err(|_| {
+        format!("{s:?} is not a number of bytes with a unit, e.g. \"100Mbit\" or \"12.5MB\"")
+    })?;
+    let Some((_, scale)) = BYTE_UNITS.iter().find(|u| u.0 == unit) else {
+        return Err(format!("{s:?}: unknown unit {unit:?} (one of {})", units()));
+    };
+    Ok(n * scale)
 }
 
 impl TunnelFile {
@@ -544,6 +621,11 @@ impl TunnelFile {
             resolve_interval: None,
             max_lifetime: None,
             max_lifetime_grace: None,
+            conn_rate: None,
+            conn_rate_burst: None,
+            upstream_rate: None,
+            downstream_rate: None,
+            rate_burst: None,
         }
     }
 }
@@ -588,6 +670,8 @@ pub struct Tunnel {
     pub resolve_interval: Option<Duration>,
     /// `max_lifetime` and its grace; `None`: no limit.
     pub lifetime: Option<Lifetime>,
+    /// `conn_rate`, `upstream_rate`, `downstream_rate` and their bursts.
+    pub rates: RateLimits,
 }
 
 impl Tunnel {
@@ -741,6 +825,93 @@ fn lifetime(
         })),
         (None, None) => Ok(None),
     }
+}
+
+/// The most a rate may be: 1e9 connections, or 1e12 bytes, per second.
+const MAX_CONN_RATE: f64 = 1e9;
+const MAX_BYTE_RATE: f64 = 1e12;
+/// The least byte rate: reads are paced in chunks of at least 4 KiB, so much less than this
+/// would be bursts a second apart rather than a rate.
+const MIN_BYTE_RATE: f64 = 1000.0;
+
+/// A tunnel's rate limits.
+fn rate_limits(sc: Scope<'_>, t: &TunnelFile) -> Result<RateLimits, ConfigError> {
+    let mut out = RateLimits::default();
+    let conn = t.conn_rate.unwrap_or(0.0);
+    if !conn.is_finite() || !(0.0..=MAX_CONN_RATE).contains(&conn) {
+        return Err(sc.error(
+            "conn_rate",
+            format!("must be between 0 (no limit) and {MAX_CONN_RATE} connections per second, got {conn}"),
+        ));
+    }
+    match (conn > 0.0, t.conn_rate_burst) {
+        (false, Some(_)) => {
+            return Err(sc.error(
+                "conn_rate_burst",
+                format!("has no effect without {}", sc.name("conn_rate")),
+            ));
+        }
+        (true, Some(b)) if !b.is_finite() || !(1.0..=MAX_CONN_RATE).contains(&b) => {
+            return Err(sc.error(
+                "conn_rate_burst",
+                format!("must be between 1 and {MAX_CONN_RATE} connections, got {b}"),
+            ));
+        }
+        (true, burst) => {
+            out.conns = Some(Limit {
+                rate: conn,
+                burst: burst.unwrap_or(conn.max(1.0)),
+            })
+        }
+        (false, None) => {}
+    }
+    let amount = |field: &str, v: &Option<Amount>, per_second: bool| -> Result<f64, ConfigError> {
+        v.as_ref()
+            .map_or(Ok(0.0), |v| bytes(v, per_second))
+            .map_err(|e| sc.error(field, e))
+    };
+    let burst = amount("rate_burst", &t.rate_burst, false)?;
+    let mut any = false;
+    for (field, v, slot) in [
+        ("upstream_rate", &t.upstream_rate, &mut out.upstream),
+        ("downstream_rate", &t.downstream_rate, &mut out.downstream),
+    ] {
+        let rate = amount(field, v, true)?;
+        if !rate.is_finite() || (rate != 0.0 && !(MIN_BYTE_RATE..=MAX_BYTE_RATE).contains(&rate)) {
+            return Err(sc.error(
+                field,
+                format!("must be 0 (no limit) or from {MIN_BYTE_RATE} to {MAX_BYTE_RATE} bytes per second (\"8kbit\" to \"8Tbit\"), got {rate} bytes"),
+            ));
+        }
+        if rate > 0.0 {
+            any = true;
+            *slot = Some(Limit {
+                rate,
+                // One second's worth, as for connections: enough to ride out a shard that
+                // was not scheduled for a while without losing rate.
+                burst: if burst > 0.0 { burst } else { rate },
+            });
+        }
+    }
+    if t.rate_burst.is_some() {
+        if !any {
+            return Err(sc.error(
+                "rate_burst",
+                format!(
+                    "has no effect without {} or {}",
+                    sc.name("upstream_rate"),
+                    sc.name("downstream_rate")
+                ),
+            ));
+        }
+        if !burst.is_finite() || !(1024.0..=MAX_BYTE_RATE).contains(&burst) {
+            return Err(sc.error(
+                "rate_burst",
+                format!("must be from 1024 to {MAX_BYTE_RATE} bytes, got {burst}"),
+            ));
+        }
+    }
+    Ok(out)
 }
 
 const CONNECT_NOT_ZERO: &str = "a connect that never gives up never tries the next target";
@@ -1075,6 +1246,7 @@ impl ConfigFile {
                 seconds_or_off(sc, "resolve_interval", v)
             })?;
             let lifetime = lifetime(sc, t.max_lifetime, t.max_lifetime_grace)?;
+            let rates = rate_limits(sc, &t)?;
             tunnels.push(Tunnel {
                 identity,
                 mode: t.mode,
@@ -1100,6 +1272,7 @@ impl ConfigFile {
                 keepalive: ka,
                 resolve_interval,
                 lifetime,
+                rates,
                 name,
             });
         }
@@ -1466,6 +1639,93 @@ mod tests {
             e.starts_with("--max-lifetime-grace has no effect without --max-lifetime"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn byte_amounts_take_units_and_name_the_bad_ones() {
+        let b = |s: &str| bytes(&Amount::from(s), true);
+        assert_eq!(b("100Mbit").unwrap(), 12_500_000.0);
+        assert_eq!(b("100Mbit/s").unwrap(), 12_500_000.0);
+        assert_eq!(b("12.5MB").unwrap(), 12_500_000.0);
+        assert_eq!(b("64KiB").unwrap(), 65_536.0);
+        assert_eq!(b("1_000").unwrap(), 1000.0);
+        assert_eq!(b("2 GiB").unwrap(), 2.0 * 1073741824.0);
+        assert_eq!(bytes(&Amount::Number(5e6), true).unwrap(), 5e6);
+        let e = b("100Mb").unwrap_err();
+        assert!(
+            e.contains("unknown unit \"Mb\"") && e.contains("Mbit"),
+            "{e}"
+        );
+        assert!(b("fast").unwrap_err().contains("not a number"));
+        assert!(
+            bytes(&Amount::from("1MB/s"), false).is_err(),
+            "a size has no /s"
+        );
+    }
+
+    #[test]
+    fn rate_limits_defaults_and_bad_values_named() {
+        let c = parse(FWD).unwrap();
+        assert!(c.tunnels[0].rates.is_empty(), "no limits by default");
+        let c = parse(&format!(
+            "{FWD}conn_rate = 100\nupstream_rate = \"100Mbit\"\ndownstream_rate = 1000000\n"
+        ))
+        .unwrap();
+        let r = c.tunnels[0].rates;
+        let l = |rate: f64, burst: f64| Some(Limit { rate, burst });
+        assert_eq!(r.conns, l(100.0, 100.0), "a second's worth of burst");
+        assert_eq!(r.upstream, l(12_500_000.0, 12_500_000.0));
+        assert_eq!(r.downstream, l(1_000_000.0, 1_000_000.0));
+        let c = parse(&format!(
+            "{FWD}conn_rate = 0.5\nconn_rate_burst = 3\nupstream_rate = \"8Mbit\"\nrate_burst = \"64KiB\"\n"
+        ))
+        .unwrap();
+        let r = c.tunnels[0].rates;
+        assert_eq!(r.conns, l(0.5, 3.0));
+        assert_eq!(r.upstream, l(1_000_000.0, 65_536.0));
+        assert_eq!(r.downstream, None);
+        let c = parse(&format!("{FWD}conn_rate = 0\nupstream_rate = 0\n")).unwrap();
+        assert!(c.tunnels[0].rates.is_empty(), "0 = no limit");
+        for (bad, key, why) in [
+            ("conn_rate = -1", "conn_rate", "between 0 (no limit)"),
+            (
+                "conn_rate_burst = 5",
+                "conn_rate_burst",
+                "no effect without conn_rate",
+            ),
+            (
+                "conn_rate = 10\nconn_rate_burst = 0",
+                "conn_rate_burst",
+                "between 1",
+            ),
+            ("upstream_rate = \"10Mb\"", "upstream_rate", "unknown unit"),
+            ("downstream_rate = 10", "downstream_rate", "from 1000"),
+            (
+                "upstream_rate = -5",
+                "upstream_rate",
+                "0 (no limit) or from",
+            ),
+            (
+                "rate_burst = \"1MB\"",
+                "rate_burst",
+                "no effect without upstream_rate",
+            ),
+            (
+                "upstream_rate = \"1MB\"\nrate_burst = 10",
+                "rate_burst",
+                "from 1024",
+            ),
+        ] {
+            let e = parse(&format!("{FWD}{bad}\n")).unwrap_err().to_string();
+            assert!(
+                e.contains("tunnel0") && e.contains(key) && e.contains(why),
+                "{bad}: {e}"
+            );
+        }
+        let mut f = ConfigFile::parse(Path::new("t.toml"), FWD).unwrap();
+        f.tunnel[0].upstream_rate = Some("lots".into());
+        let e = f.validate_cli().unwrap_err().to_string();
+        assert!(e.starts_with("--upstream-rate \"lots\""), "{e}");
     }
 
     #[test]

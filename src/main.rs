@@ -164,6 +164,26 @@ struct PolicyArgs {
     /// then have to close) before it is reset instead. Default 60.
     #[arg(long, value_name = "SECS")]
     max_lifetime_grace: Option<f64>,
+    /// New connections per second, whole tunnel; more are refused at accept (counted as
+    /// rejected, reason rate). 0 = no limit.
+    #[arg(long, value_name = "RATE", default_value_t = 0.0)]
+    conn_rate: f64,
+    /// With --conn-rate: how many new connections may arrive at once. Default: one second's
+    /// worth.
+    #[arg(long, value_name = "N")]
+    conn_rate_burst: Option<f64>,
+    /// Bytes per second from the clients towards the backend, whole tunnel: a number of bytes,
+    /// or with a unit (100Mbit, 12.5MB, 64KiB). Connections over it are slowed (reading
+    /// pauses), never dropped. 0 = no limit.
+    #[arg(long, value_name = "RATE")]
+    upstream_rate: Option<String>,
+    /// Bytes per second from the backend towards the clients; as --upstream-rate.
+    #[arg(long, value_name = "RATE")]
+    downstream_rate: Option<String>,
+    /// Bytes each direction may carry at once beyond its rate. Default: one second of the
+    /// rate.
+    #[arg(long, value_name = "BYTES")]
+    rate_burst: Option<String>,
 }
 
 /// Client identity and access (the `[[tunnel]]` keys accept_proxy, trusted_proxies,
@@ -462,6 +482,11 @@ fn tunnel_config(
             deny: a.identity.deny.clone(),
             max_lifetime: Some(a.policy.max_lifetime),
             max_lifetime_grace: a.policy.max_lifetime_grace,
+            conn_rate: Some(a.policy.conn_rate),
+            conn_rate_burst: a.policy.conn_rate_burst,
+            upstream_rate: a.policy.upstream_rate.as_deref().map(Into::into),
+            downstream_rate: a.policy.downstream_rate.as_deref().map(Into::into),
+            rate_burst: a.policy.rate_burst.as_deref().map(Into::into),
             ..TunnelFile::new(mode, a.listen.clone(), a.target.clone(), keys)
         }],
     };

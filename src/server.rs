@@ -39,6 +39,7 @@ use crate::metrics::Metrics;
 use crate::protocol::KeySet;
 use crate::proxy::conn::{TAG_ABORT, TAG_LIMITS};
 use crate::proxy::listener::{TAG_DRAIN, TAG_RESUME, TunnelListener};
+use crate::proxy::ratelimit::{RateBoard, RateLimits, Rebalancer};
 use crate::proxy::{ShardIdx, ShardState, TunnelIdx, TunnelRt};
 use crate::reactor::listener::{ConnListener, ListenerOptions};
 use crate::reactor::signal::SignalEvent;
@@ -223,6 +224,8 @@ pub struct Running {
     listeners: Vec<Vec<OwnedFd>>,
     /// Target names resolved again while running (`resolver`).
     refresher: crate::resolver::Refresher,
+    /// The rate limits' shares, moved to the shards that carry the traffic (`ratelimit`).
+    rates: Rebalancer,
 }
 
 /// Binds one listener per shard for `addr` (SO_REUSEPORT); a port of 0 is resolved by the
@@ -619,6 +622,8 @@ pub fn start_with(
 
     let limits = conn_shares(cfg.max_conns, nshards);
     warn_idle_shards(&limits);
+    let board = Arc::new(RateBoard::new(cfg.tunnels.len(), nshards));
+    let rates = Rebalancer::new(board.clone(), &rate_limits(&cfg), Instant::now());
     let running = Arc::new(AtomicUsize::new(nshards));
     let trim = Arc::new(HeapTrim::default());
     let mut shards = Vec::with_capacity(nshards);
@@ -641,6 +646,7 @@ pub fn start_with(
             .collect();
         let mut state = ShardState::new(ShardIdx::new(i), tunnels, metrics.clone(), limits[i]);
         state.admission = crate::proxy::listener::Admission::new(&cfg.admission, nshards);
+        state.rate_board = Some(board.clone());
         let core = core_of(i);
         let running = running.clone();
         let trim = trim.clone();
@@ -707,7 +713,13 @@ pub fn start_with(
         trim,
         listeners,
         refresher,
+        rates,
     })
+}
+
+/// Each tunnel's rate limits, in tunnel order.
+fn rate_limits(cfg: &Config) -> Vec<RateLimits> {
+    cfg.tunnels.iter().map(|t| t.rates).collect()
 }
 
 fn shard_main(
@@ -982,8 +994,28 @@ impl Running {
         }
         self.refresher
             .reloaded(&new, &failures, &self.metrics, Instant::now());
+        // The shards start the reloaded limits from equal shares; so does the rebalancer.
+        self.rates.reloaded(&rate_limits(&new), Instant::now());
         self.cfg = new;
         Ok(())
+    }
+
+    /// Moves the rate limits' shares to where the traffic is (`ratelimit::Rebalancer`), once
+    /// per period: new shares go to the shards as messages.
+    fn rebalance_rates(&mut self, now: Instant) {
+        if !self.rates.is_due(now) || self.cfg.tunnels.iter().all(|t| t.rates.is_empty()) {
+            return;
+        }
+        for (t, kind, shares) in self.rates.due(&rate_limits(&self.cfg), now) {
+            for (shard, rate) in self.shards.iter().zip(shares) {
+                let _ = shard.handle.post(move |cx| {
+                    let now = cx.now();
+                    if let Some(rt) = cx.state.tunnels.get_mut(t) {
+                        rt.rates.set_share(kind, now, rate);
+                    }
+                });
+            }
+        }
     }
 
     /// Resolves target names with `resolver` from now on (tests; the system's resolver is
@@ -1052,6 +1084,7 @@ impl Running {
                 .map_err(ServerError::Control)?;
             if !draining {
                 self.refresh_targets(Instant::now());
+                self.rebalance_rates(Instant::now());
             }
             if let Some(took) = self.trim.run_due(Instant::now(), &mut next_trim) {
                 tracing::debug!(?took, "heap trimmed");

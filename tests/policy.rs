@@ -136,3 +136,332 @@ fn a_reload_gives_open_connections_the_new_max_lifetime() {
     assert!(started.elapsed() >= Duration::from_millis(1500));
     ping(&mut next);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Rate limits
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// A backend that reads and discards everything, counting the bytes.
+fn sink() -> (std::net::SocketAddr, Arc<AtomicU64>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let n = Arc::new(AtomicU64::new(0));
+    let count = n.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            let count = count.clone();
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 256 * 1024];
+                while let Ok(k) = s.read(&mut buf) {
+                    if k == 0 {
+                        return;
+                    }
+                    count.fetch_add(k as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    (addr, n)
+}
+
+/// `conns` clients writing into `entry` as fast as it takes, until `stop`.
+fn firehose(
+    entry: std::net::SocketAddr,
+    conns: usize,
+    stop: &Arc<AtomicBool>,
+) -> Vec<std::thread::JoinHandle<std::net::TcpStream>> {
+    (0..conns)
+        .map(|_| {
+            let mut c = connect(entry);
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let block = vec![0x5au8; 64 * 1024];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Err(e) = c.write_all(&block) {
+                        panic!("a throttled connection must not be dropped: {e}");
+                    }
+                }
+                c
+            })
+        })
+        .collect()
+}
+
+/// Bytes per second `counter` grows by over `window`.
+fn rate_over(counter: &AtomicU64, window: Duration) -> f64 {
+    let (t0, n0) = (Instant::now(), counter.load(Ordering::Relaxed));
+    let end = t0 + window;
+    while Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (t1, n1) = (Instant::now(), counter.load(Ordering::Relaxed));
+    (n1 - n0) as f64 / (t1 - t0).as_secs_f64()
+}
+
+/// 100 Mbit/s, in bytes per second.
+const LIMIT: f64 = 12_500_000.0;
+
+/// The sum of `name`'s samples with `labels` in `metrics`'s registry now.
+fn sample(metrics: &sealpipe::metrics::Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metric_in(&String::from_utf8(metrics.render()).unwrap(), name, labels)
+}
+
+/// Item 2 of issue 19: a tunnel limited to 100 Mbit/s upstream carries that, within 5%, over
+/// 10 s, with one connection and with eight spread over two shards, while an unlimited tunnel
+/// in the same process runs at full speed. One process (its control loop running, which moves
+/// the limits' shares to the shards that carry the traffic), three forward tunnels, all at
+/// once.
+///
+/// A rate test by nature: it measures bytes over a window of time. The bound is the limit's
+/// own: a bucket lets through its rate times the window plus what it held when the window
+/// began, and the clients keep the buckets empty. The default burst (a second of the rate) is
+/// what rides out a shard thread this busy machine did not schedule for a while: the bucket
+/// keeps what it earned meanwhile (with a tenth of a second, runs here lost up to 12%). The
+/// window starts once the shares have settled (polled, not slept for). The unlimited tunnel
+/// only has to show it is not held to the limit (more than twice it): it competes for the two
+/// shared cores with everything else on this machine.
+#[test]
+fn a_byte_rate_limit_holds_within_5_percent_and_leaves_other_tunnels_alone() {
+    let (one_sink, one_n) = sink();
+    let (eight_sink, eight_n) = sink();
+    let (free_sink, free_n) = sink();
+    let limited = |name: &str, to| {
+        let mut t = tunnel(Mode::Forward, &[to], &[]);
+        t.name = Some(name.into());
+        t.listen = free_addr().to_string();
+        t.upstream_rate = Some("100Mbit".into());
+        t
+    };
+    let mut free = tunnel(Mode::Forward, &[free_sink], &[]);
+    free.name = Some("free".into());
+    free.listen = free_addr().to_string();
+    let cfg = sealpipe::config::ConfigFile {
+        limits: sealpipe::config::Limits {
+            threads: 2,
+            drain_timeout: 5.0,
+            ..limits()
+        },
+        tunnel: vec![limited("one", one_sink), limited("eight", eight_sink), free],
+        ..Default::default()
+    }
+    .validate(None)
+    .unwrap();
+    let r = sealpipe::server::start(cfg, None).unwrap();
+    let (entries, m) = (r.listen_addrs.clone(), r.metrics().clone());
+    let control = std::thread::spawn(move || r.wait(Some(Duration::from_secs(60))));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = firehose(entries[0], 1, &stop);
+    clients.extend(firehose(entries[1], 8, &stop));
+    clients.extend(firehose(entries[2], 1, &stop));
+    // The one connection's shard gets (nearly) the whole limit.
+    wait_until("the shares followed the one connection", || {
+        (0..2).any(|s| {
+            let shard = s.to_string();
+            let labels = [("tunnel", "one"), ("limit", "upstream"), ("shard", &shard)];
+            sample(&m, "sealpipe_rate_limit_share", &labels) > 0.95 * LIMIT
+        })
+    });
+    let spread: Vec<f64> = (0..2)
+        .map(|s| {
+            let shard = s.to_string();
+            let labels = [("tunnel", "eight"), ("shard", shard.as_str())];
+            sample(&m, "sealpipe_connections_active", &labels)
+        })
+        .collect();
+    eprintln!("the eight connections per shard: {spread:?}");
+    let counters = [&one_n, &eight_n, &free_n];
+    let t0 = Instant::now();
+    let n0: Vec<u64> = counters.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    while t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let rates: Vec<f64> = counters
+        .iter()
+        .zip(&n0)
+        .map(|(c, n)| (c.load(Ordering::Relaxed) - n) as f64 / secs)
+        .collect();
+    // No connection was dropped or refused meanwhile.
+    let closed = sample(&m, "sealpipe_connections_closed_total", &[]);
+    let rejected = sample(&m, "sealpipe_connections_rejected_total", &[]);
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        drop(c.join().unwrap());
+    }
+    assert_eq!((closed, rejected), (0.0, 0.0), "no connection dropped");
+    let mbit = |r: f64| r * 8.0 / 1e6;
+    eprintln!(
+        "over {secs:.2} s: one {:.2} Mbit/s, eight {:.2} Mbit/s, free {:.0} Mbit/s",
+        mbit(rates[0]),
+        mbit(rates[1]),
+        mbit(rates[2])
+    );
+    for (name, rate) in [
+        ("one connection", rates[0]),
+        ("eight connections", rates[1]),
+    ] {
+        assert!(
+            (rate - LIMIT).abs() <= 0.05 * LIMIT,
+            "{name}: {:.2} Mbit/s, not within 5% of 100",
+            mbit(rate)
+        );
+    }
+    assert!(
+        rates[2] > 2.0 * LIMIT,
+        "the unlimited tunnel was held near the others' limit: {:.0} Mbit/s",
+        mbit(rates[2])
+    );
+    // Throttled and counted, never dropped; the shares of each limit add up to it.
+    for name in ["one", "eight"] {
+        let labels = [("tunnel", name), ("direction", "upstream")];
+        assert!(sample(&m, "sealpipe_throttled_total", &labels) > 0.0);
+        assert!(sample(&m, "sealpipe_throttled_seconds_total", &labels) > 0.0);
+        let total = sample(
+            &m,
+            "sealpipe_rate_limit_share",
+            &[("tunnel", name), ("limit", "upstream")],
+        );
+        assert!(
+            (total - LIMIT).abs() < 1.0,
+            "{name}: shares add up to {total}"
+        );
+    }
+    assert_eq!(
+        sample(&m, "sealpipe_throttled_total", &[("tunnel", "free")]),
+        0.0
+    );
+    // The control loop drains the process in the background when its time is up.
+    drop(control);
+}
+
+/// GET /metrics of a child process; `None` while its endpoint is not up.
+fn scrape(addr: std::net::SocketAddr) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(TIMEOUT)).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.contains(" 200 ").then_some(out)
+}
+
+/// Polls a child's metrics until `f(text)` holds.
+fn wait_scraped(addr: std::net::SocketAddr, what: &str, f: impl Fn(&str) -> bool) -> String {
+    let mut last = None;
+    wait_until(what, || {
+        last = scrape(addr).filter(|t| f(t));
+        last.is_some()
+    });
+    last.unwrap()
+}
+
+/// Item 4 of issue 19: SIGHUP changes a tunnel's byte rate, and the connection open across
+/// the reloads is slowed, sped up and set free without being dropped.
+#[test]
+fn sighup_changes_the_byte_rate_of_an_open_connection_and_drops_none() {
+    let (to, n) = sink();
+    let (listen, metrics) = (free_addr(), free_addr());
+    let dir = temp_dir("ratereload");
+    let path = dir.join("sealpipe.toml");
+    let text = |rate: &str| {
+        format!(
+            "[metrics]\nlisten = \"{metrics}\"\n[limits]\nthreads = 1\n\
+             [[tunnel]]\nname = \"t\"\nmode = \"forward\"\nlisten = \"{listen}\"\n\
+             targets = [\"{to}\"]\n{rate}"
+        )
+    };
+    write_config(&path, &text("upstream_rate = \"20Mbit\"\n"));
+    let p = Proc(
+        sealpipe()
+            .args(["run", "--config"])
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_listening(listen);
+    // That probe was a connection: let it be counted closed first.
+    let closed = |t: &str| metric_in(t, "sealpipe_connections_closed_total", &[]);
+    wait_scraped(metrics, "the probe closed", |t| closed(t) == 1.0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = firehose(listen, 1, &stop);
+    let within = |rate: f64, limit: f64| (rate - limit).abs() <= 0.05 * limit;
+    // 20 Mbit/s, after a second to empty the bucket.
+    let _ = rate_over(&n, Duration::from_secs(1));
+    let slow = rate_over(&n, Duration::from_secs(3));
+    assert!(
+        within(slow, 2_500_000.0),
+        "{:.2} Mbit/s, not 20",
+        slow * 8e-6
+    );
+    // 80 Mbit/s.
+    write_config(&path, &text("upstream_rate = \"80Mbit\"\n"));
+    p.signal("HUP");
+    let reloads = |t: &str| metric_in(t, "sealpipe_config_reloads_total", &[("result", "ok")]);
+    wait_scraped(metrics, "the first reload", |t| reloads(t) == 1.0);
+    let _ = rate_over(&n, Duration::from_secs(1));
+    let fast = rate_over(&n, Duration::from_secs(3));
+    assert!(
+        within(fast, 10_000_000.0),
+        "{:.2} Mbit/s, not 80",
+        fast * 8e-6
+    );
+    // No limit.
+    write_config(&path, &text(""));
+    p.signal("HUP");
+    wait_scraped(metrics, "the second reload", |t| reloads(t) == 2.0);
+    let _ = rate_over(&n, Duration::from_millis(500));
+    let free = rate_over(&n, Duration::from_secs(1));
+    assert!(free > 4.0 * 10_000_000.0, "{:.0} Mbit/s", free * 8e-6);
+    // One connection all along (besides the probe): never dropped, nor refused.
+    let t = scrape(metrics).unwrap();
+    assert_eq!(
+        metric_in(&t, "sealpipe_connections_accepted_total", &[]),
+        2.0
+    );
+    assert_eq!(closed(&t), 1.0);
+    assert!(metric_in(&t, "sealpipe_throttled_total", &[("direction", "upstream")]) > 0.0);
+    stop.store(true, Ordering::Relaxed);
+    for c in client {
+        drop(c.join().unwrap());
+    }
+}
+
+/// One request and its echo on a new connection, or the error that refused it.
+fn try_ping(entry: std::net::SocketAddr) -> std::io::Result<()> {
+    let mut s = std::net::TcpStream::connect(entry)?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    s.write_all(b"ping")?;
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b)
+}
+
+/// Item 2 of issue 19: over `conn_rate`, new connections are refused at accept and counted;
+/// the bucket refills at the rate.
+#[test]
+fn connections_over_the_conn_rate_are_refused_at_accept_and_counted() {
+    let backend = echo_backend();
+    let mut t = tunnel(Mode::Forward, &[backend.addr], &[]);
+    t.conn_rate = Some(2.0);
+    t.conn_rate_burst = Some(5.0);
+    let (entry, r) = start(t, limits());
+    let started = Instant::now();
+    let ok = (0..20).filter(|_| try_ping(entry).is_ok()).count();
+    let took = started.elapsed().as_secs_f64();
+    // The burst of 5, and what 2 per second refilled meanwhile.
+    let most = 5 + (took * 2.0).ceil() as usize;
+    assert!((5..=most).contains(&ok), "{ok} of 20 in {took:.2} s");
+    let rejected = metric(
+        &r,
+        "sealpipe_connections_rejected_total",
+        &[("reason", "rate")],
+    );
+    assert_eq!(rejected as usize, 20 - ok);
+    assert_eq!(backend.conns.load(std::sync::atomic::Ordering::SeqCst), ok);
+    // Half a second later there is room again.
+    wait_until("the bucket refilled", || try_ping(entry).is_ok());
+}

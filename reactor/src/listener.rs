@@ -2,7 +2,7 @@
 //!
 //! Invariants:
 //! - Accepting drains the kernel queue until `WouldBlock`, but at most `accept_batch`
-//!   connections per wakeup; the rest are taken on a deferred pass (fairness with the
+//!   connections per wakeup; the rest are taken in the loop's next turn (fairness with the
 //!   connections already served by this loop).
 //! - Running out of descriptors or kernel memory (EMFILE, ENFILE, ENOBUFS, ENOMEM) pauses
 //!   accepting with an exponential backoff (10 ms .. 1 s) instead of spinning on a socket that
@@ -322,9 +322,13 @@ impl ConnListener {
                 }
             }
         }
-        // Batch (or the owner's `max`) full with more possibly queued: continue on a deferred
-        // pass. An owner that paused meanwhile makes that pass a no-op; resuming re-drives.
-        self.queue_redrive(cx);
+        // Batch (or the owner's `max`) full with more possibly queued: continue next turn,
+        // after the connections already served had theirs. An owner that paused meanwhile
+        // makes that pass a no-op; resuming re-drives.
+        if !self.redrive_queued {
+            self.redrive_queued = true;
+            cx.defer_next_turn(self.tag(TAG_REDRIVE));
+        }
         pass
     }
 

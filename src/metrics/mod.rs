@@ -190,6 +190,10 @@ pub const EPHEMERAL_SOURCES: [&str; 2] = ["pool", "on_demand"];
 /// of [`TunnelMetrics::lifetime_ends`].
 pub const LIFETIME_ENDS: [&str; 2] = ["graceful", "forced"];
 
+/// What a tunnel's rate limit counts (`sealpipe_rate_limit_share{limit}`), in the order of
+/// `proxy::ratelimit::Kind`.
+pub const RATE_LIMITS: [&str; 3] = ["conns", "upstream", "downstream"];
+
 /// Why an access log line was lost (`sealpipe_access_log_dropped_total{reason}`).
 pub const ACCESS_LOG_DROPS: [&str; 2] = ["queue_full", "write_error"];
 
@@ -281,6 +285,27 @@ pub const FAMILIES: &[Family] = &[
         labels: &[TUNNEL, one_of("end", &LIFETIME_ENDS)],
         written: Written::Shared,
         help: "Connections max_lifetime ended: graceful (at a quiet moment, a clean end both ways) or forced (reset at the end of max_lifetime_grace).",
+    },
+    Family {
+        name: "sealpipe_throttled_total",
+        kind: Kind::Counter,
+        labels: &[TUNNEL, one_of("direction", &DIRECTIONS)],
+        written: Written::Flushed,
+        help: "Times a connection's reading paused because the tunnel's byte rate limit (upstream_rate, downstream_rate) had no bytes left on its shard.",
+    },
+    Family {
+        name: "sealpipe_throttled_seconds_total",
+        kind: Kind::Counter,
+        labels: &[TUNNEL, one_of("direction", &DIRECTIONS)],
+        written: Written::Flushed,
+        help: "Time connections spent paused by the tunnel's byte rate limit, summed over connections.",
+    },
+    Family {
+        name: "sealpipe_rate_limit_share",
+        kind: Kind::Gauge,
+        labels: &[TUNNEL, SHARD, one_of("limit", &RATE_LIMITS)],
+        written: Written::Shard,
+        help: "This shard's share of the tunnel's rate limit now, per second (connections, or bytes each way); the shards' shares add up to the limit. Absent without that limit.",
     },
     Family {
         name: "sealpipe_flow_control_paused_total",
@@ -747,6 +772,9 @@ pub struct Metrics {
     upstream_connect: HistogramVec,
     flow_paused: IntCounterVec,
     lifetime_ends: IntCounterVec,
+    throttled: IntCounterVec,
+    throttled_seconds: CounterVec,
+    rate_share: GaugeVec,
     key_hibernations: IntCounterVec,
     pub pool_bytes: IntGaugeVec,
     pub loop_busy: CounterVec,
@@ -789,6 +817,9 @@ impl Metrics {
             duration: b.family("sealpipe_connection_duration_seconds"),
             flow_paused: b.family("sealpipe_flow_control_paused_total"),
             lifetime_ends: b.family("sealpipe_max_lifetime_ends_total"),
+            throttled: b.family("sealpipe_throttled_total"),
+            throttled_seconds: b.family("sealpipe_throttled_seconds_total"),
+            rate_share: b.family("sealpipe_rate_limit_share"),
             handshakes: b.family("sealpipe_handshakes_total"),
             sessions: b.family("sealpipe_sessions_total"),
             access_log_dropped: b.family("sealpipe_access_log_dropped_total"),
@@ -883,6 +914,9 @@ impl Metrics {
             flow_paused: DIRECTIONS.map(|d| self.flow_paused.with_label_values(&[tunnel, d])),
             lifetime_ends: LIFETIME_ENDS
                 .map(|e| self.lifetime_ends.with_label_values(&[tunnel, e])),
+            throttled: DIRECTIONS.map(|d| self.throttled.with_label_values(&[tunnel, d])),
+            throttled_seconds: DIRECTIONS
+                .map(|d| self.throttled_seconds.with_label_values(&[tunnel, d])),
             key_hibernations: self.key_hibernations.with_label_values(&[tunnel]),
             upstreams: upstreams
                 .iter()
@@ -919,6 +953,22 @@ impl Metrics {
         let _ = self
             .upstream_connect
             .remove_label_values(&[tunnel, upstream]);
+    }
+
+    /// A shard's share of one of a tunnel's rate limits (`limit`: one of [`RATE_LIMITS`]);
+    /// the series exists from its first use.
+    pub fn rate_share(&self, tunnel: &str, shard: usize, limit: &str) -> prometheus::Gauge {
+        self.rate_share
+            .with_label_values(&[tunnel, &shard.to_string(), limit])
+    }
+
+    /// Drops every shard's share series of a limit a reload removed.
+    pub fn forget_rate_share(&self, tunnel: &str, limit: &str) {
+        for shard in 0..self.shards() {
+            let _ = self
+                .rate_share
+                .remove_label_values(&[tunnel, &shard.to_string(), limit]);
+        }
     }
 
     /// One shard's ephemeral-key counters, by [`EPHEMERAL_SOURCES`].
@@ -969,6 +1019,9 @@ pub struct TunnelMetrics {
     pub flow_paused: [IntCounter; 2],
     /// By [`LIFETIME_ENDS`].
     pub lifetime_ends: [IntCounter; 2],
+    /// Byte rate limit pauses and their time, by [`DIRECTIONS`].
+    pub throttled: [IntCounter; 2],
+    pub throttled_seconds: [prometheus::Counter; 2],
     pub key_hibernations: IntCounter,
     pub upstreams: Vec<UpstreamMetrics>,
     pub accept_exhausted: IntCounter,
@@ -1349,6 +1402,7 @@ mod tests {
         m.target_addresses
             .with_label_values(&["t", "db:5432"])
             .set(1);
+        m.rate_share("t", 0, RATE_LIMITS[1]).set(1.0);
         let gathered = m.registry.gather();
         assert_eq!(gathered.len(), want.len());
         for mf in gathered {

@@ -239,8 +239,13 @@ fn admit(
         reset(&stream);
         return false;
     }
+    // The tunnel's new-connection rate (after the access lists: a refused source spends none).
+    if !super::ratelimit::admit(cx, tunnel) {
+        reset(&stream);
+        return false;
+    }
     // Only a sealed client side has a pre-authentication phase to protect.
-    let ticket = if rt.cfg.mode == Mode::Decrypt {
+    let ticket = if cx.state.tunnels[tunnel].cfg.mode == Mode::Decrypt {
         match cx.state.admission.admit(peer.ip(), now) {
             Ok(t) => Some(t),
             Err(reason) => {

@@ -25,6 +25,7 @@ pub mod identity;
 pub mod ids;
 pub mod keepalive;
 pub mod listener;
+pub mod ratelimit;
 pub mod upstream;
 
 use std::collections::HashSet;
@@ -129,6 +130,9 @@ pub struct TunnelRt {
     pub no_fs_unwarned: u64,
     /// The tunnel's access log writer (`access_log`; opened by the server, replaced on reload).
     pub access_log: Option<access_log::AccessLog>,
+    /// This shard's shares of the tunnel's rate limits (`ratelimit`).
+    pub rates: ratelimit::ShardRates,
+    shard: ShardIdx,
 }
 
 impl TunnelRt {
@@ -141,6 +145,8 @@ impl TunnelRt {
     ) -> TunnelRt {
         let upstreams = Upstreams::with_groups(&cfg.target_addrs(), cfg.balance);
         TunnelRt {
+            rates: ratelimit::ShardRates::new(&cfg.rates, metrics.shards(), Instant::now()),
+            shard,
             index,
             key_sessions: Self::key_sessions(&cfg, keys.as_deref(), metrics),
             handshake: Self::handshake_config(&cfg, keys),
@@ -218,6 +224,13 @@ impl TunnelRt {
     ) {
         self.key_sessions = Self::key_sessions(&cfg, keys.as_deref(), metrics);
         self.handshake = Self::handshake_config(&cfg, keys);
+        self.rates
+            .reconfigure(&cfg.rates, metrics.shards(), Instant::now());
+        for k in ratelimit::Kind::ALL {
+            if cfg.rates.get(k).is_none() && self.cfg.rates.get(k).is_some() {
+                metrics.forget_rate_share(&cfg.name, k.as_str());
+            }
+        }
         self.set_targets(cfg, metrics, shard);
     }
 
@@ -235,12 +248,34 @@ impl TunnelRt {
         self.cfg = cfg;
     }
 
-    /// Moves shard-local byte counts into the Prometheus counters.
-    pub fn flush(&mut self) {
+    /// Moves shard-local counts into the Prometheus counters, and publishes the rate limits'
+    /// shares (and, for the rebalancer, what they counted).
+    pub fn flush(&mut self, metrics: &Metrics, board: Option<&ratelimit::RateBoard>) {
         for (label, n) in std::mem::take(&mut self.bytes).iter() {
             if n > 0 {
                 self.metrics.bytes[label as usize].inc_by(n);
             }
+        }
+        if self.cfg.rates.is_empty() {
+            return;
+        }
+        for dir in conn::core::Flow::ALL {
+            let (n, secs) = self.rates.take_throttled(dir);
+            if n > 0 {
+                self.metrics.throttled[dir as usize].inc_by(n);
+                self.metrics.throttled_seconds[dir as usize].inc_by(secs);
+            }
+        }
+        for k in ratelimit::Kind::ALL {
+            if let Some(l) = self.rates.get(k) {
+                metrics
+                    .rate_share(&self.cfg.name, self.shard.get(), k.as_str())
+                    .set(l.share());
+            }
+        }
+        if let Some(b) = board {
+            self.rates
+                .publish(b.slots(self.index.get(), self.shard.get()));
         }
     }
 }
@@ -300,6 +335,8 @@ pub struct ShardState {
     ephemeral_published: (u64, u64),
     /// xorshift64 state for `max_lifetime`'s jitter (spread, not secrecy).
     jitter_state: u64,
+    /// Where the tunnels' rate limits publish what they counted (`ratelimit::Rebalancer`).
+    pub rate_board: Option<Arc<ratelimit::RateBoard>>,
 }
 
 impl ShardState {
@@ -326,6 +363,7 @@ impl ShardState {
             metrics,
             // Any nonzero seed; shards differ, so do their draws.
             jitter_state: 0x9e37_79b9_7f4a_7c15 ^ (shard.get() as u64 + 1),
+            rate_board: None,
         }
     }
 
@@ -381,7 +419,7 @@ impl ShardState {
         self.ephemeral_keys[KeySource::OnDemand as usize].inc_by(on_demand.saturating_sub(d0));
         self.ephemeral_published = (pool, on_demand);
         for t in &mut self.tunnels {
-            t.flush();
+            t.flush(&self.metrics, self.rate_board.as_deref());
             let healthy = t.upstreams.healthy(now);
             self.metrics
                 .health
@@ -468,6 +506,11 @@ mod tests {
         assert_eq!(directions.len(), conn::core::Flow::ALL.len());
         for f in conn::core::Flow::ALL {
             assert_eq!(directions[f as usize], f.as_str());
+        }
+        let limits = declared("sealpipe_rate_limit_share", "limit");
+        assert_eq!(limits.len(), ratelimit::Kind::ALL.len());
+        for k in ratelimit::Kind::ALL {
+            assert_eq!(limits[k as usize], k.as_str());
         }
         let reasons = declared("sealpipe_upstream_connect_failures_total", "reason");
         assert_eq!(reasons.len(), upstream::ConnectFailure::ALL.len());

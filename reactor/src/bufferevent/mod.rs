@@ -32,8 +32,9 @@
 //!   go on ([`BufferEvent::throttle_until`]); the BufferEvent wakes itself then. No bucket,
 //!   clock or shared counter lives here.
 //! - Reading stops at the read high watermark (input bytes pending, counted through the filter
-//!   layer) and at a per-call budget (fairness); the owner calls [`BufferEvent::consumed`] after
-//!   draining input, which resumes reading if the watermark had stopped it.
+//!   layer) and at a per-call budget (fairness: the rest is read in the loop's next turn, after
+//!   the other handlers and due timers had theirs); the owner calls [`BufferEvent::consumed`]
+//!   after draining input, which resumes reading if the watermark had stopped it.
 //!
 //! A [`Filter`] (libevent's `bufferevent_filter`) may sit between the socket and the user's
 //! buffers: it decodes what the socket delivered into `input` and encodes `output` for the

@@ -488,8 +488,12 @@ impl<F: Filter> BevCore<F, Socket> {
     fn read_path<S>(&mut self, cx: &mut Context<'_, S>, ev: &mut BevEvents) {
         let read_before = self.bytes_read;
         if self.read_some(ev) {
-            // The budget ran out: yield to other connections; come back on a deferred pass.
-            self.queue_redrive(cx);
+            // The budget ran out: yield to other connections; come back next turn (a plain
+            // deferred pass would run before any of them, as often as the socket has more).
+            if !self.io.redrive_queued {
+                self.io.redrive_queued = true;
+                cx.defer_next_turn(self.io.tag(REDRIVE));
+            }
         }
         if self.bytes_read != read_before {
             if let Some(io) = self.io.io_timeouts.as_deref_mut() {

@@ -44,11 +44,12 @@ use crate::reactor::{
 };
 
 pub use self::core::{Action, ConnCore, Env, HIBERNATE_AFTER, Layer, Side};
-use self::core::{Cause, ConnTimer, Failure, Limits, Preamble};
+use self::core::{Cause, ConnTimer, Failure, Flow, Limits, Preamble};
 
 use super::codec::{Role, SealFilter};
 use super::identity::{self, ConnIdentity, HeaderError, HeaderStep};
 use super::listener::Ticket;
+use super::ratelimit::{self, metered};
 use super::upstream::{ConnectOutcome, TargetId, Upstreams};
 use super::{ByteCounts, OptError, ShardState, TargetAddr, TunnelIdx, TunnelRt};
 
@@ -756,11 +757,15 @@ impl<C: Make, U: Make> Handler<ShardState> for Conn<C, U> {
             let (core, mut env) = self.parts(cx);
             core.activity(now, &mut env);
         }
+        // Reads are metered by the tunnel's byte rate limits, if any (`ratelimit`): the
+        // client's bytes go upstream, the upstream's downstream.
+        let t = self.shell.tunnel;
         if source == Side::Client as u8 {
-            let ev = self.core.client_mut().on_ready(cx, ready);
+            let c = self.core.client_mut();
+            let ev = metered(cx, t, Flow::Upstream, c, |b, cx| b.on_ready(cx, ready));
             self.handle(cx, Side::Client, ev);
         } else if let Some(up) = self.core.upstream_mut() {
-            let ev = up.on_ready(cx, ready);
+            let ev = metered(cx, t, Flow::Downstream, up, |b, cx| b.on_ready(cx, ready));
             self.handle(cx, Side::Upstream, ev);
         }
     }
@@ -775,12 +780,14 @@ impl<C: Make, U: Make> Handler<ShardState> for Conn<C, U> {
             let (core, mut env) = self.parts(cx);
             return core.limits_changed(now, &mut env);
         }
+        let t = self.shell.tunnel;
         if self.core.client().owns_tag(tag) {
-            let ev = self.core.client_mut().on_notify(cx, tag);
+            let c = self.core.client_mut();
+            let ev = metered(cx, t, Flow::Upstream, c, |b, cx| b.on_notify(cx, tag));
             self.handle(cx, Side::Client, ev);
         } else if let Some(up) = self.core.upstream_mut() {
             if up.owns_tag(tag) {
-                let ev = up.on_notify(cx, tag);
+                let ev = metered(cx, t, Flow::Downstream, up, |b, cx| b.on_notify(cx, tag));
                 self.handle(cx, Side::Upstream, ev);
             }
         }
@@ -827,6 +834,11 @@ impl<C: Make, U: Make> Handler<ShardState> for Conn<C, U> {
             env.set_timer(ConnTimer::Idle, None);
             // The handshake's and the lifetime's share one slot.
             env.set_timer(ConnTimer::Handshake, None);
+        }
+        let t = self.shell.tunnel;
+        ratelimit::release(cx, t, Flow::Upstream, self.core.client());
+        if let Some(up) = self.core.upstream() {
+            ratelimit::release(cx, t, Flow::Downstream, up);
         }
         self.core.client_mut().close(cx);
         if let Some(up) = self.core.upstream_mut() {
