@@ -14,6 +14,7 @@ use serde::Deserialize;
 use crate::keyfile::KeyError;
 use crate::protocol::{AeadKind, ForwardSecrecy, KeySet};
 pub use crate::proxy::conn::core::Lifetime;
+use crate::proxy::ids::TargetAddr;
 pub use crate::proxy::ratelimit::{Limit, RateLimits};
 
 /// Everything that can be wrong with a configuration.
@@ -522,6 +523,148 @@ pub struct TunnelFile {
     pub downstream_rate: Option<Amount>,
     /// Bytes either direction may carry at once beyond its rate (default: one second of it).
     pub rate_burst: Option<Amount>,
+    // -- a Unix domain socket to listen on (`listen = "unix:/path"`; "Unix domain sockets") --
+    /// Permission bits of the socket file: `0o660` or `"0660"` (octal).
+    pub listen_mode: Option<FileMode>,
+    /// Owner and group of the socket file: a name or a number.
+    pub listen_owner: Option<String>,
+    pub listen_group: Option<String>,
+}
+
+/// Permission bits as written: a TOML integer (`0o660`) or an octal string (`"0660"`).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum FileMode {
+    Number(i64),
+    Text(String),
+}
+
+impl From<&str> for FileMode {
+    fn from(s: &str) -> FileMode {
+        FileMode::Text(s.to_string())
+    }
+}
+
+/// What a tunnel listens on: a TCP address, or a Unix domain socket (`unix:/run/app/x.sock`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    Inet(SocketAddr),
+    Unix(UnixListen),
+}
+
+/// A Unix domain socket to listen on, and what its file should look like.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnixListen {
+    pub path: PathBuf,
+    /// Permission bits (`listen_mode`); `None`: as the process's umask leaves them.
+    pub mode: Option<u32>,
+    /// Owner and group (`listen_owner`, `listen_group`): a name (looked up when the socket is
+    /// bound) or a number; `None`: the process's.
+    pub owner: Option<String>,
+    pub group: Option<String>,
+}
+
+impl ListenAddr {
+    /// The TCP address, for a TCP listener.
+    pub fn inet(&self) -> Option<SocketAddr> {
+        match self {
+            ListenAddr::Inet(a) => Some(*a),
+            ListenAddr::Unix(_) => None,
+        }
+    }
+    /// The Unix socket, for a Unix listener.
+    pub fn unix(&self) -> Option<&UnixListen> {
+        match self {
+            ListenAddr::Inet(_) => None,
+            ListenAddr::Unix(u) => Some(u),
+        }
+    }
+    /// The same socket (address or path), whatever its file's mode and owner.
+    pub fn same_socket(&self, other: &ListenAddr) -> bool {
+        match (self, other) {
+            (ListenAddr::Inet(a), ListenAddr::Inet(b)) => a == b,
+            (ListenAddr::Unix(a), ListenAddr::Unix(b)) => a.path == b.path,
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Inet(a) => a.fmt(f),
+            ListenAddr::Unix(u) => write!(f, "{UNIX_PREFIX}{}", u.path.display()),
+        }
+    }
+}
+
+/// How an address names a Unix domain socket.
+pub const UNIX_PREFIX: &str = "unix:";
+/// The longest path a Unix domain socket address holds (`sun_path`, less its NUL).
+pub const MAX_UNIX_PATH: usize = 107;
+
+/// The path of `unix:PATH` (`what`: the setting, for the message), if `s` is one.
+pub fn unix_path(what: &str, s: &str) -> Option<Result<PathBuf, String>> {
+    let p = s.strip_prefix(UNIX_PREFIX)?;
+    let path = PathBuf::from(p);
+    Some(if !path.is_absolute() {
+        Err(format!(
+            "{what} {s:?}: a Unix socket's path must be absolute (unix:/run/app/app.sock)"
+        ))
+    } else if p.len() > MAX_UNIX_PATH {
+        Err(format!(
+            "{what} {s:?}: the path is {} bytes, over the {MAX_UNIX_PATH} a Unix socket address holds",
+            p.len()
+        ))
+    } else if p.ends_with('/') {
+        Err(format!("{what} {s:?}: the path names a directory"))
+    } else {
+        Ok(path)
+    })
+}
+
+/// `listen_mode`: permission bits, 0 to 0777.
+fn file_mode(sc: Scope<'_>, v: &FileMode) -> Result<u32, ConfigError> {
+    let bits = match v {
+        FileMode::Number(n) => u32::try_from(*n).ok(),
+        FileMode::Text(t) => u32::from_str_radix(t.trim_start_matches("0o"), 8).ok(),
+    };
+    match bits {
+        Some(b) if b <= 0o777 => Ok(b),
+        _ => Err(sc.error(
+            "listen_mode",
+            format!(
+                "must be permission bits from 0 to 0777 (octal: \"0660\" or 0o660), got {}",
+                match v {
+                    FileMode::Number(n) => format!("{n} (0o{n:o})"),
+                    FileMode::Text(t) => format!("{t:?}"),
+                }
+            ),
+        )),
+    }
+}
+
+/// A user or group as written: a name, or a number.
+fn owner_name(
+    sc: Scope<'_>,
+    field: &str,
+    v: &Option<String>,
+) -> Result<Option<String>, ConfigError> {
+    match v.as_deref() {
+        None => Ok(None),
+        Some(n)
+            if !n.is_empty()
+                && n.len() <= 256
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.$".contains(c)) =>
+        {
+            Ok(Some(n.to_string()))
+        }
+        Some(n) => Err(sc.error(
+            field,
+            format!("{n:?} is not a user or group name, nor a number"),
+        )),
+    }
 }
 
 /// A byte amount as written: a number of bytes, or a string with a unit (see [`bytes`]).
@@ -619,6 +762,9 @@ impl TunnelFile {
             keepalive_count: None,
             tcp_user_timeout: None,
             resolve_interval: None,
+            listen_mode: None,
+            listen_owner: None,
+            listen_group: None,
             max_lifetime: None,
             max_lifetime_grace: None,
             conn_rate: None,
@@ -649,7 +795,7 @@ pub struct ConfigFile {
 pub struct Tunnel {
     pub name: String,
     pub mode: Mode,
-    pub listen: SocketAddr,
+    pub listen: ListenAddr,
     /// In configured order; a name's addresses are filled by [`Config::resolve_targets`].
     pub targets: Vec<Target>,
     pub key_files: Vec<PathBuf>,
@@ -676,8 +822,8 @@ pub struct Tunnel {
 
 impl Tunnel {
     /// Every target's addresses, one list per target (what `proxy::upstream` balances over).
-    pub fn target_addrs(&self) -> Vec<Vec<SocketAddr>> {
-        self.targets.iter().map(|t| t.addrs.clone()).collect()
+    pub fn target_addrs(&self) -> Vec<Vec<TargetAddr>> {
+        self.targets.iter().map(Target::target_addrs).collect()
     }
 
     /// Whether any target is a name (resolved, and re-resolved while running).
@@ -789,6 +935,62 @@ fn timeout(scope: Scope<'_>, field: &str, v: f64, why: &str) -> Result<Duration,
         return Err(scope.error(field, format!("cannot be 0: {why}")));
     }
     Ok(d)
+}
+
+/// A tunnel's `listen`, with the Unix socket file's keys (which only a Unix socket takes).
+fn listen_addr(sc: Scope<'_>, t: &TunnelFile) -> Result<ListenAddr, ConfigError> {
+    let field = sc.name("listen");
+    let Some(path) = unix_path(&field, &t.listen) else {
+        for (key, set) in [
+            ("listen_mode", t.listen_mode.is_some()),
+            ("listen_owner", t.listen_owner.is_some()),
+            ("listen_group", t.listen_group.is_some()),
+        ] {
+            if set {
+                return Err(sc.error(
+                    key,
+                    format!(
+                        "applies to a Unix socket's file ({} = \"unix:/path\"), not to {}",
+                        sc.name("listen"),
+                        t.listen
+                    ),
+                ));
+            }
+        }
+        return resolve(&field, &t.listen)
+            .map(ListenAddr::Inet)
+            .map_err(|m| sc.wrap(m));
+    };
+    let path = path.map_err(|m| sc.wrap(m))?;
+    // A Unix socket's peers have no address to check.
+    for (key, set) in [
+        ("allow", !t.allow.is_empty()),
+        ("deny", !t.deny.is_empty()),
+        ("accept_proxy", t.accept_proxy),
+    ] {
+        if set {
+            return Err(sc.error(
+                key,
+                format!(
+                    "needs an IP listen address: the peers of a Unix socket ({}) have none (control who connects with {}, {} and {})",
+                    t.listen,
+                    sc.name("listen_mode"),
+                    sc.name("listen_owner"),
+                    sc.name("listen_group")
+                ),
+            ));
+        }
+    }
+    Ok(ListenAddr::Unix(UnixListen {
+        path,
+        mode: t
+            .listen_mode
+            .as_ref()
+            .map(|m| file_mode(sc, m))
+            .transpose()?,
+        owner: owner_name(sc, "listen_owner", &t.listen_owner)?,
+        group: owner_name(sc, "listen_group", &t.listen_group)?,
+    }))
 }
 
 /// `max_lifetime_grace` when not given.
@@ -986,13 +1188,23 @@ pub struct Target {
     /// The name and port to resolve; `None` for an IP address.
     pub host: Option<(String, u16)>,
     /// Its addresses, in the resolver's order, without duplicates: the one address of an IP
-    /// target; empty for a name not resolved yet.
+    /// target; empty for a name not resolved yet, and for a Unix socket.
     pub addrs: Vec<SocketAddr>,
+    /// A Unix domain socket's path (`unix:/run/app/x.sock`), interned.
+    pub unix: Option<&'static std::path::Path>,
 }
 
 impl Target {
-    /// Parses `HOST:PORT` (an IP address is final; a name is resolved later).
+    /// Parses `HOST:PORT` (an IP address is final; a name is resolved later) or `unix:PATH`.
     pub fn parse(s: &str) -> Result<Target, String> {
+        if let Some(path) = unix_path("target", s) {
+            return Ok(Target {
+                spec: s.to_string(),
+                host: None,
+                addrs: Vec::new(),
+                unix: Some(crate::proxy::ids::intern(&path?)),
+            });
+        }
         if let Ok(a) = s.parse::<SocketAddr>() {
             if a.port() == 0 {
                 return Err(format!("target {s:?}: port 0 is not a port to connect to"));
@@ -1001,6 +1213,7 @@ impl Target {
                 spec: s.to_string(),
                 host: None,
                 addrs: vec![a],
+                unix: None,
             });
         }
         let (host, port) = split_host_port("target", s)?;
@@ -1011,7 +1224,21 @@ impl Target {
             spec: s.to_string(),
             host: Some((host, port)),
             addrs: Vec::new(),
+            unix: None,
         })
+    }
+
+    /// What it stands for now: its addresses, or its Unix socket.
+    pub fn target_addrs(&self) -> Vec<TargetAddr> {
+        match self.unix {
+            Some(p) => vec![TargetAddr::Unix(p)],
+            None => self.addrs.iter().map(|a| TargetAddr::new(*a)).collect(),
+        }
+    }
+
+    /// Whether it has something to connect to (a name is resolved, or it is a socket path).
+    pub fn is_resolved(&self) -> bool {
+        self.unix.is_some() || !self.addrs.is_empty()
     }
 }
 
@@ -1189,8 +1416,8 @@ impl ConfigFile {
             if tunnels.iter().any(|o| o.name == name) {
                 return Err(bad("duplicate tunnel name".into()));
             }
-            let listen = resolve(&sc.name("listen"), &t.listen).map_err(bad)?;
-            if tunnels.iter().any(|o| o.listen == listen) {
+            let listen = listen_addr(sc, &t)?;
+            if tunnels.iter().any(|o| o.listen.same_socket(&listen)) {
                 return Err(bad(format!("listen address {listen} is used twice")));
             }
             if t.targets.is_empty() {
@@ -1394,7 +1621,7 @@ impl Config {
     pub fn resolved(&self) -> bool {
         self.tunnels
             .iter()
-            .all(|t| t.targets.iter().all(|x| !x.addrs.is_empty()))
+            .all(|t| t.targets.iter().all(Target::is_resolved))
     }
 
     /// Loads every tunnel's key set (one per tunnel, in tunnel order; `None` for forward).
@@ -1729,6 +1956,77 @@ mod tests {
     }
 
     #[test]
+    fn unix_sockets_listen_and_connect_and_their_keys_are_checked() {
+        let unix = "[[tunnel]]\nmode = \"forward\"\nlisten = \"unix:/run/app/in.sock\"\ntargets = [\"unix:/run/app/redis.sock\", \"127.0.0.1:2\"]\n";
+        let c = parse(&format!(
+            "{unix}listen_mode = 0o660\nlisten_owner = \"app\"\nlisten_group = \"1000\"\n"
+        ))
+        .unwrap();
+        let t = &c.tunnels[0];
+        let u = t.listen.unix().unwrap();
+        assert_eq!(u.path, Path::new("/run/app/in.sock"));
+        assert_eq!(
+            (u.mode, u.owner.as_deref(), u.group.as_deref()),
+            (Some(0o660), Some("app"), Some("1000"))
+        );
+        assert_eq!(t.listen.to_string(), "unix:/run/app/in.sock");
+        assert!(c.resolved(), "a socket path needs no resolving");
+        assert_eq!(
+            t.target_addrs()[0],
+            vec![TargetAddr::unix(Path::new("/run/app/redis.sock"))]
+        );
+        assert_eq!(t.targets[0].to_string(), "unix:/run/app/redis.sock");
+        let c = parse(&format!("{unix}listen_mode = \"0600\"\n")).unwrap();
+        assert_eq!(c.tunnels[0].listen.unix().unwrap().mode, Some(0o600));
+        for (bad, key, why) in [
+            ("listen_mode = \"999\"", "listen_mode", "permission bits"),
+            (
+                "listen_mode = 0o4755",
+                "listen_mode",
+                "permission bits from 0 to 0777",
+            ),
+            (
+                "listen_owner = \"a b\"",
+                "listen_owner",
+                "not a user or group name",
+            ),
+            (
+                "allow = [\"10.0.0.0/8\"]",
+                "allow",
+                "needs an IP listen address",
+            ),
+        ] {
+            let e = parse(&format!("{unix}{bad}\n")).unwrap_err().to_string();
+            assert!(
+                e.contains("tunnel0") && e.contains(key) && e.contains(why),
+                "{bad}: {e}"
+            );
+        }
+        for (listen, why) in [
+            ("unix:run/app.sock", "must be absolute"),
+            ("unix:/run/app/", "names a directory"),
+        ] {
+            let text = format!(
+                "[[tunnel]]\nmode = \"forward\"\nlisten = \"{listen}\"\ntargets = [\"127.0.0.1:2\"]\n"
+            );
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains("listen") && e.contains(why), "{listen}: {e}");
+        }
+        let long = format!("unix:/{}", "x".repeat(120));
+        let e = Target::parse(&long).unwrap_err();
+        assert!(e.contains("over the 107"), "{e}");
+        let e = parse(&format!("{FWD}listen_group = \"app\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("listen_group applies to a Unix socket's file"),
+            "{e}"
+        );
+        let e = parse(&format!("{unix}[[tunnel]]\nname = \"b\"\nmode = \"forward\"\nlisten = \"unix:/run/app/in.sock\"\ntargets = [\"127.0.0.1:3\"]\n")).unwrap_err().to_string();
+        assert!(e.contains("used twice"), "{e}");
+    }
+
+    #[test]
     fn targets_are_addresses_or_names_and_a_missing_port_is_named() {
         let t = Target::parse("10.0.0.5:80").unwrap();
         assert_eq!((t.host, t.addrs.len()), (None, 1));
@@ -1784,7 +2082,10 @@ mod tests {
             c.tunnels[0].targets[0].addrs,
             vec![a("[::1]:5432"), a("127.0.0.1:5432")]
         );
-        assert_eq!(c.tunnels[0].target_addrs()[1], vec![a("10.0.0.9:1")]);
+        assert_eq!(
+            c.tunnels[0].target_addrs()[1],
+            vec![TargetAddr::new(a("10.0.0.9:1"))]
+        );
         // The name stops resolving: the running list is kept, and the failure reported.
         let mut next = parse(text).unwrap();
         let failures = next.resolve_targets(Some(&c), &Table(vec![])).unwrap();

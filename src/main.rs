@@ -123,12 +123,23 @@ enum Cmd {
 
 #[derive(Args, Clone)]
 struct TunnelArgs {
-    /// Address to accept connections on, e.g. 127.0.0.1:7000 or [::1]:7000.
+    /// Address to accept connections on, e.g. 127.0.0.1:7000 or [::1]:7000, or a Unix domain
+    /// socket, unix:/run/app/app.sock (a stale socket file there is replaced; a live one is
+    /// an error).
     #[arg(long, value_name = "ADDR")]
     listen: String,
-    /// Where to connect: HOST:PORT, or several, comma-separated. A host name stands for every
-    /// address it resolves to (tried in the resolver's order), resolved again every
-    /// --resolve-interval.
+    /// With a unix: --listen: the socket file's permission bits, in octal (e.g. 0660).
+    #[arg(long, value_name = "MODE")]
+    listen_mode: Option<String>,
+    /// With a unix: --listen: the socket file's owner (a user name or uid).
+    #[arg(long, value_name = "USER")]
+    listen_owner: Option<String>,
+    /// With a unix: --listen: the socket file's group (a group name or gid).
+    #[arg(long, value_name = "GROUP")]
+    listen_group: Option<String>,
+    /// Where to connect: HOST:PORT, or unix:/PATH (a Unix domain socket), or several,
+    /// comma-separated. A host name stands for every address it resolves to (tried in the
+    /// resolver's order), resolved again every --resolve-interval.
     #[arg(
         long,
         value_name = "HOST:PORT[,HOST:PORT...]",
@@ -480,6 +491,9 @@ fn tunnel_config(
             access_log: a.identity.access_log.clone(),
             allow: a.identity.allow.clone(),
             deny: a.identity.deny.clone(),
+            listen_mode: a.listen_mode.as_deref().map(Into::into),
+            listen_owner: a.listen_owner.clone(),
+            listen_group: a.listen_group.clone(),
             max_lifetime: Some(a.policy.max_lifetime),
             max_lifetime_grace: a.policy.max_lifetime_grace,
             conn_rate: Some(a.policy.conn_rate),

@@ -174,6 +174,17 @@ pub enum ServerError {
     Handoff { path: PathBuf, message: String },
     #[error("socket activation: {0}")]
     Activation(String),
+    #[error("tunnel {tunnel:?}: cannot listen on a Unix socket: {source}")]
+    Unix {
+        tunnel: String,
+        source: crate::unix_listen::UnixListenError,
+    },
+}
+
+/// A shard's listening socket for one tunnel: TCP, or a Unix domain socket.
+enum Bound {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
 }
 
 /// A callback the control thread runs on SIGHUP to change the log filter.
@@ -209,7 +220,8 @@ pub struct Running {
     cfg: Config,
     metrics: Arc<Metrics>,
     shards: Vec<Shard>,
-    /// Per tunnel: the address actually bound (port 0 resolved).
+    /// Per tunnel: the address actually bound (port 0 resolved); `0.0.0.0:0` for a tunnel
+    /// that listens on a Unix socket (its path is the configuration's).
     pub listen_addrs: Vec<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
     running: Arc<AtomicUsize>,
@@ -226,6 +238,8 @@ pub struct Running {
     refresher: crate::resolver::Refresher,
     /// The rate limits' shares, moved to the shards that carry the traffic (`ratelimit`).
     rates: Rebalancer,
+    /// The Unix sockets this process bound, removed when it exits.
+    unix_files: Vec<crate::unix_listen::SocketFile>,
 }
 
 /// Binds one listener per shard for `addr` (SO_REUSEPORT); a port of 0 is resolved by the
@@ -303,7 +317,7 @@ fn activated_listeners(
                 "systemd passed two sockets named {name:?}; a tunnel serves one"
             )));
         }
-        if addr != t.listen {
+        if Some(addr) != t.listen.inet() {
             tracing::info!(tunnel = %t.name, listen = %t.listen, socket = %addr, "serving the socket systemd passed; the configured listen address is not bound");
         }
         out[ti] = Some((addr, std::net::TcpListener::from(fd)));
@@ -521,6 +535,18 @@ pub fn start_with(
     let keys = cfg.load_keys()?;
     let access_logs = crate::proxy::access_log::open_all(&cfg)?;
 
+    if let (Some(path), Some(t)) = (
+        handoff,
+        cfg.tunnels.iter().find(|t| t.listen.unix().is_some()),
+    ) {
+        return Err(handoff_err(
+            path,
+            format!(
+                "tunnel {:?} listens on a Unix socket ({}), which the handoff does not carry: restart the process instead",
+                t.name, t.listen
+            ),
+        ));
+    }
     let mut inherited = match handoff {
         Some(path) => take_listeners(path, &cfg)?,
         None => None,
@@ -557,10 +583,43 @@ pub fn start_with(
         .collect();
     let mut activated = activated_listeners(&cfg)?;
     let mut listen_addrs = Vec::new();
-    let mut per_shard: Vec<Vec<std::net::TcpListener>> = (0..nshards).map(|_| Vec::new()).collect();
+    let mut per_shard: Vec<Vec<Bound>> = (0..nshards).map(|_| Vec::new()).collect();
+    let mut unix_files = Vec::new();
     let mut dups: Vec<Vec<OwnedFd>> = Vec::new();
     let mut listeners: Vec<Vec<OwnedFd>> = Vec::new();
     for (ti, t) in cfg.tunnels.iter().enumerate() {
+        if let Some(u) = t.listen.unix() {
+            if activated[ti].is_some() {
+                return Err(ServerError::Activation(format!(
+                    "tunnel {:?} listens on a Unix socket ({}); serving one systemd passes is not supported yet: drop its .socket unit, or listen on TCP",
+                    t.name, t.listen
+                )));
+            }
+            // One socket for every shard (Unix sockets have no SO_REUSEPORT groups): each
+            // shard accepts from the same queue, as with a socket systemd passes.
+            let unix_err = |source| ServerError::Unix {
+                tunnel: t.name.clone(),
+                source,
+            };
+            let (l, file) = crate::unix_listen::bind(u).map_err(unix_err)?;
+            let io_err = |source| {
+                unix_err(crate::unix_listen::UnixListenError::Io {
+                    path: u.path.clone(),
+                    source,
+                })
+            };
+            for shard in per_shard.iter_mut().skip(1) {
+                shard.push(Bound::Unix(l.try_clone().map_err(io_err)?));
+            }
+            per_shard[0].push(Bound::Unix(l));
+            tracing::info!(tunnel = %t.name, path = %u.path.display(), mode = ?u.mode.map(|m| format!("{m:04o}")), "listening on a Unix socket");
+            unix_files.push(file);
+            listen_addrs.push(SocketAddr::from(([0, 0, 0, 0], 0)));
+            dups.push(Vec::new());
+            listeners.push(Vec::new());
+            continue;
+        }
+        let listen = t.listen.inet().expect("not a Unix socket: checked above");
         let got = inherited
             .as_mut()
             .map(|h| std::mem::take(&mut h.tunnels[ti]))
@@ -575,9 +634,9 @@ pub fn start_with(
             None => {
                 if got.is_empty() {
                     // Not taking this address over by handoff: nobody else may be serving it.
-                    check_not_served(&t.name, t.listen)?;
+                    check_not_served(&t.name, listen)?;
                 }
-                bind_all(&t.name, t.listen, nshards, &cpus, got)?
+                bind_all(&t.name, listen, nshards, &cpus, got)?
             }
         };
         listen_addrs.push(addr);
@@ -595,7 +654,7 @@ pub fn start_with(
             if handoff.is_some() {
                 d.push(dup(&l).map_err(listen_err)?);
             }
-            per_shard[i].push(l);
+            per_shard[i].push(Bound::Tcp(l));
         }
         dups.push(d);
         listeners.push(own);
@@ -665,8 +724,16 @@ pub fn start_with(
                 };
                 base.set_idle(ShardState::wants_idle_work, ShardState::idle_step);
                 for (ti, l) in listeners.into_iter().enumerate() {
-                    let cl = ConnListener::from_std(l, ListenerOptions::default(), 0);
-                    base.spawn(Box::new(TunnelListener::new(TunnelIdx::new(ti), cl)));
+                    let (ti, opts) = (TunnelIdx::new(ti), ListenerOptions::default());
+                    let h: Box<dyn crate::reactor::Handler<ShardState>> = match l {
+                        Bound::Tcp(l) => {
+                            Box::new(TunnelListener::new(ti, ConnListener::from_std(l, opts, 0)))
+                        }
+                        Bound::Unix(l) => {
+                            Box::new(TunnelListener::new(ti, ConnListener::from_unix(l, opts, 0)))
+                        }
+                    };
+                    base.spawn(h);
                 }
                 let _ = tx.send(Ok(base.handle()));
                 shard_main(i, base, core, running, &trim, flush.as_deref())
@@ -714,6 +781,7 @@ pub fn start_with(
         listeners,
         refresher,
         rates,
+        unix_files,
     })
 }
 
@@ -904,11 +972,9 @@ impl Running {
             .resolve_targets(Some(&self.cfg), self.refresher.resolver())
             .map_err(|e| e.to_string())?;
         if new.tunnels.len() != self.cfg.tunnels.len()
-            || new
-                .tunnels
-                .iter()
-                .zip(&self.cfg.tunnels)
-                .any(|(a, b)| a.name != b.name || a.listen != b.listen || a.mode != b.mode)
+            || new.tunnels.iter().zip(&self.cfg.tunnels).any(|(a, b)| {
+                a.name != b.name || !a.listen.same_socket(&b.listen) || a.mode != b.mode
+            })
         {
             return Err("adding, removing or renaming tunnels, or changing a listen address or mode, needs a restart".into());
         }
@@ -930,6 +996,19 @@ impl Running {
         };
         if let Some(l) = &self.log {
             (l.reload)(&new.log.level)?;
+        }
+        for (t, old) in new.tunnels.iter().zip(&self.cfg.tunnels) {
+            // A Unix socket's mode and owner, changed: its file gets them now.
+            if let Some(u) = t.listen.unix().filter(|_| t.listen != old.listen) {
+                match crate::unix_listen::set_file(&u.path, u) {
+                    Ok(()) => {
+                        tracing::info!(tunnel = %t.name, path = %u.path.display(), "Unix socket's mode and owner set again")
+                    }
+                    Err(e) => {
+                        tracing::warn!(tunnel = %t.name, error = %e, "cannot set the reloaded mode or owner on the Unix socket; it keeps the previous ones")
+                    }
+                }
+            }
         }
         for ((t, old), fds) in new
             .tunnels
@@ -1144,6 +1223,9 @@ impl Running {
                 let _ = t.join();
             }
         }
+        for f in &self.unix_files {
+            f.remove();
+        }
         // The shards' access log handles are gone: let the writers write what is queued.
         if !crate::proxy::access_log::finish_writers(Duration::from_secs(5)) {
             tracing::warn!("access log writers still blocked after 5 s; exiting without them");
@@ -1345,11 +1427,16 @@ fn parse_and_match(header: &str, fds: Vec<OwnedFd>, cfg: &Config) -> Result<Take
             tunnels.len()
         ));
     }
-    let ours: Vec<(SocketAddr, &str)> = cfg
-        .tunnels
-        .iter()
-        .map(|t| (t.listen, t.name.as_str()))
-        .collect();
+    let mut ours: Vec<(SocketAddr, &str)> = Vec::with_capacity(cfg.tunnels.len());
+    for t in &cfg.tunnels {
+        let Some(a) = t.listen.inet() else {
+            return Err(format!(
+                "tunnel {:?} listens on a Unix socket, which the handoff does not carry",
+                t.name
+            ));
+        };
+        ours.push((a, t.name.as_str()));
+    }
     let same = ours.len() == tunnels.len()
         && ours
             .iter()
@@ -1366,8 +1453,8 @@ fn parse_and_match(header: &str, fds: Vec<OwnedFd>, cfg: &Config) -> Result<Take
     // would serve a tunnel on whatever socket a confused or hostile holder passed.
     let mut fds = fds.into_iter();
     let mut out = Vec::with_capacity(tunnels.len());
-    for t in &cfg.tunnels {
-        let mut want = t.listen;
+    for (t, (listen, _)) in cfg.tunnels.iter().zip(&ours) {
+        let mut want = *listen;
         let mut ls = Vec::with_capacity(shards);
         for (shard, fd) in fds.by_ref().take(shards).enumerate() {
             // A configured port of 0 is resolved by the first listener; the others share it.

@@ -465,3 +465,159 @@ fn connections_over_the_conn_rate_are_refused_at_accept_and_counted() {
     // Half a second later there is room again.
     wait_until("the bucket refilled", || try_ping(entry).is_ok());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Unix domain sockets
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+
+/// A backend on a Unix socket at `path` that echoes every connection.
+fn unix_echo(path: &std::path::Path) {
+    let l = UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut w = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut s, &mut w);
+                let _ = w.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+}
+
+fn unix_connect(path: &std::path::Path) -> UnixStream {
+    let s = UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s
+}
+
+/// Item 3 of issue 19: a pair whose encrypt side listens on a Unix socket and whose decrypt
+/// side's target is one: the client and the backend never touch TCP; the sealed hop does.
+#[test]
+fn a_pair_from_a_unix_socket_to_a_unix_socket() {
+    let dir = temp_dir("unixpair");
+    let (entry, backend) = (dir.join("entry.sock"), dir.join("backend.sock"));
+    unix_echo(&backend);
+    let key = keygen("unixpair");
+    let mut d = tunnel(Mode::Decrypt, &[], std::slice::from_ref(&key));
+    d.targets = vec![format!("unix:{}", backend.display())];
+    let (dec, rd) = start_observed(d, limits());
+    let mut e = tunnel(Mode::Encrypt, &[dec], &[key]);
+    e.listen = format!("unix:{}", entry.display());
+    e.listen_mode = Some("0600".into());
+    let (_, re) = start_observed(e, limits());
+    let mut c = unix_connect(&entry);
+    let msg: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
+    let mut w = c.try_clone().unwrap();
+    let sent = msg.clone();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&sent).unwrap();
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).unwrap();
+    writer.join().unwrap();
+    assert!(got == msg, "echoed {} of {} bytes", got.len(), msg.len());
+    // The backend's path is the upstream's label; the close was clean on both sides.
+    let up = backend.display().to_string();
+    assert_eq!(
+        metric(&rd, "sealpipe_upstream_up", &[("upstream", &up)]),
+        1.0
+    );
+    wait_until("both sides closed cleanly", || {
+        closed(&re, "clean") == 1.0 && closed(&rd, "clean") == 1.0
+    });
+}
+
+/// A forward tunnel listening on `listen` (a Unix socket), and what starting it says.
+fn start_unix(
+    listen: &std::path::Path,
+    file: impl FnOnce(&mut sealpipe::config::TunnelFile),
+) -> Result<Running, String> {
+    let mut t = tunnel(Mode::Forward, &[echo_backend().addr], &[]);
+    t.listen = format!("unix:{}", listen.display());
+    file(&mut t);
+    sealpipe::server::start(config(t, limits()), None).map_err(|e| e.to_string())
+}
+
+/// The error starting it gives (it must fail).
+fn refused(r: Result<Running, String>) -> String {
+    match r {
+        Ok(_) => panic!("it started"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn a_stale_socket_is_replaced_and_a_live_one_is_never_deleted() {
+    let dir = temp_dir("unixstale");
+    let path = dir.join("app.sock");
+    // Stale: a socket file nobody serves (its listener is gone).
+    drop(UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
+    let r = start_unix(&path, |_| {}).unwrap();
+    let mut c = unix_connect(&path);
+    c.write_all(b"ping").unwrap();
+    let mut b = [0u8; 4];
+    c.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"ping", "served on the path the stale file held");
+    drop(c);
+    // Live: another process (here, this test) serves the path: refused, and the socket stays.
+    let live_path = dir.join("live.sock");
+    let live = UnixListener::bind(&live_path).unwrap();
+    let e = refused(start_unix(&live_path, |_| {}));
+    assert!(
+        e.contains(&live_path.display().to_string()) && e.contains("another process serves"),
+        "{e}"
+    );
+    assert!(live_path.exists(), "the live socket was not deleted");
+    let probe = UnixStream::connect(&live_path).unwrap();
+    let (_accepted, _) = live.accept().unwrap();
+    drop(probe);
+    // Not a socket: never replaced.
+    let file = dir.join("file.sock");
+    std::fs::write(&file, b"data").unwrap();
+    let e = refused(start_unix(&file, |_| {}));
+    assert!(e.contains("is not a socket"), "{e}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"data");
+    // When the process is done, its socket goes.
+    r.wait(Some(Duration::ZERO)).unwrap();
+    assert!(!path.exists(), "the socket file was removed at exit");
+}
+
+#[test]
+fn the_socket_file_gets_its_mode_and_owner_before_anyone_can_connect() {
+    let dir = temp_dir("unixmode");
+    let path = dir.join("app.sock");
+    let (uid, gid) = {
+        let m = std::fs::metadata(&dir).unwrap();
+        (m.uid(), m.gid())
+    };
+    let r = start_unix(&path, |t| {
+        t.listen_mode = Some(sealpipe::config::FileMode::Number(0o640));
+        t.listen_owner = Some(uid.to_string());
+        t.listen_group = Some(gid.to_string());
+    })
+    .unwrap();
+    let m = std::fs::symlink_metadata(&path).unwrap();
+    assert_eq!(m.permissions().mode() & 0o7777, 0o640);
+    assert_eq!((m.uid(), m.gid()), (uid, gid));
+    // The private name it was bound under is gone.
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["app.sock"]);
+    drop(r);
+    // A name nobody has is refused, naming the key and the name.
+    let e = refused(start_unix(&dir.join("b.sock"), |t| {
+        t.listen_owner = Some("no-such-user-sealpipe".into())
+    }));
+    assert!(
+        e.contains("listen_owner") && e.contains("no user named \"no-such-user-sealpipe\""),
+        "{e}"
+    );
+    assert!(!dir.join("b.sock").exists(), "nothing left behind");
+}

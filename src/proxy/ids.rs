@@ -3,12 +3,18 @@
 //! target's address where a listening one is.
 //!
 //! Invariants: each wraps the plain value and nothing more (`Copy`, the same size), so the
-//! types cost nothing at run time; the plain value comes out only through `get`, at the
-//! boundary to code that does not know the type (metrics labels, the socket API).
+//! types cost nothing at run time; the plain value comes out only through `get` (a target's,
+//! through `endpoint`), at the boundary to code that does not know the type (metrics labels,
+//! the socket API).
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::ops::{Index, IndexMut};
+use std::path::Path;
+use std::sync::Mutex;
+
+use crate::reactor::Endpoint;
 
 use super::TunnelRt;
 use super::upstream::Target;
@@ -80,21 +86,97 @@ impl Index<TargetIdx> for [Target] {
     }
 }
 
-/// An address this process connects to (a tunnel's target), never one it listens on.
+/// An address this process connects to (a tunnel's target), never one it listens on: a TCP
+/// address, or the path of a Unix domain socket. `Copy`, like the address it wraps: a path is
+/// interned ([`intern`]) once per configuration, so a connect copies a reference, and no
+/// reference count is shared between shards.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct TargetAddr(SocketAddr);
+pub enum TargetAddr {
+    Inet(SocketAddr),
+    Unix(&'static Path),
+}
 
 impl TargetAddr {
     pub const fn new(a: SocketAddr) -> TargetAddr {
-        TargetAddr(a)
+        TargetAddr::Inet(a)
     }
-    pub const fn get(self) -> SocketAddr {
-        self.0
+    /// A Unix domain socket's path (interned: see [`intern`]).
+    pub fn unix(path: &Path) -> TargetAddr {
+        TargetAddr::Unix(intern(path))
+    }
+    /// The TCP address, if this is one.
+    pub const fn inet(self) -> Option<SocketAddr> {
+        match self {
+            TargetAddr::Inet(a) => Some(a),
+            TargetAddr::Unix(_) => None,
+        }
+    }
+    /// What the socket layer connects to.
+    pub fn endpoint(self) -> Endpoint<'static> {
+        match self {
+            TargetAddr::Inet(a) => Endpoint::Tcp(a),
+            TargetAddr::Unix(p) => Endpoint::Unix(p),
+        }
     }
 }
 
+impl From<SocketAddr> for TargetAddr {
+    fn from(a: SocketAddr) -> TargetAddr {
+        TargetAddr::Inet(a)
+    }
+}
+
+/// The address, or the socket's path (the `upstream` label of the metrics).
 impl fmt::Display for TargetAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
+        match self {
+            TargetAddr::Inet(a) => a.fmt(f),
+            TargetAddr::Unix(p) => p.display().fmt(f),
+        }
+    }
+}
+
+/// `path`, kept for the life of the process: each distinct path once, however many reloads
+/// name it (paths come from configuration, a handful; looked up only when one is read).
+pub fn intern(path: &Path) -> &'static Path {
+    static PATHS: Mutex<BTreeSet<&'static Path>> = Mutex::new(BTreeSet::new());
+    let mut paths = PATHS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = paths.get(path) {
+        return p;
+    }
+    let p: &'static Path = Box::leak(path.to_path_buf().into_boxed_path());
+    paths.insert(p);
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_unix_target_is_its_path_interned_once() {
+        let a = TargetAddr::unix(Path::new("/run/app/redis.sock"));
+        let b = TargetAddr::unix(&std::path::PathBuf::from("/run/app/redis.sock"));
+        match (a, b) {
+            (TargetAddr::Unix(x), TargetAddr::Unix(y)) => assert!(std::ptr::eq(x, y)),
+            _ => panic!("not Unix targets"),
+        }
+        assert_eq!(a, b);
+        assert_eq!(
+            a.to_string(),
+            "/run/app/redis.sock",
+            "the metrics' upstream label"
+        );
+        assert_eq!(a.inet(), None);
+        assert_eq!(
+            a.endpoint(),
+            Endpoint::Unix(Path::new("/run/app/redis.sock"))
+        );
+        let t = TargetAddr::from(SocketAddr::from(([10, 0, 0, 1], 80)));
+        assert_eq!(t.to_string(), "10.0.0.1:80");
+        assert_eq!(
+            std::mem::size_of::<TargetAddr>(),
+            std::mem::size_of::<SocketAddr>()
+        );
     }
 }

@@ -14,15 +14,15 @@
 //! the slot the connect timer used (a socket never waits for both), and re-drives itself.
 
 use std::io;
-use std::net::{Shutdown, SocketAddr};
+use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
 use mio::Interest;
-use mio::net::TcpStream;
 
 use super::bevcore::{BevCore, Readiness, Transport};
 use super::{BevEvents, Filter, NoFilter, Suspend, Timeouts};
 use crate::base::{Context, Ready};
+use crate::stream::{Endpoint, Stream};
 use crate::tag::{Component, Tag};
 use crate::timer::TimerKey;
 
@@ -54,10 +54,10 @@ struct IoTimeouts {
     write_timer: Option<TimerKey>,
 }
 
-/// The socket backend of a [`BufferEvent`].
+/// The socket backend of a [`BufferEvent`]: a TCP or a Unix domain stream ([`Stream`]).
 pub struct Socket {
     /// `None` only when a connect failed before a socket existed.
-    stream: Option<TcpStream>,
+    stream: Option<Stream>,
     source: u8,
     state: State,
     ready: Readiness,
@@ -70,9 +70,9 @@ pub struct Socket {
 }
 
 impl Transport for Socket {
-    type Stream = TcpStream;
+    type Stream = Stream;
     #[inline]
-    fn parts(&mut self) -> (Option<&mut TcpStream>, &mut Readiness) {
+    fn parts(&mut self) -> (Option<&mut Stream>, &mut Readiness) {
         (self.stream.as_mut(), &mut self.ready)
     }
     #[inline]
@@ -82,7 +82,7 @@ impl Transport for Socket {
 }
 
 impl Socket {
-    fn new(stream: Option<TcpStream>, source: u8) -> Socket {
+    fn new(stream: Option<Stream>, source: u8) -> Socket {
         Socket {
             stream,
             source,
@@ -95,7 +95,7 @@ impl Socket {
     }
 
     /// The socket (`None` only after a connect that failed before a socket existed).
-    pub fn stream(&self) -> Option<&TcpStream> {
+    pub fn stream(&self) -> Option<&Stream> {
         self.stream.as_ref()
     }
 
@@ -125,29 +125,43 @@ impl Socket {
 pub type BufferEvent<F = NoFilter> = BevCore<F, Socket>;
 
 impl BevCore<NoFilter, Socket> {
-    /// Wraps an accepted (connected) socket.
-    pub fn new(stream: TcpStream, source: u8) -> Self {
+    /// Wraps an accepted (connected) socket: a `TcpStream`, or any [`Stream`].
+    pub fn new(stream: impl Into<Stream>, source: u8) -> Self {
         Self::with_filter(stream, source, NoFilter, true)
     }
 
-    /// Starts a non-blocking connect. Every outcome — success, refusal, unreachable, timeout —
-    /// arrives later as an event; an immediate failure is reported on the first turn.
-    pub fn connect<S>(cx: &mut Context<'_, S>, addr: SocketAddr, source: u8) -> Self {
-        Self::connect_filtered(cx, addr, source, NoFilter, true, Timeouts::default())
+    /// Starts a non-blocking connect (to a `SocketAddr`, or any [`Endpoint`]). Every outcome —
+    /// success, refusal, unreachable, timeout — arrives later as an event; an immediate
+    /// failure is reported on the first turn.
+    pub fn connect<'a, S>(
+        cx: &mut Context<'_, S>,
+        to: impl Into<Endpoint<'a>>,
+        source: u8,
+    ) -> Self {
+        Self::connect_filtered(cx, to, source, NoFilter, true, Timeouts::default())
     }
 }
 
 impl<F: Filter> BevCore<F, Socket> {
     /// Wraps an accepted socket with a filter layer. `passthrough` = the filter never
     /// transforms bytes (only [`NoFilter`] should pass `true`).
-    pub fn with_filter(stream: TcpStream, source: u8, filter: F, passthrough: bool) -> Self {
-        BevCore::with_io(Socket::new(Some(stream), source), filter, passthrough)
+    pub fn with_filter(
+        stream: impl Into<Stream>,
+        source: u8,
+        filter: F,
+        passthrough: bool,
+    ) -> Self {
+        BevCore::with_io(
+            Socket::new(Some(stream.into()), source),
+            filter,
+            passthrough,
+        )
     }
 
     /// Connects with a filter. See [`BufferEvent::connect`].
-    pub fn connect_filtered<S>(
+    pub fn connect_filtered<'a, S>(
         cx: &mut Context<'_, S>,
-        addr: SocketAddr,
+        to: impl Into<Endpoint<'a>>,
         source: u8,
         filter: F,
         passthrough: bool,
@@ -155,11 +169,13 @@ impl<F: Filter> BevCore<F, Socket> {
     ) -> Self {
         // An immediate failure is delivered as an event on the next deferred pass, like every
         // other connect outcome.
-        let (stream, err) = match TcpStream::connect(addr) {
+        let (stream, err) = match Stream::connect(to.into()) {
             Ok(s) => {
                 // Small writes go out at once; coalescing is done in user space (one vectored
                 // write per turn), so Nagle would only add latency.
-                let _ = s.set_nodelay(true);
+                if let Some(tcp) = s.as_tcp() {
+                    let _ = tcp.set_nodelay(true);
+                }
                 (Some(s), None)
             }
             Err(e) => (None, Some(e)),
@@ -228,7 +244,7 @@ impl<F: Filter> BevCore<F, Socket> {
         self.io.source
     }
     /// The socket (`None` only after a connect that failed before a socket existed).
-    pub fn stream(&self) -> Option<&TcpStream> {
+    pub fn stream(&self) -> Option<&Stream> {
         self.io.stream.as_ref()
     }
     pub fn set_timeouts<S>(&mut self, cx: &mut Context<'_, S>, t: Timeouts) {
@@ -531,15 +547,12 @@ impl Socket {
         if let Some(e) = stream.take_error()? {
             return Err(e);
         }
-        match stream.peer_addr() {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => {
-                // Spurious wakeup before the handshake finished.
-                self.ready.writable = false;
-                self.ready.readable = false;
-                Ok(false)
-            }
-            Err(e) => Err(e),
+        let connected = stream.connected()?;
+        if !connected {
+            // Spurious wakeup before the handshake finished.
+            self.ready.writable = false;
+            self.ready.readable = false;
         }
+        Ok(connected)
     }
 }

@@ -34,13 +34,11 @@ use std::io::{self, Read};
 use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
-use mio::net::TcpStream;
-
 use crate::metrics::{Bytes, CloseReason};
 use crate::protocol::{AbortReason, ForwardSecrecy, KeyId, OpenInfo, ProtocolError, RandomSource};
 use crate::reactor::{
     BevCore, BevEvents, Buffer, BufferEvent, Context, Filter, Handler, NoFilter, Ready, Socket,
-    Suspend, Tag, Timeouts, TimerKey,
+    Stream, Suspend, Tag, Timeouts, TimerKey,
 };
 
 pub use self::core::{Action, ConnCore, Env, HIBERNATE_AFTER, Layer, Side};
@@ -136,10 +134,12 @@ impl Make for SealFilter {
     }
 }
 
-/// The OPEN an encrypt side sends for its client: the addresses of the accepted socket.
+/// The OPEN an encrypt side sends for its client: the addresses of the accepted socket (none
+/// for a Unix domain socket's client).
 fn client_open(client: &Socket) -> OpenInfo {
     let addrs = client
         .stream()
+        .and_then(Stream::as_tcp)
         .and_then(|s| Some((s.peer_addr().ok()?, s.local_addr().ok()?)));
     match addrs {
         Some((source, destination)) => OpenInfo::from_socket(source, destination),
@@ -150,7 +150,7 @@ fn client_open(client: &Socket) -> OpenInfo {
 /// Reads and discards what a socket that is about to close still holds, so that the kernel
 /// closes it with a FIN after the queued bytes (an ABORT record) instead of a RST that would
 /// drop them. Bounded: a peer that keeps sending is cut by the RST it then earns.
-fn discard_unread(stream: Option<&TcpStream>) {
+fn discard_unread(stream: Option<&Stream>) {
     let Some(mut s) = stream else {
         return;
     };
@@ -202,9 +202,10 @@ pub struct Conn<C: Make, U: Make> {
 
 impl<C: Make, U: Make> Conn<C, U> {
     /// Builds the handler for an accepted client socket.
-    pub fn new(t: &TunnelRt, stream: TcpStream, now: Instant) -> Self {
+    pub fn new(t: &TunnelRt, stream: Stream, now: Instant) -> Self {
         let filter = C::make(Role::Responder, t);
-        let ident = ConnIdentity::for_tunnel(&t.cfg.identity, || stream.peer_addr().ok());
+        let peer = || stream.as_tcp()?.peer_addr().ok();
+        let ident = ConnIdentity::for_tunnel(&t.cfg.identity, peer);
         let client = BufferEvent::with_filter(stream, Side::Client as u8, filter, !C::SEALED);
         Conn {
             core: ConnCore::new(client, now),
@@ -448,6 +449,7 @@ impl<C: Make, U: Make> ConnEnv<'_, '_, C, U> {
         let this_version = crate::protocol::handshake::VERSION;
         let peer =
             f.io.and_then(|s| s.stream())
+                .and_then(Stream::as_tcp)
                 .and_then(|s| s.peer_addr().ok())
                 .map(|p| p.to_string())
                 .unwrap_or_default();
@@ -617,10 +619,13 @@ impl<C: Make, U: Make> Env<U, Socket> for ConnEnv<'_, '_, C, U> {
         };
         let source = Side::Upstream as u8;
         let keepalive = self.rt().cfg.keepalive;
+        let to = addr.endpoint();
         let mut up =
-            BufferEvent::connect_filtered(self.cx, addr.get(), source, layer, !U::SEALED, timeouts);
-        // Dead-peer detection on the upstream socket (the client's inherits its listener's).
-        if let Some(Err(e)) = up.stream().map(|s| super::keepalive::apply(s, &keepalive)) {
+            BufferEvent::connect_filtered(self.cx, to, source, layer, !U::SEALED, timeouts);
+        // Dead-peer detection on the upstream socket (the client's inherits its listener's);
+        // TCP's: a Unix socket's peer is on this host, and its end is always told.
+        let tcp = up.stream().and_then(Stream::as_tcp);
+        if let Some(Err(e)) = tcp.map(|s| super::keepalive::apply(s, &keepalive)) {
             tracing::debug!(error = %e, "cannot set keepalive on the upstream socket");
         }
         if let Err(e) = up.register(self.cx) {

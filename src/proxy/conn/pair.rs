@@ -645,7 +645,7 @@ impl<U: Build> Env<U, Pipe> for NodeEnv {
         layer
     }
     fn connect(&mut self, addr: TargetAddr, layer: U) -> BevCore<U, Pipe> {
-        let addr = addr.get();
+        let addr = addr.inet().expect("the harness's targets are IP addresses");
         let link = Link::new(self.cap);
         let mut pipe = Pipe::new(
             Side::Upstream,
