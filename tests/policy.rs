@@ -621,3 +621,160 @@ fn the_socket_file_gets_its_mode_and_owner_before_anyone_can_connect() {
     );
     assert!(!dir.join("b.sock").exists(), "nothing left behind");
 }
+
+// ---------------------------------------------------------------------------------------------
+// `sealpipe check` and reloads of the new keys
+
+/// Item 4 of issue 19: `sealpipe check` refuses each new key's bad values with a line naming
+/// the key and the reason (exit status 2), and accepts them all when good.
+#[test]
+fn check_names_the_key_and_the_reason_for_each_bad_value() {
+    let dir = temp_dir("checkkeys");
+    let tcp = "[[tunnel]]\nname = \"t\"\nmode = \"forward\"\nlisten = \"127.0.0.1:7000\"\ntargets = [\"127.0.0.1:7001\"]\n";
+    let unix = "[[tunnel]]\nname = \"t\"\nmode = \"forward\"\nlisten = \"unix:/run/app/in.sock\"\ntargets = [\"unix:/run/app/out.sock\"]\n";
+    let check = |text: &str| {
+        let path = dir.join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = sealpipe()
+            .args(["check", "--no-key-files", "--no-resolve", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), err)
+    };
+    let good = format!(
+        "{unix}listen_mode = \"0660\"\nlisten_owner = \"0\"\nlisten_group = \"0\"\n\
+         max_lifetime = 3600\nmax_lifetime_grace = 30\nconn_rate = 100\nconn_rate_burst = 200\n\
+         upstream_rate = \"100Mbit\"\ndownstream_rate = \"12.5MB/s\"\nrate_burst = \"4MiB\"\n"
+    );
+    let (code, err) = check(&good);
+    assert_eq!(code, Some(0), "{err}");
+    for (base, bad, key, why) in [
+        (
+            tcp,
+            "max_lifetime = 0.5",
+            "max_lifetime",
+            "at least 1 second",
+        ),
+        (
+            tcp,
+            "max_lifetime = -3",
+            "max_lifetime",
+            "between 0 and one year",
+        ),
+        (
+            tcp,
+            "max_lifetime_grace = 5",
+            "max_lifetime_grace",
+            "no effect without max_lifetime",
+        ),
+        (tcp, "conn_rate = -1", "conn_rate", "between 0 (no limit)"),
+        (
+            tcp,
+            "conn_rate_burst = 10",
+            "conn_rate_burst",
+            "no effect without conn_rate",
+        ),
+        (
+            tcp,
+            "upstream_rate = \"10Mb\"",
+            "upstream_rate",
+            "unknown unit \"Mb\"",
+        ),
+        (tcp, "downstream_rate = 10", "downstream_rate", "from 1000"),
+        (
+            tcp,
+            "rate_burst = \"1MB\"",
+            "rate_burst",
+            "no effect without upstream_rate",
+        ),
+        (
+            tcp,
+            "listen_mode = \"0600\"",
+            "listen_mode",
+            "applies to a Unix socket",
+        ),
+        (
+            unix,
+            "listen_mode = \"0999\"",
+            "listen_mode",
+            "permission bits from 0 to 0777",
+        ),
+        (
+            unix,
+            "listen_owner = \"no body\"",
+            "listen_owner",
+            "not a user or group name",
+        ),
+        (
+            unix,
+            "deny = [\"10.0.0.0/8\"]",
+            "deny",
+            "needs an IP listen address",
+        ),
+    ] {
+        let (code, err) = check(&format!("{base}{bad}\n"));
+        assert_eq!(code, Some(2), "{bad}: {err}");
+        let line = err.lines().find(|l| l.contains("error")).unwrap_or("");
+        assert!(
+            line.contains("tunnel \"t\"") && line.contains(key) && line.contains(why),
+            "{bad}: {err}"
+        );
+    }
+    let (code, err) = check(
+        "[[tunnel]]\nmode = \"forward\"\nlisten = \"unix:relative.sock\"\ntargets = [\"127.0.0.1:1\"]\n",
+    );
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("listen") && err.contains("must be absolute"),
+        "{err}"
+    );
+}
+
+/// Item 4 of issue 19: a reload gives a Unix socket's file its new mode (its path stays; a new
+/// path needs a restart, as a new TCP address does), and the connection open across it stays.
+#[test]
+fn a_reload_sets_the_unix_socket_mode_again_and_keeps_connections() {
+    let dir = temp_dir("unixreload");
+    let sock = dir.join("app.sock");
+    let path = dir.join("sealpipe.toml");
+    let backend = echo_backend();
+    let text = |mode: &str| {
+        format!(
+            "[limits]\nthreads = 1\n[[tunnel]]\nname = \"t\"\nmode = \"forward\"\n\
+             listen = \"unix:{}\"\ntargets = [\"{}\"]\nlisten_mode = \"{mode}\"\n",
+            sock.display(),
+            backend.addr
+        )
+    };
+    write_config(&path, &text("0600"));
+    let mut r =
+        sealpipe::server::start(sealpipe::config::Config::from_file(&path).unwrap(), None).unwrap();
+    let mode = || {
+        std::fs::symlink_metadata(&sock)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(), 0o600);
+    let mut c = unix_connect(&sock);
+    c.write_all(b"ping").unwrap();
+    let mut b = [0u8; 4];
+    c.read_exact(&mut b).unwrap();
+    write_config(&path, &text("0666"));
+    r.reload().unwrap();
+    assert_eq!(mode(), 0o666);
+    c.write_all(b"pong").unwrap();
+    c.read_exact(&mut b).unwrap();
+    assert_eq!(
+        &b, b"pong",
+        "the connection open across the reload carries on"
+    );
+    // Another path is another socket: that needs a restart.
+    let moved = text("0666").replace("app.sock", "other.sock");
+    write_config(&path, &moved);
+    let e = r.reload().unwrap_err();
+    assert!(e.contains("needs a restart"), "{e}");
+}
