@@ -753,6 +753,11 @@ pub fn start_with(
     }
     for (t, a) in cfg.tunnels.iter().zip(&listen_addrs) {
         let targets: Vec<String> = t.targets.iter().map(|x| x.to_string()).collect();
+        // The address bound (a port of 0 resolved), or the Unix socket's path.
+        let a = t
+            .listen
+            .unix()
+            .map_or(a.to_string(), |_| t.listen.to_string());
         tracing::info!(tunnel = %t.name, mode = t.mode.as_str(), listen = %a, targets = %targets.join(", "), shards = nshards, pin = cfg.pin, incoming_cpu = cfg.incoming_cpu, "tunnel up");
     }
     if let Some(h) = inherited {
