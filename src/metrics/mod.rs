@@ -305,7 +305,7 @@ pub const FAMILIES: &[Family] = &[
         kind: Kind::Gauge,
         labels: &[TUNNEL, SHARD, one_of("limit", &RATE_LIMITS)],
         written: Written::Shard,
-        help: "This shard's share of the tunnel's rate limit now, per second (connections, or bytes each way); the shards' shares add up to the limit. Absent without that limit.",
+        help: "This shard's share of the tunnel's rate limit now, per second (connections, or bytes each way); the shards' shares add up to the limit. 0 without that limit.",
     },
     Family {
         name: "sealpipe_flow_control_paused_total",
@@ -917,6 +917,7 @@ impl Metrics {
             throttled: DIRECTIONS.map(|d| self.throttled.with_label_values(&[tunnel, d])),
             throttled_seconds: DIRECTIONS
                 .map(|d| self.throttled_seconds.with_label_values(&[tunnel, d])),
+            rate_share: RATE_LIMITS.map(|l| self.rate_share.with_label_values(&[tunnel, &s, l])),
             key_hibernations: self.key_hibernations.with_label_values(&[tunnel]),
             upstreams: upstreams
                 .iter()
@@ -953,22 +954,6 @@ impl Metrics {
         let _ = self
             .upstream_connect
             .remove_label_values(&[tunnel, upstream]);
-    }
-
-    /// A shard's share of one of a tunnel's rate limits (`limit`: one of [`RATE_LIMITS`]);
-    /// the series exists from its first use.
-    pub fn rate_share(&self, tunnel: &str, shard: usize, limit: &str) -> prometheus::Gauge {
-        self.rate_share
-            .with_label_values(&[tunnel, &shard.to_string(), limit])
-    }
-
-    /// Drops every shard's share series of a limit a reload removed.
-    pub fn forget_rate_share(&self, tunnel: &str, limit: &str) {
-        for shard in 0..self.shards() {
-            let _ = self
-                .rate_share
-                .remove_label_values(&[tunnel, &shard.to_string(), limit]);
-        }
     }
 
     /// One shard's ephemeral-key counters, by [`EPHEMERAL_SOURCES`].
@@ -1022,6 +1007,8 @@ pub struct TunnelMetrics {
     /// Byte rate limit pauses and their time, by [`DIRECTIONS`].
     pub throttled: [IntCounter; 2],
     pub throttled_seconds: [prometheus::Counter; 2],
+    /// This shard's share of each rate limit, by [`RATE_LIMITS`] (0 without it).
+    pub rate_share: [prometheus::Gauge; 3],
     pub key_hibernations: IntCounter,
     pub upstreams: Vec<UpstreamMetrics>,
     pub accept_exhausted: IntCounter,
@@ -1402,7 +1389,6 @@ mod tests {
         m.target_addresses
             .with_label_values(&["t", "db:5432"])
             .set(1);
-        m.rate_share("t", 0, RATE_LIMITS[1]).set(1.0);
         let gathered = m.registry.gather();
         assert_eq!(gathered.len(), want.len());
         for mf in gathered {

@@ -132,7 +132,6 @@ pub struct TunnelRt {
     pub access_log: Option<access_log::AccessLog>,
     /// This shard's shares of the tunnel's rate limits (`ratelimit`).
     pub rates: ratelimit::ShardRates,
-    shard: ShardIdx,
 }
 
 impl TunnelRt {
@@ -146,7 +145,6 @@ impl TunnelRt {
         let upstreams = Upstreams::with_groups(&cfg.target_addrs(), cfg.balance);
         TunnelRt {
             rates: ratelimit::ShardRates::new(&cfg.rates, metrics.shards(), Instant::now()),
-            shard,
             index,
             key_sessions: Self::key_sessions(&cfg, keys.as_deref(), metrics),
             handshake: Self::handshake_config(&cfg, keys),
@@ -226,11 +224,6 @@ impl TunnelRt {
         self.handshake = Self::handshake_config(&cfg, keys);
         self.rates
             .reconfigure(&cfg.rates, metrics.shards(), Instant::now());
-        for k in ratelimit::Kind::ALL {
-            if cfg.rates.get(k).is_none() && self.cfg.rates.get(k).is_some() {
-                metrics.forget_rate_share(&cfg.name, k.as_str());
-            }
-        }
         self.set_targets(cfg, metrics, shard);
     }
 
@@ -250,11 +243,15 @@ impl TunnelRt {
 
     /// Moves shard-local counts into the Prometheus counters, and publishes the rate limits'
     /// shares (and, for the rebalancer, what they counted).
-    pub fn flush(&mut self, metrics: &Metrics, board: Option<&ratelimit::RateBoard>) {
+    pub fn flush(&mut self, shard: ShardIdx, board: Option<&ratelimit::RateBoard>) {
         for (label, n) in std::mem::take(&mut self.bytes).iter() {
             if n > 0 {
                 self.metrics.bytes[label as usize].inc_by(n);
             }
+        }
+        for k in ratelimit::Kind::ALL {
+            let share = self.rates.get(k).map_or(0.0, |l| l.share());
+            self.metrics.rate_share[k as usize].set(share);
         }
         if self.cfg.rates.is_empty() {
             return;
@@ -266,16 +263,8 @@ impl TunnelRt {
                 self.metrics.throttled_seconds[dir as usize].inc_by(secs);
             }
         }
-        for k in ratelimit::Kind::ALL {
-            if let Some(l) = self.rates.get(k) {
-                metrics
-                    .rate_share(&self.cfg.name, self.shard.get(), k.as_str())
-                    .set(l.share());
-            }
-        }
         if let Some(b) = board {
-            self.rates
-                .publish(b.slots(self.index.get(), self.shard.get()));
+            self.rates.publish(b.slots(self.index.get(), shard.get()));
         }
     }
 }
@@ -419,7 +408,7 @@ impl ShardState {
         self.ephemeral_keys[KeySource::OnDemand as usize].inc_by(on_demand.saturating_sub(d0));
         self.ephemeral_published = (pool, on_demand);
         for t in &mut self.tunnels {
-            t.flush(&self.metrics, self.rate_board.as_deref());
+            t.flush(self.shard, self.rate_board.as_deref());
             let healthy = t.upstreams.healthy(now);
             self.metrics
                 .health

@@ -550,9 +550,17 @@ impl Rebalancer {
         &self.board
     }
 
-    /// A reload: every limit starts again from equal shares (as the shards do).
+    /// A reload: every limit starts again from equal shares (as the shards do); what the
+    /// shards counted so far stays the baseline of the next period.
     pub fn reloaded(&mut self, tunnels: &[RateLimits], now: Instant) {
-        *self = Rebalancer::new(self.board.clone(), tunnels, now);
+        let fresh = Rebalancer::new(self.board.clone(), tunnels, now);
+        for (seen, new) in self.seen.iter_mut().zip(fresh.seen) {
+            for (s, n) in seen.iter_mut().zip(new) {
+                s.2 = n.2;
+            }
+        }
+        self.next = fresh.next;
+        self.last = now;
     }
 
     /// Whether a period has passed since the last rebalance.
