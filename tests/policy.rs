@@ -221,8 +221,9 @@ fn sample(metrics: &sealpipe::metrics::Metrics, name: &str, labels: &[(&str, &st
 /// what rides out a shard thread this busy machine did not schedule for a while: the bucket
 /// keeps what it earned meanwhile (with a tenth of a second, runs here lost up to 12%). The
 /// window starts once the shares have settled (polled, not slept for). The unlimited tunnel
-/// only has to show it is not held to the limit (more than twice it): it competes for the two
-/// shared cores with everything else on this machine.
+/// runs flat out for three seconds in the middle of the window, measured over two of them:
+/// it only has to show it is not held to the limit (more than twice it), as it competes for
+/// the two shared cores with everything else on this machine.
 #[test]
 fn a_byte_rate_limit_holds_within_5_percent_and_leaves_other_tunnels_alone() {
     let (one_sink, one_n) = sink();
@@ -255,7 +256,6 @@ fn a_byte_rate_limit_holds_within_5_percent_and_leaves_other_tunnels_alone() {
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = firehose(entries[0], 1, &stop);
     clients.extend(firehose(entries[1], 8, &stop));
-    clients.extend(firehose(entries[2], 1, &stop));
     // The one connection's shard gets (nearly) the whole limit.
     wait_until("the shares followed the one connection", || {
         (0..2).any(|s| {
@@ -272,21 +272,45 @@ fn a_byte_rate_limit_holds_within_5_percent_and_leaves_other_tunnels_alone() {
         })
         .collect();
     eprintln!("the eight connections per shard: {spread:?}");
-    let counters = [&one_n, &eight_n, &free_n];
+    let counters = [&one_n, &eight_n];
     let t0 = Instant::now();
     let n0: Vec<u64> = counters.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    // The unlimited tunnel runs flat out through the middle of the window: seconds 4 to 7.
+    // (Not all ten: it takes every cycle of both cores, and the other tests running beside
+    // this one on this machine need some.)
+    let free_stop = Arc::new(AtomicBool::new(false));
+    let mut free_client = Vec::new();
+    let mut free_rate = 0.0;
     while t0.elapsed() < Duration::from_secs(10) {
+        let at = t0.elapsed();
+        if at >= Duration::from_secs(4) && free_client.is_empty() && free_rate == 0.0 {
+            free_client = firehose(entries[2], 1, &free_stop);
+        }
+        if at >= Duration::from_secs(5) && free_rate == 0.0 {
+            free_rate = rate_over(&free_n, Duration::from_secs(2));
+            free_stop.store(true, Ordering::Relaxed);
+            for c in free_client.drain(..) {
+                drop(c.join().unwrap());
+            }
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
     let secs = t0.elapsed().as_secs_f64();
-    let rates: Vec<f64> = counters
+    let mut rates: Vec<f64> = counters
         .iter()
         .zip(&n0)
         .map(|(c, n)| (c.load(Ordering::Relaxed) - n) as f64 / secs)
         .collect();
-    // No connection was dropped or refused meanwhile.
-    let closed = sample(&m, "sealpipe_connections_closed_total", &[]);
-    let rejected = sample(&m, "sealpipe_connections_rejected_total", &[]);
+    rates.push(free_rate);
+    // No limited connection was dropped or refused meanwhile.
+    let counted = |name: &str| {
+        ["one", "eight"]
+            .map(|t| sample(&m, name, &[("tunnel", t)]))
+            .iter()
+            .sum::<f64>()
+    };
+    let closed = counted("sealpipe_connections_closed_total");
+    let rejected = counted("sealpipe_connections_rejected_total");
     stop.store(true, Ordering::Relaxed);
     for c in clients {
         drop(c.join().unwrap());
