@@ -59,7 +59,11 @@
 //!   finished: the upstream side is shut (the backend reads a FIN, directly or from the far
 //!   side's END); the backend closes in turn, and its end reaches the client behind whatever
 //!   was still on its way, so neither plaintext peer sees a cut stream or a reset. Client bytes
-//!   that cross the end cannot be carried and reset the client. With no quiet moment within
+//!   that cross the end cannot be carried and reset the client. On a decrypt side the client
+//!   learns of the end only from the backend's close: bytes it sent just before that may be
+//!   on their way when the encrypt side closes cleanly, and are lost with no reset (the client
+//!   read the end, with no reply for them); on an encrypt side every client byte either
+//!   reaches the backend or resets the client. With no quiet moment within
 //!   the grace, or a peer that has not closed its side within the grace after the end, both
 //!   plaintext peers are reset (`max_lifetime`): never a truncation that looks complete. The
 //!   deadline follows the limits in force, so a reload reaches open connections
@@ -1088,6 +1092,12 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
                 // Sent after the end crossed it: carrying it is impossible (the backend was
                 // told the client's stream ended), dropping it silent: the client gets a
                 // reset, as from a server that closed an idle connection it was writing to.
+                if C::SEALED && self.client.write_shut() {
+                    // A decrypt side that already passed the backend's end on (END) cannot
+                    // ABORT any more: a reset of the sealed connection tells the encrypt side,
+                    // if it has not closed yet.
+                    env.reset_on_close(self.client.io());
+                }
                 self.finish(CloseReason::MaxLifetime, env);
                 return ev;
             }

@@ -962,6 +962,32 @@ fn bytes_after_the_lifetime_end_reset_their_sender() {
 }
 
 #[test]
+fn bytes_that_cross_a_decrypt_side_end_reset_the_client_through_the_pair() {
+    let mut w = opened(Opts {
+        limits: Opts::default().limits,
+        dec_limits: Some(with_lifetime(60, 30)),
+        ..lifetime_opts(60, 30)
+    });
+    request_reply(&mut w, 100);
+    w.advance(Duration::from_secs(60));
+    exchange(&mut w);
+    assert!(w.backend.as_ref().unwrap().eof, "the backend was told");
+    // Before the backend closes, the client sends another request: the decrypt side cannot
+    // carry it, and tells the encrypt side (ABORT), which resets the client.
+    assert!(w.client_write(50));
+    exchange(&mut w);
+    let d = w.dec.as_ref().unwrap();
+    assert_eq!(d.reason(), Some(CloseReason::MaxLifetime));
+    w.settle();
+    w.check_settled();
+    assert!(
+        w.client.reset,
+        "the client learns its bytes were not carried"
+    );
+    assert_eq!(w.backend.as_ref().unwrap().got.len(), 100);
+}
+
+#[test]
 fn a_peer_that_never_closes_after_the_end_is_reset_after_the_grace() {
     let mut w = opened(lifetime_opts(60, 30));
     request_reply(&mut w, 100);
