@@ -8,7 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sealpipe_reactor::listener::{ConnListener, ListenerOptions};
-use sealpipe_reactor::{BevEvents, BufferEvent, Context, EventBase, Handler, Ready, Tag, Timeouts};
+use sealpipe_reactor::{
+    BevEvents, BufferEvent, Context, EventBase, Handler, Ready, Suspend, Tag, Timeouts,
+};
 
 mod support;
 use support::*;
@@ -380,6 +382,103 @@ fn run_quiet(timeouts: Timeouts, write: usize) -> (Seen, Duration) {
     base.run().unwrap();
     let _peer = held.join().unwrap();
     (std::mem::take(base.state_mut()), t.elapsed())
+}
+
+/// Reads what a peer sends, granting itself `grant` bytes per `every`: a rate limit in the
+/// owner's hands, over the read allowance and `throttle_until`.
+struct Throttled {
+    addr: SocketAddr,
+    grant: u32,
+    every: Duration,
+    bev: Option<BufferEvent>,
+    got: usize,
+    throttles: u32,
+}
+
+#[derive(Default)]
+struct Paced {
+    got: usize,
+    throttles: u32,
+    eof: bool,
+}
+
+impl Throttled {
+    fn handle(&mut self, cx: &mut Context<'_, Paced>, ev: BevEvents) {
+        let bev = self.bev.as_mut().unwrap();
+        self.got += bev.input.len();
+        bev.input.clear();
+        bev.consumed(cx);
+        if bev.is_suspended(Suspend::Bandwidth) && !bev.is_throttled() {
+            self.throttles += 1;
+            bev.set_read_allowance(Some(self.grant));
+            let at = cx.now() + self.every;
+            bev.throttle_until(cx, at);
+        }
+        if ev.contains(BevEvents::EOF) || ev.contains(BevEvents::ERROR) {
+            *cx.state = Paced {
+                got: self.got,
+                throttles: self.throttles,
+                eof: ev.contains(BevEvents::EOF),
+            };
+            cx.loop_break();
+        }
+    }
+}
+
+impl Handler<Paced> for Throttled {
+    fn on_start(&mut self, cx: &mut Context<'_, Paced>) {
+        let mut b = BufferEvent::connect(cx, self.addr, 0);
+        b.set_read_allowance(Some(self.grant));
+        b.register(cx).unwrap();
+        self.bev = Some(b);
+    }
+    fn on_ready(&mut self, cx: &mut Context<'_, Paced>, _s: u8, r: Ready) {
+        let ev = self.bev.as_mut().unwrap().on_ready(cx, r);
+        self.handle(cx, ev);
+    }
+    fn on_timer(&mut self, cx: &mut Context<'_, Paced>, tag: Tag) {
+        let ev = self.bev.as_mut().unwrap().on_timer(cx, tag);
+        self.handle(cx, ev);
+    }
+    fn on_notify(&mut self, cx: &mut Context<'_, Paced>, tag: Tag) {
+        let ev = self.bev.as_mut().unwrap().on_notify(cx, tag);
+        self.handle(cx, ev);
+    }
+}
+
+#[test]
+fn a_throttled_read_sleeps_until_its_wake_up_and_reads_on() {
+    // The peer sends 100,000 bytes at once and closes.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let peer = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.write_all(&[7u8; 100_000]).unwrap();
+    });
+    let mut base = EventBase::new(Paced::default()).unwrap();
+    base.spawn(Box::new(Throttled {
+        addr,
+        grant: 10_000,
+        every: Duration::from_millis(20),
+        bev: None,
+        got: 0,
+        throttles: 0,
+    }));
+    let t = Instant::now();
+    base.loop_exit(TIMEOUT);
+    base.run().unwrap();
+    peer.join().unwrap();
+    let seen = base.state();
+    assert!(seen.eof, "read to the end");
+    assert_eq!(seen.got, 100_000);
+    // 10,000 bytes per grant: the first grant, then nine (or ten, if one pass ended exactly
+    // on a grant) wake-ups; never sooner than they allow.
+    assert!((9..=10).contains(&seen.throttles), "{}", seen.throttles);
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(9 * 20),
+        "read faster than granted: {took:?}"
+    );
 }
 
 #[test]

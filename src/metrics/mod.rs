@@ -133,7 +133,7 @@ const KEY_ID: Label = label("key_id");
 
 /// Why a connection ended (label values of `sealpipe_connections_closed_total`), in
 /// [`CloseReason`] order.
-pub const CLOSE_REASONS: [&str; 12] = [
+pub const CLOSE_REASONS: [&str; 13] = [
     "clean",
     "idle_timeout",
     "peer_reset",
@@ -146,10 +146,11 @@ pub const CLOSE_REASONS: [&str; 12] = [
     "upstream_reset",
     "proxy_header",
     "peer_timeout",
+    "max_lifetime",
 ];
 
 /// Why a connection was turned away, in [`RejectReason`] order.
-pub const REJECT_REASONS: [&str; 8] = [
+pub const REJECT_REASONS: [&str; 9] = [
     "max_conns",
     "no_healthy_upstream",
     "draining",
@@ -158,6 +159,7 @@ pub const REJECT_REASONS: [&str; 8] = [
     "per_source_rate",
     "untrusted_proxy",
     "acl",
+    "rate",
 ];
 
 /// Handshake outcomes (`sealpipe_handshakes_total{result}`): `ok`, every reason of the
@@ -183,6 +185,14 @@ pub const FS_VALUES: [&str; 2] = ["yes", "no"];
 
 /// Where a handshake's ephemeral key came from (`sealpipe_ephemeral_keys_total{source}`).
 pub const EPHEMERAL_SOURCES: [&str; 2] = ["pool", "on_demand"];
+
+/// How `max_lifetime` ended a connection (`sealpipe_max_lifetime_ends_total{end}`), in the order
+/// of [`TunnelMetrics::lifetime_ends`].
+pub const LIFETIME_ENDS: [&str; 2] = ["graceful", "forced"];
+
+/// What a tunnel's rate limit counts (`sealpipe_rate_limit_share{limit}`), in the order of
+/// `proxy::ratelimit::Kind`.
+pub const RATE_LIMITS: [&str; 3] = ["conns", "upstream", "downstream"];
 
 /// Why an access log line was lost (`sealpipe_access_log_dropped_total{reason}`).
 pub const ACCESS_LOG_DROPS: [&str; 2] = ["queue_full", "write_error"];
@@ -269,6 +279,34 @@ pub const FAMILIES: &[Family] = &[
         labels: &[TUNNEL],
         written: Written::Shared,
         help: "Lifetime of proxied connections.",
+    },
+    Family {
+        name: "sealpipe_max_lifetime_ends_total",
+        kind: Kind::Counter,
+        labels: &[TUNNEL, one_of("end", &LIFETIME_ENDS)],
+        written: Written::Shared,
+        help: "Connections max_lifetime ended: graceful (at a quiet moment, a clean end both ways) or forced (reset at the end of max_lifetime_grace).",
+    },
+    Family {
+        name: "sealpipe_throttled_total",
+        kind: Kind::Counter,
+        labels: &[TUNNEL, one_of("direction", &DIRECTIONS)],
+        written: Written::Flushed,
+        help: "Times a connection's reading paused because the tunnel's byte rate limit (upstream_rate, downstream_rate) had no bytes left on its shard.",
+    },
+    Family {
+        name: "sealpipe_throttled_seconds_total",
+        kind: Kind::Counter,
+        labels: &[TUNNEL, one_of("direction", &DIRECTIONS)],
+        written: Written::Flushed,
+        help: "Time connections spent paused by the tunnel's byte rate limit, summed over connections.",
+    },
+    Family {
+        name: "sealpipe_rate_limit_share",
+        kind: Kind::Gauge,
+        labels: &[TUNNEL, SHARD, one_of("limit", &RATE_LIMITS)],
+        written: Written::Shard,
+        help: "This shard's share of the tunnel's rate limit now, per second (connections, or bytes each way); the shards' shares add up to the limit. 0 without that limit.",
     },
     Family {
         name: "sealpipe_flow_control_paused_total",
@@ -646,10 +684,13 @@ pub enum CloseReason {
     /// The kernel gave up on a peer that stopped answering (ETIMEDOUT): TCP keepalive's
     /// probes or TCP_USER_TIMEOUT (`proxy::keepalive`), or its retransmissions ran out.
     PeerTimeout,
+    /// `max_lifetime` (+ its grace) passed and the connection could not end gracefully: it
+    /// never went quiet, a peer sent bytes after the end, or did not close its side.
+    MaxLifetime,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 12] = [
+    pub const ALL: [CloseReason; 13] = [
         CloseReason::Clean,
         CloseReason::IdleTimeout,
         CloseReason::PeerReset,
@@ -662,6 +703,7 @@ impl CloseReason {
         CloseReason::UpstreamReset,
         CloseReason::ProxyHeader,
         CloseReason::PeerTimeout,
+        CloseReason::MaxLifetime,
     ];
     pub fn as_str(self) -> &'static str {
         CLOSE_REASONS[self as usize]
@@ -684,10 +726,12 @@ pub enum RejectReason {
     UntrustedProxy,
     /// The tunnel's `allow` / `deny` access lists.
     Acl,
+    /// The tunnel's new-connection rate limit (`conn_rate`).
+    Rate,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 8] = [
+    pub const ALL: [RejectReason; 9] = [
         RejectReason::MaxConns,
         RejectReason::NoHealthyUpstream,
         RejectReason::Draining,
@@ -696,6 +740,7 @@ impl RejectReason {
         RejectReason::SourceRate,
         RejectReason::UntrustedProxy,
         RejectReason::Acl,
+        RejectReason::Rate,
     ];
     pub fn as_str(self) -> &'static str {
         REJECT_REASONS[self as usize]
@@ -734,6 +779,10 @@ pub struct Metrics {
     upstream_failures: IntCounterVec,
     upstream_connect: HistogramVec,
     flow_paused: IntCounterVec,
+    lifetime_ends: IntCounterVec,
+    throttled: IntCounterVec,
+    throttled_seconds: CounterVec,
+    rate_share: GaugeVec,
     key_hibernations: IntCounterVec,
     pub pool_bytes: IntGaugeVec,
     pub loop_busy: CounterVec,
@@ -777,6 +826,10 @@ impl Metrics {
             accept_errors: b.family("sealpipe_accept_errors_total"),
             duration: b.family("sealpipe_connection_duration_seconds"),
             flow_paused: b.family("sealpipe_flow_control_paused_total"),
+            lifetime_ends: b.family("sealpipe_max_lifetime_ends_total"),
+            throttled: b.family("sealpipe_throttled_total"),
+            throttled_seconds: b.family("sealpipe_throttled_seconds_total"),
+            rate_share: b.family("sealpipe_rate_limit_share"),
             handshakes: b.family("sealpipe_handshakes_total"),
             sessions: b.family("sealpipe_sessions_total"),
             access_log_dropped: b.family("sealpipe_access_log_dropped_total"),
@@ -873,6 +926,12 @@ impl Metrics {
             ]
             .map(|(d, l)| self.bytes.with_label_values(&[tunnel, d, l])),
             flow_paused: DIRECTIONS.map(|d| self.flow_paused.with_label_values(&[tunnel, d])),
+            lifetime_ends: LIFETIME_ENDS
+                .map(|e| self.lifetime_ends.with_label_values(&[tunnel, e])),
+            throttled: DIRECTIONS.map(|d| self.throttled.with_label_values(&[tunnel, d])),
+            throttled_seconds: DIRECTIONS
+                .map(|d| self.throttled_seconds.with_label_values(&[tunnel, d])),
+            rate_share: RATE_LIMITS.map(|l| self.rate_share.with_label_values(&[tunnel, &s, l])),
             key_hibernations: self.key_hibernations.with_label_values(&[tunnel]),
             upstreams: upstreams
                 .iter()
@@ -946,8 +1005,8 @@ pub struct TunnelMetrics {
     pub accepted: IntCounter,
     pub active: IntGauge,
     pub hibernating: IntGauge,
-    pub rejected: [IntCounter; 8],
-    pub closed: [IntCounter; 12],
+    pub rejected: [IntCounter; 9],
+    pub closed: [IntCounter; 13],
     pub duration: Histogram,
     pub handshakes: [IntCounter; 11],
     /// Sessions established, in [`FS_VALUES`] order.
@@ -957,6 +1016,13 @@ pub struct TunnelMetrics {
     pub handshake_duration: Histogram,
     pub bytes: [IntCounter; 4],
     pub flow_paused: [IntCounter; 2],
+    /// By [`LIFETIME_ENDS`].
+    pub lifetime_ends: [IntCounter; 2],
+    /// Byte rate limit pauses and their time, by [`DIRECTIONS`].
+    pub throttled: [IntCounter; 2],
+    pub throttled_seconds: [prometheus::Counter; 2],
+    /// This shard's share of each rate limit, by [`RATE_LIMITS`] (0 without it).
+    pub rate_share: [prometheus::Gauge; 3],
     pub key_hibernations: IntCounter,
     pub upstreams: Vec<UpstreamMetrics>,
     pub accept_exhausted: IntCounter,
@@ -969,6 +1035,10 @@ impl TunnelMetrics {
     }
     pub fn rejected(&self, r: RejectReason) {
         self.rejected[r as usize].inc();
+    }
+    /// Counts a connection `max_lifetime` ended, by how.
+    pub fn lifetime_end(&self, graceful: bool) {
+        self.lifetime_ends[usize::from(!graceful)].inc();
     }
     /// Counts an established session by whether it has forward secrecy.
     pub fn session(&self, forward_secrecy: bool) {

@@ -320,11 +320,16 @@ fn match_config(h: &Header, fds: Vec<OwnedFd>, cfg: &Config) -> Result<Taken, St
         }
         .to_string());
     }
-    let ours: Vec<(ListenAddr, &str)> = cfg
-        .tunnels
-        .iter()
-        .map(|t| (t.listen, t.name.as_str()))
-        .collect();
+    let mut ours: Vec<(ListenAddr, &str)> = Vec::with_capacity(cfg.tunnels.len());
+    for t in &cfg.tunnels {
+        if t.listen.unix().is_some() {
+            return Err(format!(
+                "tunnel {:?} listens on a Unix socket, which the handoff does not carry",
+                t.name
+            ));
+        }
+        ours.push((t.listen.clone(), t.name.as_str()));
+    }
     let same = ours.len() == tunnels.len()
         && ours
             .iter()
@@ -351,8 +356,8 @@ fn match_config(h: &Header, fds: Vec<OwnedFd>, cfg: &Config) -> Result<Taken, St
     // would serve a tunnel on whatever socket a confused or hostile holder passed.
     let mut fds = fds.into_iter();
     let mut out = Vec::with_capacity(tunnels.len());
-    for t in &cfg.tunnels {
-        let mut want = t.listen.get();
+    for (t, (listen, _)) in cfg.tunnels.iter().zip(&ours) {
+        let mut want = listen.inet().expect("TCP: checked above");
         let mut ls = Vec::with_capacity(shards);
         for (shard, fd) in fds.by_ref().take(shards).enumerate() {
             // A configured port of 0 is resolved by the first listener; the others share it.

@@ -297,7 +297,7 @@ impl<C: Make, U: Make> Conn<C, U> {
             shell: Shell {
                 tunnel: rt.index,
                 idle_timer: None,
-                handshake_timer: None,
+                deadline_timer: None,
                 ticket: None,
                 ident: st.ident.map(|i| Box::new(ConnIdentity::import(i))),
                 moving: Moving::Imported,

@@ -22,7 +22,7 @@
 //! | 0x02 | mode (0 forward, 1 encrypt, 2 decrypt) |
 //! | 0x03 | the shard it ran on (u32; a placement hint) |
 //! | 0x04 | core: age and quiet time (µs, u64 each), flags (asleep, client ended, upstream ended), bytes accounted (4 × u64) |
-//! | 0x05 | target address (its id in the new process is found by address) |
+//! | 0x05 | target (its id in the new process is found by address): an IP address (4 or 6, the address, the port), or a Unix socket's path (1, the path's bytes) |
 //! | 0x10, 0x11 | client, upstream stream: flags (end seen, shutdown asked, write shut), suspend reasons, bytes read and written, then input, output, raw in, raw out (u32 length + bytes each) |
 //! | 0x20, 0x21 | client, upstream session: role, rekey interval (a flag + u64), the protocol's session state (`sealpipe_protocol::migrate`) |
 //! | 0x30 | client identity: peer address, PROXY header bytes in and out, the session's OPEN |
@@ -41,16 +41,19 @@
 //!   its own pending (an ABORT queued, an OPEN not yet sealed or taken).
 
 use std::net::{IpAddr, SocketAddr};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::config::Mode;
+use crate::config::{MAX_UNIX_PATH, Mode};
 use crate::protocol::{MAX_OPEN_LEN, MAX_RECORD_LEN, OpenInfo, SessionState, Zeroizing};
 use crate::reactor::{BevCore, BevState, Buffer, NoFilter, Suspend, Transport};
 
 use super::super::super::codec::{Role, SealFilter, SealState};
+use super::super::super::ids::interned;
 use super::super::super::upstream::{TargetId, Upstreams};
 use super::super::super::{ByteCounts, READ_HIGH, TargetAddr};
-use super::{ConnCore, Env, Layer, WATERMARKS};
+use super::{ConnCore, Env, Layer, LifetimeState, WATERMARKS};
 
 /// The version [`ConnState::encode`] writes and [`ConnState::decode`] reads.
 pub const STATE_VERSION: u16 = 1;
@@ -340,6 +343,7 @@ impl<C: Migrate, U: Migrate, T: Transport> ConnCore<C, U, T> {
             upstream_eof: st.upstream_eof,
             counted: st.counted,
             closed: None,
+            lifetime: LifetimeState { bits: 0, jitter: 0 },
         })
     }
 
@@ -395,6 +399,15 @@ impl Out {
             }
         }
         self.put(&a.port().to_be_bytes());
+    }
+    fn target(&mut self, t: TargetAddr) {
+        match t {
+            TargetAddr::Inet(a) => self.addr(a),
+            TargetAddr::Unix(p) => {
+                self.u8(1);
+                self.put(p.as_os_str().as_bytes());
+            }
+        }
     }
     fn side(&mut self, s: &SideState) {
         self.u8(u8::from(s.eof)
@@ -460,7 +473,7 @@ impl ConnState {
             }
         });
         if let Some(t) = c.target {
-            o.field(T_TARGET, |o| o.addr(t.get()));
+            o.field(T_TARGET, |o| o.target(t));
         }
         o.field(T_CLIENT, |o| o.side(&c.client));
         o.field(T_UPSTREAM, |o| o.side(&c.upstream));
@@ -584,12 +597,7 @@ impl Fields<'_> {
         }
         c.end("core")?;
         let target = match self.target {
-            Some(t) => {
-                let mut t = Reader(t);
-                let a = t.addr()?;
-                t.end("target")?;
-                Some(TargetAddr::new(a))
-            }
+            Some(t) => Reader(t).target()?,
             None => None,
         };
         let (client_sealed, upstream_sealed) = match mode {
@@ -673,6 +681,22 @@ impl<'a> Reader<'a> {
             _ => return Err(StateError::Invalid("address family")),
         };
         Ok(SocketAddr::new(ip, u16::from_be_bytes(self.array()?)))
+    }
+    /// A target: an IP address, or a Unix socket's path. A path this process never interned
+    /// (no configuration of its named it) is no target of its: `None`, and the table of
+    /// interned paths never grows from a state.
+    fn target(mut self) -> Result<Option<TargetAddr>, StateError> {
+        if self.0.first() != Some(&1) {
+            let a = self.addr()?;
+            self.end("target")?;
+            return Ok(Some(TargetAddr::new(a)));
+        }
+        let path = &self.0[1..];
+        if path.is_empty() || path.len() > MAX_UNIX_PATH || path.contains(&0) {
+            return Err(StateError::Invalid("target path"));
+        }
+        let path = Path::new(std::ffi::OsStr::from_bytes(path));
+        Ok(interned(path).map(TargetAddr::Unix))
     }
     fn bytes(&mut self) -> Result<Zeroizing<Vec<u8>>, StateError> {
         let n = self.u32()? as usize;
@@ -903,6 +927,43 @@ mod tests {
             }
             // Debug shows neither buffers nor secrets.
             assert!(!format!("{got:?}").contains("raw_out"));
+        }
+    }
+
+    #[test]
+    fn a_unix_target_travels_as_its_path_and_an_unknown_path_is_no_target() {
+        let path = Path::new("/run/sealpipe-migrate-test/redis.sock");
+        let mut st = state(Mode::Decrypt);
+        st.core.target = Some(TargetAddr::unix(path));
+        let got = ConnState::decode(&st.encode()).unwrap();
+        assert_eq!(got.core.target, st.core.target);
+        // A path no configuration of this process named is no target here, and decoding it
+        // does not make it one.
+        let other = Path::new("/run/sealpipe-migrate-test/never-configured.sock");
+        let mut bytes = st.encode().to_vec();
+        let at = field_at(&bytes, T_TARGET);
+        let len = u32::from_be_bytes(bytes[at - 4..at].try_into().unwrap()) as usize;
+        let mut value = vec![1u8];
+        value.extend_from_slice(other.as_os_str().as_bytes());
+        bytes.splice(at..at + len, value.iter().copied());
+        bytes[at - 4..at].copy_from_slice(&(value.len() as u32).to_be_bytes());
+        let total = (bytes.len() - 10) as u32;
+        bytes[6..10].copy_from_slice(&total.to_be_bytes());
+        assert_eq!(ConnState::decode(&bytes).unwrap().core.target, None);
+        assert_eq!(interned(other), None);
+        // An empty path, or one with a NUL, is refused.
+        for bad in [&[1u8][..], &[1, b'/', 0, b'x'][..]] {
+            let mut b = bytes.clone();
+            let at = field_at(&b, T_TARGET);
+            let len = u32::from_be_bytes(b[at - 4..at].try_into().unwrap()) as usize;
+            b.splice(at..at + len, bad.iter().copied());
+            b[at - 4..at].copy_from_slice(&(bad.len() as u32).to_be_bytes());
+            let total = (b.len() - 10) as u32;
+            b[6..10].copy_from_slice(&total.to_be_bytes());
+            assert_eq!(
+                ConnState::decode(&b).unwrap_err(),
+                StateError::Invalid("target path")
+            );
         }
     }
 
