@@ -732,6 +732,8 @@ struct Detachable(BufferEvent);
 
 const DETACH: Tag = Tag::new(1);
 const ATTACH: Tag = Tag::new(2);
+/// Throttles reading for bandwidth for 30 ms, then detaches.
+const THROTTLE_AND_DETACH: Tag = Tag::new(3);
 
 impl Handler<Vec<u8>> for Detachable {
     fn on_start(&mut self, cx: &mut Context<'_, Vec<u8>>) {
@@ -745,6 +747,11 @@ impl Handler<Vec<u8>> for Detachable {
         match tag {
             DETACH => self.0.detach(cx).unwrap(),
             ATTACH => self.0.attach(cx).unwrap(),
+            THROTTLE_AND_DETACH => {
+                let at = cx.now() + Duration::from_millis(30);
+                self.0.throttle_until(cx, at);
+                self.0.detach(cx).unwrap();
+            }
             _ if self.0.owns_tag(tag) => {
                 self.0.on_notify(cx, tag);
                 self.take(cx);
@@ -752,7 +759,12 @@ impl Handler<Vec<u8>> for Detachable {
             _ => {}
         }
     }
-    fn on_timer(&mut self, _: &mut Context<'_, Vec<u8>>, _: Tag) {}
+    fn on_timer(&mut self, cx: &mut Context<'_, Vec<u8>>, tag: Tag) {
+        if self.0.owns_tag(tag) {
+            self.0.on_timer(cx, tag);
+            self.take(cx);
+        }
+    }
 }
 
 impl Detachable {
@@ -796,6 +808,43 @@ fn a_detached_socket_is_left_alone_until_attached() {
         base.loop_once(Some(Duration::from_millis(20))).unwrap();
     }
     assert_eq!(base.state(), b"a");
+    base.with_context(|cx| cx.notify(id, ATTACH));
+    turn_until(&mut base, b"ab");
+    client.write_all(b"c").unwrap();
+    turn_until(&mut base, b"abc");
+}
+
+/// A socket throttled for bandwidth and detached (a live upgrade freezes a connection whose
+/// rate limit made it wait) whose wake-up comes while it is detached: attached again, it
+/// reads (the wake-up lifted the suspension and freed the timer's slot; the registration
+/// re-drives).
+#[test]
+fn a_bandwidth_wake_up_while_detached_is_not_lost() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (server, _) = l.accept().unwrap();
+    server.set_nonblocking(true).unwrap();
+    let mut base = EventBase::new(Vec::new()).unwrap();
+    let bev = BufferEvent::new(mio::net::TcpStream::from_std(server), 0);
+    let id = base.spawn(Box::new(Detachable(bev)));
+    let turn_until = |base: &mut EventBase<Vec<u8>>, want: &[u8]| {
+        let deadline = Instant::now() + TIMEOUT;
+        while base.state() != want {
+            assert!(Instant::now() < deadline, "read {:?}", base.state());
+            base.loop_once(Some(Duration::from_millis(10))).unwrap();
+        }
+    };
+    client.write_all(b"a").unwrap();
+    turn_until(&mut base, b"a");
+    base.with_context(|cx| cx.notify(id, THROTTLE_AND_DETACH));
+    base.loop_once(Some(Duration::ZERO)).unwrap();
+    client.write_all(b"b").unwrap();
+    // The wake-up's time passes while detached (the loop runs its timer).
+    let until = Instant::now() + Duration::from_millis(100);
+    while Instant::now() < until {
+        base.loop_once(Some(Duration::from_millis(10))).unwrap();
+    }
+    assert_eq!(base.state(), b"a", "nothing read while detached");
     base.with_context(|cx| cx.notify(id, ATTACH));
     turn_until(&mut base, b"ab");
     client.write_all(b"c").unwrap();

@@ -13,7 +13,8 @@
 //! outcome, an immediate failure included, arrives as an event, never as a return value; at
 //! most one re-drive is queued at a time; a read throttled for bandwidth
 //! ([`BufferEvent::throttle_until`]) wakes by its own timer, in the slot the connect timer used
-//! (a socket never waits for both), and re-drives itself.
+//! (a socket never waits for both), and re-drives itself (while detached, the wake-up only
+//! lifts the suspension: `attach` re-drives).
 
 use std::io;
 use std::net::Shutdown;
@@ -402,8 +403,13 @@ impl<F: Filter> BevCore<F, Socket> {
     /// Feed an `on_timer` tag that [`owns_tag`](Self::owns_tag) accepted.
     pub fn on_timer<S>(&mut self, cx: &mut Context<'_, S>, tag: Tag) -> BevEvents {
         if self.io.detached {
-            // Forgotten; `attach` arms the timeouts again.
+            // Forgotten; `attach` arms the timeouts again. A bandwidth wake-up still lifts
+            // its suspension (nothing else would), and `attach`'s registration re-drives.
             let kind = self.kind_of(tag);
+            if kind == Some(TIMER_BANDWIDTH) {
+                self.io.timer = None;
+                self.unsuspend(Suspend::Bandwidth);
+            }
             if let Some(io) = self.io.io_timeouts.as_deref_mut() {
                 match kind {
                     Some(TIMER_READ) => io.read_timer = None,
