@@ -203,6 +203,8 @@ pub enum ListenerCheck {
     Io(#[from] io::Error),
     #[error("it is not a TCP socket (type {0:?}, family {1:?})")]
     NotTcp(SocketType, AddressFamily),
+    #[error("it is neither a TCP nor a Unix stream socket (type {0:?}, family {1:?})")]
+    NotStream(SocketType, AddressFamily),
     #[error("it is a TCP socket that does not listen (SO_ACCEPTCONN is 0)")]
     NotListening,
     #[error("it is a listening socket, not a connection")]
@@ -239,25 +241,29 @@ pub fn check_tcp_listener(
     Ok(got)
 }
 
-/// Checks that `fd` is a connected TCP socket (an established connection a predecessor
-/// handed over: SO_TYPE, SO_DOMAIN, not listening, and a peer address the kernel knows);
-/// returns its peer's address.
-pub fn check_tcp_connection(fd: BorrowedFd<'_>) -> Result<SocketAddr, ListenerCheck> {
+/// Checks that `fd` is a connected stream socket, TCP or Unix (an established connection a
+/// predecessor handed over: its client, or its upstream, which a `unix:` target makes a Unix
+/// stream): SO_TYPE, SO_DOMAIN, not listening, and a peer the kernel knows. Returns the
+/// peer's address for TCP, `None` for a Unix stream (its peer has no IP address).
+pub fn check_connection(fd: BorrowedFd<'_>) -> Result<Option<SocketAddr>, ListenerCheck> {
     let ty = sockopt::socket_type(fd).map_err(io::Error::from)?;
     let family = sockopt::socket_domain(fd).map_err(io::Error::from)?;
-    if ty != SocketType::STREAM
-        || !(family == AddressFamily::INET || family == AddressFamily::INET6)
-    {
-        return Err(ListenerCheck::NotTcp(ty, family));
+    let inet = family == AddressFamily::INET || family == AddressFamily::INET6;
+    if ty != SocketType::STREAM || !(inet || family == AddressFamily::UNIX) {
+        return Err(ListenerCheck::NotStream(ty, family));
     }
     if sockopt::socket_acceptconn(fd).map_err(io::Error::from)? {
         return Err(ListenerCheck::Listening);
     }
-    let peer = socket2::SockRef::from(&fd)
-        .peer_addr()?
+    // getpeername fails (ENOTCONN) on a socket that is not connected, of either family.
+    let peer = socket2::SockRef::from(&fd).peer_addr()?;
+    if !inet {
+        return Ok(None);
+    }
+    let peer = peer
         .as_socket()
         .ok_or_else(|| io::Error::other("getpeername returned no IP address"))?;
-    Ok(peer)
+    Ok(Some(peer))
 }
 
 /// Borrows each descriptor of `fds` (what [`send_fds`] takes).
@@ -502,18 +508,34 @@ mod tests {
         assert!(got == data);
         assert_eq!(fds.len(), 1);
         assert_eq!(
-            check_tcp_connection(fds[0].as_fd()).unwrap(),
-            l.local_addr().unwrap()
+            check_connection(fds[0].as_fd()).unwrap(),
+            Some(l.local_addr().unwrap())
         );
         assert!(matches!(
-            check_tcp_connection(l.as_fd()),
+            check_connection(l.as_fd()),
             Err(ListenerCheck::Listening)
         ));
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         assert!(matches!(
-            check_tcp_connection(udp.as_fd()),
-            Err(ListenerCheck::NotTcp(..))
+            check_connection(udp.as_fd()),
+            Err(ListenerCheck::NotStream(..))
         ));
+        // A connected Unix stream (a `unix:` target's upstream) passes; a listening one and
+        // one that is not connected do not.
+        let (x, _y) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert_eq!(check_connection(x.as_fd()).unwrap(), None);
+        let dir = std::env::temp_dir().join(format!("sealpipe-sys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ul = std::os::unix::net::UnixListener::bind(dir.join("l.sock")).unwrap();
+        assert!(matches!(
+            check_connection(ul.as_fd()),
+            Err(ListenerCheck::Listening)
+        ));
+        let unconnected =
+            socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+        assert!(check_connection(unconnected.as_fd()).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -15,7 +15,7 @@
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::{Shutdown, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use mio::event::Source;
@@ -71,6 +71,33 @@ impl Stream {
             Endpoint::Tcp(a) => Stream::Tcp(TcpStream::connect(a)?),
             Endpoint::Unix(p) => Stream::Unix(UnixStream::connect(p)?),
         })
+    }
+
+    /// A connected stream socket that came from elsewhere (another process passed it, in a
+    /// live upgrade): TCP or Unix as the kernel says it is (`SO_DOMAIN`), made non-blocking.
+    /// A socket that is not a stream, or of another family, is refused (`InvalidInput`).
+    pub fn from_connected(fd: OwnedFd) -> io::Result<Stream> {
+        let sock = socket2::SockRef::from(&fd);
+        if sock.r#type()? != socket2::Type::STREAM {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a stream socket",
+            ));
+        }
+        let domain = sock.domain()?;
+        sock.set_nonblocking(true)?;
+        if domain == socket2::Domain::UNIX {
+            let s = std::os::unix::net::UnixStream::from(fd);
+            Ok(Stream::Unix(UnixStream::from_std(s)))
+        } else if domain == socket2::Domain::IPV4 || domain == socket2::Domain::IPV6 {
+            let s = std::net::TcpStream::from(fd);
+            Ok(Stream::Tcp(TcpStream::from_std(s)))
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "neither a TCP nor a Unix domain socket",
+            ))
+        }
     }
 
     /// The TCP stream, if this is one (addresses, TCP options).
@@ -208,5 +235,30 @@ mod tests {
         assert_eq!(&buf[..n], b"xyz");
         assert!(s.take_error().unwrap().is_none());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_passed_socket_is_taken_as_the_kind_the_kernel_says() {
+        // Unix: one end of a pair, still blocking as passed.
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let s = Stream::from_connected(OwnedFd::from(a)).unwrap();
+        assert!(s.as_unix().is_some());
+        let mut buf = [0u8; 4];
+        assert_eq!(
+            (&s).read(&mut buf).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock,
+            "made non-blocking"
+        );
+        b.write_all(b"hi").unwrap();
+        assert_eq!((&s).read(&mut buf).unwrap(), 2);
+        // TCP.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let s = Stream::from_connected(OwnedFd::from(c)).unwrap();
+        assert!(s.as_tcp().is_some() && s.connected().unwrap());
+        // A datagram socket is refused.
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let e = Stream::from_connected(OwnedFd::from(u)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
     }
 }

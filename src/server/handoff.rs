@@ -742,4 +742,24 @@ mod tests {
         let e = match_config(&h, fds, &config()).unwrap_err();
         assert!(e.contains("hand over only between the same tunnels"), "{e}");
     }
+
+    #[test]
+    fn a_unix_listener_of_ours_refuses_the_listeners_offered() {
+        let text = "[[tunnel]]\nname = \"a\"\nmode = \"forward\"\nlisten = \"unix:/run/sealpipe-test/a.sock\"\ntargets = [\"127.0.0.1:2\"]\n";
+        let cfg = crate::config::ConfigFile::parse(Path::new("t.toml"), text)
+            .unwrap()
+            .validate(None)
+            .unwrap();
+        let h = Header {
+            shards: 1,
+            tunnels: vec![("127.0.0.1:1".parse().unwrap(), "a".into())],
+            metrics: None,
+        };
+        let fds = vec![std::io::stdin().as_fd().try_clone_to_owned().unwrap()];
+        let e = match_config(&h, fds, &cfg).unwrap_err();
+        assert!(
+            e.contains("tunnel \"a\" listens on a Unix socket, which the handoff does not carry"),
+            "{e}"
+        );
+    }
 }

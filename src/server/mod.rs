@@ -21,7 +21,8 @@
 //!   the one listening on PATH over SCM_RIGHTS; the old one lets go only after the new one's
 //!   shards accept on them, then drains. The protocol is described in `handoff.rs` and in
 //!   docs/OPERATIONS.md. A configuration with a Unix listening socket refuses `--handoff` at
-//!   start (the handoff carries TCP listeners only).
+//!   start (the handoff carries TCP listeners only); established connections to a Unix
+//!   target move like any other (`transfer.rs`).
 //! - Rate limits: the control thread moves each limit's per-shard shares to where the
 //!   traffic is (`proxy::ratelimit::Rebalancer`); shards publish what they used.
 //! - Shards run unpinned and their SO_REUSEPORT listeners share connections by hash, unless

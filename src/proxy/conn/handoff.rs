@@ -17,11 +17,9 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
 
-use mio::net::TcpStream;
-
 use crate::config::Mode;
 use crate::metrics::CloseReason;
-use crate::reactor::{BufferEvent, Context, NoFilter};
+use crate::reactor::{BufferEvent, Context, NoFilter, Stream};
 
 use super::super::codec::SealFilter;
 use super::super::handoff::{self, Exported, Outcome};
@@ -271,8 +269,8 @@ impl<C: Make, U: Make> Conn<C, U> {
     pub fn import(
         rt: &mut TunnelRt,
         st: ConnState,
-        client: TcpStream,
-        upstream: TcpStream,
+        client: Stream,
+        upstream: Stream,
         now: Instant,
     ) -> Result<Self, StateError> {
         let target = st.core.target.and_then(|a| rt.upstreams.adopt(a));
@@ -387,10 +385,9 @@ pub fn spawn_imported(
 ) -> Result<(), ImportError> {
     let ti = tunnel_for(&cx.state.tunnels, &st)?;
     let [c, u] = fds;
-    let (c, u) = (std::net::TcpStream::from(c), std::net::TcpStream::from(u));
-    c.set_nonblocking(true)?;
-    u.set_nonblocking(true)?;
-    let (c, u) = (TcpStream::from_std(c), TcpStream::from_std(u));
+    // Each as the kind it is: a client accepted on TCP (a Unix listener refuses a handoff),
+    // an upstream over TCP or a Unix socket (a `unix:` target).
+    let (c, u) = (Stream::from_connected(c)?, Stream::from_connected(u)?);
     let now = cx.now();
     let rt = &mut cx.state.tunnels[ti];
     let conn: Box<dyn crate::reactor::Handler<ShardState>> = match st.mode {
