@@ -575,6 +575,7 @@ mod tests {
                 upstream_eof: false,
                 counted: Default::default(),
                 target: None,
+                lifetime: None,
                 client: SideState::default(),
                 upstream: SideState::default(),
                 client_seal: None,

@@ -418,7 +418,8 @@ enum Ending {
 struct LifetimeState {
     /// The [`Ending`] (bits 0-1) and whether a request waits for its reply (bit 2: client
     /// bytes moved towards the backend since the last bytes moved back, so this is no moment
-    /// to end).
+    /// to end); bit 3: the jitter is still to be drawn (a connection moved from a process
+    /// that did not carry it: `migrate`, drawn when it resumes).
     bits: u8,
     /// This connection's jitter, in thousandths (drawn at start, clamped).
     jitter: i8,
@@ -427,6 +428,7 @@ struct LifetimeState {
 impl LifetimeState {
     const ENDING: u8 = 0b11;
     const AWAITING_REPLY: u8 = 0b100;
+    const JITTER_PENDING: u8 = 0b1000;
 
     fn ending(self) -> Ending {
         match self.bits & Self::ENDING {

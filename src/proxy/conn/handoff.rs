@@ -25,7 +25,7 @@ use super::super::codec::SealFilter;
 use super::super::handoff::{self, Exported, Outcome};
 use super::super::identity::ConnIdentity;
 use super::super::{ShardState, TunnelIdx, TunnelRt};
-use super::core::migrate::{ConnState, StateError};
+use super::core::migrate::{ConnState, NotReady, StateError};
 use super::core::{ConnTimer, Side};
 use super::{Conn, Make, Shell};
 
@@ -71,8 +71,11 @@ impl<C: Make, U: Make> Conn<C, U> {
         let Some(id) = cx.id() else {
             return;
         };
-        if self.core.movable().is_err() {
-            return;
+        match self.core.movable() {
+            Ok(()) => {}
+            // Ended at its max_lifetime: it ends here, within its grace.
+            Err(NotReady::Ending) => return self.keep(cx),
+            Err(_) => return,
         }
         match cx.state.export.as_mut().map(|e| e.room_for(id)) {
             Some(true) => {}
@@ -84,9 +87,14 @@ impl<C: Make, U: Make> Conn<C, U> {
         }
         let now = cx.now();
         let rt = &cx.state.tunnels[self.shell.tunnel];
-        let Ok(core) = self.core.export(now, &rt.upstreams) else {
+        let Ok(mut core) = self.core.export(now, &rt.upstreams) else {
             return;
         };
+        if rt.cfg.lifetime.is_none() {
+            // Nothing a successor needs (it draws a jitter should a reload set a lifetime),
+            // and the state is then the one a build without the field writes and reads.
+            core.lifetime = None;
+        }
         let state = ConnState {
             tunnel: rt.cfg.name.clone(),
             mode: rt.cfg.mode,
@@ -135,7 +143,7 @@ impl<C: Make, U: Make> Conn<C, U> {
                 self.attach(cx);
                 self.shell.moving = Moving::Live;
                 let (core, mut env) = self.parts(cx);
-                core.resume(&mut env);
+                core.resume(now, &mut env);
             }
         }
     }
@@ -226,8 +234,9 @@ impl<C: Make, U: Make> Conn<C, U> {
             Outcome::Kept => {
                 self.attach(cx);
                 self.keep(cx);
+                let now = cx.now();
                 let (core, mut env) = self.parts(cx);
-                core.resume(&mut env);
+                core.resume(now, &mut env);
                 if aborted {
                     core.close(CloseReason::DrainDeadline, &mut env);
                 }
@@ -322,6 +331,7 @@ impl<C: Make, U: Make> Conn<C, U> {
         if let Some(up) = self.core.upstream_mut() {
             failed = failed.or(up.register(cx).err());
         }
+        let now = cx.now();
         let (core, mut env) = self.parts(cx);
         if let Some(e) = failed {
             // Counted as failed: it was taken, and cannot run here.
@@ -330,7 +340,7 @@ impl<C: Make, U: Make> Conn<C, U> {
             let (core, mut env) = self.parts(cx);
             return core.close(CloseReason::PeerReset, &mut env);
         }
-        core.resume(&mut env);
+        core.resume(now, &mut env);
         count(cx, Outcome::Moved);
     }
 }

@@ -23,6 +23,7 @@
 //! | 0x03 | the shard it ran on (u32; a placement hint) |
 //! | 0x04 | core: age and quiet time (µs, u64 each), flags (asleep, client ended, upstream ended), bytes accounted (4 × u64) |
 //! | 0x05 | target (its id in the new process is found by address): an IP address (4 or 6, the address, the port), or a Unix socket's path (1, the path's bytes) |
+//! | 0x06 | `max_lifetime` (optional): the connection's jitter (i8, thousandths), flags (past its lifetime, a request waiting for its reply) |
 //! | 0x10, 0x11 | client, upstream stream: flags (end seen, shutdown asked, write shut), suspend reasons, bytes read and written, then input, output, raw in, raw out (u32 length + bytes each) |
 //! | 0x20, 0x21 | client, upstream session: role, rekey interval (a flag + u64), the protocol's session state (`sealpipe_protocol::migrate`) |
 //! | 0x30 | client identity: peer address, PROXY header bytes in and out, the session's OPEN |
@@ -38,7 +39,14 @@
 //!   copy behind; nothing here logs, and `Debug` shows no buffer or secret.
 //! - Only a connection that is settled moves ([`NotReady`] otherwise): handshake done, no
 //!   client preamble awaited, upstream connected, nothing closing, no layer with something of
-//!   its own pending (an ABORT queued, an OPEN not yet sealed or taken).
+//!   its own pending (an ABORT queued, an OPEN not yet sealed or taken), not ended at its
+//!   `max_lifetime` (it waits for its peers to close, and ends where it is).
+//! - `max_lifetime` follows a moved connection: its age travels (its start is the same), and
+//!   so do its jitter and where it stands (field 0x06), so its deadline is the one it had. The
+//!   field is optional: a state without it (a tunnel without `max_lifetime` writes none, so
+//!   its states are those a build without the field writes) gets a fresh jitter in the
+//!   successor. The stream cores' read allowances (rate limits) do not travel: each process
+//!   meters from its own buckets.
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::ffi::OsStrExt;
@@ -53,7 +61,7 @@ use super::super::super::codec::{Role, SealFilter, SealState};
 use super::super::super::ids::interned;
 use super::super::super::upstream::{TargetId, Upstreams};
 use super::super::super::{ByteCounts, READ_HIGH, TargetAddr};
-use super::{ConnCore, Env, Layer, LifetimeState, WATERMARKS};
+use super::{ConnCore, Ending, Env, Layer, LifetimeState, MAX_JITTER_PERMILLE, WATERMARKS};
 
 /// The version [`ConnState::encode`] writes and [`ConnState::decode`] reads.
 pub const STATE_VERSION: u16 = 1;
@@ -71,6 +79,7 @@ const T_MODE: u8 = 0x02;
 const T_SHARD: u8 = 0x03;
 const T_CORE: u8 = 0x04;
 const T_TARGET: u8 = 0x05;
+const T_LIFETIME: u8 = 0x06;
 const T_CLIENT: u8 = 0x10;
 const T_UPSTREAM: u8 = 0x11;
 const T_CLIENT_SEAL: u8 = 0x20;
@@ -112,6 +121,9 @@ pub enum NotReady {
     Connecting,
     /// Its sealed layer has something of its own pending (an OPEN, an ABORT).
     Layer,
+    /// It ended at its `max_lifetime` and waits for its peers to close their sides: it ends
+    /// where it is, within the grace.
+    Ending,
 }
 
 /// One side's stream, as it travels (see [`BevState`]).
@@ -149,10 +161,24 @@ pub struct CoreState {
     pub counted: ByteCounts,
     /// The target in use (found by address in the new process's list).
     pub target: Option<TargetAddr>,
+    /// `max_lifetime`'s state; `None`: the successor draws a jitter (see the module doc).
+    pub lifetime: Option<LifetimeMove>,
     pub client: SideState,
     pub upstream: SideState,
     pub client_seal: Option<SealState>,
     pub upstream_seal: Option<SealState>,
+}
+
+/// A connection's `max_lifetime` state, as it travels (the core's `LifetimeState` but the
+/// end, which does not move: [`NotReady::Ending`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LifetimeMove {
+    /// The jitter, in thousandths (within ±[`MAX_JITTER_PERMILLE`]).
+    pub jitter: i8,
+    /// Past its lifetime, waiting for a quiet moment to end.
+    pub due: bool,
+    /// A request waits for its reply (no quiet moment until it came).
+    pub awaiting_reply: bool,
 }
 
 /// A connection's whole state: the core's, and what the adapter adds.
@@ -282,6 +308,11 @@ impl<C: Migrate, U: Migrate, T: Transport> ConnCore<C, U, T> {
             upstream_eof: self.upstream_eof,
             counted: self.counted,
             target: self.target.and_then(|id| upstreams.get(id)).map(|t| t.addr),
+            lifetime: Some(LifetimeMove {
+                jitter: self.lifetime.jitter,
+                due: self.lifetime.ending() == Ending::Due,
+                awaiting_reply: self.lifetime.awaiting_reply(),
+            }),
             client: side_of(&self.client),
             upstream: side_of(up),
             client_seal,
@@ -307,6 +338,9 @@ impl<C: Migrate, U: Migrate, T: Transport> ConnCore<C, U, T> {
         if !self.client.filter().movable() || !up.filter().movable() {
             return Err(NotReady::Layer);
         }
+        if self.lifetime.ending() == Ending::Ended {
+            return Err(NotReady::Ending);
+        }
         Ok(())
     }
 
@@ -328,6 +362,21 @@ impl<C: Migrate, U: Migrate, T: Transport> ConnCore<C, U, T> {
         c.restore(bev_state(&st.client));
         u.restore(bev_state(&st.upstream));
         let earlier = |d: Duration| now.checked_sub(d).unwrap_or(now);
+        let lifetime = match st.lifetime {
+            Some(l) => {
+                let mut s = LifetimeState {
+                    bits: 0,
+                    jitter: l.jitter,
+                };
+                s.set_ending(if l.due { Ending::Due } else { Ending::Live });
+                s.set_awaiting_reply(l.awaiting_reply);
+                s
+            }
+            None => LifetimeState {
+                bits: LifetimeState::JITTER_PENDING,
+                jitter: 0,
+            },
+        };
         Ok(ConnCore {
             client: c,
             upstream: Some(Box::new(u)),
@@ -343,15 +392,24 @@ impl<C: Migrate, U: Migrate, T: Transport> ConnCore<C, U, T> {
             upstream_eof: st.upstream_eof,
             counted: st.counted,
             closed: None,
-            lifetime: LifetimeState { bits: 0, jitter: 0 },
+            lifetime,
         })
     }
 
-    /// A moved connection starts here (its sockets registered): its idle timer is armed for
-    /// the time it had left. Its sockets' registration reports their readiness, which drives
-    /// whatever was pending (bytes to write, bytes that arrived during the move).
-    pub fn resume(&mut self, env: &mut impl Env<U, T>) {
+    /// A moved connection starts here (its sockets registered), or a frozen one that stayed
+    /// goes on: its idle timer is armed for the time it had left, and `max_lifetime`'s for
+    /// its deadline under the limits in force here (with a jitter drawn now if none came
+    /// with it). Its sockets' registration reports their readiness, which drives whatever was
+    /// pending (bytes to write, bytes that arrived during the move).
+    pub fn resume(&mut self, now: Instant, env: &mut impl Env<U, T>) {
         self.arm_idle(env);
+        if self.lifetime.bits & LifetimeState::JITTER_PENDING != 0 {
+            self.lifetime.bits &= !LifetimeState::JITTER_PENDING;
+            self.lifetime.jitter = env
+                .lifetime_jitter()
+                .clamp(-MAX_JITTER_PERMILLE, MAX_JITTER_PERMILLE);
+        }
+        self.lifetime_step(now, env);
     }
 }
 
@@ -475,6 +533,12 @@ impl ConnState {
         if let Some(t) = c.target {
             o.field(T_TARGET, |o| o.target(t));
         }
+        if let Some(l) = c.lifetime {
+            o.field(T_LIFETIME, |o| {
+                o.put(&l.jitter.to_be_bytes());
+                o.u8(u8::from(l.due) | u8::from(l.awaiting_reply) << 1);
+            });
+        }
         o.field(T_CLIENT, |o| o.side(&c.client));
         o.field(T_UPSTREAM, |o| o.side(&c.upstream));
         if let Some(s) = &c.client_seal {
@@ -532,6 +596,7 @@ impl ConnState {
                 T_SHARD => (&mut f.shard, "shard"),
                 T_CORE => (&mut f.core, "core"),
                 T_TARGET => (&mut f.target, "target"),
+                T_LIFETIME => (&mut f.lifetime, "lifetime"),
                 T_CLIENT => (&mut f.client, "client stream"),
                 T_UPSTREAM => (&mut f.upstream, "upstream stream"),
                 T_CLIENT_SEAL => (&mut f.client_seal, "client session"),
@@ -555,6 +620,7 @@ struct Fields<'a> {
     shard: Option<&'a [u8]>,
     core: Option<&'a [u8]>,
     target: Option<&'a [u8]>,
+    lifetime: Option<&'a [u8]>,
     client: Option<&'a [u8]>,
     upstream: Option<&'a [u8]>,
     client_seal: Option<&'a [u8]>,
@@ -600,6 +666,24 @@ impl Fields<'_> {
             Some(t) => Reader(t).target()?,
             None => None,
         };
+        let lifetime = match self.lifetime {
+            Some(l) => {
+                let mut l = Reader(l);
+                let jitter = i8::from_be_bytes(l.array()?);
+                let flags = l.u8()?;
+                l.end("lifetime")?;
+                if flags & !0b11 != 0 || jitter.unsigned_abs() > MAX_JITTER_PERMILLE.unsigned_abs()
+                {
+                    return Err(StateError::Invalid("lifetime"));
+                }
+                Some(LifetimeMove {
+                    jitter,
+                    due: flags & 1 != 0,
+                    awaiting_reply: flags & 2 != 0,
+                })
+            }
+            None => None,
+        };
         let (client_sealed, upstream_sealed) = match mode {
             Mode::Forward => (false, false),
             Mode::Encrypt => (false, true),
@@ -631,6 +715,7 @@ impl Fields<'_> {
                 upstream_eof: flags & 4 != 0,
                 counted,
                 target,
+                lifetime,
                 client,
                 upstream,
                 client_seal,
@@ -860,6 +945,11 @@ mod tests {
                 upstream_eof: true,
                 counted,
                 target: Some(TargetAddr::new("[2001:db8::7]:6379".parse().unwrap())),
+                lifetime: Some(LifetimeMove {
+                    jitter: -37,
+                    due: true,
+                    awaiting_reply: true,
+                }),
                 client: side(10, client_seal.is_some()),
                 upstream: side(20, upstream_seal.is_some()),
                 client_seal,
@@ -907,6 +997,7 @@ mod tests {
                 (b.asleep, b.client_eof, b.upstream_eof)
             );
             assert_eq!((a.counted, a.target), (b.counted, b.target));
+            assert_eq!(a.lifetime, b.lifetime);
             same_side(&a.client, &b.client);
             same_side(&a.upstream, &b.upstream);
             assert_eq!(got.ident, st.ident);
@@ -965,6 +1056,17 @@ mod tests {
                 StateError::Invalid("target path")
             );
         }
+    }
+
+    #[test]
+    fn a_state_without_the_lifetime_field_reads_as_one_to_draw_afresh() {
+        let mut st = state(Mode::Forward);
+        st.core.lifetime = None;
+        let bytes = st.encode();
+        assert!(
+            ConnState::decode(&bytes).unwrap().core.lifetime.is_none(),
+            "optional: a state written without it (as a build before it writes) reads"
+        );
     }
 
     #[test]
@@ -1028,6 +1130,9 @@ mod tests {
             ),
             (T_CORE, 16, 0x08, StateError::Invalid("core flags")),
             (T_TARGET, 0, 5, StateError::Invalid("address family")),
+            (T_LIFETIME, 0, 101, StateError::Invalid("lifetime")),
+            (T_LIFETIME, 0, 0x80, StateError::Invalid("lifetime")),
+            (T_LIFETIME, 1, 0x04, StateError::Invalid("lifetime")),
             (T_CLIENT, 0, 0x08, StateError::Invalid("stream flags")),
             (
                 T_CLIENT,

@@ -579,8 +579,9 @@ pub struct NodeEnv {
     layers: Layers,
     upstreams: Upstreams,
     limits: Limits,
-    /// This node's draw of `max_lifetime`'s jitter (`Env::lifetime_jitter`).
-    jitter: i8,
+    /// This node's draw of `max_lifetime`'s jitter (`Env::lifetime_jitter`); a test changes
+    /// it to give a "successor" (`Node::migrate`) another draw.
+    pub jitter: i8,
     connect_timeout: Duration,
     cap: usize,
     timers: [Option<Instant>; 3],
@@ -1930,13 +1931,24 @@ where
     /// and the registration reports the transports' readiness. False (nothing changed) if the
     /// connection cannot move now.
     pub fn migrate(&mut self, now: Instant) -> bool {
+        self.migrate_with(now, |_| {})
+    }
+
+    /// [`migrate`](Self::migrate), with `edit` changing the exported state before it is
+    /// encoded (what another build of the old process would have written).
+    pub fn migrate_with(
+        &mut self,
+        now: Instant,
+        edit: impl FnOnce(&mut super::core::migrate::CoreState),
+    ) -> bool {
         use super::core::migrate::ConnState;
         if self.closed {
             return false;
         }
-        let Ok(core) = self.core.export(now, &self.env.upstreams) else {
+        let Ok(mut core) = self.core.export(now, &self.env.upstreams) else {
             return false;
         };
+        edit(&mut core);
         let mode = match (C::SEALED, U::SEALED) {
             (false, true) => crate::config::Mode::Encrypt,
             (true, false) => crate::config::Mode::Decrypt,
@@ -1999,7 +2011,7 @@ where
             |l| BevCore::with_io(upstream, l, !U::SEALED),
         )
         .expect("a state imports as exported");
-        self.core.resume(&mut self.env);
+        self.core.resume(now, &mut self.env);
         true
     }
 }
