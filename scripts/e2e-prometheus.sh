@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end check of the observability stack against a real sealpipe and a real Prometheus:
 #   backend (python echo) <- sealpipe decrypt (2 targets: backend + a dead port)
-#                         <== sealpipe encrypt (right key) <- clients
+#                         <== sealpipe encrypt (right key, upstream rate limit) <- clients
 #                         <== sealpipe encrypt (WRONG key) <- clients   (handshake failures)
 #   backend <- sealpipe forward --max-conns 1                           (max_conns rejections)
 # A Prometheus server on 127.0.0.1 scrapes all four metrics endpoints every 1 s and loads
@@ -52,7 +52,7 @@ start backend python3 "$root/scripts/e2e_helper.py" backend "$p_back"
 start decrypt "$bin" decrypt --listen "127.0.0.1:$p_dec" --target "127.0.0.1:$p_back,127.0.0.1:$p_dead" \
   --key "$tmp/right.key" --threads 2 --metrics "127.0.0.1:$m_dec" --connect-timeout 2 --balance round-robin
 start encrypt "$bin" encrypt --listen "127.0.0.1:$p_enc" --target "127.0.0.1:$p_dec" \
-  --key "$tmp/right.key" --threads 2 --metrics "127.0.0.1:$m_enc"
+  --key "$tmp/right.key" --threads 2 --metrics "127.0.0.1:$m_enc" --upstream-rate 64MB --rate-burst 1MiB
 start wrongkey "$bin" encrypt --listen "127.0.0.1:$p_wrong" --target "127.0.0.1:$p_dec" \
   --key "$tmp/wrong.key" --threads 1 --metrics "127.0.0.1:$m_wrong"
 start forward "$bin" forward --listen "127.0.0.1:$p_fwd" --target "127.0.0.1:$p_back" \
@@ -88,6 +88,10 @@ for m in "$m_dec" "$m_enc" "$m_wrong" "$m_fwd"; do $H wait-http "http://127.0.0.
 $H wait-http "http://$prom/-/ready" 200 60
 
 $H traffic "$p_enc" "$p_wrong" "$p_fwd"
+
+# The encrypt side's rate limit held the bulk transfer back (and counted it).
+$H wait-metric "127.0.0.1:$m_enc" '^sealpipe_throttled_total\{[^}]*direction="upstream"[^}]*\} [1-9]' 15
+echo "e2e: upstream rate limit throttled the bulk transfer"
 
 # Reload: SIGHUP must be counted as ok.
 kill -HUP "$pid_decrypt"

@@ -13,7 +13,10 @@ use serde::Deserialize;
 
 use crate::keyfile::KeyError;
 use crate::protocol::{AeadKind, ForwardSecrecy, KeySet};
-use crate::proxy::ListenAddr;
+pub use crate::proxy::conn::core::Lifetime;
+use crate::proxy::ids::TargetAddr;
+pub use crate::proxy::ids::{ListenAddr, UnixListen};
+pub use crate::proxy::ratelimit::{Limit, RateLimits};
 
 /// Everything that can be wrong with a configuration.
 #[derive(Debug, thiserror::Error)]
@@ -528,6 +531,178 @@ pub struct TunnelFile {
     pub warm_refresh: Option<f64>,
     /// Decrypt side: seconds a session may wait for its OPEN.
     pub warm_idle_timeout: Option<f64>,
+    // -- fleet policy (docs/OPERATIONS.md, "Connection lifetime") --
+    /// Seconds after which a connection ends at its next quiet moment (±10% per connection);
+    /// 0 or absent = no limit.
+    pub max_lifetime: Option<f64>,
+    /// Seconds a connection past `max_lifetime` may wait for a quiet moment, and its peers
+    /// then have to close, before it is reset.
+    pub max_lifetime_grace: Option<f64>,
+    /// New connections per second, whole tunnel (over it: refused at accept); 0 = no limit.
+    pub conn_rate: Option<f64>,
+    /// How many new connections may arrive at once (default: one second's worth).
+    pub conn_rate_burst: Option<f64>,
+    /// Bytes per second client to backend, and back, whole tunnel: a number of bytes or a
+    /// string with a unit ("100Mbit", "12.5MB"); 0 = no limit.
+    pub upstream_rate: Option<Amount>,
+    pub downstream_rate: Option<Amount>,
+    /// Bytes either direction may carry at once beyond its rate (default: one second of it).
+    pub rate_burst: Option<Amount>,
+    // -- a Unix domain socket to listen on (`listen = "unix:/path"`; "Unix domain sockets") --
+    /// Permission bits of the socket file: `0o660` or `"0660"` (octal).
+    pub listen_mode: Option<FileMode>,
+    /// Owner and group of the socket file: a name or a number.
+    pub listen_owner: Option<String>,
+    pub listen_group: Option<String>,
+}
+
+/// Permission bits as written: a TOML integer (`0o660`) or an octal string (`"0660"`).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum FileMode {
+    Number(i64),
+    Text(String),
+}
+
+impl From<&str> for FileMode {
+    fn from(s: &str) -> FileMode {
+        FileMode::Text(s.to_string())
+    }
+}
+
+/// How an address names a Unix domain socket.
+pub const UNIX_PREFIX: &str = "unix:";
+/// The longest path a Unix domain socket address holds (`sun_path`, less its NUL).
+pub const MAX_UNIX_PATH: usize = 107;
+
+/// The path of `unix:PATH` (`what`: the setting, for the message), if `s` is one.
+pub fn unix_path(what: &str, s: &str) -> Option<Result<PathBuf, String>> {
+    let p = s.strip_prefix(UNIX_PREFIX)?;
+    let path = PathBuf::from(p);
+    Some(if !path.is_absolute() {
+        Err(format!(
+            "{what} {s:?}: a Unix socket's path must be absolute (unix:/run/app/app.sock)"
+        ))
+    } else if p.len() > MAX_UNIX_PATH {
+        Err(format!(
+            "{what} {s:?}: the path is {} bytes, over the {MAX_UNIX_PATH} a Unix socket address holds",
+            p.len()
+        ))
+    } else if p.ends_with('/') {
+        Err(format!("{what} {s:?}: the path names a directory"))
+    } else {
+        Ok(path)
+    })
+}
+
+/// `listen_mode`: permission bits, 0 to 0777.
+fn file_mode(sc: Scope<'_>, v: &FileMode) -> Result<u32, ConfigError> {
+    let bits = match v {
+        FileMode::Number(n) => u32::try_from(*n).ok(),
+        FileMode::Text(t) => u32::from_str_radix(t.trim_start_matches("0o"), 8).ok(),
+    };
+    match bits {
+        Some(b) if b <= 0o777 => Ok(b),
+        _ => Err(sc.error(
+            "listen_mode",
+            format!(
+                "must be permission bits from 0 to 0777 (octal: \"0660\" or 0o660), got {}",
+                match v {
+                    FileMode::Number(n) => format!("{n} (0o{n:o})"),
+                    FileMode::Text(t) => format!("{t:?}"),
+                }
+            ),
+        )),
+    }
+}
+
+/// A user or group as written: a name, or a number.
+fn owner_name(
+    sc: Scope<'_>,
+    field: &str,
+    v: &Option<String>,
+) -> Result<Option<String>, ConfigError> {
+    match v.as_deref() {
+        None => Ok(None),
+        Some(n)
+            if !n.is_empty()
+                && n.len() <= 256
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.$".contains(c)) =>
+        {
+            Ok(Some(n.to_string()))
+        }
+        Some(n) => Err(sc.error(
+            field,
+            format!("{n:?} is not a user or group name, nor a number"),
+        )),
+    }
+}
+
+/// A byte amount as written: a number of bytes, or a string with a unit (see [`bytes`]).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum Amount {
+    Number(f64),
+    Text(String),
+}
+
+impl From<&str> for Amount {
+    fn from(s: &str) -> Amount {
+        Amount::Text(s.to_string())
+    }
+}
+
+/// The units a byte amount may carry, and what each is worth in bytes.
+const BYTE_UNITS: [(&str, f64); 14] = [
+    ("B", 1.0),
+    ("kB", 1e3),
+    ("KB", 1e3),
+    ("MB", 1e6),
+    ("GB", 1e9),
+    ("KiB", 1024.0),
+    ("MiB", 1048576.0),
+    ("GiB", 1073741824.0),
+    ("bit", 0.125),
+    ("kbit", 125.0),
+    ("Kbit", 125.0),
+    ("Mbit", 125e3),
+    ("Gbit", 125e6),
+    ("", 1.0),
+];
+
+/// Bytes (`per_second`: per second, and a `/s` suffix is allowed) from a number or a string:
+/// `12500000`, `"100Mbit"`, `"12.5MB/s"`, `"64KiB"`. Decimal units are powers of 1000, binary
+/// ones of 1024; bits are an eighth of a byte.
+pub fn bytes(v: &Amount, per_second: bool) -> Result<f64, String> {
+    let s = match v {
+        Amount::Number(n) => return Ok(*n),
+        Amount::Text(s) => s.trim(),
+    };
+    let s = if per_second {
+        s.strip_suffix("/s").unwrap_or(s)
+    } else {
+        s
+    };
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '_'))
+        .unwrap_or(s.len());
+    let (num, unit) = (&s[..split], s[split..].trim());
+    let units = || {
+        let names: Vec<&str> = BYTE_UNITS
+            .iter()
+            .map(|u| u.0)
+            .filter(|u| !u.is_empty())
+            .collect();
+        names.join(", ")
+    };
+    let n: f64 = num.replace('_', "").parse().map_err(|_| {
+        format!("{s:?} is not a number of bytes with a unit, e.g. \"100Mbit\" or \"12.5MB\"")
+    })?;
+    let Some((_, scale)) = BYTE_UNITS.iter().find(|u| u.0 == unit) else {
+        return Err(format!("{s:?}: unknown unit {unit:?} (one of {})", units()));
+    };
+    Ok(n * scale)
 }
 
 impl TunnelFile {
@@ -562,6 +737,16 @@ impl TunnelFile {
             warm_max: None,
             warm_refresh: None,
             warm_idle_timeout: None,
+            listen_mode: None,
+            listen_owner: None,
+            listen_group: None,
+            max_lifetime: None,
+            max_lifetime_grace: None,
+            conn_rate: None,
+            conn_rate_burst: None,
+            upstream_rate: None,
+            downstream_rate: None,
+            rate_burst: None,
         }
     }
 }
@@ -604,6 +789,10 @@ pub struct Tunnel {
     pub keepalive: Keepalive,
     /// How often target names are resolved again; `None`: at start and on SIGHUP only.
     pub resolve_interval: Option<Duration>,
+    /// `max_lifetime` and its grace; `None`: no limit.
+    pub lifetime: Option<Lifetime>,
+    /// `conn_rate`, `upstream_rate`, `downstream_rate` and their bursts.
+    pub rates: RateLimits,
     /// Encrypt side: most warm sessions per shard and target (0: off; always 0 elsewhere).
     pub warm_max: usize,
     /// Encrypt side: an unused warm session is replaced after this long.
@@ -684,8 +873,8 @@ fn warm_settings(
 
 impl Tunnel {
     /// Every target's addresses, one list per target (what `proxy::upstream` balances over).
-    pub fn target_addrs(&self) -> Vec<Vec<SocketAddr>> {
-        self.targets.iter().map(|t| t.addrs.clone()).collect()
+    pub fn target_addrs(&self) -> Vec<Vec<TargetAddr>> {
+        self.targets.iter().map(Target::target_addrs).collect()
     }
 
     /// Whether any target is a name (resolved, and re-resolved while running).
@@ -799,6 +988,185 @@ fn timeout(scope: Scope<'_>, field: &str, v: f64, why: &str) -> Result<Duration,
     Ok(d)
 }
 
+/// A tunnel's `listen`, with the Unix socket file's keys (which only a Unix socket takes).
+fn listen_addr(sc: Scope<'_>, t: &TunnelFile) -> Result<ListenAddr, ConfigError> {
+    let field = sc.name("listen");
+    let Some(path) = unix_path(&field, &t.listen) else {
+        for (key, set) in [
+            ("listen_mode", t.listen_mode.is_some()),
+            ("listen_owner", t.listen_owner.is_some()),
+            ("listen_group", t.listen_group.is_some()),
+        ] {
+            if set {
+                return Err(sc.error(
+                    key,
+                    format!(
+                        "applies to a Unix socket's file ({} = \"unix:/path\"), not to {}",
+                        sc.name("listen"),
+                        t.listen
+                    ),
+                ));
+            }
+        }
+        return resolve(&field, &t.listen)
+            .map(ListenAddr::Inet)
+            .map_err(|m| sc.wrap(m));
+    };
+    let path = path.map_err(|m| sc.wrap(m))?;
+    // A Unix socket's peers have no address to check.
+    for (key, set) in [
+        ("allow", !t.allow.is_empty()),
+        ("deny", !t.deny.is_empty()),
+        ("accept_proxy", t.accept_proxy),
+    ] {
+        if set {
+            return Err(sc.error(
+                key,
+                format!(
+                    "needs an IP listen address: the peers of a Unix socket ({}) have none (control who connects with {}, {} and {})",
+                    t.listen,
+                    sc.name("listen_mode"),
+                    sc.name("listen_owner"),
+                    sc.name("listen_group")
+                ),
+            ));
+        }
+    }
+    Ok(ListenAddr::Unix(UnixListen {
+        path,
+        mode: t
+            .listen_mode
+            .as_ref()
+            .map(|m| file_mode(sc, m))
+            .transpose()?,
+        owner: owner_name(sc, "listen_owner", &t.listen_owner)?,
+        group: owner_name(sc, "listen_group", &t.listen_group)?,
+    }))
+}
+
+/// `max_lifetime_grace` when not given.
+pub const DEFAULT_LIFETIME_GRACE: Duration = Duration::from_secs(60);
+
+/// `max_lifetime` and `max_lifetime_grace` of one tunnel.
+fn lifetime(
+    sc: Scope<'_>,
+    max: Option<f64>,
+    grace: Option<f64>,
+) -> Result<Option<Lifetime>, ConfigError> {
+    let max = max.map_or(Ok(None), |v| seconds_or_off(sc, "max_lifetime", v))?;
+    let grace = grace
+        .map(|v| seconds(sc, "max_lifetime_grace", v))
+        .transpose()?;
+    match (max, grace) {
+        (None, Some(_)) => Err(sc.error(
+            "max_lifetime_grace",
+            format!(
+                "has no effect without {}: set both, or neither",
+                sc.name("max_lifetime")
+            ),
+        )),
+        (Some(m), _) if m < Duration::from_secs(1) => Err(sc.error(
+            "max_lifetime",
+            format!(
+                "must be 0 (no limit) or at least 1 second, got {}: a connection ends only after 250 ms of quiet, so shorter lifetimes would end every connection at its first pause",
+                m.as_secs_f64()
+            ),
+        )),
+        (Some(max), grace) => Ok(Some(Lifetime {
+            max,
+            grace: grace.unwrap_or(DEFAULT_LIFETIME_GRACE),
+        })),
+        (None, None) => Ok(None),
+    }
+}
+
+/// The most a rate may be: 1e9 connections, or 1e12 bytes, per second.
+const MAX_CONN_RATE: f64 = 1e9;
+const MAX_BYTE_RATE: f64 = 1e12;
+/// The least byte rate: reads are paced in chunks of at least 4 KiB, so much less than this
+/// would be bursts a second apart rather than a rate.
+const MIN_BYTE_RATE: f64 = 1000.0;
+
+/// A tunnel's rate limits.
+fn rate_limits(sc: Scope<'_>, t: &TunnelFile) -> Result<RateLimits, ConfigError> {
+    let mut out = RateLimits::default();
+    let conn = t.conn_rate.unwrap_or(0.0);
+    if !conn.is_finite() || !(0.0..=MAX_CONN_RATE).contains(&conn) {
+        return Err(sc.error(
+            "conn_rate",
+            format!("must be between 0 (no limit) and {MAX_CONN_RATE} connections per second, got {conn}"),
+        ));
+    }
+    match (conn > 0.0, t.conn_rate_burst) {
+        (false, Some(_)) => {
+            return Err(sc.error(
+                "conn_rate_burst",
+                format!("has no effect without {}", sc.name("conn_rate")),
+            ));
+        }
+        (true, Some(b)) if !b.is_finite() || !(1.0..=MAX_CONN_RATE).contains(&b) => {
+            return Err(sc.error(
+                "conn_rate_burst",
+                format!("must be between 1 and {MAX_CONN_RATE} connections, got {b}"),
+            ));
+        }
+        (true, burst) => {
+            out.conns = Some(Limit {
+                rate: conn,
+                burst: burst.unwrap_or(conn.max(1.0)),
+            })
+        }
+        (false, None) => {}
+    }
+    let amount = |field: &str, v: &Option<Amount>, per_second: bool| -> Result<f64, ConfigError> {
+        v.as_ref()
+            .map_or(Ok(0.0), |v| bytes(v, per_second))
+            .map_err(|e| sc.error(field, e))
+    };
+    let burst = amount("rate_burst", &t.rate_burst, false)?;
+    let mut any = false;
+    for (field, v, slot) in [
+        ("upstream_rate", &t.upstream_rate, &mut out.upstream),
+        ("downstream_rate", &t.downstream_rate, &mut out.downstream),
+    ] {
+        let rate = amount(field, v, true)?;
+        if !rate.is_finite() || (rate != 0.0 && !(MIN_BYTE_RATE..=MAX_BYTE_RATE).contains(&rate)) {
+            return Err(sc.error(
+                field,
+                format!("must be 0 (no limit) or from {MIN_BYTE_RATE} to {MAX_BYTE_RATE} bytes per second (\"8kbit\" to \"8Tbit\"), got {rate} bytes"),
+            ));
+        }
+        if rate > 0.0 {
+            any = true;
+            *slot = Some(Limit {
+                rate,
+                // One second's worth, as for connections: enough to ride out a shard that
+                // was not scheduled for a while without losing rate.
+                burst: if burst > 0.0 { burst } else { rate },
+            });
+        }
+    }
+    if t.rate_burst.is_some() {
+        if !any {
+            return Err(sc.error(
+                "rate_burst",
+                format!(
+                    "has no effect without {} or {}",
+                    sc.name("upstream_rate"),
+                    sc.name("downstream_rate")
+                ),
+            ));
+        }
+        if !burst.is_finite() || !(1024.0..=MAX_BYTE_RATE).contains(&burst) {
+            return Err(sc.error(
+                "rate_burst",
+                format!("must be from 1024 to {MAX_BYTE_RATE} bytes, got {burst}"),
+            ));
+        }
+    }
+    Ok(out)
+}
+
 const CONNECT_NOT_ZERO: &str = "a connect that never gives up never tries the next target";
 const HANDSHAKE_NOT_ZERO: &str = "a peer that never completes its handshake must be closed, or it holds a connection slot forever";
 
@@ -871,13 +1239,23 @@ pub struct Target {
     /// The name and port to resolve; `None` for an IP address.
     pub host: Option<(String, u16)>,
     /// Its addresses, in the resolver's order, without duplicates: the one address of an IP
-    /// target; empty for a name not resolved yet.
+    /// target; empty for a name not resolved yet, and for a Unix socket.
     pub addrs: Vec<SocketAddr>,
+    /// A Unix domain socket's path (`unix:/run/app/x.sock`), interned.
+    pub unix: Option<&'static std::path::Path>,
 }
 
 impl Target {
-    /// Parses `HOST:PORT` (an IP address is final; a name is resolved later).
+    /// Parses `HOST:PORT` (an IP address is final; a name is resolved later) or `unix:PATH`.
     pub fn parse(s: &str) -> Result<Target, String> {
+        if let Some(path) = unix_path("target", s) {
+            return Ok(Target {
+                spec: s.to_string(),
+                host: None,
+                addrs: Vec::new(),
+                unix: Some(crate::proxy::ids::intern(&path?)),
+            });
+        }
         if let Ok(a) = s.parse::<SocketAddr>() {
             if a.port() == 0 {
                 return Err(format!("target {s:?}: port 0 is not a port to connect to"));
@@ -886,6 +1264,7 @@ impl Target {
                 spec: s.to_string(),
                 host: None,
                 addrs: vec![a],
+                unix: None,
             });
         }
         let (host, port) = split_host_port("target", s)?;
@@ -896,7 +1275,21 @@ impl Target {
             spec: s.to_string(),
             host: Some((host, port)),
             addrs: Vec::new(),
+            unix: None,
         })
+    }
+
+    /// What it stands for now: its addresses, or its Unix socket.
+    pub fn target_addrs(&self) -> Vec<TargetAddr> {
+        match self.unix {
+            Some(p) => vec![TargetAddr::Unix(p)],
+            None => self.addrs.iter().map(|a| TargetAddr::new(*a)).collect(),
+        }
+    }
+
+    /// Whether it has something to connect to (a name is resolved, or it is a socket path).
+    pub fn is_resolved(&self) -> bool {
+        self.unix.is_some() || !self.addrs.is_empty()
     }
 }
 
@@ -1074,8 +1467,8 @@ impl ConfigFile {
             if tunnels.iter().any(|o| o.name == name) {
                 return Err(bad("duplicate tunnel name".into()));
             }
-            let listen = ListenAddr::new(resolve(&sc.name("listen"), &t.listen).map_err(bad)?);
-            if tunnels.iter().any(|o| o.listen == listen) {
+            let listen = listen_addr(sc, &t)?;
+            if tunnels.iter().any(|o| o.listen.same_socket(&listen)) {
                 return Err(bad(format!("listen address {listen} is used twice")));
             }
             if t.targets.is_empty() {
@@ -1131,6 +1524,8 @@ impl ConfigFile {
                 seconds_or_off(sc, "resolve_interval", v)
             })?;
             let (warm_max, warm_refresh, warm_idle_timeout) = warm_settings(sc, t.mode, &t)?;
+            let lifetime = lifetime(sc, t.max_lifetime, t.max_lifetime_grace)?;
+            let rates = rate_limits(sc, &t)?;
             tunnels.push(Tunnel {
                 identity,
                 mode: t.mode,
@@ -1158,6 +1553,8 @@ impl ConfigFile {
                 warm_max,
                 warm_refresh,
                 warm_idle_timeout,
+                lifetime,
+                rates,
                 name,
             });
         }
@@ -1279,7 +1676,7 @@ impl Config {
     pub fn resolved(&self) -> bool {
         self.tunnels
             .iter()
-            .all(|t| t.targets.iter().all(|x| !x.addrs.is_empty()))
+            .all(|t| t.targets.iter().all(Target::is_resolved))
     }
 
     /// Loads every tunnel's key set (one per tunnel, in tunnel order; `None` for forward).
@@ -1515,6 +1912,213 @@ mod tests {
     }
 
     #[test]
+    fn max_lifetime_defaults_overrides_and_bad_values_named() {
+        let c = parse(FWD).unwrap();
+        assert_eq!(c.tunnels[0].lifetime, None, "no limit by default");
+        let c = parse(&format!("{FWD}max_lifetime = 0\n")).unwrap();
+        assert_eq!(c.tunnels[0].lifetime, None, "0 = no limit");
+        let c = parse(&format!("{FWD}max_lifetime = 3600\n")).unwrap();
+        assert_eq!(
+            c.tunnels[0].lifetime,
+            Some(Lifetime {
+                max: Duration::from_secs(3600),
+                grace: DEFAULT_LIFETIME_GRACE
+            })
+        );
+        let c = parse(&format!("{FWD}max_lifetime = 60\nmax_lifetime_grace = 0\n")).unwrap();
+        assert_eq!(c.tunnels[0].lifetime.unwrap().grace, Duration::ZERO);
+        for (bad, key, why) in [
+            (
+                "max_lifetime = -1",
+                "max_lifetime",
+                "between 0 and one year",
+            ),
+            ("max_lifetime = 0.5", "max_lifetime", "at least 1 second"),
+            (
+                "max_lifetime_grace = 10",
+                "max_lifetime_grace",
+                "no effect without max_lifetime",
+            ),
+            (
+                "max_lifetime = 60\nmax_lifetime_grace = -5",
+                "max_lifetime_grace",
+                "between 0 and one year",
+            ),
+        ] {
+            let e = parse(&format!("{FWD}{bad}\n")).unwrap_err().to_string();
+            assert!(
+                e.contains("tunnel0") && e.contains(key) && e.contains(why),
+                "{bad}: {e}"
+            );
+        }
+        let mut f = ConfigFile::parse(Path::new("t.toml"), FWD).unwrap();
+        f.tunnel[0].max_lifetime_grace = Some(5.0);
+        let e = f.validate_cli().unwrap_err().to_string();
+        assert!(
+            e.starts_with("--max-lifetime-grace has no effect without --max-lifetime"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn byte_amounts_take_units_and_name_the_bad_ones() {
+        let b = |s: &str| bytes(&Amount::from(s), true);
+        assert_eq!(b("100Mbit").unwrap(), 12_500_000.0);
+        assert_eq!(b("100Mbit/s").unwrap(), 12_500_000.0);
+        assert_eq!(b("12.5MB").unwrap(), 12_500_000.0);
+        assert_eq!(b("64KiB").unwrap(), 65_536.0);
+        assert_eq!(b("1_000").unwrap(), 1000.0);
+        assert_eq!(b("2 GiB").unwrap(), 2.0 * 1073741824.0);
+        assert_eq!(bytes(&Amount::Number(5e6), true).unwrap(), 5e6);
+        let e = b("100Mb").unwrap_err();
+        assert!(
+            e.contains("unknown unit \"Mb\"") && e.contains("Mbit"),
+            "{e}"
+        );
+        assert!(b("fast").unwrap_err().contains("not a number"));
+        assert!(
+            bytes(&Amount::from("1MB/s"), false).is_err(),
+            "a size has no /s"
+        );
+    }
+
+    #[test]
+    fn rate_limits_defaults_and_bad_values_named() {
+        let c = parse(FWD).unwrap();
+        assert!(c.tunnels[0].rates.is_empty(), "no limits by default");
+        let c = parse(&format!(
+            "{FWD}conn_rate = 100\nupstream_rate = \"100Mbit\"\ndownstream_rate = 1000000\n"
+        ))
+        .unwrap();
+        let r = c.tunnels[0].rates;
+        let l = |rate: f64, burst: f64| Some(Limit { rate, burst });
+        assert_eq!(r.conns, l(100.0, 100.0), "a second's worth of burst");
+        assert_eq!(r.upstream, l(12_500_000.0, 12_500_000.0));
+        assert_eq!(r.downstream, l(1_000_000.0, 1_000_000.0));
+        let c = parse(&format!(
+            "{FWD}conn_rate = 0.5\nconn_rate_burst = 3\nupstream_rate = \"8Mbit\"\nrate_burst = \"64KiB\"\n"
+        ))
+        .unwrap();
+        let r = c.tunnels[0].rates;
+        assert_eq!(r.conns, l(0.5, 3.0));
+        assert_eq!(r.upstream, l(1_000_000.0, 65_536.0));
+        assert_eq!(r.downstream, None);
+        let c = parse(&format!("{FWD}conn_rate = 0\nupstream_rate = 0\n")).unwrap();
+        assert!(c.tunnels[0].rates.is_empty(), "0 = no limit");
+        for (bad, key, why) in [
+            ("conn_rate = -1", "conn_rate", "between 0 (no limit)"),
+            (
+                "conn_rate_burst = 5",
+                "conn_rate_burst",
+                "no effect without conn_rate",
+            ),
+            (
+                "conn_rate = 10\nconn_rate_burst = 0",
+                "conn_rate_burst",
+                "between 1",
+            ),
+            ("upstream_rate = \"10Mb\"", "upstream_rate", "unknown unit"),
+            ("downstream_rate = 10", "downstream_rate", "from 1000"),
+            (
+                "upstream_rate = -5",
+                "upstream_rate",
+                "0 (no limit) or from",
+            ),
+            (
+                "rate_burst = \"1MB\"",
+                "rate_burst",
+                "no effect without upstream_rate",
+            ),
+            (
+                "upstream_rate = \"1MB\"\nrate_burst = 10",
+                "rate_burst",
+                "from 1024",
+            ),
+        ] {
+            let e = parse(&format!("{FWD}{bad}\n")).unwrap_err().to_string();
+            assert!(
+                e.contains("tunnel0") && e.contains(key) && e.contains(why),
+                "{bad}: {e}"
+            );
+        }
+        let mut f = ConfigFile::parse(Path::new("t.toml"), FWD).unwrap();
+        f.tunnel[0].upstream_rate = Some("lots".into());
+        let e = f.validate_cli().unwrap_err().to_string();
+        assert!(e.starts_with("--upstream-rate \"lots\""), "{e}");
+    }
+
+    #[test]
+    fn unix_sockets_listen_and_connect_and_their_keys_are_checked() {
+        let unix = "[[tunnel]]\nmode = \"forward\"\nlisten = \"unix:/run/app/in.sock\"\ntargets = [\"unix:/run/app/redis.sock\", \"127.0.0.1:2\"]\n";
+        let c = parse(&format!(
+            "{unix}listen_mode = 0o660\nlisten_owner = \"app\"\nlisten_group = \"1000\"\n"
+        ))
+        .unwrap();
+        let t = &c.tunnels[0];
+        let u = t.listen.unix().unwrap();
+        assert_eq!(u.path, Path::new("/run/app/in.sock"));
+        assert_eq!(
+            (u.mode, u.owner.as_deref(), u.group.as_deref()),
+            (Some(0o660), Some("app"), Some("1000"))
+        );
+        assert_eq!(t.listen.to_string(), "unix:/run/app/in.sock");
+        assert!(c.resolved(), "a socket path needs no resolving");
+        assert_eq!(
+            t.target_addrs()[0],
+            vec![TargetAddr::unix(Path::new("/run/app/redis.sock"))]
+        );
+        assert_eq!(t.targets[0].to_string(), "unix:/run/app/redis.sock");
+        let c = parse(&format!("{unix}listen_mode = \"0600\"\n")).unwrap();
+        assert_eq!(c.tunnels[0].listen.unix().unwrap().mode, Some(0o600));
+        for (bad, key, why) in [
+            ("listen_mode = \"999\"", "listen_mode", "permission bits"),
+            (
+                "listen_mode = 0o4755",
+                "listen_mode",
+                "permission bits from 0 to 0777",
+            ),
+            (
+                "listen_owner = \"a b\"",
+                "listen_owner",
+                "not a user or group name",
+            ),
+            (
+                "allow = [\"10.0.0.0/8\"]",
+                "allow",
+                "needs an IP listen address",
+            ),
+        ] {
+            let e = parse(&format!("{unix}{bad}\n")).unwrap_err().to_string();
+            assert!(
+                e.contains("tunnel0") && e.contains(key) && e.contains(why),
+                "{bad}: {e}"
+            );
+        }
+        for (listen, why) in [
+            ("unix:run/app.sock", "must be absolute"),
+            ("unix:/run/app/", "names a directory"),
+        ] {
+            let text = format!(
+                "[[tunnel]]\nmode = \"forward\"\nlisten = \"{listen}\"\ntargets = [\"127.0.0.1:2\"]\n"
+            );
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains("listen") && e.contains(why), "{listen}: {e}");
+        }
+        let long = format!("unix:/{}", "x".repeat(120));
+        let e = Target::parse(&long).unwrap_err();
+        assert!(e.contains("over the 107"), "{e}");
+        let e = parse(&format!("{FWD}listen_group = \"app\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("listen_group applies to a Unix socket's file"),
+            "{e}"
+        );
+        let e = parse(&format!("{unix}[[tunnel]]\nname = \"b\"\nmode = \"forward\"\nlisten = \"unix:/run/app/in.sock\"\ntargets = [\"127.0.0.1:3\"]\n")).unwrap_err().to_string();
+        assert!(e.contains("used twice"), "{e}");
+    }
+
+    #[test]
     fn targets_are_addresses_or_names_and_a_missing_port_is_named() {
         let t = Target::parse("10.0.0.5:80").unwrap();
         assert_eq!((t.host, t.addrs.len()), (None, 1));
@@ -1570,7 +2174,10 @@ mod tests {
             c.tunnels[0].targets[0].addrs,
             vec![a("[::1]:5432"), a("127.0.0.1:5432")]
         );
-        assert_eq!(c.tunnels[0].target_addrs()[1], vec![a("10.0.0.9:1")]);
+        assert_eq!(
+            c.tunnels[0].target_addrs()[1],
+            vec![TargetAddr::new(a("10.0.0.9:1"))]
+        );
         // The name stops resolving: the running list is kept, and the failure reported.
         let mut next = parse(text).unwrap();
         let failures = next.resolve_targets(Some(&c), &Table(vec![])).unwrap();

@@ -9,8 +9,8 @@
 //!   handshake, sealed records. No sockets, no clock, no file system ([`keyfile`] reads keys).
 //! - [`proxy`]: joins the two: the per-connection pipeline, upstream selection, the codec layer.
 //! - [`metrics`]: per-shard counters and the Prometheus endpoint.
-//! - [`config`], [`server`], [`resolver`]: configuration, shards, the control thread and the
-//!   target names it resolves again.
+//! - [`config`], [`server`], [`resolver`], [`unix_listen`]: configuration, shards, the control
+//!   thread, the target names it resolves again, and the Unix sockets tunnels listen on.
 #![deny(unsafe_code)]
 
 pub mod config;
@@ -21,6 +21,7 @@ pub mod proxy;
 pub mod resolver;
 pub mod server;
 pub mod sys;
+pub mod unix_listen;
 
 pub use sealpipe_protocol as protocol;
 pub use sealpipe_reactor as reactor;

@@ -123,12 +123,23 @@ enum Cmd {
 
 #[derive(Args, Clone)]
 struct TunnelArgs {
-    /// Address to accept connections on, e.g. 127.0.0.1:7000 or [::1]:7000.
+    /// Address to accept connections on, e.g. 127.0.0.1:7000 or [::1]:7000, or a Unix domain
+    /// socket, unix:/run/app/app.sock (a stale socket file there is replaced; a live one is
+    /// an error).
     #[arg(long, value_name = "ADDR")]
     listen: String,
-    /// Where to connect: HOST:PORT, or several, comma-separated. A host name stands for every
-    /// address it resolves to (tried in the resolver's order), resolved again every
-    /// --resolve-interval.
+    /// With a unix: --listen: the socket file's permission bits, in octal (e.g. 0660).
+    #[arg(long, value_name = "MODE")]
+    listen_mode: Option<String>,
+    /// With a unix: --listen: the socket file's owner (a user name or uid).
+    #[arg(long, value_name = "USER")]
+    listen_owner: Option<String>,
+    /// With a unix: --listen: the socket file's group (a group name or gid).
+    #[arg(long, value_name = "GROUP")]
+    listen_group: Option<String>,
+    /// Where to connect: HOST:PORT, or unix:/PATH (a Unix domain socket), or several,
+    /// comma-separated. A host name stands for every address it resolves to (tried in the
+    /// resolver's order), resolved again every --resolve-interval.
     #[arg(
         long,
         value_name = "HOST:PORT[,HOST:PORT...]",
@@ -147,6 +158,43 @@ struct TunnelArgs {
     common: CommonArgs,
     #[command(flatten)]
     identity: IdentityArgs,
+    #[command(flatten)]
+    policy: PolicyArgs,
+}
+
+/// Fleet policy of the tunnel (the `[[tunnel]]` keys of the same names; docs/OPERATIONS.md,
+/// "Connection lifetime").
+#[derive(Args, Clone)]
+struct PolicyArgs {
+    /// End each connection once it is this old (seconds, moved by up to ±10% per connection
+    /// so a fleet does not reconnect at once), at its first quiet moment: the backend reads an
+    /// end of stream, closes, and the client then reads one too. 0 = no limit.
+    #[arg(long, value_name = "SECS", default_value_t = 0.0)]
+    max_lifetime: f64,
+    /// With --max-lifetime: how long a connection may wait for a quiet moment (and its peers
+    /// then have to close) before it is reset instead. Default 60.
+    #[arg(long, value_name = "SECS")]
+    max_lifetime_grace: Option<f64>,
+    /// New connections per second, whole tunnel; more are refused at accept (counted as
+    /// rejected, reason rate). 0 = no limit.
+    #[arg(long, value_name = "RATE", default_value_t = 0.0)]
+    conn_rate: f64,
+    /// With --conn-rate: how many new connections may arrive at once. Default: one second's
+    /// worth.
+    #[arg(long, value_name = "N")]
+    conn_rate_burst: Option<f64>,
+    /// Bytes per second from the clients towards the backend, whole tunnel: a number of bytes,
+    /// or with a unit (100Mbit, 12.5MB, 64KiB). Connections over it are slowed (reading
+    /// pauses), never dropped. 0 = no limit.
+    #[arg(long, value_name = "RATE")]
+    upstream_rate: Option<String>,
+    /// Bytes per second from the backend towards the clients; as --upstream-rate.
+    #[arg(long, value_name = "RATE")]
+    downstream_rate: Option<String>,
+    /// Bytes each direction may carry at once beyond its rate. Default: one second of the
+    /// rate.
+    #[arg(long, value_name = "BYTES")]
+    rate_burst: Option<String>,
 }
 
 /// Client identity and access (the `[[tunnel]]` keys accept_proxy, trusted_proxies,
@@ -474,6 +522,16 @@ fn tunnel_config(
             warm_max: warm.0,
             warm_refresh: warm.1,
             warm_idle_timeout: warm.2,
+            listen_mode: a.listen_mode.as_deref().map(Into::into),
+            listen_owner: a.listen_owner.clone(),
+            listen_group: a.listen_group.clone(),
+            max_lifetime: Some(a.policy.max_lifetime),
+            max_lifetime_grace: a.policy.max_lifetime_grace,
+            conn_rate: Some(a.policy.conn_rate),
+            conn_rate_burst: a.policy.conn_rate_burst,
+            upstream_rate: a.policy.upstream_rate.as_deref().map(Into::into),
+            downstream_rate: a.policy.downstream_rate.as_deref().map(Into::into),
+            rate_burst: a.policy.rate_burst.as_deref().map(Into::into),
             ..TunnelFile::new(mode, a.listen.clone(), a.target.clone(), keys)
         }],
     };

@@ -265,7 +265,7 @@ pub fn publish(metrics: &Metrics, cfg: &Config) {
             metrics
                 .target_addresses
                 .with_label_values(&[&t.name, &target.spec])
-                .set(target.addrs.len() as i64);
+                .set(target.target_addrs().len() as i64);
         }
     }
 }

@@ -7,11 +7,13 @@
 //! - Received descriptors become `OwnedFd`s inside rustix at once, so none leaks and none is
 //!   closed twice; a message whose descriptors were truncated is refused (and those that did
 //!   arrive are closed).
-//! - The `unsafe` left in the crate is in two functions, each allowed on that function alone
-//!   with its `// SAFETY:` lines: [`trim_heap`] (glibc's `malloc_trim` belongs to the C
+//! - The `unsafe` left in the crate is in three functions, each allowed on that function
+//!   alone with its `// SAFETY:` lines: [`trim_heap`] (glibc's `malloc_trim` belongs to the C
 //!   library's allocator, which rustix does not wrap: it talks to the kernel, not to libc's
-//!   heap) and [`listen_fds`] (systemd passes sockets as bare descriptor numbers, and nothing
-//!   safe turns a number into an owned descriptor).
+//!   heap), [`listen_fds`] (systemd passes sockets as bare descriptor numbers, and nothing
+//!   safe turns a number into an owned descriptor) and [`account_id`] (user and group names are
+//!   the C library's, through NSS: `getpwnam_r`/`getgrnam_r`, which rustix does not wrap
+//!   either).
 //! - [`listen_fds`] takes systemd's descriptors once per process, only when `LISTEN_PID` names
 //!   this process, and only descriptors that are open: none is owned twice, none that belongs
 //!   to something else is wrapped.
@@ -201,6 +203,8 @@ pub enum ListenerCheck {
     Io(#[from] io::Error),
     #[error("it is not a TCP socket (type {0:?}, family {1:?})")]
     NotTcp(SocketType, AddressFamily),
+    #[error("it is neither a TCP nor a Unix stream socket (type {0:?}, family {1:?})")]
+    NotStream(SocketType, AddressFamily),
     #[error("it is a TCP socket that does not listen (SO_ACCEPTCONN is 0)")]
     NotListening,
     #[error("it is a listening socket, not a connection")]
@@ -237,25 +241,29 @@ pub fn check_tcp_listener(
     Ok(got)
 }
 
-/// Checks that `fd` is a connected TCP socket (an established connection a predecessor
-/// handed over: SO_TYPE, SO_DOMAIN, not listening, and a peer address the kernel knows);
-/// returns its peer's address.
-pub fn check_tcp_connection(fd: BorrowedFd<'_>) -> Result<SocketAddr, ListenerCheck> {
+/// Checks that `fd` is a connected stream socket, TCP or Unix (an established connection a
+/// predecessor handed over: its client, or its upstream, which a `unix:` target makes a Unix
+/// stream): SO_TYPE, SO_DOMAIN, not listening, and a peer the kernel knows. Returns the
+/// peer's address for TCP, `None` for a Unix stream (its peer has no IP address).
+pub fn check_connection(fd: BorrowedFd<'_>) -> Result<Option<SocketAddr>, ListenerCheck> {
     let ty = sockopt::socket_type(fd).map_err(io::Error::from)?;
     let family = sockopt::socket_domain(fd).map_err(io::Error::from)?;
-    if ty != SocketType::STREAM
-        || !(family == AddressFamily::INET || family == AddressFamily::INET6)
-    {
-        return Err(ListenerCheck::NotTcp(ty, family));
+    let inet = family == AddressFamily::INET || family == AddressFamily::INET6;
+    if ty != SocketType::STREAM || !(inet || family == AddressFamily::UNIX) {
+        return Err(ListenerCheck::NotStream(ty, family));
     }
     if sockopt::socket_acceptconn(fd).map_err(io::Error::from)? {
         return Err(ListenerCheck::Listening);
     }
-    let peer = socket2::SockRef::from(&fd)
-        .peer_addr()?
+    // getpeername fails (ENOTCONN) on a socket that is not connected, of either family.
+    let peer = socket2::SockRef::from(&fd).peer_addr()?;
+    if !inet {
+        return Ok(None);
+    }
+    let peer = peer
         .as_socket()
         .ok_or_else(|| io::Error::other("getpeername returned no IP address"))?;
-    Ok(peer)
+    Ok(Some(peer))
 }
 
 /// Borrows each descriptor of `fds` (what [`send_fds`] takes).
@@ -359,8 +367,80 @@ pub fn trim_heap() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn trim_heap() {}
 
+/// A user (`group` false) or group id from a name or a number, for a Unix socket's owner
+/// (`listen_owner`, `listen_group`): a number is taken as it is, a name looked up as the C
+/// library does (`/etc/passwd`, `/etc/group`, and whatever NSS adds: LDAP, systemd's dynamic
+/// users).
+#[allow(unsafe_code)]
+pub fn account_id(name: &str, group: bool) -> io::Result<u32> {
+    if let Ok(id) = name.parse::<u32>() {
+        return Ok(id);
+    }
+    let what = if group { "group" } else { "user" };
+    let missing = || io::Error::new(io::ErrorKind::NotFound, format!("no {what} named {name:?}"));
+    let c_name = std::ffi::CString::new(name).map_err(|_| missing())?;
+    let mut buf = vec![0 as libc::c_char; 1024];
+    loop {
+        let mut id = None;
+        // SAFETY: `c_name` is a NUL-terminated string, `buf` a writable buffer of `buf.len()`
+        // bytes and the record and result pointers point at locals: all outlive the call,
+        // which writes the record's strings into `buf` only. The record is read (its id, a
+        // plain integer) only when the call returned 0 and set `found` to the record.
+        let rc = unsafe {
+            if group {
+                let mut rec = MaybeUninit::<libc::group>::uninit();
+                let mut found: *mut libc::group = std::ptr::null_mut();
+                let rc = libc::getgrnam_r(
+                    c_name.as_ptr(),
+                    rec.as_mut_ptr(),
+                    buf.as_mut_ptr(),
+                    buf.len(),
+                    &mut found,
+                );
+                if rc == 0 && !found.is_null() {
+                    id = Some((*found).gr_gid);
+                }
+                rc
+            } else {
+                let mut rec = MaybeUninit::<libc::passwd>::uninit();
+                let mut found: *mut libc::passwd = std::ptr::null_mut();
+                let rc = libc::getpwnam_r(
+                    c_name.as_ptr(),
+                    rec.as_mut_ptr(),
+                    buf.as_mut_ptr(),
+                    buf.len(),
+                    &mut found,
+                );
+                if rc == 0 && !found.is_null() {
+                    id = Some((*found).pw_uid);
+                }
+                rc
+            }
+        };
+        match rc {
+            0 => return id.ok_or_else(missing),
+            libc::ERANGE if buf.len() < 1 << 20 => buf.resize(buf.len() * 4, 0),
+            e => return Err(io::Error::from_raw_os_error(e)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn accounts_are_numbers_or_names_the_system_knows() {
+        use super::account_id;
+        assert_eq!(account_id("0", false).unwrap(), 0);
+        assert_eq!(account_id("4242", true).unwrap(), 4242);
+        // Every Linux system has root, user and group.
+        assert_eq!(account_id("root", false).unwrap(), 0);
+        assert_eq!(account_id("root", true).unwrap(), 0);
+        let e = account_id("no-such-user-sealpipe", false).unwrap_err();
+        assert!(e.to_string().contains("no user named"), "{e}");
+        let e = account_id("no-such-group-sealpipe", true).unwrap_err();
+        assert!(e.to_string().contains("no group named"), "{e}");
+    }
+
     use super::*;
 
     #[test]
@@ -428,18 +508,34 @@ mod tests {
         assert!(got == data);
         assert_eq!(fds.len(), 1);
         assert_eq!(
-            check_tcp_connection(fds[0].as_fd()).unwrap(),
-            l.local_addr().unwrap()
+            check_connection(fds[0].as_fd()).unwrap(),
+            Some(l.local_addr().unwrap())
         );
         assert!(matches!(
-            check_tcp_connection(l.as_fd()),
+            check_connection(l.as_fd()),
             Err(ListenerCheck::Listening)
         ));
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         assert!(matches!(
-            check_tcp_connection(udp.as_fd()),
-            Err(ListenerCheck::NotTcp(..))
+            check_connection(udp.as_fd()),
+            Err(ListenerCheck::NotStream(..))
         ));
+        // A connected Unix stream (a `unix:` target's upstream) passes; a listening one and
+        // one that is not connected do not.
+        let (x, _y) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert_eq!(check_connection(x.as_fd()).unwrap(), None);
+        let dir = std::env::temp_dir().join(format!("sealpipe-sys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ul = std::os::unix::net::UnixListener::bind(dir.join("l.sock")).unwrap();
+        assert!(matches!(
+            check_connection(ul.as_fd()),
+            Err(ListenerCheck::Listening)
+        ));
+        let unconnected =
+            socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+        assert!(check_connection(unconnected.as_fd()).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

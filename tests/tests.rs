@@ -8,6 +8,7 @@ mod identity;
 mod keyfile;
 mod lifecycle;
 mod perimeter;
+mod policy;
 mod protocol_v2;
 mod proxy;
 mod upgrade;

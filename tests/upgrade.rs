@@ -79,12 +79,17 @@ pub(crate) fn echo(s: &mut TcpStream, seed: u64, n: usize) -> std::io::Result<()
 
 /// A `forward` (plain relay) process's arguments.
 fn forward_args(listen: SocketAddr, target: SocketAddr, m: SocketAddr, sock: &Path) -> Vec<String> {
+    forward_args_to(listen, &target.to_string(), m, sock)
+}
+
+/// [`forward_args`] to a target given as the command line takes it (`unix:PATH` too).
+fn forward_args_to(listen: SocketAddr, target: &str, m: SocketAddr, sock: &Path) -> Vec<String> {
     [
         "forward",
         "--listen",
         &listen.to_string(),
         "--target",
-        &target.to_string(),
+        target,
         "--threads",
         "2",
         "--metrics",
@@ -151,6 +156,112 @@ fn forward_connections_move_to_the_new_process() {
     drop(conns);
     drop(busy);
     assert_eq!(new.wait_exit(TIMEOUT).code(), Some(0));
+}
+
+/// A backend on a Unix socket at `path` that echoes every connection; counts those that
+/// carried bytes (health probes connect and close).
+fn unix_echo_backend(path: &Path) -> Arc<AtomicUsize> {
+    let l = std::os::unix::net::UnixListener::bind(path).unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let seen = conns.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let mut w = s.try_clone().unwrap();
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut first = true;
+                while let Ok(n @ 1..) = s.read(&mut buf) {
+                    if std::mem::take(&mut first) {
+                        seen.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if w.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+                let _ = w.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    conns
+}
+
+/// Connections whose backend is a Unix socket (`--target unix:PATH`) move too: the
+/// successor takes each upstream as the Unix stream it is, and they echo afterwards through
+/// the same backend connections.
+#[test]
+fn connections_to_a_unix_target_move_too() {
+    let dir = temp_dir("upgrade-unix");
+    let backend = dir.join("backend.sock");
+    let seen = unix_echo_backend(&backend);
+    let target = format!("unix:{}", backend.display());
+    let (listen, m1, m2) = (free_addr(), free_addr(), free_addr());
+    let sock = dir.join("h.sock");
+    let mut old = spawn(sealpipe().args(forward_args_to(listen, &target, m1, &sock)));
+    wait_listening(listen);
+    wait_socket(&sock);
+    let mut conns: Vec<TcpStream> = (0..6).map(|_| connect(listen)).collect();
+    for (i, c) in conns.iter_mut().enumerate() {
+        echo(c, i as u64, 1000).unwrap();
+    }
+    assert_eq!(seen.load(Ordering::SeqCst), 6);
+    let mut new = spawn(sealpipe().args(forward_args_to(listen, &target, m2, &sock)));
+    let t = wait_metrics(m2, "the transfer's end", |t| {
+        handoff_count(t, "moved") + handoff_count(t, "kept") + handoff_count(t, "failed") >= 6.0
+    });
+    assert_eq!(
+        (
+            handoff_count(&t, "moved"),
+            handoff_count(&t, "kept") + handoff_count(&t, "failed")
+        ),
+        (6.0, 0.0),
+        "every connection to the Unix target moved"
+    );
+    assert_eq!(
+        old.wait_exit(Duration::from_secs(30)).code(),
+        Some(0),
+        "the old process exits once its connections moved (its drain would take 120 s)"
+    );
+    for (i, c) in conns.iter_mut().enumerate() {
+        echo(c, 100 + i as u64, 5000).unwrap();
+    }
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        6,
+        "the same backend connections go on"
+    );
+    new.signal("TERM");
+    drop(conns);
+    assert_eq!(new.wait_exit(TIMEOUT).code(), Some(0));
+}
+
+/// A process with a Unix listening socket refuses `--handoff` at start, saying why: the
+/// handoff carries TCP listeners only (its established connections could not move without
+/// the listener either).
+#[test]
+fn a_unix_listener_refuses_a_handoff_naming_the_tunnel() {
+    let dir = temp_dir("upgrade-unix-listen");
+    let (listen, sock) = (dir.join("in.sock"), dir.join("h.sock"));
+    let out = sealpipe()
+        .args([
+            "forward",
+            "--listen",
+            &format!("unix:{}", listen.display()),
+            "--target",
+            "127.0.0.1:9",
+            "--handoff",
+            &sock.display().to_string(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("listens on a Unix socket") && err.contains("restart the process instead"),
+        "{err}"
+    );
+    assert!(!sock.exists() && !listen.exists(), "nothing bound");
 }
 
 /// More connections than a shard freezes at once (`proxy::handoff::MAX_IN_FLIGHT`, 252) move

@@ -158,6 +158,8 @@ pub struct Core<S> {
     live: usize,
     timers: TimerWheel<TimerEntry>,
     deferred: VecDeque<Deferred>,
+    /// Deferred work that waits for the next turn ([`Context::defer_next_turn`]).
+    next_turn: VecDeque<Deferred>,
     now: Instant,
     exit_at: Option<Instant>,
     break_now: bool,
@@ -233,6 +235,16 @@ impl<S> Context<'_, S> {
     pub fn defer(&mut self, tag: Tag) {
         if let Some(id) = self.id {
             self.core.deferred.push_back(Deferred::Notify(id, tag));
+        }
+    }
+
+    /// Runs this handler's `on_notify(tag)` in the loop's next turn, once it has polled for
+    /// readiness and fired due timers again: for work that yields to the other handlers (a
+    /// read pass that spent its budget), which [`defer`](Self::defer) would run again before
+    /// any of them.
+    pub fn defer_next_turn(&mut self, tag: Tag) {
+        if let Some(id) = self.id {
+            self.core.next_turn.push_back(Deferred::Notify(id, tag));
         }
     }
 
@@ -399,6 +411,7 @@ impl<S: 'static> EventBase<S> {
                 live: 0,
                 timers: TimerWheel::new(now),
                 deferred: VecDeque::new(),
+                next_turn: VecDeque::new(),
                 now,
                 exit_at: None,
                 break_now: false,
@@ -521,6 +534,9 @@ impl<S: 'static> EventBase<S> {
     pub fn loop_once(&mut self, max_wait: Option<Duration>) -> io::Result<()> {
         let before = Instant::now();
         self.core.now = self.clock_at(before);
+        // Work that yielded last turn runs in this one (and this turn does not block).
+        let yielded = std::mem::take(&mut self.core.next_turn);
+        self.core.deferred.extend(yielded);
         let mut timeout = self.poll_timeout(max_wait);
         let idle_turn = self.idle_pending && timeout != Some(Duration::ZERO);
         if idle_turn {
@@ -730,6 +746,52 @@ mod tests {
         let s = base.stats();
         assert_eq!((*base.state(), s.stalls), (3, 3));
         assert!(s.last_stall >= Duration::from_millis(30), "{s:?}");
+    }
+
+    /// Yields once per pass (a reader with more to read than its budget); notes each pass and
+    /// when its timer fired.
+    struct Hog;
+
+    #[derive(Default)]
+    struct Passes {
+        passes: u32,
+        timer_after: Option<u32>,
+    }
+
+    impl Handler<Passes> for Hog {
+        fn on_start(&mut self, cx: &mut Context<'_, Passes>) {
+            cx.timer(Duration::ZERO, Tag::new(1));
+            cx.defer_next_turn(Tag::new(2));
+        }
+        fn on_ready(&mut self, _: &mut Context<'_, Passes>, _: u8, _: Ready) {}
+        fn on_timer(&mut self, cx: &mut Context<'_, Passes>, _: Tag) {
+            cx.state.timer_after = Some(cx.state.passes);
+        }
+        fn on_notify(&mut self, cx: &mut Context<'_, Passes>, _: Tag) {
+            cx.state.passes += 1;
+            if cx.state.passes < 1_000_000 {
+                cx.defer_next_turn(Tag::new(2));
+            }
+        }
+    }
+
+    #[test]
+    fn work_deferred_to_the_next_turn_lets_timers_and_polls_in_between() {
+        let mut base = EventBase::new(Passes::default()).unwrap();
+        base.spawn(Box::new(Hog));
+        let mut turn = 0;
+        while base.state().timer_after.is_none() {
+            turn += 1;
+            base.loop_once(Some(Duration::ZERO)).unwrap();
+            assert!(
+                base.state().passes < turn,
+                "{} passes in {turn} turns: a yielding handler ran again before the loop polled",
+                base.state().passes
+            );
+        }
+        // The timer (due from the first turn, at the next millisecond tick) fired long before
+        // the hog's million passes were over.
+        assert!(base.state().timer_after.unwrap() < 1_000_000);
     }
 
     #[test]

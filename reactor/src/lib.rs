@@ -6,7 +6,7 @@
 //! | `event` | [`Handler`] (a slab entry owning sources; its timers and notifications carry a [`Tag`]), [`event::Event`] (a callback) |
 //! | signal events | [`signal::SignalEvent`] |
 //! | `evbuffer` | [`Buffer`] (chunks from a per-thread [`pool`]) |
-//! | `bufferevent` / `bufferevent_filter` | [`BufferEvent`] with a [`Filter`]: an I/O-free [`BevCore`] over a [`Socket`] (`bufferevent_sock`) |
+//! | `bufferevent` / `bufferevent_filter` | [`BufferEvent`] with a [`Filter`]: an I/O-free [`BevCore`] over a [`Socket`] (`bufferevent_sock`), whose [`Stream`] is TCP or a Unix domain socket |
 //! | `evconnlistener` | [`listener::ConnListener`] |
 //!
 //! This crate is a library. It depends on no crypto, proxy, metrics or config crate, so it cannot
@@ -21,6 +21,7 @@ pub mod event;
 pub mod listener;
 pub mod pool;
 pub mod signal;
+pub mod stream;
 pub mod tag;
 pub mod timer;
 
@@ -32,5 +33,6 @@ pub use bufferevent::{
 };
 pub use clock::{Clock, ManualClock};
 pub use listener::{ConnListener, ListenerOptions};
+pub use stream::{Endpoint, Stream};
 pub use tag::Tag;
 pub use timer::TimerKey;

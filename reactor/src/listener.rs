@@ -2,7 +2,7 @@
 //!
 //! Invariants:
 //! - Accepting drains the kernel queue until `WouldBlock`, but at most `accept_batch`
-//!   connections per wakeup; the rest are taken on a deferred pass (fairness with the
+//!   connections per wakeup; the rest are taken in the loop's next turn (fairness with the
 //!   connections already served by this loop).
 //! - Running out of descriptors or kernel memory (EMFILE, ENFILE, ENOBUFS, ENOMEM) pauses
 //!   accepting with an exponential backoff (10 ms .. 1 s) instead of spinning on a socket that
@@ -10,13 +10,18 @@
 //! - `pause`/`resume` (connection limits, draining) keep the socket open, so the kernel keeps
 //!   queueing; resuming re-drives the accept loop, since no new edge will come for connections
 //!   that queued while paused.
+//! - A listener is TCP or a Unix domain socket by its type ([`Accept`]): the accept loop is
+//!   compiled once per kind, and the callback gets that kind's stream and peer address.
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::path::Path;
 use std::time::Duration;
 
 use mio::Interest;
-use mio::net::{TcpListener, TcpStream};
+use mio::event::Source;
+use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::base::Context;
@@ -54,6 +59,45 @@ impl Default for ListenerOptions {
             incoming_cpu: None,
         }
     }
+}
+
+/// What a [`ConnListener`] accepts from: a TCP or a Unix domain listening socket.
+pub trait Accept: Source + AsFd {
+    /// The accepted stream.
+    type Stream;
+    /// The peer's address.
+    type Peer;
+    fn accept_one(&self) -> io::Result<(Self::Stream, Self::Peer)>;
+    /// Sets TCP_NODELAY on an accepted stream (no such thing on a Unix one).
+    fn set_nodelay(_stream: &Self::Stream) {}
+}
+
+impl Accept for TcpListener {
+    type Stream = TcpStream;
+    type Peer = SocketAddr;
+    fn accept_one(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        self.accept()
+    }
+    fn set_nodelay(s: &TcpStream) {
+        let _ = s.set_nodelay(true);
+    }
+}
+
+impl Accept for UnixListener {
+    type Stream = UnixStream;
+    type Peer = std::os::unix::net::SocketAddr;
+    fn accept_one(&self) -> io::Result<(UnixStream, std::os::unix::net::SocketAddr)> {
+        self.accept()
+    }
+}
+
+/// Opens a non-blocking listening Unix domain socket at `path`, which must not exist.
+pub fn bind_unix(path: &Path, backlog: i32) -> io::Result<std::os::unix::net::UnixListener> {
+    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&socket2::SockAddr::unix(path)?)?;
+    socket.listen(backlog)?;
+    Ok(socket.into())
 }
 
 /// Opens a non-blocking listening socket with SO_REUSEADDR (and SO_REUSEPORT if asked).
@@ -111,9 +155,10 @@ pub struct AcceptPass {
     pub error: Option<io::Error>,
 }
 
-/// A listening socket driven by an [`EventBase`](super::EventBase) handler.
-pub struct ConnListener {
-    listener: TcpListener,
+/// A listening socket driven by an [`EventBase`](super::EventBase) handler: TCP (the default)
+/// or a Unix domain socket (`ConnListener<UnixListener>`).
+pub struct ConnListener<L: Accept = TcpListener> {
+    listener: L,
     source: u8,
     opts: ListenerOptions,
     /// Readiness cache: the kernel may have queued connections we have not accepted yet.
@@ -129,6 +174,19 @@ pub struct ConnListener {
     nodelay_inherited: bool,
 }
 
+impl ConnListener<UnixListener> {
+    /// Wraps a listening Unix domain socket ([`bind_unix`]); `opts.nodelay` and the TCP options
+    /// do not apply.
+    pub fn from_unix(
+        l: std::os::unix::net::UnixListener,
+        opts: ListenerOptions,
+        source: u8,
+    ) -> Self {
+        let _ = l.set_nonblocking(true);
+        ConnListener::wrap(UnixListener::from_std(l), opts, source, false)
+    }
+}
+
 impl ConnListener {
     /// Binds `addr` with `opts`.
     pub fn bind(addr: SocketAddr, opts: ListenerOptions, source: u8) -> io::Result<Self> {
@@ -142,9 +200,19 @@ impl ConnListener {
         let nodelay_inherited = cfg!(target_os = "linux")
             && opts.nodelay
             && socket2::SockRef::from(&l).set_tcp_nodelay(true).is_ok();
+        ConnListener::wrap(TcpListener::from_std(l), opts, source, nodelay_inherited)
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+impl<L: Accept> ConnListener<L> {
+    fn wrap(listener: L, opts: ListenerOptions, source: u8, nodelay_inherited: bool) -> Self {
         ConnListener {
             nodelay_inherited,
-            listener: TcpListener::from_std(l),
+            listener,
             source,
             opts,
             ready: true,
@@ -156,15 +224,11 @@ impl ConnListener {
         }
     }
 
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
-
     pub fn source(&self) -> u8 {
         self.source
     }
 
-    pub fn inner(&self) -> &TcpListener {
+    pub fn inner(&self) -> &L {
         &self.listener
     }
 
@@ -220,7 +284,7 @@ impl ConnListener {
     pub fn on_ready<S>(
         &mut self,
         cx: &mut Context<'_, S>,
-        on_accept: impl FnMut(&mut Context<'_, S>, TcpStream, SocketAddr),
+        on_accept: impl FnMut(&mut Context<'_, S>, L::Stream, L::Peer),
     ) -> AcceptPass {
         self.on_ready_at_most(cx, usize::MAX, on_accept)
     }
@@ -231,7 +295,7 @@ impl ConnListener {
         &mut self,
         cx: &mut Context<'_, S>,
         max: usize,
-        on_accept: impl FnMut(&mut Context<'_, S>, TcpStream, SocketAddr),
+        on_accept: impl FnMut(&mut Context<'_, S>, L::Stream, L::Peer),
     ) -> AcceptPass {
         self.ready = true;
         self.accept(cx, self.opts.accept_batch, max, on_accept)
@@ -242,7 +306,7 @@ impl ConnListener {
         &mut self,
         cx: &mut Context<'_, S>,
         tag: Tag,
-        on_accept: impl FnMut(&mut Context<'_, S>, TcpStream, SocketAddr),
+        on_accept: impl FnMut(&mut Context<'_, S>, L::Stream, L::Peer),
     ) -> AcceptPass {
         self.on_tag_at_most(cx, tag, usize::MAX, on_accept)
     }
@@ -254,7 +318,7 @@ impl ConnListener {
         cx: &mut Context<'_, S>,
         tag: Tag,
         max: usize,
-        on_accept: impl FnMut(&mut Context<'_, S>, TcpStream, SocketAddr),
+        on_accept: impl FnMut(&mut Context<'_, S>, L::Stream, L::Peer),
     ) -> AcceptPass {
         match tag.kind_for(Component::Listener, self.source) {
             Some(TAG_REDRIVE) => self.redrive_queued = false,
@@ -272,7 +336,7 @@ impl ConnListener {
     pub fn accept_all<S>(
         &mut self,
         cx: &mut Context<'_, S>,
-        on_accept: impl FnMut(&mut Context<'_, S>, TcpStream, SocketAddr),
+        on_accept: impl FnMut(&mut Context<'_, S>, L::Stream, L::Peer),
     ) -> AcceptPass {
         let paused = self.paused;
         self.paused = false;
@@ -287,17 +351,17 @@ impl ConnListener {
         cx: &mut Context<'_, S>,
         batch: usize,
         max: usize,
-        mut on_accept: impl FnMut(&mut Context<'_, S>, TcpStream, SocketAddr),
+        mut on_accept: impl FnMut(&mut Context<'_, S>, L::Stream, L::Peer),
     ) -> AcceptPass {
         let mut pass = AcceptPass::default();
         if self.paused || self.backoff_timer.is_some() || !self.ready {
             return pass;
         }
         while pass.accepted < batch.min(max) {
-            match self.listener.accept() {
+            match self.listener.accept_one() {
                 Ok((stream, peer)) => {
                     if self.opts.nodelay && !self.nodelay_inherited {
-                        let _ = stream.set_nodelay(true);
+                        L::set_nodelay(&stream);
                     }
                     pass.accepted += 1;
                     on_accept(cx, stream, peer);
@@ -322,9 +386,13 @@ impl ConnListener {
                 }
             }
         }
-        // Batch (or the owner's `max`) full with more possibly queued: continue on a deferred
-        // pass. An owner that paused meanwhile makes that pass a no-op; resuming re-drives.
-        self.queue_redrive(cx);
+        // Batch (or the owner's `max`) full with more possibly queued: continue next turn,
+        // after the connections already served had theirs. An owner that paused meanwhile
+        // makes that pass a no-op; resuming re-drives.
+        if !self.redrive_queued {
+            self.redrive_queued = true;
+            cx.defer_next_turn(self.tag(TAG_REDRIVE));
+        }
         pass
     }
 

@@ -8,7 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sealpipe_reactor::listener::{ConnListener, ListenerOptions};
-use sealpipe_reactor::{BevEvents, BufferEvent, Context, EventBase, Handler, Ready, Tag, Timeouts};
+use sealpipe_reactor::{
+    BevEvents, BufferEvent, Context, EventBase, Handler, Ready, Suspend, Tag, Timeouts,
+};
 
 mod support;
 use support::*;
@@ -382,6 +384,103 @@ fn run_quiet(timeouts: Timeouts, write: usize) -> (Seen, Duration) {
     (std::mem::take(base.state_mut()), t.elapsed())
 }
 
+/// Reads what a peer sends, granting itself `grant` bytes per `every`: a rate limit in the
+/// owner's hands, over the read allowance and `throttle_until`.
+struct Throttled {
+    addr: SocketAddr,
+    grant: u32,
+    every: Duration,
+    bev: Option<BufferEvent>,
+    got: usize,
+    throttles: u32,
+}
+
+#[derive(Default)]
+struct Paced {
+    got: usize,
+    throttles: u32,
+    eof: bool,
+}
+
+impl Throttled {
+    fn handle(&mut self, cx: &mut Context<'_, Paced>, ev: BevEvents) {
+        let bev = self.bev.as_mut().unwrap();
+        self.got += bev.input.len();
+        bev.input.clear();
+        bev.consumed(cx);
+        if bev.is_suspended(Suspend::Bandwidth) && !bev.is_throttled() {
+            self.throttles += 1;
+            bev.set_read_allowance(Some(self.grant));
+            let at = cx.now() + self.every;
+            bev.throttle_until(cx, at);
+        }
+        if ev.contains(BevEvents::EOF) || ev.contains(BevEvents::ERROR) {
+            *cx.state = Paced {
+                got: self.got,
+                throttles: self.throttles,
+                eof: ev.contains(BevEvents::EOF),
+            };
+            cx.loop_break();
+        }
+    }
+}
+
+impl Handler<Paced> for Throttled {
+    fn on_start(&mut self, cx: &mut Context<'_, Paced>) {
+        let mut b = BufferEvent::connect(cx, self.addr, 0);
+        b.set_read_allowance(Some(self.grant));
+        b.register(cx).unwrap();
+        self.bev = Some(b);
+    }
+    fn on_ready(&mut self, cx: &mut Context<'_, Paced>, _s: u8, r: Ready) {
+        let ev = self.bev.as_mut().unwrap().on_ready(cx, r);
+        self.handle(cx, ev);
+    }
+    fn on_timer(&mut self, cx: &mut Context<'_, Paced>, tag: Tag) {
+        let ev = self.bev.as_mut().unwrap().on_timer(cx, tag);
+        self.handle(cx, ev);
+    }
+    fn on_notify(&mut self, cx: &mut Context<'_, Paced>, tag: Tag) {
+        let ev = self.bev.as_mut().unwrap().on_notify(cx, tag);
+        self.handle(cx, ev);
+    }
+}
+
+#[test]
+fn a_throttled_read_sleeps_until_its_wake_up_and_reads_on() {
+    // The peer sends 100,000 bytes at once and closes.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let peer = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.write_all(&[7u8; 100_000]).unwrap();
+    });
+    let mut base = EventBase::new(Paced::default()).unwrap();
+    base.spawn(Box::new(Throttled {
+        addr,
+        grant: 10_000,
+        every: Duration::from_millis(20),
+        bev: None,
+        got: 0,
+        throttles: 0,
+    }));
+    let t = Instant::now();
+    base.loop_exit(TIMEOUT);
+    base.run().unwrap();
+    peer.join().unwrap();
+    let seen = base.state();
+    assert!(seen.eof, "read to the end");
+    assert_eq!(seen.got, 100_000);
+    // 10,000 bytes per grant: the first grant, then nine (or ten, if one pass ended exactly
+    // on a grant) wake-ups; never sooner than they allow.
+    assert!((9..=10).contains(&seen.throttles), "{}", seen.throttles);
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(9 * 20),
+        "read faster than granted: {took:?}"
+    );
+}
+
 #[test]
 fn read_timeout_fires_when_the_peer_stays_silent() {
     let t = Timeouts {
@@ -665,6 +764,8 @@ struct Detachable(BufferEvent);
 
 const DETACH: Tag = Tag::new(1);
 const ATTACH: Tag = Tag::new(2);
+/// Throttles reading for bandwidth for 30 ms, then detaches.
+const THROTTLE_AND_DETACH: Tag = Tag::new(3);
 
 impl Handler<Vec<u8>> for Detachable {
     fn on_start(&mut self, cx: &mut Context<'_, Vec<u8>>) {
@@ -678,6 +779,11 @@ impl Handler<Vec<u8>> for Detachable {
         match tag {
             DETACH => self.0.detach(cx).unwrap(),
             ATTACH => self.0.attach(cx).unwrap(),
+            THROTTLE_AND_DETACH => {
+                let at = cx.now() + Duration::from_millis(30);
+                self.0.throttle_until(cx, at);
+                self.0.detach(cx).unwrap();
+            }
             _ if self.0.owns_tag(tag) => {
                 self.0.on_notify(cx, tag);
                 self.take(cx);
@@ -685,7 +791,12 @@ impl Handler<Vec<u8>> for Detachable {
             _ => {}
         }
     }
-    fn on_timer(&mut self, _: &mut Context<'_, Vec<u8>>, _: Tag) {}
+    fn on_timer(&mut self, cx: &mut Context<'_, Vec<u8>>, tag: Tag) {
+        if self.0.owns_tag(tag) {
+            self.0.on_timer(cx, tag);
+            self.take(cx);
+        }
+    }
 }
 
 impl Detachable {
@@ -729,6 +840,43 @@ fn a_detached_socket_is_left_alone_until_attached() {
         base.loop_once(Some(Duration::from_millis(20))).unwrap();
     }
     assert_eq!(base.state(), b"a");
+    base.with_context(|cx| cx.notify(id, ATTACH));
+    turn_until(&mut base, b"ab");
+    client.write_all(b"c").unwrap();
+    turn_until(&mut base, b"abc");
+}
+
+/// A socket throttled for bandwidth and detached (a live upgrade freezes a connection whose
+/// rate limit made it wait) whose wake-up comes while it is detached: attached again, it
+/// reads (the wake-up lifted the suspension and freed the timer's slot; the registration
+/// re-drives).
+#[test]
+fn a_bandwidth_wake_up_while_detached_is_not_lost() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (server, _) = l.accept().unwrap();
+    server.set_nonblocking(true).unwrap();
+    let mut base = EventBase::new(Vec::new()).unwrap();
+    let bev = BufferEvent::new(mio::net::TcpStream::from_std(server), 0);
+    let id = base.spawn(Box::new(Detachable(bev)));
+    let turn_until = |base: &mut EventBase<Vec<u8>>, want: &[u8]| {
+        let deadline = Instant::now() + TIMEOUT;
+        while base.state() != want {
+            assert!(Instant::now() < deadline, "read {:?}", base.state());
+            base.loop_once(Some(Duration::from_millis(10))).unwrap();
+        }
+    };
+    client.write_all(b"a").unwrap();
+    turn_until(&mut base, b"a");
+    base.with_context(|cx| cx.notify(id, THROTTLE_AND_DETACH));
+    base.loop_once(Some(Duration::ZERO)).unwrap();
+    client.write_all(b"b").unwrap();
+    // The wake-up's time passes while detached (the loop runs its timer).
+    let until = Instant::now() + Duration::from_millis(100);
+    while Instant::now() < until {
+        base.loop_once(Some(Duration::from_millis(10))).unwrap();
+    }
+    assert_eq!(base.state(), b"a", "nothing read while detached");
     base.with_context(|cx| cx.notify(id, ATTACH));
     turn_until(&mut base, b"ab");
     client.write_all(b"c").unwrap();

@@ -133,7 +133,7 @@ const KEY_ID: Label = label("key_id");
 
 /// Why a connection ended (label values of `sealpipe_connections_closed_total`), in
 /// [`CloseReason`] order.
-pub const CLOSE_REASONS: [&str; 13] = [
+pub const CLOSE_REASONS: [&str; 14] = [
     "clean",
     "idle_timeout",
     "peer_reset",
@@ -147,10 +147,11 @@ pub const CLOSE_REASONS: [&str; 13] = [
     "proxy_header",
     "peer_timeout",
     "unopened",
+    "max_lifetime",
 ];
 
 /// Why a connection was turned away, in [`RejectReason`] order.
-pub const REJECT_REASONS: [&str; 8] = [
+pub const REJECT_REASONS: [&str; 9] = [
     "max_conns",
     "no_healthy_upstream",
     "draining",
@@ -159,6 +160,7 @@ pub const REJECT_REASONS: [&str; 8] = [
     "per_source_rate",
     "untrusted_proxy",
     "acl",
+    "rate",
 ];
 
 /// Handshake outcomes (`sealpipe_handshakes_total{result}`): `ok`, every reason of the
@@ -184,6 +186,14 @@ pub const FS_VALUES: [&str; 2] = ["yes", "no"];
 
 /// Where a handshake's ephemeral key came from (`sealpipe_ephemeral_keys_total{source}`).
 pub const EPHEMERAL_SOURCES: [&str; 2] = ["pool", "on_demand"];
+
+/// How `max_lifetime` ended a connection (`sealpipe_max_lifetime_ends_total{end}`), in the order
+/// of [`TunnelMetrics::lifetime_ends`].
+pub const LIFETIME_ENDS: [&str; 2] = ["graceful", "forced"];
+
+/// What a tunnel's rate limit counts (`sealpipe_rate_limit_share{limit}`), in the order of
+/// `proxy::ratelimit::Kind`.
+pub const RATE_LIMITS: [&str; 3] = ["conns", "upstream", "downstream"];
 
 /// Why an access log line was lost (`sealpipe_access_log_dropped_total{reason}`).
 pub const ACCESS_LOG_DROPS: [&str; 2] = ["queue_full", "write_error"];
@@ -281,6 +291,34 @@ pub const FAMILIES: &[Family] = &[
         labels: &[TUNNEL],
         written: Written::Shared,
         help: "Lifetime of proxied connections.",
+    },
+    Family {
+        name: "sealpipe_max_lifetime_ends_total",
+        kind: Kind::Counter,
+        labels: &[TUNNEL, one_of("end", &LIFETIME_ENDS)],
+        written: Written::Shared,
+        help: "Connections max_lifetime ended: graceful (at a quiet moment, a clean end both ways) or forced (reset at the end of max_lifetime_grace).",
+    },
+    Family {
+        name: "sealpipe_throttled_total",
+        kind: Kind::Counter,
+        labels: &[TUNNEL, one_of("direction", &DIRECTIONS)],
+        written: Written::Flushed,
+        help: "Times a connection's reading paused because the tunnel's byte rate limit (upstream_rate, downstream_rate) had no bytes left on its shard.",
+    },
+    Family {
+        name: "sealpipe_throttled_seconds_total",
+        kind: Kind::Counter,
+        labels: &[TUNNEL, one_of("direction", &DIRECTIONS)],
+        written: Written::Flushed,
+        help: "Time connections spent paused by the tunnel's byte rate limit, summed over connections.",
+    },
+    Family {
+        name: "sealpipe_rate_limit_share",
+        kind: Kind::Gauge,
+        labels: &[TUNNEL, SHARD, one_of("limit", &RATE_LIMITS)],
+        written: Written::Shard,
+        help: "This shard's share of the tunnel's rate limit now, per second (connections, or bytes each way); the shards' shares add up to the limit. 0 without that limit.",
     },
     Family {
         name: "sealpipe_warm_sessions",
@@ -676,10 +714,13 @@ pub enum CloseReason {
     /// or by this side (`warm_idle_timeout`, drain, `max_unopened_per_source`); no client and
     /// no backend was involved (`sealpipe_warm_events_total` says which).
     Unopened,
+    /// `max_lifetime` (+ its grace) passed and the connection could not end gracefully: it
+    /// never went quiet, a peer sent bytes after the end, or did not close its side.
+    MaxLifetime,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 13] = [
+    pub const ALL: [CloseReason; 14] = [
         CloseReason::Clean,
         CloseReason::IdleTimeout,
         CloseReason::PeerReset,
@@ -693,6 +734,7 @@ impl CloseReason {
         CloseReason::ProxyHeader,
         CloseReason::PeerTimeout,
         CloseReason::Unopened,
+        CloseReason::MaxLifetime,
     ];
     pub fn as_str(self) -> &'static str {
         CLOSE_REASONS[self as usize]
@@ -715,10 +757,12 @@ pub enum RejectReason {
     UntrustedProxy,
     /// The tunnel's `allow` / `deny` access lists.
     Acl,
+    /// The tunnel's new-connection rate limit (`conn_rate`).
+    Rate,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 8] = [
+    pub const ALL: [RejectReason; 9] = [
         RejectReason::MaxConns,
         RejectReason::NoHealthyUpstream,
         RejectReason::Draining,
@@ -727,6 +771,7 @@ impl RejectReason {
         RejectReason::SourceRate,
         RejectReason::UntrustedProxy,
         RejectReason::Acl,
+        RejectReason::Rate,
     ];
     pub fn as_str(self) -> &'static str {
         REJECT_REASONS[self as usize]
@@ -805,6 +850,10 @@ pub struct Metrics {
     upstream_failures: IntCounterVec,
     upstream_connect: HistogramVec,
     flow_paused: IntCounterVec,
+    lifetime_ends: IntCounterVec,
+    throttled: IntCounterVec,
+    throttled_seconds: CounterVec,
+    rate_share: GaugeVec,
     key_hibernations: IntCounterVec,
     warm_sessions: IntGaugeVec,
     warm_events: IntCounterVec,
@@ -852,6 +901,10 @@ impl Metrics {
             flow_paused: b.family("sealpipe_flow_control_paused_total"),
             warm_sessions: b.family("sealpipe_warm_sessions"),
             warm_events: b.family("sealpipe_warm_events_total"),
+            lifetime_ends: b.family("sealpipe_max_lifetime_ends_total"),
+            throttled: b.family("sealpipe_throttled_total"),
+            throttled_seconds: b.family("sealpipe_throttled_seconds_total"),
+            rate_share: b.family("sealpipe_rate_limit_share"),
             handshakes: b.family("sealpipe_handshakes_total"),
             sessions: b.family("sealpipe_sessions_total"),
             access_log_dropped: b.family("sealpipe_access_log_dropped_total"),
@@ -958,6 +1011,12 @@ impl Metrics {
             ]
             .map(|(d, l)| self.bytes.with_label_values(&[tunnel, d, l])),
             flow_paused: DIRECTIONS.map(|d| self.flow_paused.with_label_values(&[tunnel, d])),
+            lifetime_ends: LIFETIME_ENDS
+                .map(|e| self.lifetime_ends.with_label_values(&[tunnel, e])),
+            throttled: DIRECTIONS.map(|d| self.throttled.with_label_values(&[tunnel, d])),
+            throttled_seconds: DIRECTIONS
+                .map(|d| self.throttled_seconds.with_label_values(&[tunnel, d])),
+            rate_share: RATE_LIMITS.map(|l| self.rate_share.with_label_values(&[tunnel, &s, l])),
             key_hibernations: self.key_hibernations.with_label_values(&[tunnel]),
             upstreams: upstreams
                 .iter()
@@ -1035,8 +1094,8 @@ pub struct TunnelMetrics {
     pub accepted: IntCounter,
     pub active: IntGauge,
     pub hibernating: IntGauge,
-    pub rejected: [IntCounter; 8],
-    pub closed: [IntCounter; 13],
+    pub rejected: [IntCounter; 9],
+    pub closed: [IntCounter; 14],
     pub duration: Histogram,
     pub handshakes: [IntCounter; 11],
     /// Sessions established, in [`FS_VALUES`] order.
@@ -1046,6 +1105,13 @@ pub struct TunnelMetrics {
     pub handshake_duration: Histogram,
     pub bytes: [IntCounter; 4],
     pub flow_paused: [IntCounter; 2],
+    /// By [`LIFETIME_ENDS`].
+    pub lifetime_ends: [IntCounter; 2],
+    /// Byte rate limit pauses and their time, by [`DIRECTIONS`].
+    pub throttled: [IntCounter; 2],
+    pub throttled_seconds: [prometheus::Counter; 2],
+    /// This shard's share of each rate limit, by [`RATE_LIMITS`] (0 without it).
+    pub rate_share: [prometheus::Gauge; 3],
     pub key_hibernations: IntCounter,
     pub upstreams: Vec<UpstreamMetrics>,
     pub accept_exhausted: IntCounter,
@@ -1070,6 +1136,10 @@ impl TunnelMetrics {
     }
     pub fn rejected(&self, r: RejectReason) {
         self.rejected[r as usize].inc();
+    }
+    /// Counts a connection `max_lifetime` ended, by how.
+    pub fn lifetime_end(&self, graceful: bool) {
+        self.lifetime_ends[usize::from(!graceful)].inc();
     }
     /// Counts an established session by whether it has forward secrecy.
     pub fn session(&self, forward_secrecy: bool) {

@@ -82,8 +82,9 @@ pub struct Record<'a> {
     pub proxied: bool,
     /// The peer of the accepted socket: the client, a load balancer, or the encrypt side.
     pub peer: Option<SocketAddr>,
-    /// The target connected to (decrypt side or backend); `None` if none was.
-    pub target: Option<SocketAddr>,
+    /// The target connected to (decrypt side or backend; a Unix socket's path); `None` if none
+    /// was.
+    pub target: Option<super::TargetAddr>,
     /// Plaintext bytes from the client towards the backend, PROXY headers not counted.
     pub bytes_up: u64,
     /// Plaintext bytes from the backend towards the client.
@@ -119,7 +120,11 @@ impl Record<'_> {
         let _ = write!(s, ",\"proxied\":{},\"peer\":", self.proxied);
         opt(&mut s, self.peer.as_ref().map(|a| a as _));
         s.push_str(",\"target\":");
-        opt(&mut s, self.target.as_ref().map(|a| a as _));
+        match &self.target {
+            // A path may hold any character: escaped as a string.
+            Some(t) => json_str(&mut s, &t.to_string()),
+            None => s.push_str("null"),
+        }
         let _ = write!(
             s,
             ",\"bytes_up\":{},\"bytes_down\":{},\"duration\":{:.6},\"reason\":\"{}\",\"key_id\":",
@@ -372,7 +377,7 @@ mod tests {
             client: Some("192.0.2.7:40001".parse().unwrap()),
             proxied: true,
             peer: Some("[2001:db8::9]:5555".parse().unwrap()),
-            target: Some("10.1.2.3:6379".parse().unwrap()),
+            target: Some("10.1.2.3:6379".parse::<SocketAddr>().unwrap().into()),
             bytes_up: 123,
             bytes_down: 4567,
             duration: Duration::from_micros(1_500_250),

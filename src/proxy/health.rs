@@ -90,7 +90,7 @@ impl Handler<ShardState> for Probe {
         };
         let mut bev = BufferEvent::connect_filtered(
             cx,
-            self.addr.get(),
+            self.addr.endpoint(),
             0,
             crate::reactor::NoFilter,
             true,

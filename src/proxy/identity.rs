@@ -227,7 +227,7 @@ pub fn log_close(cx: &mut Context<'_, ShardState>, tunnel: TunnelIdx, e: Ended<'
         .target
         .and_then(|id| rt.upstreams.index_of(id))
         .and_then(|i| rt.upstreams.targets().get(i.get()))
-        .map(|t| t.addr.get());
+        .map(|t| t.addr);
     let line = Record {
         time: SystemTime::now(),
         tunnel: &rt.cfg.name,

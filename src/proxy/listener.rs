@@ -25,15 +25,15 @@
 //! not by the peers.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Instant;
 
-use mio::net::TcpStream;
+use mio::net::{TcpListener, UnixListener};
 
 use crate::config::Mode;
 use crate::metrics::RejectReason;
-use crate::reactor::listener::{AcceptPass, ConnListener};
-use crate::reactor::{Context, Handler, NoFilter, Ready, Tag};
+use crate::reactor::listener::{Accept, AcceptPass, ConnListener};
+use crate::reactor::{Context, Handler, NoFilter, Ready, Stream, Tag};
 
 use super::codec::SealFilter;
 use super::conn::Conn;
@@ -46,13 +46,43 @@ pub const TAG_DRAIN: Tag = Tag::new(2);
 /// failed with EMFILE, say): pause accepting with the exhaustion backoff.
 pub const TAG_EXHAUSTED: Tag = Tag::new(3);
 
-pub struct TunnelListener {
-    tunnel: TunnelIdx,
-    listener: ConnListener,
+/// A listening socket a tunnel accepts on: TCP, or a Unix domain socket (whose peers have no
+/// IP address: the access lists do not apply to them, `config` refuses them there, and the
+/// pre-authentication caps count them all as one source, [`UNIX_SOURCE`]).
+pub trait Listen: Accept + 'static {
+    /// The peer's address, if it has an IP one.
+    fn peer(p: &Self::Peer) -> Option<SocketAddr>;
+    fn stream(s: Self::Stream) -> Stream;
 }
 
-impl TunnelListener {
-    pub fn new(tunnel: TunnelIdx, listener: ConnListener) -> Self {
+impl Listen for TcpListener {
+    fn peer(p: &SocketAddr) -> Option<SocketAddr> {
+        Some(*p)
+    }
+    fn stream(s: mio::net::TcpStream) -> Stream {
+        Stream::Tcp(s)
+    }
+}
+
+impl Listen for UnixListener {
+    fn peer(_: &std::os::unix::net::SocketAddr) -> Option<SocketAddr> {
+        None
+    }
+    fn stream(s: mio::net::UnixStream) -> Stream {
+        Stream::Unix(s)
+    }
+}
+
+/// The source every peer of a Unix domain listener counts as, for the per-source caps.
+pub const UNIX_SOURCE: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+
+pub struct TunnelListener<L: Listen = TcpListener> {
+    tunnel: TunnelIdx,
+    listener: ConnListener<L>,
+}
+
+impl<L: Listen> TunnelListener<L> {
+    pub fn new(tunnel: TunnelIdx, listener: ConnListener<L>) -> Self {
         TunnelListener { tunnel, listener }
     }
 
@@ -264,29 +294,37 @@ impl Admission {
 fn admit(
     cx: &mut Context<'_, ShardState>,
     tunnel: TunnelIdx,
-    stream: TcpStream,
-    peer: SocketAddr,
+    stream: Stream,
+    peer: Option<SocketAddr>,
 ) -> bool {
     let now = cx.now();
     let rt = &cx.state.tunnels[tunnel];
-    let reset = |s: &TcpStream| {
+    let reset = |s: &Stream| {
         let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
     };
     // Access lists and trusted_proxies (proxy::identity), before anything is allocated.
-    if let Err(reason) = super::identity::admit_source(&rt.cfg.identity, peer.ip()) {
-        super::identity::refused(cx, tunnel, reason, peer);
+    if let Some(peer) = peer {
+        if let Err(reason) = super::identity::admit_source(&rt.cfg.identity, peer.ip()) {
+            super::identity::refused(cx, tunnel, reason, peer);
+            reset(&stream);
+            return false;
+        }
+    }
+    // The tunnel's new-connection rate (after the access lists: a refused source spends none).
+    if !super::ratelimit::admit(cx, tunnel) {
         reset(&stream);
         return false;
     }
     // Only a sealed client side has a pre-authentication phase to protect.
-    let ticket = if rt.cfg.mode == Mode::Decrypt {
-        match cx.state.admission.admit(peer.ip(), now) {
+    let ticket = if cx.state.tunnels[tunnel].cfg.mode == Mode::Decrypt {
+        let source = peer.map_or(UNIX_SOURCE, |p| p.ip());
+        match cx.state.admission.admit(source, now) {
             Ok(t) => Some(t),
             Err(reason) => {
                 cx.state.tunnels[tunnel].metrics.rejected(reason);
                 if let Some(skipped) = cx.state.may_warn(now) {
                     let rt = &cx.state.tunnels[tunnel];
-                    tracing::warn!(tunnel = %rt.cfg.name, reason = reason.as_str(), source = %peer.ip(), skipped, "unauthenticated connection refused");
+                    tracing::warn!(tunnel = %rt.cfg.name, reason = reason.as_str(), %source, skipped, "unauthenticated connection refused");
                 }
                 reset(&stream);
                 return false;
@@ -296,7 +334,7 @@ fn admit(
         None
     };
     // An encrypt side's client takes a warm session if one is ready (proxy::warm).
-    let stream = if rt.cfg.mode == Mode::Encrypt {
+    let stream = if cx.state.tunnels[tunnel].cfg.mode == Mode::Encrypt {
         match super::warm::take(cx, tunnel, stream, now) {
             Ok(()) => return true,
             Err(stream) => stream,
@@ -316,7 +354,7 @@ fn admit(
     true
 }
 
-impl TunnelListener {
+impl<L: Listen> TunnelListener<L> {
     fn accept(&mut self, cx: &mut Context<'_, ShardState>, tag: Option<Tag>) {
         let tunnel = self.tunnel;
         // The shard's share of max_conns is exact: a pass accepts only what still fits (none
@@ -324,8 +362,8 @@ impl TunnelListener {
         // callback, so count what this pass admitted too.
         let room = cx.state.conn_limit.saturating_sub(cx.state.conns);
         let mut admitted = 0;
-        let on_accept = |cx: &mut Context<'_, ShardState>, s: TcpStream, p: SocketAddr| {
-            admitted += usize::from(admit(cx, tunnel, s, p));
+        let on_accept = |cx: &mut Context<'_, ShardState>, s: L::Stream, p: L::Peer| {
+            admitted += usize::from(admit(cx, tunnel, L::stream(s), L::peer(&p)));
         };
         let pass = match tag {
             None => self.listener.on_ready_at_most(cx, room, on_accept),
@@ -347,7 +385,7 @@ impl TunnelListener {
     }
 }
 
-impl Handler<ShardState> for TunnelListener {
+impl<L: Listen> Handler<ShardState> for TunnelListener<L> {
     fn on_start(&mut self, cx: &mut Context<'_, ShardState>) {
         if let Err(e) = self.listener.register(cx) {
             tracing::error!(error = %e, "cannot register listener");
@@ -392,7 +430,7 @@ impl Handler<ShardState> for TunnelListener {
             TAG_DRAIN => {
                 let tunnel = self.tunnel;
                 let pass = self.listener.accept_all(cx, |cx, s, p| {
-                    admit(cx, tunnel, s, p);
+                    admit(cx, tunnel, L::stream(s), L::peer(&p));
                 });
                 if pass.accepted > 0 {
                     tracing::info!(tunnel = %cx.state.tunnels[tunnel].cfg.name, accepted = pass.accepted, "drain: served connections already queued");

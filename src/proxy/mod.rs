@@ -26,6 +26,7 @@ pub mod identity;
 pub mod ids;
 pub mod keepalive;
 pub mod listener;
+pub mod ratelimit;
 pub mod upstream;
 pub mod warm;
 
@@ -133,6 +134,8 @@ pub struct TunnelRt {
     pub access_log: Option<access_log::AccessLog>,
     /// An encrypt tunnel's warm sessions on this shard (`warm`).
     pub warm: warm::Pool,
+    /// This shard's shares of the tunnel's rate limits (`ratelimit`).
+    pub rates: ratelimit::ShardRates,
 }
 
 impl TunnelRt {
@@ -145,6 +148,7 @@ impl TunnelRt {
     ) -> TunnelRt {
         let upstreams = Upstreams::with_groups(&cfg.target_addrs(), cfg.balance);
         TunnelRt {
+            rates: ratelimit::ShardRates::new(&cfg.rates, metrics.shards(), Instant::now()),
             index,
             key_sessions: Self::key_sessions(&cfg, keys.as_deref(), metrics),
             handshake: Self::handshake_config(&cfg, keys),
@@ -228,6 +232,8 @@ impl TunnelRt {
     ) {
         self.key_sessions = Self::key_sessions(&cfg, keys.as_deref(), metrics);
         self.handshake = Self::handshake_config(&cfg, keys);
+        self.rates
+            .reconfigure(&cfg.rates, metrics.shards(), Instant::now());
         self.set_targets(cfg, metrics, shard);
     }
 
@@ -245,12 +251,30 @@ impl TunnelRt {
         self.cfg = cfg;
     }
 
-    /// Moves shard-local byte counts into the Prometheus counters.
-    pub fn flush(&mut self) {
+    /// Moves shard-local counts into the Prometheus counters, and publishes the rate limits'
+    /// shares (and, for the rebalancer, what they counted).
+    pub fn flush(&mut self, shard: ShardIdx, board: Option<&ratelimit::RateBoard>) {
         for (label, n) in std::mem::take(&mut self.bytes).iter() {
             if n > 0 {
                 self.metrics.bytes[label as usize].inc_by(n);
             }
+        }
+        for k in ratelimit::Kind::ALL {
+            let share = self.rates.get(k).map_or(0.0, |l| l.share());
+            self.metrics.rate_share[k as usize].set(share);
+        }
+        if self.cfg.rates.is_empty() {
+            return;
+        }
+        for dir in conn::core::Flow::ALL {
+            let (n, secs) = self.rates.take_throttled(dir);
+            if n > 0 {
+                self.metrics.throttled[dir as usize].inc_by(n);
+                self.metrics.throttled_seconds[dir as usize].inc_by(secs);
+            }
+        }
+        if let Some(b) = board {
+            self.rates.publish(b.slots(self.index.get(), shard.get()));
         }
     }
 }
@@ -322,6 +346,10 @@ pub struct ShardState {
     /// Clients' sockets on their way to the ready warm sessions that take them
     /// (`warm::take`), each for one notification.
     pub warm_handoffs: Vec<(HandlerId, warm::Handoff)>,
+    /// xorshift64 state for `max_lifetime`'s jitter (spread, not secrecy).
+    jitter_state: u64,
+    /// Where the tunnels' rate limits publish what they counted (`ratelimit::Rebalancer`).
+    pub rate_board: Option<Arc<ratelimit::RateBoard>>,
 }
 
 impl ShardState {
@@ -348,7 +376,21 @@ impl ShardState {
             ephemeral_published: (0, 0),
             warm_handoffs: Vec::new(),
             metrics,
+            // Any nonzero seed; shards differ, so do their draws.
+            jitter_state: 0x9e37_79b9_7f4a_7c15 ^ (shard.get() as u64 + 1),
+            rate_board: None,
         }
+    }
+
+    /// A connection's `max_lifetime` jitter, in thousandths: uniform from -100 to 100.
+    pub fn lifetime_jitter(&mut self) -> i8 {
+        let x = &mut self.jitter_state;
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        let max = i16::from(conn::core::MAX_JITTER_PERMILLE);
+        let drawn = (*x % (2 * max as u64 + 1)) as i16 - max;
+        drawn as i8
     }
 
     /// Whether the shard has spare-time work (see `EventBase::set_idle`): warm sessions to
@@ -400,7 +442,7 @@ impl ShardState {
         self.ephemeral_keys[KeySource::OnDemand as usize].inc_by(on_demand.saturating_sub(d0));
         self.ephemeral_published = (pool, on_demand);
         for t in &mut self.tunnels {
-            t.flush();
+            t.flush(self.shard, self.rate_board.as_deref());
             let healthy = t.upstreams.healthy(now);
             self.metrics
                 .health
@@ -452,6 +494,28 @@ mod tests {
             .unwrap_or_else(|| panic!("{family} declares no values of {label}"))
     }
 
+    #[test]
+    fn lifetime_jitter_is_spread_over_plus_minus_ten_percent() {
+        let metrics = Metrics::new(1, 0);
+        let mut st = ShardState::new(ShardIdx::new(0), Vec::new(), metrics, 1);
+        let draws: Vec<i8> = (0..20_000).map(|_| st.lifetime_jitter()).collect();
+        let (lo, hi) = (draws.iter().min().unwrap(), draws.iter().max().unwrap());
+        assert_eq!(
+            (*lo, *hi),
+            (-100, 100),
+            "the whole range, and nothing beyond"
+        );
+        // Spread: each tenth of the range gets its share (2,000 expected; ±25%).
+        for tenth in 0..10 {
+            let from = -100 + tenth * 20;
+            let n = draws
+                .iter()
+                .filter(|&&d| i32::from(d) >= from && i32::from(d) < from + 20)
+                .count();
+            assert!((1500..2500).contains(&n), "[{from}, {}): {n}", from + 20);
+        }
+    }
+
     /// Each label enum's discriminant is its value's slot in the family's declared list, so
     /// a handle array built from that list is indexed by the enum.
     #[test]
@@ -465,6 +529,11 @@ mod tests {
         assert_eq!(directions.len(), conn::core::Flow::ALL.len());
         for f in conn::core::Flow::ALL {
             assert_eq!(directions[f as usize], f.as_str());
+        }
+        let limits = declared("sealpipe_rate_limit_share", "limit");
+        assert_eq!(limits.len(), ratelimit::Kind::ALL.len());
+        for k in ratelimit::Kind::ALL {
+            assert_eq!(limits[k as usize], k.as_str());
         }
         let reasons = declared("sealpipe_upstream_connect_failures_total", "reason");
         assert_eq!(reasons.len(), upstream::ConnectFailure::ALL.len());

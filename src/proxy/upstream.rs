@@ -204,7 +204,10 @@ impl Upstreams {
     }
 
     /// One group per configured target, each with its addresses in the resolver's order.
-    pub fn with_groups(groups: &[Vec<SocketAddr>], balance: Balance) -> Upstreams {
+    pub fn with_groups<A: Copy + Into<TargetAddr>>(
+        groups: &[Vec<A>],
+        balance: Balance,
+    ) -> Upstreams {
         let mut u = Upstreams {
             targets: Vec::new(),
             groups: Vec::new(),
@@ -241,7 +244,11 @@ impl Upstreams {
     /// health and counts (each old address is kept at most once, so duplicates stay
     /// distinct), even if it moved to another group; connections to removed addresses keep
     /// going, and find their target gone when they end.
-    pub fn replace_groups(&mut self, groups: &[Vec<SocketAddr>], balance: Balance) {
+    pub fn replace_groups<A: Copy + Into<TargetAddr>>(
+        &mut self,
+        groups: &[Vec<A>],
+        balance: Balance,
+    ) {
         let mut old: Vec<Option<Target>> = std::mem::take(&mut self.targets)
             .into_iter()
             .map(Some)
@@ -251,11 +258,12 @@ impl Upstreams {
         for (g, addrs) in groups.iter().enumerate() {
             let start = targets.len();
             for &addr in addrs {
+                let addr: TargetAddr = addr.into();
                 let kept = old
                     .iter_mut()
-                    .find(|t| t.as_ref().is_some_and(|t| t.addr.get() == addr))
+                    .find(|t| t.as_ref().is_some_and(|t| t.addr == addr))
                     .and_then(Option::take);
-                let mut t = kept.unwrap_or_else(|| self.fresh(TargetAddr::new(addr), g));
+                let mut t = kept.unwrap_or_else(|| self.fresh(addr, g));
                 t.group = g;
                 targets.push(t);
             }
@@ -692,7 +700,7 @@ mod tests {
             .map(|_| {
                 let (id, a) = u.pick(now, &mut Tried::default()).unwrap();
                 u.release(id);
-                a.get()
+                a.inet().unwrap()
             })
             .collect();
         assert_eq!(firsts, vec![v6, addr(1), v6, addr(1)]);
@@ -700,20 +708,23 @@ mod tests {
         // next, not the other target.
         let mut tried = Tried::default();
         let (a, got) = u.pick(now, &mut tried).unwrap();
-        assert_eq!(got.get(), v6);
+        assert_eq!(got.inet().unwrap(), v6);
         u.release(a);
         u.failed(a, now);
         let (b, got) = u.pick(now, &mut tried).unwrap();
-        assert_eq!(got.get(), addr(0), "the same name's next address");
+        assert_eq!(got.inet().unwrap(), addr(0), "the same name's next address");
         u.release(b);
         u.failed(b, now);
-        assert_eq!(u.pick(now, &mut tried).map(|p| p.1.get()), Some(addr(1)));
+        assert_eq!(
+            u.pick(now, &mut tried).map(|p| p.1.inet().unwrap()),
+            Some(addr(1))
+        );
         assert_eq!(u.pick(now, &mut tried), None, "every address tried once");
         // While the IPv6 address is down, new connections to the name start with IPv4.
         u.succeeded(b);
         let mut t = Tried::default();
         let picks: Vec<SocketAddr> = (0..2)
-            .map(|_| u.pick(now, &mut t).unwrap().1.get())
+            .map(|_| u.pick(now, &mut t).unwrap().1.inet().unwrap())
             .collect();
         assert!(
             picks.contains(&addr(0)) && !picks.contains(&v6),

@@ -36,13 +36,11 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use mio::net::TcpStream;
-
 use crate::metrics::WarmEvent;
 use crate::protocol::RandomSource;
 use crate::reactor::{
-    BevEvents, BufferEvent, Context, Handler, HandlerId, NoFilter, Ready, Socket, Tag, Timeouts,
-    TimerKey,
+    BevEvents, BufferEvent, Context, Handler, HandlerId, NoFilter, Ready, Socket, Stream, Tag,
+    Timeouts, TimerKey,
 };
 
 use super::codec::{Role, SealFilter};
@@ -300,7 +298,7 @@ fn warm_cfg(rt: &super::TunnelRt) -> WarmCfg {
 
 /// A client's socket on its way to a ready warm session's handler.
 pub struct Handoff {
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// The balance's choice that named the session's target (counted as active there).
     pub tried: Tried,
     pub target: TargetId,
@@ -313,9 +311,9 @@ pub struct Handoff {
 pub fn take(
     cx: &mut Context<'_, ShardState>,
     tunnel: TunnelIdx,
-    stream: TcpStream,
+    stream: Stream,
     now: Instant,
-) -> Result<(), TcpStream> {
+) -> Result<(), Stream> {
     let st = &mut *cx.state;
     let rt = &mut st.tunnels[tunnel];
     if rt.cfg.warm_max == 0 || st.draining {
@@ -707,15 +705,18 @@ impl Handler<ShardState> for WarmConn {
         // within the handshake timeout, as a connect to a dead host fails within the connect
         // timeout (`Env::confirmed` puts the tunnel's own setting back).
         let short = rt.cfg.handshake_timeout;
+        // Through the same path as a connection's own (`ConnEnv::connect`): a TCP or a Unix
+        // socket target alike; dead-peer settings are TCP's (a Unix socket's peer is on this
+        // host, and its end is always told).
         let mut up = BufferEvent::connect_filtered(
             cx,
-            addr.get(),
+            addr.endpoint(),
             Side::Upstream as u8,
             layer,
             false,
             timeouts,
         );
-        if let Some(s) = up.stream() {
+        if let Some(s) = up.stream().and_then(Stream::as_tcp) {
             let set = super::keepalive::apply(s, &keepalive)
                 .and_then(|()| socket2::SockRef::from(s).set_tcp_user_timeout(Some(short)));
             if let Err(e) = set {

@@ -1,5 +1,6 @@
 //! The control thread: signals (SIGTERM/SIGINT drain, a second one exits, SIGHUP reloads),
-//! reloads of the configuration and keys, target names resolved again, heap trims, and the
+//! reloads of the configuration and keys, target names resolved again, the rate limits'
+//! shares moved between shards, heap trims, the Unix sockets' files removed at exit, and the
 //! handoff to a successor. It reaches shards only by posting to their `Handle`s.
 //!
 //! Invariants: a reload is applied whole or not at all (the old configuration stays on any
@@ -10,11 +11,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::{ExitReason, Running, ServerError, conn_shares, publish_keys, warn_idle_shards};
+use super::{
+    ExitReason, Running, ServerError, conn_shares, publish_keys, rate_limits, warn_idle_shards,
+};
 use crate::config::{Config, Resolve};
 use crate::metrics::Metrics;
 use crate::protocol::KeySet;
 use crate::proxy::conn::TAG_DRAIN_STARTED;
+use crate::proxy::conn::TAG_LIMITS;
 use crate::proxy::listener::{TAG_DRAIN, TAG_RESUME};
 use crate::reactor::signal::SignalEvent;
 use crate::reactor::{EventBase, HandlerId};
@@ -102,11 +106,9 @@ impl Running {
             .resolve_targets(Some(&self.cfg), self.refresher.resolver())
             .map_err(|e| e.to_string())?;
         if new.tunnels.len() != self.cfg.tunnels.len()
-            || new
-                .tunnels
-                .iter()
-                .zip(&self.cfg.tunnels)
-                .any(|(a, b)| a.name != b.name || a.listen != b.listen || a.mode != b.mode)
+            || new.tunnels.iter().zip(&self.cfg.tunnels).any(|(a, b)| {
+                a.name != b.name || !a.listen.same_socket(&b.listen) || a.mode != b.mode
+            })
         {
             return Err("adding, removing or renaming tunnels, or changing a listen address or mode, needs a restart".into());
         }
@@ -128,6 +130,19 @@ impl Running {
         };
         if let Some(l) = &self.log {
             (l.reload)(&new.log.level)?;
+        }
+        for (t, old) in new.tunnels.iter().zip(&self.cfg.tunnels) {
+            // A Unix socket's mode and owner, changed: its file gets them now.
+            if let Some(u) = t.listen.unix().filter(|_| t.listen != old.listen) {
+                match crate::unix_listen::set_file(&u.path, u) {
+                    Ok(()) => {
+                        tracing::info!(tunnel = %t.name, path = %u.path.display(), "Unix socket's mode and owner set again")
+                    }
+                    Err(e) => {
+                        tracing::warn!(tunnel = %t.name, error = %e, "cannot set the reloaded mode or owner on the Unix socket; it keeps the previous ones")
+                    }
+                }
+            }
         }
         for ((t, old), fds) in new
             .tunnels
@@ -164,9 +179,19 @@ impl Running {
                 st.admission.set_limits(&admission, nshards);
                 let metrics = st.metrics.clone();
                 let shard = st.shard;
+                let lifetimes = st
+                    .tunnels
+                    .iter()
+                    .zip(&tunnels)
+                    .any(|(rt, (t, _))| rt.cfg.lifetime != t.lifetime);
                 for (rt, (t, k)) in st.tunnels.iter_mut().zip(tunnels) {
                     rt.reload(t, k, &metrics, shard);
                 }
+                // Open connections take the new max_lifetime (a shorter one ends them).
+                let conns: Vec<HandlerId> = match lifetimes {
+                    true => st.live_conns.iter().copied().collect(),
+                    false => Vec::new(),
+                };
                 for (rt, log) in st.tunnels.iter_mut().zip(logs) {
                     rt.access_log = log;
                 }
@@ -175,12 +200,35 @@ impl Running {
                 for id in ids {
                     cx.notify(id, TAG_RESUME);
                 }
+                for id in conns {
+                    cx.notify(id, TAG_LIMITS);
+                }
             });
         }
         self.refresher
             .reloaded(&new, &failures, &self.metrics, Instant::now());
+        // The shards start the reloaded limits from equal shares; so does the rebalancer.
+        self.rates.reloaded(&rate_limits(&new), Instant::now());
         self.cfg = new;
         Ok(())
+    }
+
+    /// Moves the rate limits' shares to where the traffic is (`ratelimit::Rebalancer`), once
+    /// per period: new shares go to the shards as messages.
+    fn rebalance_rates(&mut self, now: Instant) {
+        if !self.rates.is_due(now) || self.cfg.tunnels.iter().all(|t| t.rates.is_empty()) {
+            return;
+        }
+        for (t, kind, shares) in self.rates.due(&rate_limits(&self.cfg), now) {
+            for (shard, rate) in self.shards.iter().zip(shares) {
+                let _ = shard.handle.post(move |cx| {
+                    let now = cx.now();
+                    if let Some(rt) = cx.state.tunnels.get_mut(t) {
+                        rt.rates.set_share(kind, now, rate);
+                    }
+                });
+            }
+        }
     }
 
     /// Resolves target names with `resolver` from now on (tests; the system's resolver is
@@ -250,6 +298,7 @@ impl Running {
                 .map_err(ServerError::Control)?;
             if !draining {
                 self.refresh_targets(Instant::now());
+                self.rebalance_rates(Instant::now());
             }
             if let Some(took) = self.trim.run_due(Instant::now(), &mut next_trim) {
                 tracing::debug!(?took, "heap trimmed");
@@ -326,6 +375,9 @@ impl Running {
         // has posted its last outcome.
         if let Some(t) = self.transfer.take() {
             let _ = t.join();
+        }
+        for f in &self.unix_files {
+            f.remove();
         }
         // The shards' access log handles are gone: let the writers write what is queued.
         if !crate::proxy::access_log::finish_writers(Duration::from_secs(5)) {

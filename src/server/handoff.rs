@@ -320,11 +320,16 @@ fn match_config(h: &Header, fds: Vec<OwnedFd>, cfg: &Config) -> Result<Taken, St
         }
         .to_string());
     }
-    let ours: Vec<(ListenAddr, &str)> = cfg
-        .tunnels
-        .iter()
-        .map(|t| (t.listen, t.name.as_str()))
-        .collect();
+    let mut ours: Vec<(ListenAddr, &str)> = Vec::with_capacity(cfg.tunnels.len());
+    for t in &cfg.tunnels {
+        if t.listen.unix().is_some() {
+            return Err(format!(
+                "tunnel {:?} listens on a Unix socket, which the handoff does not carry",
+                t.name
+            ));
+        }
+        ours.push((t.listen.clone(), t.name.as_str()));
+    }
     let same = ours.len() == tunnels.len()
         && ours
             .iter()
@@ -351,8 +356,8 @@ fn match_config(h: &Header, fds: Vec<OwnedFd>, cfg: &Config) -> Result<Taken, St
     // would serve a tunnel on whatever socket a confused or hostile holder passed.
     let mut fds = fds.into_iter();
     let mut out = Vec::with_capacity(tunnels.len());
-    for t in &cfg.tunnels {
-        let mut want = t.listen.get();
+    for (t, (listen, _)) in cfg.tunnels.iter().zip(&ours) {
+        let mut want = listen.inet().expect("TCP: checked above");
         let mut ls = Vec::with_capacity(shards);
         for (shard, fd) in fds.by_ref().take(shards).enumerate() {
             // A configured port of 0 is resolved by the first listener; the others share it.
@@ -736,5 +741,25 @@ mod tests {
             .collect();
         let e = match_config(&h, fds, &config()).unwrap_err();
         assert!(e.contains("hand over only between the same tunnels"), "{e}");
+    }
+
+    #[test]
+    fn a_unix_listener_of_ours_refuses_the_listeners_offered() {
+        let text = "[[tunnel]]\nname = \"a\"\nmode = \"forward\"\nlisten = \"unix:/run/sealpipe-test/a.sock\"\ntargets = [\"127.0.0.1:2\"]\n";
+        let cfg = crate::config::ConfigFile::parse(Path::new("t.toml"), text)
+            .unwrap()
+            .validate(None)
+            .unwrap();
+        let h = Header {
+            shards: 1,
+            tunnels: vec![("127.0.0.1:1".parse().unwrap(), "a".into())],
+            metrics: None,
+        };
+        let fds = vec![std::io::stdin().as_fd().try_clone_to_owned().unwrap()];
+        let e = match_config(&h, fds, &cfg).unwrap_err();
+        assert!(
+            e.contains("tunnel \"a\" listens on a Unix socket, which the handoff does not carry"),
+            "{e}"
+        );
     }
 }

@@ -11,24 +11,24 @@ use std::os::fd::AsFd;
 
 use super::ServerError;
 use crate::config::Config;
-use crate::proxy::ListenAddr;
 use crate::reactor::listener::ListenerOptions;
 
-/// Binds one listener per shard for `addr` (SO_REUSEPORT); a port of 0 is resolved by the
-/// first bind and reused by the others.
+/// Binds one listener per shard for the TCP address `addr` (SO_REUSEPORT); a port of 0 is
+/// resolved by the first bind and reused by the others. (A Unix socket is bound by
+/// `unix_listen`.)
 /// `cpus[i]` is shard i's CPU when its listener steers by SO_INCOMING_CPU (`incoming_cpu`).
 /// `inherited` listeners (from a handoff) take the first shards; the rest are bound anew.
 /// Inherited ones get this process's SO_INCOMING_CPU choice too (the previous one may differ).
 pub(super) fn bind_all(
     tunnel: &str,
-    addr: ListenAddr,
+    addr: SocketAddr,
     shards: usize,
     cpus: &[Option<usize>],
     inherited: Vec<std::net::TcpListener>,
 ) -> Result<(SocketAddr, Vec<std::net::TcpListener>), ServerError> {
     let mut out = Vec::with_capacity(shards);
     // The address bound (a port of 0 resolved by the first bind, or by the inherited socket).
-    let mut addr = addr.get();
+    let mut addr = addr;
     if let Some(first) = inherited.first() {
         addr = first.local_addr().map_err(|source| ServerError::Listen {
             tunnel: tunnel.into(),
@@ -90,7 +90,7 @@ pub(super) fn activated_listeners(
                 "systemd passed two sockets named {name:?}; a tunnel serves one"
             )));
         }
-        if addr != t.listen.get() {
+        if Some(addr) != t.listen.inet() {
             tracing::info!(tunnel = %t.name, listen = %t.listen, socket = %addr, "serving the socket systemd passed; the configured listen address is not bound");
         }
         out[ti] = Some((addr, std::net::TcpListener::from(fd)));
@@ -126,9 +126,8 @@ pub(super) fn share_activated(
 /// group silently and the kernel would split clients between two configurations. A probe bind
 /// without SO_REUSEPORT (with SO_REUSEADDR, so sockets in TIME_WAIT do not count) fails with
 /// EADDRINUSE exactly when someone listens on the address (or on the wildcard address).
-pub(super) fn check_not_served(tunnel: &str, addr: ListenAddr) -> Result<(), ServerError> {
+pub(super) fn check_not_served(tunnel: &str, addr: SocketAddr) -> Result<(), ServerError> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let addr = addr.get();
     if addr.port() == 0 {
         return Ok(());
     }

@@ -14,11 +14,17 @@
 //! - A shard that fails or panics ends the server ([`ExitReason`]; `main` exits 70) — never a
 //!   half-alive process. The library never calls `process::exit`: it returns why it stopped.
 //! - A listen address another socket already listens on is refused at start (naming the
-//!   process that holds it), unless this process takes that address over by handoff.
+//!   process that holds it), unless this process takes that address over by handoff. A Unix
+//!   socket's path is bound by `unix_listen` (a live one is refused, a stale one removed) and
+//!   served by every shard from one socket.
 //! - Handoff (`--handoff PATH`, [`start_with`]): a new process takes the listening sockets of
 //!   the one listening on PATH over SCM_RIGHTS; the old one lets go only after the new one's
 //!   shards accept on them, then drains. The protocol is described in `handoff.rs` and in
-//!   docs/OPERATIONS.md.
+//!   docs/OPERATIONS.md. A configuration with a Unix listening socket refuses `--handoff` at
+//!   start (the handoff carries TCP listeners only); established connections to a Unix
+//!   target move like any other (`transfer.rs`).
+//! - Rate limits: the control thread moves each limit's per-shard shares to where the
+//!   traffic is (`proxy::ratelimit::Rebalancer`); shards publish what they used.
 //! - Shards run unpinned and their SO_REUSEPORT listeners share connections by hash, unless
 //!   `pin` (each shard thread on one CPU of the mask) and `incoming_cpu` (each pinned shard's
 //!   listener carries SO_INCOMING_CPU = its CPU) ask for CPU locality.
@@ -48,6 +54,7 @@ use crate::config::{Config, ConfigError, SystemResolver};
 use crate::metrics::Metrics;
 use crate::protocol::KeySet;
 use crate::proxy::listener::TunnelListener;
+use crate::proxy::ratelimit::{RateBoard, RateLimits, Rebalancer};
 use crate::proxy::{ShardIdx, ShardState, TunnelIdx, TunnelRt};
 use crate::reactor::Handle;
 use crate::reactor::listener::{ConnListener, ListenerOptions};
@@ -92,6 +99,17 @@ pub enum ServerError {
     Handoff { path: PathBuf, message: String },
     #[error("socket activation: {0}")]
     Activation(String),
+    #[error("tunnel {tunnel:?}: cannot listen on a Unix socket: {source}")]
+    Unix {
+        tunnel: String,
+        source: crate::unix_listen::UnixListenError,
+    },
+}
+
+/// A shard's listening socket for one tunnel: TCP, or a Unix domain socket.
+enum Bound {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
 }
 
 /// A callback the control thread runs on SIGHUP to change the log filter.
@@ -133,7 +151,8 @@ pub struct Running {
     cfg: Config,
     metrics: Arc<Metrics>,
     shards: Vec<Shard>,
-    /// Per tunnel: the address actually bound (port 0 resolved).
+    /// Per tunnel: the address actually bound (port 0 resolved); `0.0.0.0:0` for a tunnel
+    /// that listens on a Unix socket (its path is the configuration's).
     pub listen_addrs: Vec<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
     running: Arc<AtomicUsize>,
@@ -153,6 +172,10 @@ pub struct Running {
     /// A live upgrade's transfer of established connections (`transfer.rs`): from the
     /// predecessor while this process starts, to the successor once it took over.
     transfer: Option<JoinHandle<()>>,
+    /// The rate limits' shares, moved to the shards that carry the traffic (`ratelimit`).
+    rates: Rebalancer,
+    /// The Unix sockets this process bound, removed when it exits.
+    unix_files: Vec<crate::unix_listen::SocketFile>,
 }
 
 /// Splits the process-wide `max_conns` into per-shard limits that add up to it exactly: the
@@ -230,6 +253,18 @@ pub fn start_with(
     let keys = cfg.load_keys()?;
     let access_logs = crate::proxy::access_log::open_all(&cfg)?;
 
+    if let (Some(path), Some(t)) = (
+        handoff,
+        cfg.tunnels.iter().find(|t| t.listen.unix().is_some()),
+    ) {
+        return Err(ServerError::Handoff {
+            path: path.to_owned(),
+            message: format!(
+                "tunnel {:?} listens on a Unix socket ({}), which the handoff does not carry: restart the process instead",
+                t.name, t.listen
+            ),
+        });
+    }
     let mut inherited = match handoff {
         Some(path) => take_listeners(path, &cfg)?,
         None => None,
@@ -266,10 +301,43 @@ pub fn start_with(
         .collect();
     let mut activated = activated_listeners(&cfg)?;
     let mut listen_addrs = Vec::new();
-    let mut per_shard: Vec<Vec<std::net::TcpListener>> = (0..nshards).map(|_| Vec::new()).collect();
+    let mut per_shard: Vec<Vec<Bound>> = (0..nshards).map(|_| Vec::new()).collect();
+    let mut unix_files = Vec::new();
     let mut dups: Vec<Vec<OwnedFd>> = Vec::new();
     let mut listeners: Vec<Vec<OwnedFd>> = Vec::new();
     for (ti, t) in cfg.tunnels.iter().enumerate() {
+        if let Some(u) = t.listen.unix() {
+            if activated[ti].is_some() {
+                return Err(ServerError::Activation(format!(
+                    "tunnel {:?} listens on a Unix socket ({}); serving one systemd passes is not supported yet: drop its .socket unit, or listen on TCP",
+                    t.name, t.listen
+                )));
+            }
+            // One socket for every shard (Unix sockets have no SO_REUSEPORT groups): each
+            // shard accepts from the same queue, as with a socket systemd passes.
+            let unix_err = |source| ServerError::Unix {
+                tunnel: t.name.clone(),
+                source,
+            };
+            let (l, file) = crate::unix_listen::bind(u).map_err(unix_err)?;
+            let io_err = |source| {
+                unix_err(crate::unix_listen::UnixListenError::Io {
+                    path: u.path.clone(),
+                    source,
+                })
+            };
+            for shard in per_shard.iter_mut().skip(1) {
+                shard.push(Bound::Unix(l.try_clone().map_err(io_err)?));
+            }
+            per_shard[0].push(Bound::Unix(l));
+            tracing::info!(tunnel = %t.name, path = %u.path.display(), mode = ?u.mode.map(|m| format!("{m:04o}")), "listening on a Unix socket");
+            unix_files.push(file);
+            listen_addrs.push(SocketAddr::from(([0, 0, 0, 0], 0)));
+            dups.push(Vec::new());
+            listeners.push(Vec::new());
+            continue;
+        }
+        let listen = t.listen.inet().expect("not a Unix socket: checked above");
         let got = inherited
             .as_mut()
             .map(|h| std::mem::take(&mut h.tunnels[ti]))
@@ -284,9 +352,9 @@ pub fn start_with(
             None => {
                 if got.is_empty() {
                     // Not taking this address over by handoff: nobody else may be serving it.
-                    check_not_served(&t.name, t.listen)?;
+                    check_not_served(&t.name, listen)?;
                 }
-                bind_all(&t.name, t.listen, nshards, &cpus, got)?
+                bind_all(&t.name, listen, nshards, &cpus, got)?
             }
         };
         listen_addrs.push(addr);
@@ -304,7 +372,7 @@ pub fn start_with(
             if handoff.is_some() {
                 d.push(dup(&l).map_err(listen_err)?);
             }
-            per_shard[i].push(l);
+            per_shard[i].push(Bound::Tcp(l));
         }
         dups.push(d);
         listeners.push(own);
@@ -331,6 +399,8 @@ pub fn start_with(
 
     let limits = conn_shares(cfg.max_conns, nshards);
     warn_idle_shards(&limits);
+    let board = Arc::new(RateBoard::new(cfg.tunnels.len(), nshards));
+    let rates = Rebalancer::new(board.clone(), &rate_limits(&cfg), Instant::now());
     let running = Arc::new(AtomicUsize::new(nshards));
     let failure = Arc::new(ShardFailure::default());
     let trim = Arc::new(HeapTrim::default());
@@ -354,6 +424,7 @@ pub fn start_with(
             .collect();
         let mut state = ShardState::new(ShardIdx::new(i), tunnels, metrics.clone(), limits[i]);
         state.admission = crate::proxy::listener::Admission::new(&cfg.admission, nshards);
+        state.rate_board = Some(board.clone());
         let core = core_of(i);
         let running = running.clone();
         let trim = trim.clone();
@@ -372,8 +443,16 @@ pub fn start_with(
                 };
                 base.set_idle(ShardState::wants_idle_work, ShardState::idle_step);
                 for (ti, l) in listeners.into_iter().enumerate() {
-                    let cl = ConnListener::from_std(l, ListenerOptions::default(), 0);
-                    base.spawn(Box::new(TunnelListener::new(TunnelIdx::new(ti), cl)));
+                    let (ti, opts) = (TunnelIdx::new(ti), ListenerOptions::default());
+                    let h: Box<dyn crate::reactor::Handler<ShardState>> = match l {
+                        Bound::Tcp(l) => {
+                            Box::new(TunnelListener::new(ti, ConnListener::from_std(l, opts, 0)))
+                        }
+                        Bound::Unix(l) => {
+                            Box::new(TunnelListener::new(ti, ConnListener::from_unix(l, opts, 0)))
+                        }
+                    };
+                    base.spawn(h);
                 }
                 let _ = tx.send(Ok(base.handle()));
                 shard_main(i, base, core, running, &trim, &failure)
@@ -393,6 +472,11 @@ pub fn start_with(
     }
     for (t, a) in cfg.tunnels.iter().zip(&listen_addrs) {
         let targets: Vec<String> = t.targets.iter().map(|x| x.to_string()).collect();
+        // The address bound (a port of 0 resolved), or the Unix socket's path.
+        let a = t
+            .listen
+            .unix()
+            .map_or(a.to_string(), |_| t.listen.to_string());
         tracing::info!(tunnel = %t.name, mode = t.mode.as_str(), listen = %a, targets = %targets.join(", "), shards = nshards, pin = cfg.pin, incoming_cpu = cfg.incoming_cpu, "tunnel up");
     }
     let mut transfer = None;
@@ -439,7 +523,14 @@ pub fn start_with(
         listeners,
         refresher,
         transfer,
+        rates,
+        unix_files,
     })
+}
+
+/// Each tunnel's rate limits, in tunnel order.
+fn rate_limits(cfg: &Config) -> Vec<RateLimits> {
+    cfg.tunnels.iter().map(|t| t.rates).collect()
 }
 
 #[cfg(test)]

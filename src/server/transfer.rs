@@ -462,14 +462,14 @@ impl Receiver {
     }
 
     /// Whether a connection can be taken: its state reads, its tunnel is one of ours in the
-    /// same mode, its descriptors are connected TCP sockets, and there is room for it.
+    /// same mode, its descriptors are connected stream sockets (TCP, or Unix for a `unix:`
+    /// target's upstream), and there is room for it.
     /// `taken`: connections of this batch taken so far.
     fn check(&self, state: &[u8], fds: &[OwnedFd; 2], taken: usize) -> Result<ConnState, String> {
         let st = ConnState::decode(state).map_err(|e| e.to_string())?;
         self.tunnels.check(&st)?;
         for fd in fds {
-            crate::sys::check_tcp_connection(fd.as_fd())
-                .map_err(|e| format!("a moved socket: {e}"))?;
+            crate::sys::check_connection(fd.as_fd()).map_err(|e| format!("a moved socket: {e}"))?;
         }
         if taken >= self.budget {
             return Err("max_conns reached in this process".into());
@@ -575,6 +575,7 @@ mod tests {
                 upstream_eof: false,
                 counted: Default::default(),
                 target: None,
+                lifetime: None,
                 client: SideState::default(),
                 upstream: SideState::default(),
                 client_seal: None,

@@ -22,6 +22,10 @@
 //!   waits ahead of the bytes (its input and the far output are empty) and the far stream is
 //!   under the relay's mark; a pass that filled the far stream to it stops suspended as at the
 //!   high watermark, so the owner's next `consumed` resumes it (no stranded bytes, no spin).
+//! - The read path never takes more from the transport than the read allowance the owner set
+//!   (a rate limit's tokens); with none left it suspends ([`Suspend::Bandwidth`]) without a
+//!   system call. An allowance is one counter compared per read, not a clock or a bucket: the
+//!   owner keeps those.
 
 use std::io::{self, Read, Write};
 
@@ -116,6 +120,8 @@ pub struct BevCore<F: Filter, T> {
     pub(super) error: Option<io::Error>,
     pub(super) bytes_read: u64,
     pub(super) bytes_written: u64,
+    /// Bytes the read path may still take from the transport ([`UNLIMITED`]: no limit).
+    pub(super) read_allowance: u32,
     pub(super) io: T,
 }
 
@@ -137,11 +143,15 @@ pub struct BevState {
     pub write_shut: bool,
     /// [`Suspend`] reasons (as `Suspend as u8` bits). Only those that belong to the data —
     /// `User`, `HighWatermark`, `Peer` — are restored; `Connecting` and `Timeout` belong to
-    /// the transport and its timers.
+    /// the transport and its timers, `Bandwidth` to the owner's rate limit, which meters the
+    /// successor's reads afresh (the read allowance is not state of the stream either).
     pub suspend: u8,
     pub bytes_read: u64,
     pub bytes_written: u64,
 }
+
+/// A read allowance of no limit (see [`BevCore::set_read_allowance`]).
+const UNLIMITED: u32 = u32::MAX;
 
 /// How a read step ended.
 enum Got {
@@ -176,6 +186,7 @@ impl<F: Filter, T> BevCore<F, T> {
             bytes_read: 0,
             bytes_written: 0,
             small_reads: true,
+            read_allowance: UNLIMITED,
             io,
         }
     }
@@ -273,6 +284,20 @@ impl<F: Filter, T> BevCore<F, T> {
         self.suspend = (self.suspend & !DATA) | (st.suspend & DATA);
         self.bytes_read = st.bytes_read;
         self.bytes_written = st.bytes_written;
+    }
+
+    /// Limits what the read path takes from the transport from now on to `bytes` (`None`, the
+    /// default: no limit; at most `u32::MAX - 1`): each read is capped by what is left, and
+    /// when none is, reading suspends with [`Suspend::Bandwidth`] until the owner grants more
+    /// and lifts it. A rate limit in the owner's hands (libevent's `bufferevent_ratelim`):
+    /// the owner decides how many bytes its bucket can spare before a read pass, and takes
+    /// back what the pass left ([`read_allowance`](Self::read_allowance)).
+    pub fn set_read_allowance(&mut self, bytes: Option<u32>) {
+        self.read_allowance = bytes.map_or(UNLIMITED, |b| b.min(UNLIMITED - 1));
+    }
+    /// What is left of the read allowance (`None`: no limit).
+    pub fn read_allowance(&self) -> Option<u32> {
+        (self.read_allowance != UNLIMITED).then_some(self.read_allowance)
     }
 
     /// Bytes read from / written to the transport (the wire, after the filter).
@@ -442,7 +467,15 @@ impl<F: Filter, T: Transport> BevCore<F, T> {
                 yielded = true;
                 break;
             }
+            if self.read_allowance == 0 {
+                // The owner's rate limit: it lifts this when its bucket refills.
+                self.suspend_read(Suspend::Bandwidth);
+                break;
+            }
             let mut max = READ_BATCH.min(budget).min(offer_cap);
+            if self.read_allowance != UNLIMITED {
+                max = max.min(self.read_allowance as usize);
+            }
             if high != 0 {
                 max = max.min(high - pending);
             }
@@ -540,6 +573,10 @@ impl<F: Filter, T: Transport> BevCore<F, T> {
                     }
                     self.bytes_read += n as u64;
                     budget = budget.saturating_sub(n);
+                    if self.read_allowance != UNLIMITED {
+                        // `max` was capped by it: n fits.
+                        self.read_allowance -= n as u32;
+                    }
                     if !self.passthrough {
                         self.decode(false, ev);
                         if ev.contains(BevEvents::ERROR) {
@@ -792,6 +829,56 @@ mod tests {
         c.read_some(&mut ev);
         assert_eq!(c.input.len(), 10);
         assert!(ev.contains(BevEvents::EOF));
+    }
+
+    #[test]
+    fn a_read_allowance_caps_reading_and_suspends_for_bandwidth() {
+        let mut c = core();
+        c.io.0.inbound.extend([5u8; 10_000]);
+        c.io.0.per_read = 4096;
+        c.io.0.fin = true;
+        c.io.1.readable = true;
+        c.io.1.peer_closed = true;
+        c.set_read_allowance(Some(6000));
+        let mut ev = BevEvents::empty();
+        c.read_some(&mut ev);
+        assert_eq!(c.input.len(), 6000, "exactly the allowance");
+        assert_eq!(c.read_allowance(), Some(0));
+        assert!(
+            c.is_suspended(Suspend::Bandwidth),
+            "out of allowance: suspended"
+        );
+        assert!(ev.contains(BevEvents::READ) && !ev.contains(BevEvents::EOF));
+        assert!(c.io.1.readable, "the rest is still there");
+        // No allowance: a pass reads nothing, and says why.
+        let mut c2 = core();
+        c2.io.0.inbound.extend([1u8; 10]);
+        c2.io.0.per_read = 10;
+        c2.io.1.readable = true;
+        c2.set_read_allowance(Some(0));
+        let mut ev = BevEvents::empty();
+        c2.read_some(&mut ev);
+        assert_eq!(
+            (c2.input.len(), c2.io.0.reads),
+            (0, 0),
+            "not even a syscall"
+        );
+        assert!(c2.is_suspended(Suspend::Bandwidth));
+        // The owner grants more and lifts the suspension: reading goes on to the end.
+        c.set_read_allowance(Some(100_000));
+        assert!(c.unsuspend(Suspend::Bandwidth));
+        let mut ev = BevEvents::empty();
+        c.read_some(&mut ev);
+        assert_eq!(c.input.len(), 10_000);
+        assert!(ev.contains(BevEvents::EOF));
+        assert_eq!(
+            c.read_allowance(),
+            Some(96_000),
+            "what it did not use is left"
+        );
+        // Unlimited (the default) counts nothing down.
+        c.set_read_allowance(None);
+        assert_eq!(c.read_allowance(), None);
     }
 
     #[test]

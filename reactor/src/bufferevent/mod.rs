@@ -27,9 +27,14 @@
 //!   when the mask is empty; clearing the last bit while the cache says "readable" queues a
 //!   re-drive (through the loop's deferred queue), so data that arrived while suspended is never
 //!   stranded and nothing spins.
+//! - A rate limit is the owner's: it sets a read allowance (what its bucket can spare) and,
+//!   when reading suspended for lack of one ([`Suspend::Bandwidth`]), the instant reading may
+//!   go on ([`BufferEvent::throttle_until`]); the BufferEvent wakes itself then. No bucket,
+//!   clock or shared counter lives here.
 //! - Reading stops at the read high watermark (input bytes pending, counted through the filter
-//!   layer) and at a per-call budget (fairness); the owner calls [`BufferEvent::consumed`] after
-//!   draining input, which resumes reading if the watermark had stopped it.
+//!   layer) and at a per-call budget (fairness: the rest is read in the loop's next turn, after
+//!   the other handlers and due timers had theirs); the owner calls [`BufferEvent::consumed`]
+//!   after draining input, which resumes reading if the watermark had stopped it.
 //!
 //! A [`Filter`] (libevent's `bufferevent_filter`) may sit between the socket and the user's
 //! buffers: it decodes what the socket delivered into `input` and encodes `output` for the
@@ -111,6 +116,10 @@ pub enum Suspend {
     Connecting = 1 << 3,
     /// The read timeout fired.
     Timeout = 1 << 4,
+    /// The read allowance ran out (a rate limit's tokens, libevent's `BEV_SUSPEND_BW`): the
+    /// owner grants more when its bucket refills ([`BevCore::set_read_allowance`],
+    /// [`BufferEvent::throttle_until`]).
+    Bandwidth = 1 << 5,
 }
 
 /// Read low/high and write low watermarks, in bytes pending (counted through the filter).

@@ -11,18 +11,21 @@
 //! failed connect or `close`) — or, between [`BufferEvent::detach`] and
 //! [`BufferEvent::attach`], not at all, and then nothing reads or writes it; a connect's every
 //! outcome, an immediate failure included, arrives as an event, never as a return value; at
-//! most one re-drive is queued at a time.
+//! most one re-drive is queued at a time; a read throttled for bandwidth
+//! ([`BufferEvent::throttle_until`]) wakes by its own timer, in the slot the connect timer used
+//! (a socket never waits for both), and re-drives itself (while detached, the wake-up only
+//! lifts the suspension: `attach` re-drives).
 
 use std::io;
-use std::net::{Shutdown, SocketAddr};
+use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
 use mio::Interest;
-use mio::net::TcpStream;
 
 use super::bevcore::{BevCore, Readiness, Relay, Transport};
 use super::{BevEvents, Filter, NoFilter, Suspend, Timeouts};
 use crate::base::{Context, Ready};
+use crate::stream::{Endpoint, Stream};
 use crate::tag::{Component, Tag};
 use crate::timer::TimerKey;
 
@@ -39,6 +42,8 @@ const TIMER_WRITE: u8 = 2;
 const TIMER_CONNECT: u8 = 3;
 /// Deferred work: a re-drive.
 const REDRIVE: u8 = 4;
+/// A read throttled for bandwidth may go on.
+const TIMER_BANDWIDTH: u8 = 5;
 
 /// The read/write timeout state of a BufferEvent that has one. Boxed, and only when a read or
 /// write timeout is set: most BufferEvents (a proxy's) never set one, and an idle connection
@@ -52,10 +57,10 @@ struct IoTimeouts {
     write_timer: Option<TimerKey>,
 }
 
-/// The socket backend of a [`BufferEvent`].
+/// The socket backend of a [`BufferEvent`]: a TCP or a Unix domain stream ([`Stream`]).
 pub struct Socket {
     /// `None` only when a connect failed before a socket existed.
-    stream: Option<TcpStream>,
+    stream: Option<Stream>,
     source: u8,
     state: State,
     ready: Readiness,
@@ -64,13 +69,15 @@ pub struct Socket {
     detached: bool,
     /// `None` until a read or write timeout is set.
     io_timeouts: Option<Box<IoTimeouts>>,
-    connect_timer: Option<TimerKey>,
+    /// The connect timeout while connecting; once open, the wake-up of a read throttled for
+    /// bandwidth ([`BufferEvent::throttle_until`]). One slot: a socket is never both.
+    timer: Option<TimerKey>,
 }
 
 impl Transport for Socket {
-    type Stream = TcpStream;
+    type Stream = Stream;
     #[inline]
-    fn parts(&mut self) -> (Option<&mut TcpStream>, &mut Readiness) {
+    fn parts(&mut self) -> (Option<&mut Stream>, &mut Readiness) {
         (self.stream.as_mut(), &mut self.ready)
     }
     #[inline]
@@ -80,7 +87,7 @@ impl Transport for Socket {
 }
 
 impl Socket {
-    fn new(stream: Option<TcpStream>, source: u8) -> Socket {
+    fn new(stream: Option<Stream>, source: u8) -> Socket {
         Socket {
             stream,
             source,
@@ -89,12 +96,12 @@ impl Socket {
             redrive_queued: false,
             detached: false,
             io_timeouts: None,
-            connect_timer: None,
+            timer: None,
         }
     }
 
     /// The socket (`None` only after a connect that failed before a socket existed).
-    pub fn stream(&self) -> Option<&TcpStream> {
+    pub fn stream(&self) -> Option<&Stream> {
         self.stream.as_ref()
     }
 
@@ -124,29 +131,43 @@ impl Socket {
 pub type BufferEvent<F = NoFilter> = BevCore<F, Socket>;
 
 impl BevCore<NoFilter, Socket> {
-    /// Wraps an accepted (connected) socket.
-    pub fn new(stream: TcpStream, source: u8) -> Self {
+    /// Wraps an accepted (connected) socket: a `TcpStream`, or any [`Stream`].
+    pub fn new(stream: impl Into<Stream>, source: u8) -> Self {
         Self::with_filter(stream, source, NoFilter, true)
     }
 
-    /// Starts a non-blocking connect. Every outcome — success, refusal, unreachable, timeout —
-    /// arrives later as an event; an immediate failure is reported on the first turn.
-    pub fn connect<S>(cx: &mut Context<'_, S>, addr: SocketAddr, source: u8) -> Self {
-        Self::connect_filtered(cx, addr, source, NoFilter, true, Timeouts::default())
+    /// Starts a non-blocking connect (to a `SocketAddr`, or any [`Endpoint`]). Every outcome —
+    /// success, refusal, unreachable, timeout — arrives later as an event; an immediate
+    /// failure is reported on the first turn.
+    pub fn connect<'a, S>(
+        cx: &mut Context<'_, S>,
+        to: impl Into<Endpoint<'a>>,
+        source: u8,
+    ) -> Self {
+        Self::connect_filtered(cx, to, source, NoFilter, true, Timeouts::default())
     }
 }
 
 impl<F: Filter> BevCore<F, Socket> {
     /// Wraps an accepted socket with a filter layer. `passthrough` = the filter never
     /// transforms bytes (only [`NoFilter`] should pass `true`).
-    pub fn with_filter(stream: TcpStream, source: u8, filter: F, passthrough: bool) -> Self {
-        BevCore::with_io(Socket::new(Some(stream), source), filter, passthrough)
+    pub fn with_filter(
+        stream: impl Into<Stream>,
+        source: u8,
+        filter: F,
+        passthrough: bool,
+    ) -> Self {
+        BevCore::with_io(
+            Socket::new(Some(stream.into()), source),
+            filter,
+            passthrough,
+        )
     }
 
     /// Connects with a filter. See [`BufferEvent::connect`].
-    pub fn connect_filtered<S>(
+    pub fn connect_filtered<'a, S>(
         cx: &mut Context<'_, S>,
-        addr: SocketAddr,
+        to: impl Into<Endpoint<'a>>,
         source: u8,
         filter: F,
         passthrough: bool,
@@ -154,11 +175,13 @@ impl<F: Filter> BevCore<F, Socket> {
     ) -> Self {
         // An immediate failure is delivered as an event on the next deferred pass, like every
         // other connect outcome.
-        let (stream, err) = match TcpStream::connect(addr) {
+        let (stream, err) = match Stream::connect(to.into()) {
             Ok(s) => {
                 // Small writes go out at once; coalescing is done in user space (one vectored
                 // write per turn), so Nagle would only add latency.
-                let _ = s.set_nodelay(true);
+                if let Some(tcp) = s.as_tcp() {
+                    let _ = tcp.set_nodelay(true);
+                }
                 (Some(s), None)
             }
             Err(e) => (None, Some(e)),
@@ -173,7 +196,7 @@ impl<F: Filter> BevCore<F, Socket> {
             cx.defer(bev.io.tag(REDRIVE));
             bev.io.redrive_queued = true;
         } else if let Some(t) = timeouts.connect {
-            bev.io.connect_timer = Some(cx.timer(t, bev.io.tag(TIMER_CONNECT)));
+            bev.io.timer = Some(cx.timer(t, bev.io.tag(TIMER_CONNECT)));
         }
         bev
     }
@@ -203,7 +226,7 @@ impl<F: Filter> BevCore<F, Socket> {
         let (read_timer, write_timer) = io.io_timeouts.as_deref_mut().map_or((None, None), |t| {
             (t.read_timer.take(), t.write_timer.take())
         });
-        for t in [read_timer, write_timer, io.connect_timer.take()]
+        for t in [read_timer, write_timer, io.timer.take()]
             .into_iter()
             .flatten()
         {
@@ -260,7 +283,7 @@ impl<F: Filter> BevCore<F, Socket> {
         self.io.source
     }
     /// The socket (`None` only after a connect that failed before a socket existed).
-    pub fn stream(&self) -> Option<&TcpStream> {
+    pub fn stream(&self) -> Option<&Stream> {
         self.io.stream.as_ref()
     }
     pub fn set_timeouts<S>(&mut self, cx: &mut Context<'_, S>, t: Timeouts) {
@@ -304,6 +327,27 @@ impl<F: Filter> BevCore<F, Socket> {
         if self.unsuspend(why) && (self.io.ready.readable || self.eof) {
             self.queue_redrive(cx);
         }
+    }
+
+    /// Suspends reading for bandwidth ([`Suspend::Bandwidth`]) until `at`, when it resumes by
+    /// itself (a re-drive, as [`resume_read`](Self::resume_read) does): the owner's rate limit
+    /// has no bytes to grant before then. The owner sets the read allowance the read at `at`
+    /// may use now ([`BevCore::set_read_allowance`]). A later call moves the wake-up.
+    pub fn throttle_until<S>(&mut self, cx: &mut Context<'_, S>, at: Instant) {
+        if self.io.state != State::Open {
+            // Connecting (the slot holds the connect timer) or closed: nothing reads anyway.
+            return;
+        }
+        self.suspend_read(Suspend::Bandwidth);
+        if let Some(t) = self.io.timer.take() {
+            cx.cancel_timer(t);
+        }
+        self.io.timer = Some(cx.timer_at(at, self.io.tag(TIMER_BANDWIDTH)));
+    }
+
+    /// Whether a wake-up of [`throttle_until`](Self::throttle_until) is pending.
+    pub fn is_throttled(&self) -> bool {
+        self.io.state == State::Open && self.io.timer.is_some()
     }
 
     pub fn enable_read<S>(&mut self, cx: &mut Context<'_, S>) {
@@ -359,8 +403,13 @@ impl<F: Filter> BevCore<F, Socket> {
     /// Feed an `on_timer` tag that [`owns_tag`](Self::owns_tag) accepted.
     pub fn on_timer<S>(&mut self, cx: &mut Context<'_, S>, tag: Tag) -> BevEvents {
         if self.io.detached {
-            // Forgotten; `attach` arms the timeouts again.
+            // Forgotten; `attach` arms the timeouts again. A bandwidth wake-up still lifts
+            // its suspension (nothing else would), and `attach`'s registration re-drives.
             let kind = self.kind_of(tag);
+            if kind == Some(TIMER_BANDWIDTH) {
+                self.io.timer = None;
+                self.unsuspend(Suspend::Bandwidth);
+            }
             if let Some(io) = self.io.io_timeouts.as_deref_mut() {
                 match kind {
                     Some(TIMER_READ) => io.read_timer = None,
@@ -374,7 +423,7 @@ impl<F: Filter> BevCore<F, Socket> {
         let (read_tag, write_tag) = (self.io.tag(TIMER_READ), self.io.tag(TIMER_WRITE));
         match self.kind_of(tag) {
             Some(TIMER_CONNECT) => {
-                self.io.connect_timer = None;
+                self.io.timer = None;
                 if self.io.state == State::Connecting {
                     self.io.state = State::Closed;
                     if let Some(s) = self.io.stream.as_mut() {
@@ -383,6 +432,10 @@ impl<F: Filter> BevCore<F, Socket> {
                     self.error = Some(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"));
                     return BevEvents::CONNECT_TIMEOUT;
                 }
+            }
+            Some(TIMER_BANDWIDTH) => {
+                self.io.timer = None;
+                self.resume_read(cx, Suspend::Bandwidth);
             }
             Some(TIMER_READ) => {
                 let reading = self.io.state == State::Open && !self.eof;
@@ -504,7 +557,7 @@ impl<F: Filter> BevCore<F, Socket> {
                 match self.io.connect_result() {
                     Ok(true) => {
                         self.io.state = State::Open;
-                        if let Some(t) = self.io.connect_timer.take() {
+                        if let Some(t) = self.io.timer.take() {
                             cx.cancel_timer(t);
                         }
                         self.unsuspend(Suspend::Connecting);
@@ -513,7 +566,7 @@ impl<F: Filter> BevCore<F, Socket> {
                     }
                     Ok(false) => return ev,
                     Err(e) => {
-                        if let Some(t) = self.io.connect_timer.take() {
+                        if let Some(t) = self.io.timer.take() {
                             cx.cancel_timer(t);
                         }
                         self.io.state = State::Closed;
@@ -545,8 +598,12 @@ impl<F: Filter> BevCore<F, Socket> {
     ) {
         let read_before = self.bytes_read;
         if self.read_some_via(ev, relay) {
-            // The budget ran out: yield to other connections; come back on a deferred pass.
-            self.queue_redrive(cx);
+            // The budget ran out: yield to other connections; come back next turn (a plain
+            // deferred pass would run before any of them, as often as the socket has more).
+            if !self.io.redrive_queued {
+                self.io.redrive_queued = true;
+                cx.defer_next_turn(self.io.tag(REDRIVE));
+            }
         }
         if self.bytes_read != read_before {
             if let Some(io) = self.io.io_timeouts.as_deref_mut() {
@@ -584,15 +641,12 @@ impl Socket {
         if let Some(e) = stream.take_error()? {
             return Err(e);
         }
-        match stream.peer_addr() {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => {
-                // Spurious wakeup before the handshake finished.
-                self.ready.writable = false;
-                self.ready.readable = false;
-                Ok(false)
-            }
-            Err(e) => Err(e),
+        let connected = stream.connected()?;
+        if !connected {
+            // Spurious wakeup before the handshake finished.
+            self.ready.writable = false;
+            self.ready.readable = false;
         }
+        Ok(connected)
     }
 }

@@ -54,6 +54,23 @@
 //!   arms the timer, and a sleeping connection arms none.
 //! - Hibernation: quiet for [`HIBERNATE_AFTER`], the sealed side drops its expanded keys and
 //!   both sides' empty buffers their chunk lists; the next activity wakes it.
+//! - Lifetime (`max_lifetime`, [`Lifetime`]): once a connection is older than its lifetime
+//!   (moved by a jitter of up to ±10% drawn per connection, [`Env::lifetime_jitter`], so a
+//!   fleet does not reconnect in one wave), it ends at its first quiet moment: the session
+//!   open, nothing moved for [`HIBERNATE_AFTER`], nothing buffered, and no request waiting for
+//!   its reply (the last bytes moved were the backend's). It ends as if the client had
+//!   finished: the upstream side is shut (the backend reads a FIN, directly or from the far
+//!   side's END); the backend closes in turn, and its end reaches the client behind whatever
+//!   was still on its way, so neither plaintext peer sees a cut stream or a reset. Client bytes
+//!   that cross the end cannot be carried and reset the client. On a decrypt side the client
+//!   learns of the end only from the backend's close: bytes it sent just before that may be
+//!   on their way when the encrypt side closes cleanly, and are lost with no reset (the client
+//!   read the end, with no reply for them); on an encrypt side every client byte either
+//!   reaches the backend or resets the client. With no quiet moment within
+//!   the grace, or a peer that has not closed its side within the grace after the end, both
+//!   plaintext peers are reset (`max_lifetime`): never a truncation that looks complete. The
+//!   deadline follows the limits in force, so a reload reaches open connections
+//!   ([`ConnCore::limits_changed`]).
 //!
 //! Invariants:
 //! - The core does no I/O and reads no clock: everything it learns arrives as an argument,
@@ -134,7 +151,26 @@ pub enum ConnTimer {
     Idle,
     /// The handshake must complete by then.
     Handshake,
+    /// `max_lifetime`: when the connection starts looking for a quiet moment to end, and the
+    /// hard cap after it (see [`Lifetime`]). Armed only once the handshake (and the client's
+    /// preamble) completed, after `Handshake` was cancelled: the two are never armed at once,
+    /// so an `Env` may keep both in one slot.
+    Lifetime,
 }
+
+/// `max_lifetime` and its grace (see the module doc, "Lifetime").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lifetime {
+    /// From accept until the connection looks for a quiet moment to end, before each
+    /// connection's jitter (at most [`MAX_JITTER_PERMILLE`] either way).
+    pub max: Duration,
+    /// How long after that it may wait for a quiet moment, and how long the peers then have
+    /// to close their sides, before it is reset.
+    pub grace: Duration,
+}
+
+/// The most a connection's lifetime is moved either way by its jitter, in thousandths (10%).
+pub const MAX_JITTER_PERMILLE: i8 = 100;
 
 /// The tunnel's timeouts, as configured now (a reload may change them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,6 +186,8 @@ pub struct Limits {
     /// How long a decrypt side holds a session whose handshake completed without an OPEN (a
     /// warm session, waiting for its client): `warm_idle_timeout`.
     pub unopened: Duration,
+    /// `max_lifetime`; `None`: connections live as long as their peers like.
+    pub lifetime: Option<Lifetime>,
 }
 
 /// Where the client's preamble stands (see [`Env::client_preamble`]).
@@ -286,6 +324,10 @@ pub enum Action<'a, T> {
     Hibernated { dropped_keys: bool },
     /// Activity after hibernation.
     Woke,
+    /// `max_lifetime` ended the connection: `graceful`, at a quiet moment, with a FIN (or an
+    /// END) towards each peer; otherwise by resetting it (the connection closes
+    /// `max_lifetime`).
+    LifetimeEnd { graceful: bool },
     /// Bytes carried since the last report, by direction and layer.
     Bytes(ByteCounts),
     /// The TCP connect to a target completed (`was_down`: it had been marked down).
@@ -381,6 +423,12 @@ pub trait Env<U: Layer, T: Transport> {
     fn upstreams(&mut self) -> &mut Upstreams;
     /// The tunnel's timeouts now.
     fn limits(&self) -> Limits;
+    /// This connection's jitter of `max_lifetime`, in thousandths of it (the core clamps it to
+    /// ±[`MAX_JITTER_PERMILLE`]): drawn once per connection, so that connections accepted
+    /// together do not all end together. None (0) by default.
+    fn lifetime_jitter(&mut self) -> i8 {
+        0
+    }
     /// Carries out or records a decision.
     fn act(&mut self, action: Action<'_, T>);
 }
@@ -390,7 +438,9 @@ fn abort_for(reason: CloseReason) -> Option<AbortReason> {
     match reason {
         CloseReason::UpstreamFailed => Some(AbortReason::Unreachable),
         CloseReason::IdleTimeout => Some(AbortReason::Timeout),
-        CloseReason::DrainDeadline => Some(AbortReason::Shutdown),
+        // The protocol has no reason of its own for a lifetime's end (a new code would be
+        // `malformed` to older peers): the far side counts it `peer_reset`.
+        CloseReason::DrainDeadline | CloseReason::MaxLifetime => Some(AbortReason::Shutdown),
         CloseReason::Unopened => Some(AbortReason::Unopened),
         _ => None,
     }
@@ -407,6 +457,54 @@ const WATERMARKS: Watermarks = Watermarks {
 /// [`ConnCore::upstream_reader`]): the side's stream core (layer `F`) and, if the far side
 /// (layer `G`) takes them, the relay into it.
 pub type Reader<'a, F, G, T> = (&'a mut BevCore<F, T>, Option<Relay<'a, G>>);
+
+/// Where a connection stands with `max_lifetime` (see the module doc, "Lifetime").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ending {
+    /// Younger than its lifetime, or none is set.
+    Live,
+    /// Past its lifetime: it ends at its first quiet moment, or is reset at the cap.
+    Due,
+    /// Ended at a quiet moment: each peer was sent a FIN (or an END); the connection waits for
+    /// theirs, for at most the grace.
+    Ended,
+}
+
+/// `max_lifetime`'s per-connection state in two bytes, which fit beside the core's flags: an
+/// idle connection costs no more than it did without it (`tests.rs` holds the size).
+#[derive(Clone, Copy, Debug)]
+struct LifetimeState {
+    /// The [`Ending`] (bits 0-1) and whether a request waits for its reply (bit 2: client
+    /// bytes moved towards the backend since the last bytes moved back, so this is no moment
+    /// to end); bit 3: the jitter is still to be drawn (a connection moved from a process
+    /// that did not carry it: `migrate`, drawn when it resumes).
+    bits: u8,
+    /// This connection's jitter, in thousandths (drawn at start, clamped).
+    jitter: i8,
+}
+
+impl LifetimeState {
+    const ENDING: u8 = 0b11;
+    const AWAITING_REPLY: u8 = 0b100;
+    const JITTER_PENDING: u8 = 0b1000;
+
+    fn ending(self) -> Ending {
+        match self.bits & Self::ENDING {
+            0 => Ending::Live,
+            1 => Ending::Due,
+            _ => Ending::Ended,
+        }
+    }
+    fn set_ending(&mut self, e: Ending) {
+        self.bits = (self.bits & !Self::ENDING) | e as u8;
+    }
+    fn awaiting_reply(self) -> bool {
+        self.bits & Self::AWAITING_REPLY != 0
+    }
+    fn set_awaiting_reply(&mut self, on: bool) {
+        self.bits = (self.bits & !Self::AWAITING_REPLY) | if on { Self::AWAITING_REPLY } else { 0 };
+    }
+}
 
 /// The state of one proxied connection (see the module doc).
 pub struct ConnCore<C: Layer, U: Layer, T> {
@@ -427,6 +525,7 @@ pub struct ConnCore<C: Layer, U: Layer, T> {
     asleep: bool,
     client_eof: bool,
     upstream_eof: bool,
+    lifetime: LifetimeState,
     /// Wire bytes already reported ([`Action::Bytes`]).
     counted: ByteCounts,
     closed: Option<CloseReason>,
@@ -473,6 +572,7 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
             asleep: false,
             client_eof: false,
             upstream_eof: false,
+            lifetime: LifetimeState { bits: 0, jitter: 0 },
             counted: ByteCounts::default(),
             closed: None,
             unopened: false,
@@ -606,6 +706,11 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
             env.act(Action::Timer(ConnTimer::Handshake, Some(at)));
         }
         self.arm_idle(env);
+        // Drawn whether or not a lifetime is set now: a reload may set one.
+        self.lifetime.jitter = env
+            .lifetime_jitter()
+            .clamp(-MAX_JITTER_PERMILLE, MAX_JITTER_PERMILLE);
+        self.lifetime_step(now, env);
         match preamble {
             Preamble::Wait { limit } => self.client.set_watermarks(Watermarks {
                 read_high: limit,
@@ -694,6 +799,13 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
                     }
                     self.finish(CloseReason::IdleTimeout, env);
                 } else {
+                    if self.lifetime.ending() == Ending::Due {
+                        // Quiet since the last activity, perhaps: the moment to end.
+                        self.lifetime_step(now, env);
+                        if self.closed.is_some() {
+                            return;
+                        }
+                    }
                     if !self.asleep && now >= self.last_active + HIBERNATE_AFTER {
                         self.hibernate(env);
                     }
@@ -705,16 +817,31 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
                 env.act(Action::PreambleTimeout { received });
                 self.finish(CloseReason::ProxyHeader, env);
             }
+            ConnTimer::Lifetime if self.lifetime.ending() == Ending::Ended => {
+                // A peer did not close its side within the grace after the end.
+                self.finish(CloseReason::MaxLifetime, env);
+            }
+            ConnTimer::Lifetime => self.lifetime_step(now, env),
             ConnTimer::Handshake => {
                 if !self.handshake_done {
                     env.act(Action::HandshakeTimeout);
                     self.finish(CloseReason::HandshakeFailed, env);
                 } else if self.replay.is_some() {
                     // An adopted session's grace passed: it is an ordinary one from now on.
-                    self.confirm(env);
+                    self.confirm(now, env);
                 }
             }
         }
+    }
+
+    /// The tunnel's limits changed (a reload): the timers are armed again for them, so a
+    /// shorter `max_lifetime` reaches connections already open.
+    pub fn limits_changed(&mut self, now: Instant, env: &mut impl Env<U, T>) {
+        if self.closed.is_some() {
+            return;
+        }
+        self.arm_idle(env);
+        self.lifetime_step(now, env);
     }
 
     /// Ends the connection for a reason of this side's own (the drain deadline passed, a
@@ -771,8 +898,9 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
     }
 
     /// An adopted session's OPEN was acted on (or its grace passed): no replay from now on,
-    /// and its socket gets the tunnel's own dead-peer settings back.
-    fn confirm(&mut self, env: &mut impl Env<U, T>) {
+    /// its socket gets the tunnel's own dead-peer settings back, and `max_lifetime` (counted
+    /// from the client's adoption, its `started`) takes the timer slot the grace held.
+    fn confirm(&mut self, now: Instant, env: &mut impl Env<U, T>) {
         if self.replay.take().is_none() {
             return;
         }
@@ -780,6 +908,7 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
         if let Some(up) = self.upstream.as_deref() {
             env.confirmed(up.io());
         }
+        self.lifetime_step(now, env);
     }
 
     /// The decrypt side declined an adopted session (an ABORT `unopened`: none of it was
@@ -918,6 +1047,95 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
         env.act(Action::Timer(ConnTimer::Idle, at));
     }
 
+    /// When this connection's `max_lifetime` is reached: the configured one moved by the
+    /// connection's jitter.
+    fn lifetime_due(&self, l: &Lifetime) -> Instant {
+        let jitter = self.lifetime.jitter;
+        let step = (l.max / 1000) * u32::from(jitter.unsigned_abs());
+        let max = if jitter >= 0 {
+            l.max + step
+        } else {
+            l.max.saturating_sub(step)
+        };
+        self.started + max
+    }
+
+    /// Where `max_lifetime` stands now, under the limits in force (a reload may have moved
+    /// it): before it, the timer waits for it; past it, the connection ends if this is a
+    /// quiet moment, is reset if the grace is spent, and otherwise waits for a quiet moment
+    /// (the idle timer looks) until the cap.
+    fn lifetime_step(&mut self, now: Instant, env: &mut impl Env<U, T>) {
+        if self.closed.is_some() || self.lifetime.ending() == Ending::Ended {
+            return;
+        }
+        if !self.handshake_done || self.awaiting_preamble || self.unopened || self.replay.is_some()
+        {
+            // Armed once the handshake completed (no moment before it is quiet anyway), so
+            // the handshake's timer and this one are never armed at once; likewise not while
+            // a warm session waits for its OPEN (a decrypt side's: its client is yet to come,
+            // and `warm_idle_timeout` applies) or an adopted one's replay grace holds the
+            // handshake's timer (`confirm` arms it then).
+            return;
+        }
+        let Some(l) = env.limits().lifetime else {
+            self.lifetime.set_ending(Ending::Live);
+            return env.act(Action::Timer(ConnTimer::Lifetime, None));
+        };
+        let due = self.lifetime_due(&l);
+        if now < due {
+            self.lifetime.set_ending(Ending::Live);
+            return env.act(Action::Timer(ConnTimer::Lifetime, Some(due)));
+        }
+        if self.quiet(now) {
+            return self.end_gracefully(now, l.grace, env);
+        }
+        let cap = due + l.grace;
+        if now >= cap {
+            env.act(Action::LifetimeEnd { graceful: false });
+            return self.finish(CloseReason::MaxLifetime, env);
+        }
+        self.lifetime.set_ending(Ending::Due);
+        env.act(Action::Timer(ConnTimer::Lifetime, Some(cap)));
+    }
+
+    /// A moment to end without cutting anything: the session is open and connected, nothing
+    /// moved for [`HIBERNATE_AFTER`], nothing is buffered either way, and the last bytes moved
+    /// were the backend's (no request waits for its reply).
+    fn quiet(&self, now: Instant) -> bool {
+        let Some(up) = self.upstream.as_deref() else {
+            return false;
+        };
+        self.handshake_done
+            && !self.awaiting_preamble
+            && !self.lifetime.awaiting_reply()
+            && up.io().is_connected()
+            && now >= self.last_active + HIBERNATE_AFTER
+            && self.client.input_pending() == 0
+            && self.client.output_pending() == 0
+            && up.input_pending() == 0
+            && up.output_pending() == 0
+    }
+
+    /// Ends the connection at a quiet moment, as if the client had finished sending: the
+    /// upstream side is shut (a FIN to the backend, or an END the far side turns into one).
+    /// The backend then closes, as servers do at the end of their client's stream, and its
+    /// end reaches the client the usual way, behind any bytes still on their way to it. The
+    /// peers have `grace` to close their sides (the connection then closes `clean`); client
+    /// bytes that arrive meanwhile cannot be carried and reset the client.
+    fn end_gracefully(&mut self, now: Instant, grace: Duration, env: &mut impl Env<U, T>) {
+        self.lifetime.set_ending(Ending::Ended);
+        env.act(Action::LifetimeEnd { graceful: true });
+        env.act(Action::Timer(ConnTimer::Lifetime, Some(now + grace)));
+        let mut u = BevEvents::empty();
+        if let Some(up) = self.upstream.as_mut() {
+            if !up.shutdown_requested() {
+                up.request_shutdown();
+                u = env.flush(up);
+            }
+        }
+        self.process(BevEvents::empty(), u, now, env);
+    }
+
     /// The connection went quiet: drop the sealed side's keys and the buffers' spare lists.
     /// Everything dropped comes back on its next use, so this is safe at any point.
     fn hibernate(&mut self, env: &mut impl Env<U, T>) {
@@ -1013,6 +1231,10 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
         if ev.is_empty() {
             return (c, u);
         }
+        // A read reports READ with nothing in the input only when its bytes went straight
+        // into the upstream's records (the relay: never while a preamble is read, and never
+        // once the upstream side is shutting): client bytes moved all the same.
+        let relayed = ev.contains(BevEvents::READ) && self.client.input.is_empty();
         if ev.contains(BevEvents::ERROR) {
             // The read that completed the handshake may also carry a bad record: the handshake
             // still succeeded, and the failure is the record's (tampered), not the handshake's.
@@ -1054,6 +1276,10 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
                     self.unopened = false;
                     env.act(Action::Warm(WarmStep::Opened));
                     self.arm_idle(env);
+                    // The client's connection starts with its OPEN: its age (`max_lifetime`,
+                    // its duration) counts from now, not from when the warm session was made.
+                    self.started = now;
+                    self.lifetime_step(now, env);
                 }
                 env.act(Action::SessionOpened(&open));
                 self.connect_upstream(now, env);
@@ -1079,7 +1305,14 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
             self.arm_idle(env);
         }
         if ev.contains(BevEvents::READ) || ev.contains(BevEvents::EOF) {
+            if relayed {
+                self.lifetime.set_awaiting_reply(true);
+            }
             u |= self.pump_up(env);
+            if self.closed.is_some() {
+                // Bytes after a `max_lifetime` end.
+                return (c, u);
+            }
         }
         if ev.contains(BevEvents::WRITE) {
             if let Some(up) = self.upstream.as_mut() {
@@ -1102,6 +1335,9 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
         if ev.is_empty() || self.upstream.is_none() {
             return (c, u);
         }
+        // As on the client side: bytes the backend's reads relayed into the client's records.
+        let relayed = ev.contains(BevEvents::READ)
+            && self.upstream.as_ref().is_some_and(|x| x.input.is_empty());
         let connected = self
             .upstream
             .as_ref()
@@ -1166,8 +1402,15 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
         }
         if ev.contains(BevEvents::READ) || ev.contains(BevEvents::EOF) {
             // The decrypt side acted on the OPEN: nothing will be sent again.
-            self.confirm(env);
+            self.confirm(now, env);
+            if relayed {
+                self.lifetime.set_awaiting_reply(false);
+            }
             c |= self.pump_down(env);
+            if self.closed.is_some() {
+                // Bytes after a `max_lifetime` end.
+                return (c, u);
+            }
         }
         if ev.contains(BevEvents::WRITE)
             && self
@@ -1206,6 +1449,7 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
                 env.consumed(&mut self.client);
                 let at = (C::SEALED || U::SEALED).then(|| now + env.limits().handshake);
                 env.act(Action::Timer(ConnTimer::Handshake, at));
+                self.lifetime_step(now, env);
                 if !C::SEALED && self.upstream.is_none() {
                     self.connect_upstream(now, env);
                 }
@@ -1221,10 +1465,29 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
         };
         let mut ev = BevEvents::empty();
         // Bytes the client's reads relayed straight into the upstream's records are pending
-        // there as if they had been moved: flushed, and counted for backpressure, the same.
+        // there as if they had been moved: flushed, and counted for backpressure, the same
+        // (`client_events` notes them for `max_lifetime`; the relay never takes bytes once the
+        // upstream side is shutting, so those that cross an end always arrive in the input).
         // (No read relays while an adopted session keeps the client's bytes for a replay:
         // see `relays`.)
         if !self.client.input.is_empty() || up.output_pending() > 0 {
+            if !self.client.input.is_empty() {
+                if self.lifetime.ending() == Ending::Ended {
+                    // Sent after the end crossed it: carrying it is impossible (the backend
+                    // was told the client's stream ended), dropping it silent: the client gets
+                    // a reset, as from a server that closed an idle connection it was writing
+                    // to.
+                    if C::SEALED && self.client.write_shut() {
+                        // A decrypt side that already passed the backend's end on (END)
+                        // cannot ABORT any more: a reset of the sealed connection tells the
+                        // encrypt side, if it has not closed yet.
+                        env.reset_on_close(self.client.io());
+                    }
+                    self.finish(CloseReason::MaxLifetime, env);
+                    return ev;
+                }
+                self.lifetime.set_awaiting_reply(true);
+            }
             if let Some(r) = self.replay.as_mut().filter(|r| !r.overflowed) {
                 if r.bytes.len() + self.client.input.len() > REPLAY_MAX {
                     r.overflowed = true;
@@ -1260,6 +1523,9 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
         let mut ev = BevEvents::empty();
         // As in `pump_up`, for bytes relayed straight into the client's records.
         if !up.input.is_empty() || self.client.output_pending() > 0 {
+            if !up.input.is_empty() {
+                self.lifetime.set_awaiting_reply(false);
+            }
             up.input.move_all_to(&mut self.client.output);
             ev |= env.flush(&mut self.client);
             if self.client.output_pending() >= OUTPUT_HIGH && !up.is_suspended(Suspend::Peer) {
@@ -1282,6 +1548,7 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
         }
         self.handshake_done = true;
         env.act(Action::Timer(ConnTimer::Handshake, None));
+        self.lifetime_step(now, env);
         let (key, forward_secrecy) = self.session();
         env.act(Action::HandshakeOk {
             key,

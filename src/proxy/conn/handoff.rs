@@ -17,17 +17,15 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
 
-use mio::net::TcpStream;
-
 use crate::config::Mode;
 use crate::metrics::CloseReason;
-use crate::reactor::{BufferEvent, Context, NoFilter};
+use crate::reactor::{BufferEvent, Context, NoFilter, Stream};
 
 use super::super::codec::SealFilter;
 use super::super::handoff::{self, Exported, Outcome};
 use super::super::identity::ConnIdentity;
 use super::super::{ShardState, TunnelIdx, TunnelRt};
-use super::core::migrate::{ConnState, StateError};
+use super::core::migrate::{ConnState, NotReady, StateError};
 use super::core::{ConnTimer, Side};
 use super::{Conn, Make, Shell};
 
@@ -73,8 +71,11 @@ impl<C: Make, U: Make> Conn<C, U> {
         let Some(id) = cx.id() else {
             return;
         };
-        if self.core.movable().is_err() {
-            return;
+        match self.core.movable() {
+            Ok(()) => {}
+            // Ended at its max_lifetime: it ends here, within its grace.
+            Err(NotReady::Ending) => return self.keep(cx),
+            Err(_) => return,
         }
         match cx.state.export.as_mut().map(|e| e.room_for(id)) {
             Some(true) => {}
@@ -86,9 +87,14 @@ impl<C: Make, U: Make> Conn<C, U> {
         }
         let now = cx.now();
         let rt = &cx.state.tunnels[self.shell.tunnel];
-        let Ok(core) = self.core.export(now, &rt.upstreams) else {
+        let Ok(mut core) = self.core.export(now, &rt.upstreams) else {
             return;
         };
+        if rt.cfg.lifetime.is_none() {
+            // Nothing a successor needs (it draws a jitter should a reload set a lifetime),
+            // and the state is then the one a build without the field writes and reads.
+            core.lifetime = None;
+        }
         let state = ConnState {
             tunnel: rt.cfg.name.clone(),
             mode: rt.cfg.mode,
@@ -137,7 +143,7 @@ impl<C: Make, U: Make> Conn<C, U> {
                 self.attach(cx);
                 self.shell.moving = Moving::Live;
                 let (core, mut env) = self.parts(cx);
-                core.resume(&mut env);
+                core.resume(now, &mut env);
             }
         }
     }
@@ -228,8 +234,9 @@ impl<C: Make, U: Make> Conn<C, U> {
             Outcome::Kept => {
                 self.attach(cx);
                 self.keep(cx);
+                let now = cx.now();
                 let (core, mut env) = self.parts(cx);
-                core.resume(&mut env);
+                core.resume(now, &mut env);
                 if aborted {
                     core.close(CloseReason::DrainDeadline, &mut env);
                 }
@@ -271,8 +278,8 @@ impl<C: Make, U: Make> Conn<C, U> {
     pub fn import(
         rt: &mut TunnelRt,
         st: ConnState,
-        client: TcpStream,
-        upstream: TcpStream,
+        client: Stream,
+        upstream: Stream,
         now: Instant,
     ) -> Result<Self, StateError> {
         let target = st.core.target.and_then(|a| rt.upstreams.adopt(a));
@@ -297,7 +304,7 @@ impl<C: Make, U: Make> Conn<C, U> {
             shell: Shell {
                 tunnel: rt.index,
                 idle_timer: None,
-                handshake_timer: None,
+                deadline_timer: None,
                 ticket: None,
                 ident: st.ident.map(|i| Box::new(ConnIdentity::import(i))),
                 moving: Moving::Imported,
@@ -324,6 +331,7 @@ impl<C: Make, U: Make> Conn<C, U> {
         if let Some(up) = self.core.upstream_mut() {
             failed = failed.or(up.register(cx).err());
         }
+        let now = cx.now();
         let (core, mut env) = self.parts(cx);
         if let Some(e) = failed {
             // Counted as failed: it was taken, and cannot run here.
@@ -332,7 +340,7 @@ impl<C: Make, U: Make> Conn<C, U> {
             let (core, mut env) = self.parts(cx);
             return core.close(CloseReason::PeerReset, &mut env);
         }
-        core.resume(&mut env);
+        core.resume(now, &mut env);
         count(cx, Outcome::Moved);
     }
 }
@@ -387,10 +395,9 @@ pub fn spawn_imported(
 ) -> Result<(), ImportError> {
     let ti = tunnel_for(&cx.state.tunnels, &st)?;
     let [c, u] = fds;
-    let (c, u) = (std::net::TcpStream::from(c), std::net::TcpStream::from(u));
-    c.set_nonblocking(true)?;
-    u.set_nonblocking(true)?;
-    let (c, u) = (TcpStream::from_std(c), TcpStream::from_std(u));
+    // Each as the kind it is: a client accepted on TCP (a Unix listener refuses a handoff),
+    // an upstream over TCP or a Unix socket (a `unix:` target).
+    let (c, u) = (Stream::from_connected(c)?, Stream::from_connected(u)?);
     let now = cx.now();
     let rt = &mut cx.state.tunnels[ti];
     let conn: Box<dyn crate::reactor::Handler<ShardState>> = match st.mode {

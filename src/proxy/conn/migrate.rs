@@ -22,7 +22,8 @@
 //! | 0x02 | mode (0 forward, 1 encrypt, 2 decrypt) |
 //! | 0x03 | the shard it ran on (u32; a placement hint) |
 //! | 0x04 | core: age and quiet time (µs, u64 each), flags (asleep, client ended, upstream ended), bytes accounted (4 × u64) |
-//! | 0x05 | target address (its id in the new process is found by address) |
+//! | 0x05 | target (its id in the new process is found by address): an IP address (4 or 6, the address, the port), or a Unix socket's path (1, the path's bytes) |
+//! | 0x06 | `max_lifetime` (optional): the connection's jitter (i8, thousandths), flags (past its lifetime, a request waiting for its reply) |
 //! | 0x10, 0x11 | client, upstream stream: flags (end seen, shutdown asked, write shut), suspend reasons, bytes read and written, then input, output, raw in, raw out (u32 length + bytes each) |
 //! | 0x20, 0x21 | client, upstream session: role, rekey interval (a flag + u64), the protocol's session state (`sealpipe_protocol::migrate`) |
 //! | 0x30 | client identity: peer address, PROXY header bytes in and out, the session's OPEN |
@@ -39,19 +40,30 @@
 //! - Only a connection that is settled moves ([`NotReady`] otherwise): handshake done, no
 //!   client preamble awaited, no warm session unopened or unanswered, upstream connected,
 //!   nothing closing, no layer with something of its own pending (an ABORT queued, an OPEN
-//!   not yet sealed or taken).
+//!   not yet sealed or taken), not ended at its `max_lifetime` (it waits for its peers to
+//!   close, and ends where it is).
+//! - `max_lifetime` follows a moved connection: its age travels (its start is the same), and
+//!   so do its jitter and where it stands (field 0x06), so its deadline is the one it had. The
+//!   field is optional: a state without it (a tunnel without `max_lifetime` writes none, so
+//!   its states are those a build without the field writes) gets a fresh jitter in the
+//!   successor. The stream cores' read allowances (rate limits) do not travel: each process
+//!   meters from its own buckets. A warm session's replay state never travels (it does not
+//!   move until its decrypt side answered: [`NotReady::Warm`]), so it needs no field.
 
 use std::net::{IpAddr, SocketAddr};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::config::Mode;
+use crate::config::{MAX_UNIX_PATH, Mode};
 use crate::protocol::{MAX_OPEN_LEN, MAX_RECORD_LEN, OpenInfo, SessionState, Zeroizing};
 use crate::reactor::{BevCore, BevState, Buffer, NoFilter, Suspend, Transport};
 
 use super::super::super::codec::{Role, SealFilter, SealState};
+use super::super::super::ids::interned;
 use super::super::super::upstream::{TargetId, Upstreams};
 use super::super::super::{ByteCounts, READ_HIGH, TargetAddr};
-use super::{ConnCore, Env, Layer, WATERMARKS};
+use super::{ConnCore, Ending, Env, Layer, LifetimeState, MAX_JITTER_PERMILLE, WATERMARKS};
 
 /// The version [`ConnState::encode`] writes and [`ConnState::decode`] reads.
 pub const STATE_VERSION: u16 = 1;
@@ -69,6 +81,7 @@ const T_MODE: u8 = 0x02;
 const T_SHARD: u8 = 0x03;
 const T_CORE: u8 = 0x04;
 const T_TARGET: u8 = 0x05;
+const T_LIFETIME: u8 = 0x06;
 const T_CLIENT: u8 = 0x10;
 const T_UPSTREAM: u8 = 0x11;
 const T_CLIENT_SEAL: u8 = 0x20;
@@ -116,6 +129,9 @@ pub enum NotReady {
     /// bytes are kept to go again if the decrypt side declines it, until it answers (that
     /// copy does not travel).
     Warm,
+    /// It ended at its `max_lifetime` and waits for its peers to close their sides: it ends
+    /// where it is, within the grace.
+    Ending,
 }
 
 /// One side's stream, as it travels (see [`BevState`]).
@@ -153,10 +169,24 @@ pub struct CoreState {
     pub counted: ByteCounts,
     /// The target in use (found by address in the new process's list).
     pub target: Option<TargetAddr>,
+    /// `max_lifetime`'s state; `None`: the successor draws a jitter (see the module doc).
+    pub lifetime: Option<LifetimeMove>,
     pub client: SideState,
     pub upstream: SideState,
     pub client_seal: Option<SealState>,
     pub upstream_seal: Option<SealState>,
+}
+
+/// A connection's `max_lifetime` state, as it travels (the core's `LifetimeState` but the
+/// end, which does not move: [`NotReady::Ending`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LifetimeMove {
+    /// The jitter, in thousandths (within ±[`MAX_JITTER_PERMILLE`]).
+    pub jitter: i8,
+    /// Past its lifetime, waiting for a quiet moment to end.
+    pub due: bool,
+    /// A request waits for its reply (no quiet moment until it came).
+    pub awaiting_reply: bool,
 }
 
 /// A connection's whole state: the core's, and what the adapter adds.
@@ -286,6 +316,11 @@ impl<C: Migrate, U: Migrate, T: Transport> ConnCore<C, U, T> {
             upstream_eof: self.upstream_eof,
             counted: self.counted,
             target: self.target.and_then(|id| upstreams.get(id)).map(|t| t.addr),
+            lifetime: Some(LifetimeMove {
+                jitter: self.lifetime.jitter,
+                due: self.lifetime.ending() == Ending::Due,
+                awaiting_reply: self.lifetime.awaiting_reply(),
+            }),
             client: side_of(&self.client),
             upstream: side_of(up),
             client_seal,
@@ -314,6 +349,9 @@ impl<C: Migrate, U: Migrate, T: Transport> ConnCore<C, U, T> {
         if !self.client.filter().movable() || !up.filter().movable() {
             return Err(NotReady::Layer);
         }
+        if self.lifetime.ending() == Ending::Ended {
+            return Err(NotReady::Ending);
+        }
         Ok(())
     }
 
@@ -335,6 +373,21 @@ impl<C: Migrate, U: Migrate, T: Transport> ConnCore<C, U, T> {
         c.restore(bev_state(&st.client));
         u.restore(bev_state(&st.upstream));
         let earlier = |d: Duration| now.checked_sub(d).unwrap_or(now);
+        let lifetime = match st.lifetime {
+            Some(l) => {
+                let mut s = LifetimeState {
+                    bits: 0,
+                    jitter: l.jitter,
+                };
+                s.set_ending(if l.due { Ending::Due } else { Ending::Live });
+                s.set_awaiting_reply(l.awaiting_reply);
+                s
+            }
+            None => LifetimeState {
+                bits: LifetimeState::JITTER_PENDING,
+                jitter: 0,
+            },
+        };
         Ok(ConnCore {
             client: c,
             upstream: Some(Box::new(u)),
@@ -352,14 +405,24 @@ impl<C: Migrate, U: Migrate, T: Transport> ConnCore<C, U, T> {
             closed: None,
             unopened: false,
             replay: None,
+            lifetime,
         })
     }
 
-    /// A moved connection starts here (its sockets registered): its idle timer is armed for
-    /// the time it had left. Its sockets' registration reports their readiness, which drives
-    /// whatever was pending (bytes to write, bytes that arrived during the move).
-    pub fn resume(&mut self, env: &mut impl Env<U, T>) {
+    /// A moved connection starts here (its sockets registered), or a frozen one that stayed
+    /// goes on: its idle timer is armed for the time it had left, and `max_lifetime`'s for
+    /// its deadline under the limits in force here (with a jitter drawn now if none came
+    /// with it). Its sockets' registration reports their readiness, which drives whatever was
+    /// pending (bytes to write, bytes that arrived during the move).
+    pub fn resume(&mut self, now: Instant, env: &mut impl Env<U, T>) {
         self.arm_idle(env);
+        if self.lifetime.bits & LifetimeState::JITTER_PENDING != 0 {
+            self.lifetime.bits &= !LifetimeState::JITTER_PENDING;
+            self.lifetime.jitter = env
+                .lifetime_jitter()
+                .clamp(-MAX_JITTER_PERMILLE, MAX_JITTER_PERMILLE);
+        }
+        self.lifetime_step(now, env);
     }
 }
 
@@ -407,6 +470,15 @@ impl Out {
             }
         }
         self.put(&a.port().to_be_bytes());
+    }
+    fn target(&mut self, t: TargetAddr) {
+        match t {
+            TargetAddr::Inet(a) => self.addr(a),
+            TargetAddr::Unix(p) => {
+                self.u8(1);
+                self.put(p.as_os_str().as_bytes());
+            }
+        }
     }
     fn side(&mut self, s: &SideState) {
         self.u8(u8::from(s.eof)
@@ -472,7 +544,13 @@ impl ConnState {
             }
         });
         if let Some(t) = c.target {
-            o.field(T_TARGET, |o| o.addr(t.get()));
+            o.field(T_TARGET, |o| o.target(t));
+        }
+        if let Some(l) = c.lifetime {
+            o.field(T_LIFETIME, |o| {
+                o.put(&l.jitter.to_be_bytes());
+                o.u8(u8::from(l.due) | u8::from(l.awaiting_reply) << 1);
+            });
         }
         o.field(T_CLIENT, |o| o.side(&c.client));
         o.field(T_UPSTREAM, |o| o.side(&c.upstream));
@@ -531,6 +609,7 @@ impl ConnState {
                 T_SHARD => (&mut f.shard, "shard"),
                 T_CORE => (&mut f.core, "core"),
                 T_TARGET => (&mut f.target, "target"),
+                T_LIFETIME => (&mut f.lifetime, "lifetime"),
                 T_CLIENT => (&mut f.client, "client stream"),
                 T_UPSTREAM => (&mut f.upstream, "upstream stream"),
                 T_CLIENT_SEAL => (&mut f.client_seal, "client session"),
@@ -554,6 +633,7 @@ struct Fields<'a> {
     shard: Option<&'a [u8]>,
     core: Option<&'a [u8]>,
     target: Option<&'a [u8]>,
+    lifetime: Option<&'a [u8]>,
     client: Option<&'a [u8]>,
     upstream: Option<&'a [u8]>,
     client_seal: Option<&'a [u8]>,
@@ -596,11 +676,24 @@ impl Fields<'_> {
         }
         c.end("core")?;
         let target = match self.target {
-            Some(t) => {
-                let mut t = Reader(t);
-                let a = t.addr()?;
-                t.end("target")?;
-                Some(TargetAddr::new(a))
+            Some(t) => Reader(t).target()?,
+            None => None,
+        };
+        let lifetime = match self.lifetime {
+            Some(l) => {
+                let mut l = Reader(l);
+                let jitter = i8::from_be_bytes(l.array()?);
+                let flags = l.u8()?;
+                l.end("lifetime")?;
+                if flags & !0b11 != 0 || jitter.unsigned_abs() > MAX_JITTER_PERMILLE.unsigned_abs()
+                {
+                    return Err(StateError::Invalid("lifetime"));
+                }
+                Some(LifetimeMove {
+                    jitter,
+                    due: flags & 1 != 0,
+                    awaiting_reply: flags & 2 != 0,
+                })
             }
             None => None,
         };
@@ -635,6 +728,7 @@ impl Fields<'_> {
                 upstream_eof: flags & 4 != 0,
                 counted,
                 target,
+                lifetime,
                 client,
                 upstream,
                 client_seal,
@@ -685,6 +779,22 @@ impl<'a> Reader<'a> {
             _ => return Err(StateError::Invalid("address family")),
         };
         Ok(SocketAddr::new(ip, u16::from_be_bytes(self.array()?)))
+    }
+    /// A target: an IP address, or a Unix socket's path. A path this process never interned
+    /// (no configuration of its named it) is no target of its: `None`, and the table of
+    /// interned paths never grows from a state.
+    fn target(mut self) -> Result<Option<TargetAddr>, StateError> {
+        if self.0.first() != Some(&1) {
+            let a = self.addr()?;
+            self.end("target")?;
+            return Ok(Some(TargetAddr::new(a)));
+        }
+        let path = &self.0[1..];
+        if path.is_empty() || path.len() > MAX_UNIX_PATH || path.contains(&0) {
+            return Err(StateError::Invalid("target path"));
+        }
+        let path = Path::new(std::ffi::OsStr::from_bytes(path));
+        Ok(interned(path).map(TargetAddr::Unix))
     }
     fn bytes(&mut self) -> Result<Zeroizing<Vec<u8>>, StateError> {
         let n = self.u32()? as usize;
@@ -848,6 +958,11 @@ mod tests {
                 upstream_eof: true,
                 counted,
                 target: Some(TargetAddr::new("[2001:db8::7]:6379".parse().unwrap())),
+                lifetime: Some(LifetimeMove {
+                    jitter: -37,
+                    due: true,
+                    awaiting_reply: true,
+                }),
                 client: side(10, client_seal.is_some()),
                 upstream: side(20, upstream_seal.is_some()),
                 client_seal,
@@ -895,6 +1010,7 @@ mod tests {
                 (b.asleep, b.client_eof, b.upstream_eof)
             );
             assert_eq!((a.counted, a.target), (b.counted, b.target));
+            assert_eq!(a.lifetime, b.lifetime);
             same_side(&a.client, &b.client);
             same_side(&a.upstream, &b.upstream);
             assert_eq!(got.ident, st.ident);
@@ -916,6 +1032,54 @@ mod tests {
             // Debug shows neither buffers nor secrets.
             assert!(!format!("{got:?}").contains("raw_out"));
         }
+    }
+
+    #[test]
+    fn a_unix_target_travels_as_its_path_and_an_unknown_path_is_no_target() {
+        let path = Path::new("/run/sealpipe-migrate-test/redis.sock");
+        let mut st = state(Mode::Decrypt);
+        st.core.target = Some(TargetAddr::unix(path));
+        let got = ConnState::decode(&st.encode()).unwrap();
+        assert_eq!(got.core.target, st.core.target);
+        // A path no configuration of this process named is no target here, and decoding it
+        // does not make it one.
+        let other = Path::new("/run/sealpipe-migrate-test/never-configured.sock");
+        let mut bytes = st.encode().to_vec();
+        let at = field_at(&bytes, T_TARGET);
+        let len = u32::from_be_bytes(bytes[at - 4..at].try_into().unwrap()) as usize;
+        let mut value = vec![1u8];
+        value.extend_from_slice(other.as_os_str().as_bytes());
+        bytes.splice(at..at + len, value.iter().copied());
+        bytes[at - 4..at].copy_from_slice(&(value.len() as u32).to_be_bytes());
+        let total = (bytes.len() - 10) as u32;
+        bytes[6..10].copy_from_slice(&total.to_be_bytes());
+        assert_eq!(ConnState::decode(&bytes).unwrap().core.target, None);
+        assert_eq!(interned(other), None);
+        // An empty path, or one with a NUL, is refused.
+        for bad in [&[1u8][..], &[1, b'/', 0, b'x'][..]] {
+            let mut b = bytes.clone();
+            let at = field_at(&b, T_TARGET);
+            let len = u32::from_be_bytes(b[at - 4..at].try_into().unwrap()) as usize;
+            b.splice(at..at + len, bad.iter().copied());
+            b[at - 4..at].copy_from_slice(&(bad.len() as u32).to_be_bytes());
+            let total = (b.len() - 10) as u32;
+            b[6..10].copy_from_slice(&total.to_be_bytes());
+            assert_eq!(
+                ConnState::decode(&b).unwrap_err(),
+                StateError::Invalid("target path")
+            );
+        }
+    }
+
+    #[test]
+    fn a_state_without_the_lifetime_field_reads_as_one_to_draw_afresh() {
+        let mut st = state(Mode::Forward);
+        st.core.lifetime = None;
+        let bytes = st.encode();
+        assert!(
+            ConnState::decode(&bytes).unwrap().core.lifetime.is_none(),
+            "optional: a state written without it (as a build before it writes) reads"
+        );
     }
 
     #[test]
@@ -979,6 +1143,9 @@ mod tests {
             ),
             (T_CORE, 16, 0x08, StateError::Invalid("core flags")),
             (T_TARGET, 0, 5, StateError::Invalid("address family")),
+            (T_LIFETIME, 0, 101, StateError::Invalid("lifetime")),
+            (T_LIFETIME, 0, 0x80, StateError::Invalid("lifetime")),
+            (T_LIFETIME, 1, 0x04, StateError::Invalid("lifetime")),
             (T_CLIENT, 0, 0x08, StateError::Invalid("stream flags")),
             (
                 T_CLIENT,

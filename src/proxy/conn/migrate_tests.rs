@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use super::core::{Side, UnopenedEnd, WarmStep};
+use super::core::{ConnTimer, HIBERNATE_AFTER, Lifetime, Limits, Side, UnopenedEnd, WarmStep};
 use super::pair::{Kind, Opts, Rec, World, pattern};
 use super::warm::WarmEnd;
 use crate::metrics::CloseReason;
@@ -116,6 +116,172 @@ fn connections_in_their_handshake_or_connecting_do_not_move() {
     assert!(!w.migrate(0));
     w.settle();
     assert_eq!(w.enc.reason(), Some(CloseReason::PeerReset));
+}
+
+// ---------------------------------------------------------------------------------------------
+// max_lifetime across a move
+
+/// An encrypt side with `max_lifetime` of `max` s and a grace of `grace` s, whose handshake
+/// is done (the decrypt side has no lifetime), and whose encrypt node draws `jitter`.
+fn with_lifetime(max: u64, grace: u64, jitter: i8) -> World {
+    let limits = Limits {
+        lifetime: Some(Lifetime {
+            max: Duration::from_secs(max),
+            grace: Duration::from_secs(grace),
+        }),
+        ..Opts::default().limits
+    };
+    let mut w = World::new(Opts {
+        limits,
+        dec_limits: Some(Opts::default().limits),
+        jitter: [jitter, 0],
+        client_data: pattern(4000, 11),
+        backend_data: pattern(4000, 12),
+        ..Opts::default()
+    });
+    w.net();
+    assert!(w.backend.is_some());
+    w
+}
+
+/// Runs the network and lets both peers read, until nothing moves.
+fn exchange(w: &mut World) {
+    loop {
+        w.net();
+        let a = w.client_read();
+        let b = w.backend_read();
+        if !a && !b {
+            return;
+        }
+    }
+}
+
+fn request_reply(w: &mut World, n: usize) {
+    assert!(w.client_write(n));
+    exchange(w);
+    assert!(w.backend_write(2 * n));
+    exchange(w);
+}
+
+fn ended(w: &World) -> bool {
+    w.enc.recorded(&Rec::LifetimeEnd { graceful: true })
+}
+
+/// The peers close their sides, as applications do on reading an end; the world settles.
+fn peers_close(w: &mut World) {
+    w.client_shut();
+    w.backend_shut();
+    w.settle();
+    w.check_settled();
+    w.check_complete();
+}
+
+#[test]
+fn a_moved_connection_keeps_its_max_lifetime_deadline() {
+    // Its own jitter (+5%: 63 s) travels; the successor would draw -5% (57 s).
+    let mut w = with_lifetime(60, 30, 50);
+    request_reply(&mut w, 100);
+    w.advance(Duration::from_secs(30));
+    w.enc.env.jitter = -50;
+    assert!(w.migrate(0));
+    exchange(&mut w);
+    assert_eq!(
+        w.enc.env.timer(ConnTimer::Lifetime),
+        Some(w.started + Duration::from_secs(63)),
+        "the successor armed the deadline the connection had"
+    );
+    w.advance(Duration::from_secs(33) - Duration::from_millis(1));
+    exchange(&mut w);
+    assert!(!ended(&w) && !w.backend.as_ref().unwrap().eof);
+    w.advance(Duration::from_millis(1));
+    exchange(&mut w);
+    assert!(ended(&w) && w.backend.as_ref().unwrap().eof);
+    peers_close(&mut w);
+    assert_eq!(w.enc.reason(), Some(CloseReason::Clean));
+}
+
+#[test]
+fn a_state_without_its_lifetime_gets_a_jitter_drawn_by_the_successor() {
+    // What a predecessor that carries no lifetime state (a tunnel without max_lifetime until
+    // a reload set one here) hands over: the age still travels, the jitter is drawn anew.
+    let mut w = with_lifetime(60, 30, 50);
+    request_reply(&mut w, 100);
+    w.advance(Duration::from_secs(30));
+    w.enc.env.jitter = -50;
+    let now = w.now;
+    assert!(w.enc.migrate_with(now, |c| c.lifetime = None));
+    assert_eq!(
+        w.enc.env.timer(ConnTimer::Lifetime),
+        Some(w.started + Duration::from_secs(57))
+    );
+    w.advance(Duration::from_secs(27));
+    exchange(&mut w);
+    assert!(ended(&w));
+    peers_close(&mut w);
+}
+
+#[test]
+fn a_request_waiting_for_its_reply_still_holds_the_end_after_a_move() {
+    let mut w = with_lifetime(60, 60, 0);
+    w.advance(Duration::from_secs(59));
+    // A slow request, sent (relayed straight into a record) before the move.
+    assert!(w.client_write(100));
+    exchange(&mut w);
+    assert!(w.migrate(0));
+    eprintln!(
+        "T {:?}",
+        w.enc.env.timer(ConnTimer::Lifetime).map(|t| t - w.started)
+    );
+    w.advance(Duration::from_secs(41));
+    eprintln!("R {:?}", w.enc.env.recs);
+    exchange(&mut w);
+    assert!(
+        !ended(&w) && !w.backend.as_ref().unwrap().eof,
+        "a request is outstanding: no end before its reply"
+    );
+    assert!(w.backend_write(200));
+    exchange(&mut w);
+    w.advance(HIBERNATE_AFTER);
+    exchange(&mut w);
+    assert!(ended(&w) && w.client.got.len() == 200);
+    peers_close(&mut w);
+}
+
+#[test]
+fn a_connection_past_its_lifetime_keeps_its_grace_cap_across_a_move() {
+    let mut w = with_lifetime(60, 10, 0);
+    w.advance(Duration::from_secs(59));
+    // Never quiet: reset at 70 s, wherever it runs by then.
+    let mut moved = false;
+    while !w.enc.closed {
+        request_reply(&mut w, 1);
+        if !moved && w.now - w.started >= Duration::from_secs(62) {
+            assert!(w.migrate(0), "due, not ended: it moves");
+            moved = true;
+        }
+        w.advance(Duration::from_millis(100));
+        assert!(w.now - w.started <= Duration::from_secs(70), "past the cap");
+    }
+    assert!(moved);
+    assert_eq!(w.now - w.started, Duration::from_secs(70));
+    assert_eq!(w.enc.reason(), Some(CloseReason::MaxLifetime));
+    w.settle();
+    w.check_settled();
+}
+
+#[test]
+fn a_connection_that_ended_at_its_lifetime_stays_to_close_where_it_is() {
+    let mut w = with_lifetime(60, 30, 0);
+    request_reply(&mut w, 100);
+    w.advance(Duration::from_secs(60));
+    exchange(&mut w);
+    assert!(ended(&w) && w.backend.as_ref().unwrap().eof);
+    assert!(
+        !w.migrate(0),
+        "waiting for its peers to close: it ends here"
+    );
+    peers_close(&mut w);
+    assert_eq!(w.enc.reason(), Some(CloseReason::Clean));
 }
 
 mod properties {

@@ -38,18 +38,16 @@ use std::io::{self, Read};
 use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
-use mio::net::TcpStream;
-
 use crate::metrics::{Bytes, CloseReason};
 use crate::protocol::{AbortReason, ForwardSecrecy, KeyId, OpenInfo, ProtocolError, RandomSource};
 use crate::reactor::{
     BevCore, BevEvents, Buffer, BufferEvent, Context, Filter, Handler, NoFilter, Ready, Socket,
-    Suspend, Tag, Timeouts, TimerKey,
+    Stream, Suspend, Tag, Timeouts, TimerKey,
 };
 
 use self::core::migrate::Migrate;
 pub use self::core::{Action, ConnCore, Env, HIBERNATE_AFTER, Layer, Side};
-use self::core::{Cause, ConnTimer, Failure, Limits, Preamble, UnopenedEnd, WarmStep};
+use self::core::{Cause, ConnTimer, Failure, Flow, Limits, Preamble, UnopenedEnd, WarmStep};
 use self::handoff::Moving;
 pub use self::handoff::{ImportError, spawn_imported, tunnel_for};
 use crate::metrics::WarmEvent;
@@ -57,6 +55,7 @@ use crate::metrics::WarmEvent;
 use super::codec::{Role, SealFilter};
 use super::identity::{self, ConnIdentity, HeaderError, HeaderStep};
 use super::listener::Ticket;
+use super::ratelimit::{self, metered};
 use super::upstream::{ConnectOutcome, TargetId, Tried, Upstreams};
 use super::{ByteCounts, OptError, ShardState, TargetAddr, TunnelIdx, TunnelRt};
 
@@ -67,6 +66,9 @@ const TAG_HANDSHAKE: Tag = Tag::new(2);
 pub const TAG_ABORT: Tag = Tag::new(3);
 /// Notify tag: the shard started to drain (a decrypt side's unopened warm session closes now).
 pub const TAG_DRAIN_STARTED: Tag = Tag::new(4);
+const TAG_LIFETIME: Tag = Tag::new(5);
+/// Notify tag: a reload changed the tunnel's limits (`max_lifetime`): timers are armed again.
+pub const TAG_LIMITS: Tag = Tag::new(6);
 
 /// A target's address for log fields; a reload may have removed the target.
 struct Upstream(Option<TargetAddr>);
@@ -142,10 +144,12 @@ impl Make for SealFilter {
     }
 }
 
-/// The OPEN an encrypt side sends for its client: the addresses of the accepted socket.
+/// The OPEN an encrypt side sends for its client: the addresses of the accepted socket (none
+/// for a Unix domain socket's client).
 fn client_open(client: &Socket) -> OpenInfo {
     let addrs = client
         .stream()
+        .and_then(Stream::as_tcp)
         .and_then(|s| Some((s.peer_addr().ok()?, s.local_addr().ok()?)));
     match addrs {
         Some((source, destination)) => OpenInfo::from_socket(source, destination),
@@ -156,7 +160,7 @@ fn client_open(client: &Socket) -> OpenInfo {
 /// Reads and discards what a socket that is about to close still holds, so that the kernel
 /// closes it with a FIN after the queued bytes (an ABORT record) instead of a RST that would
 /// drop them. Bounded: a peer that keeps sending is cut by the RST it then earns.
-pub(crate) fn discard_unread(stream: Option<&TcpStream>) {
+pub(crate) fn discard_unread(stream: Option<&Stream>) {
     let Some(mut s) = stream else {
         return;
     };
@@ -190,7 +194,9 @@ fn may_log(cx: &mut Context<'_, ShardState>, level: tracing::Level) -> Option<u6
 struct Shell {
     tunnel: TunnelIdx,
     idle_timer: Option<TimerKey>,
-    handshake_timer: Option<TimerKey>,
+    /// The handshake's timer, then `max_lifetime`'s: the core never arms both at once
+    /// ([`ConnTimer::Lifetime`]), and one slot keeps the connection's size.
+    deadline_timer: Option<TimerKey>,
     /// Admission's hold on a pre-authentication slot, until the handshake completes.
     ticket: Option<Ticket>,
     /// Client identity (PROXY headers in or out, the access log): `identity.rs`; `None` for
@@ -208,16 +214,17 @@ pub struct Conn<C: Make, U: Make> {
 
 impl<C: Make, U: Make> Conn<C, U> {
     /// Builds the handler for an accepted client socket.
-    pub fn new(t: &TunnelRt, stream: TcpStream, now: Instant) -> Self {
+    pub fn new(t: &TunnelRt, stream: Stream, now: Instant) -> Self {
         let filter = C::make(Role::Responder, t);
-        let ident = ConnIdentity::for_tunnel(&t.cfg.identity, || stream.peer_addr().ok());
+        let peer = || stream.as_tcp()?.peer_addr().ok();
+        let ident = ConnIdentity::for_tunnel(&t.cfg.identity, peer);
         let client = BufferEvent::with_filter(stream, Side::Client as u8, filter, !C::SEALED);
         Conn {
             core: ConnCore::new(client, now),
             shell: Shell {
                 tunnel: t.index,
                 idle_timer: None,
-                handshake_timer: None,
+                deadline_timer: None,
                 ticket: None,
                 ident,
                 moving: Moving::Live,
@@ -238,20 +245,21 @@ impl Conn<NoFilter, SealFilter> {
     /// `tried` is the balance's choice that named the target.
     pub fn adopt(
         t: &TunnelRt,
-        stream: TcpStream,
+        stream: Stream,
         upstream: BufferEvent<SealFilter>,
         target: TargetId,
         tried: Tried,
         now: Instant,
     ) -> Self {
-        let ident = ConnIdentity::for_tunnel(&t.cfg.identity, || stream.peer_addr().ok());
+        let peer = || stream.as_tcp()?.peer_addr().ok();
+        let ident = ConnIdentity::for_tunnel(&t.cfg.identity, peer);
         let client = BufferEvent::with_filter(stream, Side::Client as u8, NoFilter, true);
         Conn {
             core: ConnCore::adopt(client, upstream, target, tried, now),
             shell: Shell {
                 tunnel: t.index,
                 idle_timer: None,
-                handshake_timer: None,
+                deadline_timer: None,
                 ticket: None,
                 ident,
                 moving: Moving::Live,
@@ -352,7 +360,8 @@ impl<C: Make, U: Make> ConnEnv<'_, '_, C, U> {
     fn set_timer(&mut self, which: ConnTimer, at: Option<Instant>) {
         let (slot, tag) = match which {
             ConnTimer::Idle => (&mut self.shell.idle_timer, TAG_IDLE),
-            ConnTimer::Handshake => (&mut self.shell.handshake_timer, TAG_HANDSHAKE),
+            ConnTimer::Handshake => (&mut self.shell.deadline_timer, TAG_HANDSHAKE),
+            ConnTimer::Lifetime => (&mut self.shell.deadline_timer, TAG_LIFETIME),
         };
         if let Some(k) = slot.take() {
             self.cx.cancel_timer(k);
@@ -535,6 +544,7 @@ impl<C: Make, U: Make> ConnEnv<'_, '_, C, U> {
         let this_version = crate::protocol::handshake::VERSION;
         let peer =
             f.io.and_then(|s| s.stream())
+                .and_then(Stream::as_tcp)
                 .and_then(|s| s.peer_addr().ok())
                 .map(|p| p.to_string())
                 .unwrap_or_default();
@@ -597,6 +607,26 @@ impl<C: Make, U: Make> ConnEnv<'_, '_, C, U> {
             }
             _ => {
                 tracing::warn!(%tunnel, %target, error, %key_id, skipped, "handshake failed: the decrypt side's answer did not verify (modified in flight, or not the decrypt side holding this key)")
+            }
+        }
+    }
+
+    /// `max_lifetime` ended the connection (gracefully, or by a reset: see the core).
+    fn lifetime_end(&mut self, graceful: bool) {
+        let level = if graceful {
+            tracing::Level::DEBUG
+        } else {
+            tracing::Level::INFO
+        };
+        let log = may_log(self.cx, level);
+        let rt = self.rt();
+        rt.metrics.lifetime_end(graceful);
+        if let Some(skipped) = log {
+            let tunnel = &rt.cfg.name;
+            if graceful {
+                tracing::debug!(%tunnel, skipped, "max_lifetime: ended at a quiet moment");
+            } else {
+                tracing::info!(%tunnel, skipped, "max_lifetime: reset, as the connection did not end gracefully within max_lifetime_grace (never quiet, bytes after the end, or a peer that did not close)");
             }
         }
     }
@@ -694,10 +724,12 @@ impl<C: Make, U: Make> Env<U, Socket> for ConnEnv<'_, '_, C, U> {
         self.cx.state.draining
     }
     fn confirmed(&mut self, io: &Socket) {
-        // Back from the warm session's short TCP_USER_TIMEOUT to the tunnel's own.
+        // Back from the warm session's short TCP_USER_TIMEOUT to the tunnel's own (TCP's: a
+        // Unix socket's peer is on this host, and its end is always told).
         let keepalive = self.rt().cfg.keepalive;
         if let Some(Err(e)) = io
             .stream()
+            .and_then(Stream::as_tcp)
             .map(|s| socket2::SockRef::from(s).set_tcp_user_timeout(keepalive.user_timeout))
         {
             tracing::debug!(error = %e, "cannot restore TCP_USER_TIMEOUT on an adopted warm session");
@@ -710,10 +742,13 @@ impl<C: Make, U: Make> Env<U, Socket> for ConnEnv<'_, '_, C, U> {
         };
         let source = Side::Upstream as u8;
         let keepalive = self.rt().cfg.keepalive;
+        let to = addr.endpoint();
         let mut up =
-            BufferEvent::connect_filtered(self.cx, addr.get(), source, layer, !U::SEALED, timeouts);
-        // Dead-peer detection on the upstream socket (the client's inherits its listener's).
-        if let Some(Err(e)) = up.stream().map(|s| super::keepalive::apply(s, &keepalive)) {
+            BufferEvent::connect_filtered(self.cx, to, source, layer, !U::SEALED, timeouts);
+        // Dead-peer detection on the upstream socket (the client's inherits its listener's);
+        // TCP's: a Unix socket's peer is on this host, and its end is always told.
+        let tcp = up.stream().and_then(Stream::as_tcp);
+        if let Some(Err(e)) = tcp.map(|s| super::keepalive::apply(s, &keepalive)) {
             tracing::debug!(error = %e, "cannot set keepalive on the upstream socket");
         }
         if let Err(e) = up.register(self.cx) {
@@ -758,7 +793,11 @@ impl<C: Make, U: Make> Env<U, Socket> for ConnEnv<'_, '_, C, U> {
             half_closed: cfg.idle_limit(true),
             handshake: cfg.handshake_timeout,
             unopened: cfg.warm_idle_timeout,
+            lifetime: cfg.lifetime,
         }
+    }
+    fn lifetime_jitter(&mut self) -> i8 {
+        self.cx.state.lifetime_jitter()
     }
     fn act(&mut self, action: Action<'_, Socket>) {
         match action {
@@ -793,6 +832,7 @@ impl<C: Make, U: Make> Env<U, Socket> for ConnEnv<'_, '_, C, U> {
                 }
             }
             Action::Woke => self.rt().metrics.hibernating.dec(),
+            Action::LifetimeEnd { graceful } => self.lifetime_end(graceful),
             Action::Bytes(delta) => self.rt().bytes.add(&delta),
             Action::UpstreamReached {
                 target,
@@ -859,12 +899,19 @@ impl<C: Make, U: Make> Handler<ShardState> for Conn<C, U> {
             let (core, mut env) = self.parts(cx);
             core.activity(now, &mut env);
         }
+        // Reads are metered by the tunnel's byte rate limits, if any (`ratelimit`): the
+        // client's bytes go upstream, the upstream's downstream.
+        let t = self.shell.tunnel;
         if source == Side::Client as u8 {
-            let (client, relay) = self.core.client_reader();
-            let ev = client.on_ready_via(cx, ready, relay);
+            let (c, relay) = self.core.client_reader();
+            let ev = metered(cx, t, Flow::Upstream, c, |b, cx| {
+                b.on_ready_via(cx, ready, relay)
+            });
             self.handle(cx, Side::Client, ev);
         } else if let Some((up, relay)) = self.core.upstream_reader() {
-            let ev = up.on_ready_via(cx, ready, relay);
+            let ev = metered(cx, t, Flow::Downstream, up, |b, cx| {
+                b.on_ready_via(cx, ready, relay)
+            });
             self.handle(cx, Side::Upstream, ev);
         }
         self.after_event(cx);
@@ -882,13 +929,23 @@ impl<C: Make, U: Make> Handler<ShardState> for Conn<C, U> {
             let (core, mut env) = self.parts(cx);
             return core.drain_started(&mut env);
         }
+        if tag == TAG_LIMITS {
+            let now = cx.now();
+            let (core, mut env) = self.parts(cx);
+            return core.limits_changed(now, &mut env);
+        }
+        let t = self.shell.tunnel;
         if self.core.client().owns_tag(tag) {
-            let (client, relay) = self.core.client_reader();
-            let ev = client.on_notify_via(cx, tag, relay);
+            let (c, relay) = self.core.client_reader();
+            let ev = metered(cx, t, Flow::Upstream, c, |b, cx| {
+                b.on_notify_via(cx, tag, relay)
+            });
             self.handle(cx, Side::Client, ev);
         } else if let Some((up, relay)) = self.core.upstream_reader() {
             if up.owns_tag(tag) {
-                let ev = up.on_notify_via(cx, tag, relay);
+                let ev = metered(cx, t, Flow::Downstream, up, |b, cx| {
+                    b.on_notify_via(cx, tag, relay)
+                });
                 self.handle(cx, Side::Upstream, ev);
             }
         }
@@ -913,8 +970,12 @@ impl<C: Make, U: Make> Handler<ShardState> for Conn<C, U> {
                 ConnTimer::Idle
             }
             TAG_HANDSHAKE => {
-                self.shell.handshake_timer = None;
+                self.shell.deadline_timer = None;
                 ConnTimer::Handshake
+            }
+            TAG_LIFETIME => {
+                self.shell.deadline_timer = None;
+                ConnTimer::Lifetime
             }
             _ => {
                 if self.core.client().owns_tag(tag) {
@@ -947,7 +1008,13 @@ impl<C: Make, U: Make> Handler<ShardState> for Conn<C, U> {
             env.release_ticket(unopened);
             core.on_close(now, &mut env);
             env.set_timer(ConnTimer::Idle, None);
+            // The handshake's and the lifetime's share one slot.
             env.set_timer(ConnTimer::Handshake, None);
+        }
+        let t = self.shell.tunnel;
+        ratelimit::release(cx, t, Flow::Upstream, self.core.client());
+        if let Some(up) = self.core.upstream() {
+            ratelimit::release(cx, t, Flow::Downstream, up);
         }
         self.core.client_mut().close(cx);
         if let Some(up) = self.core.upstream_mut() {

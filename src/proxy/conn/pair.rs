@@ -521,6 +521,9 @@ pub enum Rec {
         dropped_keys: bool,
     },
     Woke,
+    LifetimeEnd {
+        graceful: bool,
+    },
     Reached {
         was_down: bool,
     },
@@ -586,9 +589,12 @@ pub struct NodeEnv {
     layers: Layers,
     upstreams: Upstreams,
     limits: Limits,
+    /// This node's draw of `max_lifetime`'s jitter (`Env::lifetime_jitter`); a test changes
+    /// it to give a "successor" (`Node::migrate`) another draw.
+    pub jitter: i8,
     connect_timeout: Duration,
     cap: usize,
-    timers: [Option<Instant>; 2],
+    timers: [Option<Instant>; 3],
     deferred: VecDeque<Deferred>,
     /// Connects started and not yet answered: the target, and the far end of the link.
     connects: VecDeque<(SocketAddr, End)>,
@@ -617,10 +623,13 @@ pub struct NodeEnv {
     warm_refresh: Duration,
 }
 
+const TIMERS: [ConnTimer; 3] = [ConnTimer::Idle, ConnTimer::Handshake, ConnTimer::Lifetime];
+
 fn timer_index(t: ConnTimer) -> usize {
     match t {
         ConnTimer::Idle => 0,
         ConnTimer::Handshake => 1,
+        ConnTimer::Lifetime => 2,
     }
 }
 
@@ -700,7 +709,7 @@ impl<U: Build> Env<U, Pipe> for NodeEnv {
         self.recs.push(Rec::Confirmed);
     }
     fn connect(&mut self, addr: TargetAddr, layer: U) -> BevCore<U, Pipe> {
-        let addr = addr.get();
+        let addr = addr.inet().expect("the harness's targets are IP addresses");
         let link = Link::new(self.cap);
         let mut pipe = Pipe::new(
             Side::Upstream,
@@ -741,6 +750,9 @@ impl<U: Build> Env<U, Pipe> for NodeEnv {
     fn limits(&self) -> Limits {
         self.limits
     }
+    fn lifetime_jitter(&mut self) -> i8 {
+        self.jitter
+    }
     fn act(&mut self, action: Action<'_, Pipe>) {
         let rec = match action {
             Action::Timer(which, at) => {
@@ -748,6 +760,11 @@ impl<U: Build> Env<U, Pipe> for NodeEnv {
                     self.timer_after_close = true;
                 }
                 self.timers[timer_index(which)] = at;
+                let [_, handshake, lifetime] = self.timers;
+                assert!(
+                    handshake.is_none() || lifetime.is_none(),
+                    "the handshake's and the lifetime's timers armed at once (the adapter keeps them in one slot)"
+                );
                 return;
             }
             Action::Bytes(delta) => {
@@ -773,6 +790,7 @@ impl<U: Build> Env<U, Pipe> for NodeEnv {
             Action::FlowPaused(f) => Rec::FlowPaused(f),
             Action::Hibernated { dropped_keys } => Rec::Hibernated { dropped_keys },
             Action::Woke => Rec::Woke,
+            Action::LifetimeEnd { graceful } => Rec::LifetimeEnd { graceful },
             Action::UpstreamReached { was_down, .. } => Rec::Reached { was_down },
             Action::ConnectFailed {
                 outcome, went_down, ..
@@ -893,7 +911,7 @@ impl WarmNode {
                 }
                 Deferred::Close => {
                     self.closed = true;
-                    self.env.timers = [None, None];
+                    self.env.timers = [None; 3];
                     let p = self.core.stream().io();
                     if p.state != PipeState::Closed {
                         p.end.close(p.reset_on_close());
@@ -1031,7 +1049,7 @@ impl<C: Build, U: Build> Node<C, U> {
     fn on_close(&mut self, now: Instant) {
         self.env.now = now;
         self.core.on_close(now, &mut self.env);
-        self.env.timers = [None, None];
+        self.env.timers = [None; 3];
         self.closed = true;
         for side in [Side::Client, Side::Upstream] {
             if let Some(p) = self.pipe(side) {
@@ -1069,12 +1087,7 @@ impl<C: Build, U: Build> Node<C, U> {
         self.env.now = now;
         if let Some(i) = self.env.timers.iter().position(|&t| t == Some(at)) {
             self.env.timers[i] = None;
-            let which = if i == 0 {
-                ConnTimer::Idle
-            } else {
-                ConnTimer::Handshake
-            };
-            self.core.on_timer(which, now, &mut self.env);
+            self.core.on_timer(TIMERS[i], now, &mut self.env);
         } else if let Some(up) = self.core.upstream_mut() {
             // The socket's connect timer.
             let io = up.io_mut();
@@ -1120,6 +1133,17 @@ impl<C: Build, U: Build> Node<C, U> {
 
     pub fn recorded(&self, r: &Rec) -> bool {
         self.env.recs.contains(r)
+    }
+
+    /// A reload changed the tunnel's limits (`ConnCore::limits_changed`).
+    pub fn set_limits(&mut self, limits: Limits, now: Instant) {
+        if self.closed {
+            return;
+        }
+        self.env.limits = limits;
+        self.env.now = now;
+        self.core.limits_changed(now, &mut self.env);
+        self.run_deferred(now);
     }
 
     fn start(&mut self, now: Instant) {
@@ -1274,6 +1298,10 @@ pub struct Opts {
     pub enc_targets: Vec<Kind>,
     pub dec_targets: Vec<Kind>,
     pub limits: Limits,
+    /// The decrypt node's limits, if not `limits`.
+    pub dec_limits: Option<Limits>,
+    /// Each node's draw of `max_lifetime`'s jitter (encrypt, decrypt), in thousandths.
+    pub jitter: [i8; 2],
     pub connect_timeout: Duration,
     pub fs: ForwardSecrecy,
     pub aead: AeadKind,
@@ -1308,7 +1336,10 @@ impl Default for Opts {
                 half_closed: Some(Duration::from_secs(3600)),
                 handshake: Duration::from_secs(3600),
                 unopened: Duration::from_secs(60),
+                lifetime: None,
             },
+            dec_limits: None,
+            jitter: [0, 0],
             connect_timeout: Duration::from_secs(3),
             fs: ForwardSecrecy::Require,
             aead: AeadKind::Ring,
@@ -1330,6 +1361,8 @@ fn addr(node: u8, i: usize) -> SocketAddr {
 /// An encrypt core and a decrypt core between a plaintext client and backend.
 pub struct World {
     pub now: Instant,
+    /// When the world began: the encrypt node's connection was accepted then.
+    pub started: Instant,
     pub opts: Opts,
     pub enc: Node<NoFilter, Sealed>,
     pub dec: Option<Node<Sealed, NoFilter>>,
@@ -1437,10 +1470,14 @@ impl World {
                     open,
                 },
                 upstreams: Upstreams::new(&addrs, Balance::RoundRobin),
-                limits: opts.limits,
+                limits: match node {
+                    0 => opts.limits,
+                    _ => opts.dec_limits.unwrap_or(opts.limits),
+                },
+                jitter: opts.jitter[usize::from(node)],
                 connect_timeout: opts.connect_timeout,
                 cap: opts.cap,
-                timers: [None, None],
+                timers: [None; 3],
                 deferred: VecDeque::new(),
                 connects: VecDeque::new(),
                 recs: Vec::new(),
@@ -1526,6 +1563,7 @@ impl World {
         dec_spare.preamble = opts.preamble.clone();
         let mut w = World {
             now,
+            started: now,
             enc,
             dec: None,
             client,
@@ -1941,6 +1979,15 @@ impl World {
         true
     }
 
+    /// A reload gives both nodes new limits.
+    pub fn set_limits(&mut self, limits: Limits) {
+        let now = self.now;
+        self.enc.set_limits(limits, now);
+        if let Some(d) = self.dec.as_mut() {
+            d.set_limits(limits, now);
+        }
+    }
+
     /// The drain deadline passed on a node (0: encrypt, 1: decrypt). True if it was open.
     pub fn drain(&mut self, node: usize) -> bool {
         let now = self.now;
@@ -2153,7 +2200,7 @@ impl World {
             .chain(self.dec_old.as_ref().map(|d| &d.env))
         {
             assert!(!n.timer_after_close, "a timer armed after the close");
-            assert_eq!(n.timers, [None, None], "a timer outlived its connection");
+            assert_eq!(n.timers, [None; 3], "a timer outlived its connection");
             assert!(
                 n.deferred.is_empty(),
                 "deferred work outlived its connection"
@@ -2170,7 +2217,18 @@ impl World {
         if let Some(b) = &self.backend {
             assert!(b.ended(), "the backend never saw an end");
         }
-        // A clean end of stream only ever follows the whole stream, ended on purpose.
+        // A clean end of stream only ever follows the whole stream, ended on purpose: by the
+        // far peer, or, towards the backend, by `max_lifetime` at a quiet moment, which ends
+        // the client's stream with everything it sent so far; bytes it sends after that
+        // cannot be carried, and when the encrypt side ended it the client is reset for them
+        // (whether it reads again to see it or not), unless it aborted itself. When the
+        // decrypt side ended it, bytes already on their way to it as the client read the end
+        // may be lost instead (core.rs, "Lifetime"; docs/OPERATIONS.md).
+        let enc_end = self.enc.recorded(&Rec::LifetimeEnd { graceful: true });
+        let dec_end = self
+            .dec
+            .as_ref()
+            .is_some_and(|d| d.recorded(&Rec::LifetimeEnd { graceful: true }));
         if self.client.eof {
             let b = self.backend.as_ref().expect("a clean end needs a backend");
             assert!(
@@ -2180,8 +2238,11 @@ impl World {
         }
         if let Some(b) = &self.backend {
             if b.eof {
+                let c = &self.client;
+                let all = b.got == self.upstream_sent();
+                let told = c.reset || c.aborted || self.enc.reset(Side::Client);
                 assert!(
-                    self.client.shut && b.got == self.upstream_sent(),
+                    (c.shut && all) || (enc_end && (all || told)) || dec_end,
                     "the backend saw a cut stream end cleanly"
                 );
             }
@@ -2261,13 +2322,24 @@ where
     /// and the registration reports the transports' readiness. False (nothing changed) if the
     /// connection cannot move now.
     pub fn migrate(&mut self, now: Instant) -> bool {
+        self.migrate_with(now, |_| {})
+    }
+
+    /// [`migrate`](Self::migrate), with `edit` changing the exported state before it is
+    /// encoded (what another build of the old process would have written).
+    pub fn migrate_with(
+        &mut self,
+        now: Instant,
+        edit: impl FnOnce(&mut super::core::migrate::CoreState),
+    ) -> bool {
         use super::core::migrate::ConnState;
         if self.closed {
             return false;
         }
-        let Ok(core) = self.core.export(now, &self.env.upstreams) else {
+        let Ok(mut core) = self.core.export(now, &self.env.upstreams) else {
             return false;
         };
+        edit(&mut core);
         let mode = match (C::SEALED, U::SEALED) {
             (false, true) => crate::config::Mode::Encrypt,
             (true, false) => crate::config::Mode::Decrypt,
@@ -2315,7 +2387,7 @@ where
             });
         }
         self.env.deferred.retain(|d| *d == Deferred::Close);
-        self.env.timers = [None, None];
+        self.env.timers = [None, None, None];
         self.env.now = now;
         let target = st
             .core
@@ -2330,7 +2402,7 @@ where
             |l| BevCore::with_io(upstream, l, !U::SEALED),
         )
         .expect("a state imports as exported");
-        self.core.resume(&mut self.env);
+        self.core.resume(now, &mut self.env);
         true
     }
 }
