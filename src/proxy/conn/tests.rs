@@ -1917,3 +1917,102 @@ fn an_adopted_session_whose_client_fails_before_its_open_ends_unused() {
         assert!(w.backend.is_none());
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Warm sessions and max_lifetime
+
+/// Limits with `max_lifetime` of 60 s (grace 30 s), or none, where a warm session may wait an
+/// hour for its client.
+fn held_long(lifetime: bool) -> Limits {
+    let limits = if lifetime {
+        with_lifetime(60, 30)
+    } else {
+        Opts::default().limits
+    };
+    Limits {
+        unopened: Duration::from_secs(3600),
+        ..limits
+    }
+}
+
+/// A warm world whose session waited 50 s for its client (`enc` and `dec`: whether each side
+/// has `max_lifetime`), then the client came, sent a request and had its reply. Returns the
+/// world and when the client was adopted.
+fn adopted_after_50s(enc: bool, dec: bool) -> (World, std::time::Instant) {
+    let mut w = warm_ready(Opts {
+        limits: held_long(enc),
+        dec_limits: Some(held_long(dec)),
+        warm_refresh: Duration::from_secs(3600),
+        client_data: super::pair::pattern(4000, 11),
+        backend_data: super::pair::pattern(4000, 12),
+        ..Opts::default()
+    });
+    w.advance(Duration::from_secs(50));
+    assert!(w.warm.as_ref().unwrap().core.is_ready(), "still held");
+    let d = w.dec.as_ref().unwrap();
+    assert!(d.core.is_unopened() && !d.closed, "held by the decrypt side");
+    let adopted = w.now;
+    assert!(w.client_write(100));
+    w.deliver(0, 0, usize::MAX);
+    w.adopt();
+    assert!(w.ready(0, Side::Client));
+    exchange(&mut w);
+    assert!(w.backend_write(200));
+    exchange(&mut w);
+    (w, adopted)
+}
+
+/// An adopted warm session's `max_lifetime` counts from its client's adoption, not from when
+/// the session was made; and it is armed once the decrypt side answered (until then, the
+/// replay's grace holds the timer slot the two share).
+#[test]
+fn max_lifetime_of_an_adopted_warm_session_counts_from_its_client() {
+    let (mut w, adopted) = adopted_after_50s(true, false);
+    assert_eq!(
+        w.enc.env.timer(ConnTimer::Lifetime),
+        Some(adopted + Duration::from_secs(60)),
+        "armed from the adoption"
+    );
+    w.advance(adopted + Duration::from_millis(59_999) - w.now);
+    exchange(&mut w);
+    assert!(!w.enc.recorded(&Rec::LifetimeEnd { graceful: true }));
+    assert!(!w.client.eof && !w.backend.as_ref().unwrap().eof, "not yet");
+    w.advance(Duration::from_millis(1));
+    assert!(w.enc.recorded(&Rec::LifetimeEnd { graceful: true }));
+    exchange(&mut w);
+    assert!(w.backend.as_ref().unwrap().eof, "the backend reads a clean end");
+    assert!(w.backend_shut());
+    exchange(&mut w);
+    assert!(w.client.eof && !w.client.reset);
+    peers_close(&mut w);
+    w.check_complete();
+}
+
+/// On a decrypt side, a warm session's client starts with its OPEN: a session held for 50 s
+/// is neither ended at its lifetime while it waits (no quiet moment comes before a backend)
+/// nor 10 s after its client came; its lifetime counts from the OPEN.
+#[test]
+fn max_lifetime_of_a_held_session_counts_from_its_open_on_a_decrypt_side() {
+    let (mut w, adopted) = adopted_after_50s(false, true);
+    let d = w.dec.as_ref().unwrap();
+    assert!(d.recorded(&Rec::Warm(WarmStep::Opened)));
+    assert_eq!(
+        d.env.timer(ConnTimer::Lifetime),
+        Some(adopted + Duration::from_secs(60)),
+        "armed from the OPEN"
+    );
+    w.advance(adopted + Duration::from_millis(59_999) - w.now);
+    exchange(&mut w);
+    let d = w.dec.as_ref().unwrap();
+    assert!(!d.recorded(&Rec::LifetimeEnd { graceful: true }));
+    w.advance(Duration::from_millis(1));
+    exchange(&mut w);
+    let d = w.dec.as_ref().unwrap();
+    assert!(d.recorded(&Rec::LifetimeEnd { graceful: true }));
+    assert!(w.backend.as_ref().unwrap().eof, "the backend reads a clean end");
+    assert!(w.backend_shut());
+    exchange(&mut w);
+    assert!(w.client.eof && !w.client.reset);
+    peers_close(&mut w);
+    w.check_complete();
+}
