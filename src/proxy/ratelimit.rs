@@ -330,6 +330,14 @@ impl ShardRates {
         false
     }
 
+    /// A connection admitted at accept turned out to be no client's (a decrypt side's warm
+    /// session, held until its OPEN): its token goes back; its OPEN takes one ([`admit`]).
+    pub fn give_back_conn(&mut self) {
+        if let Some(l) = self.get_mut(Kind::Conns) {
+            l.give_back(1);
+        }
+    }
+
     /// Pauses of the byte limits not yet in the metrics, by direction: (count, seconds).
     pub fn take_throttled(&mut self, dir: Flow) -> (u64, f64) {
         self.get_mut(Kind::of(dir))
@@ -652,6 +660,27 @@ mod tests {
             100,
             "after the debt, the refill"
         );
+    }
+
+    #[test]
+    fn a_warm_sessions_token_goes_back_until_its_open_takes_one() {
+        let t0 = Instant::now();
+        let limits = RateLimits {
+            conns: Some(Limit {
+                rate: 1.0,
+                burst: 1.0,
+            }),
+            ..RateLimits::default()
+        };
+        let mut r = ShardRates::new(&limits, 1, t0);
+        // Accepted: a warm session, as far as anyone can tell at accept.
+        assert!(r.admit(t0));
+        assert!(!r.admit(t0), "the bucket is empty");
+        // Held without an OPEN: not a client; its token goes back for the next client.
+        r.give_back_conn();
+        assert!(r.admit(t0), "its OPEN (or any client) takes it");
+        assert!(!r.admit(t0));
+        assert_eq!(r.get(Kind::Conns).unwrap().used, 1, "one client counted");
     }
 
     #[test]

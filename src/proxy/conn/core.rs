@@ -407,6 +407,13 @@ pub trait Env<U: Layer, T: Transport> {
     fn hold_unopened(&mut self) -> bool {
         true
     }
+    /// A held (warm) session's OPEN came: its client is here. May it be served? False when
+    /// the tunnel's `conn_rate` has no connection to spare: it counts clients, and a warm
+    /// session's connection is not one until its OPEN (its token went back when it was
+    /// held). The session then closes with an ABORT `unopened`, as it was not acted on.
+    fn admit_open(&mut self) -> bool {
+        true
+    }
     /// This side drains (a stop, or a live upgrade's handoff): a session whose handshake
     /// completes without an OPEN from now on is not held for a client, but closed as those
     /// held when the drain started were ([`ConnCore::drain_started`]).
@@ -1275,6 +1282,13 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
                 if self.unopened {
                     self.unopened = false;
                     env.act(Action::Warm(WarmStep::Opened));
+                    if !env.admit_open() {
+                        // Over `conn_rate`: turned away before anything was acted on, so its
+                        // encrypt side may send the client's bytes again on a fresh
+                        // connection, which the rate meets at accept like any other.
+                        self.finish_with(CloseReason::Unopened, Some(AbortReason::Unopened), env);
+                        return (c, u);
+                    }
                     self.arm_idle(env);
                     // The client's connection starts with its OPEN: its age (`max_lifetime`,
                     // its duration) counts from now, not from when the warm session was made.

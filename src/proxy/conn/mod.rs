@@ -715,10 +715,18 @@ impl<C: Make, U: Make> Env<U, Socket> for ConnEnv<'_, '_, C, U> {
     fn hold_unopened(&mut self) -> bool {
         // Its source's unopened count (listener::Admission), or no slot at all (a
         // connection admitted without a ticket: none is counted).
-        match &self.shell.ticket {
+        let held = match &self.shell.ticket {
             Some(t) => self.cx.state.admission.hold_unopened(t),
             None => true,
+        };
+        if held {
+            // Not a client's connection (yet): `conn_rate` counts it at its OPEN instead.
+            self.rt().rates.give_back_conn();
         }
+        held
+    }
+    fn admit_open(&mut self) -> bool {
+        super::ratelimit::admit(self.cx, self.shell.tunnel)
     }
     fn draining(&self) -> bool {
         self.cx.state.draining

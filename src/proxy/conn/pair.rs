@@ -617,6 +617,8 @@ pub struct NodeEnv {
     pub input_peak: [usize; 2],
     /// `Env::hold_unopened` says no (the source is over its cap).
     pub refuse_unopened: bool,
+    /// `Env::admit_open` says no (over the tunnel's `conn_rate`).
+    pub refuse_open: bool,
     /// `Env::draining`: the node's "process" started to drain ([`World::drain_started`]).
     pub draining: bool,
     /// A warm session's `warm_refresh`.
@@ -701,6 +703,9 @@ impl<U: Build> Env<U, Pipe> for NodeEnv {
     }
     fn hold_unopened(&mut self) -> bool {
         !self.refuse_unopened
+    }
+    fn admit_open(&mut self) -> bool {
+        !self.refuse_open
     }
     fn draining(&self) -> bool {
         self.draining
@@ -1490,6 +1495,7 @@ impl World {
                 timed_out: Vec::new(),
                 input_peak: [0; 2],
                 refuse_unopened: false,
+                refuse_open: false,
                 draining: false,
                 warm_refresh: opts.warm_refresh,
             }

@@ -1950,7 +1950,10 @@ fn adopted_after_50s(enc: bool, dec: bool) -> (World, std::time::Instant) {
     w.advance(Duration::from_secs(50));
     assert!(w.warm.as_ref().unwrap().core.is_ready(), "still held");
     let d = w.dec.as_ref().unwrap();
-    assert!(d.core.is_unopened() && !d.closed, "held by the decrypt side");
+    assert!(
+        d.core.is_unopened() && !d.closed,
+        "held by the decrypt side"
+    );
     let adopted = w.now;
     assert!(w.client_write(100));
     w.deliver(0, 0, usize::MAX);
@@ -1980,7 +1983,10 @@ fn max_lifetime_of_an_adopted_warm_session_counts_from_its_client() {
     w.advance(Duration::from_millis(1));
     assert!(w.enc.recorded(&Rec::LifetimeEnd { graceful: true }));
     exchange(&mut w);
-    assert!(w.backend.as_ref().unwrap().eof, "the backend reads a clean end");
+    assert!(
+        w.backend.as_ref().unwrap().eof,
+        "the backend reads a clean end"
+    );
     assert!(w.backend_shut());
     exchange(&mut w);
     assert!(w.client.eof && !w.client.reset);
@@ -2009,10 +2015,40 @@ fn max_lifetime_of_a_held_session_counts_from_its_open_on_a_decrypt_side() {
     exchange(&mut w);
     let d = w.dec.as_ref().unwrap();
     assert!(d.recorded(&Rec::LifetimeEnd { graceful: true }));
-    assert!(w.backend.as_ref().unwrap().eof, "the backend reads a clean end");
+    assert!(
+        w.backend.as_ref().unwrap().eof,
+        "the backend reads a clean end"
+    );
     assert!(w.backend_shut());
     exchange(&mut w);
     assert!(w.client.eof && !w.client.reset);
     peers_close(&mut w);
     w.check_complete();
+}
+
+/// `conn_rate` on a decrypt side counts clients, not warm sessions: a held session's token
+/// went back (`ratelimit`), and its OPEN takes one. Over the rate at the OPEN, the session is
+/// declined with an ABORT `unopened` (nothing was acted on), and the encrypt side sends the
+/// client's bytes again on a fresh connection, which the rate then meets at accept.
+#[test]
+fn an_open_over_the_conn_rate_is_declined_and_its_bytes_go_again() {
+    let mut w = warm_ready(Opts::default());
+    w.dec.as_mut().unwrap().env.refuse_open = true;
+    assert!(w.client_write(1000));
+    w.deliver(0, 0, usize::MAX);
+    w.adopt();
+    assert!(w.ready(0, Side::Client));
+    w.settle();
+    w.check_settled();
+    let old = w.dec_old.as_ref().expect("the first decrypt node");
+    assert!(old.recorded(&Rec::Warm(WarmStep::Opened)));
+    assert!(
+        !old.recorded(&Rec::SessionOpened),
+        "the refused OPEN was never acted on"
+    );
+    assert_eq!(old.reason(), Some(CloseReason::Unopened));
+    assert!(w.enc.recorded(&Rec::Warm(WarmStep::Retried)));
+    // (The harness's fresh connection is admitted.)
+    w.check_complete();
+    assert_eq!(w.backend.as_ref().unwrap().got, w.client.data);
 }
