@@ -106,6 +106,38 @@ fn a_new_client_takes_a_warm_session_and_the_backend_is_reached_only_for_it() {
     assert_eq!(metric(&re, "sealpipe_connections_accepted_total", &[]), 2.0);
 }
 
+/// Warm sessions to a decrypt side behind a Unix socket (`targets = ["unix:..."]`, issue 19):
+/// made, held and taken through the same connect path as a connection's own.
+#[test]
+fn warm_sessions_reach_a_decrypt_side_on_a_unix_socket() {
+    let echo = echo_backend();
+    let key = keygen("warm-unix");
+    let sock = temp_dir("warm-unix").join("dec.sock");
+    let unix = format!("unix:{}", sock.display());
+    let (_, rd) = start(
+        decrypt(echo.addr, &key, |t| t.listen = unix.clone()),
+        limits(),
+    );
+    let mut e = encrypt(echo.addr, &key, 4, 25.0);
+    e.targets = vec![unix];
+    let (enc, re) = start(e, limits());
+    exchange(enc, 1000).unwrap();
+    assert_eq!(warm_event(&re, "missed"), 1.0);
+    wait_until("a ready warm session", || {
+        warm_sessions(&re, "encrypt") >= 1.0
+    });
+    wait_until("the decrypt side holds it", || {
+        warm_sessions(&rd, "decrypt") >= 1.0
+    });
+    exchange(enc, 1000).unwrap();
+    assert_eq!(warm_event(&re, "used"), 1.0);
+    wait_until("the decrypt side saw its OPEN", || {
+        warm_event(&rd, "opened") == 1.0
+    });
+    assert_eq!(echo.bytes.load(Ordering::SeqCst), 2000, "every byte once");
+    assert_eq!(warm_event(&re, "failed"), 0.0);
+}
+
 #[test]
 fn the_pool_grows_to_warm_max_under_load_and_empties_when_the_tunnel_goes_idle() {
     let echo = echo_backend();
