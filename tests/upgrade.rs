@@ -264,7 +264,7 @@ fn a_unix_listener_refuses_a_handoff_naming_the_tunnel() {
     assert!(!sock.exists() && !listen.exists(), "nothing bound");
 }
 
-/// More connections than a shard freezes at once (`proxy::handoff::MAX_IN_FLIGHT`, 252) move
+/// More connections than a shard freezes at once (`proxy::handoff::MAX_IN_FLIGHT`, 126) move
 /// in waves, all of them, with one shard on each side.
 #[test]
 fn many_connections_move_in_waves() {
