@@ -105,13 +105,9 @@ fn ping(s: &mut TcpStream, byte: u8) {
 /// A client that the proxy turns away: it must see a reset promptly (not EOF, not a hang).
 fn expect_reset(entry: SocketAddr) {
     let mut c = connect(entry);
-    // The reset may come before the write does: then the write reports it, and the read
-    // after it sees only the end of a stream already reset.
-    let wrote = c.write_all(b"ping").err().map(|e| e.kind());
-    let (got, err) = read_to_end(&mut c);
+    let (got, err) = write_then_read_to_end(&mut c, b"ping");
     assert!(got.is_empty(), "a turned-away client got {got:?}");
-    let seen = wrote.filter(|k| *k == ErrorKind::ConnectionReset).or(err);
-    assert_eq!(seen, Some(ErrorKind::ConnectionReset), "turned-away client");
+    assert_eq!(err, Some(ErrorKind::ConnectionReset), "turned-away client");
 }
 
 fn forward_toml(targets: &[SocketAddr], balance: &str) -> String {
