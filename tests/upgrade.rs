@@ -240,28 +240,46 @@ fn connections_to_a_unix_target_move_too() {
 /// handoff carries TCP listeners only (its established connections could not move without
 /// the listener either).
 #[test]
-fn a_unix_listener_refuses_a_handoff_naming_the_tunnel() {
+fn a_unix_listener_starts_under_handoff_but_refuses_to_take_over_a_running_process() {
     let dir = temp_dir("upgrade-unix-listen");
     let (listen, sock) = (dir.join("in.sock"), dir.join("h.sock"));
-    let out = sealpipe()
-        .args([
-            "forward",
-            "--listen",
-            &format!("unix:{}", listen.display()),
-            "--target",
-            "127.0.0.1:9",
-            "--handoff",
-            &sock.display().to_string(),
-        ])
-        .output()
-        .unwrap();
+    let backend = echo_backend();
+    let args = [
+        "forward".to_string(),
+        "--listen".into(),
+        format!("unix:{}", listen.display()),
+        "--target".into(),
+        backend.addr.to_string(),
+        "--handoff".into(),
+        sock.display().to_string(),
+    ];
+    // Nothing to take over (the shipped unit always passes --handoff): it starts and serves.
+    let _first = spawn(sealpipe().args(&args));
+    wait_socket(&sock);
+    wait_until("the Unix listener to exist", || listen.exists());
+    let unix_echo = || {
+        let mut c = std::os::unix::net::UnixStream::connect(&listen)?;
+        c.set_read_timeout(Some(TIMEOUT))?;
+        c.write_all(b"ping")?;
+        let mut got = [0u8; 4];
+        c.read_exact(&mut got)?;
+        std::io::Result::Ok(got)
+    };
+    assert_eq!(unix_echo().unwrap(), *b"ping");
+    // A successor cannot take a Unix listener over: it says so and exits 2, taking nothing;
+    // the running process keeps serving.
+    let out = sealpipe().args(&args).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
         err.contains("listens on a Unix socket") && err.contains("restart the process instead"),
         "{err}"
     );
-    assert!(!sock.exists() && !listen.exists(), "nothing bound");
+    assert_eq!(
+        unix_echo().unwrap(),
+        *b"ping",
+        "the running process still serves"
+    );
 }
 
 /// More connections than a shard freezes at once (`proxy::handoff::MAX_IN_FLIGHT`, 126) move

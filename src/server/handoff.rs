@@ -137,6 +137,18 @@ pub(super) fn take_listeners(path: &Path, cfg: &Config) -> Result<Option<Inherit
             ),
         ));
     }
+    // A predecessor is serving: a Unix listener cannot be taken over from it (nor shared:
+    // one of two processes would delete the other's socket file at exit), so refuse before
+    // asking for anything; the predecessor keeps serving.
+    if let Some(t) = cfg.tunnels.iter().find(|t| t.listen.unix().is_some()) {
+        return Err(handoff_err(
+            path,
+            format!(
+                "tunnel {:?} listens on a Unix socket ({}), which the handoff does not carry: restart the process instead",
+                t.name, t.listen
+            ),
+        ));
+    }
     conn.set_read_timeout(Some(HANDOFF_TIMEOUT)).map_err(io)?;
     conn.set_write_timeout(Some(HANDOFF_TIMEOUT)).map_err(io)?;
     conn.write_all(Hello::ours().encode().as_bytes())

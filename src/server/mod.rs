@@ -253,22 +253,19 @@ pub fn start_with(
     let keys = cfg.load_keys()?;
     let access_logs = crate::proxy::access_log::open_all(&cfg)?;
 
-    if let (Some(path), Some(t)) = (
-        handoff,
-        cfg.tunnels.iter().find(|t| t.listen.unix().is_some()),
-    ) {
-        return Err(ServerError::Handoff {
-            path: path.to_owned(),
-            message: format!(
-                "tunnel {:?} listens on a Unix socket ({}), which the handoff does not carry: restart the process instead",
-                t.name, t.listen
-            ),
-        });
-    }
     let mut inherited = match handoff {
         Some(path) => take_listeners(path, &cfg)?,
         None => None,
     };
+    if let (Some(path), None, Some(t)) = (
+        handoff,
+        inherited.as_ref(),
+        cfg.tunnels.iter().find(|t| t.listen.unix().is_some()),
+    ) {
+        // Nothing to take over: start as usual. A successor will be refused (a Unix listener
+        // cannot be shared with it), so say now that upgrading this process means a restart.
+        tracing::warn!(tunnel = %t.name, listen = %t.listen, handoff = %path.display(), "a tunnel listens on a Unix socket, which a handoff does not carry: a live upgrade of this process will be refused; restart it instead");
+    }
     // A predecessor with more shards hands over more listeners per tunnel than we would bind:
     // run that many shards, since closing a SO_REUSEPORT listener drops its queued clients.
     let nshards = match &inherited {
