@@ -166,10 +166,11 @@ pub fn run(duration: Option<Duration>, log: LogControl) -> Result<ExitReason, De
         None => println!("serving until Ctrl-C"),
     }
     let stop = duration.unwrap_or(Duration::MAX / 4);
-    // The control thread drives the encrypt side; the decrypt side drains with it.
-    let dec_thread = std::thread::spawn(move || dec.wait(Some(stop)));
+    // This thread drives the encrypt side (signals, reload, drain); the decrypt side drains
+    // once the encrypt side has gone, as a pair is stopped in production: the other way round,
+    // the encrypt side would see its warm sessions closed and its target refuse new ones.
     let reason = enc.wait(Some(stop))?;
-    let _ = dec_thread.join();
+    let _ = dec.wait(Some(Duration::ZERO));
     let _ = std::fs::remove_dir_all(&dir);
     Ok(reason)
 }

@@ -1012,3 +1012,19 @@ fn sigterm_right_after_start_drains_instead_of_killing() {
         assert!(status.success(), "{status:?}");
     }
 }
+
+/// README's first command, short: the demo checks traffic through its pair, serves, and stops
+/// cleanly, exit 0, with nothing logged at warn or error on the way (stopping the decrypt side
+/// first would have the encrypt side's warm sessions closed under it and their replacements
+/// refused: "upstream marked down").
+#[test]
+fn the_demo_checks_its_pair_and_stops_without_a_warning() {
+    let out = run_cli(&["demo", "--duration", "1"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("byte-exact"), "{stdout}");
+    assert!(
+        !stderr.contains("WARN") && !stderr.contains("ERROR"),
+        "the demo logged: {stderr}"
+    );
+}
