@@ -123,11 +123,21 @@ pub fn pair(backend: SocketAddr) -> (SocketAddr, Running, Running) {
     (enc, re, rd)
 }
 
+/// A connected client with read and write timeouts. The timeouts are set before the connect:
+/// set after it, on a connection the proxy resets at once (an access list, a cap), the call
+/// itself failed with the reset (seen in the release suite), instead of the read or write
+/// that a test then makes to see it.
 pub fn connect(addr: SocketAddr) -> TcpStream {
-    let s = TcpStream::connect(addr).unwrap();
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )
+    .unwrap();
     s.set_read_timeout(Some(TIMEOUT)).unwrap();
     s.set_write_timeout(Some(TIMEOUT)).unwrap();
-    s
+    s.connect(&addr.into()).unwrap();
+    s.into()
 }
 
 /// Deterministic bytes for offset `i` of stream `seed`.
