@@ -12,9 +12,11 @@
 //!   operation that empties the buffer);
 //! - writable tail room exists only in the last chunk;
 //! - a buffer drained to empty holds no chunks: they go straight back to this thread's pool.
-//!   `Buffer::new` allocates nothing; a buffer that was used keeps its chunk list's small
-//!   allocation (so a busy buffer does not allocate per fill) until
-//!   [`shrink_to_fit`](Buffer::shrink_to_fit), after which an empty buffer holds no heap at all.
+//!   `Buffer::new` allocates nothing; a buffer's first chunk brings a chunk list from the
+//!   thread's list cache ([`pool::take_list`]), which the buffer keeps (so a busy buffer does
+//!   not allocate per fill) until [`shrink_to_fit`](Buffer::shrink_to_fit) or drop hand it
+//!   back: an empty buffer then holds no heap at all, and a new connection's buffers reuse the
+//!   lists a closed one gave back.
 //! - moving a chunk into a buffer whose tail room can hold its bytes copies them and recycles
 //!   the chunk, so a stream of tiny moves never costs a chunk per move (bounded memory).
 //!
@@ -109,7 +111,7 @@ impl Buffer {
                     let n = last.push_slice(data);
                     data = &data[n..];
                 }
-                _ => self.chunks.push_back(pool::take()),
+                _ => self.list().push_back(pool::take()),
             }
         }
     }
@@ -145,11 +147,24 @@ impl Buffer {
         self.len = 0;
     }
 
-    /// Gives back the chunk list's spare capacity: an empty buffer then holds no heap at all.
-    /// For owners of quiet buffers (an idle connection); a busy buffer would only allocate its
-    /// list again on the next fill.
+    /// Gives back the chunk list's spare capacity: an empty buffer then holds no heap at all
+    /// (its list goes back to the thread's list cache). For owners of quiet buffers (an idle
+    /// connection); a busy buffer would only take a list again on the next fill.
     pub fn shrink_to_fit(&mut self) {
-        self.chunks.shrink_to_fit();
+        if self.chunks.is_empty() {
+            pool::give_list(std::mem::take(&mut self.chunks));
+        } else {
+            self.chunks.shrink_to_fit();
+        }
+    }
+
+    /// The chunk list, taken from the thread's list cache if this buffer holds none yet.
+    #[inline]
+    fn list(&mut self) -> &mut VecDeque<Chunk> {
+        if self.chunks.capacity() == 0 {
+            self.chunks = pool::take_list();
+        }
+        &mut self.chunks
     }
 
     /// The first contiguous readable slice (empty if the buffer is).
@@ -192,7 +207,7 @@ impl Buffer {
             if rest > 0 {
                 let mut keep = pool::take();
                 keep.push_slice(&c.data()[consumed..]);
-                self.chunks.push_front(keep);
+                self.list().push_front(keep);
             }
             c.truncate(produced);
             dst.push_chunk(c);
@@ -319,7 +334,7 @@ impl Buffer {
                     self.pop_front_give();
                 }
             }
-            self.chunks.push_front(first);
+            self.list().push_front(first);
         }
         self.chunks.front_mut().map(|c| &mut c.data_mut()[..n])
     }
@@ -342,7 +357,7 @@ impl Buffer {
             Some(_) => true,
         };
         if need_new {
-            self.chunks.push_back(pool::take());
+            self.list().push_back(pool::take());
         }
         match self.chunks.back_mut() {
             Some(last) => last.tail_mut(),
@@ -479,7 +494,7 @@ impl Buffer {
                 rest -= m;
                 if m > 0 {
                     c.commit(m);
-                    self.chunks.push_back(c);
+                    self.list().push_back(c);
                 } else {
                     pool::give(c);
                 }
@@ -612,7 +627,7 @@ impl Buffer {
             } else {
                 if committed_fresh < at {
                     if let Some(c) = fresh[at - 1].take() {
-                        self.chunks.push_back(c);
+                        self.list().push_back(c);
                     }
                     committed_fresh = at;
                 }
@@ -661,7 +676,7 @@ impl Buffer {
             return Ok(0);
         }
         if self.chunks.is_empty() {
-            self.chunks.push_back(pool::take_small(cap));
+            self.list().push_back(pool::take_small(cap));
         }
         let result = match self.chunks.back_mut() {
             Some(last) => {
@@ -742,7 +757,7 @@ impl Buffer {
                 if l <= COMPACT_MAX {
                     c.compact();
                 }
-                self.chunks.push_back(c);
+                self.list().push_back(c);
             }
         }
         self.len += l;
@@ -767,7 +782,8 @@ impl Buffer {
 
 impl Drop for Buffer {
     fn drop(&mut self) {
-        self.clear();
+        self.len = 0;
+        pool::give_list(std::mem::take(&mut self.chunks));
     }
 }
 

@@ -15,12 +15,19 @@
 //!   use never leaks from the accounting; a bare [`Chunk`] dropped without [`give`] is counted
 //!   as live forever (its memory is still freed).
 //!
+//! Beside the chunks, the pool keeps the small allocations that hold a [`Buffer`]'s chunk
+//! list ([`take_list`], [`give_list`]): a connection's buffers take one each on first use and
+//! hand it back when dropped or shrunk, so opening and closing connections allocates no lists
+//! once the cache is warm. At most [`LISTS_CACHED`] are kept, each of at most
+//! [`LIST_CAP_CACHED`] entries (a list a bulk transfer grew is freed instead).
+//!
 //! [`Chunk`] is deliberately `!Send`: a chunk taken on one thread and given back on another
 //! would corrupt both threads' statistics, and a connection's buffers belong to its shard anyway.
 //!
 //! [`Buffer`]: super::buffer::Buffer
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::fmt;
 use std::marker::PhantomData;
 
@@ -275,6 +282,86 @@ pub fn give(c: Chunk) {
     });
 }
 
+/// Empty chunk lists this thread keeps for reuse ([`take_list`]); more are freed.
+pub const LISTS_CACHED: usize = 256;
+/// Capacity of a list made fresh, and the largest capacity [`give_list`] keeps: a
+/// request/response buffer holds one or two chunks at a time.
+pub const LIST_CAP_CACHED: usize = 4;
+
+/// Counters of the list cache (per thread).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListStats {
+    /// Lists on the cache, ready for [`take_list`].
+    pub cached: usize,
+    /// Lists ever made fresh (each one heap allocation).
+    pub allocated_total: u64,
+    /// [`take_list`] calls served from the cache.
+    pub reused_total: u64,
+}
+
+struct Lists {
+    free: Vec<VecDeque<Chunk>>,
+    stats: ListStats,
+}
+
+thread_local! {
+    static LISTS: RefCell<Lists> = const {
+        RefCell::new(Lists { free: Vec::new(), stats: ListStats {
+            cached: 0, allocated_total: 0, reused_total: 0,
+        } })
+    };
+}
+
+/// An empty chunk list with room for at least one chunk: from this thread's cache, or made
+/// fresh with [`LIST_CAP_CACHED`] entries.
+pub fn take_list() -> VecDeque<Chunk> {
+    let cached = LISTS
+        .try_with(|l| {
+            let mut l = l.borrow_mut();
+            let got = l.free.pop();
+            if got.is_some() {
+                l.stats.reused_total += 1;
+            } else {
+                l.stats.allocated_total += 1;
+            }
+            got
+        })
+        .ok()
+        .flatten();
+    cached.unwrap_or_else(|| VecDeque::with_capacity(LIST_CAP_CACHED))
+}
+
+/// Keeps an emptied chunk list for the next [`take_list`], unless it holds no allocation,
+/// grew past [`LIST_CAP_CACHED`], or the cache is full (then it is freed). Its chunks, if any,
+/// go back to the chunk pool first.
+pub fn give_list(mut list: VecDeque<Chunk>) {
+    for c in list.drain(..) {
+        give(c);
+    }
+    if list.capacity() == 0 || list.capacity() > LIST_CAP_CACHED {
+        return;
+    }
+    let _ = LISTS.try_with(|l| {
+        let mut l = l.borrow_mut();
+        if l.free.len() < LISTS_CACHED {
+            l.free.push(list);
+        }
+    });
+}
+
+/// This thread's list-cache counters.
+pub fn list_stats() -> ListStats {
+    LISTS
+        .try_with(|l| {
+            let l = l.borrow();
+            ListStats {
+                cached: l.free.len(),
+                ..l.stats
+            }
+        })
+        .unwrap_or_default()
+}
+
 /// Sets the cap of this thread's free list, freeing cached chunks above it at once.
 pub fn set_max_cached(chunks: usize) {
     POOL.with(|p| {
@@ -370,6 +457,31 @@ mod tests {
         let s = stats();
         assert_eq!((s.cached_chunks, s.freed_total), (0, 5));
         consistent(s);
+    }
+
+    #[test]
+    fn lists_are_reused_and_the_cache_is_bounded() {
+        let mut l = take_list();
+        assert!(l.is_empty() && l.capacity() >= 1);
+        l.push_back(take());
+        give_list(l); // its chunk goes back to the chunk pool, the list to the cache
+        assert_eq!(stats().live_chunks, 0);
+        let s = list_stats();
+        assert_eq!((s.cached, s.allocated_total, s.reused_total), (1, 1, 0));
+        let l = take_list();
+        assert_eq!(list_stats().reused_total, 1);
+        give_list(l);
+        // A list a bulk transfer grew, and a list with no allocation, are not kept.
+        let mut big = take_list();
+        big.reserve(64);
+        give_list(big);
+        give_list(VecDeque::new());
+        assert_eq!(list_stats().cached, 0, "the cached one was taken by `big`");
+        // Never more than LISTS_CACHED.
+        for _ in 0..LISTS_CACHED + 10 {
+            give_list(VecDeque::with_capacity(1));
+        }
+        assert_eq!(list_stats().cached, LISTS_CACHED);
     }
 
     #[test]
