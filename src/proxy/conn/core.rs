@@ -659,13 +659,14 @@ impl<C: Layer, U: Layer, T: Transport> ConnCore<C, U, T> {
     /// its pumps must see the bytes: while the client's preamble is read, while an adopted
     /// warm session's OPEN is held or the client's bytes are kept for a replay ([`Replay`]:
     /// a relayed byte would be sealed without a copy kept, and lost if the session is
-    /// declined), and once closed. A relayed read reports READ like any other, and the pump
+    /// declined; once more than [`REPLAY_MAX`] went nothing is kept, and reads relay again),
+    /// and once closed. A relayed read reports READ like any other, and the pump
     /// then flushes the far side and holds reading back for it exactly as for bytes it moved.
     fn relays(&self) -> bool {
         (C::SEALED || U::SEALED)
             && !self.awaiting_preamble
             && !self.unopened
-            && self.replay.is_none()
+            && self.replay.as_ref().is_none_or(|r| r.overflowed)
             && self.closed.is_none()
     }
 

@@ -1879,6 +1879,59 @@ fn an_adopted_session_is_ordinary_once_answered_or_after_its_grace() {
     assert!(!w.enc.core.replayable());
 }
 
+/// An adopted session keeps the client's bytes for a replay only up to `REPLAY_MAX`; past it
+/// a decline resets the client (the session is not replayable), so nothing is left to keep and
+/// the client's reads go straight into records again (sealing in place). An upload through a
+/// warm session (iperf3, a backup) gets no answer to confirm its session before the grace
+/// ends, and every byte of its first 10 seconds used to be staged and copied into records.
+#[test]
+fn an_adopted_session_past_its_replay_limit_reads_into_records_again() {
+    let total = 4 * super::core::REPLAY_MAX;
+    let mut w = warm_ready(Opts {
+        client_data: super::pair::pattern(total, 12),
+        cap: 1 << 20,
+        ..Opts::default()
+    });
+    assert!(w.client_write(10));
+    w.deliver(0, 0, usize::MAX);
+    w.adopt();
+    assert!(w.ready(0, Side::Client), "OPEN and the first bytes go");
+    while w.enc.core.replayable() {
+        assert!(w.client_write(16 * 1024), "the client sends on, unanswered");
+        w.net();
+        w.backend_read();
+    }
+    w.enc.env.input_peak = [0; 2];
+    while w.client.sent < total {
+        assert!(w.client_write(16 * 1024));
+        w.net();
+        w.backend_read();
+    }
+    loop {
+        w.net();
+        if !w.backend_read() {
+            break;
+        }
+    }
+    assert!(
+        !w.enc.recorded(&Rec::Confirmed),
+        "nothing came back: still in its grace"
+    );
+    assert_eq!(
+        w.enc.env.input_peak[Side::Client as usize],
+        0,
+        "past the replay limit, reads go into records: none staged in the input"
+    );
+    assert_eq!(
+        w.backend.as_ref().unwrap().got,
+        w.client.data,
+        "all of it, once, in order"
+    );
+    w.settle();
+    w.check_settled();
+    w.check_complete();
+}
+
 #[test]
 fn an_adopted_session_whose_client_fails_before_its_open_ends_unused() {
     // A client reset, and a load balancer's PROXY header that is refused: no OPEN ever goes,
