@@ -6,7 +6,9 @@
 # alternating runs are what make a few percent visible.
 #
 # usage: scripts/bench/bulk-ab.sh A_BIN B_BIN [P] [REPS] [SECS]     (defaults 8, 6, 5)
-#   ARGS: extra arguments for both builds' two processes (e.g. "--warm-max 0")
+#   ARGS: extra arguments for both builds' processes (e.g. "--warm-max 0"); ARGS_A / ARGS_B
+#   for one side only (one build twice with ARGS_B="--threads 1" compares two settings)
+#   MODE: pair (default) or forward (one `sealpipe forward` hop: the floor's other term)
 # needs: iperf3, python3, ss (iproute2). Loopback only; kills only the processes it started (their PIDs).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -16,6 +18,8 @@ par=${3:-8}
 reps=${4:-6}
 secs=${5:-5}
 args=${ARGS:-}
+mode=${MODE:-pair}
+case $mode in pair|forward) ;; *) echo "bulk-ab: MODE is pair or forward"; exit 2 ;; esac
 H="python3 scripts/e2e_helper.py"
 tmp=$(mktemp -d)
 pids=()
@@ -48,26 +52,34 @@ wait_listen() {
   echo "bulk-ab: nothing listens on port $1"; return 1
 }
 
-# one BIN -> "GBPS S_PER_GIB"
+# one BIN EXTRA_ARGS -> "GBPS S_PER_GIB"
 one() {
-  local bin=$1 p_srv p_dec p_enc srv dec enc c0 c1 out
+  local bin=$1 extra=$2 p_srv p_dec p_enc srv procs=() c0 c1 out
   read -r p_srv p_dec p_enc <<<"$($H free-ports 3)"
   iperf3 -s -1 -B 127.0.0.1 -p "$p_srv" >/dev/null 2>&1 &
   srv=$!; pids+=("$srv")
-  # shellcheck disable=SC2086
-  "$bin" decrypt --listen "127.0.0.1:$p_dec" --target "127.0.0.1:$p_srv" --key "$tmp/k.key" \
-    --log-level error $args &
-  dec=$!; pids+=("$dec")
-  # shellcheck disable=SC2086
-  "$bin" encrypt --listen "127.0.0.1:$p_enc" --target "127.0.0.1:$p_dec" --key "$tmp/k.key" \
-    --log-level error $args &
-  enc=$!; pids+=("$enc")
-  wait_listen "$p_srv" && wait_listen "$p_dec" && wait_listen "$p_enc"
-  c0=$(cpu_ticks "$dec" "$enc")
+  wait_listen "$p_srv"
+  if [ "$mode" = pair ]; then
+    # shellcheck disable=SC2086
+    "$bin" decrypt --listen "127.0.0.1:$p_dec" --target "127.0.0.1:$p_srv" --key "$tmp/k.key" \
+      --log-level error $args $extra &
+    procs+=($!); pids+=($!)
+    wait_listen "$p_dec"
+    # shellcheck disable=SC2086
+    "$bin" encrypt --listen "127.0.0.1:$p_enc" --target "127.0.0.1:$p_dec" --key "$tmp/k.key" \
+      --log-level error $args $extra &
+  else
+    # shellcheck disable=SC2086
+    "$bin" forward --listen "127.0.0.1:$p_enc" --target "127.0.0.1:$p_srv" \
+      --log-level error $args $extra &
+  fi
+  procs+=($!); pids+=($!)
+  wait_listen "$p_enc"
+  c0=$(cpu_ticks "${procs[@]}")
   out=$(timeout $((secs + 30)) iperf3 -c 127.0.0.1 -p "$p_enc" -P "$par" -t "$secs" -J)
-  c1=$(cpu_ticks "$dec" "$enc")
-  kill -TERM "$enc" "$dec" "$srv" 2>/dev/null || true
-  wait "$enc" "$dec" "$srv" 2>/dev/null || true
+  c1=$(cpu_ticks "${procs[@]}")
+  kill -TERM "${procs[@]}" "$srv" 2>/dev/null || true
+  wait "${procs[@]}" "$srv" 2>/dev/null || true
   python3 -c '
 import json, os, sys
 e = json.loads(sys.argv[1])["end"]["sum_received"]
@@ -80,10 +92,10 @@ declare -A gb cpu
 gb[A]=""; gb[B]=""; cpu[A]=""; cpu[B]=""
 for r in $(seq 1 "$reps"); do
   for side in A B; do
-    if [ $side = A ]; then bin=$a_bin; else bin=$b_bin; fi
-    read -r g c <<<"$(one "$bin")"
+    if [ $side = A ]; then bin=$a_bin; extra=${ARGS_A:-}; else bin=$b_bin; extra=${ARGS_B:-}; fi
+    read -r g c <<<"$(one "$bin" "$extra")"
     [ -n "${c:-}" ] || { echo "bulk-ab: run $r $side gave no figure"; exit 1; }
-    echo "run $r $side: $g Gbit/s, proxy CPU $c s/GiB (iperf3 -P $par, $secs s)"
+    echo "run $r $side: $g Gbit/s, proxy CPU $c s/GiB ($mode, iperf3 -P $par, $secs s)"
     gb[$side]+="$g "; cpu[$side]+="$c "
   done
 done
