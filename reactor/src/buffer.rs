@@ -447,7 +447,7 @@ impl Buffer {
             nslots += 1;
         }
 
-        let result = loop {
+        let result = retry_eintr(|| {
             let mut iov: [IoSliceMut<'_>; READ_SLOTS] =
                 std::array::from_fn(|_| IoSliceMut::new(&mut []));
             let mut used = 0;
@@ -463,18 +463,13 @@ impl Buffer {
                     used += 1;
                 }
             }
-            match r.read_vectored(&mut iov[..used]) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                other => break other,
-            }
-        };
+            r.read_vectored(&mut iov[..used])
+        });
 
         let n = match result {
             Ok(n) => n.min(offered), // a misbehaving reader must not make us panic
             Err(e) => {
-                for c in fresh.into_iter().flatten() {
-                    pool::give(c);
-                }
+                give_back(fresh);
                 return Err(e);
             }
         };
@@ -573,7 +568,7 @@ impl Buffer {
             return Ok((0, 0));
         }
 
-        let result = loop {
+        let result = retry_eintr(|| {
             let mut iov: [IoSliceMut<'_>; FRAME_IOVECS] =
                 std::array::from_fn(|_| IoSliceMut::new(&mut []));
             let mut used = 0;
@@ -597,17 +592,12 @@ impl Buffer {
                 iov[used] = IoSliceMut::new(b);
                 used += 1;
             }
-            match r.read_vectored(&mut iov[..used]) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                other => break other,
-            }
-        };
+            r.read_vectored(&mut iov[..used])
+        });
         let n = match result {
             Ok(n) => n.min(offered), // a misbehaving reader must not make us panic
             Err(e) => {
-                for c in fresh.into_iter().flatten() {
-                    pool::give(c);
-                }
+                give_back(fresh);
                 return Err(e);
             }
         };
@@ -644,9 +634,7 @@ impl Buffer {
                 Err(e) => failed = Some(e),
             }
         }
-        for c in fresh.into_iter().flatten() {
-            pool::give(c);
-        }
+        give_back(fresh);
         // A fresh chunk pushed for a frame that then failed holds nothing: never leave an
         // empty chunk behind.
         if self.chunks.back().is_some_and(Chunk::is_empty) {
@@ -684,12 +672,7 @@ impl Buffer {
                     last.compact();
                 }
                 let n = max.min(last.room());
-                let got = loop {
-                    match r.read(&mut last.tail_mut()[..n]) {
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        other => break other,
-                    }
-                };
+                let got = retry_eintr(|| r.read(&mut last.tail_mut()[..n]));
                 got.map(|k| {
                     // A misbehaving reader must not make us panic.
                     let k = k.min(n);
@@ -724,12 +707,7 @@ impl Buffer {
                 *slot = IoSlice::new(s);
                 used += 1;
             }
-            loop {
-                match w.write_vectored(&iov[..used]) {
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    other => break other?,
-                }
-            }
+            retry_eintr(|| w.write_vectored(&iov[..used]))?
         };
         // A misbehaving writer claiming more than offered must not make us panic.
         let n = n.min(self.len);
@@ -777,6 +755,25 @@ impl Buffer {
         for (i, c) in self.chunks.iter().enumerate() {
             assert!(i + 1 == n || !c.is_empty(), "empty chunk {i} of {n}");
         }
+    }
+}
+
+/// Runs one system call, again for as long as it is interrupted by a signal (`EINTR`).
+#[inline]
+fn retry_eintr<T>(mut call: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match call() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Gives the fresh chunks a read offered back to the pool (those that received nothing, or
+/// all of them when the read failed).
+fn give_back<const N: usize>(fresh: [Option<Chunk>; N]) {
+    for c in fresh.into_iter().flatten() {
+        pool::give(c);
     }
 }
 
