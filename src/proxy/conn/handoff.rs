@@ -301,14 +301,11 @@ impl<C: Make, U: Make> Conn<C, U> {
         };
         Ok(Conn {
             core,
-            shell: Shell {
-                tunnel: rt.index,
-                idle_timer: None,
-                deadline_timer: None,
-                ticket: None,
-                ident: st.ident.map(|i| Box::new(ConnIdentity::import(i))),
-                moving: Moving::Imported,
-            },
+            shell: Shell::new(
+                rt.index,
+                st.ident.map(|i| Box::new(ConnIdentity::import(i))),
+                Moving::Imported,
+            ),
         })
     }
 

@@ -206,6 +206,28 @@ struct Shell {
     moving: Moving,
 }
 
+impl Shell {
+    /// A new connection's shell: no timer armed, no ticket held, live in this process.
+    fn new(tunnel: TunnelIdx, ident: Option<Box<ConnIdentity>>, moving: Moving) -> Shell {
+        Shell {
+            tunnel,
+            idle_timer: None,
+            deadline_timer: None,
+            ticket: None,
+            ident,
+            moving,
+        }
+    }
+
+    /// The shell of a connection accepted here from `stream`: its identity as the tunnel's
+    /// settings ask for it.
+    fn accepted(t: &TunnelRt, stream: &Stream) -> Shell {
+        let peer = || stream.as_tcp()?.peer_addr().ok();
+        let ident = ConnIdentity::for_tunnel(&t.cfg.identity, peer);
+        Shell::new(t.index, ident, Moving::Live)
+    }
+}
+
 /// A proxied connection.
 pub struct Conn<C: Make, U: Make> {
     core: ConnCore<C, U, Socket>,
@@ -216,19 +238,11 @@ impl<C: Make, U: Make> Conn<C, U> {
     /// Builds the handler for an accepted client socket.
     pub fn new(t: &TunnelRt, stream: Stream, now: Instant) -> Self {
         let filter = C::make(Role::Responder, t);
-        let peer = || stream.as_tcp()?.peer_addr().ok();
-        let ident = ConnIdentity::for_tunnel(&t.cfg.identity, peer);
+        let shell = Shell::accepted(t, &stream);
         let client = BufferEvent::with_filter(stream, Side::Client as u8, filter, !C::SEALED);
         Conn {
             core: ConnCore::new(client, now),
-            shell: Shell {
-                tunnel: t.index,
-                idle_timer: None,
-                deadline_timer: None,
-                ticket: None,
-                ident,
-                moving: Moving::Live,
-            },
+            shell,
         }
     }
 
@@ -251,19 +265,11 @@ impl Conn<NoFilter, SealFilter> {
         tried: Tried,
         now: Instant,
     ) -> Self {
-        let peer = || stream.as_tcp()?.peer_addr().ok();
-        let ident = ConnIdentity::for_tunnel(&t.cfg.identity, peer);
+        let shell = Shell::accepted(t, &stream);
         let client = BufferEvent::with_filter(stream, Side::Client as u8, NoFilter, true);
         Conn {
             core: ConnCore::adopt(client, upstream, target, tried, now),
-            shell: Shell {
-                tunnel: t.index,
-                idle_timer: None,
-                deadline_timer: None,
-                ticket: None,
-                ident,
-                moving: Moving::Live,
-            },
+            shell,
         }
     }
 }
