@@ -1079,18 +1079,7 @@ mod tests {
             (RecordType::KeyUpdate, &[0u8, 0][..]),
         ] {
             let (mut raw, mut o) = pair();
-            let mut rec = vec![0u8; record_len_for(payload.len())];
-            rec[HEADER_LEN..HEADER_LEN + payload.len()].copy_from_slice(payload);
-            rec[0] = ty.to_byte();
-            rec[1..3].copy_from_slice(&(payload.len() as u16).to_be_bytes());
-            let nonce = raw.dir.nonce();
-            let (header, rest) = rec.split_at_mut(HEADER_LEN);
-            let (body, tag) = rest.split_at_mut(payload.len());
-            tag.copy_from_slice(
-                &raw.dir
-                    .key()
-                    .seal_in_place_separate_tag(&nonce, header, body),
-            );
+            let mut rec = forge(&mut raw, ty, payload);
             let mut shifted = rec.clone();
             assert_eq!(
                 o.open_in_place(&mut rec),
