@@ -51,25 +51,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cat > "$tmp/bulk.py" <<'PY'
-import socket, sys, threading
-port, total = int(sys.argv[1]), int(sys.argv[2]) << 20
-c = socket.create_connection(("127.0.0.1", port), timeout=900)
-block = bytes(range(256)) * 256
-def send():
-    left = total
-    while left:
-        n = min(left, len(block)); c.sendall(block[:n]); left -= n
-    c.shutdown(socket.SHUT_WR)
-t = threading.Thread(target=send); t.start()
-got = 0
-while True:
-    b = c.recv(1 << 16)
-    if not b: break
-    got += len(b)
-t.join()
-assert got == total, f"echoed {got} of {total}"
-PY
 cat > "$tmp/rr.py" <<'PY'
 import socket, sys
 port, n = int(sys.argv[1]), int(sys.argv[2])
@@ -173,7 +154,7 @@ for r in $(seq 1 "$reps"); do
   for side in A B; do
     if [ $side = A ]; then bin=$a_bin; args=${ARGS_A:-}; else bin=$b_bin; args=${ARGS_B:-}; fi
     if [[ " $sections " == *" bulk "* ]]; then
-      read -r tot enc mem <<<"$(run_cg "$bin" "$args" "bulk$side$r" "$tmp/bulk.py" "$mib")"
+      read -r tot enc mem <<<"$(run_cg "$bin" "$args" "bulk$side$r" "$root/scripts/bulk_echo_client.py" "$mib")"
       per_gib=$(python3 -c "print(round($tot / ($mib * 2 / 1024)))")
       share=$(python3 -c "print(f'{100 * $mem / $enc:.2f}')")
       echo "bulk $side run $r: $tot instructions for $mib MiB each way = $per_gib per GiB; encrypt process memmove/memcpy $share% of its $enc"

@@ -35,27 +35,6 @@ for mode in off on; do
     cargo build --release --locked --bin sealpipe 2>&1 | tail -1
 done
 
-# A client that sends MIB MiB and reads the echo back at the same time, checking the count.
-cat > "$tmp/client.py" <<'PY'
-import socket, sys, threading
-port, total = int(sys.argv[1]), int(sys.argv[2]) << 20
-c = socket.create_connection(("127.0.0.1", port), timeout=600)
-block = bytes(range(256)) * 256
-def send():
-    left = total
-    while left:
-        n = min(left, len(block)); c.sendall(block[:n]); left -= n
-    c.shutdown(socket.SHUT_WR)
-t = threading.Thread(target=send); t.start()
-got = 0
-while True:
-    b = c.recv(1 << 16)
-    if not b: break
-    got += len(b)
-t.join()
-assert got == total, f"echoed {got} of {total}"
-PY
-
 "$root/target/overflow-cost-off/release/sealpipe" keygen --out "$tmp/k.key" >/dev/null
 
 # summed Ir of one pair run
@@ -75,7 +54,7 @@ run_pair() {
     --threads 1 --log-level error &
   local pe=$!; pids+=($pe)
   $H wait-tcp "$p_enc" 120
-  python3 "$tmp/client.py" "$p_enc" "$mib"
+  python3 "$root/scripts/bulk_echo_client.py" "$p_enc" "$mib"
   kill -TERM "$pe"; wait "$pe" || true
   kill -TERM "$pd"; wait "$pd" || true
   kill -TERM "$pb"; wait "$pb" 2>/dev/null || true
