@@ -392,6 +392,11 @@ fn wait_ok(ok: &AtomicUsize, n: usize) {
 /// No client fails, nothing reaches the backend twice, and the old process exits long before
 /// its drain timeout: it holds no session for a client that would keep it (the encrypt side
 /// would replace one only after its `warm_refresh` of 300 s).
+///
+/// Whether the churning side holds an unopened session at the instant of the upgrade is a
+/// race (its clients may have taken every one), so the decline is shown on a second encrypt
+/// side whose pool sits idle through the upgrade: its sessions are certainly at the old
+/// process, must be declined (`lost`), and replaced by the new process's.
 #[test]
 fn warm_sessions_move_to_a_new_decrypt_process_across_an_upgrade_with_no_failed_client() {
     let echo = echo_backend();
@@ -414,6 +419,13 @@ fn warm_sessions_move_to_a_new_decrypt_process_across_an_upgrade_with_no_failed_
     wait_listening(dec);
     wait_until("the handoff socket", || sock.exists());
     let (enc, re) = start(encrypt(dec, &key, 4, 300.0), limits());
+    // The idle side: one client makes it keep a pool, and none comes again until the upgrade.
+    let (quiet, rq) = start(encrypt(dec, &key, 2, 300.0), limits());
+    exchange(quiet, 10).unwrap();
+    wait_until("a warm session on the idle side", || {
+        warm_sessions(&rq, "encrypt") >= 1.0
+    });
+    assert_eq!(warm_event(&rq, "lost"), 0.0);
     // A connection that lives across the upgrade, opened through a warm session.
     exchange(enc, 10).unwrap();
     wait_until("a warm session", || warm_sessions(&re, "encrypt") >= 1.0);
@@ -462,12 +474,23 @@ fn warm_sessions_move_to_a_new_decrypt_process_across_an_upgrade_with_no_failed_
         &errors[..errors.len().min(5)]
     );
     assert!(
-        warm_event(&re, "lost") >= 1.0,
+        warm_event(&rq, "lost") >= 1.0,
         "the old process's sessions were declined"
     );
     assert!(
         warm_event(&re, "used") > used_at_exit,
         "the new process's are used"
+    );
+    // The idle side replaced its declined sessions with the new process's, and its next client
+    // takes one.
+    wait_until("the idle side's pool is made again", || {
+        warm_sessions(&rq, "encrypt") >= 1.0
+    });
+    let quiet_used = warm_event(&rq, "used");
+    exchange(quiet, 10).unwrap();
+    assert!(
+        warm_event(&rq, "used") > quiet_used,
+        "it took a warm session"
     );
     // The long-lived connection moved with its session and goes on.
     crate::upgrade::echo(&mut long, 2, 5000).unwrap();
@@ -478,7 +501,7 @@ fn warm_sessions_move_to_a_new_decrypt_process_across_an_upgrade_with_no_failed_
     drop(long);
     // Nothing was sent twice: the backend got exactly the clients' bytes.
     wait_until("the backend's count settles", || {
-        echo.bytes.load(Ordering::SeqCst) == 10 + 6000 + 200 * n
+        echo.bytes.load(Ordering::SeqCst) == 10 + 10 + 6000 + 200 * n + 10
     });
 }
 
@@ -487,38 +510,44 @@ fn warm_sessions_move_to_a_new_decrypt_process_across_an_upgrade_with_no_failed_
 /// them `unused`, none `lost`), and takes none for a client after; its established
 /// connections move, one made through a warm session among them; the new process makes its
 /// own pool as clients come and hands them out. No client fails, nothing is sent twice.
+///
+/// Whether the churned tunnel holds a ready session at the instant of the upgrade is a race
+/// (its clients may have taken every one), so the process has a second tunnel to the same
+/// decrypt side whose pool sits idle through the upgrade: its sessions are certainly ready
+/// when the drain starts, and each must end with an END before OPEN.
 #[test]
 fn an_encrypt_process_with_warm_sessions_is_upgraded_with_no_failed_client() {
     let echo = echo_backend();
     let key = keygen("warm-enc-upgrade");
     let (dec, rd) = start(decrypt(echo.addr, &key, |_| {}), limits());
-    let (enc, m_old, m_new) = (free_addr(), free_addr(), free_addr());
-    let sock = temp_dir("warm-enc-handoff").join("h.sock");
+    let (enc, quiet, m_old, m_new) = (free_addr(), free_addr(), free_addr(), free_addr());
+    let dir = temp_dir("warm-enc-handoff");
+    let sock = dir.join("h.sock");
     let args = |m: SocketAddr| {
+        let tunnel = |name: &str, listen: SocketAddr| {
+            format!(
+                "[[tunnel]]\nname = \"{name}\"\nmode = \"encrypt\"\nlisten = \"{listen}\"\n\
+                 targets = [\"{dec}\"]\nkeys = [\"{}\"]\nwarm_max = 4\nwarm_refresh = 300\n",
+                key.display()
+            )
+        };
+        let cfg = dir.join(format!("{}.toml", m.port()));
+        std::fs::write(
+            &cfg,
+            format!(
+                "[log]\nlevel = \"warn\"\n[metrics]\nlisten = \"{m}\"\n\
+                 [limits]\nthreads = 1\ndrain_timeout = 120\n{}{}",
+                tunnel("churn", enc),
+                tunnel("quiet", quiet)
+            ),
+        )
+        .unwrap();
         let mut c = sealpipe();
-        c.args([
-            "encrypt",
-            "--listen",
-            &enc.to_string(),
-            "--target",
-            &dec.to_string(),
-            "--threads",
-            "1",
-            "--warm-max",
-            "4",
-            "--warm-refresh",
-            "300",
-            "--metrics",
-            &m.to_string(),
-            "--drain-timeout",
-            "120",
-            "--log-level",
-            "warn",
-            "--handoff",
-        ])
-        .arg(&sock)
-        .arg("--key")
-        .arg(&key);
+        c.arg("run")
+            .arg("--config")
+            .arg(cfg)
+            .arg("--handoff")
+            .arg(&sock);
         c
     };
     let mut old = crate::upgrade::spawn(&mut args(m_old));
@@ -529,18 +558,27 @@ fn an_encrypt_process_with_warm_sessions_is_upgraded_with_no_failed_client() {
             metric_in(&t, "sealpipe_warm_events_total", &[("event", what)])
         })
     };
-    let ready_in = |m: SocketAddr| {
+    let ready_in = |m: SocketAddr, tunnel: &str| {
         crate::upgrade::scrape(m).map_or(0.0, |t| {
-            metric_in(&t, "sealpipe_warm_sessions", &[("side", "encrypt")])
+            metric_in(
+                &t,
+                "sealpipe_warm_sessions",
+                &[("side", "encrypt"), ("tunnel", tunnel)],
+            )
         })
     };
+    // The quiet tunnel: one client makes it keep a pool, and none comes again.
+    exchange(quiet, 10).unwrap();
+    wait_until("a warm session on the quiet tunnel", || {
+        ready_in(m_old, "quiet") >= 1.0
+    });
     exchange(enc, 10).unwrap();
-    wait_until("a warm session", || ready_in(m_old) >= 1.0);
+    wait_until("a warm session", || ready_in(m_old, "churn") >= 1.0);
     let used = warm_in(m_old, "used");
     let mut long = connect(enc);
     crate::upgrade::echo(&mut long, 1, 1000).unwrap();
     assert_eq!(warm_in(m_old, "used"), used + 1.0, "it took a warm session");
-    let (lost, unused) = (warm_event(&rd, "lost"), warm_event(&rd, "unused"));
+    let lost = warm_event(&rd, "lost");
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicUsize::new(0));
     let workers = churn(enc, &stop, &ok);
@@ -549,6 +587,8 @@ fn an_encrypt_process_with_warm_sessions_is_upgraded_with_no_failed_client() {
         warm_in(m_old, "used") > used + 1.0,
         "clients take warm sessions"
     );
+    let (unused, quiet_ready) = (warm_event(&rd, "unused"), ready_in(m_old, "quiet"));
+    assert!(quiet_ready >= 1.0, "the quiet tunnel's pool is still there");
     let mut new = crate::upgrade::spawn(&mut args(m_new));
     assert_eq!(
         old.wait_exit(Duration::from_secs(30)).code(),
@@ -579,7 +619,10 @@ fn an_encrypt_process_with_warm_sessions_is_upgraded_with_no_failed_client() {
     );
     // The old process's sessions ended as retired ones do; none vanished without a word.
     // Once quiet, the decrypt side holds exactly the new process's ready sessions.
-    assert!(warm_event(&rd, "unused") > unused, "END before OPEN");
+    assert!(
+        warm_event(&rd, "unused") >= unused + quiet_ready,
+        "END before OPEN for each of the quiet tunnel's {quiet_ready} sessions"
+    );
     assert_eq!(warm_event(&rd, "lost"), lost, "no session was abandoned");
     wait_until("the decrypt side holds the new process's sessions", || {
         crate::upgrade::scrape(m_new).is_some_and(|t| {
@@ -589,7 +632,7 @@ fn an_encrypt_process_with_warm_sessions_is_upgraded_with_no_failed_client() {
     });
     drop(long);
     wait_until("the backend's count settles", || {
-        echo.bytes.load(Ordering::SeqCst) == 10 + 6000 + 200 * n
+        echo.bytes.load(Ordering::SeqCst) == 10 + 10 + 6000 + 200 * n
     });
     new.signal("TERM");
     assert_eq!(new.wait_exit(TIMEOUT).code(), Some(0));
