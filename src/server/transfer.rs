@@ -628,4 +628,34 @@ mod tests {
         assert!(e.contains("a moved socket"), "{e}");
         assert!(r.check(b"garbage", &fds, 0).is_err());
     }
+
+    /// A connection its peer resets while it is on its way (a client gone in the middle of an
+    /// upgrade) is taken like any other: it ends in the successor, on its first read, with the
+    /// reset. Refusing it left it "kept" by the predecessor with a warning (seen in a loaded
+    /// full-suite run of tests/upgrade.rs: "Transport endpoint is not connected").
+    #[test]
+    fn a_connection_reset_on_its_way_is_taken() {
+        let r = receiver(1);
+        let (fds, l) = sockets();
+        let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (accepted, _) = l.accept().unwrap();
+        socket2::SockRef::from(&client)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(client);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while accepted.peer_addr().is_ok() {
+            assert!(Instant::now() < deadline, "the reset never arrived");
+            std::thread::yield_now();
+        }
+        let moved = [OwnedFd::from(accepted), fds[1].try_clone().unwrap()];
+        assert!(
+            r.check(&forward_state("t", Mode::Forward), &moved, 0)
+                .is_ok()
+        );
+        // It ends with the reset, on its first read in the successor.
+        let mut s = std::net::TcpStream::from(moved.into_iter().next().unwrap());
+        let e = std::io::Read::read(&mut s, &mut [0u8; 8]).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
+    }
 }
