@@ -26,6 +26,32 @@ use crate::reactor::{EventBase, HandlerId};
 /// The control thread's handler of SIGTERM, SIGINT and SIGHUP.
 type OnSignal = fn(&mut crate::reactor::Context<'_, Control>, i32);
 
+/// How long a reload waits for every shard to have its new configuration before it counts
+/// itself done anyway (a shard busy for this long is stalled, and its own log says so; it
+/// applies the reload when it runs again).
+const RELOAD_APPLY_WAIT: Duration = Duration::from_secs(5);
+
+/// Waits until `n` shards said they applied a reload on `applied`, or `wait` passed; a shard
+/// gone (its message dropped unrun) counts as done.
+fn wait_applied(applied: &crossbeam_channel::Receiver<()>, n: usize, wait: Duration) {
+    let deadline = Instant::now() + wait;
+    for done in 0..n {
+        match applied.recv_deadline(deadline) {
+            Ok(()) => {}
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                tracing::warn!(
+                    applied = done,
+                    shards = n,
+                    waited = ?wait,
+                    "reload: not every shard has applied the new configuration yet; the others do when they next run"
+                );
+                return;
+            }
+        }
+    }
+}
+
 fn on_signal(cx: &mut crate::reactor::Context<'_, Control>, sig: i32) {
     if sig == libc::SIGHUP {
         cx.state.reload = true;
@@ -164,7 +190,11 @@ impl Running {
         let limits = conn_shares(new.max_conns, self.shards.len());
         warn_idle_shards(&limits);
         let nshards = self.shards.len();
+        // Each shard says when it has the new configuration: a reload is counted, logged and
+        // answered once it is in force, so a connection that follows it gets the new targets.
+        let (applied_tx, applied) = crossbeam_channel::bounded::<()>(nshards);
         for (s, limit) in self.shards.iter().zip(limits) {
+            let applied_tx = applied_tx.clone();
             let admission = new.admission;
             let tunnels: Vec<(Arc<crate::config::Tunnel>, Option<Arc<KeySet>>)> = new
                 .tunnels
@@ -203,14 +233,27 @@ impl Running {
                 for id in conns {
                     cx.notify(id, TAG_LIMITS);
                 }
+                let _ = applied_tx.send(());
             });
         }
+        drop(applied_tx);
+        wait_applied(&applied, nshards, RELOAD_APPLY_WAIT);
         self.refresher
             .reloaded(&new, &failures, &self.metrics, Instant::now());
         // The shards start the reloaded limits from equal shares; so does the rebalancer.
         self.rates.reloaded(&rate_limits(&new), Instant::now());
         self.cfg = new;
         Ok(())
+    }
+
+    /// Posts `f` to shard `i` (tests: a shard held busy).
+    #[cfg(test)]
+    pub(crate) fn post_to_shard(
+        &self,
+        i: usize,
+        f: impl FnOnce(&mut crate::reactor::Context<'_, super::ShardState>) + Send + 'static,
+    ) {
+        let _ = self.shards[i].handle.post(f);
     }
 
     /// Moves the rate limits' shares to where the traffic is (`ratelimit::Rebalancer`), once
@@ -431,5 +474,71 @@ impl Running {
             (l.flush)();
         }
         reason
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+
+    fn upstream_series(m: &Metrics, addr: SocketAddr) -> bool {
+        let want = format!("upstream=\"{addr}\"");
+        String::from_utf8(m.render())
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with("sealpipe_upstream_up{") && l.contains(&want))
+    }
+
+    /// A reload is in force when it returns (and is counted): a shard busy when it was asked
+    /// has applied it by then. Before, the reload was only posted to the shards, and a client
+    /// that came right after `reloads_total{result="ok"}` moved could still be sent to the old
+    /// targets (seen in a loaded full-suite run of
+    /// fleet::a_name_uses_every_address_it_resolves_to_and_sighup_resolves_it_again).
+    #[test]
+    fn a_reload_returns_once_every_shard_has_applied_it() {
+        let dir = std::env::temp_dir().join(format!("sealpipe-reload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "127.0.0.1:9".parse().unwrap(),
+            "127.0.0.2:9".parse().unwrap(),
+        );
+        let toml = |t: SocketAddr| {
+            format!(
+                "[log]\nlevel = \"warn\"\n[limits]\nthreads = 1\n[[tunnel]]\nname = \"t\"\n\
+                 mode = \"forward\"\nlisten = \"127.0.0.1:0\"\ntargets = [\"{t}\"]\n"
+            )
+        };
+        std::fs::write(&path, toml(a)).unwrap();
+        let mut r = crate::server::start(Config::from_file(&path).unwrap(), None).unwrap();
+        assert!(upstream_series(r.metrics(), a));
+        // The shard is held busy until released.
+        let (release_tx, release) = crossbeam_channel::bounded::<()>(1);
+        r.post_to_shard(0, move |_| {
+            let _ = release.recv_timeout(Duration::from_secs(20));
+        });
+        std::fs::write(&path, toml(b)).unwrap();
+        let (done_tx, done) = crossbeam_channel::bounded(1);
+        std::thread::scope(|sc| {
+            let r = &mut r;
+            sc.spawn(move || {
+                r.reload().unwrap();
+                let m = r.metrics();
+                let _ = done_tx.send((upstream_series(m, a), upstream_series(m, b)));
+            });
+            // A reload that returns while the shard is still held returns too early: given
+            // half a second to do that, then the shard goes on.
+            let early = done.recv_timeout(Duration::from_millis(500)).ok();
+            release_tx.send(()).unwrap();
+            let seen = early.unwrap_or_else(|| done.recv_timeout(Duration::from_secs(20)).unwrap());
+            assert_eq!(
+                seen,
+                (false, true),
+                "(old target's series, new target's series) when the reload returned"
+            );
+        });
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
