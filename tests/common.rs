@@ -551,10 +551,30 @@ pub fn kernel_queued(port: u16) -> usize {
 /// `written` bytes entered the chain, none left it, and the kernel holds the rest on the three
 /// hops (plaintext on the hops touching `plain_ports`, records on the one touching
 /// `sealed_port`, converted back to their payload).
+///
+/// The writer's stall (a write that waited 500 ms) is not proof the stream stands still: a
+/// shard the scheduler left out for as long may still be moving bytes. So the queues are read
+/// until two readings 50 ms apart agree (at most [`TIMEOUT`]).
 pub fn held_by_sealpipe(written: usize, plain_ports: [u16; 2], sealed_port: u16) -> i64 {
     use sealpipe::protocol::{HEADER_LEN, MAX_PAYLOAD, TAG_LEN};
-    let plain: usize = plain_ports.iter().map(|p| kernel_queued(*p)).sum();
-    let sealed = kernel_queued(sealed_port);
+    let read = || {
+        let plain: usize = plain_ports.iter().map(|p| kernel_queued(*p)).sum();
+        (plain, kernel_queued(sealed_port))
+    };
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let mut last = read();
+    let (plain, sealed) = loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = read();
+        if now == last {
+            break now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stalled stream never stood still: kernel queues {last:?} then {now:?}"
+        );
+        last = now;
+    };
     let sealed_payload = sealed * MAX_PAYLOAD / (MAX_PAYLOAD + HEADER_LEN + TAG_LEN);
     eprintln!(
         "stalled stream: {written} bytes written; kernel queues: {plain} plaintext, {sealed} sealed"

@@ -315,7 +315,14 @@ fn idle_metrics_connections_are_capped_and_closed_and_scrapes_still_work() {
             &[("reason", r)],
         )
     };
-    assert!(closed("evicted") >= 900.0, "{text}");
+    // Each of the 1,000 idle connections was closed, and counted once: evicted over the cap
+    // while the flood outran the header timeout (most of them, unless this thread stalled for
+    // a good part of it), or timed out (the last 64, and any a stall left to wait).
+    assert!(
+        closed("evicted") + closed("header_timeout") >= 1000.0,
+        "{text}"
+    );
+    assert!(closed("evicted") >= 1.0, "{text}");
     assert!(closed("header_timeout") >= 1.0, "{text}");
     assert_eq!(closed("fd_reserve"), 0.0);
 }
@@ -329,7 +336,7 @@ fn fd_count(pid: u32) -> usize {
 
 /// Descriptors process `pid` has open that are TCP connections (not the listener) with the
 /// local port `port`: its side of the connections accepted on that port (IPv4).
-fn endpoint_sockets(pid: u32, port: u16) -> usize {
+fn sockets_on(pid: u32, port: u16) -> usize {
     let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
     let port_of = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap(), 16).unwrap();
     // sl local rem st tx:rx tr:when retrnsmt uid timeout inode; state 0A = LISTEN.
@@ -393,13 +400,14 @@ fn the_metrics_endpoint_keeps_the_descriptor_reserve_and_does_not_spin_when_out_
     wait_listening(maddr);
     let (entry, _enc) = start(tunnel(Mode::Encrypt, &[listen], &[key]), limits());
 
-    // Silent peers take descriptors up to a few short of the reserve.
+    // Silent peers take descriptors up to a few short of the reserve. Each is waited for as
+    // the data path's socket, not as one more in the table, where the endpoint's own sockets
+    // come and go (wait_listening's probe stays until its header timeout of 5 s).
     let mut silent = Vec::new();
     while fd_count(pid) + 4 < LIMIT - RESERVE {
-        let before = fd_count(pid);
         silent.push(connect(listen));
         wait_until("a silent connection's descriptor", || {
-            fd_count(pid) > before
+            sockets_on(pid, listen.port()) >= silent.len()
         });
     }
     // Idle scrapers may take what is left above the reserve, never the reserve itself. What the
@@ -407,12 +415,14 @@ fn the_metrics_endpoint_keeps_the_descriptor_reserve_and_does_not_spin_when_out_
     // on the metrics port), not as the process's whole table: that also shows, for an instant,
     // whatever any thread opens to do its work (the endpoint's handle on /proc/self/fd while it
     // counts; a full-suite run once saw one more than that), which is not the endpoint's taking.
-    let base = fd_count(pid);
+    // The table less the endpoint's sockets (the probe may still be there), read in that
+    // order: a probe closed in between makes `base` one lower, never higher.
+    let base = fd_count(pid) - sockets_on(pid, maddr.port());
     let mut idle = Vec::new();
     let (mut most, mut took) = (0, 0);
     for _ in 0..100 {
         idle.push(TcpStream::connect(maddr).unwrap());
-        let held = endpoint_sockets(pid, maddr.port());
+        let held = sockets_on(pid, maddr.port());
         took = took.max(held);
         most = most.max(base + held);
     }
@@ -613,7 +623,9 @@ fn admission_caps_refuse_unauthenticated_floods_and_still_serve_a_real_client() 
 fn a_source_over_its_connection_rate_is_refused_and_others_are_not() {
     let (addr, r, key, _echo) = decrypt_with(sealpipe::config::Limits {
         threads: 1,
-        new_conns_per_source: 1.0,
+        // One new connection per 100 s once the burst is spent: no token comes back however
+        // slowly this test runs.
+        new_conns_per_source: 0.01,
         new_conns_per_source_burst: 3,
         handshake_timeout: 60.0,
         ..limits()
@@ -625,7 +637,7 @@ fn a_source_over_its_connection_rate_is_refused_and_others_are_not() {
     let mut over = connect_from("127.0.0.5", addr);
     assert!(
         refused(&mut over),
-        "a 4th connection within the second is refused"
+        "a 4th connection past the burst is refused"
     );
     assert!(rejected(&r, "per_source_rate") >= 1.0);
     let (entry, _enc) = start(tunnel(Mode::Encrypt, &[addr], &[key]), limits());

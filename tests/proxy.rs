@@ -368,11 +368,13 @@ fn forward_mode_relays_plaintext() {
 fn idle_timeout_closes_the_pair() {
     let echo = echo_backend();
     let mut l = limits();
-    l.idle_timeout = 0.3;
+    // Long enough that the first echo (a backend thread spawned for it) beats the timer on a
+    // loaded machine.
+    l.idle_timeout = 1.5;
     let (fwd, f) = start(tunnel(Mode::Forward, &[echo.addr], &[]), l);
     let mut c = connect(fwd);
     // The connection's last activity is the echo of this byte, so its idle timer cannot fire
-    // before `sent + 0.3 s`.
+    // before `sent + 1.5 s`.
     let sent = Instant::now();
     c.write_all(b"x").unwrap();
     let mut b = [0u8; 1];
@@ -385,8 +387,8 @@ fn idle_timeout_closes_the_pair() {
         "an idle timeout resets the client"
     );
     assert!(
-        took >= Duration::from_millis(300),
-        "closed after {took:?}, before the 0.3 s idle timeout could fire"
+        took >= Duration::from_millis(1500),
+        "closed after {took:?}, before the 1.5 s idle timeout could fire"
     );
     // The close was the idle timer's, and nothing else's.
     let closed = || metric(&f, "sealpipe_connections_closed_total", &[]);

@@ -223,17 +223,18 @@ fn the_access_log_has_a_line_per_client_and_none_for_warm_sessions() {
     let mut s = connect(enc);
     request(&mut s);
     drop(s);
-    // Idle: every warm session retires (the decrypt side closes them `unopened`).
-    wait_until("all warm sessions gone", || {
-        warm_sessions(&re, "encrypt") == 0.0 && warm_sessions(&rd, "decrypt") == 0.0
+    // Idle: every warm session retires (the decrypt side closes them `unopened`: the refused
+    // client's and at least the one ready after the last client). Both gauges read 0 too while
+    // a replacement is still in its handshake, so the count is waited for with them.
+    wait_until("all warm sessions gone, closed unopened", || {
+        warm_sessions(&re, "encrypt") == 0.0
+            && warm_sessions(&rd, "decrypt") == 0.0
+            && metric(
+                &rd,
+                "sealpipe_connections_closed_total",
+                &[("reason", "unopened")],
+            ) >= 2.0
     });
-    assert!(
-        metric(
-            &rd,
-            "sealpipe_connections_closed_total",
-            &[("reason", "unopened")]
-        ) >= 2.0
-    );
     // A last client: its line comes after any line of those sessions (one writer, in order).
     let mut s = connect(enc);
     request(&mut s);
@@ -273,14 +274,15 @@ fn the_decrypt_side_expires_unopened_sessions_and_the_encrypt_side_replaces_them
             && warm_event(&re, "lost") >= 1.0
             && warm_event(&re, "made") >= 2.0
     });
-    assert_eq!(
+    // Each expired session is closed `unopened` (the two counted in turn, and sessions go on
+    // expiring every 0.3 s: the equality is waited for, not read once).
+    wait_until("every expired session counted closed unopened", || {
         metric(
             &rd,
             "sealpipe_connections_closed_total",
-            &[("reason", "unopened")]
-        ),
-        warm_event(&rd, "expired")
-    );
+            &[("reason", "unopened")],
+        ) == warm_event(&rd, "expired")
+    });
     // Clients are served whatever the pool's state.
     for _ in 0..5 {
         exchange(enc, 10).unwrap();
@@ -312,11 +314,16 @@ fn a_source_over_its_unopened_cap_is_refused_and_its_clients_still_served() {
     }
     // And the encrypt side does not make session after session to be refused: it backs off.
     // (A window of time to count in, not a wait for an event.)
+    // Without back-off a session is refused every millisecond or so: thousands in 2 s. With
+    // it, the window holds at most what was still in flight of the last burst (the last
+    // client's take ends a run of troubles, so up to warm_max + 1 = 5 may be made and refused
+    // before the first pause starts, some of them while the last exchange ran) and one attempt
+    // after each pause (1 s, then 2 s): 10 at most, however the scheduler orders them.
     let before = warm_event(&rd, "over_cap");
     std::thread::sleep(Duration::from_secs(2));
     let refused = warm_event(&rd, "over_cap") - before;
     assert!(
-        refused <= 4.0,
+        refused <= 10.0,
         "{refused} sessions refused in 2 s: no back-off"
     );
 }
