@@ -438,6 +438,26 @@ pub fn account_id(name: &str, group: bool) -> io::Result<u32> {
     }
 }
 
+/// The accepted end of a loopback TCP connection its peer has reset (SO_LINGER 0), once the
+/// kernel no longer calls it connected (tests of what a moved, reset connection does).
+#[cfg(test)]
+pub(crate) fn reset_connection() -> std::net::TcpStream {
+    use std::time::{Duration, Instant};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (a, _) = l.accept().unwrap();
+    socket2::SockRef::from(&c)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(c);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.peer_addr().is_ok() {
+        assert!(Instant::now() < deadline, "the reset never arrived");
+        std::thread::yield_now();
+    }
+    a
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -549,21 +569,7 @@ mod tests {
             socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
         assert!(check_connection(unconnected.as_fd()).is_err());
         // A TCP connection reset since (it ended on its way) passes, with no peer.
-        let l2 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let c = std::net::TcpStream::connect(l2.local_addr().unwrap()).unwrap();
-        let (a, _) = l2.accept().unwrap();
-        socket2::SockRef::from(&c)
-            .set_linger(Some(std::time::Duration::ZERO))
-            .unwrap();
-        drop(c);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while a.peer_addr().is_ok() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the reset never arrived"
-            );
-            std::thread::yield_now();
-        }
+        let a = reset_connection();
         assert_eq!(check_connection(a.as_fd()).unwrap(), None);
         let _ = std::fs::remove_dir_all(&dir);
     }
