@@ -523,28 +523,51 @@ pub const DIRECTION_BOUND: usize = {
     plain + plain.div_ceil(MAX_PAYLOAD) * (HEADER_LEN + TAG_LEN)
 };
 
-/// Payload bytes the kernel holds in the send and receive queues of the IPv4 TCP connections
-/// with `port` as their local or remote port, listeners aside (`/proc/net/tcp`: `tx_queue` is
-/// written but not yet acknowledged, `rx_queue` received but not yet read; a half-closed
-/// socket keeps both, plus one for a FIN not yet acknowledged).
-pub fn kernel_queued(port: u16) -> usize {
+/// One connection of `/proc/net/tcp` (IPv4), listeners left out.
+pub struct TcpRow {
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// Written but not yet acknowledged.
+    pub tx_queue: usize,
+    /// Received but not yet read.
+    pub rx_queue: usize,
+    /// The socket's inode: `socket:[INODE]` among a process's descriptors.
+    pub inode: String,
+}
+
+/// The IPv4 TCP connections the kernel has now (`/proc/net/tcp`: sl local rem st
+/// tx_queue:rx_queue tr:when retrnsmt uid timeout inode ...), listeners (state 0A, whose rx_queue
+/// counts connections waiting for accept, not bytes) left out.
+pub fn tcp_table() -> Vec<TcpRow> {
     let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
     let port_of = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap(), 16).unwrap();
-    let mut sum = 0;
-    for line in table.lines().skip(1) {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        // sl local rem st tx_queue:rx_queue ...; state 0A = LISTEN (its rx_queue counts
-        // connections waiting for accept, not bytes)
-        if f.len() < 5 || f[3] == "0A" {
-            continue;
-        }
-        if port_of(f[1]) != port && port_of(f[2]) != port {
-            continue;
-        }
-        let (tx, rx) = f[4].split_once(':').unwrap();
-        sum += usize::from_str_radix(tx, 16).unwrap() + usize::from_str_radix(rx, 16).unwrap();
-    }
-    sum
+    table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.len() > 9 && f[3] != "0A")
+        .map(|f| {
+            let (tx, rx) = f[4].split_once(':').unwrap();
+            TcpRow {
+                local_port: port_of(f[1]),
+                remote_port: port_of(f[2]),
+                tx_queue: usize::from_str_radix(tx, 16).unwrap(),
+                rx_queue: usize::from_str_radix(rx, 16).unwrap(),
+                inode: f[9].to_string(),
+            }
+        })
+        .collect()
+}
+
+/// Payload bytes the kernel holds in the send and receive queues of the IPv4 TCP connections
+/// with `port` as their local or remote port, listeners aside (a half-closed socket keeps
+/// both, plus one for a FIN not yet acknowledged).
+pub fn kernel_queued(port: u16) -> usize {
+    tcp_table()
+        .iter()
+        .filter(|r| r.local_port == port || r.remote_port == port)
+        .map(|r| r.tx_queue + r.rx_queue)
+        .sum()
 }
 
 /// The plaintext bytes a stalled one-way stream through a pair holds in sealpipe's buffers:

@@ -337,15 +337,10 @@ fn fd_count(pid: u32) -> usize {
 /// Descriptors process `pid` has open that are TCP connections (not the listener) with the
 /// local port `port`: its side of the connections accepted on that port (IPv4).
 fn sockets_on(pid: u32, port: u16) -> usize {
-    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
-    let port_of = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap(), 16).unwrap();
-    // sl local rem st tx:rx tr:when retrnsmt uid timeout inode; state 0A = LISTEN.
-    let inodes: std::collections::HashSet<String> = table
-        .lines()
-        .skip(1)
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .filter(|f| f.len() > 9 && f[3] != "0A" && port_of(f[1]) == port)
-        .map(|f| format!("socket:[{}]", f[9]))
+    let inodes: std::collections::HashSet<String> = tcp_table()
+        .into_iter()
+        .filter(|r| r.local_port == port)
+        .map(|r| format!("socket:[{}]", r.inode))
         .collect();
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
