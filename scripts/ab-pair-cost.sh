@@ -43,10 +43,9 @@ H="python3 $root/scripts/e2e_helper.py"
 keep=${OUT:-}
 tmp=${OUT:-$(mktemp -d)}
 mkdir -p "$tmp"
-pids=()
+. scripts/own_pids.sh
 cleanup() {
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  stop_own_pids
   [ -z "$keep" ] && rm -rf "$tmp"
 }
 trap cleanup EXIT

@@ -23,11 +23,10 @@ for t in prometheus promtool python3; do command -v $t >/dev/null || { echo "e2e
 H="python3 $root/scripts/e2e_helper.py"
 
 tmp=$(mktemp -d)
-pids=()
+. scripts/own_pids.sh
 cleanup() {
   rc=$?
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  stop_own_pids
   if [ $rc -ne 0 ]; then
     for f in "$tmp"/*.log; do [ -f "$f" ] && { echo "---- $(basename "$f") (last 30 lines)"; tail -n 30 "$f"; }; done
   fi

@@ -20,10 +20,9 @@ for t in valgrind python3; do command -v $t >/dev/null || { echo "overflow-cost:
 H="python3 $root/scripts/e2e_helper.py"
 
 tmp=$(mktemp -d)
-pids=()
+. scripts/own_pids.sh
 cleanup() {
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  stop_own_pids
   rm -rf "$tmp"
 }
 trap cleanup EXIT

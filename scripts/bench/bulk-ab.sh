@@ -22,10 +22,9 @@ mode=${MODE:-pair}
 case $mode in pair|forward) ;; *) echo "bulk-ab: MODE is pair or forward"; exit 2 ;; esac
 H="python3 scripts/e2e_helper.py"
 tmp=$(mktemp -d)
-pids=()
+. scripts/own_pids.sh
 cleanup() {
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  stop_own_pids
   rm -rf "$tmp"
 }
 trap cleanup EXIT
